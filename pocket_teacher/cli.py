@@ -1,0 +1,110 @@
+"""Headless entry point: ``python -m pocket_teacher {run,notebook,presets,config} ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import PRESETS, ConfigError, get_preset
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "Pocket_Teacher.ipynb"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pocket_teacher",
+                                     description="Distil a teacher LLM into a small student (notebook-first).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", default="pocket", help=f"starting configuration: {', '.join(PRESETS)}")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config field (repeatable), e.g. --set loss.alpha=0.3")
+        p.add_argument("--out", default=None, help="run folder (default runs/<preset>); sets run.out_dir/run.name")
+
+    run = sub.add_parser("run", help="run the whole pipeline headless and write runs/<name>/")
+    common(run)
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    nb = sub.add_parser("notebook", help="execute Pocket_Teacher.ipynb headless on a preset")
+    common(nb)
+    nb.add_argument("--notebook", default=str(NOTEBOOK), help="notebook to execute")
+    nb.add_argument("--executed", default=None, help="where to write the executed notebook "
+                                                    "(default <run folder>/Pocket_Teacher.ipynb)")
+    nb.add_argument("--figures", default=None, help="also save the figures here (e.g. figures/)")
+    nb.add_argument("--timeout", type=int, default=3600, help="per-cell timeout in seconds")
+
+    sub.add_parser("presets", help="list the presets")
+    show = sub.add_parser("config", help="print a preset's resolved configuration as YAML")
+    common(show)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides)
+    if args.out:
+        out = Path(args.out)
+        overrides += [f"run.out_dir={out.parent.as_posix() or '.'}", f"run.name={out.name}"]
+    else:
+        overrides += [f"run.name={args.preset}"]
+    return overrides
+
+
+def execute_notebook(notebook: str | Path, preset: str, overrides: Sequence[str], executed: str | Path,
+                     timeout: int = 3600) -> Path:
+    """Run every cell of `notebook` in a fresh kernel with POCKET_PRESET / POCKET_OVERRIDES set."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    env = {"POCKET_PRESET": preset, "POCKET_OVERRIDES": json.dumps(list(overrides)), "POCKET_HEADLESS": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(Path(notebook).resolve().parent)}})
+        try:
+            client.execute()
+        finally:
+            Path(executed).parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, str(executed))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return Path(executed)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "presets":
+            for name, make in PRESETS.items():
+                print(f"{name:8s} {(make.__doc__ or '').strip() or make().teacher.source}")
+            return 0
+        from .pipeline import configure
+
+        cfg = configure(args.preset, _overrides(args))
+        if args.command == "config":
+            print(cfg.to_yaml(), end="")
+            return 0
+        if args.command == "run":
+            from .pipeline import run
+
+            run(cfg, progress=not args.no_progress)
+            return 0
+        overrides = _overrides(args) + ([f"run.figures_dir={args.figures}"] if args.figures else [])
+        executed = args.executed or Path(cfg.run.out_dir) / cfg.run.name / "Pocket_Teacher.ipynb"
+        start = time.perf_counter()
+        path = execute_notebook(args.notebook, args.preset, overrides, executed, args.timeout)
+        print(f"executed {args.notebook} on preset {args.preset} in {time.perf_counter() - start:.0f} s -> {path}")
+        return 0
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

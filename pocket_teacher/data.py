@@ -1,0 +1,404 @@
+"""Data: GSM8K, MMLU and offline GSM-style problems in instruction format, tokenized for training.
+
+Sources (each returns `Example`s and a `LoadReport` that counts what was skipped):
+
+- ``load_gsm8k``: ``openai/gsm8k`` (config ``main``) from the Hub, or a local JSONL of the same schema;
+- ``load_mmlu``: ``cais/mmlu`` (config ``all``) from the Hub, or a local JSONL of the same schema;
+- ``load_gsm_symbolic``: GSM-Symbolic problems generated offline by ``reasoning-gym``, seeded.
+
+Formatting goes through the student tokenizer's chat template (a plain template when it has
+none); prompt tokens get label -100 so only answer tokens are learned and scored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from .hub import hub_offline, require_hub
+
+IGNORE_INDEX = -100
+MMLU_LETTERS = "ABCD"
+PLAIN_TEMPLATE = "{system}Question: {question}\nAnswer: "
+
+
+class DataError(ValueError):
+    """A data row or file is malformed; the message names the file, row and field, and the fix."""
+
+
+@dataclass
+class Example:
+    """One instruction-format example."""
+
+    question: str  # the user's message (for MMLU: question plus lettered choices)
+    target: str  # what the student learns to write (worked solution, or the answer letter)
+    answer: str  # gold final answer: a canonical number (GSM) or a letter A-D (MMLU)
+    where: str  # provenance, e.g. "test.jsonl:12" or "gsm_symbolic(seed=2)#5"
+    subject: Optional[str] = None  # MMLU subject
+
+
+@dataclass
+class LoadReport:
+    """What a loader read, kept and skipped (nothing is dropped without being counted here)."""
+
+    source: str
+    rows: int = 0
+    kept: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def __str__(self) -> str:
+        skipped = ", ".join(f"{n} {why}" for why, n in self.skipped.items()) or "none"
+        return f"{self.source}: {self.kept} of {self.rows} rows kept (skipped: {skipped})"
+
+
+# -- answers -------------------------------------------------------------------------------------
+
+_NUMBER = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
+_SIGNED = re.compile(r"(?:(?<![\w)\]])-|−)?\s?\$?\s?(?:" + _NUMBER + r")")
+_ANSWER_CUES = (
+    re.compile(r"####\s*(.*)"),
+    re.compile(r"\\boxed\{([^}]*)\}"),
+    re.compile(r"answer\s*(?:is|:|=)\s*(.*)", re.IGNORECASE),
+)
+
+
+def normalize_number(text: str) -> Optional[str]:
+    """Canonical form of a number written as text: '1,234.00' -> '1234', '$-3.50' -> '-3.5'; None if none."""
+    cleaned = text.replace(",", "").replace("$", "").replace("−", "-").replace(" ", "")
+    try:
+        value = Decimal(cleaned)
+    except InvalidOperation:
+        return None
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def _numbers(text: str) -> list[str]:
+    found = []
+    for match in _SIGNED.finditer(text):
+        value = normalize_number(match.group(0))
+        if value is not None:
+            found.append(value)
+    return found
+
+
+def extract_gsm8k_answer(text: str) -> Optional[str]:
+    """The final number of a GSM8K reference or a model's output, canonicalised; None if there is none.
+
+    Looks, in order, after the last ``####``, inside ``\\boxed{}``, after "answer is/:", then takes
+    the last number in the text. Commas, currency signs and trailing zeros are removed:
+    ``"#### 72"`` -> ``"72"``, ``"The answer is 1,234."`` -> ``"1234"``, ``"$18"`` -> ``"18"``.
+    """
+    if not text:
+        return None
+    for cue in _ANSWER_CUES:
+        matches = list(cue.finditer(text))
+        for match in reversed(matches):
+            numbers = _numbers(match.group(1))
+            if numbers:
+                return numbers[0]
+    numbers = _numbers(text)
+    return numbers[-1] if numbers else None
+
+
+def answers_match(predicted: Optional[str], gold: str) -> bool:
+    """Exact numeric match of two canonical answers (None never matches)."""
+    if predicted is None:
+        return False
+    try:
+        return Decimal(predicted) == Decimal(gold)
+    except InvalidOperation:
+        return predicted.strip() == gold.strip()
+
+
+# -- row validation ------------------------------------------------------------------------------
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def _require_str(row: dict, key: str, where: str, fix: str) -> str:
+    if key not in row:
+        raise DataError(f"{where}: missing field {key!r} (row has {sorted(row)}). {fix}")
+    value = row[key]
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: field {key!r} must be a non-empty string, got {value!r}. {fix}")
+    return value
+
+
+def gsm8k_example(row: dict, where: str) -> Example:
+    """Validate one GSM8K row (`question`, `answer` ending in `#### <number>`) into an Example.
+
+    The `<<48/2=24>>` calculator annotations of the original data are removed from the target.
+    """
+    fix = "GSM8K rows need {'question': str, 'answer': '... #### <number>'}."
+    question = _require_str(row, "question", where, fix)
+    reference = _require_str(row, "answer", where, fix)
+    if "####" not in reference:
+        raise DataError(f"{where}: field 'answer' has no '#### <number>' final line: {reference[-60:]!r}. {fix}")
+    final = reference.rsplit("####", 1)[1].strip()
+    gold = normalize_number(final)
+    if gold is None:
+        raise DataError(f"{where}: field 'answer' ends with '#### {final}', which is not a number. {fix}")
+    body = _CALCULATOR.sub("", reference.rsplit("####", 1)[0]).rstrip()
+    return Example(question=question.strip(), target=f"{body}\n#### {gold}", answer=gold, where=where)
+
+
+def format_mmlu_question(question: str, choices: Sequence[str]) -> str:
+    lines = [question.strip(), ""] + [f"{MMLU_LETTERS[i]}. {c}" for i, c in enumerate(choices)]
+    return "\n".join(lines + ["", "Answer with the letter of the correct choice."])
+
+
+def mmlu_example(row: dict, where: str) -> Example:
+    """Validate one MMLU row (`question`, `subject`, `choices`: 4 strings, `answer`: 0-3)."""
+    fix = "MMLU rows need {'question': str, 'subject': str, 'choices': [4 strings], 'answer': 0-3}."
+    question = _require_str(row, "question", where, fix)
+    choices = row.get("choices")
+    if not isinstance(choices, list) or len(choices) != 4 or not all(isinstance(c, str) for c in choices):
+        raise DataError(f"{where}: field 'choices' must be a list of 4 strings, got {choices!r}. {fix}")
+    answer = row.get("answer")
+    if isinstance(answer, str) and answer in MMLU_LETTERS:
+        answer = MMLU_LETTERS.index(answer)
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer <= 3:
+        raise DataError(f"{where}: field 'answer' must be an integer 0-3 (or a letter A-D), got {answer!r}. {fix}")
+    letter = MMLU_LETTERS[answer]
+    return Example(question=format_mmlu_question(question, choices), target=letter, answer=letter,
+                   where=where, subject=row.get("subject"))
+
+
+def _validated(rows: Iterable[tuple[str, Any]], make, report: LoadReport, bad_rows: str,
+               limit: Optional[int]) -> list[Example]:
+    examples = []
+    for where, row in rows:
+        if limit is not None and len(examples) >= limit:
+            break
+        report.rows += 1
+        try:
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}.")
+            examples.append(make(row, where))
+        except DataError:
+            if bad_rows == "error":
+                raise
+            report.skip("malformed")
+    report.kept = len(examples)
+    return examples
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Yield ("file:line", parsed row) for each non-empty line; bad JSON raises DataError naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file. Give the path of a JSONL file (one JSON object per line).")
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path.name}:{number}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield where, _BadJson(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}).")
+
+
+class _BadJson(str):
+    """Placeholder for an unparsable line; validation turns it into a DataError (or a counted skip)."""
+
+
+def _hub_rows(repo: str, config: str, split: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    name = f"{repo} ({config}, {split})"
+    fix = "Pass a local JSONL of the same schema (data.train_path / data.eval_path) or use data.source=gsm_symbolic."
+    try:
+        ds = datasets.load_dataset(repo, config, split=split)
+    except Exception as exc:  # offline cache miss, network error: decide with a fast probe
+        if hub_offline() or "offline" in str(exc).lower() or "connect" in str(exc).lower():
+            require_hub(f"Dataset {name}", fix)
+        raise DataError(f"Could not load {name} from the Hub: {exc}. {fix}") from exc
+    for index, row in enumerate(ds):
+        yield f"{repo}[{split}]#{index}", row
+
+
+def _rows(path: Optional[str], repo: str, config: str, split: str) -> tuple[Iterator[tuple[str, Any]], str]:
+    if path:
+        return read_jsonl(path), f"local file {path}"
+    if hub_offline():
+        require_hub(f"Dataset {repo} ({config}, {split})",
+                    "Pass a local JSONL of the same schema (data.train_path / data.eval_path).")
+    return _hub_rows(repo, config, split), f"Hub dataset {repo} ({config}, {split})"
+
+
+def load_gsm8k(split: str = "test", path: Optional[str] = None, limit: Optional[int] = None,
+               bad_rows: str = "error") -> tuple[list[Example], LoadReport]:
+    """GSM8K rows as Examples, from a local JSONL (`path`) or the Hub's openai/gsm8k."""
+    rows, source = _rows(path, "openai/gsm8k", "main", split)
+    report = LoadReport(source=f"GSM8K {split} from {source}")
+    return _validated(_checked_json(rows), gsm8k_example, report, bad_rows, limit), report
+
+
+def load_mmlu(split: str = "test", path: Optional[str] = None, subjects: Optional[Sequence[str]] = None,
+              limit: Optional[int] = None, bad_rows: str = "error") -> tuple[list[Example], LoadReport]:
+    """MMLU rows as Examples, from a local JSONL (`path`) or the Hub's cais/mmlu (config `all`)."""
+    rows, source = _rows(path, "cais/mmlu", "all", split)
+    if subjects is not None:
+        wanted = set(subjects)
+        rows = ((w, r) for w, r in rows if not isinstance(r, dict) or r.get("subject") in wanted)
+    report = LoadReport(source=f"MMLU {split} from {source}")
+    return _validated(_checked_json(rows), mmlu_example, report, bad_rows, limit), report
+
+
+def _checked_json(rows: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    for where, row in rows:
+        if isinstance(row, _BadJson):
+            yield where, None  # not a dict: validation reports it with its line
+        else:
+            yield where, row
+
+
+def load_gsm_symbolic(size: int, seed: int) -> tuple[list[Example], LoadReport]:
+    """GSM-Symbolic problems generated offline by reasoning-gym (`gsm_symbolic`), deterministic in `seed`.
+
+    The target is the generator's worked solution, ending with `#### <answer>`.
+    """
+    try:
+        import reasoning_gym
+    except ImportError as exc:
+        raise DataError("data.source=gsm_symbolic needs the package reasoning-gym: pip install reasoning-gym") from exc
+    dataset = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)
+    report = LoadReport(source=f"gsm_symbolic (reasoning-gym, seed={seed}, offline)")
+
+    def make(item: dict, where: str) -> Example:
+        gold = normalize_number(str(item.get("answer", "")))
+        if gold is None:
+            raise DataError(f"{where}: generated answer {item.get('answer')!r} is not a number.")
+        solution = (item.get("metadata") or {}).get("answer_cot") or ""
+        body = solution.rsplit("####", 1)[0].rstrip() if "####" in solution else solution.rstrip()
+        return Example(question=item["question"].strip(), target=f"{body}\n#### {gold}".lstrip(), answer=gold,
+                       where=where)
+
+    rows = ((f"gsm_symbolic(seed={seed})#{i}", item) for i, item in enumerate(dataset))
+    return _validated(rows, make, report, "skip", None), report
+
+
+def load_examples(data_cfg, split: str) -> tuple[list[Example], LoadReport]:
+    """Examples for `split` ("train" or "eval") as the DataConfig says."""
+    train = split == "train"
+    size = data_cfg.train_size if train else data_cfg.eval_size
+    if data_cfg.source == "gsm_symbolic":
+        return load_gsm_symbolic(size, data_cfg.train_seed if train else data_cfg.eval_seed)
+    path = data_cfg.train_path if train else data_cfg.eval_path
+    if data_cfg.source == "gsm8k":
+        return load_gsm8k("train" if train else "test", path, size, data_cfg.bad_rows)
+    return load_mmlu("validation" if train else "test", path, None, size, data_cfg.bad_rows)
+
+
+# -- formatting and tokenization ------------------------------------------------------------------
+
+def format_prompt(tokenizer, question: str, system_prompt: Optional[str] = None) -> str:
+    """The prompt text up to where the assistant's answer starts.
+
+    Uses the tokenizer's chat template with a generation prompt; a tokenizer without one gets
+    ``PLAIN_TEMPLATE`` ("Question: ...\\nAnswer: ").
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+        messages.append({"role": "user", "content": question})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    system = f"{system_prompt}\n\n" if system_prompt else ""
+    return PLAIN_TEMPLATE.format(system=system, question=question)
+
+
+def end_of_answer(tokenizer) -> str:
+    """The text that closes an answer: the tokenizer's EOS token (e.g. SmolLM's <|im_end|>)."""
+    return tokenizer.eos_token or ""
+
+
+@dataclass
+class TokenizedSplit:
+    """Tokenized examples (input_ids / labels lists) and the report of what was kept."""
+
+    features: list[dict[str, list[int]]]
+    examples: list[Example]
+    report: LoadReport
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.features[index]
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(sum(1 for t in f["labels"] if t != IGNORE_INDEX) for f in self.features)
+
+
+def encode_example(tokenizer, example: Example, system_prompt: Optional[str] = None) -> dict[str, list[int]]:
+    """input_ids = prompt + target + EOS; labels = -100 over the prompt, the token ids over the answer."""
+    prompt_ids = tokenizer(format_prompt(tokenizer, example.question, system_prompt),
+                           add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(example.target + end_of_answer(tokenizer), add_special_tokens=False)["input_ids"]
+    return {"input_ids": prompt_ids + target_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids}
+
+
+def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int, overlong: str = "skip",
+                      system_prompt: Optional[str] = None, report: Optional[LoadReport] = None) -> TokenizedSplit:
+    """Tokenize with the student's tokenizer, masking prompts; apply the over-long policy and count it.
+
+    overlong: "skip" drops rows longer than `max_length` (counted in the report), "truncate" cuts
+    the answer to fit (counted; rows whose prompt alone is too long are skipped), "error" raises.
+    """
+    report = report or LoadReport(source="examples", rows=len(examples))
+    features, kept = [], []
+    for example in examples:
+        feature = encode_example(tokenizer, example, system_prompt)
+        n = len(feature["input_ids"])
+        if n > max_length:
+            prompt_len = sum(1 for t in feature["labels"] if t == IGNORE_INDEX)
+            if overlong == "error":
+                raise DataError(f"{example.where}: {n} tokens is longer than data.max_length={max_length}. "
+                                f"Raise data.max_length, or set data.overlong=skip or truncate.")
+            if overlong == "truncate" and prompt_len < max_length - 1:
+                feature = {k: v[:max_length] for k, v in feature.items()}
+                report.skip(f"truncated to {max_length} tokens (kept)")
+            else:
+                report.skip(f"longer than {max_length} tokens")
+                continue
+        features.append(feature)
+        kept.append(example)
+    report.kept = len(features)
+    if not features:
+        raise DataError(f"{report.source}: no rows left after tokenization ({report}). "
+                        f"Raise data.max_length or give more rows.")
+    return TokenizedSplit(features=features, examples=kept, report=report)
+
+
+class PaddingCollator:
+    """Pads a list of features into tensors: input_ids, attention_mask, labels (-100 on padding)."""
+
+    def __init__(self, pad_token_id: int, side: str = "right"):
+        if side not in ("right", "left"):
+            raise ValueError(f"side={side!r}: use 'right' (training) or 'left' (generation).")
+        self.pad_token_id, self.side = pad_token_id, side
+
+    def __call__(self, features: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            n = len(f["input_ids"])
+            pad = width - n
+            labels = f.get("labels", [IGNORE_INDEX] * n)
+            parts = {"input_ids": (list(f["input_ids"]), self.pad_token_id),
+                     "attention_mask": ([1] * n, 0), "labels": (list(labels), IGNORE_INDEX)}
+            for key, (values, fill) in parts.items():
+                batch[key].append(values + [fill] * pad if self.side == "right" else [fill] * pad + values)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}

