@@ -117,7 +117,6 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     max_grad_norm: float = 1.0  # gradient clipping (0 disables)
     seed: int = 0  # seed for data order and anything random in training
-    log_every: int = 10  # history rows are written every step; the bar's text refreshes this often
     device: str = "auto"  # auto (cuda if available, else cpu), cpu or cuda
 
 
@@ -128,6 +127,7 @@ class EvalConfig:
     batch_size: int = 16  # sequences per batch for perplexity and generation
     generate_samples: int = 32  # held-out questions answered by greedy generation for accuracy (0 skips)
     max_new_tokens: int = 192  # generation budget per answer
+    max_length: int = 512  # held-out rows longer than this (prompt + answer tokens) are skipped and counted
     side_by_side: int = 3  # questions shown with teacher and student answers at the end
 
 
@@ -194,7 +194,6 @@ class Config:
         _check_positive("train.warmup_steps", tr.warmup_steps, allow_zero=True)
         _check_positive("train.weight_decay", tr.weight_decay, allow_zero=True)
         _check_positive("train.max_grad_norm", tr.max_grad_norm, allow_zero=True)
-        _check_positive("train.log_every", tr.log_every)
         if not 0.0 <= tr.min_lr_ratio <= 1.0:
             _fail("train.min_lr_ratio", tr.min_lr_ratio, "use a value in [0, 1].")
         if len(tr.betas) != 2 or not all(0.0 <= b < 1.0 for b in tr.betas):
@@ -203,6 +202,7 @@ class Config:
         _check_positive("eval.batch_size", ev.batch_size)
         _check_positive("eval.generate_samples", ev.generate_samples, allow_zero=True)
         _check_positive("eval.max_new_tokens", ev.max_new_tokens)
+        _check_positive("eval.max_length", ev.max_length)
         _check_positive("eval.side_by_side", ev.side_by_side, allow_zero=True)
         if not self.run.name or "/" in self.run.name:
             _fail("run.name", self.run.name, "use a non-empty folder name without '/'.")
@@ -360,7 +360,7 @@ def _tiny() -> Config:
         student=StudentConfig(source="derive", num_layers=2),
         data=DataConfig(source="gsm_symbolic", train_size=64, eval_size=8, max_length=384),
         loss=LossConfig(alpha=0.5, temperature=2.0),
-        train=TrainConfig(max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2, log_every=2),
+        train=TrainConfig(max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2),
         eval=EvalConfig(batch_size=8, generate_samples=4, max_new_tokens=16, side_by_side=2),
         run=RunConfig(name="tiny"),
     )

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from .hub import hub_offline, require_hub
+from .hub import HubUnavailableError, hub_offline, require_hub
 
 IGNORE_INDEX = -100
 MMLU_LETTERS = "ABCD"
@@ -214,27 +214,29 @@ class _BadJson(str):
     """Placeholder for an unparsable line; validation turns it into a DataError (or a counted skip)."""
 
 
+_HUB_FIX = "Pass a local JSONL of the same schema (data.train_path / data.eval_path) or use data.source=gsm_symbolic."
+
+
 def _hub_rows(repo: str, config: str, split: str) -> Iterator[tuple[str, Any]]:
     import datasets
 
-    name = f"{repo} ({config}, {split})"
-    fix = "Pass a local JSONL of the same schema (data.train_path / data.eval_path) or use data.source=gsm_symbolic."
+    name = f"Dataset {repo} ({config}, {split})"
     try:
         ds = datasets.load_dataset(repo, config, split=split)
-    except Exception as exc:  # offline cache miss, network error: decide with a fast probe
-        if hub_offline() or "offline" in str(exc).lower() or "connect" in str(exc).lower():
-            require_hub(f"Dataset {name}", fix)
-        raise DataError(f"Could not load {name} from the Hub: {exc}. {fix}") from exc
+    except Exception as exc:
+        if hub_offline():  # offline mode and not in the datasets cache
+            raise HubUnavailableError(f"{name} is not in the local cache and offline mode is on. {_HUB_FIX}") from exc
+        raise DataError(f"Could not load {name} from the Hub: {exc}. {_HUB_FIX}") from exc
     for index, row in enumerate(ds):
         yield f"{repo}[{split}]#{index}", row
 
 
 def _rows(path: Optional[str], repo: str, config: str, split: str) -> tuple[Iterator[tuple[str, Any]], str]:
+    """Rows from a local JSONL, or from the Hub (offline mode: the datasets cache only; else a fast probe first)."""
     if path:
         return read_jsonl(path), f"local file {path}"
-    if hub_offline():
-        require_hub(f"Dataset {repo} ({config}, {split})",
-                    "Pass a local JSONL of the same schema (data.train_path / data.eval_path).")
+    if not hub_offline():
+        require_hub(f"Dataset {repo} ({config}, {split})", _HUB_FIX)
     return _hub_rows(repo, config, split), f"Hub dataset {repo} ({config}, {split})"
 
 
@@ -300,6 +302,17 @@ def load_examples(data_cfg, split: str) -> tuple[list[Example], LoadReport]:
     if data_cfg.source == "gsm8k":
         return load_gsm8k("train" if train else "test", path, size, data_cfg.bad_rows)
     return load_mmlu("validation" if train else "test", path, None, size, data_cfg.bad_rows)
+
+
+def remove_overlap(train: list[Example], held_out: Sequence[Example], report: LoadReport) -> list[Example]:
+    """Training examples whose question is not in `held_out` (generators can repeat a problem
+    across seeds); each removal is counted in `report`."""
+    held = {e.question for e in held_out}
+    kept = [e for e in train if e.question not in held]
+    for _ in range(len(train) - len(kept)):
+        report.skip("also in the held-out split")
+    report.kept = len(kept)
+    return kept
 
 
 # -- formatting and tokenization ------------------------------------------------------------------

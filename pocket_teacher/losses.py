@@ -47,7 +47,7 @@ def token_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
             answer tokens in the whole accumulated batch, so micro-batches add up exactly).
 
     Returns:
-        DistillationLoss of scalars; computed in float32 whatever the logits' dtype.
+        DistillationLoss of scalars, computed in at least float32 whatever the logits' dtype.
     """
     _check_hyper(alpha, temperature)
     if student_logits.shape != teacher_logits.shape:
@@ -59,15 +59,14 @@ def token_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
     if n == 0 or denom == 0:
         zero = student_logits.sum() * 0.0
         return DistillationLoss(zero, zero.detach(), zero.detach())
-    s = student_logits.float()
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # bf16/fp16 logits are upcast
+    s = student_logits.to(dtype)
     ce = F.cross_entropy(s, targets, reduction="sum") / denom
-    if alpha < 1.0:
+    # At alpha = 1 the KD term is still reported (to monitor the gap to the teacher) but carries no gradient.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1.0):
         log_q = F.log_softmax(s / temperature, dim=-1)
-        log_p = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-        kl = (log_p.exp() * (log_p - log_q)).sum()
-        kd = kl * (temperature ** 2) / denom
-    else:
-        kd = s.new_zeros(())
+        log_p = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
+        kd = (log_p.exp() * (log_p - log_q)).sum() * (temperature ** 2) / denom
     total = alpha * ce + (1.0 - alpha) * kd
     return DistillationLoss(total, ce, kd)
 

