@@ -183,6 +183,8 @@ def _validated(rows: Iterable[tuple[str, Any]], make, report: LoadReport, bad_ro
             break
         report.rows += 1
         try:
+            if isinstance(row, _BadJson):
+                raise DataError(f"{row} Fix the line or set data.bad_rows=skip.")
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}.")
             examples.append(make(row, where))
@@ -245,7 +247,7 @@ def load_gsm8k(split: str = "test", path: Optional[str] = None, limit: Optional[
     """GSM8K rows as Examples, from a local JSONL (`path`) or the Hub's openai/gsm8k."""
     rows, source = _rows(path, "openai/gsm8k", "main", split)
     report = LoadReport(source=f"GSM8K {split} from {source}")
-    return _validated(_checked_json(rows), gsm8k_example, report, bad_rows, limit), report
+    return _validated(rows, gsm8k_example, report, bad_rows, limit), report
 
 
 def load_mmlu(split: str = "test", path: Optional[str] = None, subjects: Optional[Sequence[str]] = None,
@@ -256,15 +258,7 @@ def load_mmlu(split: str = "test", path: Optional[str] = None, subjects: Optiona
         wanted = set(subjects)
         rows = ((w, r) for w, r in rows if not isinstance(r, dict) or r.get("subject") in wanted)
     report = LoadReport(source=f"MMLU {split} from {source}")
-    return _validated(_checked_json(rows), mmlu_example, report, bad_rows, limit), report
-
-
-def _checked_json(rows: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
-    for where, row in rows:
-        if isinstance(row, _BadJson):
-            yield where, None  # not a dict: validation reports it with its line
-        else:
-            yield where, row
+    return _validated(rows, mmlu_example, report, bad_rows, limit), report
 
 
 def load_gsm_symbolic(size: int, seed: int) -> tuple[list[Example], LoadReport]:

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import IGNORE_INDEX, PaddingCollator, TokenizedSplit
+from .data import PaddingCollator, TokenizedSplit
 from .losses import token_distillation_loss
 from .models import AnswerLogits, answer_logits, answer_positions, resolve_device, resolve_precision
 
@@ -147,5 +147,3 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_split: Tok
     accelerator.unwrap_model(model).model.eval()
     return result
 
-
-__all__ = ["TrainResult", "distill", "lr_factor", "IGNORE_INDEX"]

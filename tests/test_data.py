@@ -56,7 +56,7 @@ def test_load_gsm8k_local_and_strip_calculator(tmp_path):
     ({"question": "Q?", "answer": "It is seven.\n#### seven"}, r"gsm.jsonl:2: .*'#### seven', which is not a number"),
     ({"question": "Q?", "answer": "no final line"}, r"gsm.jsonl:2: .*no '#### <number>'"),
     ({"question": "", "answer": "#### 1"}, r"gsm.jsonl:2: field 'question' must be a non-empty string"),
-    ("{not json", r"gsm.jsonl:2: .*JSON"),
+    ("{not json", r"gsm.jsonl:2: not valid JSON \(Expecting property name.*column 2\)"),
 ])
 def test_gsm8k_bad_rows_name_file_line_and_fix(tmp_path, row, match):
     path = _write(tmp_path, "gsm.jsonl", [{"question": "ok?", "answer": "#### 1"}, row])
