@@ -22,6 +22,8 @@ import yaml
 
 PRECISIONS = ("auto", "8bit", "bf16", "fp16", "fp32")
 DATA_SOURCES = ("gsm_symbolic", "gsm8k", "mmlu")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")  # = losses.DIVERGENCES
+LOSS_IMPLEMENTATIONS = ("auto", "chunked", "full")
 OVERLONG_POLICIES = ("skip", "truncate", "error")
 BAD_ROW_POLICIES = ("error", "skip")
 DEVICES = ("auto", "cpu", "cuda")
@@ -97,10 +99,15 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """L = alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)."""
+    """L = alpha * CE + (1 - alpha) * T^2 * D(teacher_T || student_T); see pocket_teacher.losses."""
 
     alpha: float = 0.5  # weight of the hard-label CE term: 1 = plain fine-tuning, 0 = pure distillation
-    temperature: float = 2.0  # softens both distributions inside the KL term only (CE uses T = 1)
+    temperature: float = 2.0  # softens both distributions inside D only (CE uses T = 1)
+    divergence: str = "forward_kl"  # D: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or tvd
+    beta: float = 0.5  # jsd only: 0 = forward KL, 1 = reverse KL, continuous in between
+    skew: float = 0.1  # skew_kl / skew_reverse_kl only, in [0, 1): 0 = the plain KL
+    implementation: str = "auto"  # auto (chunked when exact for the model), chunked, or full (plain logits)
+    chunk_size: int = 0  # tokens per chunk of the chunked loss; 0 = automatic (about 32 MiB of logits)
 
 
 @dataclass
@@ -187,6 +194,13 @@ class Config:
             _fail("loss.alpha", lo.alpha, "use a value in [0, 1] (1 = plain fine-tuning, 0 = pure distillation).")
         if not lo.temperature > 0:
             _fail("loss.temperature", lo.temperature, "use a temperature > 0 (1 = unchanged logits; 2 is common).")
+        _check_choice("loss.divergence", lo.divergence, DIVERGENCES)
+        if not 0.0 <= lo.beta <= 1.0:
+            _fail("loss.beta", lo.beta, "use a value in [0, 1] (0 = forward KL, 1 = reverse KL).")
+        if not 0.0 <= lo.skew < 1.0:
+            _fail("loss.skew", lo.skew, "use a value in [0, 1) (0 = plain KL; DistiLLM uses 0.1).")
+        _check_choice("loss.implementation", lo.implementation, LOSS_IMPLEMENTATIONS)
+        _check_positive("loss.chunk_size", lo.chunk_size, allow_zero=True)
         _check_positive("train.max_steps", tr.max_steps)
         _check_positive("train.batch_size", tr.batch_size)
         _check_positive("train.grad_accum", tr.grad_accum)

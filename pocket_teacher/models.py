@@ -399,16 +399,19 @@ class VocabReport:
     student_rows: int  # rows of the student's output layer
 
     def __str__(self) -> str:
-        return (f"shared tokenizer of {self.tokenizer_size} tokens; output layers: teacher {self.teacher_rows}, "
+        text = (f"shared tokenizer of {self.tokenizer_size} tokens; output layers: teacher {self.teacher_rows}, "
                 f"student {self.student_rows} rows")
+        if max(self.teacher_rows, self.student_rows) > self.tokenizer_size:
+            text += f" (padding rows ignored: losses use the first {self.tokenizer_size} logits)"
+        return text
 
 
 def check_vocab_compatible(teacher_tokenizer, student_tokenizer, teacher: Optional[torch.nn.Module] = None,
                            student: Optional[torch.nn.Module] = None) -> VocabReport:
     """Raise VocabMismatchError unless both tokenizers map every token to the same id.
 
-    Output layers may be padded beyond the tokenizer (e.g. to a multiple of 64), but token-level
-    distillation here also needs the same number of rows on both sides.
+    Output layers may be padded beyond the tokenizer (e.g. 151,936 vs 152,064 rows for Qwen2.5): the
+    losses compare the first ``tokenizer_size`` logits only, so padding may differ between the two.
     """
     t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
     if t_vocab != s_vocab:
@@ -425,9 +428,8 @@ def check_vocab_compatible(teacher_tokenizer, student_tokenizer, teacher: Option
     if min(rows) < size:
         raise VocabMismatchError(f"An output layer has {min(rows)} rows but the tokenizer has {size} tokens; the "
                                  f"model does not match its tokenizer.")
-    if rows[0] != rows[1]:
-        raise VocabMismatchError(f"Output layers differ in size (teacher {rows[0]}, student {rows[1]} rows) for one "
-                                 f"tokenizer of {size} tokens; padded vocabularies are not supported yet.")
+    # Rows beyond the tokenizer (padding to a multiple of 64, say) are sliced off in the loss
+    # (vocab_size=len(tokenizer)), so they never take probability mass and may differ per model.
     return VocabReport(size, rows[0], rows[1])
 
 
@@ -454,12 +456,25 @@ def answer_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     return model.get_output_embeddings()(hidden[select])
 
 
-class AnswerLogits(torch.nn.Module):
-    """Wraps a causal LM so one forward call returns `answer_logits` (DDP wraps this module)."""
+def output_layer(model: torch.nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """``(weight, bias)`` when the model's logits are exactly ``hidden @ weight.T + bias``, else None.
 
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
+    None for output layers that are not a plain float Linear (e.g. quantized) and for models that
+    transform their logits afterwards (soft-capping, logit scaling); the chunked loss needs exactness.
+    """
+    config = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        value = getattr(config, attr, None)
+        if value not in (None, 0, 1, 1.0, False):
+            return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or not head.weight.is_floating_point():
+        return None
+    return head.weight, head.bias
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
-        return answer_logits(self.model, input_ids, attention_mask, select)
+
+def answer_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  select: torch.Tensor) -> torch.Tensor:
+    """``(N, H)`` final hidden states (after the final norm) at the N positions where `select` is True."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return hidden[select]

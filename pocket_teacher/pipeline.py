@@ -133,7 +133,7 @@ def train_student(cfg: Config, student_init: torch.nn.Module, teacher: torch.nn.
             handle.flush()
 
         result = distill(student, teacher, splits.train, cfg, pad_token_id=tokenizer.pad_token_id,
-                         on_step=on_step, progress=progress)
+                         vocab_size=len(tokenizer), on_step=on_step, progress=progress)
     return student, result
 
 

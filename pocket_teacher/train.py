@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import PaddingCollator, TokenizedSplit
-from .losses import token_distillation_loss
-from .models import AnswerLogits, answer_logits, answer_positions, resolve_device, resolve_precision
+from .losses import DistillationLoss, auto_chunk_size, chunked_distillation_loss, token_distillation_loss
+from .models import answer_hidden, answer_logits, answer_positions, output_layer, resolve_device, resolve_precision
 
 
 @dataclass
@@ -31,6 +31,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # one row per optimizer step
     seconds: float = 0.0  # wall time of the loop
     steps: int = 0  # optimizer steps taken
+    loss_implementation: str = ""  # "chunked" or "full", as resolved from cfg.loss.implementation
 
     @property
     def final(self) -> dict:
@@ -55,6 +56,60 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def resolve_loss_implementation(student: torch.nn.Module, requested: str = "auto") -> str:
+    """"chunked" when the student's logits are exactly ``hidden @ W.T (+ b)`` (then the chunked loss
+    equals the plain one), else "full"; asking for "chunked" on a model where it is not exact raises."""
+    exact = output_layer(student) is not None
+    if requested == "chunked" and not exact:
+        raise ValueError("loss.implementation='chunked' needs a plain Linear output layer without logit soft-capping "
+                         "or scaling; this student has neither, so use loss.implementation=full (or auto).")
+    if requested not in ("auto", "chunked", "full"):
+        raise ValueError(f"loss.implementation={requested!r}: use auto, chunked or full.")
+    return "full" if requested == "full" or not exact else "chunked"
+
+
+def teacher_inputs(teacher: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   select: torch.Tensor, implementation: str) -> dict:
+    """The teacher's side of the loss at the answer positions, as keyword arguments of the loss.
+
+    For the chunked loss, the teacher's hidden states and output layer (its logits are then also built
+    a chunk at a time) when its output layer is exact; its (N, V) logits otherwise.
+    """
+    with torch.no_grad():
+        layer = output_layer(teacher) if implementation == "chunked" else None
+        if layer is not None:
+            return {"teacher_hidden": answer_hidden(teacher, input_ids, attention_mask, select),
+                    "teacher_weight": layer[0], "teacher_bias": layer[1]}
+        return {"teacher_logits": answer_logits(teacher, input_ids, attention_mask, select)}
+
+
+class DistillStep(torch.nn.Module):
+    """The student plus its loss: one forward call returns the `DistillationLoss` of a micro-batch.
+
+    DDP and FSDP wrap this module, so every student parameter, the output layer included, is used
+    inside ``forward`` even though the chunked loss reads the output weight directly.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_cfg, implementation: str, vocab_size: Optional[int] = None):
+        super().__init__()
+        self.model, self.loss_cfg, self.implementation, self.vocab_size = model, loss_cfg, implementation, vocab_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
+                targets: torch.Tensor, teacher: dict, normalizer: float) -> DistillationLoss:
+        lc = self.loss_cfg
+        kw = dict(alpha=lc.alpha, temperature=lc.temperature, divergence=lc.divergence, beta=lc.beta, skew=lc.skew,
+                  vocab_size=self.vocab_size, normalizer=normalizer)
+        if self.implementation == "full":
+            logits = answer_logits(self.model, input_ids, attention_mask, select)
+            return token_distillation_loss(logits, targets=targets, **teacher, **kw)
+        hidden = answer_hidden(self.model, input_ids, attention_mask, select)
+        weight, bias = output_layer(self.model)
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        return chunked_distillation_loss(hidden, weight, targets, student_bias=bias, chunk_size=lc.chunk_size or None,
+                                         compute_dtype=dtype, **teacher, **kw)
+
+
 def _batches(loader: DataLoader):
     epoch = 0
     while True:
@@ -65,7 +120,7 @@ def _batches(loader: DataLoader):
 
 
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_split: TokenizedSplit, cfg, *,
-            pad_token_id: int, on_step: Optional[Callable[[dict], None]] = None,
+            pad_token_id: int, vocab_size: Optional[int] = None, on_step: Optional[Callable[[dict], None]] = None,
             progress: bool = True) -> TrainResult:
     """Train `student` in place to match `teacher` on `train_split` with `cfg.loss` and `cfg.train`.
 
@@ -75,6 +130,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_split: Tok
         train_split: tokenized examples with prompt labels masked.
         cfg: the full Config (uses cfg.train and cfg.loss).
         pad_token_id: id used to pad batches on the right.
+        vocab_size: the tokenizer's size (``len(tokenizer)``); logits beyond it (output-layer padding)
+            are ignored. Default: both output layers must have the same number of rows.
         on_step: called with each history row (e.g. to stream it to a file).
         progress: show a tqdm bar.
     """
@@ -93,8 +150,15 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_split: Tok
     optimizer = torch.optim.AdamW(_param_groups(student, tcfg.weight_decay), lr=tcfg.lr, betas=tuple(tcfg.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio))
-    model, optimizer, loader = accelerator.prepare(AnswerLogits(student.train()), optimizer, loader)
+    implementation = resolve_loss_implementation(student, lcfg.implementation)
+    step_module = DistillStep(student.train(), lcfg, implementation, vocab_size)
+    model, optimizer, loader = accelerator.prepare(step_module, optimizer, loader)
     teacher.eval()
+    if progress and accelerator.is_main_process:
+        width = vocab_size or student.get_output_embeddings().weight.shape[0]
+        chunk = f", {lcfg.chunk_size or auto_chunk_size(width)} tokens per chunk" if implementation == "chunked" else ""
+        tqdm.write(f"loss: {lcfg.divergence}, alpha {lcfg.alpha}, T {lcfg.temperature}; {implementation} "
+                   f"implementation{chunk}")
 
     result = TrainResult()
     batches = _batches(loader)
@@ -114,14 +178,13 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_split: Tok
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync:
                 targets = batch["labels"][:, 1:][select[:, :-1]]
-                with torch.no_grad():
-                    teacher_logits = answer_logits(teacher, batch["input_ids"], batch["attention_mask"], select)
+                teacher_side = teacher_inputs(teacher, batch["input_ids"], batch["attention_mask"], select,
+                                              implementation)
                 with accelerator.autocast():
-                    student_logits = model(batch["input_ids"], batch["attention_mask"], select)
-                loss = token_distillation_loss(student_logits, teacher_logits, targets, alpha=lcfg.alpha,
-                                               temperature=lcfg.temperature, normalizer=normalizer)
+                    loss = model(batch["input_ids"], batch["attention_mask"], select, targets, teacher_side,
+                                 normalizer)
                 accelerator.backward(loss.total)
-                del teacher_logits, student_logits  # free the (N, V) tensors before the next micro-batch
+                del teacher_side  # free the teacher's tensors before the next micro-batch
             parts += torch.stack([loss.total.detach(), loss.ce.detach(), loss.kd.detach()])
             seen_tokens += int(batch["attention_mask"].sum())
         grad_norm = (accelerator.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
@@ -144,6 +207,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_split: Tok
         bar.update(1)
     bar.close()
     result.seconds, result.steps = time.perf_counter() - start, tcfg.max_steps
+    result.loss_implementation = implementation
     accelerator.unwrap_model(model).model.eval()
     return result
 

@@ -56,3 +56,17 @@ def test_yaml_file_round_trip(tmp_path):
     path.write_text(path.read_text().replace("alpha: 0.25", "alfa: 0.25"))
     with pytest.raises(ConfigError, match="Did you mean loss.alpha"):
         Config.from_yaml(path)
+
+
+def test_loss_choices_match_the_loss_module():
+    from pocket_teacher import losses
+    from pocket_teacher.config import DIVERGENCES
+    assert DIVERGENCES == losses.DIVERGENCES
+
+
+@pytest.mark.parametrize("override,field", [("loss.divergence=kl", "loss.divergence"), ("loss.beta=2", "loss.beta"),
+                                            ("loss.skew=1.0", "loss.skew"),
+                                            ("loss.implementation=fast", "loss.implementation")])
+def test_bad_loss_settings_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        apply_overrides(get_preset("tiny"), [override])

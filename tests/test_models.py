@@ -1,5 +1,6 @@
 """pocket_teacher.models: student derivation, vocabulary checks, precision rules, Hub failures."""
 
+import copy
 import time
 
 import pytest
@@ -7,9 +8,9 @@ import torch
 
 from pocket_teacher.config import TeacherConfig, get_preset
 from pocket_teacher.hub import HubUnavailableError
-from pocket_teacher.models import (ModelLoadError, VocabMismatchError, answer_logits, answer_positions,
-                                   build_tiny_model, build_tiny_tokenizer, check_vocab_compatible, derive_student,
-                                   load_teacher, resolve_precision, spread_layers)
+from pocket_teacher.models import (ModelLoadError, VocabMismatchError, answer_hidden, answer_logits,
+                                   answer_positions, build_tiny_model, build_tiny_tokenizer, check_vocab_compatible,
+                                   derive_student, load_teacher, output_layer, resolve_precision, spread_layers)
 
 
 def test_spread_layers_keeps_first_and_last():
@@ -54,9 +55,25 @@ def test_vocab_compatibility(tiny_tokenizer, tiny_teacher):
     with pytest.raises(VocabMismatchError, match="sequence level"):
         check_vocab_compatible(tiny_tokenizer, other)
     cfg = get_preset("tiny").teacher.tiny
-    bigger = build_tiny_model(cfg, len(tiny_tokenizer) + 64)
-    with pytest.raises(VocabMismatchError, match="Output layers differ"):
-        check_vocab_compatible(tiny_tokenizer, tiny_tokenizer, tiny_teacher, bigger)
+    bigger = build_tiny_model(cfg, len(tiny_tokenizer) + 64)  # padded rows: fine, the losses slice them off
+    report = check_vocab_compatible(tiny_tokenizer, tiny_tokenizer, tiny_teacher, bigger)
+    assert report.student_rows == len(tiny_tokenizer) + 64 and "padding rows ignored" in str(report)
+    smaller = build_tiny_model(cfg, len(tiny_tokenizer) - 1)
+    with pytest.raises(VocabMismatchError, match="does not match its tokenizer"):
+        check_vocab_compatible(tiny_tokenizer, tiny_tokenizer, tiny_teacher, smaller)
+
+
+def test_output_layer_is_reported_only_when_exact(tiny_teacher):
+    weight, bias = output_layer(tiny_teacher)
+    assert weight is tiny_teacher.get_output_embeddings().weight and bias is None
+    capped = copy.deepcopy(tiny_teacher)
+    capped.config.final_logit_softcapping = 30.0
+    assert output_layer(capped) is None
+    ids = torch.randint(0, tiny_teacher.config.vocab_size, (2, 9))
+    mask = torch.ones_like(ids)
+    select = torch.rand(2, 9, generator=torch.Generator().manual_seed(0)) > 0.5
+    hidden = answer_hidden(tiny_teacher, ids, mask, select)
+    torch.testing.assert_close(hidden @ weight.T, answer_logits(tiny_teacher, ids, mask, select))
 
 
 def test_gpu_only_precision_on_cpu_is_refused():

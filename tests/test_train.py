@@ -68,3 +68,32 @@ def test_accumulation_matches_one_big_batch(tiny_teacher, tiny_split):
     assert ra.history[0]["loss"] == pytest.approx(rb.history[0]["loss"], rel=1e-5)
     assert ra.history[0]["grad_norm"] == pytest.approx(rb.history[0]["grad_norm"], rel=1e-4)
     assert ra.history[0]["answer_tokens"] == rb.history[0]["answer_tokens"] > rc.history[0]["answer_tokens"]
+
+
+def test_chunked_and_full_loss_give_the_same_training(tiny_teacher, tiny_split):
+    """The default chunked loss is exact: the same loss curve and gradient norms as the plain path."""
+    split, tok = tiny_split
+    common = {"train.max_steps": 3, "train.warmup_steps": 0, "train.batch_size": 4}
+    _, chunked = _run(tiny_teacher, split, tok, **common, **{"loss.implementation": "chunked", "loss.chunk_size": 16})
+    _, full = _run(tiny_teacher, split, tok, **common, **{"loss.implementation": "full"})
+    _, auto = _run(tiny_teacher, split, tok, **common)
+    assert chunked.loss_implementation == auto.loss_implementation == "chunked" and full.loss_implementation == "full"
+    for a, b in zip(chunked.history, full.history):
+        for key in ("loss", "ce", "kd", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "skew_kl", "tvd"])
+def test_every_divergence_trains(tiny_teacher, tiny_split, divergence):
+    split, tok = tiny_split
+    _, result = _run(tiny_teacher, split, tok, **{"train.max_steps": 2, "loss.divergence": divergence})
+    assert all(math.isfinite(h["loss"]) and h["kd"] >= 0 for h in result.history)
+
+
+def test_chunked_request_on_a_softcapped_student_is_refused(tiny_teacher, tiny_split):
+    split, tok = tiny_split
+    cfg = apply_overrides(get_preset("tiny"), {"train.max_steps": 1, "loss.implementation": "chunked"})
+    student = derive_student(tiny_teacher, num_layers=2)
+    student.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="loss.implementation=full"):
+        distill(student, tiny_teacher, split, cfg, pad_token_id=tok.pad_token_id, progress=False)
