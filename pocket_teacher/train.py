@@ -119,15 +119,19 @@ def _batches(loader: DataLoader):
         epoch += 1
 
 
-def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_split: TokenizedSplit, cfg, *,
-            pad_token_id: int, vocab_size: Optional[int] = None, on_step: Optional[Callable[[dict], None]] = None,
-            progress: bool = True) -> TrainResult:
+def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_split: TokenizedSplit, cfg, *,
+            pad_token_id: int, vocab_size: Optional[int] = None, teacher_cache=None,
+            on_step: Optional[Callable[[dict], None]] = None, progress: bool = True) -> TrainResult:
     """Train `student` in place to match `teacher` on `train_split` with `cfg.loss` and `cfg.train`.
 
     Args:
         student: trainable causal LM (fp32 weights; bf16/fp16 autocast on GPU).
-        teacher: frozen causal LM sharing the student's tokenizer, already on the device.
+        teacher: frozen causal LM sharing the student's tokenizer, already on the device; or None when
+            `teacher_cache` is given, or for plain fine-tuning (``loss.alpha=1``, e.g. on the teacher's
+            generated answers with a student of another tokenizer).
         train_split: tokenized examples with prompt labels masked.
+        teacher_cache: a `teacher_cache.TopKCache` of this split: the teacher's top-k log-probs are read
+            from it instead of running the teacher (the top-k loss of `pocket_teacher.losses`).
         cfg: the full Config (uses cfg.train and cfg.loss).
         pad_token_id: id used to pad batches on the right.
         vocab_size: the tokenizer's size (``len(tokenizer)``); logits beyond it (output-layer padding)
@@ -150,14 +154,23 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_split: Tok
     optimizer = torch.optim.AdamW(_param_groups(student, tcfg.weight_decay), lr=tcfg.lr, betas=tuple(tcfg.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio))
+    if teacher is None and teacher_cache is None and lcfg.alpha != 1.0:
+        raise ValueError(f"No teacher and no teacher cache, but loss.alpha={lcfg.alpha}: the distillation term needs "
+                         f"the teacher. Pass one, or set loss.alpha=1 to fine-tune on the targets alone.")
+    if teacher_cache is not None and len(teacher_cache) != len(train_split):
+        raise ValueError(f"The teacher cache has {len(teacher_cache)} rows but the split {len(train_split)}: it was "
+                         f"built for another split; build it again for this one.")
     implementation = resolve_loss_implementation(student, lcfg.implementation)
     step_module = DistillStep(student.train(), lcfg, implementation, vocab_size)
     model, optimizer, loader = accelerator.prepare(step_module, optimizer, loader)
-    teacher.eval()
+    if teacher is not None:
+        teacher.eval()
     if progress and accelerator.is_main_process:
         width = vocab_size or student.get_output_embeddings().weight.shape[0]
         chunk = f", {lcfg.chunk_size or auto_chunk_size(width)} tokens per chunk" if implementation == "chunked" else ""
-        tqdm.write(f"loss: {lcfg.divergence}, alpha {lcfg.alpha}, T {lcfg.temperature}; {implementation} "
+        source = ("top-k teacher cache" if teacher_cache is not None else "live teacher" if teacher is not None
+                  else "no teacher (CE only)")
+        tqdm.write(f"loss: {lcfg.divergence}, alpha {lcfg.alpha}, T {lcfg.temperature}, {source}; {implementation} "
                    f"implementation{chunk}")
 
     result = TrainResult()
@@ -178,8 +191,14 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_split: Tok
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync:
                 targets = batch["labels"][:, 1:][select[:, :-1]]
-                teacher_side = teacher_inputs(teacher, batch["input_ids"], batch["attention_mask"], select,
-                                              implementation)
+                if teacher_cache is not None:
+                    teacher_side = teacher_cache.rows(batch["index"].tolist(), select.sum(1).tolist(),
+                                                      accelerator.device)
+                elif teacher is not None:
+                    teacher_side = teacher_inputs(teacher, batch["input_ids"], batch["attention_mask"], select,
+                                                  implementation)
+                else:
+                    teacher_side = {}
                 with accelerator.autocast():
                     loss = model(batch["input_ids"], batch["attention_mask"], select, targets, teacher_side,
                                  normalizer)
@@ -196,7 +215,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_split: Tok
 
         total, ce, kd = (accelerator.reduce(parts, "sum") / accelerator.num_processes).tolist()
         elapsed = time.perf_counter() - start
-        row = {"step": step + 1, "loss": total, "ce": ce, "kd": kd, "lr": lr, "grad_norm": float(grad_norm),
+        row = {"step": step + 1, "loss": total, "ce": ce, "kd": kd if math.isfinite(kd) else None, "lr": lr, "grad_norm": float(grad_norm),
                "answer_tokens": int(answer_tokens), "tokens_per_s": seen_tokens * accelerator.num_processes / elapsed,
                "elapsed_s": elapsed}
         result.history.append(row)

@@ -124,7 +124,7 @@ def embedded(tmp_path_factory):
 def test_embedded_teacher_is_cached_and_answers(embedded):
     teacher, tok, info = embedded
     assert teacher.config.num_hidden_layers == 30 and len(tok) == 49152 and tok.chat_template
-    assert "embedded GGUF" in info.origin and info.precision == "fp32"
+    assert "embedded GGUF" in info.origin and info.precision.startswith("fp32")
     start = time.perf_counter()
     again, _, _ = load_teacher(TeacherConfig(source="embedded"), "cpu")  # from the save_pretrained cache
     assert time.perf_counter() - start < 15

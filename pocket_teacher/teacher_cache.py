@@ -1,0 +1,405 @@
+"""The teacher, run once: a top-k cache of its log-probs, and its generated answers.
+
+    cache = build_topk_cache(teacher, train_split, "runs/teacher_cache", k=64, vocab_size=len(tokenizer))
+    print(cache.report)          # top-k mass captured, KL(full || top-k), size per token
+    distill(student, None, train_split, cfg, teacher_cache=cache, ...)   # no teacher forward
+
+The top-k cache keeps, for every answer token of the split, the teacher's k most likely next tokens
+(int32 ids), their log-probs at T = 1 (fp16) and the leftover tail mass (fp32), in flat memory-mapped
+files. It lives in a folder named by a fingerprint of everything that determines its content
+(teacher weights and precision, data, chat template, max length, vocabulary, k): a matching cache is
+reused, any change builds a new one. It is written into ``<fingerprint>.partial/`` with a progress
+record after every batch, so a build killed midway resumes there, and only a finished, checksummed
+build is renamed into place; a cache whose files do not match their checksums is never read.
+
+`generate_answers` is sequence-level distillation: the teacher answers the training questions
+(batched greedy generation), optionally keeping only answers whose final number is correct
+(rejection sampling); the result is cached the same way as readable JSONL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import IGNORE_INDEX, Example, PaddingCollator, TokenizedSplit, answers_match, extract_gsm8k_answer
+
+FORMAT = 1  # bump when the on-disk layout changes: old caches then get new fingerprints
+FILES = {"ids": np.int32, "logprobs": np.float16, "tail": np.float32}
+
+
+class CacheError(RuntimeError):
+    """A teacher cache cannot be used for this split (it is rebuilt, or the caller is told why)."""
+
+
+# -- fingerprints -------------------------------------------------------------------------------------
+
+def _digest(*chunks: bytes) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+def model_digest(model: torch.nn.Module, sample: int = 4096) -> str:
+    """A fingerprint of a model's weights: every tensor's name, shape and dtype, its sum and sum of
+    absolute values (any changed weight moves them), and the exact bytes of a strided sample."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(model).__name__.encode())
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        if flat.dtype == torch.bool:
+            flat = flat.to(torch.uint8)
+        step = max(1, flat.numel() // sample)
+        picked = flat[::step][:sample].contiguous().cpu()
+        sums = (torch.sum(flat, dtype=torch.float64).item(), torch.sum(flat.abs(), dtype=torch.float64).item())
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{sums[0]!r}|{sums[1]!r}|".encode())
+        h.update(picked.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def split_digest(split: TokenizedSplit) -> dict[str, str]:
+    """Content hashes of a tokenized split: the example texts, and the token ids with their masks."""
+    text = _digest(*(json.dumps([e.question, e.target]).encode() for e in split.examples))
+    tokens = _digest(*(np.asarray(f["input_ids"], np.int64).tobytes() + b"|" +
+                       np.asarray(f["labels"], np.int64).tobytes() + b";" for f in split.features))
+    return {"data": text, "tokens": tokens}
+
+
+def fingerprint_parts(teacher: torch.nn.Module, split: TokenizedSplit, k: int, vocab_size: int,
+                      teacher_key: Optional[dict] = None) -> dict:
+    """Everything the cache content depends on; `teacher_key` adds e.g. the source id and precision."""
+    return {"format": FORMAT, "teacher": {"weights": model_digest(teacher), **(teacher_key or {})},
+            **split_digest(split), "template": _digest(split.template.encode()), "max_length": split.max_length,
+            "vocab_size": vocab_size, "k": k}
+
+
+def fingerprint(parts: dict) -> str:
+    return _digest(json.dumps(parts, sort_keys=True, default=str).encode())
+
+
+# -- the cache -----------------------------------------------------------------------------------------
+
+@dataclass
+class CacheReport:
+    """What a cache holds and how faithful it is (printed by the notebook)."""
+
+    path: str
+    fingerprint: str
+    status: str  # "built", "resumed after N rows", or "reused"
+    rows: int
+    tokens: int
+    k: int
+    bytes: int
+    mass_mean: float  # mean teacher probability inside the top-k over all cached tokens
+    mass_p05: float  # 5th percentile of that mass (the hardest tokens)
+    kl_sample: float  # mean KL(full teacher || top-k + uniform tail) in nats/token, on the sampled rows
+    kl_sample_tokens: int  # tokens that KL was measured on
+    build_seconds: float
+
+    def __str__(self) -> str:
+        return (f"teacher cache {self.status}: {self.rows} rows, {self.tokens:,} answer tokens, top-{self.k}, "
+                f"{self.bytes / 2**20:.1f} MiB ({self.bytes / max(1, self.tokens):.0f} B/token) in {self.path}\n"
+                f"fidelity: top-{self.k} mass mean {self.mass_mean:.4f} (5th percentile {self.mass_p05:.4f}); "
+                f"KL(full || top-{self.k}) {self.kl_sample:.4f} nats/token on {self.kl_sample_tokens:,} tokens")
+
+
+class TopKCache:
+    """Read access to a finished cache: the teacher's top-k for given rows of the split."""
+
+    def __init__(self, path: Path, meta: dict, report: CacheReport):
+        self.path, self.meta, self.report = path, meta, report
+        self.k = meta["k"]
+        self.offsets = np.load(path / "offsets.npy")
+        tokens = int(self.offsets[-1])
+        self._ids = _open(path, "ids", tokens, self.k, "r")
+        self._logprobs = _open(path, "logprobs", tokens, self.k, "r")
+        self._tail = _open(path, "tail", tokens, None, "r")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def rows(self, indices: Sequence[int], counts: Optional[Sequence[int]] = None,
+             device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The loss's top-k keyword arguments for these split rows, concatenated in row order.
+
+        `counts` (answer tokens per row in the batch) is checked against the cache, so a cache of
+        another split or tokenization can never be paired with the wrong tokens.
+        """
+        parts = {"ids": [], "logprobs": [], "tail": []}
+        for j, i in enumerate(int(x) for x in indices):
+            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+            if counts is not None and int(counts[j]) != b - a:
+                raise CacheError(f"teacher cache row {i} holds {b - a} answer tokens but the batch has "
+                                 f"{int(counts[j])}: the cache belongs to another split; rebuild it.")
+            parts["ids"].append(self._ids[a:b])
+            parts["logprobs"].append(self._logprobs[a:b])
+            parts["tail"].append(self._tail[a:b])
+        ids = torch.from_numpy(np.concatenate(parts["ids"])).long()
+        lp = torch.from_numpy(np.concatenate(parts["logprobs"]).astype(np.float32))
+        tail = torch.from_numpy(np.concatenate(parts["tail"]).copy())
+        return {"teacher_topk_ids": ids.to(device), "teacher_topk_logprobs": lp.to(device),
+                "teacher_tail_mass": tail.to(device)}
+
+
+def _open(folder: Path, name: str, tokens: int, k: Optional[int], mode: str) -> np.memmap:
+    shape = (tokens, k) if k else (tokens,)
+    if tokens == 0:
+        return np.zeros(shape, FILES[name])
+    return np.memmap(folder / f"{name}.bin", dtype=FILES[name], mode=mode, shape=shape)
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def validate_cache(path: Path, expected_fingerprint: Optional[str] = None) -> Optional[str]:
+    """None if `path` is a complete, intact cache (with that fingerprint), else what is wrong with it."""
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        return "no meta.json (not a finished cache)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        return f"unreadable meta.json ({exc})"
+    if not meta.get("complete"):
+        return "not marked complete"
+    if expected_fingerprint and meta.get("fingerprint") != expected_fingerprint:
+        return "fingerprint differs"
+    tokens, k = meta["tokens"], meta["k"]
+    for name, dtype in FILES.items():
+        f = path / f"{name}.bin"
+        want = tokens * (k if name != "tail" else 1) * np.dtype(dtype).itemsize
+        if tokens and (not f.is_file() or f.stat().st_size != want):
+            return f"{f.name} has {f.stat().st_size if f.is_file() else 'no'} bytes, expected {want}"
+        if tokens and _file_hash(f) != meta["checksums"].get(name):
+            return f"{f.name} does not match its checksum"
+    offsets = path / "offsets.npy"
+    if not offsets.is_file() or _file_hash(offsets) != meta["checksums"].get("offsets"):
+        return "offsets.npy missing or does not match its checksum"
+    return None
+
+
+def _answer_counts(split: TokenizedSplit) -> np.ndarray:
+    # Positions t whose next label is scored: the labels from position 1 on that are not ignored.
+    return np.array([sum(1 for t in f["labels"][1:] if t != IGNORE_INDEX) for f in split.features], np.int64)
+
+
+def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str | Path, *, k: int = 64,
+                     vocab_size: Optional[int] = None, pad_token_id: int = 0, batch_size: int = 8,
+                     teacher_key: Optional[dict] = None, kl_sample_rows: int = 32,
+                     progress: bool = True) -> TopKCache:
+    """Reuse the matching cache under `root`, or run the teacher once over `split` and write it.
+
+    Args:
+        teacher: the frozen teacher (any precision), on its device.
+        split: the tokenized training split; row i of the cache is ``split[i]``.
+        root: folder holding caches, one sub-folder per fingerprint.
+        k: log-probs kept per answer token (ids int32, log-probs fp16: 6k + 4 bytes per token).
+        vocab_size: the tokenizer's size; logits beyond it (padding rows) are dropped first.
+        teacher_key: identifies the teacher beyond its weights (source, revision, precision).
+        kl_sample_rows: rows on which KL(full teacher || top-k approximation) is measured.
+    """
+    from .models import answer_logits, answer_positions
+
+    width = teacher.get_output_embeddings().weight.shape[0]
+    vocab = vocab_size or width
+    if not 1 <= k <= vocab:
+        raise ValueError(f"cache.k={k}: use a value in [1, {vocab}] (the vocabulary size).")
+    parts = fingerprint_parts(teacher, split, k, vocab, teacher_key)
+    fp = fingerprint(parts)
+    root = Path(root)
+    final, partial = root / fp, root / f"{fp}.partial"
+    problem = validate_cache(final, fp) if final.exists() else "absent"
+    if problem is None:
+        meta = json.loads((final / "meta.json").read_text())
+        return TopKCache(final, meta, CacheReport(**{**meta["report"], "status": "reused", "path": str(final)}))
+    if final.exists():  # stale or damaged: never read, rebuilt from scratch
+        shutil.rmtree(final)
+
+    counts = _answer_counts(split)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    tokens = int(offsets[-1])
+    done, status = 0, "built"
+    progress_file = partial / "progress.json"
+    if partial.exists():
+        try:
+            state = json.loads(progress_file.read_text())
+            same = state["fingerprint"] == fp and np.array_equal(np.load(partial / "offsets.npy"), offsets)
+        except (OSError, ValueError, KeyError):
+            same = False
+        if same:
+            done = int(state["rows_done"])
+            status = f"resumed after {done} of {len(split)} rows"
+        else:
+            shutil.rmtree(partial)
+    if done == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        np.save(partial / "offsets.npy", offsets)
+        for name in FILES:  # preallocate the files at their final size
+            if tokens:
+                _open(partial, name, tokens, None if name == "tail" else k, "w+").flush()
+        state = {"fingerprint": fp, "rows_done": 0, "kl_sum": 0.0, "kl_tokens": 0, "seconds": 0.0}
+        _write_json(progress_file, state)
+    ids_mm = _open(partial, "ids", tokens, k, "r+")
+    lp_mm = _open(partial, "logprobs", tokens, k, "r+")
+    tail_mm = _open(partial, "tail", tokens, None, "r+")
+
+    device = next(teacher.parameters()).device
+    collate = PaddingCollator(pad_token_id, "right")
+    teacher.eval()
+    start = time.perf_counter()
+    bar = tqdm(total=len(split), initial=done, desc="teacher cache", disable=not progress)
+    for lo in range(done, len(split), batch_size):
+        hi = min(len(split), lo + batch_size)
+        batch = collate([split.features[i] for i in range(lo, hi)])
+        select = answer_positions(batch["labels"])
+        with torch.no_grad():
+            logits = answer_logits(teacher, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                   select.to(device))[:, :vocab].float()
+            log_p = F.log_softmax(logits, dim=-1)
+            top_lp, top_ids = log_p.topk(k, dim=-1)
+            tail = (1.0 - top_lp.double().exp().sum(-1)).clamp_min(0.0).float()
+            if lo < kl_sample_rows and tokens:
+                state["kl_sum"] += float(_kl_to_topk(log_p, top_ids, top_lp.half().float(), tail).sum())
+                state["kl_tokens"] += int(log_p.shape[0])
+        a, b = int(offsets[lo]), int(offsets[hi])
+        if b > a:
+            ids_mm[a:b] = top_ids.cpu().numpy().astype(np.int32)
+            lp_mm[a:b] = top_lp.cpu().numpy().astype(np.float16)
+            tail_mm[a:b] = tail.cpu().numpy()
+            for mm in (ids_mm, lp_mm, tail_mm):
+                mm.flush()
+        state["rows_done"] = hi
+        _write_json(progress_file, {**state, "seconds": state["seconds"] + time.perf_counter() - start})
+        bar.update(hi - lo)
+    bar.close()
+    seconds = state["seconds"] + time.perf_counter() - start
+    del ids_mm, lp_mm, tail_mm
+
+    tail_all = _open(partial, "tail", tokens, None, "r")
+    mass = 1.0 - np.asarray(tail_all, np.float64)
+    size = sum((partial / f"{n}.bin").stat().st_size for n in FILES if tokens) + (partial / "offsets.npy").stat().st_size
+    report = CacheReport(path=str(final), fingerprint=fp, status=status, rows=len(split), tokens=tokens, k=k,
+                         bytes=size, mass_mean=float(mass.mean()) if tokens else 1.0,
+                         mass_p05=float(np.percentile(mass, 5)) if tokens else 1.0,
+                         kl_sample=state["kl_sum"] / max(1, state["kl_tokens"]), kl_sample_tokens=state["kl_tokens"],
+                         build_seconds=seconds)
+    checksums = {n: _file_hash(partial / f"{n}.bin") for n in FILES if tokens}
+    checksums["offsets"] = _file_hash(partial / "offsets.npy")
+    meta = {"complete": True, "fingerprint": fp, "parts": parts, "k": k, "rows": len(split), "tokens": tokens,
+            "checksums": checksums, "report": asdict(report)}
+    progress_file.unlink()
+    _write_json(partial / "meta.json", meta)
+    os.replace(partial, final)  # atomic: the cache appears only once it is whole
+    return TopKCache(final, meta, report)
+
+
+def _kl_to_topk(log_p: torch.Tensor, top_ids: torch.Tensor, top_lp: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(full teacher || approximation): stored top-k log-probs, the tail spread uniformly."""
+    vocab, k = log_p.shape[-1], top_ids.shape[-1]
+    if k == vocab:
+        approx = torch.full_like(log_p, -math.inf)
+    else:
+        approx = (tail.clamp_min(1e-30).log() - math.log(vocab - k)).unsqueeze(-1).expand_as(log_p).clone()
+    approx.scatter_(-1, top_ids, top_lp)
+    p = log_p.exp()
+    return (p * (log_p - approx)).nan_to_num(0.0).sum(-1).clamp_min(0.0)
+
+
+# -- sequence-level distillation: the teacher's own answers ------------------------------------------------------
+
+@dataclass
+class GenerationReport:
+    """What the teacher's generated answers gave (printed by the notebook)."""
+
+    path: str
+    status: str  # "generated" or "reused"
+    rows: int
+    kept: int
+    rejected: dict = field(default_factory=dict)  # reason -> count
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        why = ", ".join(f"{n} {r}" for r, n in self.rejected.items()) or "none"
+        return (f"teacher answers {self.status}: kept {self.kept} of {self.rows} (rejected: {why}) "
+                f"in {self.path}")
+
+
+def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Example], root: str | Path, *,
+                     keep: str = "all", max_new_tokens: int = 256, batch_size: int = 16,
+                     system_prompt: Optional[str] = None, teacher_key: Optional[dict] = None,
+                     progress: bool = True) -> tuple[list[Example], GenerationReport]:
+    """The teacher answers every question (batched greedy decoding); its answers become the targets.
+
+    keep: "all" keeps every answer; "correct" keeps only answers whose extracted final number equals
+    the example's gold answer (rejection sampling), counting the rest by reason. Works whatever the
+    student's tokenizer, since the answers are text. Cached as ``<root>/answers-<fingerprint>.jsonl``
+    (one JSON object per question, the file renamed into place when whole) and reused on a match.
+    """
+    from .data import format_prompt
+    from .evaluate import generate
+
+    if keep not in ("all", "correct"):
+        raise ValueError(f"keep={keep!r}: use 'all' or 'correct' (rejection sampling on the final answer).")
+    template = getattr(tokenizer, "chat_template", None) or ""
+    parts = {"format": FORMAT, "teacher": {"weights": model_digest(teacher), **(teacher_key or {})},
+             "data": _digest(*(json.dumps([e.question, e.answer]).encode() for e in examples)),
+             "template": _digest(template.encode()), "system_prompt": system_prompt, "max_new_tokens": max_new_tokens}
+    path = Path(root) / f"answers-{fingerprint(parts)}.jsonl"
+    start, status = time.perf_counter(), "reused"
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if len(rows) != len(examples) or any(r["question"] != e.question for r, e in zip(rows, examples)):
+            rows, status = None, "generated"
+    else:
+        rows, status = None, "generated"
+    if rows is None:
+        prompts = [format_prompt(tokenizer, e.question, system_prompt) for e in examples]
+        outputs = generate(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           desc="teacher answers", progress=progress)
+        rows = [{"question": e.question, "gold": e.answer, "teacher_answer": out,
+                 "extracted": extract_gsm8k_answer(out), "where": e.where} for e, out in zip(examples, outputs)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
+    kept, rejected = [], {}
+    for e, r in zip(examples, rows):
+        answer = r["teacher_answer"].strip()
+        reason = None
+        if not answer:
+            reason = "empty answer"
+        elif keep == "correct" and r["extracted"] is None:
+            reason = "no final number"
+        elif keep == "correct" and not answers_match(r["extracted"], e.answer):
+            reason = "wrong final number"
+        if reason:
+            rejected[reason] = rejected.get(reason, 0) + 1
+            continue
+        kept.append(replace(e, target=answer, where=f"{e.where} (teacher answer)"))
+    report = GenerationReport(str(path), status, len(examples), len(kept), rejected, time.perf_counter() - start)
+    return kept, report

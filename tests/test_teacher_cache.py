@@ -1,0 +1,220 @@
+"""pocket_teacher.teacher_cache: fingerprints, reuse, torn writes, fidelity, the teacher's answers."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pocket_teacher.config import ConfigError, apply_overrides, get_preset
+from pocket_teacher.data import Example, load_gsm_symbolic, tokenize_examples
+from pocket_teacher.models import ModelLoadError, derive_student, load_teacher, resolve_precision
+from pocket_teacher.teacher_cache import (build_topk_cache, fingerprint, fingerprint_parts, generate_answers,
+                                          validate_cache)
+from pocket_teacher.train import distill
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return load_gsm_symbolic(10, seed=5)[0]
+
+
+@pytest.fixture()
+def split(examples, tiny_tokenizer):
+    return tokenize_examples(examples, tiny_tokenizer, max_length=384)
+
+
+class ForwardCounter:
+    """Counts forward passes of a model's decoder (what building a cache costs)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        model.get_decoder().register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+
+
+def _build(teacher, split, root, **kw):
+    kw.setdefault("k", 16)
+    return build_topk_cache(teacher, split, root, batch_size=4, progress=False, **kw)
+
+
+def test_second_call_reuses_the_cache_without_a_teacher_forward(tiny_teacher, split, tmp_path):
+    counter = ForwardCounter(tiny_teacher)
+    first = _build(tiny_teacher, split, tmp_path)
+    assert first.report.status == "built" and counter.calls == 3  # 10 rows in batches of 4
+    second = _build(tiny_teacher, split, tmp_path)
+    assert second.report.status == "reused" and counter.calls == 3
+    assert second.path == first.path and second.report.tokens == split.answer_tokens
+    rows = second.rows([0, 3])
+    assert rows["teacher_topk_ids"].shape == rows["teacher_topk_logprobs"].shape
+    assert rows["teacher_topk_ids"].shape[1] == 16 and rows["teacher_tail_mass"].shape[0] == rows[
+        "teacher_topk_ids"].shape[0]
+
+
+def test_any_change_gives_a_new_fingerprint(tiny_teacher, split, examples, tiny_tokenizer):
+    base = fingerprint(fingerprint_parts(tiny_teacher, split, 16, len(tiny_tokenizer)))
+    other_teacher = derive_student(tiny_teacher, num_layers=1)
+    changed = {
+        "teacher": fingerprint(fingerprint_parts(other_teacher, split, 16, len(tiny_tokenizer))),
+        "precision": fingerprint(fingerprint_parts(tiny_teacher, split, 16, len(tiny_tokenizer),
+                                                   {"precision": "bf16"})),
+        "data": fingerprint(fingerprint_parts(tiny_teacher, tokenize_examples(examples[:-1], tiny_tokenizer, 384),
+                                              16, len(tiny_tokenizer))),
+        "max_length": fingerprint(fingerprint_parts(tiny_teacher, tokenize_examples(examples, tiny_tokenizer, 383),
+                                                    16, len(tiny_tokenizer))),
+        "template": fingerprint(fingerprint_parts(
+            tiny_teacher, tokenize_examples(examples, tiny_tokenizer, 384, system_prompt="Be brief."), 16,
+            len(tiny_tokenizer))),
+        "k": fingerprint(fingerprint_parts(tiny_teacher, split, 8, len(tiny_tokenizer))),
+    }
+    assert base not in changed.values() and len(set(changed.values())) == len(changed)
+    # A single slightly changed weight is enough.
+    with torch.no_grad():
+        tiny_teacher.get_output_embeddings().weight[5, 7] += 1e-3  # not in the strided sample
+    assert fingerprint(fingerprint_parts(tiny_teacher, split, 16, len(tiny_tokenizer))) != base
+
+
+def test_a_build_killed_midway_resumes_and_equals_a_clean_build(tiny_teacher, split, tmp_path):
+    decoder = tiny_teacher.get_decoder()
+    calls = {"n": 0}
+
+    def die_on_second_batch(*_):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+
+    handle = decoder.register_forward_pre_hook(die_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _build(tiny_teacher, split, tmp_path / "a")
+    handle.remove()
+    partial = [p for p in (tmp_path / "a").iterdir()]
+    assert len(partial) == 1 and partial[0].name.endswith(".partial")  # nothing readable was published
+    assert validate_cache(partial[0]) is not None
+    counter = ForwardCounter(tiny_teacher)
+    resumed = _build(tiny_teacher, split, tmp_path / "a")
+    assert resumed.report.status == "resumed after 4 of 10 rows" and counter.calls == 2
+    clean = _build(tiny_teacher, split, tmp_path / "b")
+    for name in ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_mass"):
+        torch.testing.assert_close(resumed.rows(range(10))[name], clean.rows(range(10))[name])
+    assert resumed.report.kl_sample == pytest.approx(clean.report.kl_sample, rel=1e-6)
+
+
+def test_a_truncated_or_altered_cache_is_never_read(tiny_teacher, split, tmp_path):
+    cache = _build(tiny_teacher, split, tmp_path)
+    good = cache.rows(range(10))
+    ids_file = cache.path / "ids.bin"
+    data = ids_file.read_bytes()
+    ids_file.write_bytes(data[: len(data) // 2])  # torn write
+    assert "bytes" in validate_cache(cache.path)
+    counter = ForwardCounter(tiny_teacher)
+    rebuilt = _build(tiny_teacher, split, tmp_path)
+    assert rebuilt.report.status == "built" and counter.calls == 3
+    torch.testing.assert_close(rebuilt.rows(range(10))["teacher_topk_ids"], good["teacher_topk_ids"])
+    # Same size, one flipped byte: caught by the checksum.
+    raw = bytearray((rebuilt.path / "logprobs.bin").read_bytes())
+    raw[5] ^= 0xFF
+    (rebuilt.path / "logprobs.bin").write_bytes(bytes(raw))
+    assert "checksum" in validate_cache(rebuilt.path)
+
+
+def test_fidelity_report(tiny_teacher, split, tmp_path, tiny_tokenizer):
+    small = _build(tiny_teacher, split, tmp_path, k=4)
+    full = _build(tiny_teacher, split, tmp_path, k=len(tiny_tokenizer))
+    assert 0.0 < small.report.mass_mean < 1.0 and small.report.kl_sample > 0
+    assert full.report.mass_mean == pytest.approx(1.0, abs=1e-5) and full.report.kl_sample < 1e-3
+    assert small.report.bytes == pytest.approx(small.report.tokens * (4 * 6 + 4), abs=4096)
+    assert "fidelity: top-4 mass" in str(small.report)
+    with pytest.raises(ValueError, match="cache.k"):
+        _build(tiny_teacher, split, tmp_path, k=0)
+
+
+def test_training_from_a_full_vocabulary_cache_equals_the_live_teacher(tiny_teacher, split, tmp_path,
+                                                                       tiny_tokenizer):
+    """k = V: the cache holds the whole distribution, so the loss curve equals the live teacher's."""
+    cfg = apply_overrides(get_preset("tiny"), {"train.max_steps": 3, "train.warmup_steps": 0})
+    cache = _build(tiny_teacher, split, tmp_path, k=len(tiny_tokenizer), vocab_size=len(tiny_tokenizer))
+    runs = {}
+    for name, kwargs in (("live", {}), ("cache", {"teacher_cache": cache})):
+        student = derive_student(tiny_teacher, num_layers=2)
+        counter = ForwardCounter(tiny_teacher)
+        runs[name] = distill(student, tiny_teacher if name == "live" else None, split, cfg,
+                             pad_token_id=tiny_tokenizer.pad_token_id, vocab_size=len(tiny_tokenizer),
+                             progress=False, **kwargs)
+        if name == "cache":
+            assert counter.calls == 0
+    for a, b in zip(runs["live"].history, runs["cache"].history):
+        for key in ("loss", "ce", "kd"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_cache_of_another_split_is_refused(tiny_teacher, split, examples, tiny_tokenizer, tmp_path):
+    cache = _build(tiny_teacher, split, tmp_path)
+    other = tokenize_examples(examples[:5], tiny_tokenizer, 384)
+    cfg = apply_overrides(get_preset("tiny"), {"train.max_steps": 1})
+    with pytest.raises(ValueError, match="another split"):
+        distill(derive_student(tiny_teacher, num_layers=2), None, other, cfg, pad_token_id=0, teacher_cache=cache,
+                progress=False)
+
+
+# -- the teacher's generated answers ------------------------------------------------------------------------
+
+def _questions():
+    return [Example(question=f"What is {i} + {i}?", target=f"{i} + {i} = {2 * i}\n#### {2 * i}", answer=str(2 * i),
+                    where=f"q#{i}") for i in range(4)]
+
+
+def test_generated_answers_filter_by_correctness_and_are_cached(monkeypatch, tiny_teacher, tiny_tokenizer,
+                                                                  tmp_path):
+    canned = ["0 + 0 = 0\n#### 0", "1 + 1 = 3\n#### 3", "", "3 + 3 = 6. The answer is 6"]
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        calls.append(len(prompts))
+        return canned[:len(prompts)]
+
+    monkeypatch.setattr("pocket_teacher.evaluate.generate", fake_generate)
+    kept, report = generate_answers(tiny_teacher, tiny_tokenizer, _questions(), tmp_path, keep="correct",
+                                    progress=False)
+    assert [e.answer for e in kept] == ["0", "6"] and kept[0].target == canned[0]
+    assert report.rejected == {"wrong final number": 1, "empty answer": 1} and report.status == "generated"
+    rows = [json.loads(line) for line in open(report.path)]
+    assert [r["extracted"] for r in rows] == ["0", "3", None, "6"] and rows[1]["gold"] == "2"
+    everything, report2 = generate_answers(tiny_teacher, tiny_tokenizer, _questions(), tmp_path, keep="all",
+                                           progress=False)
+    assert len(everything) == 3 and report2.status == "reused" and calls == [4]  # reused: no second generation
+    with pytest.raises(ValueError, match="keep="):
+        generate_answers(tiny_teacher, tiny_tokenizer, _questions(), tmp_path, keep="best", progress=False)
+
+
+def test_fine_tuning_without_a_teacher_needs_alpha_one(tiny_teacher, split, tiny_tokenizer):
+    cfg = apply_overrides(get_preset("tiny"), {"train.max_steps": 2})
+    student = derive_student(tiny_teacher, num_layers=2)
+    with pytest.raises(ValueError, match="loss.alpha=1"):
+        distill(student, None, split, cfg, pad_token_id=tiny_tokenizer.pad_token_id, progress=False)
+    cfg = apply_overrides(cfg, {"loss.alpha": 1.0})
+    result = distill(student, None, split, cfg, pad_token_id=tiny_tokenizer.pad_token_id, progress=False)
+    assert all(math.isfinite(h["ce"]) and h["kd"] is None for h in result.history)
+
+
+# -- quantized teachers: clear refusals -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["8bit", "4bit"])
+def test_quantized_teacher_on_cpu_is_refused_with_the_fallback(precision):
+    with pytest.raises(ModelLoadError, match=rf"teacher.precision={precision} needs a CUDA GPU.*fp32"):
+        resolve_precision(precision, torch.device("cpu"))
+
+
+def test_unknown_precision_is_refused(tiny_cfg):
+    with pytest.raises(ModelLoadError, match="unknown"):
+        resolve_precision("int3", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="teacher.precision"):
+        apply_overrides(get_preset("tiny"), {"teacher.precision": "int3"})
+
+
+def test_teacher_info_reports_precision_choice_and_memory(tiny_cfg):
+    teacher, _, info = load_teacher(tiny_cfg.teacher, "cpu")
+    assert info.precision == "fp32 (auto: CPU, where fp32 is fastest)"
+    expected = sum(p.numel() * 4 for p in teacher.parameters())
+    assert expected <= info.memory_bytes < expected * 1.1 and "MiB in memory" in str(info)
+    _, _, info16 = load_teacher(tiny_cfg.teacher, "cpu", precision="bf16")
+    assert info16.precision == "bf16" and info16.memory_bytes < 0.6 * info.memory_bytes
