@@ -148,6 +148,14 @@ class EvalConfig:
     max_new_tokens: int = 192  # generation budget per answer
     max_length: int = 512  # held-out rows longer than this (prompt + answer tokens) are skipped and counted
     side_by_side: int = 3  # questions shown with teacher and student answers at the end
+    gsm8k_shots: int = 0  # worked training examples shown before each question (few-shot); 0 = zero-shot
+    mmlu_source: Optional[str] = None  # MMLU questions: None (skip), "hub" (cais/mmlu test) or a local JSONL path
+    mmlu_samples: int = 0  # MMLU questions scored, spread over subjects in file order (0 = all)
+    mmlu_shots: int = 0  # solved questions of the same subject shown first (5 is the standard)
+    mmlu_subjects: Optional[list[str]] = None  # score only these subjects
+    agreement: bool = True  # student vs teacher: top-1 agreement and KL on held-out answers
+    efficiency: bool = True  # parameters, size on disk, peak memory, latency and throughput of each model
+    baseline: bool = False  # also train plain fine-tuning (loss.alpha=1, same steps and data) and evaluate it
 
 
 @dataclass
@@ -217,6 +225,10 @@ class Config:
             _fail("loss.skew", lo.skew, "use a value in [0, 1) (0 = plain KL; DistiLLM uses 0.1).")
         _check_choice("loss.implementation", lo.implementation, LOSS_IMPLEMENTATIONS)
         _check_positive("loss.chunk_size", lo.chunk_size, allow_zero=True)
+        for name in ("gsm8k_shots", "mmlu_samples", "mmlu_shots"):
+            _check_positive(f"eval.{name}", getattr(ev, name), allow_zero=True)
+        if ev.mmlu_source not in (None, "hub") and not Path(ev.mmlu_source).expanduser().is_file():
+            _fail("eval.mmlu_source", ev.mmlu_source, 'use null (skip MMLU), "hub" (cais/mmlu) or an existing JSONL file.')
         _check_positive("train.max_steps", tr.max_steps)
         _check_positive("train.batch_size", tr.batch_size)
         _check_positive("train.grad_accum", tr.grad_accum)
@@ -377,7 +389,7 @@ def _pocket() -> Config:
         data=DataConfig(source="gsm_symbolic", train_size=600, eval_size=64, max_length=256),
         loss=LossConfig(alpha=0.5, temperature=2.0),
         train=TrainConfig(max_steps=100, batch_size=4, lr=1e-3, warmup_steps=10),
-        eval=EvalConfig(batch_size=16, generate_samples=32, max_new_tokens=192, side_by_side=3),
+        eval=EvalConfig(batch_size=16, generate_samples=32, max_new_tokens=192, side_by_side=3, baseline=True),
         run=RunConfig(name="pocket"),
     )
 
@@ -391,7 +403,7 @@ def _tiny() -> Config:
         data=DataConfig(source="gsm_symbolic", train_size=64, eval_size=8, max_length=384),
         loss=LossConfig(alpha=0.5, temperature=2.0),
         train=TrainConfig(max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2),
-        eval=EvalConfig(batch_size=8, generate_samples=4, max_new_tokens=16, side_by_side=2),
+        eval=EvalConfig(batch_size=8, generate_samples=4, max_new_tokens=16, side_by_side=2, baseline=True),
         run=RunConfig(name="tiny"),
     )
 

@@ -41,6 +41,8 @@ class Example:
     answer: str  # gold final answer: a canonical number (GSM) or a letter A-D (MMLU)
     where: str  # provenance, e.g. "test.jsonl:12" or "gsm_symbolic(seed=2)#5"
     subject: Optional[str] = None  # MMLU subject
+    stem: Optional[str] = None  # MMLU: the bare question, without the lettered choices
+    choices: Optional[list[str]] = None  # MMLU: the four choices, in letter order
 
 
 @dataclass
@@ -172,7 +174,7 @@ def mmlu_example(row: dict, where: str) -> Example:
         raise DataError(f"{where}: field 'answer' must be an integer 0-3 (or a letter A-D), got {answer!r}. {fix}")
     letter = MMLU_LETTERS[answer]
     return Example(question=format_mmlu_question(question, choices), target=letter, answer=letter,
-                   where=where, subject=row.get("subject"))
+                   where=where, subject=row.get("subject"), stem=question.strip(), choices=list(choices))
 
 
 def _validated(rows: Iterable[tuple[str, Any]], make, report: LoadReport, bad_rows: str,
@@ -311,18 +313,23 @@ def remove_overlap(train: list[Example], held_out: Sequence[Example], report: Lo
 
 # -- formatting and tokenization ------------------------------------------------------------------
 
-def format_prompt(tokenizer, question: str, system_prompt: Optional[str] = None) -> str:
+def format_prompt(tokenizer, question: str, system_prompt: Optional[str] = None,
+                  shots: Sequence[tuple[str, str]] = ()) -> str:
     """The prompt text up to where the assistant's answer starts.
 
     Uses the tokenizer's chat template with a generation prompt; a tokenizer without one gets
-    ``PLAIN_TEMPLATE`` ("Question: ...\\nAnswer: ").
+    ``PLAIN_TEMPLATE`` ("Question: ...\\nAnswer: "). `shots` are (question, answer) pairs shown first
+    as earlier turns of the conversation (few-shot prompting).
     """
     if getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+        for q, a in shots:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         messages.append({"role": "user", "content": question})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     system = f"{system_prompt}\n\n" if system_prompt else ""
-    return PLAIN_TEMPLATE.format(system=system, question=question)
+    earlier = "".join(PLAIN_TEMPLATE.format(system="", question=q) + a + "\n\n" for q, a in shots)
+    return system + earlier + PLAIN_TEMPLATE.format(system="", question=question)
 
 
 def end_of_answer(tokenizer) -> str:

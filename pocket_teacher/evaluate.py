@@ -1,15 +1,28 @@
-"""Evaluation: answer-token perplexity, GSM8K accuracy by batched greedy generation, results table."""
+"""Evaluation that tells the truth: every accuracy comes with its 95% interval and its rows.
+
+- `perplexity`: exp(mean NLL) over answer tokens only;
+- `gsm8k_accuracy`: batched greedy generation (left padding, stops at the end of the answer),
+  final-number extraction and exact numeric match, optional few-shot turns;
+- `mmlu_accuracy`: the standard zero- / k-shot multiple-choice prompt, scored by the next-token
+  log-probabilities of the four answer letters (no generation); per subject, micro and macro;
+- `agreement`: teacher-student top-1 agreement and mean KL on held-out answers;
+- `efficiency`: parameters, size on disk, peak memory, latency per token and throughput.
+"""
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import Example, PaddingCollator, TokenizedSplit, answers_match, extract_gsm8k_answer, format_prompt
+from .data import (MMLU_LETTERS, Example, PaddingCollator, TokenizedSplit, answers_match, extract_gsm8k_answer,
+                   format_prompt)
 from .models import answer_logits, answer_positions, count_parameters
 
 
@@ -43,10 +56,13 @@ def perplexity(model: torch.nn.Module, split: TokenizedSplit, *, pad_token_id: i
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 192,
-             batch_size: int = 16, desc: str = "generate", progress: bool = True) -> list[str]:
+             batch_size: int = 16, stop: Sequence[str] = (), desc: str = "generate",
+             progress: bool = True) -> list[str]:
     """Greedy completions of `prompts` (already formatted), batched with left padding, in input order.
 
-    Each sequence stops at the tokenizer's EOS (the end of the answer) or after `max_new_tokens`.
+    Each sequence stops at the tokenizer's EOS (the end of the answer), at any of the `stop` strings
+    (e.g. "\\nQuestion:" for plain few-shot prompts; cut from the output), or after `max_new_tokens`.
+    Prompts are sorted by length so a batch carries little padding.
     """
     model.eval()
     device = _device(model)
@@ -61,9 +77,12 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_n
                             add_special_tokens=False).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                                  top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+                                 eos_token_id=tokenizer.eos_token_id,
+                                 **({"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}))
             new = out[:, enc["input_ids"].shape[1]:]
             for i, text in zip(index, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                for marker in stop:  # the stop string itself is not part of the answer
+                    text = text.split(marker)[0]
                 outputs[i] = text.strip()
     finally:
         tokenizer.padding_side = saved_side
@@ -83,12 +102,20 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
 
 def gsm8k_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *,
                    system_prompt: Optional[str] = None, max_new_tokens: int = 192, batch_size: int = 16,
-                   desc: str = "GSM8K", progress: bool = True) -> dict:
-    """Exact-match accuracy of the final number, with a 95% interval and every row for inspection."""
-    prompts = [format_prompt(tokenizer, e.question, system_prompt) for e in examples]
+                   shots: Sequence[Example] = (), desc: str = "GSM8K", progress: bool = True) -> dict:
+    """Exact-match accuracy of the final number, with a 95% interval and every row for inspection.
+
+    `shots`: worked examples shown before each question as earlier conversation turns (few-shot);
+    take them from the training split, never from the questions scored.
+    Returns {"accuracy", "correct", "total", "ci95", "seconds", "rows"}; each row holds the question,
+    the model's output, the extracted number and the gold one.
+    """
+    pairs = [(e.question, e.target) for e in shots]
+    prompts = [format_prompt(tokenizer, e.question, system_prompt, pairs) for e in examples]
+    stop = () if getattr(tokenizer, "chat_template", None) else ("\nQuestion:",)
     start = time.perf_counter()
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       desc=desc, progress=progress)
+                       stop=stop, desc=desc, progress=progress)
     seconds = time.perf_counter() - start
     rows = []
     for example, output in zip(examples, outputs):
@@ -101,9 +128,250 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example
             "seconds": seconds, "rows": rows}
 
 
+# -- MMLU: letter scoring -----------------------------------------------------------------------------------
+
+def mmlu_prompt(example: Example, shots: Sequence[Example] = ()) -> str:
+    """The standard MMLU prompt (Hendrycks et al.): a subject header, k solved questions, the question.
+
+    ``The following are multiple choice questions (with answers) about <subject>.`` then, per
+    question, the stem, the choices as ``A. ...`` lines and ``Answer:`` (followed by `` X`` for shots).
+    """
+    if example.choices is None or example.stem is None:
+        raise ValueError(f"{example.where}: not an MMLU example (no stem / choices); load it with data.load_mmlu.")
+    subject = (example.subject or "general knowledge").replace("_", " ")
+
+    def block(e: Example) -> str:
+        lines = [e.stem] + [f"{MMLU_LETTERS[i]}. {c}" for i, c in enumerate(e.choices)]
+        return "\n".join(lines) + "\nAnswer:"
+
+    text = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+    text += "".join(f"{block(s)} {s.answer}\n\n" for s in shots)
+    return text + block(example)
+
+
+def letter_token_ids(tokenizer) -> list[int]:
+    """Token ids of the four answer letters as they follow ``Answer:`` (`` A``, else ``A``)."""
+    ids = []
+    for letter in MMLU_LETTERS:
+        for text in (" " + letter, letter):
+            enc = tokenizer.encode(text, add_special_tokens=False)
+            if len(enc) == 1:
+                ids.append(enc[0])
+                break
+        else:
+            raise ValueError(f"The tokenizer splits the answer letter {letter!r} into several tokens; "
+                             f"MMLU letter scoring needs one token per letter.")
+    if len(set(ids)) != 4:
+        raise ValueError(f"The answer letters map to repeated token ids {ids}; cannot score MMLU by letter.")
+    return ids
+
+
+def _mmlu_shots(example: Example, pool: dict[str, list[Example]], k: int) -> list[Example]:
+    return [e for e in pool.get(example.subject, []) if e.where != example.where][:k]
+
+
+@torch.no_grad()
+def mmlu_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *, shots: int = 0,
+                  shot_pool: Optional[Sequence[Example]] = None, subjects: Optional[Sequence[str]] = None,
+                  limit: Optional[int] = None, batch_size: int = 16, max_length: int = 2048,
+                  desc: str = "MMLU", progress: bool = True) -> dict:
+    """MMLU accuracy by comparing the next-token log-probabilities of A, B, C and D (no generation).
+
+    Args:
+        examples: MMLU examples (`data.load_mmlu`), e.g. the 14,042-question test split.
+        shots: solved questions of the same subject shown first (0 = zero-shot; 5 is the standard).
+        shot_pool: where shots come from (the dev split); default: the other questions of `examples`
+            in the same subject (never the question itself).
+        subjects, limit: score only these subjects / the first `limit` questions after that filter.
+        max_length: prompts longer than this drop shots until they fit (counted in "shots_dropped").
+
+    Returns {"accuracy" (micro), "macro" (mean over subjects), "correct", "total", "ci95",
+    "per_subject": {subject: {"correct", "total", "accuracy", "ci95"}}, "rows", "seconds", ...}.
+    """
+    chosen = [e for e in examples if subjects is None or e.subject in set(subjects)]
+    chosen = chosen[:limit] if limit is not None else chosen
+    pool: dict[str, list[Example]] = {}
+    for e in (shot_pool if shot_pool is not None else examples):
+        pool.setdefault(e.subject, []).append(e)
+    letters = torch.tensor(letter_token_ids(tokenizer))
+    device = _device(model)
+    encoded, dropped = [], 0
+    for e in chosen:
+        k = shots
+        while True:
+            ids = tokenizer(mmlu_prompt(e, _mmlu_shots(e, pool, k)), add_special_tokens=True)["input_ids"]
+            if len(ids) <= max_length or k == 0:
+                break
+            k -= 1
+        dropped += shots - k
+        encoded.append(ids[-max_length:])
+    model.eval()
+    start = time.perf_counter()
+    order = sorted(range(len(chosen)), key=lambda i: len(encoded[i]))
+    scores = [None] * len(chosen)
+    collate = PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, "right")
+    for lo in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        index = order[lo:lo + batch_size]
+        batch = collate([{"input_ids": encoded[i]} for i in index])
+        mask = batch["attention_mask"]
+        select = torch.zeros_like(mask, dtype=torch.bool)
+        select[torch.arange(len(index)), mask.sum(1) - 1] = True  # the last prompt token predicts the letter
+        logits = answer_logits(model, batch["input_ids"].to(device), mask.to(device), select.to(device)).float()
+        logp = torch.log_softmax(logits, -1)[:, letters.to(device)].cpu()
+        for j, i in enumerate(index):
+            scores[i] = logp[j]
+    seconds = time.perf_counter() - start
+    rows, per_subject = [], {}
+    for e, score in zip(chosen, scores):
+        predicted = MMLU_LETTERS[int(score.argmax())]
+        correct = predicted == e.answer
+        rows.append({"where": e.where, "subject": e.subject, "predicted": predicted, "gold": e.answer,
+                     "correct": correct, "letter_logprobs": [round(float(x), 4) for x in score]})
+        stats = per_subject.setdefault(e.subject, {"correct": 0, "total": 0})
+        stats["correct"] += int(correct)
+        stats["total"] += 1
+    for stats in per_subject.values():
+        stats["accuracy"] = stats["correct"] / stats["total"]
+        stats["ci95"] = wilson_interval(stats["correct"], stats["total"])
+    correct = sum(r["correct"] for r in rows)
+    macro = sum(v["accuracy"] for v in per_subject.values()) / max(1, len(per_subject))
+    return {"accuracy": correct / max(1, len(rows)), "macro": macro, "correct": correct, "total": len(rows),
+            "ci95": wilson_interval(correct, len(rows)), "per_subject": dict(sorted(per_subject.items())),
+            "shots": shots, "shots_dropped": dropped, "seconds": seconds, "rows": rows}
+
+
+# -- teacher-student agreement ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def agreement(teacher: torch.nn.Module, student: torch.nn.Module, split: TokenizedSplit, *, pad_token_id: int,
+              vocab_size: Optional[int] = None, batch_size: int = 16, progress: bool = True) -> dict:
+    """How closely the student follows the teacher on held-out answers (teacher-forced, answer tokens only).
+
+    Returns {"top1_agreement": share of answer positions where both models' most likely next token is
+    the same, "kl": mean KL(teacher || student) at T = 1 in nats/token, "tokens"}.
+    """
+    collate = PaddingCollator(pad_token_id, "right")
+    t_dev, s_dev = _device(teacher), _device(student)
+    teacher.eval()
+    student.eval()
+    agree, kl_sum, total = 0, 0.0, 0
+    for lo in tqdm(range(0, len(split), batch_size), desc="agreement", disable=not progress, leave=False):
+        batch = collate([split[i] for i in range(lo, min(len(split), lo + batch_size))])
+        select = answer_positions(batch["labels"])
+        t = answer_logits(teacher, batch["input_ids"].to(t_dev), batch["attention_mask"].to(t_dev),
+                          select.to(t_dev)).float().cpu()
+        s = answer_logits(student, batch["input_ids"].to(s_dev), batch["attention_mask"].to(s_dev),
+                          select.to(s_dev)).float().cpu()
+        if vocab_size:
+            t, s = t[:, :vocab_size], s[:, :vocab_size]
+        log_p, log_q = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
+        agree += int((t.argmax(-1) == s.argmax(-1)).sum())
+        kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+        total += t.shape[0]
+    return {"top1_agreement": agree / max(1, total), "kl": kl_sum / max(1, total), "tokens": total}
+
+
+# -- efficiency -----------------------------------------------------------------------------------------------------
+
+def _rss_bytes(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of a block above its start: CUDA allocator peak, or the process's peak RSS on Linux
+    (reset through /proc/self/clear_refs). `bytes` is None where neither can be measured."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes = torch.device(device), None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as handle:
+                    handle.write("5")  # resets VmHWM, the peak resident set size
+                self._base = _rss_bytes("VmRSS")
+            except OSError:
+                self._base = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif self._base is not None:
+            peak = _rss_bytes("VmHWM")
+            self.bytes = None if peak is None else max(0, peak - self._base)
+
+
+def size_on_disk(model: torch.nn.Module) -> int:
+    """Bytes of the model's safetensors files when saved with ``save_pretrained``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return sum(f.stat().st_size for f in Path(tmp).iterdir() if f.suffix == ".safetensors")
+
+
+@torch.no_grad()
+def efficiency(model: torch.nn.Module, tokenizer, prompt: str = "Question: What is 12 times 7?\nAnswer:", *,
+               new_tokens: int = 32, batch_sizes: Sequence[int] = (1, 16), repeats: int = 2) -> dict:
+    """Size, memory and generation speed of one model on its current device.
+
+    Greedy generation of exactly `new_tokens` tokens (EOS ignored) after `prompt`, at each batch size;
+    the best of `repeats` timed runs after one warm-up. Reports parameters (total and without the
+    input embeddings), size on disk, weights in memory, the peak memory of the batch-16 generation
+    above the weights, latency per generated token at batch 1 and tokens/s at each batch size.
+    """
+    from .models import memory_footprint
+
+    device = _device(model)
+    model.eval()
+    embed = model.get_input_embeddings().weight.numel() if model.get_input_embeddings() is not None else 0
+    total = count_parameters(model)
+    out = {"parameters": total, "parameters_no_embeddings": total - embed, "size_on_disk": size_on_disk(model),
+           "weights_memory": memory_footprint(model), "device": str(device), "new_tokens": new_tokens}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for bs in batch_sizes:
+        enc = tokenizer([prompt] * bs, return_tensors="pt", add_special_tokens=False).to(device)
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, temperature=None,
+                      top_p=None, top_k=None, pad_token_id=pad)
+        model.generate(**enc, **kwargs)  # warm-up
+        best = math.inf
+        with PeakMemory(device) as peak:
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                model.generate(**enc, **kwargs)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                best = min(best, time.perf_counter() - start)
+        out[f"tokens_per_s_batch{bs}"] = bs * new_tokens / best
+        out[f"peak_memory_batch{bs}"] = peak.bytes
+        if bs == 1:
+            out["latency_ms_per_token"] = 1000 * best / new_tokens
+    return out
+
+
 def evaluate_model(label: str, model: torch.nn.Module, tokenizer, eval_split: TokenizedSplit, eval_cfg, *,
-                   system_prompt: Optional[str] = None, progress: bool = True) -> dict:
-    """Perplexity and (if eval_cfg.generate_samples > 0) GSM accuracy of one model: one results row."""
+                   system_prompt: Optional[str] = None, teacher: Optional[torch.nn.Module] = None,
+                   gsm_shots: Sequence[Example] = (), mmlu_examples: Optional[Sequence[Example]] = None,
+                   progress: bool = True) -> dict:
+    """One results row: perplexity, GSM accuracy, MMLU, agreement with `teacher`, efficiency.
+
+    What runs follows `eval_cfg` (generate_samples, agreement, efficiency) and the inputs given
+    (`mmlu_examples`, `teacher`). Per-question rows are kept under "generations" and "mmlu_rows"
+    (left out of the table, saved by the pipeline).
+    """
     ppl = perplexity(model, eval_split, pad_token_id=tokenizer.pad_token_id, batch_size=eval_cfg.batch_size,
                      desc=f"{label}: perplexity", progress=progress)
     row = {"model": label, "parameters": count_parameters(model), "perplexity": ppl["perplexity"],
@@ -111,22 +379,63 @@ def evaluate_model(label: str, model: torch.nn.Module, tokenizer, eval_split: To
     if eval_cfg.generate_samples > 0:
         acc = gsm8k_accuracy(model, tokenizer, eval_split.examples[:eval_cfg.generate_samples],
                              system_prompt=system_prompt, max_new_tokens=eval_cfg.max_new_tokens,
-                             batch_size=eval_cfg.batch_size, desc=f"{label}: GSM8K", progress=progress)
+                             batch_size=eval_cfg.batch_size, shots=gsm_shots, desc=f"{label}: GSM8K",
+                             progress=progress)
         row.update(accuracy=acc["accuracy"], correct=acc["correct"], questions=acc["total"],
                    ci95_low=acc["ci95"][0], ci95_high=acc["ci95"][1], generation_s=acc["seconds"],
                    generations=acc["rows"])
+    if mmlu_examples:
+        mmlu = mmlu_accuracy(model, tokenizer, mmlu_examples, shots=eval_cfg.mmlu_shots,
+                             batch_size=eval_cfg.batch_size, desc=f"{label}: MMLU", progress=progress)
+        row.update(mmlu=mmlu["accuracy"], mmlu_macro=mmlu["macro"], mmlu_questions=mmlu["total"],
+                   mmlu_ci95_low=mmlu["ci95"][0], mmlu_ci95_high=mmlu["ci95"][1], mmlu_s=mmlu["seconds"],
+                   mmlu_per_subject=mmlu["per_subject"], mmlu_rows=mmlu["rows"])
+    if teacher is not None and teacher is not model and getattr(eval_cfg, "agreement", False):
+        agree = agreement(teacher, model, eval_split, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                          batch_size=eval_cfg.batch_size, progress=progress)
+        row.update(top1_agreement=agree["top1_agreement"], kl_to_teacher=agree["kl"])
+    if getattr(eval_cfg, "efficiency", False):
+        eff = efficiency(model, tokenizer)
+        row.update(parameters_no_embeddings=eff["parameters_no_embeddings"], size_mb=eff["size_on_disk"] / 1e6,
+                   latency_ms_per_token=eff["latency_ms_per_token"], tokens_per_s_b1=eff["tokens_per_s_batch1"],
+                   tokens_per_s_b16=eff["tokens_per_s_batch16"],
+                   peak_memory_mb_b16=None if eff["peak_memory_batch16"] is None else eff["peak_memory_batch16"] / 1e6)
     return row
 
 
+DETAIL_KEYS = ("generations", "mmlu_rows", "mmlu_per_subject")  # per-question data, kept out of tables
+
+
 def results_table(rows: Sequence[dict]):
-    """A pandas DataFrame of the results rows (generations left out), one model per row."""
+    """A pandas DataFrame of the results rows (per-question details left out), one model per row."""
     import pandas as pd
 
-    table = pd.DataFrame([{k: v for k, v in r.items() if k != "generations"} for r in rows]).set_index("model")
-    if "parameters" in table:
-        table["parameters"] = (table["parameters"] / 1e6).round(1)
-        table = table.rename(columns={"parameters": "params (M)"})
-    return table
+    table = pd.DataFrame([{k: v for k, v in r.items() if k not in DETAIL_KEYS} for r in rows]).set_index("model")
+    for column in ("parameters", "parameters_no_embeddings"):
+        if column in table:
+            table[column] = (table[column] / 1e6).round(1)
+    return table.rename(columns={"parameters": "params (M)", "parameters_no_embeddings": "params w/o emb. (M)"})
+
+
+def results_markdown(rows: Sequence[dict]) -> str:
+    """The headline figures as a markdown table: accuracies with their 95% intervals."""
+    lines = ["| model | params (M) | perplexity | GSM accuracy (95% CI) | MMLU (95% CI) | top-1 agreement | "
+             "latency ms/token | tokens/s (batch 16) |", "|" + " --- |" * 8]
+
+    def pct(r: dict, key: str, low: str, high: str, extra: str = "") -> str:
+        if r.get(key) is None:
+            return "-"
+        return f"{100 * r[key]:.1f}% ({100 * r[low]:.1f}-{100 * r[high]:.1f}){extra}"
+
+    for r in rows:
+        gsm = pct(r, "accuracy", "ci95_low", "ci95_high", f", {r.get('correct')}/{r.get('questions')}")
+        mmlu = pct(r, "mmlu", "mmlu_ci95_low", "mmlu_ci95_high", f", n={r.get('mmlu_questions')}")
+        agree = "-" if r.get("top1_agreement") is None else f"{100 * r['top1_agreement']:.1f}%"
+        lat = "-" if r.get("latency_ms_per_token") is None else f"{r['latency_ms_per_token']:.1f}"
+        tps = "-" if r.get("tokens_per_s_b16") is None else f"{r['tokens_per_s_b16']:.0f}"
+        lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.1f} | {r['perplexity']:,.2f} | {gsm} | {mmlu} | "
+                     f"{agree} | {lat} | {tps} |")
+    return "\n".join(lines)
 
 
 def side_by_side(examples: Sequence[Example], answers: dict[str, Sequence[str]]):

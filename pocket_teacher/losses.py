@@ -25,6 +25,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+TAIL_FLOOR = 1e-10  # smallest teacher tail mass used when K < V
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 
 
@@ -111,16 +113,18 @@ def topk_buckets(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
         topk_ids: ``(N, K)`` the teacher's K most likely token ids (distinct) at each position.
         topk_logprobs: ``(N, K)`` the teacher's log-probs of those tokens at T = 1.
         tail_mass: ``(N,)`` teacher probability outside the top-k; default ``1 - sum(exp(topk_logprobs))``.
-        temperature: T. The student is tempered exactly (its full logits are known). The teacher's
-            top-k log-probs are divided by T and its tail is tempered as one bucket (``tail^(1/T)``)
-            before renormalising over the K + 1 buckets: exact at T = 1 or when the tail is empty
-            (K = V), an approximation otherwise, since the tail's inner shape was not stored.
+        temperature: T. Both bucket distributions are built at T = 1 (the student's exactly from its
+            logits: its tail bucket is its whole mass outside the teacher's top-k) and then tempered
+            the same way, ``b^(1/T)`` renormalised over the K + 1 buckets, so identical models give a
+            zero divergence at every T. With K = V this is exactly ``softmax(logits / T)``; with
+            K < V the tail counts as one token, whereas full-vocabulary tempering would spread mass
+            over every tail token (at T = 2 that can be most of it), so the two losses differ there.
 
     Returns:
-        ``(log_p, log_q)``, both ``(N, K + 1)`` log-probabilities; column K is the tail. Any
-        divergence of these is the divergence between the bucketed distributions: forward KL is
-        ``sum_top p (log p - log q) + p_tail (log p_tail - log q_tail)``, which equals the full KL
-        when K = V and otherwise counts the student's tail by its total mass only.
+        ``(log_p, log_q)``, both ``(N, K + 1)`` log-probabilities; column K is the tail (``(N, V)``,
+        no tail column, when K = V). Any
+        divergence of these is the divergence between the bucketed distributions; at T = 1 forward
+        KL is ``sum_top p (log p - log q) + p_tail (log p_tail - log q_tail)``, the full KL when K = V.
     """
     if topk_ids.shape != topk_logprobs.shape or topk_ids.shape[0] != student_logits.shape[0]:
         raise ValueError(f"top-k ids {tuple(topk_ids.shape)}, log-probs {tuple(topk_logprobs.shape)} and student "
@@ -131,20 +135,19 @@ def topk_buckets(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
                          f"{vocab} logits: the teacher cache was built with another vocabulary (rebuild it).")
     dtype = student_logits.dtype
     lp = topk_logprobs.to(dtype)
-    if topk_ids.shape[-1] == vocab:  # the top-k is the whole vocabulary: no tail, whatever rounding says
-        tail_mass = torch.zeros(lp.shape[:-1], dtype=dtype, device=lp.device)
-    elif tail_mass is None:
-        tail_mass = (1.0 - lp.exp().sum(-1)).clamp_min(0.0)
-    log_tail = tail_mass.to(dtype).clamp_min(0.0).log().unsqueeze(-1)  # -inf when the tail is empty
-    log_p = F.log_softmax(torch.cat([lp, log_tail], -1) / temperature, dim=-1)
-
-    s = student_logits / temperature
     ids = topk_ids.long()
-    log_z = torch.logsumexp(s, -1, keepdim=True)
-    rest = s.scatter(-1, ids, torch.finfo(dtype).min)  # the top-k removed, finite so gradients stay finite
-    log_q = torch.cat([s.gather(-1, ids), torch.logsumexp(rest, -1, keepdim=True)], -1) - log_z
-    if ids.shape[-1] == vocab:  # nothing outside the top-k: the tail bucket is exactly empty
-        log_q = torch.cat([log_q[:, :-1], torch.full_like(log_q[:, -1:], -math.inf)], -1)
+    picked = student_logits.gather(-1, ids)
+    if ids.shape[-1] == vocab:  # the top-k is the whole vocabulary: no tail bucket at all
+        return F.log_softmax(lp / temperature, dim=-1), F.log_softmax(picked / temperature, dim=-1)
+    if tail_mass is None:
+        tail_mass = (1.0 - lp.exp().sum(-1)).clamp_min(0.0)
+    # With K < V the true tail is never empty; a floor keeps reverse and skew divergences finite when
+    # rounding (fp16 log-probs, a near-certain token) makes it look so.
+    log_tail = tail_mass.to(dtype).clamp_min(TAIL_FLOOR).log().unsqueeze(-1)
+    log_p = F.log_softmax(torch.cat([lp, log_tail], -1) / temperature, dim=-1)
+    rest = student_logits.scatter(-1, ids, torch.finfo(dtype).min)  # top-k removed, finite so gradients stay finite
+    log_rest = torch.logsumexp(rest, -1, keepdim=True)
+    log_q = F.log_softmax(torch.cat([picked, log_rest], -1) / temperature, dim=-1)
     return log_p, log_q
 
 

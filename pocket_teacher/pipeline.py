@@ -17,21 +17,24 @@ import os
 import platform
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
 from .config import Config, apply_overrides, get_preset
-from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, load_examples, remove_overlap,
-                   tokenize_examples)
-from .evaluate import evaluate_model, generate, results_table, side_by_side
+from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, load_examples, load_mmlu,
+                   remove_overlap, tokenize_examples)
+from .evaluate import evaluate_model, generate, results_markdown, results_table, side_by_side
 from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, load_student, load_teacher,
                      resolve_device)
 from .teacher_cache import TopKCache, build_topk_cache, generate_answers
-from .plots import plot_quality, plot_training, save_figure
+from .plots import plot_mmlu_subjects, plot_quality, plot_size_quality, plot_training, save_figure
 from .train import TrainResult, distill
+
+
+BASELINE_LABEL = "fine-tuned (alpha=1)"
 
 
 def configure(preset: str = "pocket", overrides: Sequence[str] | dict | None = None) -> Config:
@@ -105,6 +108,7 @@ class RawData:
     train: list[Example]
     eval: list[Example]
     reports: list[LoadReport]
+    mmlu: Optional[list[Example]] = None  # MMLU questions for evaluation (eval.mmlu_source)
 
 
 def load_data(cfg: Config) -> RawData:
@@ -112,15 +116,24 @@ def load_data(cfg: Config) -> RawData:
     train, train_report = load_examples(cfg.data, "train")
     held_out, eval_report = load_examples(cfg.data, "eval")
     train = remove_overlap(train, held_out, train_report)
-    for report in (train_report, eval_report):
+    reports = [train_report, eval_report]
+    mmlu = None
+    if cfg.eval.mmlu_source:
+        path = None if cfg.eval.mmlu_source == "hub" else cfg.eval.mmlu_source
+        mmlu, mmlu_report = load_mmlu("test", path=path, subjects=cfg.eval.mmlu_subjects,
+                                      limit=cfg.eval.mmlu_samples or None, bad_rows=cfg.data.bad_rows)
+        reports.append(mmlu_report)
+    for report in reports:
         print(f"data: {report}")
-    return RawData(train, held_out, [train_report, eval_report])
+    return RawData(train, held_out, reports, mmlu)
 
 
 @dataclass
 class Splits:
     train: TokenizedSplit
     eval: TokenizedSplit
+    gsm_shots: list[Example] = field(default_factory=list)  # few-shot examples (from the training rows)
+    mmlu: Optional[list[Example]] = None  # MMLU questions scored by letter
 
 
 def tokenize(cfg: Config, raw: RawData, tokenizer) -> Splits:
@@ -136,7 +149,7 @@ def tokenize(cfg: Config, raw: RawData, tokenizer) -> Splits:
                                   d.system_prompt, report)
         print(f"tokens: {report}; {split.answer_tokens:,} answer tokens")
         splits.append(split)
-    return Splits(*splits)
+    return Splits(*splits, gsm_shots=list(raw.train[:cfg.eval.gsm8k_shots]), mmlu=raw.mmlu)
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -165,7 +178,7 @@ def teacher_answers(cfg: Config, raw: RawData, teacher: torch.nn.Module, teacher
     if not train:
         raise DataError(f"data.targets={cfg.data.targets}: none of the teacher's {report.rows} answers was kept "
                         f"({report.rejected}). Use data.targets=teacher (keep all) or a stronger teacher.")
-    return RawData(train, raw.eval, raw.reports)
+    return RawData(train, raw.eval, raw.reports, raw.mmlu)
 
 
 def vocabulary(cfg: Config, teacher_tokenizer, tokenizer, teacher: torch.nn.Module,
@@ -225,17 +238,40 @@ def evaluate_teacher(cfg: Config, teacher: torch.nn.Module, teacher_tokenizer, r
 
 
 def evaluate(cfg: Config, label: str, model: torch.nn.Module, tokenizer, splits: Splits,
-             progress: bool = True) -> dict:
-    """One results row for `model` on the held-out split (perplexity, accuracy)."""
+             progress: bool = True, teacher: Optional[torch.nn.Module] = None) -> dict:
+    """One results row for `model`: held-out perplexity and GSM accuracy, MMLU (eval.mmlu_source),
+    agreement with `teacher` (students only), size and speed (eval.efficiency)."""
     return evaluate_model(label, model, tokenizer, splits.eval, cfg.eval, system_prompt=cfg.data.system_prompt,
-                          progress=progress)
+                          teacher=teacher, gsm_shots=splits.gsm_shots, mmlu_examples=splits.mmlu, progress=progress)
 
 
-def make_figures(cfg: Config, results: Sequence[dict], history: Sequence[dict]) -> dict[str, Any]:
-    """The quality bars and training curves, saved under runs/<name>/figures (and run.figures_dir)."""
-    what = f"{cfg.preset} preset, {cfg.train.max_steps} steps, alpha={cfg.loss.alpha}, T={cfg.loss.temperature}"
+def train_baseline(cfg: Config, student_init: torch.nn.Module, splits: Splits, tokenizer,
+                   progress: bool = True, cache: Optional[TopKCache] = None
+                   ) -> tuple[Optional[torch.nn.Module], Optional[TrainResult]]:
+    """Plain fine-tuning with the same data, steps and schedule (loss.alpha=1) when eval.baseline is
+    set: what distillation has to beat. Its history goes to runs/<name>/baseline/history.jsonl; with
+    a teacher `cache` its distance to the teacher (kd) is reported too, without gradient."""
+    if not cfg.eval.baseline:
+        return None, None
+    base_cfg = apply_overrides(cfg, {"loss.alpha": 1.0, "run.out_dir": str(run_dir(cfg)), "run.name": "baseline",
+                                     "run.figures_dir": None})
+    print(f"baseline: plain fine-tuning, loss.alpha=1, {cfg.train.max_steps} steps")
+    return train_student(base_cfg, student_init, None, splits, tokenizer, progress, cache)
+
+
+def make_figures(cfg: Config, results: Sequence[dict], history: Sequence[dict],
+                 baseline_history: Optional[Sequence[dict]] = None) -> dict[str, Any]:
+    """Quality bars, training curves, quality vs size (and latency), per-subject MMLU when scored;
+    saved under runs/<name>/figures (and run.figures_dir)."""
+    what = (f"{cfg.preset} preset, {cfg.train.max_steps} steps, {cfg.loss.divergence}, alpha={cfg.loss.alpha}, "
+            f"T={cfg.loss.temperature}")
     figures = {"quality": plot_quality(results, title=f"Teacher vs student ({what})"),
-               "training": plot_training(history, title=f"Training curves ({what})")}
+               "training": plot_training(history, title=f"Training curves ({what})", baseline=baseline_history),
+               "size": plot_size_quality(results, title=f"Quality vs size ({what})")}
+    if any(r.get("latency_ms_per_token") for r in results):
+        figures["latency"] = plot_size_quality(results, x="latency", title=f"Quality vs latency ({what})")
+    if any(r.get("mmlu_per_subject") for r in results):
+        figures["mmlu"] = plot_mmlu_subjects(results, title=f"MMLU by subject ({what})")
     for name, fig in figures.items():
         paths = [run_dir(cfg) / "figures" / f"{name}.png"]
         if cfg.run.figures_dir:
@@ -257,15 +293,22 @@ def compare_generations(cfg: Config, models: dict[str, torch.nn.Module], tokeniz
 
 def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequence[dict],
                  train_result: Optional[TrainResult] = None) -> Path:
-    """Write results.json, generations.jsonl and the student (save_pretrained) into runs/<name>/."""
+    """Write results.json (with per-subject MMLU), results.md, generations.jsonl (every GSM question,
+    output, extracted and gold answer), mmlu.jsonl (every MMLU question's letter scores) and the
+    student (save_pretrained) into runs/<name>/."""
     out = run_dir(cfg)
-    summary = [{k: v for k, v in r.items() if k != "generations"} for r in results]
+    summary = [{k: v for k, v in r.items() if k not in ("generations", "mmlu_rows")} for r in results]
     extra = {"train_seconds": train_result.seconds, "steps": train_result.steps} if train_result else {}
-    write_json(out / "results.json", {"preset": cfg.preset, "results": summary, **extra})
-    with (out / "generations.jsonl").open("w") as handle:
-        for r in results:
-            for g in r.get("generations", []):
-                handle.write(json.dumps({"model": r["model"], **g}) + "\n")
+    write_json(out / "results.json", {"preset": cfg.preset, "environment": hardware_line(), "results": summary,
+                                      **extra})
+    (out / "results.md").write_text(results_markdown(results) + "\n")
+    for name, key in (("generations.jsonl", "generations"), ("mmlu.jsonl", "mmlu_rows")):
+        if name == "mmlu.jsonl" and not any(r.get(key) for r in results):
+            continue
+        with (out / name).open("w") as handle:
+            for r in results:
+                for g in r.get(key) or []:
+                    handle.write(json.dumps({"model": r["model"], **g}) + "\n")
     student.save_pretrained(out / "student")
     tokenizer.save_pretrained(out / "student")
     return out
@@ -285,12 +328,16 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     shared = vocabulary(cfg, teacher_tokenizer, tokenizer, teacher, student_init) is not None
     splits = tokenize(cfg, raw, tokenizer)
     cache = teacher_cache(cfg, teacher, splits, tokenizer, teacher_info, shared, progress)
+    agree_with = teacher if shared else None  # students are compared with the teacher token by token
     results = [evaluate_teacher(cfg, teacher, teacher_tokenizer, raw, splits, tokenizer, shared, progress),
-               evaluate(cfg, "student before", student_init, tokenizer, splits, progress)]
+               evaluate(cfg, "student before", student_init, tokenizer, splits, progress, agree_with)]
     student, train_result = train_student(cfg, student_init, teacher if shared else None, splits, tokenizer,
                                           progress, cache)
-    results.append(evaluate(cfg, "student after", student, tokenizer, splits, progress))
+    baseline, baseline_result = train_baseline(cfg, student_init, splits, tokenizer, progress, cache)
+    results.append(evaluate(cfg, "student after", student, tokenizer, splits, progress, agree_with))
+    if baseline is not None:
+        results.append(evaluate(cfg, BASELINE_LABEL, baseline, tokenizer, splits, progress, agree_with))
     print(results_table(results).to_string())
-    make_figures(cfg, results, train_result.history)
+    make_figures(cfg, results, train_result.history, baseline_result.history if baseline_result else None)
     save_outputs(cfg, student, tokenizer, results, train_result)
     return {"out": out, "results": results, "history": train_result.history}

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from matplotlib.figure import Figure  # a bare Figure needs no backend and never pops up a window
 
-COLOURS = {"teacher": "#4C72B0", "student before": "#C44E52", "student after": "#55A868"}
+import math
+
+COLOURS = {"teacher": "#4C72B0", "student before": "#C44E52", "student after": "#55A868",
+           "fine-tuned (alpha=1)": "#DD8452"}
 
 
 def _colour(label: str) -> str:
@@ -46,14 +49,27 @@ def plot_quality(results: Sequence[dict], title: str = "") -> Figure:
     return fig
 
 
-def plot_training(history: Sequence[dict], title: str = "") -> Figure:
-    """Training curves: total loss, CE and KD per optimizer step, with the learning rate."""
+def _values(history: Sequence[dict], key: str) -> list[float]:
+    return [math.nan if h.get(key) is None else h[key] for h in history]
+
+
+def plot_training(history: Sequence[dict], title: str = "", baseline: Optional[Sequence[dict]] = None) -> Figure:
+    """Training curves: total loss, CE and KD per optimizer step, with the learning rate.
+
+    `baseline`: the history of a plain fine-tuning run (alpha = 1), drawn in grey: its CE, and its KD
+    (measured without gradient) when a teacher signal was available."""
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax, ax_lr = fig.subplots(1, 2, width_ratios=[3, 1])
     steps = [h["step"] for h in history]
+    names = {"loss": "total", "ce": "CE (hard labels)", "kd": "KD (T² · D)"}
     for key, style in (("loss", "-"), ("ce", "--"), ("kd", ":")):
-        ax.plot(steps, [h[key] for h in history], style, label={"loss": "total", "ce": "CE (hard labels)",
-                                                              "kd": "KD (T² · KL)"}[key])
+        if any(h.get(key) is not None for h in history):
+            ax.plot(steps, _values(history, key), style, label=names[key])
+    if baseline:
+        b_steps = [h["step"] for h in baseline]
+        ax.plot(b_steps, _values(baseline, "ce"), "--", color="grey", label="fine-tuned (alpha=1): CE")
+        if any(h.get("kd") is not None for h in baseline):
+            ax.plot(b_steps, _values(baseline, "kd"), ":", color="grey", label="fine-tuned (alpha=1): KD")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean over answer tokens)")
     ax.set_yscale("log")
@@ -76,3 +92,62 @@ def save_figure(fig: Figure, *paths: str | Path, dpi: int = 120) -> list[Path]:
         fig.savefig(path, dpi=dpi)
         written.append(path)
     return written
+
+
+def plot_size_quality(results: Sequence[dict], x: str = "parameters", title: str = "") -> Figure:
+    """Quality against cost, one point per model: perplexity and GSM accuracy (95% interval) against
+    parameters (millions) or, with ``x="latency"``, generation latency (ms per token, batch 1)."""
+    key, xlabel = {"parameters": ("parameters", "parameters (millions)"),
+                   "latency": ("latency_ms_per_token", "generation latency (ms/token, batch 1)")}[x]
+    rows = [r for r in results if r.get(key) is not None]
+    scale = 1e-6 if key == "parameters" else 1.0
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_ppl, ax_acc = fig.subplots(1, 2)
+    for r in rows:
+        xs = r[key] * scale
+        ax_ppl.scatter(xs, r["perplexity"], color=_colour(r["model"]), s=60, label=r["model"])
+        ax_ppl.annotate(r["model"], (xs, r["perplexity"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        if r.get("accuracy") is not None:
+            err = [[100 * (r["accuracy"] - r["ci95_low"])], [100 * (r["ci95_high"] - r["accuracy"])]]
+            ax_acc.errorbar(xs, 100 * r["accuracy"], yerr=err, fmt="o", color=_colour(r["model"]), capsize=4)
+            ax_acc.annotate(r["model"], (xs, 100 * r["accuracy"]), textcoords="offset points", xytext=(5, 5),
+                            fontsize=8)
+    ax_ppl.set_yscale("log")
+    ax_ppl.set_ylabel("held-out answer perplexity (log, lower is better)")
+    ax_acc.set_ylabel("GSM accuracy % (95% interval)")
+    for ax in (ax_ppl, ax_acc):
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    ax_ppl.set_title("Perplexity vs size" if x == "parameters" else "Perplexity vs latency")
+    ax_acc.set_title("Accuracy vs size" if x == "parameters" else "Accuracy vs latency")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_mmlu_subjects(results: Sequence[dict], title: str = "") -> Figure:
+    """Per-subject MMLU accuracy (95% intervals) of each model that has it, subjects sorted by the
+    first model's accuracy; the dashed line is chance (25%)."""
+    rows = [r for r in results if r.get("mmlu_per_subject")]
+    if not rows:
+        raise ValueError("No results row has MMLU per-subject figures (set eval.mmlu_source).")
+    subjects = sorted(rows[0]["mmlu_per_subject"], key=lambda s: rows[0]["mmlu_per_subject"][s]["accuracy"])
+    height = max(3.0, 0.22 * len(subjects) * max(1, len(rows)) / 1.5)
+    fig = Figure(figsize=(8, height), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(rows)
+    for j, r in enumerate(rows):
+        ys = [i + (j - (len(rows) - 1) / 2) * width for i in range(len(subjects))]
+        stats = [r["mmlu_per_subject"].get(s) for s in subjects]
+        acc = [100 * st["accuracy"] if st else math.nan for st in stats]
+        err = [[100 * (st["accuracy"] - st["ci95"][0]) if st else 0 for st in stats],
+               [100 * (st["ci95"][1] - st["accuracy"]) if st else 0 for st in stats]]
+        ax.barh(ys, acc, height=width, xerr=err, color=_colour(r["model"]), capsize=2, error_kw={"lw": 0.6},
+                label=f"{r['model']}: {100 * r['mmlu']:.1f}% micro, {100 * r['mmlu_macro']:.1f}% macro")
+    ax.axvline(25, ls="--", color="grey", lw=1)
+    ax.set_yticks(range(len(subjects)), [s.replace("_", " ") for s in subjects], fontsize=7)
+    ax.set_xlabel("MMLU accuracy % (95% Wilson interval); dashed: chance")
+    ax.set_xlim(0, 100)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title or "MMLU by subject")
+    return fig

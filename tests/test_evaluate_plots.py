@@ -77,3 +77,127 @@ def test_results_table():
     table = results_table(RESULTS)
     assert list(table.index) == ["teacher", "student before", "student after"]
     assert table.loc["teacher", "params (M)"] == 2.0
+
+
+# -- MMLU letter scoring ----------------------------------------------------------------------------------------
+
+from pocket_teacher.data import mmlu_example  # noqa: E402
+from pocket_teacher.evaluate import (PeakMemory, agreement, efficiency, letter_token_ids, mmlu_accuracy,  # noqa: E402
+                                     mmlu_prompt, results_markdown)
+from pocket_teacher.plots import plot_mmlu_subjects, plot_size_quality  # noqa: E402
+
+
+def _mmlu(n=8, subjects=("astronomy", "virology")):
+    return [mmlu_example({"question": f"Which is item {i}?", "subject": subjects[i % len(subjects)],
+                          "choices": [f"c{i}a", f"c{i}b", f"c{i}c", f"c{i}d"], "answer": i % 4}, f"mmlu.jsonl:{i + 1}")
+            for i in range(n)]
+
+
+def test_mmlu_prompt_is_the_standard_format():
+    questions = _mmlu()
+    text = mmlu_prompt(questions[2], shots=[questions[0]])
+    assert text.startswith("The following are multiple choice questions (with answers) about astronomy.\n\n")
+    assert "Which is item 0?\nA. c0a\nB. c0b\nC. c0c\nD. c0d\nAnswer: A\n\n" in text
+    assert text.endswith("Which is item 2?\nA. c2a\nB. c2b\nC. c2c\nD. c2d\nAnswer:")
+
+
+def _prefers(model, token_id):
+    """Make `model` put almost all its next-token mass on `token_id` whatever the input."""
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight.zero_()
+    head.bias = torch.nn.Parameter(torch.zeros(head.weight.shape[0]))
+    with torch.no_grad():
+        head.bias[token_id] = 20.0
+    return model
+
+
+def test_letter_scoring_picks_the_letter_the_model_prefers(tiny_teacher, tiny_tokenizer):
+    letters = letter_token_ids(tiny_tokenizer)
+    assert len(set(letters)) == 4
+    model = _prefers(tiny_teacher, letters[2])  # always "C"
+    questions = _mmlu(8)
+    out = mmlu_accuracy(model, tiny_tokenizer, questions, batch_size=3, progress=False)
+    assert [r["predicted"] for r in out["rows"]] == ["C"] * 8
+    assert out["correct"] == 2 and out["total"] == 8 and out["accuracy"] == 0.25  # answers C at i = 2, 6
+    assert out["ci95"] == wilson_interval(2, 8)
+    assert out["per_subject"]["astronomy"]["correct"] == 2 and out["per_subject"]["virology"]["correct"] == 0
+    assert out["macro"] == pytest.approx(0.25)
+    assert all(max(r["letter_logprobs"]) == r["letter_logprobs"][2] for r in out["rows"])
+
+
+def test_mmlu_subsets_shots_and_length_limit(tiny_teacher, tiny_tokenizer):
+    questions = _mmlu(12)
+    only = mmlu_accuracy(tiny_teacher, tiny_tokenizer, questions, subjects=["virology"], limit=4, progress=False)
+    assert only["total"] == 4 and set(only["per_subject"]) == {"virology"}
+    few = mmlu_accuracy(tiny_teacher, tiny_tokenizer, questions, shots=3, progress=False)
+    assert few["shots"] == 3 and few["shots_dropped"] == 0
+    short = mmlu_accuracy(tiny_teacher, tiny_tokenizer, questions, shots=3, max_length=60, progress=False)
+    assert short["shots_dropped"] > 0  # prompts over the limit lose shots, counted
+
+
+def test_mmlu_batched_scores_equal_one_by_one(tiny_teacher, tiny_tokenizer):
+    questions = _mmlu(6)
+    batched = mmlu_accuracy(tiny_teacher, tiny_tokenizer, questions, batch_size=6, progress=False)
+    single = mmlu_accuracy(tiny_teacher, tiny_tokenizer, questions, batch_size=1, progress=False)
+    for a, b in zip(batched["rows"], single["rows"]):
+        assert a["predicted"] == b["predicted"]
+        assert a["letter_logprobs"] == pytest.approx(b["letter_logprobs"], abs=1e-3)
+
+
+def test_gsm8k_few_shot_prompts_show_the_shots(monkeypatch, tiny_teacher, tiny_tokenizer):
+    import pocket_teacher.evaluate as ev
+
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        seen["prompts"], seen["stop"] = prompts, kwargs.get("stop")
+        return ["#### 1"] * len(prompts)
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    shots = [Example("What is 1+1?", "1+1 = 2\n#### 2", "2", "s1")]
+    gsm8k_accuracy(tiny_teacher, tiny_tokenizer, [Example("q", "t", "1", "r")], shots=shots, progress=False)
+    assert "Question: What is 1+1?\nAnswer: 1+1 = 2\n#### 2\n\nQuestion: q\nAnswer: " == seen["prompts"][0]
+    assert seen["stop"] == ("\nQuestion:",)  # plain template: stop before the model invents the next question
+
+
+def test_agreement_with_itself_is_perfect(tiny_teacher, tiny_tokenizer):
+    examples, _ = load_gsm_symbolic(4, seed=4)
+    split = tokenize_examples(examples, tiny_tokenizer, max_length=384)
+    out = agreement(tiny_teacher, tiny_teacher, split, pad_token_id=tiny_tokenizer.pad_token_id, progress=False)
+    assert out["top1_agreement"] == 1.0 and abs(out["kl"]) < 1e-6 and out["tokens"] == split.answer_tokens
+
+
+def test_efficiency_report(tiny_teacher, tiny_tokenizer):
+    out = efficiency(tiny_teacher, tiny_tokenizer, new_tokens=4, batch_sizes=(1, 16), repeats=1)
+    embed = tiny_teacher.get_input_embeddings().weight.numel()
+    assert out["parameters"] - out["parameters_no_embeddings"] == embed
+    assert out["size_on_disk"] >= 4 * out["parameters_no_embeddings"]
+    assert out["latency_ms_per_token"] > 0 and out["tokens_per_s_batch16"] > 0
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with PeakMemory(torch.device("cpu")) as peak:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    if peak.bytes is None:
+        pytest.skip("peak RSS cannot be reset on this OS")
+    assert peak.bytes >= 48 * 2**20
+
+
+def test_new_plots_return_figures_and_write_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = [dict(r, latency_ms_per_token=10.0 + i, mmlu=0.3, mmlu_macro=0.3,
+                 mmlu_per_subject={"astronomy": {"accuracy": 0.3, "ci95": (0.1, 0.6), "correct": 3, "total": 10}})
+            for i, r in enumerate(RESULTS)]
+    figs = [plot_size_quality(rows), plot_size_quality(rows, x="latency"), plot_mmlu_subjects(rows),
+            plot_training([{"step": 1, "loss": 2.0, "ce": 2.0, "kd": None, "lr": 1e-3}],
+                          baseline=[{"step": 1, "loss": 2.1, "ce": 2.1, "kd": 3.0, "lr": 1e-3}])]
+    assert all(isinstance(f, Figure) for f in figs) and list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="mmlu_source"):
+        plot_mmlu_subjects(RESULTS)
+
+
+def test_results_markdown_shows_intervals():
+    text = results_markdown(RESULTS)
+    assert "| teacher | 2.0 | 4.00 | 20.0% (5.0-50.0), 2/10 | - |" in text and text.count("\n") == 4

@@ -425,3 +425,24 @@ def test_micro_batches_equal_one_big_batch(divergence):
     naive = sum(distillation_loss(student[i:j], teacher[i:j], labels[i:j], **kw).total
                 for i, j in ((0, 1), (1, 4))) / 2
     assert abs(naive.item() - big.total.item()) > 1e-3
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_topk_buckets_of_identical_models_give_zero_at_every_temperature(T, divergence):
+    t, _ = _pair(n=4, v=30)
+    ids, lp = _topk(t, 5)
+    log_p, log_q = topk_buckets(t, ids, lp, temperature=T)
+    assert divergence_per_token(log_p, log_q, divergence).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_topk_with_a_seemingly_empty_tail_stays_finite(divergence):
+    t, s = _pair(n=4, v=30)
+    t[:, 0] = 80.0  # one near-certain token: the top-k mass rounds to 1
+    ids, lp = _topk(t, 5)
+    s.requires_grad_()
+    log_p, log_q = topk_buckets(s, ids, lp, tail_mass=torch.zeros(4, dtype=torch.float64), temperature=2.0)
+    d = divergence_per_token(log_p, log_q, divergence)
+    d.sum().backward()
+    assert torch.isfinite(d).all() and torch.isfinite(s.grad).all()

@@ -12,15 +12,34 @@ from pocket_teacher.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _mmlu_file(path):
+    subjects = ["astronomy", "virology"]
+    rows = [{"question": f"Question {i}?", "subject": subjects[i % 2], "choices": ["w", "x", "y", "z"],
+             "answer": i % 4} for i in range(10)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def test_cli_run_tiny_end_to_end(tmp_path, capsys):
     out = tmp_path / "runs" / "t1"
-    assert main(["run", "--preset", "tiny", "--set", "train.max_steps=4", "--out", str(out), "--no-progress"]) == 0
+    mmlu = _mmlu_file(tmp_path / "mmlu.jsonl")
+    assert main(["run", "--preset", "tiny", "--set", "train.max_steps=4", "--set", f"eval.mmlu_source={mmlu}",
+                 "--out", str(out), "--no-progress"]) == 0
     names = {p.name for p in out.iterdir()}
-    assert {"config.yaml", "environment.json", "history.jsonl", "results.json", "generations.jsonl", "figures",
-            "student"} <= names
+    assert {"config.yaml", "environment.json", "history.jsonl", "results.json", "results.md", "generations.jsonl",
+            "mmlu.jsonl", "figures", "student", "baseline"} <= names
+    assert {p.name for p in (out / "figures").iterdir()} == {"quality.png", "training.png", "size.png",
+                                                             "latency.png", "mmlu.png"}
     results = json.loads((out / "results.json").read_text())["results"]
-    assert [r["model"] for r in results] == ["teacher", "student before", "student after"]
+    assert [r["model"] for r in results] == ["teacher", "student before", "student after", "fine-tuned (alpha=1)"]
+    assert all(r["mmlu_questions"] == 10 and set(r["mmlu_per_subject"]) == {"astronomy", "virology"}
+               for r in results)
+    assert results[0].get("top1_agreement") is None and 0 <= results[2]["top1_agreement"] <= 1
+    assert all(r["size_mb"] > 0 and r["latency_ms_per_token"] > 0 for r in results)
+    assert len((out / "mmlu.jsonl").read_text().splitlines()) == 40
+    assert "| fine-tuned (alpha=1) |" in (out / "results.md").read_text()
     assert len((out / "history.jsonl").read_text().splitlines()) == 4
+    assert len((out / "baseline" / "history.jsonl").read_text().splitlines()) == 4
     from transformers import AutoModelForCausalLM
 
     student = AutoModelForCausalLM.from_pretrained(out / "student")
@@ -57,6 +76,6 @@ def test_notebook_runs_on_tiny_preset(tmp_path):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "student after" in json.dumps([c.outputs for c in nb.cells if c.cell_type == "code"])
     assert "saved to" in text
-    assert {p.name for p in figures.iterdir()} == {"quality.png", "training.png"}
+    assert {p.name for p in figures.iterdir()} == {"quality.png", "training.png", "size.png", "latency.png"}
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 2
+    assert len(images) == 4
