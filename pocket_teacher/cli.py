@@ -1,4 +1,9 @@
-"""Headless entry point: ``python -m pocket_teacher {run,notebook,presets,config} ...``."""
+"""Headless entry point: ``python -m pocket_teacher {run,notebook,presets,config} ...``.
+
+    python -m pocket_teacher run --preset pocket --set loss.alpha=0.3 --set train.max_steps=200 --out runs/a03
+    python -m pocket_teacher run --preset pocket --out runs/a03 --resume      # continue a killed run
+    accelerate launch --num_processes 2 -m pocket_teacher run --preset t4   # several GPUs (or CPU processes)
+"""
 
 from __future__ import annotations
 
@@ -26,9 +31,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="override one config field (repeatable), e.g. --set loss.alpha=0.3")
         p.add_argument("--out", default=None, help="run folder (default runs/<preset>); sets run.out_dir/run.name")
 
-    run = sub.add_parser("run", help="run the whole pipeline headless and write runs/<name>/")
+    run = sub.add_parser("run", help="run the whole pipeline headless and write runs/<name>/",
+                         description="Load data and models, build or reuse the teacher cache, evaluate, distil, "
+                                     "evaluate again, and write runs/<name>/: config.yaml, environment.json, "
+                                     "history.jsonl, results.json / results.md, generations, figures/, "
+                                     "student/, checkpoints/. Under `accelerate launch` each process trains its "
+                                     "shard of every global batch and only process 0 writes.")
     common(run)
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the newest valid checkpoint in <run folder>/checkpoints (same as "
+                          "--set train.resume=true; torn or damaged checkpoints are skipped)")
 
     nb = sub.add_parser("notebook", help="execute Pocket_Teacher.ipynb headless on a preset")
     common(nb)
@@ -91,13 +104,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .pipeline import configure
 
         cfg = configure(args.preset, _overrides(args))
+        if getattr(args, "resume", False) and args.command != "run":
+            raise ConfigError("--resume applies to `run` only.")
         if args.command == "config":
             print(cfg.to_yaml(), end="")
             return 0
         if args.command == "run":
             from .pipeline import run
 
-            run(cfg, progress=not args.no_progress)
+            run(cfg, progress=not args.no_progress, resume=True if args.resume else None)
             return 0
         overrides = _overrides(args) + ([f"run.figures_dir={args.figures}"] if args.figures else [])
         executed = args.executed or Path(cfg.run.out_dir) / cfg.run.name / "Pocket_Teacher.ipynb"

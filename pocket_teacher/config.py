@@ -25,6 +25,7 @@ DATA_SOURCES = ("gsm_symbolic", "gsm8k", "mmlu")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")  # = losses.DIVERGENCES
 LOSS_IMPLEMENTATIONS = ("auto", "chunked", "full")
 TARGET_SOURCES = ("reference", "teacher", "teacher_correct")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 OVERLONG_POLICIES = ("skip", "truncate", "error")
 BAD_ROW_POLICIES = ("error", "skip")
 DEVICES = ("auto", "cpu", "cuda")
@@ -137,6 +138,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0 disables)
     seed: int = 0  # seed for data order and anything random in training
     device: str = "auto"  # auto (cuda if available, else cpu), cpu or cuda
+    checkpoint_every: int = 0  # save a resumable checkpoint every N steps (0 = only when the loss turns non-finite)
+    keep_checkpoints: int = 2  # newest checkpoints kept in runs/<name>/checkpoints; older ones are deleted
+    resume: bool = False  # continue from the newest valid checkpoint of this run (CLI: --resume)
+    eval_every: int = 0  # held-out perplexity and KD term every N steps, into the history and the curves (0 = off)
+    log_with: Optional[str] = None  # also log to a tracker accelerate supports: tensorboard, wandb, mlflow, ... (None = off)
 
 
 @dataclass
@@ -229,6 +235,11 @@ class Config:
             _check_positive(f"eval.{name}", getattr(ev, name), allow_zero=True)
         if ev.mmlu_source not in (None, "hub") and not Path(ev.mmlu_source).expanduser().is_file():
             _fail("eval.mmlu_source", ev.mmlu_source, 'use null (skip MMLU), "hub" (cais/mmlu) or an existing JSONL file.')
+        for name in ("checkpoint_every", "eval_every"):
+            _check_positive(f"train.{name}", getattr(tr, name), allow_zero=True)
+        _check_positive("train.keep_checkpoints", tr.keep_checkpoints)
+        if tr.log_with is not None:
+            _check_choice("train.log_with", tr.log_with, TRACKERS)
         _check_positive("train.max_steps", tr.max_steps)
         _check_positive("train.batch_size", tr.batch_size)
         _check_positive("train.grad_accum", tr.grad_accum)
@@ -388,7 +399,7 @@ def _pocket() -> Config:
         student=StudentConfig(source="derive", num_layers=10),
         data=DataConfig(source="gsm_symbolic", train_size=600, eval_size=64, max_length=256),
         loss=LossConfig(alpha=0.5, temperature=2.0),
-        train=TrainConfig(max_steps=100, batch_size=4, lr=1e-3, warmup_steps=10),
+        train=TrainConfig(max_steps=100, batch_size=4, lr=1e-3, warmup_steps=10, checkpoint_every=50, eval_every=25),
         eval=EvalConfig(batch_size=16, generate_samples=32, max_new_tokens=192, side_by_side=3, baseline=True),
         run=RunConfig(name="pocket"),
     )

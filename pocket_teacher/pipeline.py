@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -111,7 +112,7 @@ class RawData:
     mmlu: Optional[list[Example]] = None  # MMLU questions for evaluation (eval.mmlu_source)
 
 
-def load_data(cfg: Config) -> RawData:
+def load_data(cfg: Config, verbose: bool = True) -> RawData:
     """Training and held-out examples as cfg.data says; prints one line per source."""
     train, train_report = load_examples(cfg.data, "train")
     held_out, eval_report = load_examples(cfg.data, "eval")
@@ -123,7 +124,7 @@ def load_data(cfg: Config) -> RawData:
         mmlu, mmlu_report = load_mmlu("test", path=path, subjects=cfg.eval.mmlu_subjects,
                                       limit=cfg.eval.mmlu_samples or None, bad_rows=cfg.data.bad_rows)
         reports.append(mmlu_report)
-    for report in reports:
+    for report in reports if verbose else ():
         print(f"data: {report}")
     return RawData(train, held_out, reports, mmlu)
 
@@ -136,7 +137,7 @@ class Splits:
     mmlu: Optional[list[Example]] = None  # MMLU questions scored by letter
 
 
-def tokenize(cfg: Config, raw: RawData, tokenizer) -> Splits:
+def tokenize(cfg: Config, raw: RawData, tokenizer, verbose: bool = True) -> Splits:
     """Tokenize both splits with the student's tokenizer (prompts masked); prints what was skipped.
 
     The training split uses data.max_length and data.overlong; the held-out split uses eval.max_length
@@ -147,7 +148,8 @@ def tokenize(cfg: Config, raw: RawData, tokenizer) -> Splits:
         report = LoadReport(source=f"{name} split, max_length={limit}", rows=len(examples))
         split = tokenize_examples(examples, tokenizer, limit, d.overlong if name == "train" else "skip",
                                   d.system_prompt, report)
-        print(f"tokens: {report}; {split.answer_tokens:,} answer tokens")
+        if verbose:
+            print(f"tokens: {report}; {split.answer_tokens:,} answer tokens")
         splits.append(split)
     return Splits(*splits, gsm_shots=list(raw.train[:cfg.eval.gsm8k_shots]), mmlu=raw.mmlu)
 
@@ -182,7 +184,7 @@ def teacher_answers(cfg: Config, raw: RawData, teacher: torch.nn.Module, teacher
 
 
 def vocabulary(cfg: Config, teacher_tokenizer, tokenizer, teacher: torch.nn.Module,
-               student: torch.nn.Module) -> Optional[VocabReport]:
+               student: torch.nn.Module, verbose: bool = True) -> Optional[VocabReport]:
     """The shared-vocabulary report; None where the tokenizers differ and only sequence-level
     distillation is configured (data.targets=teacher*, loss.alpha=1), which needs no shared vocabulary."""
     try:
@@ -192,41 +194,71 @@ def vocabulary(cfg: Config, teacher_tokenizer, tokenizer, teacher: torch.nn.Modu
             raise
         print("vocabulary: the tokenizers differ; sequence-level distillation only (CE on the teacher's answers)")
         return None
-    print(f"vocabulary: {report}")
+    if verbose:
+        print(f"vocabulary: {report}")
     return report
 
 
 def teacher_cache(cfg: Config, teacher: torch.nn.Module, splits: Splits, tokenizer,
                   info: Optional[ModelInfo] = None, shared_vocab: bool = True,
-                  progress: bool = True) -> Optional[TopKCache]:
+                  progress: bool = True, verbose: bool = True) -> Optional[TopKCache]:
     """Build or reuse the teacher's top-k cache of the training split (teacher_cache.use); prints its report."""
     if not cfg.teacher_cache.use or not shared_vocab:
-        print("teacher cache: off" + ("" if shared_vocab else " (no shared vocabulary)") + "; the teacher runs live")
+        if verbose:
+            print("teacher cache: off" + ("" if shared_vocab else " (no shared vocabulary)") + "; the teacher runs live")
         return None
     tc = cfg.teacher_cache
     cache = build_topk_cache(teacher, splits.train, cache_dir(cfg), k=tc.k, vocab_size=len(tokenizer),
                              pad_token_id=tokenizer.pad_token_id, batch_size=tc.batch_size,
                              teacher_key=teacher_key(cfg, info), progress=progress)
-    print(cache.report)
+    if verbose:
+        print(cache.report)
     return cache
 
 
 def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[torch.nn.Module], splits: Splits,
-                  tokenizer, progress: bool = True,
-                  cache: Optional[TopKCache] = None) -> tuple[torch.nn.Module, TrainResult]:
-    """A fresh copy of `student_init` distilled from `teacher` (or its top-k `cache`); the history
-    streams to runs/<name>/history.jsonl."""
+                  tokenizer, progress: bool = True, cache: Optional[TopKCache] = None,
+                  resume: Optional[bool] = None) -> tuple[torch.nn.Module, TrainResult]:
+    """A fresh copy of `student_init` distilled from `teacher` (or its top-k `cache`).
+
+    The history streams to runs/<name>/history.jsonl (main process only); checkpoints go to
+    runs/<name>/checkpoints (train.checkpoint_every, and on a non-finite loss); `resume` (default
+    train.resume) continues from the newest valid one. With train.eval_every, the held-out split is
+    scored during training (its teacher signal from `cache`'s companion cache of the held-out split,
+    or the live teacher)."""
     student = copy.deepcopy(student_init)
-    history_path = run_dir(cfg) / "history.jsonl"
-    history_path.parent.mkdir(parents=True, exist_ok=True)
-    with history_path.open("w") as handle:
-        def on_step(row: dict) -> None:
+    out = run_dir(cfg)
+    eval_cache = None
+    if cfg.train.eval_every and cache is not None:
+        eval_cache = build_topk_cache(teacher, splits.eval, cache_dir(cfg), k=cfg.teacher_cache.k,
+                                      vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                      batch_size=cfg.teacher_cache.batch_size, progress=False) \
+            if teacher is not None and is_main_process() else None
+    main = is_main_process()
+    handle = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = (out / "history.jsonl").open("w")
+
+    def on_step(row: dict) -> None:
+        if handle is not None:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
 
+    try:
         result = distill(student, teacher, splits.train, cfg, pad_token_id=tokenizer.pad_token_id,
-                         vocab_size=len(tokenizer), teacher_cache=cache, on_step=on_step, progress=progress)
+                         vocab_size=len(tokenizer), teacher_cache=cache, eval_split=splits.eval,
+                         eval_cache=eval_cache, checkpoint_dir=out / "checkpoints", resume=resume,
+                         on_step=on_step, progress=progress)
+    finally:
+        if handle is not None:
+            handle.close()
     return student, result
+
+
+def is_main_process() -> bool:
+    """True in a single process, and in process 0 of an `accelerate launch` / torchrun group."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def evaluate_teacher(cfg: Config, teacher: torch.nn.Module, teacher_tokenizer, raw: RawData, splits: Splits,
@@ -314,26 +346,39 @@ def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequ
     return out
 
 
-def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """The whole pipeline headless: the same calls as the notebook's cells, in the same order."""
-    out = start_run(cfg)
-    print(f"run folder: {out}")
-    raw = load_data(cfg)
+def run(cfg: Config, progress: bool = True, resume: Optional[bool] = None) -> dict[str, Any]:
+    """The whole pipeline headless: the same calls as the notebook's cells, in the same order.
+
+    Under ``accelerate launch`` / torchrun every process loads the data and models and trains its
+    shard of each global batch; only the main process builds caches (the others wait and reuse
+    them), evaluates, and writes files."""
+    main = is_main_process()
+    say = print if main else (lambda *a, **k: None)
+    progress = progress and main
+    out = start_run(cfg) if main else run_dir(cfg)
+    say(f"run folder: {out}")
+    raw = load_data(cfg, verbose=main)
     device = resolve_device(cfg.train.device)
     teacher, teacher_tokenizer, teacher_info = load_teacher(cfg.teacher, device)
-    print(teacher_info)
-    raw = teacher_answers(cfg, raw, teacher, teacher_tokenizer, teacher_info, progress)
+    say(teacher_info)
+    with main_process_first():
+        raw = teacher_answers(cfg, raw, teacher, teacher_tokenizer, teacher_info, progress)
     student_init, tokenizer, info = load_student(cfg.student, teacher, teacher_tokenizer, device)
-    print(info)
-    shared = vocabulary(cfg, teacher_tokenizer, tokenizer, teacher, student_init) is not None
-    splits = tokenize(cfg, raw, tokenizer)
-    cache = teacher_cache(cfg, teacher, splits, tokenizer, teacher_info, shared, progress)
+    say(info)
+    shared = vocabulary(cfg, teacher_tokenizer, tokenizer, teacher, student_init, verbose=main) is not None
+    splits = tokenize(cfg, raw, tokenizer, verbose=main)
+    with main_process_first():
+        cache = teacher_cache(cfg, teacher, splits, tokenizer, teacher_info, shared, progress, verbose=main)
     agree_with = teacher if shared else None  # students are compared with the teacher token by token
-    results = [evaluate_teacher(cfg, teacher, teacher_tokenizer, raw, splits, tokenizer, shared, progress),
-               evaluate(cfg, "student before", student_init, tokenizer, splits, progress, agree_with)]
+    results = []
+    if main:
+        results = [evaluate_teacher(cfg, teacher, teacher_tokenizer, raw, splits, tokenizer, shared, progress),
+                   evaluate(cfg, "student before", student_init, tokenizer, splits, progress, agree_with)]
     student, train_result = train_student(cfg, student_init, teacher if shared else None, splits, tokenizer,
-                                          progress, cache)
+                                          progress, cache, resume)
     baseline, baseline_result = train_baseline(cfg, student_init, splits, tokenizer, progress, cache)
+    if not main:
+        return {"out": out, "results": [], "history": train_result.history}
     results.append(evaluate(cfg, "student after", student, tokenizer, splits, progress, agree_with))
     if baseline is not None:
         results.append(evaluate(cfg, BASELINE_LABEL, baseline, tokenizer, splits, progress, agree_with))
@@ -341,3 +386,15 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     make_figures(cfg, results, train_result.history, baseline_result.history if baseline_result else None)
     save_outputs(cfg, student, tokenizer, results, train_result)
     return {"out": out, "results": results, "history": train_result.history}
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Run the block in the main process first, then in the others (which then reuse its caches)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        yield

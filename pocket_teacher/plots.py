@@ -65,6 +65,11 @@ def plot_training(history: Sequence[dict], title: str = "", baseline: Optional[S
     for key, style in (("loss", "-"), ("ce", "--"), ("kd", ":")):
         if any(h.get(key) is not None for h in history):
             ax.plot(steps, _values(history, key), style, label=names[key])
+    evals = [h for h in history if h.get("eval_ce") is not None]
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_ce"] for h in evals], "o-", ms=4, label="held-out CE")
+        if any(h.get("eval_kd") is not None for h in evals):
+            ax.plot([h["step"] for h in evals], _values(evals, "eval_kd"), "s:", ms=4, label="held-out KD")
     if baseline:
         b_steps = [h["step"] for h in baseline]
         ax.plot(b_steps, _values(baseline, "ce"), "--", color="grey", label="fine-tuned (alpha=1): CE")

@@ -4,7 +4,10 @@
     result.history  # one dict per optimizer step: loss, ce, kd, lr, grad_norm, tokens/s ...
 
 The teacher is only read (eval mode, no gradients), so re-running training with other loss
-settings never reloads it. Both loss terms are token-weighted over the whole accumulated batch.
+settings never reloads it. Both loss terms are token-weighted over the whole accumulated batch and
+over all processes, so one process with a global batch of 8 and two with 4 each give the same
+steps. The data order is a pure function of (seed, step), which makes checkpoints resumable exactly:
+a resumed run repeats the uninterrupted run's loss curve.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from . import checkpoints as ckpt
 
 from .data import PaddingCollator, TokenizedSplit
 from .losses import DistillationLoss, auto_chunk_size, chunked_distillation_loss, token_distillation_loss
@@ -32,6 +37,8 @@ class TrainResult:
     seconds: float = 0.0  # wall time of the loop
     steps: int = 0  # optimizer steps taken
     loss_implementation: str = ""  # "chunked" or "full", as resolved from cfg.loss.implementation
+    resumed_from: Optional[str] = None  # the checkpoint this run continued from
+    checkpoint_seconds: list = field(default_factory=list)  # wall time of each checkpoint written
 
     @property
     def final(self) -> dict:
@@ -110,17 +117,74 @@ class DistillStep(torch.nn.Module):
                                          compute_dtype=dtype, **teacher, **kw)
 
 
-def _batches(loader: DataLoader):
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step, the likely cause and the checkpoint."""
+
+
+class GlobalBatches:
+    """Deterministic global batches: epoch e is a permutation seeded by (seed, e), cut into full
+    batches of `size` rows (the last partial batch of an epoch is left out). Batch k depends only
+    on k, so a resumed run sees exactly the batches the uninterrupted one would have."""
+
+    def __init__(self, rows: int, size: int, seed: int):
+        if rows < size:
+            raise ValueError(f"The training split has {rows} rows, fewer than one global batch of {size} "
+                             f"(train.batch_size x processes): use a smaller train.batch_size or more data.")
+        self.rows, self.size, self.seed, self.per_epoch = rows, size, seed, rows // size
+        self._epoch, self._perm = -1, None
+
+    def __getitem__(self, k: int) -> list[int]:
+        epoch, i = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.rows, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        return self._perm[i * self.size:(i + 1) * self.size].tolist()
+
+
+def _loss_kwargs(lcfg) -> dict:
+    return dict(alpha=lcfg.alpha, temperature=lcfg.temperature, divergence=lcfg.divergence, beta=lcfg.beta,
+                skew=lcfg.skew)
+
+
+@torch.no_grad()
+def held_out_losses(model: torch.nn.Module, teacher: Optional[torch.nn.Module], split: TokenizedSplit, lcfg, *,
+                    pad_token_id: int, vocab_size: Optional[int] = None, batch_size: int = 8,
+                    teacher_cache=None) -> dict:
+    """Held-out answer-token perplexity of `model` and, with a teacher (live or cached), its KD term."""
+    collate = PaddingCollator(pad_token_id, "right")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ce_sum = kd_sum = 0.0
+    tokens = 0
+    for lo in range(0, len(split), batch_size):
+        rows = list(range(lo, min(len(split), lo + batch_size)))
+        batch = collate([split[i] for i in rows])
+        select = answer_positions(batch["labels"]).to(device)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        targets = batch["labels"].to(device)[:, 1:][select[:, :-1]]
+        if teacher_cache is not None:
+            side = teacher_cache.rows(rows, select.sum(1).tolist(), device)
+        elif teacher is not None:
+            side = {"teacher_logits": answer_logits(teacher, ids, mask, select)}
+        else:
+            side = {}
+        logits = answer_logits(model, ids, mask, select)
+        kw = _loss_kwargs(lcfg) | {"alpha": lcfg.alpha if side else 1.0}
+        out = token_distillation_loss(logits, targets=targets, vocab_size=vocab_size, normalizer=1.0, **side, **kw)
+        ce_sum += float(out.ce)
+        kd_sum += float(out.kd) if side else math.nan
+        tokens += targets.numel()
+    model.train(was_training)
+    n = max(1, tokens)
+    return {"eval_ppl": math.exp(ce_sum / n), "eval_ce": ce_sum / n,
+            "eval_kd": None if math.isnan(kd_sum) else kd_sum / n}
 
 
 def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_split: TokenizedSplit, cfg, *,
             pad_token_id: int, vocab_size: Optional[int] = None, teacher_cache=None,
+            eval_split: Optional[TokenizedSplit] = None, eval_cache=None,
+            checkpoint_dir: Optional[str | Path] = None, resume: Optional[bool] = None,
             on_step: Optional[Callable[[dict], None]] = None, progress: bool = True) -> TrainResult:
     """Train `student` in place to match `teacher` on `train_split` with `cfg.loss` and `cfg.train`.
 
@@ -130,14 +194,23 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
             `teacher_cache` is given, or for plain fine-tuning (``loss.alpha=1``, e.g. on the teacher's
             generated answers with a student of another tokenizer).
         train_split: tokenized examples with prompt labels masked.
-        teacher_cache: a `teacher_cache.TopKCache` of this split: the teacher's top-k log-probs are read
-            from it instead of running the teacher (the top-k loss of `pocket_teacher.losses`).
         cfg: the full Config (uses cfg.train and cfg.loss).
         pad_token_id: id used to pad batches on the right.
         vocab_size: the tokenizer's size (``len(tokenizer)``); logits beyond it (output-layer padding)
             are ignored. Default: both output layers must have the same number of rows.
-        on_step: called with each history row (e.g. to stream it to a file).
+        teacher_cache: a `teacher_cache.TopKCache` of this split: the teacher's top-k log-probs are read
+            from it instead of running the teacher (the top-k loss of `pocket_teacher.losses`).
+        eval_split, eval_cache: held-out split (and its teacher cache) scored every
+            ``train.eval_every`` steps: perplexity and KD term go into the history as eval_ppl / eval_kd.
+        checkpoint_dir: where checkpoints go (``train.checkpoint_every``; also on a non-finite loss).
+        resume: continue from the newest valid checkpoint there (default: ``train.resume``).
+        on_step: called with each history row (e.g. to stream it to a file); on resume, first with
+            the rows restored from the checkpoint.
         progress: show a tqdm bar.
+
+    Raises:
+        TrainingDiverged: the loss became NaN or infinite; the weights of the last good step are saved
+            as a checkpoint first (when `checkpoint_dir` is given).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -145,46 +218,94 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
     tcfg, lcfg = cfg.train, cfg.loss
     device = resolve_device(tcfg.device)
     compute = resolve_precision("auto", device, "student")
+    trackers = {}
+    if tcfg.log_with:
+        if checkpoint_dir is None:
+            raise ValueError("train.log_with needs a run folder for the tracker's files (pass checkpoint_dir).")
+        trackers = {"log_with": tcfg.log_with, "project_dir": str(Path(checkpoint_dir).parent)}
     accelerator = Accelerator(cpu=device.type == "cpu",
-                              mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(compute, "no"))
+                              mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(compute, "no"), **trackers)
     set_seed(tcfg.seed)
-    loader = DataLoader(train_split, batch_size=tcfg.batch_size, shuffle=True,
-                        collate_fn=PaddingCollator(pad_token_id, "right"),
-                        generator=torch.Generator().manual_seed(tcfg.seed))
-    optimizer = torch.optim.AdamW(_param_groups(student, tcfg.weight_decay), lr=tcfg.lr, betas=tuple(tcfg.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio))
     if teacher is None and teacher_cache is None and lcfg.alpha != 1.0:
         raise ValueError(f"No teacher and no teacher cache, but loss.alpha={lcfg.alpha}: the distillation term needs "
                          f"the teacher. Pass one, or set loss.alpha=1 to fine-tune on the targets alone.")
     if teacher_cache is not None and len(teacher_cache) != len(train_split):
         raise ValueError(f"The teacher cache has {len(teacher_cache)} rows but the split {len(train_split)}: it was "
                          f"built for another split; build it again for this one.")
+    procs, rank = accelerator.num_processes, accelerator.process_index
+    batches = GlobalBatches(len(train_split), tcfg.batch_size * procs, tcfg.seed)
+    collate = PaddingCollator(pad_token_id, "right")
+    optimizer = torch.optim.AdamW(_param_groups(student, tcfg.weight_decay), lr=tcfg.lr, betas=tuple(tcfg.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio))
     implementation = resolve_loss_implementation(student, lcfg.implementation)
+    student.to(accelerator.device)
+
+    result = TrainResult(loss_implementation=implementation)
+    start_step, previous_seconds = 0, 0.0
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if (tcfg.resume if resume is None else resume):
+        if folder is None:
+            raise ValueError("Resuming needs the run's checkpoint folder (checkpoint_dir).")
+        path = ckpt.newest_valid(folder, log=tqdm.write if accelerator.is_main_process else (lambda *_: None))
+        if path is None:
+            if accelerator.is_main_process:
+                tqdm.write(f"resume: no valid checkpoint in {folder}; starting from step 0")
+        else:
+            state = ckpt.load_checkpoint(path, student, optimizer, scheduler)
+            start_step, previous_seconds = state["step"], state.get("seconds", 0.0)
+            result.history, result.resumed_from = state["history"], str(path)
+            if accelerator.is_main_process:
+                tqdm.write(f"resume: continuing from {path} (step {start_step} of {tcfg.max_steps})")
+                for row in result.history:
+                    if on_step is not None:
+                        on_step(row)
+
     step_module = DistillStep(student.train(), lcfg, implementation, vocab_size)
-    model, optimizer, loader = accelerator.prepare(step_module, optimizer, loader)
+    model, optimizer = accelerator.prepare(step_module, optimizer)
     if teacher is not None:
         teacher.eval()
+    if tcfg.log_with:
+        accelerator.init_trackers(cfg.run.name, config=_flat(cfg.to_dict()) if hasattr(cfg, "to_dict") else {})
     if progress and accelerator.is_main_process:
         width = vocab_size or student.get_output_embeddings().weight.shape[0]
         chunk = f", {lcfg.chunk_size or auto_chunk_size(width)} tokens per chunk" if implementation == "chunked" else ""
         source = ("top-k teacher cache" if teacher_cache is not None else "live teacher" if teacher is not None
                   else "no teacher (CE only)")
         tqdm.write(f"loss: {lcfg.divergence}, alpha {lcfg.alpha}, T {lcfg.temperature}, {source}; {implementation} "
-                   f"implementation{chunk}")
+                   f"implementation{chunk}; {procs} process(es), global batch {tcfg.batch_size * procs} x "
+                   f"{tcfg.grad_accum} accumulation")
 
-    result = TrainResult()
-    batches = _batches(loader)
-    bar = tqdm(total=tcfg.max_steps, desc="distill", disable=not progress or not accelerator.is_main_process)
+    def save(step: int) -> Optional[Path]:
+        if folder is None:
+            return None
+        began = time.perf_counter()
+        path = None
+        if accelerator.is_main_process:
+            state = {"history": result.history, "seconds": previous_seconds + time.perf_counter() - start,
+                     "batches_consumed": step * tcfg.grad_accum}
+            path = ckpt.save_checkpoint(folder, step, accelerator.unwrap_model(model).model, optimizer, scheduler,
+                                        state)
+            ckpt.prune(folder, tcfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        result.checkpoint_seconds.append(time.perf_counter() - began)
+        return path
+
+    bar = tqdm(total=tcfg.max_steps, initial=start_step, desc="distill",
+               disable=not progress or not accelerator.is_main_process)
     start = time.perf_counter()
     seen_tokens = 0
-    for step in range(tcfg.max_steps):
-        micro = [next(batches) for _ in range(tcfg.grad_accum)]
+    for step in range(start_step, tcfg.max_steps):
+        micro = []
+        for i in range(tcfg.grad_accum):
+            rows = batches[step * tcfg.grad_accum + i][rank * tcfg.batch_size:(rank + 1) * tcfg.batch_size]
+            batch = collate([train_split[j] for j in rows])
+            micro.append({k: v.to(accelerator.device) for k, v in batch.items()})
         selects = [answer_positions(b["labels"]) for b in micro]
         answer_tokens = accelerator.reduce(torch.tensor(float(sum(int(s.sum()) for s in selects)),
                                                         device=accelerator.device), "sum")
         # DDP averages gradients over processes, so each one divides by its share of the global count.
-        normalizer = float(answer_tokens) / accelerator.num_processes
+        normalizer = float(answer_tokens) / procs
         parts = torch.zeros(3, device=accelerator.device)
         for i, (batch, select) in enumerate(zip(micro, selects)):
             last = i == len(micro) - 1
@@ -204,8 +325,21 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
                                  normalizer)
                 accelerator.backward(loss.total)
                 del teacher_side  # free the teacher's tensors before the next micro-batch
-            parts += torch.stack([loss.total.detach(), loss.ce.detach(), loss.kd.detach()])
+            parts += torch.stack([loss.total.detach(), loss.ce.detach(), loss.kd.detach().nan_to_num(0.0)
+                                  if lcfg.alpha == 1.0 else loss.kd.detach()])
             seen_tokens += int(batch["attention_mask"].sum())
+        total, ce, kd = (accelerator.reduce(parts, "sum") / procs).tolist()
+        if not math.isfinite(total):
+            optimizer.zero_grad(set_to_none=True)  # the weights are still those of the last good step
+            path = save(step)
+            bar.close()
+            precision = f"mixed precision {compute}" if compute in ("bf16", "fp16") else "fp32"
+            raise TrainingDiverged(
+                f"Non-finite loss at step {step + 1} (total {total}, ce {ce}, kd {kd}). Likely causes: a learning rate "
+                f"too high for this model (train.lr={tcfg.lr}; try 10x lower or more train.warmup_steps), or overflow in "
+                f"{precision} (fp16 overflows first; use bf16 or fp32). "
+                + (f"The weights after step {step} are saved in {path}; fix the setting and rerun with --resume."
+                   if path else "Pass a checkpoint folder to keep the last good weights."))
         grad_norm = (accelerator.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
                      if tcfg.max_grad_norm > 0 else torch.tensor(float("nan")))
         lr = scheduler.get_last_lr()[0]
@@ -213,20 +347,43 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        total, ce, kd = (accelerator.reduce(parts, "sum") / accelerator.num_processes).tolist()
         elapsed = time.perf_counter() - start
-        row = {"step": step + 1, "loss": total, "ce": ce, "kd": kd if math.isfinite(kd) else None, "lr": lr, "grad_norm": float(grad_norm),
-               "answer_tokens": int(answer_tokens), "tokens_per_s": seen_tokens * accelerator.num_processes / elapsed,
-               "elapsed_s": elapsed}
+        no_kd = teacher is None and teacher_cache is None
+        row = {"step": step + 1, "loss": total, "ce": ce, "kd": None if no_kd else kd, "lr": lr,
+               "grad_norm": float(grad_norm), "answer_tokens": int(answer_tokens),
+               "tokens_per_s": seen_tokens * procs / elapsed, "elapsed_s": previous_seconds + elapsed}
+        if (eval_split is not None and tcfg.eval_every and accelerator.is_main_process
+                and ((step + 1) % tcfg.eval_every == 0 or step + 1 == tcfg.max_steps)):
+            row.update(held_out_losses(accelerator.unwrap_model(model).model, teacher, eval_split, lcfg,
+                                       pad_token_id=pad_token_id, vocab_size=vocab_size, teacher_cache=eval_cache))
         result.history.append(row)
         if on_step is not None and accelerator.is_main_process:
             on_step(row)
-        bar.set_postfix_str(f"loss {total:.3f} | ce {ce:.3f} | kd {kd:.3f} | {row['tokens_per_s']:.0f} tok/s",
-                            refresh=False)
+        if tcfg.log_with:
+            accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+                            step=step + 1)
+        bar.set_postfix_str(f"loss {total:.3f} | ce {ce:.3f} | kd {kd:.3f} | {row['tokens_per_s']:.0f} tok/s"
+                            + (f" | eval ppl {row['eval_ppl']:.2f}" if "eval_ppl" in row else ""), refresh=False)
         bar.update(1)
+        if tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0:
+            save(step + 1)
     bar.close()
-    result.seconds, result.steps = time.perf_counter() - start, tcfg.max_steps
-    result.loss_implementation = implementation
+    if tcfg.log_with:
+        accelerator.end_training()
+    result.seconds, result.steps = previous_seconds + time.perf_counter() - start, tcfg.max_steps
     accelerator.unwrap_model(model).model.eval()
     return result
 
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"loss": {"alpha": 0.5}} -> {"loss.alpha": 0.5}, scalars only (what trackers accept)."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            out[name] = value if value is not None else "None"
+        else:
+            out[name] = str(value)
+    return out

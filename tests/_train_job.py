@@ -1,0 +1,38 @@
+"""A small training job on the tiny preset, shared by the resume and multi-process tests.
+
+Run as a script (``python tests/_train_job.py OUT_JSON CHECKPOINT_DIR [key=value ...]``) it trains and
+writes the history to OUT_JSON; under torchrun each process trains its shard and rank 0 writes.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def train(overrides, checkpoint_dir=None, resume=False, step_delay=0.0):
+    from pocket_teacher.config import apply_overrides, get_preset
+    from pocket_teacher.data import load_gsm_symbolic, tokenize_examples
+    from pocket_teacher.models import derive_student, load_teacher
+    from pocket_teacher.train import distill
+
+    cfg = apply_overrides(get_preset("tiny"), overrides)
+    teacher, tok, _ = load_teacher(cfg.teacher, "cpu")
+    split = tokenize_examples(load_gsm_symbolic(16, seed=3)[0], tok, max_length=384)
+    held_out = tokenize_examples(load_gsm_symbolic(4, seed=9)[0], tok, max_length=384)
+    student = derive_student(teacher, num_layers=2)
+    return distill(student, teacher, split, cfg, pad_token_id=tok.pad_token_id, vocab_size=len(tok),
+                   eval_split=held_out, checkpoint_dir=checkpoint_dir, resume=resume, progress=False,
+                   on_step=(lambda row: time.sleep(step_delay)) if step_delay else None)
+
+
+if __name__ == "__main__":
+    out, ckdir, *overrides = sys.argv[1:]
+    delay = float(os.environ.get("STEP_DELAY", "0"))
+    result = train(overrides, None if ckdir == "-" else ckdir, step_delay=delay)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(out).write_text(json.dumps(result.history))

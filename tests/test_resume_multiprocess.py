@@ -1,0 +1,117 @@
+"""pocket_teacher.train and pocket_teacher.checkpoints: resume after SIGKILL, torn checkpoints, the
+non-finite-loss guard, evaluation during training, and two gloo processes equal to one."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pocket_teacher.checkpoints import checkpoint_problem, list_checkpoints
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _train_job import train  # noqa: E402
+
+JOB = Path(__file__).resolve().parent / "_train_job.py"
+COMMON = ["train.max_steps=8", "train.warmup_steps=2", "train.checkpoint_every=2", "train.keep_checkpoints=3",
+          "train.batch_size=2", "train.eval_every=4"]
+
+
+def _losses(history):
+    return [round(h["loss"], 5) for h in history]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("whole") / "checkpoints"
+    return train(COMMON, folder), folder
+
+
+def test_checkpoints_are_written_pruned_and_evaluation_runs(uninterrupted):
+    result, folder = uninterrupted
+    names = [p.name for p in list_checkpoints(folder)]
+    assert names == ["checkpoint-000008", "checkpoint-000006", "checkpoint-000004"]  # keep_checkpoints=3
+    assert all(checkpoint_problem(p) is None for p in list_checkpoints(folder))
+    assert [h["step"] for h in result.history if "eval_ppl" in h] == [4, 8]
+    assert all(h["eval_ppl"] > 1 and h["eval_kd"] >= 0 for h in result.history if "eval_ppl" in h)
+    assert len(result.checkpoint_seconds) == 4
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
+    whole, _ = uninterrupted
+    folder = tmp_path / "checkpoints"
+    env = dict(os.environ, STEP_DELAY="0.4")
+    proc = subprocess.Popen([sys.executable, str(JOB), str(tmp_path / "h.json"), str(folder), *COMMON], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (folder / "checkpoint-000004").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (folder / "checkpoint-000008").exists()  # killed mid-way
+    resumed = train(COMMON, folder, resume=True)
+    assert resumed.resumed_from is not None and "checkpoint-00000" in resumed.resumed_from
+    assert len(resumed.history) == 8
+    assert _losses(resumed.history) == _losses(whole.history)
+    assert resumed.history[-1]["loss"] == pytest.approx(whole.history[-1]["loss"], rel=1e-6)
+
+
+def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path):
+    whole, source = uninterrupted
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("checkpoint-000004", "checkpoint-000006"):
+        subprocess.run(["cp", "-r", str(source / name), str(folder / name)], check=True)
+    torn = folder / "checkpoint-000006" / "model.pt"
+    torn.write_bytes(torn.read_bytes()[:100])  # a torn write
+    assert "model.pt" in checkpoint_problem(folder / "checkpoint-000006")
+    resumed = train(COMMON, folder, resume=True)
+    assert resumed.resumed_from.endswith("checkpoint-000004")
+    assert _losses(resumed.history) == _losses(whole.history)
+
+
+def test_non_finite_loss_stops_with_the_step_and_a_checkpoint(monkeypatch, tmp_path):
+    import pocket_teacher.train as tr
+    from pocket_teacher.train import TrainingDiverged
+
+    real, calls = tr.chunked_distillation_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return out._replace(total=out.total * float("nan")) if calls["n"] == 3 else out
+
+    monkeypatch.setattr(tr, "chunked_distillation_loss", poisoned)
+    folder = tmp_path / "checkpoints"
+    with pytest.raises(TrainingDiverged, match=r"step 3 .*train.lr=.*checkpoint-000002"):
+        train(["train.max_steps=6", "train.batch_size=2"], folder)
+    assert checkpoint_problem(folder / "checkpoint-000002") is None
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    """Global batch 4: one process with batch 4, or two with 2 each (gloo on CPU): the same curve."""
+    overrides = ["train.max_steps=4", "train.warmup_steps=1", "train.max_grad_norm=1.0"]
+    single = train(overrides + ["train.batch_size=4"])
+    out = tmp_path / "two.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(JOB), str(out), "-", *overrides, "train.batch_size=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = json.loads(out.read_text())
+    assert [h["answer_tokens"] for h in two] == [h["answer_tokens"] for h in single.history]
+    for a, b in zip(two, single.history):
+        for key in ("loss", "ce", "kd", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
+def test_tensorboard_logging(tmp_path):
+    pytest.importorskip("tensorboard")
+    folder = tmp_path / "run" / "checkpoints"
+    train(["train.max_steps=2", "train.log_with=tensorboard"], folder)
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
