@@ -39,10 +39,13 @@ def main() -> None:
     parser.add_argument("--gsm8k-train", default=_default(SHARED / "gsm8k" / "train.jsonl"),
                         help="where --gsm8k-shots come from")
     parser.add_argument("--gsm8k-rows", type=int, default=0, help="first N test rows (0 = all 1,319)")
+    parser.add_argument("--speed-tokens", type=int, default=128, help="new tokens per answer in --speed-check")
     parser.add_argument("--gsm8k-shots", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--mmlu", default=_default(SHARED / "mmlu" / "test.jsonl"), help="MMLU test JSONL")
     parser.add_argument("--mmlu-rows", type=int, default=0, help="first N test rows (0 = all 14,042)")
+    parser.add_argument("--mmlu-sample", type=int, default=0,
+                        help="score an evenly spaced sample of about N questions (every subject represented)")
     parser.add_argument("--mmlu-shots", type=int, default=0)
     parser.add_argument("--mmlu-shots-from", default=None, help="MMLU dev JSONL for the shots")
     parser.add_argument("--skip", choices=["gsm8k", "mmlu"], action="append", default=[])
@@ -72,7 +75,7 @@ def main() -> None:
 
     if args.speed_check:
         questions, _ = load_gsm8k("test", path=args.gsm8k, limit=args.speed_check)
-        kw = dict(max_new_tokens=args.max_new_tokens, progress=False)
+        kw = dict(max_new_tokens=args.speed_tokens, progress=False)
         batched = gsm8k_accuracy(model, tok, questions, batch_size=min(args.batch_size, len(questions)), **kw)
         single = gsm8k_accuracy(model, tok, questions, batch_size=1, **kw)
         agree = sum(a["output"] == b["output"] for a, b in zip(batched["rows"], single["rows"]))
@@ -80,7 +83,7 @@ def main() -> None:
         summary["speed_check"] = {"questions": len(questions), "batched_s_per_question": per_b,
                                   "single_s_per_question": per_s, "speedup": per_s / per_b,
                                   "same_outputs": agree}
-        print(f"speed check on {len(questions)} GSM8K questions: batched (batch {min(args.batch_size, len(questions))})"
+        print(f"speed check on {len(questions)} GSM8K questions, {args.speed_tokens} new tokens at most: batched (batch {min(args.batch_size, len(questions))})"
               f" {per_b:.2f} s/question, one at a time {per_s:.2f} s/question: {per_s / per_b:.1f}x; identical "
               f"outputs {agree}/{len(questions)}", flush=True)
         save()
@@ -88,6 +91,11 @@ def main() -> None:
     if "mmlu" not in args.skip:
         questions, report = load_mmlu("test", path=args.mmlu, limit=args.mmlu_rows or None)
         print(f"data: {report}", flush=True)
+        if args.mmlu_sample and args.mmlu_sample < len(questions):
+            step = len(questions) / args.mmlu_sample
+            questions = [questions[int(i * step)] for i in range(args.mmlu_sample)]
+            print(f"MMLU sample: {len(questions)} questions, every {step:.1f}th of the file, "
+                  f"{len({q.subject for q in questions})} subjects", flush=True)
         pool = load_mmlu("dev", path=args.mmlu_shots_from)[0] if args.mmlu_shots_from else None
         res = mmlu_accuracy(model, tok, questions, shots=args.mmlu_shots, shot_pool=pool, batch_size=args.batch_size)
         with (out / "mmlu.jsonl").open("w") as handle:

@@ -108,7 +108,7 @@ class DistillStep(torch.nn.Module):
                   vocab_size=self.vocab_size, normalizer=normalizer)
         if self.implementation == "full":
             logits = answer_logits(self.model, input_ids, attention_mask, select)
-            return token_distillation_loss(logits, targets=targets, **teacher, **kw)
+            return token_distillation_loss(logits, targets=targets, **{"teacher_logits": None, **teacher}, **kw)
         hidden = answer_hidden(self.model, input_ids, attention_mask, select)
         weight, bias = output_layer(self.model)
         device = hidden.device.type
@@ -171,7 +171,8 @@ def held_out_losses(model: torch.nn.Module, teacher: Optional[torch.nn.Module], 
             side = {}
         logits = answer_logits(model, ids, mask, select)
         kw = _loss_kwargs(lcfg) | {"alpha": lcfg.alpha if side else 1.0}
-        out = token_distillation_loss(logits, targets=targets, vocab_size=vocab_size, normalizer=1.0, **side, **kw)
+        out = token_distillation_loss(logits, targets=targets, vocab_size=vocab_size, normalizer=1.0,
+                                      **{"teacher_logits": None, **side}, **kw)
         ce_sum += float(out.ce)
         kd_sum += float(out.kd) if side else math.nan
         tokens += targets.numel()

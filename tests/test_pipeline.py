@@ -24,6 +24,7 @@ def test_cli_run_tiny_end_to_end(tmp_path, capsys):
     out = tmp_path / "runs" / "t1"
     mmlu = _mmlu_file(tmp_path / "mmlu.jsonl")
     assert main(["run", "--preset", "tiny", "--set", "train.max_steps=4", "--set", f"eval.mmlu_source={mmlu}",
+                 "--set", "train.eval_every=2", "--set", "train.checkpoint_every=2",
                  "--out", str(out), "--no-progress"]) == 0
     names = {p.name for p in out.iterdir()}
     assert {"config.yaml", "environment.json", "history.jsonl", "results.json", "results.md", "generations.jsonl",
@@ -40,6 +41,9 @@ def test_cli_run_tiny_end_to_end(tmp_path, capsys):
     assert "| fine-tuned (alpha=1) |" in (out / "results.md").read_text()
     assert len((out / "history.jsonl").read_text().splitlines()) == 4
     assert len((out / "baseline" / "history.jsonl").read_text().splitlines()) == 4
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "eval_ppl" in h] == [2, 4] and history[1]["eval_kd"] is not None
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-000002", "checkpoint-000004"]
     from transformers import AutoModelForCausalLM
 
     student = AutoModelForCausalLM.from_pretrained(out / "student")

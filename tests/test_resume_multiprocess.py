@@ -4,6 +4,7 @@ non-finite-loss guard, evaluation during training, and two gloo processes equal 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -98,7 +99,10 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     overrides = ["train.max_steps=4", "train.warmup_steps=1", "train.max_grad_norm=1.0"]
     single = train(overrides + ["train.batch_size=4"])
     out = tmp_path / "two.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(JOB), str(out), "-", *overrides, "train.batch_size=2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

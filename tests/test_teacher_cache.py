@@ -147,6 +147,20 @@ def test_training_from_a_full_vocabulary_cache_equals_the_live_teacher(tiny_teac
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize("implementation", ["full", "chunked"])
+def test_cache_training_with_held_out_evaluation(tiny_teacher, split, examples, tiny_tokenizer, tmp_path,
+                                                 implementation):
+    cfg = apply_overrides(get_preset("tiny"), {"train.max_steps": 2, "train.eval_every": 1,
+                                               "loss.implementation": implementation})
+    held_out = tokenize_examples(examples[:3], tiny_tokenizer, 384)
+    cache = _build(tiny_teacher, split, tmp_path / "train")
+    eval_cache = _build(tiny_teacher, held_out, tmp_path / "eval")
+    result = distill(derive_student(tiny_teacher, num_layers=2), None, split, cfg,
+                     pad_token_id=tiny_tokenizer.pad_token_id, teacher_cache=cache, eval_split=held_out,
+                     eval_cache=eval_cache, progress=False)
+    assert all(h["eval_ppl"] > 1 and h["eval_kd"] >= 0 for h in result.history)
+
+
 def test_cache_of_another_split_is_refused(tiny_teacher, split, examples, tiny_tokenizer, tmp_path):
     cache = _build(tiny_teacher, split, tmp_path)
     other = tokenize_examples(examples[:5], tiny_tokenizer, 384)
