@@ -9,7 +9,6 @@ seen; one whose files were damaged afterwards fails its checksums and is skipped
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -20,15 +19,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .files import file_hash
+
 PREFIX = "checkpoint-"
-
-
-def _hash(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rng_state() -> dict[str, Any]:
@@ -61,7 +54,7 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer, 
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, default=str))
     files = sorted(p.name for p in tmp.iterdir())
-    (tmp / "complete.json").write_text(json.dumps({"step": step, "checksums": {f: _hash(tmp / f) for f in files}}))
+    (tmp / "complete.json").write_text(json.dumps({"step": step, "checksums": {f: file_hash(tmp / f) for f in files}}))
     for path in tmp.iterdir():  # make the bytes durable before the rename publishes them
         with path.open("rb") as handle:
             os.fsync(handle.fileno())
@@ -84,7 +77,7 @@ def checkpoint_problem(path: Path) -> Optional[str]:
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
-        if _hash(f) != digest:
+        if file_hash(f) != digest:
             return f"{name} does not match its checksum"
     return None
 

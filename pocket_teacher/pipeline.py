@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -27,6 +26,7 @@ import torch
 from .config import Config, apply_overrides, get_preset
 from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, load_examples, load_mmlu,
                    remove_overlap, tokenize_examples)
+from .files import write_json
 from .evaluate import evaluate_model, generate, results_markdown, results_table, side_by_side
 from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, load_student, load_teacher,
                      resolve_device)
@@ -79,17 +79,6 @@ def hardware_line() -> str:
         props = torch.cuda.get_device_properties(0)
         return f"GPU {props.name} ({props.total_memory / 2**30:.0f} GiB); host CPU {cpu}; torch {torch.__version__}"
     return f"CPU {cpu}; torch {torch.__version__}"
-
-
-def write_json(path: Path, data: Any) -> Path:
-    """Write JSON atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, default=str)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
-    return path
 
 
 def start_run(cfg: Config) -> Path:

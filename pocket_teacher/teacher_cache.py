@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .files import file_hash, write_json
 from .data import IGNORE_INDEX, Example, PaddingCollator, TokenizedSplit, answers_match, extract_gsm8k_answer
 
 FORMAT = 1  # bump when the on-disk layout changes: old caches then get new fingerprints
@@ -161,20 +162,6 @@ def _open(folder: Path, name: str, tokens: int, k: Optional[int], mode: str) -> 
     return np.memmap(folder / f"{name}.bin", dtype=FILES[name], mode=mode, shape=shape)
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def validate_cache(path: Path, expected_fingerprint: Optional[str] = None) -> Optional[str]:
     """None if `path` is a complete, intact cache (with that fingerprint), else what is wrong with it."""
     meta_path = path / "meta.json"
@@ -194,10 +181,10 @@ def validate_cache(path: Path, expected_fingerprint: Optional[str] = None) -> Op
         want = tokens * (k if name != "tail" else 1) * np.dtype(dtype).itemsize
         if tokens and (not f.is_file() or f.stat().st_size != want):
             return f"{f.name} has {f.stat().st_size if f.is_file() else 'no'} bytes, expected {want}"
-        if tokens and _file_hash(f) != meta["checksums"].get(name):
+        if tokens and file_hash(f) != meta["checksums"].get(name):
             return f"{f.name} does not match its checksum"
     offsets = path / "offsets.npy"
-    if not offsets.is_file() or _file_hash(offsets) != meta["checksums"].get("offsets"):
+    if not offsets.is_file() or file_hash(offsets) != meta["checksums"].get("offsets"):
         return "offsets.npy missing or does not match its checksum"
     return None
 
@@ -263,7 +250,7 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
             if tokens:
                 _open(partial, name, tokens, None if name == "tail" else k, "w+").flush()
         state = {"fingerprint": fp, "rows_done": 0, "kl_sum": 0.0, "kl_tokens": 0, "seconds": 0.0}
-        _write_json(progress_file, state)
+        write_json(progress_file, state)
     ids_mm = _open(partial, "ids", tokens, k, "r+")
     lp_mm = _open(partial, "logprobs", tokens, k, "r+")
     tail_mm = _open(partial, "tail", tokens, None, "r+")
@@ -294,7 +281,7 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
             for mm in (ids_mm, lp_mm, tail_mm):
                 mm.flush()
         state["rows_done"] = hi
-        _write_json(progress_file, {**state, "seconds": state["seconds"] + time.perf_counter() - start})
+        write_json(progress_file, {**state, "seconds": state["seconds"] + time.perf_counter() - start})
         bar.update(hi - lo)
     bar.close()
     seconds = state["seconds"] + time.perf_counter() - start
@@ -308,12 +295,12 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
                          mass_p05=float(np.percentile(mass, 5)) if tokens else 1.0,
                          kl_sample=state["kl_sum"] / max(1, state["kl_tokens"]), kl_sample_tokens=state["kl_tokens"],
                          build_seconds=seconds)
-    checksums = {n: _file_hash(partial / f"{n}.bin") for n in FILES if tokens}
-    checksums["offsets"] = _file_hash(partial / "offsets.npy")
+    checksums = {n: file_hash(partial / f"{n}.bin") for n in FILES if tokens}
+    checksums["offsets"] = file_hash(partial / "offsets.npy")
     meta = {"complete": True, "fingerprint": fp, "parts": parts, "k": k, "rows": len(split), "tokens": tokens,
             "checksums": checksums, "report": asdict(report)}
     progress_file.unlink()
-    _write_json(partial / "meta.json", meta)
+    write_json(partial / "meta.json", meta)
     os.replace(partial, final)  # atomic: the cache appears only once it is whole
     return TopKCache(final, meta, report)
 
