@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
@@ -73,6 +72,17 @@ def main() -> None:
     def save() -> None:
         write_json(out / "results.json", summary)
 
+    def record(name: str, res: dict, label: str, detail: str, **extra) -> None:
+        """Every question's row to <name>.jsonl, the figures to results.json, one line to the console."""
+        with (out / f"{name}.jsonl").open("w") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in res["rows"])
+        summary[name] = {k: v for k, v in res.items() if k != "rows"} | extra
+        low, high = res["ci95"]
+        print(f"{label} {100 * res['accuracy']:.2f}% ({res['correct']}/{res['total']}, 95% CI {100 * low:.2f}-"
+              f"{100 * high:.2f}){detail}; in {res['seconds']:.0f} s ({res['seconds'] / max(1, res['total']):.3f} "
+              "s/question)", flush=True)
+        save()
+
     if args.speed_check:
         questions, _ = load_gsm8k("test", path=args.gsm8k, limit=args.speed_check)
         kw = dict(max_new_tokens=args.speed_tokens, progress=False)
@@ -98,15 +108,8 @@ def main() -> None:
                   f"{len({q.subject for q in questions})} subjects", flush=True)
         pool = load_mmlu("dev", path=args.mmlu_shots_from)[0] if args.mmlu_shots_from else None
         res = mmlu_accuracy(model, tok, questions, shots=args.mmlu_shots, shot_pool=pool, batch_size=args.batch_size)
-        with (out / "mmlu.jsonl").open("w") as handle:
-            handle.writelines(json.dumps(r) + "\n" for r in res["rows"])
-        summary["mmlu"] = {k: v for k, v in res.items() if k != "rows"}
-        low, high = res["ci95"]
-        print(f"MMLU ({res['shots']}-shot, letter scoring): micro {100 * res['accuracy']:.2f}% "
-              f"({res['correct']}/{res['total']}, 95% CI {100 * low:.2f}-{100 * high:.2f}), macro over "
-              f"{len(res['per_subject'])} subjects {100 * res['macro']:.2f}%, in {res['seconds']:.0f} s "
-              f"({res['seconds'] / max(1, res['total']):.3f} s/question)", flush=True)
-        save()
+        record("mmlu", res, f"MMLU ({res['shots']}-shot, letter scoring): micro",
+               f", macro over {len(res['per_subject'])} subjects {100 * res['macro']:.2f}%")
 
     if "gsm8k" not in args.skip:
         questions, report = load_gsm8k("test", path=args.gsm8k, limit=args.gsm8k_rows or None)
@@ -114,16 +117,9 @@ def main() -> None:
         shots = load_gsm8k("train", path=args.gsm8k_train, limit=args.gsm8k_shots)[0] if args.gsm8k_shots else ()
         res = gsm8k_accuracy(model, tok, questions, shots=shots, max_new_tokens=args.max_new_tokens,
                              batch_size=args.batch_size)
-        with (out / "gsm8k.jsonl").open("w") as handle:
-            handle.writelines(json.dumps(r) + "\n" for r in res["rows"])
         no_number = sum(r["extracted"] is None for r in res["rows"])
-        summary["gsm8k"] = {k: v for k, v in res.items() if k != "rows"} | {"no_number": no_number}
-        low, high = res["ci95"]
-        print(f"GSM8K ({len(shots)}-shot, greedy, {args.max_new_tokens} new tokens): {100 * res['accuracy']:.2f}% "
-              f"({res['correct']}/{res['total']}, 95% CI {100 * low:.2f}-{100 * high:.2f}); {no_number} outputs "
-              f"without a number; in {res['seconds']:.0f} s ({res['seconds'] / max(1, res['total']):.2f} s/question)",
-              flush=True)
-        save()
+        record("gsm8k", res, f"GSM8K ({len(shots)}-shot, greedy, {args.max_new_tokens} new tokens):",
+               f"; {no_number} outputs without a number", no_number=no_number)
     del torch
 
 
