@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import PRESETS, ConfigError, get_preset
+from .config import PRESETS, ConfigError
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "Pocket_Teacher.ipynb"
 

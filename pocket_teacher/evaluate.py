@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from pathlib import Path

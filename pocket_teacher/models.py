@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .hub import hub_offline, require_hub
+from .hub import require_hub
 
 log = logging.getLogger(__name__)
 
