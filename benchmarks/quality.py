@@ -108,8 +108,11 @@ def main() -> None:
                   f"{len({q.subject for q in questions})} subjects", flush=True)
         pool = load_mmlu("dev", path=args.mmlu_shots_from)[0] if args.mmlu_shots_from else None
         res = mmlu_accuracy(model, tok, questions, shots=args.mmlu_shots, shot_pool=pool, batch_size=args.batch_size)
+        letters = ", ".join(f"{k} {100 * v / max(1, res['total']):.1f}%" for k, v in res["predicted_letters"].items())
         record("mmlu", res, f"MMLU ({res['shots']}-shot, letter scoring): micro",
-               f", macro over {len(res['per_subject'])} subjects {100 * res['macro']:.2f}%")
+               f", macro over {len(res['per_subject'])} subjects {100 * res['macro']:.2f}%; predicted letters "
+               f"{letters}; always answering {res['favourite_letter']} would score "
+               f"{100 * res['favourite_letter_accuracy']:.2f}%")
 
     if "gsm8k" not in args.skip:
         questions, report = load_gsm8k("test", path=args.gsm8k, limit=args.gsm8k_rows or None)

@@ -185,7 +185,9 @@ def mmlu_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example]
         max_length: prompts longer than this drop shots until they fit (counted in "shots_dropped").
 
     Returns {"accuracy" (micro), "macro" (mean over subjects), "correct", "total", "ci95",
-    "per_subject": {subject: {"correct", "total", "accuracy", "ci95"}}, "rows", "seconds", ...}.
+    "per_subject": {subject: {"correct", "total", "accuracy", "ci95"}}, "rows", "seconds",
+    "predicted_letters" ({letter: count}), "favourite_letter" (the one predicted most) and
+    "favourite_letter_accuracy" (what always answering it would score: the letter-bias floor), ...}.
     """
     chosen = [e for e in examples if subjects is None or e.subject in set(subjects)]
     chosen = chosen[:limit] if limit is not None else chosen
@@ -234,8 +236,12 @@ def mmlu_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example]
         stats["ci95"] = wilson_interval(stats["correct"], stats["total"])
     correct = sum(r["correct"] for r in rows)
     macro = sum(v["accuracy"] for v in per_subject.values()) / max(1, len(per_subject))
+    predicted = {letter: sum(r["predicted"] == letter for r in rows) for letter in MMLU_LETTERS}
+    favourite = max(MMLU_LETTERS, key=predicted.get)
     return {"accuracy": correct / max(1, len(rows)), "macro": macro, "correct": correct, "total": len(rows),
             "ci95": wilson_interval(correct, len(rows)), "per_subject": dict(sorted(per_subject.items())),
+            "predicted_letters": predicted, "favourite_letter": favourite,
+            "favourite_letter_accuracy": sum(r["gold"] == favourite for r in rows) / max(1, len(rows)),
             "shots": shots, "shots_dropped": dropped, "seconds": seconds, "rows": rows}
 
 

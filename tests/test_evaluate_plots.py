@@ -124,6 +124,8 @@ def test_letter_scoring_picks_the_letter_the_model_prefers(tiny_teacher, tiny_to
     assert out["per_subject"]["astronomy"]["correct"] == 2 and out["per_subject"]["virology"]["correct"] == 0
     assert out["macro"] == pytest.approx(0.25)
     assert all(max(r["letter_logprobs"]) == r["letter_logprobs"][2] for r in out["rows"])
+    assert out["predicted_letters"] == {"A": 0, "B": 0, "C": 8, "D": 0} and out["favourite_letter"] == "C"
+    assert out["favourite_letter_accuracy"] == 2 / 8  # gold is C for 2 of 8: always-C scores exactly that
 
 
 def test_mmlu_subsets_shots_and_length_limit(tiny_teacher, tiny_tokenizer):
