@@ -93,9 +93,9 @@ def main() -> None:
         summary["speed_check"] = {"questions": len(questions), "batched_s_per_question": per_b,
                                   "single_s_per_question": per_s, "speedup": per_s / per_b,
                                   "same_outputs": agree}
-        print(f"speed check on {len(questions)} GSM8K questions, {args.speed_tokens} new tokens at most: batched (batch {min(args.batch_size, len(questions))})"
-              f" {per_b:.2f} s/question, one at a time {per_s:.2f} s/question: {per_s / per_b:.1f}x; identical "
-              f"outputs {agree}/{len(questions)}", flush=True)
+        print(f"speed check on {len(questions)} GSM8K questions, {args.speed_tokens} new tokens at most: batched "
+              f"(batch {min(args.batch_size, len(questions))}) {per_b:.2f} s/question, one at a time {per_s:.2f} "
+              f"s/question: {per_s / per_b:.1f}x; identical outputs {agree}/{len(questions)}", flush=True)
         save()
 
     if "mmlu" not in args.skip:
