@@ -103,8 +103,18 @@ def divergence_per_token(log_p: torch.Tensor, log_q: torch.Tensor, divergence: s
 
 # -- the teacher given as top-k log-probs ------------------------------------------------------------
 
+def check_topk_ids(topk_ids: torch.Tensor, vocab: int) -> None:
+    """Raise unless every top-k id is in [0, vocab) (one host sync: call it once per batch, not per chunk)."""
+    if topk_ids.numel():
+        low, high = torch.aminmax(topk_ids)
+        low, high = int(low), int(high)
+        if high >= vocab or low < 0:
+            raise ValueError(f"top-k ids range over [{low}, {high}] but the student has {vocab} logits: the teacher "
+                             f"cache was built with another vocabulary (rebuild it).")
+
+
 def topk_buckets(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                 tail_mass: Optional[torch.Tensor] = None, temperature: float = 1.0
+                 tail_mass: Optional[torch.Tensor] = None, temperature: float = 1.0, *, check_ids: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher and student as distributions over K + 1 buckets: the teacher's top-k tokens and "the rest".
 
@@ -113,6 +123,7 @@ def topk_buckets(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
         topk_ids: ``(N, K)`` the teacher's K most likely token ids (distinct) at each position.
         topk_logprobs: ``(N, K)`` the teacher's log-probs of those tokens at T = 1.
         tail_mass: ``(N,)`` teacher probability outside the top-k; default ``1 - sum(exp(topk_logprobs))``.
+        check_ids: validate the ids against V (a host sync; the chunked loss checks once per batch instead).
         temperature: T. Both bucket distributions are built at T = 1 (the student's exactly from its
             logits: its tail bucket is its whole mass outside the teacher's top-k) and then tempered
             the same way, ``b^(1/T)`` renormalised over the K + 1 buckets, so identical models give a
@@ -130,9 +141,8 @@ def topk_buckets(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
         raise ValueError(f"top-k ids {tuple(topk_ids.shape)}, log-probs {tuple(topk_logprobs.shape)} and student "
                          f"logits {tuple(student_logits.shape)} must agree on (N, K) and N.")
     vocab = student_logits.shape[-1]
-    if topk_ids.numel() and (int(topk_ids.max()) >= vocab or int(topk_ids.min()) < 0):
-        raise ValueError(f"top-k ids range over [{int(topk_ids.min())}, {int(topk_ids.max())}] but the student has "
-                         f"{vocab} logits: the teacher cache was built with another vocabulary (rebuild it).")
+    if check_ids:
+        check_topk_ids(topk_ids, vocab)
     dtype = student_logits.dtype
     lp = topk_logprobs.to(dtype)
     ids = topk_ids.long()
@@ -160,7 +170,7 @@ def token_distillation_loss(student_logits: torch.Tensor, teacher_logits: Option
                             teacher_topk_logprobs: Optional[torch.Tensor] = None,
                             teacher_tail_mass: Optional[torch.Tensor] = None,
                             vocab_size: Optional[int] = None,
-                            normalizer: Optional[float] = None) -> DistillationLoss:
+                            normalizer: Optional[float] = None, check_ids: bool = True) -> DistillationLoss:
     """The hybrid loss over already-selected answer tokens (no shift, no mask: every row counts).
 
     Args:
@@ -175,6 +185,7 @@ def token_distillation_loss(student_logits: torch.Tensor, teacher_logits: Option
             and student and teacher may differ in padding. Default: both must have the same width.
         normalizer: divide the summed per-token terms by this instead of N (e.g. the answer tokens
             of the whole accumulated batch, so micro-batches add up to exactly the full batch).
+        check_ids: validate top-k ids against the vocabulary (see `topk_buckets`).
         alpha, temperature, divergence, beta, skew: see `distillation_loss`.
 
     Returns:
@@ -218,7 +229,7 @@ def token_distillation_loss(student_logits: torch.Tensor, teacher_logits: Option
         if topk:
             log_p, log_q = topk_buckets(s, teacher_topk_ids, teacher_topk_logprobs.detach(),
                                         None if teacher_tail_mass is None else teacher_tail_mass.detach(),
-                                        temperature)
+                                        temperature, check_ids=check_ids)
         else:
             log_q = F.log_softmax(s / temperature, dim=-1)
             log_p = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
@@ -284,9 +295,16 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: Optional[tor
 
 # -- the memory-efficient path: from hidden states, chunk by chunk ------------------------------------
 
-def auto_chunk_size(vocab_size: int, budget_elements: int = 1 << 23) -> int:
-    """Tokens per chunk so one chunk's (C, V) logits hold about `budget_elements` values (32 MiB fp32)."""
-    return max(8, budget_elements // max(1, vocab_size))
+def auto_chunk_size(vocab_size: int, device_type: str = "cpu") -> int:
+    """Tokens per chunk of the chunked loss, from the device and the vocabulary.
+
+    CPU: one chunk's (C, V) fp32 logits hold about 32 MiB (caches stay warm; measured fastest here).
+    CUDA: about 512 MiB of fp32 logits but at least 1,024 tokens, in multiples of 256, so the output-layer
+    matmuls keep the GPU busy (1,024 tokens at Qwen's 151,665-token vocabulary, 2,560 at SmolLM2's 49,152).
+    The loss's own memory is about six such (C, V) buffers; `pocket_teacher.plan` counts them."""
+    if device_type == "cuda":
+        return max(1024, ((1 << 27) // max(1, vocab_size)) // 256 * 256)
+    return max(8, (1 << 23) // max(1, vocab_size))
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -299,11 +317,15 @@ class _ChunkedLoss(torch.autograd.Function):
         compute_dtype, chunk, vocab = options.pop("compute_dtype"), options.pop("chunk_size"), options.pop("vocab")
         w = weight[:vocab].to(compute_dtype)
         b = None if bias is None else bias[:vocab].to(compute_dtype)
-        grad_h = torch.zeros_like(hidden) if need[0] else None
-        acc = torch.promote_types(weight.dtype, torch.float32)  # weight gradients accumulate in >= fp32
+        acc = torch.promote_types(weight.dtype, torch.float32)  # every stored gradient is kept in >= fp32
+        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need[0] else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need[1] else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need[2] else None
         sums = torch.zeros(3, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        # The loss is a sum over tokens divided by the normalizer N, so each logit's gradient is about |p - q| / N:
+        # cast to fp16 as it is, most of the soft (teacher-vs-student) part underflows to zero. It is multiplied
+        # by N (back to per-token size) before the one low-precision matmul and divided again in fp32.
+        scale = float(options["normalizer"]) if compute_dtype in (torch.float16, torch.bfloat16) else 1.0
         for i in range(0, hidden.shape[0], chunk):
             h = hidden[i:i + chunk].to(compute_dtype)
             with torch.enable_grad():
@@ -314,30 +336,27 @@ class _ChunkedLoss(torch.autograd.Function):
                     (g,) = torch.autograd.grad(part.total, logits)
             sums += torch.stack([part.total.detach(), part.ce, part.kd]).to(sums.dtype)
             if any(need):
-                g = g.to(compute_dtype)
+                g = g.to(acc)
                 if need[0]:
-                    grad_h[i:i + chunk] = (g @ w).to(hidden.dtype)
+                    grad_h[i:i + chunk] = (g * scale).to(compute_dtype).matmul(w).to(acc) / scale
                 if need[1]:
-                    grad_w[:vocab].addmm_(g.t().to(acc), h.to(acc))
+                    grad_w[:vocab].addmm_(g.t(), h.to(acc))
                 if need[2]:
-                    grad_b[:vocab] += g.to(acc).sum(0)
+                    grad_b[:vocab] += g.sum(0)
             del logits, part
         ctx.save_for_backward(*(x for x in (grad_h, grad_w, grad_b) if x is not None))
-        ctx.need, ctx.weight_dtype = need, weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.need, ctx.dtypes = need, (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(sums)
         return sums[0].clone(), sums[1:]
 
     @staticmethod
     def backward(ctx, grad_total, _grad_parts):
-        # The usual case is loss.backward() (grad_total = 1): hand the stored gradients over without a copy.
+        # grad_total is 1 for loss.backward(), or the loss scale under fp16 (GradScaler): the fp32 gradients are
+        # multiplied by it first and cast to the parameters' dtypes after, so nothing underflows on the way.
         unit = bool(torch.equal(grad_total, torch.ones_like(grad_total)))
         stored = iter(ctx.saved_tensors)
         grads = [(next(stored) if unit else next(stored) * grad_total) if n else None for n in ctx.need]
-        if grads[1] is not None:
-            grads[1] = grads[1].to(ctx.weight_dtype)
-        if grads[2] is not None:
-            grads[2] = grads[2].to(ctx.bias_dtype)
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
         return grads[0], grads[1], grads[2], None, None, None
 
 
@@ -398,9 +417,10 @@ def chunked_distillation_loss(student_hidden: torch.Tensor, student_weight: torc
             `teacher_weight` ``(V', H')`` (and `teacher_bias`), so the teacher's logits are also
             built a chunk at a time; or `teacher_topk_ids` / `teacher_topk_logprobs` ``(N, K)`` and
             `teacher_tail_mass` ``(N,)``.
-        chunk_size: tokens per chunk; default `auto_chunk_size(V)`.
+        chunk_size: tokens per chunk; default `auto_chunk_size(V, device)`.
         compute_dtype: dtype of the output-layer matmuls (default: the hidden states' dtype, e.g.
-            bfloat16 under autocast); the loss itself is always computed in float32.
+            bfloat16 under autocast); the loss itself is always computed in float32, and the gradients
+            are kept in float32 (scaled before the one 16-bit matmul), so fp16 gives fp32's gradients.
         alpha, temperature, divergence, beta, skew, vocab_size, normalizer: as in `distillation_loss`.
     """
     check_loss_args(alpha, temperature, divergence, beta, skew)
@@ -432,9 +452,11 @@ def chunked_distillation_loss(student_hidden: torch.Tensor, student_weight: torc
                        teacher_topk_logprobs, teacher_tail_mass, use,
                        None if teacher_weight is None else torch.promote_types(teacher_weight.dtype,
                                                                                teacher_hidden.dtype))
+    if given[2]:
+        check_topk_ids(teacher_topk_ids, use)  # once here, not in every chunk (each check is a host sync)
     options = dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta, skew=skew,
-                   normalizer=denom, compute_dtype=compute_dtype or student_hidden.dtype,
-                   chunk_size=int(chunk_size or auto_chunk_size(use)), vocab=use)
+                   normalizer=denom, compute_dtype=compute_dtype or student_hidden.dtype, check_ids=False,
+                   chunk_size=int(chunk_size or auto_chunk_size(use, student_hidden.device.type)), vocab=use)
     if options["chunk_size"] < 1:
         raise ValueError(f"chunk_size={chunk_size!r}: use a positive number of tokens (or None for automatic).")
     total, parts = _ChunkedLoss.apply(student_hidden, student_weight, student_bias, targets, teacher, options)
