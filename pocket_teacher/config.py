@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvc
 OVERLONG_POLICIES = ("skip", "truncate", "error")
 BAD_ROW_POLICIES = ("error", "skip")
 DEVICES = ("auto", "cpu", "cuda")
+MIXED_PRECISIONS = ("auto", "bf16", "fp16", "no")
+OPTIMIZERS = ("adamw", "adamw_8bit")
 
 
 class ConfigError(ValueError):
@@ -138,6 +141,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0 disables)
     seed: int = 0  # seed for data order and anything random in training
     device: str = "auto"  # auto (cuda if available, else cpu), cpu or cuda
+    mixed_precision: str = "auto"  # auto (bf16 on sm80+ GPUs, fp16 + loss scaling on older GPUs such as the T4, no on CPU), bf16, fp16 or no
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward (non-reentrant): far less activation memory, ~30% more compute
+    optimizer: str = "adamw"  # adamw (fp32 states, 8 bytes/parameter) or adamw_8bit (bitsandbytes, ~2 bytes/parameter)
     checkpoint_every: int = 0  # save a resumable checkpoint every N steps (0 = only when the loss turns non-finite)
     keep_checkpoints: int = 2  # newest checkpoints kept in runs/<name>/checkpoints; older ones are deleted
     resume: bool = False  # continue from the newest valid checkpoint of this run (CLI: --resume)
@@ -252,6 +258,8 @@ class Config:
         if len(tr.betas) != 2 or not all(0.0 <= b < 1.0 for b in tr.betas):
             _fail("train.betas", tr.betas, "give two values in [0, 1), e.g. [0.9, 0.95].")
         _check_choice("train.device", tr.device, DEVICES)
+        _check_choice("train.mixed_precision", tr.mixed_precision, MIXED_PRECISIONS)
+        _check_choice("train.optimizer", tr.optimizer, OPTIMIZERS)
         _check_positive("eval.batch_size", ev.batch_size)
         _check_positive("eval.generate_samples", ev.generate_samples, allow_zero=True)
         _check_positive("eval.max_new_tokens", ev.max_new_tokens)
@@ -280,7 +288,29 @@ class Config:
     def from_yaml(cls, path_or_text: str | Path) -> "Config":
         p = Path(path_or_text)
         text = p.read_text() if "\n" not in str(path_or_text) and p.exists() else str(path_or_text)
-        return cls.from_dict(yaml.safe_load(text) or {})
+        return cls.from_dict(load_yaml(text) or {})
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: ``1e-5``, ``2E-4``, ``.5`` and ``1.0e+6`` are numbers.
+
+    YAML 1.1 (PyYAML's default) reads an exponent without a dot or sign (``1e-5``) as a string."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with YAML 1.2 float forms (see `_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _plain(obj: Any) -> Any:
@@ -381,7 +411,7 @@ def _split_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"Override {text!r} is not of the form section.key=value (e.g. loss.alpha=0.3).")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"Override {text!r}: the value is not valid YAML ({exc}).") from exc
     return key.strip(), value
@@ -419,6 +449,12 @@ def _tiny() -> Config:
     )
 
 
+# Colab disconnects lose what was not checkpointed: these keep it under about ten minutes at the memory plan's
+# step-time estimate (`python -m pocket_teacher plan --preset t4 --gpu t4` prints it), rounded down.
+CHECKPOINT_EVERY_T4 = 100
+CHECKPOINT_EVERY_A100 = 100
+
+
 def _t4() -> Config:
     """Colab T4 (16 GB): Qwen2.5-1.5B-Instruct teacher in 8-bit -> Qwen2.5-0.5B-Instruct student (Hub)."""
     return Config(
@@ -427,7 +463,8 @@ def _t4() -> Config:
         student=StudentConfig(source="Qwen/Qwen2.5-0.5B-Instruct"),
         data=DataConfig(source="gsm8k", train_size=7473, eval_size=256, max_length=512),
         loss=LossConfig(alpha=0.5, temperature=2.0),
-        train=TrainConfig(max_steps=500, batch_size=4, grad_accum=4, lr=2e-5, warmup_steps=25, device="cuda"),
+        train=TrainConfig(max_steps=500, batch_size=4, grad_accum=4, lr=2e-5, warmup_steps=25, device="cuda",
+                          gradient_checkpointing=True, optimizer="adamw_8bit", checkpoint_every=CHECKPOINT_EVERY_T4),
         eval=EvalConfig(batch_size=32, generate_samples=256, max_new_tokens=320),
         run=RunConfig(name="t4"),
     )
@@ -441,7 +478,8 @@ def _a100() -> Config:
         student=StudentConfig(source="Qwen/Qwen2.5-1.5B-Instruct"),
         data=DataConfig(source="gsm8k", train_size=7473, eval_size=1319, max_length=768),
         loss=LossConfig(alpha=0.5, temperature=2.0),
-        train=TrainConfig(max_steps=1000, batch_size=8, grad_accum=4, lr=1e-5, warmup_steps=50, device="cuda"),
+        train=TrainConfig(max_steps=1000, batch_size=8, grad_accum=4, lr=1e-5, warmup_steps=50, device="cuda",
+                          gradient_checkpointing=True, optimizer="adamw_8bit", checkpoint_every=CHECKPOINT_EVERY_A100),
         eval=EvalConfig(batch_size=64, generate_samples=1319, max_new_tokens=384),
         run=RunConfig(name="a100"),
     )
