@@ -2,6 +2,7 @@
 
     python -m pocket_teacher run --preset pocket --set loss.alpha=0.3 --set train.max_steps=200 --out runs/a03
     python -m pocket_teacher run --preset pocket --out runs/a03 --resume      # continue a killed run
+    python -m pocket_teacher plan --preset t4 --gpu t4                      # memory per stage; exit 3 if no fit
     accelerate launch --num_processes 2 -m pocket_teacher run --preset t4   # several GPUs (or CPU processes)
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import PRESETS, ConfigError
+from .plan import PlanError
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "Pocket_Teacher.ipynb"
 
@@ -39,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                                      "shard of every global batch and only process 0 writes.")
     common(run)
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--force", action="store_true",
+                     help="start even when the memory plan says a stage does not fit this machine")
     run.add_argument("--resume", action="store_true",
                      help="continue from the newest valid checkpoint in <run folder>/checkpoints (same as "
                           "--set train.resume=true; torn or damaged checkpoints are skipped)")
@@ -50,6 +54,18 @@ def _parser() -> argparse.ArgumentParser:
                                                     "(default <run folder>/Pocket_Teacher.ipynb)")
     nb.add_argument("--figures", default=None, help="also save the figures here (e.g. figures/)")
     nb.add_argument("--timeout", type=int, default=3600, help="per-cell timeout in seconds")
+
+    plan = sub.add_parser("plan", help="print the memory plan (GPU memory and host RAM per stage); exit 0 when it "
+                                       "fits, 3 when it does not",
+                          description="Peak accelerator memory and host RAM of every stage (teacher cache, evaluation, "
+                                      "generation, teacher answers, training), itemised, with a verdict and, when it "
+                                      "does not fit, the overrides that would make it fit. Works offline.")
+    common(plan)
+    from .plan import GPUS
+
+    plan.add_argument("--gpu", default=None, choices=[*GPUS, "cpu"],
+                      help="plan for this GPU (default: the GPU PyTorch sees here, else this CPU)")
+    plan.add_argument("--host-gb", type=float, default=None, help="host RAM in GB (default: the GPU's usual host)")
 
     sub.add_parser("presets", help="list the presets")
     show = sub.add_parser("config", help="print a preset's resolved configuration as YAML")
@@ -109,10 +125,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "config":
             print(cfg.to_yaml(), end="")
             return 0
-        if args.command == "run":
-            from .pipeline import run
+        if args.command == "plan":
+            from .plan import memory_plan
 
-            run(cfg, progress=not args.no_progress, resume=True if args.resume else None)
+            plan = memory_plan(cfg, args.gpu, host_gb=args.host_gb)
+            print(plan)
+            return 0 if plan.fits else 3
+        if args.command == "run":
+            from .pipeline import PlanDoesNotFit, run
+
+            try:
+                run(cfg, progress=not args.no_progress, resume=True if args.resume else None, force=args.force)
+            except PlanDoesNotFit as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 3
             return 0
         overrides = _overrides(args) + ([f"run.figures_dir={args.figures}"] if args.figures else [])
         executed = args.executed or Path(cfg.run.out_dir) / cfg.run.name / "Pocket_Teacher.ipynb"
@@ -120,6 +146,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         path = execute_notebook(args.notebook, args.preset, overrides, executed, args.timeout)
         print(f"executed {args.notebook} on preset {args.preset} in {time.perf_counter() - start:.0f} s -> {path}")
         return 0
-    except ConfigError as exc:
+    except (ConfigError, PlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,578 @@
+"""The memory plan: peak accelerator memory and host RAM of every stage, counted before anything loads.
+
+    plan = memory_plan(get_preset("t4"), gpu="t4")
+    print(plan)            # itemised stages, a verdict, and the knobs that would make it fit
+    plan.fits              # False -> `run` refuses to start (unless forced)
+
+Model shapes come from a small table of public facts for the presets' models (`KNOWN_MODELS`), from
+``config.json`` in a local folder or the Hub cache, or from the tiny preset's config, so the plan works
+offline. Every figure is a count of bytes: weights at their precision, gradients, optimizer states,
+activations saved for the backward pass (per token, with and without gradient checkpointing), the
+chunked loss's (C, V) buffers, the KV cache of generation, and the CUDA context. Token counts are the
+worst case (every row at the length limit) unless the real lengths of the tokenized split are given
+(`lengths=`), as the notebook and `run` do once the data are tokenized.
+
+The per-token coefficients were derived from the tensors each layer keeps for backward and checked
+against measured peaks (``benchmarks/memory_plan.py``: peak RSS on CPU, the allocator's peak on CUDA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+class PlanError(ValueError):
+    """The plan cannot be made as asked (unknown GPU, unknown model shape); the message says what to give."""
+
+
+# -- model shapes -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a decoder-only transformer that decide its memory."""
+
+    name: str
+    vocab_rows: int  # rows of the output layer (may be padded beyond the tokenizer)
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool  # output layer shares the input embedding
+    qkv_bias: bool = False
+    tokenizer_size: Optional[int] = None  # tokens the tokenizer produces (the losses' vocabulary)
+
+    @property
+    def vocab(self) -> int:
+        return self.tokenizer_size or self.vocab_rows
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def layer_linear_params(self) -> int:
+        q = self.hidden * self.heads * self.head_dim
+        kv = 2 * self.hidden * self.kv_dim
+        return q + kv + q + 3 * self.hidden * self.intermediate
+
+    @property
+    def layer_params(self) -> int:
+        bias = (self.heads * self.head_dim + 2 * self.kv_dim) if self.qkv_bias else 0
+        return self.layer_linear_params + bias + 2 * self.hidden
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_rows * self.hidden
+
+    @property
+    def params(self) -> int:
+        head = 0 if self.tied else self.embedding_params
+        return self.embedding_params + self.layers * self.layer_params + self.hidden + head
+
+    def with_layers(self, layers: int) -> "ModelShape":
+        return dataclasses.replace(self, name=f"{self.name}, {layers} of {self.layers} layers", layers=layers)
+
+
+def _shape(name, vocab_rows, hidden, intermediate, layers, heads, kv_heads, tied, qkv_bias=False, tokenizer=None):
+    return ModelShape(name, vocab_rows, hidden, intermediate, layers, heads, kv_heads, hidden // heads, tied,
+                      qkv_bias, tokenizer)
+
+
+# Public config.json facts of the presets' models (and their neighbours), so the plan needs no download.
+KNOWN_MODELS: dict[str, ModelShape] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": _shape("SmolLM2-135M-Instruct", 49152, 576, 1536, 30, 9, 3, True),
+    "HuggingFaceTB/SmolLM2-360M-Instruct": _shape("SmolLM2-360M-Instruct", 49152, 960, 2560, 32, 15, 5, True),
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": _shape("SmolLM2-1.7B-Instruct", 49152, 2048, 8192, 24, 32, 32, True),
+    "Qwen/Qwen2.5-0.5B-Instruct": _shape("Qwen2.5-0.5B-Instruct", 151936, 896, 4864, 24, 14, 2, True, True, 151665),
+    "Qwen/Qwen2.5-1.5B-Instruct": _shape("Qwen2.5-1.5B-Instruct", 151936, 1536, 8960, 28, 12, 2, True, True, 151665),
+    "Qwen/Qwen2.5-3B-Instruct": _shape("Qwen2.5-3B-Instruct", 151936, 2048, 11008, 36, 16, 2, True, True, 151665),
+    "Qwen/Qwen2.5-7B-Instruct": _shape("Qwen2.5-7B-Instruct", 152064, 3584, 18944, 28, 28, 4, False, True, 151665),
+}
+KNOWN_MODELS["embedded"] = KNOWN_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"]
+
+
+def shape_from_config(config: dict, name: str) -> ModelShape:
+    """A ModelShape from a ``config.json`` mapping (Llama, Qwen2, Mistral, Gemma and similar)."""
+    try:
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        return ModelShape(name, config["vocab_size"], hidden, config["intermediate_size"],
+                          config["num_hidden_layers"], heads, config.get("num_key_value_heads") or heads,
+                          config.get("head_dim") or hidden // heads, bool(config.get("tie_word_embeddings", False)),
+                          bool(config.get("attention_bias", config.get("model_type") == "qwen2")))
+    except KeyError as exc:
+        raise PlanError(f"{name}: config.json has no {exc.args[0]!r}; the plan needs a decoder-only transformer "
+                        f"config (hidden_size, num_attention_heads, intermediate_size, num_hidden_layers).") from exc
+
+
+def model_shape(source: str, revision: Optional[str] = None, tiny=None) -> ModelShape:
+    """The shape of a teacher/student source: "tiny", "embedded", a known Hub id, a local folder, or a Hub id
+    whose config.json is in the local Hub cache. Unknown shapes raise PlanError naming what to give."""
+    if source == "tiny":
+        t = tiny
+        return ModelShape("tiny-llama", t.vocab_size, t.hidden_size, t.intermediate_size, t.num_layers, t.num_heads,
+                          t.num_kv_heads, t.hidden_size // t.num_heads, True)
+    base = source.removesuffix("-Instruct")
+    for key in (source, base + "-Instruct"):
+        if key in KNOWN_MODELS:
+            return KNOWN_MODELS[key] if key == source else dataclasses.replace(KNOWN_MODELS[key], name=source)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf" and "smollm2-135m" in path.name.lower():
+        return KNOWN_MODELS["embedded"]
+    if (path / "config.json").is_file():
+        return shape_from_config(json.loads((path / "config.json").read_text()), source)
+    if source.count("/") == 1 and not path.exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json", revision=revision)
+        except Exception:  # noqa: BLE001 - any failure means: not in the cache
+            cached = None
+        if isinstance(cached, str):
+            return shape_from_config(json.loads(Path(cached).read_text()), source)
+    raise PlanError(f"No shape known for {source!r}: the plan knows {', '.join(k for k in KNOWN_MODELS if '/' in k)}, "
+                    f"a local folder with config.json, or a Hub id whose config.json is in the local Hub cache.")
+
+
+# -- devices ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Device:
+    """A machine to plan for: its accelerator (None for CPU only) and host RAM."""
+
+    name: str
+    memory: Optional[int]  # accelerator bytes usable by PyTorch (None: CPU, the host RAM is the device)
+    capability: Optional[tuple[int, int]]  # CUDA compute capability
+    host: Optional[int]  # host RAM in bytes (None: unknown, not checked)
+    tflops: float  # dense 16-bit tensor-core peak (fp32 peak on CPU), for the step-time estimate
+    host_note: str = ""
+
+    @property
+    def cuda(self) -> bool:
+        return self.memory is not None
+
+
+def _gpu(name, gib, capability, host_gb, tflops, note):
+    return Device(name, int(gib * GiB), capability, None if host_gb is None else int(host_gb * 1e9), tflops, note)
+
+
+# Memory as torch.cuda reports it (total_memory); host RAM of the machine users typically get with that GPU.
+GPUS: dict[str, Device] = {
+    "t4": _gpu("Tesla T4 (Colab)", 14.57, (7, 5), 12.7, 65, "Colab's 12.7 GB"),
+    "l4": _gpu("NVIDIA L4 (Colab)", 22.06, (8, 9), 53.0, 121, "Colab's 53 GB"),
+    "a10": _gpu("NVIDIA A10", 22.07, (8, 6), None, 125, "not checked: give --host-gb"),
+    "a100-40": _gpu("NVIDIA A100-SXM4-40GB (Colab)", 39.39, (8, 0), 83.5, 312, "Colab's 83.5 GB"),
+    "a100-80": _gpu("NVIDIA A100-SXM4-80GB", 79.15, (8, 0), None, 312, "not checked: give --host-gb"),
+    "h100": _gpu("NVIDIA H100 80GB HBM3", 79.11, (9, 0), None, 989, "not checked: give --host-gb"),
+    "h200": _gpu("NVIDIA H200", 139.8, (9, 0), None, 989, "not checked: give --host-gb"),
+}
+
+
+def host_ram() -> Optional[int]:
+    """This machine's total RAM in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def this_machine() -> Device:
+    """The GPU PyTorch sees (device 0), or the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        cap = (props.major, props.minor)
+        return Device(props.name, props.total_memory, cap, host_ram(), 312 if cap >= (8, 0) else 65, "this machine")
+    return Device(f"CPU ({os.cpu_count()} cores)", None, None, host_ram(), 0.2, "this machine")
+
+
+def get_device(name: Optional[str], host_gb: Optional[float] = None) -> Device:
+    """A GPU from `GPUS` by name, "cpu", or None for this machine; `host_gb` overrides the host RAM."""
+    if name is None:
+        device = this_machine()
+    elif name == "cpu":
+        device = Device(f"CPU ({os.cpu_count()} cores)", None, None, host_ram(), 0.2, "this machine")
+    elif name in GPUS:
+        device = GPUS[name]
+    else:
+        raise PlanError(f"Unknown GPU {name!r}: use one of {', '.join(GPUS)} or cpu.")
+    if host_gb is not None:
+        device = dataclasses.replace(device, host=int(host_gb * 1e9), host_note=f"{host_gb:g} GB given")
+    return device
+
+
+# -- per-token and per-model byte counts -----------------------------------------------------------------------
+
+CUDA_CONTEXT = int(0.5 * GiB)  # CUDA context + cuBLAS workspaces outside the caching allocator (T4-A100, torch 2.x)
+ALLOCATOR_SLACK = 0.05  # fragmentation headroom kept free on the accelerator
+HOST_RUNTIME_CPU = int(0.62 * GiB)  # Python + torch + transformers + datasets imported (measured, CPU build)
+HOST_RUNTIME_CUDA = int(2.5 * GiB)  # the same with the CUDA libraries loaded (estimate; Colab shows 2-3 GB)
+MFU = 0.35  # model FLOP utilisation assumed for the step-time estimate on a GPU
+
+
+def dtype_bytes(precision: str) -> float:
+    return {"fp32": 4, "no": 4, "bf16": 2, "fp16": 2, "8bit": 1, "4bit": 0.5}[precision]
+
+
+def weight_bytes(shape: ModelShape, precision: str) -> int:
+    """Weights (and quantization scales) at a precision. bitsandbytes quantizes the decoder's Linear layers
+    only: embeddings, norms and the output layer stay in 16 bits."""
+    if precision in ("8bit", "4bit"):
+        linear = shape.layers * shape.layer_linear_params
+        per = 1 + 4 / 4096 if precision == "8bit" else 0.5 + 4 / 64  # int8 + row scales; nf4 + fp32 absmax/64
+        return int(linear * per + (shape.params - linear) * 2)
+    return int(shape.params * dtype_bytes(precision))
+
+
+def optimizer_bytes(shape: ModelShape, optimizer: str) -> int:
+    """AdamW: two fp32 states per parameter; bitsandbytes 8-bit AdamW: two uint8 states plus block scales."""
+    return shape.params * (8 if optimizer == "adamw" else 2) + (shape.params // 256) * 8 * (optimizer != "adamw")
+
+
+def train_activation_bytes(shape: ModelShape, compute: float, tokens: int, seq_len: int, checkpointing: bool,
+                           flash: bool) -> int:
+    """Activations the backward pass needs for `tokens` tokens (fp32 residual stream, `compute`-byte matmuls).
+
+    Per token and layer: the residual stream and the norms' inputs (4 x 4H bytes), the matmul inputs and
+    outputs of attention and the MLP in the compute dtype (7H + 6 kv + 5I values), and without a fused
+    attention kernel the (heads x L) attention probabilities twice. With gradient checkpointing only each
+    layer's input is kept, plus one layer's activations while it is recomputed."""
+    h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
+    attn = 0 if flash else 2 * shape.heads * seq_len * compute
+    per_layer = 16 * h + compute * (7 * h + 6 * kv + 5 * i) + attn
+    per_token = (4 * h * shape.layers + per_layer) if checkpointing else per_layer * shape.layers
+    return int(tokens * (per_token + 8 * h))  # + the embedding output and the final norm
+
+
+def forward_activation_bytes(shape: ModelShape, compute: float, tokens: int, seq_len: int, flash: bool) -> int:
+    """Transient memory of a forward pass without gradients: about one layer's working set at a time."""
+    h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
+    attn = 0 if flash else 2 * shape.heads * seq_len * compute
+    return int(tokens * (8 * h + compute * (3 * h + 2 * kv + 3 * i) + attn))
+
+
+def loss_buffer_bytes(shape: ModelShape, chunk: int, tokens: int, compute: float, implementation: str,
+                      teacher_live: Optional[ModelShape]) -> int:
+    """The loss's own memory: chunked, about six fp32 (C, V) buffers (logits, log-softmax, the top-k "rest"
+    copy, gradients) plus the fp32 output-layer gradient accumulator and the weight cast to the compute dtype;
+    full, the same for all N answer tokens at once. A live teacher adds its (C, V) logits and log-softmax."""
+    v = shape.vocab
+    n = min(chunk, tokens) if implementation == "chunked" else tokens
+    total = 6 * 4 * n * v + int(compute * n * v)
+    if implementation == "chunked":
+        total += 4 * shape.vocab_rows * shape.hidden + (0 if compute == 4 else int(compute * v * shape.hidden))
+    if teacher_live is not None:
+        total += 2 * 4 * n * v + tokens * teacher_live.hidden * 4
+    return total
+
+
+def kv_cache_bytes(shape: ModelShape, batch: int, length: int, compute: float) -> int:
+    return int(2 * shape.layers * shape.kv_dim * batch * length * compute)
+
+
+# -- the plan -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Stage:
+    """One stage's peak: what sits on the accelerator and in host RAM at once, item by item."""
+
+    name: str
+    device: dict[str, int] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def device_peak(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def host_peak(self) -> int:
+        return sum(self.host.values())
+
+
+@dataclass
+class MemoryPlan:
+    """Stages with their peaks, the verdict, and the knobs that would make a failing plan fit."""
+
+    device: Device
+    teacher: ModelShape
+    student: ModelShape
+    stages: list[Stage]
+    settings: dict  # the resolved choices the plan assumed (precisions, chunk, tokens per batch ...)
+    step_seconds: float  # estimated seconds per optimizer step
+    fixes: list[str] = field(default_factory=list)  # overrides that would make it fit (when it does not)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def device_limit(self) -> Optional[int]:
+        return None if self.device.memory is None else int(self.device.memory * (1 - ALLOCATOR_SLACK))
+
+    def problems(self) -> list[str]:
+        out = []
+        for s in self.stages:
+            if self.device_limit is not None and s.device_peak > self.device_limit:
+                out.append(f"{s.name}: {gib(s.device_peak)} on the GPU > {gib(self.device_limit)} usable")
+            if self.device.host is not None and s.host_peak > self.device.host:
+                out.append(f"{s.name}: {gib(s.host_peak)} of host RAM > {gib(self.device.host)}")
+        return out
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems()
+
+    @property
+    def verdict(self) -> str:
+        if self.fits:
+            worst = max(self.stages, key=lambda s: s.device_peak if self.device.cuda else s.host_peak)
+            peak = worst.device_peak if self.device.cuda else worst.host_peak
+            limit = self.device_limit if self.device.cuda else self.device.host
+            room = f" ({100 * peak / limit:.0f}% of {gib(limit)}, at {worst.name})" if limit else ""
+            return f"FITS on {self.device.name}: peak {gib(peak)}{room}"
+        return f"DOES NOT FIT on {self.device.name}: " + "; ".join(self.problems())
+
+    def checkpoint_every(self, minutes: float = 10.0) -> int:
+        """Steps between checkpoints so that a disconnect loses at most `minutes` of training."""
+        return max(1, int(minutes * 60 / max(self.step_seconds, 1e-6)))
+
+    def __str__(self) -> str:
+        s = self.settings
+        lines = [f"memory plan: teacher {self.teacher.name} ({self.teacher.params / 1e6:,.0f}M, {s['teacher_precision']}"
+                 f"), student {self.student.name} ({self.student.params / 1e6:,.0f}M, fp32 weights, "
+                 f"{s['mixed_precision']} compute), on {self.device.name}",
+                 f"  batches: train {s['train_tokens']:,} tokens per micro-batch ({s['lengths']}), loss chunk "
+                 f"{s['chunk']} tokens, gradient checkpointing {'on' if s['checkpointing'] else 'off'}, optimizer "
+                 f"{s['optimizer']}; eval {s['eval_tokens']:,} tokens per batch"]
+        for stage in self.stages:
+            where = [("GPU", stage.device)] if self.device.cuda else []
+            where.append(("host", stage.host))
+            for label, items in where:
+                total = sum(items.values())
+                parts = ", ".join(f"{k} {gib(v)}" for k, v in items.items() if v)
+                lines.append(f"  {stage.name:<16} {label:<4} {gib(total):>10} = {parts}")
+        host_note = "" if self.device.host is None else f" (host RAM: {self.device.host_note})"
+        lines.append(f"  step time ~{self.step_seconds:.2f} s (estimate); checkpoint every {self.checkpoint_every()} "
+                     f"steps keeps a disconnect under 10 minutes{host_note}")
+        lines += [f"  note: {n}" for n in self.notes]
+        lines.append(self.verdict)
+        knobs = " ".join(f"--set {f}" for f in self.fixes if "=" in f)
+        rest = [f for f in self.fixes if "=" not in f]
+        if self.fixes and not rest:
+            lines.append(f"  would fit with: {knobs}")
+        elif rest:
+            lines.append(f"  no knob alone makes it fit: {knobs + ', then ' if knobs else ''}" + "; ".join(rest))
+        return "\n".join(lines)
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= 0.1 * GiB else f"{n / MiB:.0f} MiB"
+
+
+def memory_plan(cfg, gpu: Optional[str] = None, *, host_gb: Optional[float] = None,
+                lengths: Optional[Sequence[int]] = None, eval_lengths: Optional[Sequence[int]] = None,
+                suggest: bool = True, device: Optional[Device] = None) -> MemoryPlan:
+    """The memory plan of `cfg` on `gpu` (a `GPUS` name, "cpu", or None for this machine).
+
+    `lengths` / `eval_lengths`: token lengths of the tokenized training / held-out rows; without them
+    every row is taken at its length limit (the worst case). When the plan does not fit and `suggest`
+    is set, the knobs that would make it fit are searched and listed in `fixes`."""
+    device = device or get_device(gpu, host_gb)
+    plan = _plan(cfg, device, lengths, eval_lengths)
+    if suggest and not plan.fits:
+        plan.fixes = _search_fixes(cfg, device, lengths, eval_lengths)
+    return plan
+
+
+def _resolved(cfg, device: Device) -> dict:
+    from .losses import auto_chunk_size
+    from .models import native_bf16
+
+    tr = cfg.train
+    if device.cuda:
+        mixed = tr.mixed_precision if tr.mixed_precision != "auto" else (
+            "bf16" if native_bf16(device.capability) else "fp16")
+        teacher = cfg.teacher.precision if cfg.teacher.precision != "auto" else "8bit"
+    else:
+        mixed, teacher = ("no" if tr.mixed_precision == "auto" else tr.mixed_precision), (
+            "fp32" if cfg.teacher.precision == "auto" else cfg.teacher.precision)
+    return {"mixed_precision": mixed, "teacher_precision": teacher, "compute": dtype_bytes(mixed),
+            "device_type": "cuda" if device.cuda else "cpu", "auto_chunk": auto_chunk_size}
+
+
+def _shapes(cfg) -> tuple[ModelShape, ModelShape]:
+    teacher = model_shape(cfg.teacher.source, cfg.teacher.revision, cfg.teacher.tiny)
+    s = cfg.student
+    if s.source == "derive":
+        student = teacher.with_layers(len(s.layers) if s.layers else s.num_layers)
+    else:
+        student = model_shape(s.source, s.revision)
+    return teacher, student
+
+
+def _plan(cfg, device: Device, lengths, eval_lengths) -> MemoryPlan:
+    teacher, student = _shapes(cfg)
+    r = _resolved(cfg, device)
+    tr, ev, tc = cfg.train, cfg.eval, cfg.teacher_cache
+    compute = r["compute"]
+    t_bytes = dtype_bytes(r["teacher_precision"]) if r["teacher_precision"] in ("fp32", "bf16", "fp16") else 2
+    flash = device.cuda  # SDPA's fused kernels on CUDA; the math path (with L x L scores) on CPU
+    train_len = max(lengths) if lengths else cfg.data.max_length
+    eval_len = max(eval_lengths) if eval_lengths else ev.max_length
+    mean_len = (sum(lengths) / len(lengths)) if lengths else 0.6 * cfg.data.max_length
+    train_tokens = tr.batch_size * train_len
+    eval_tokens = ev.batch_size * eval_len
+    chunk = cfg.loss.chunk_size or r["auto_chunk"](student.vocab, r["device_type"])
+    implementation = "full" if cfg.loss.implementation == "full" else "chunked"
+    live = not tc.use  # without the cache the teacher runs beside the student in every step
+    tw = weight_bytes(teacher, r["teacher_precision"])
+    sw = weight_bytes(student, "fp32")
+    runtime = HOST_RUNTIME_CUDA if device.cuda else HOST_RUNTIME_CPU
+
+    def stage(name: str, on_device: dict[str, int], on_host: dict[str, int]) -> Stage:
+        if device.cuda:
+            return Stage(name, {"CUDA context": CUDA_CONTEXT, **on_device}, {"runtime": runtime, **on_host})
+        return Stage(name, {}, {"runtime": runtime, **on_host, **on_device})  # one memory: the host's
+
+    # The untrained student lives on the host while it is not evaluated; on CPU everything is in one place.
+    resting = {"student (untrained, on host)": sw}
+    stages = [stage("teacher cache", {
+        "teacher weights": tw,
+        "forward activations": forward_activation_bytes(teacher, t_bytes, tc.batch_size * train_len, train_len, flash),
+        "logit chunks": 3 * 4 * min(chunk, tc.batch_size * train_len) * teacher.vocab}, resting)]
+    if tc.use is False:
+        stages[0].name = "teacher (live)"
+    stages.append(stage("evaluation", {
+        "teacher weights": tw, "student weights": sw,
+        "forward activations": forward_activation_bytes(teacher if teacher.params > student.params else student,
+                                                        max(t_bytes, 4 if not device.cuda else 2), eval_tokens,
+                                                        eval_len, flash),
+        "logit chunks (both models)": 2 * 3 * 4 * min(chunk, eval_tokens) * student.vocab}, {}))
+    gen_len = eval_len + ev.max_new_tokens
+    gen_model = teacher if teacher.params >= student.params else student
+    stages.append(stage("generation", {
+        "teacher weights": tw, "KV cache": kv_cache_bytes(gen_model, ev.batch_size, gen_len, max(compute, t_bytes)),
+        "step logits": 3 * 4 * ev.batch_size * gen_model.vocab_rows}, resting))
+    if cfg.data.targets != "reference":
+        stages.append(stage("teacher answers", {
+            "teacher weights": tw,
+            "KV cache": kv_cache_bytes(teacher, tc.batch_size, train_len + ev.max_new_tokens, t_bytes),
+            "step logits": 3 * 4 * tc.batch_size * teacher.vocab_rows}, resting))
+    train_device = {
+        "student weights (fp32)": sw, "gradients": sw, f"optimizer ({tr.optimizer})": optimizer_bytes(student,
+                                                                                                      tr.optimizer),
+        "activations": train_activation_bytes(student, compute, train_tokens, train_len, tr.gradient_checkpointing,
+                                              flash),
+        "loss buffers": loss_buffer_bytes(student, chunk, train_tokens, compute, implementation,
+                                          teacher if live else None)}
+    train_host = dict(resting)
+    if live:
+        train_device["teacher weights"] = tw
+    elif device.cuda:
+        train_host["teacher (offloaded to host)"] = tw
+    else:
+        train_host["teacher weights"] = tw
+    stages.append(stage("training", train_device, train_host))
+    if not device.cuda:  # the teacher stays in RAM on CPU in every stage; count it where the stage did not
+        for s in stages:
+            s.host.setdefault("teacher weights", tw)
+            if s.name == "evaluation":
+                s.host.pop("student weights", None)
+                s.host["student (untrained, on host)"] = sw
+
+    # Step time: 6 FLOPs per parameter per token (8 with checkpointing's recomputation) + a live teacher's forward.
+    tokens_per_step = tr.batch_size * tr.grad_accum * mean_len
+    flops = tokens_per_step * student.params * (8 if tr.gradient_checkpointing else 6)
+    flops += tokens_per_step * teacher.params * 2 if live else 0
+    step_seconds = flops / (device.tflops * 1e12 * (MFU if device.cuda else 1.0))
+    settings = {"teacher_precision": r["teacher_precision"], "mixed_precision": r["mixed_precision"],
+                "chunk": chunk, "train_tokens": train_tokens, "eval_tokens": eval_tokens,
+                "checkpointing": tr.gradient_checkpointing, "optimizer": tr.optimizer,
+                "lengths": (f"longest row {train_len} tokens of {len(lengths)}" if lengths
+                            else f"worst case: every row at data.max_length={cfg.data.max_length}")}
+    notes = []
+    if device.cuda and r["mixed_precision"] == "bf16" and device.capability and device.capability < (8, 0):
+        notes.append("bf16 is emulated on this GPU (no bf16 tensor cores): use fp16 or auto")
+    return MemoryPlan(device, teacher, student, stages, settings, step_seconds, notes=notes)
+
+
+# Knobs tried in order, each kept once it helps: they trade speed for memory, cheapest first.
+def _candidate_fixes(cfg, device: Device) -> list[list[str]]:
+    tr = cfg.train
+    steps = []
+    if not tr.gradient_checkpointing:
+        steps.append(["train.gradient_checkpointing=true"])
+    if tr.optimizer == "adamw":
+        steps.append(["train.optimizer=adamw_8bit"])
+    if not cfg.teacher_cache.use:
+        steps.append(["teacher_cache.use=true"])
+    if device.cuda and cfg.teacher.precision in ("auto", "fp32", "bf16", "fp16") and cfg.teacher.precision != "8bit":
+        steps.append(["teacher.precision=8bit"])
+    if device.cuda:
+        steps.append(["teacher.precision=4bit"])
+    b = tr.batch_size
+    while b > 1:
+        b //= 2
+        steps.append([f"train.batch_size={b}", f"train.grad_accum={tr.grad_accum * tr.batch_size // b}",
+                      f"eval.batch_size={max(1, cfg.eval.batch_size * b // tr.batch_size)}",
+                      f"teacher_cache.batch_size={max(1, cfg.teacher_cache.batch_size * b // tr.batch_size)}"])
+    return steps
+
+
+def _search_fixes(cfg, device: Device, lengths, eval_lengths) -> list[str]:
+    from .config import apply_overrides
+
+    chosen: list[str] = []
+    for step in _candidate_fixes(cfg, device):
+        trial = apply_overrides(cfg, chosen + step)
+        before = _plan(apply_overrides(cfg, chosen) if chosen else cfg, device, lengths, eval_lengths)
+        after = _plan(trial, device, lengths, eval_lengths)
+        if _overflow(after) < _overflow(before):
+            chosen = [c for c in chosen if c.split("=")[0] not in {s.split("=")[0] for s in step}] + step
+            if after.fits:
+                return chosen
+    final = _plan(apply_overrides(cfg, chosen) if chosen else cfg, device, lengths, eval_lengths)
+    training = next(s for s in final.stages if s.name == "training")
+    limit = final.device_limit if device.cuda else device.host
+    student = final.student
+    fixed = (training.device_peak if device.cuda else training.host_peak) - _per_param_bytes(cfg, chosen) * \
+        student.params
+    room = max(0, (limit or 0) - fixed) // max(1, _per_param_bytes(cfg, chosen))
+    return chosen + [f"a smaller student: about {room / 1e6:,.0f}M parameters or fewer fit beside the rest"]
+
+
+def _per_param_bytes(cfg, chosen: list[str]) -> int:
+    optimizer = next((c.split("=")[1] for c in chosen if c.startswith("train.optimizer=")), cfg.train.optimizer)
+    return 4 + 4 + (8 if optimizer == "adamw" else 2)
+
+
+def _overflow(plan: MemoryPlan) -> int:
+    total = 0
+    for s in plan.stages:
+        if plan.device_limit is not None:
+            total += max(0, s.device_peak - plan.device_limit)
+        if plan.device.host is not None:
+            total += max(0, s.host_peak - plan.device.host)
+    return total
+
+
+def inference_bytes_per_token(model) -> int:
+    """Transient bytes per token of a no-gradient forward of a loaded model (sizes evaluation batches)."""
+    c = model.config
+    heads = c.num_attention_heads
+    shape = ModelShape("model", c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, heads,
+                       getattr(c, "num_key_value_heads", None) or heads,
+                       getattr(c, "head_dim", None) or c.hidden_size // heads, True)
+    compute = max(2, next(model.parameters()).element_size())
+    return forward_activation_bytes(shape, compute, 1, 1, True)
