@@ -18,39 +18,94 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import (MMLU_LETTERS, Example, PaddingCollator, TokenizedSplit, answers_match, extract_gsm8k_answer,
                    format_prompt)
-from .models import answer_logits, answer_positions, count_parameters
+from .models import answer_logit_chunks, answer_logits, answer_positions, count_parameters
 
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def eval_batches(lengths: Sequence[int], batch_size: int, max_tokens: Optional[int] = None) -> list[list[int]]:
+    """Row indices in batches of similar length (sorted, so little padding): at most `batch_size` rows and, with
+    `max_tokens`, at most that many padded tokens per batch (a memory budget; a longer row goes alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, current = [], []
+    for i in order:
+        longest = max([lengths[j] for j in current] + [lengths[i]])
+        if current and (len(current) >= batch_size or (max_tokens and longest * (len(current) + 1) > max_tokens)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + ([current] if current else [])
+
+
+def batch_token_budget(model: torch.nn.Module, fraction: float = 0.5) -> Optional[int]:
+    """Padded tokens per evaluation batch that fit in `fraction` of the GPU's free memory (None on CPU):
+    the free bytes divided by the plan's transient bytes per token of this model."""
+    device = _device(model)
+    if device.type != "cuda":
+        return None
+    from .plan import inference_bytes_per_token
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(64, int(fraction * free / inference_bytes_per_token(model)))
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, split: TokenizedSplit, *, pad_token_id: int, batch_size: int = 16,
-               desc: str = "perplexity", progress: bool = True) -> dict:
-    """exp(mean NLL) over answer tokens only (prompt and padding never count).
+               vocab_size: Optional[int] = None, desc: str = "perplexity", progress: bool = True) -> dict:
+    """exp(mean NLL) over answer tokens only (prompt and padding never count), over the first `vocab_size`
+    logits (the tokenizer's; an output layer's padding rows never take probability, as in the losses).
 
+    Runs on the model's device a chunk of tokens at a time (never the (N, V) logits of a batch, nothing of
+    size V on the host); batches hold at most `batch_size` rows and, on a GPU, what its free memory allows.
     Returns {"perplexity", "nll", "tokens"}.
     """
     model.eval()
     collate = PaddingCollator(pad_token_id, "right")
     device = _device(model)
-    total_nll, total_tokens = 0.0, 0
-    order = sorted(range(len(split)), key=lambda i: len(split[i]["input_ids"]))  # less padding
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        batch = collate([split[i] for i in order[start:start + batch_size]])
-        batch = {k: v.to(device) for k, v in batch.items()}
+    total_nll = torch.zeros((), dtype=torch.float64, device=device)
+    total_tokens = 0
+    batches = eval_batches([len(f["input_ids"]) for f in split.features], batch_size, batch_token_budget(model))
+    for rows in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        batch = {k: v.to(device) for k, v in collate([split[i] for i in rows]).items()}
         select = answer_positions(batch["labels"])
-        logits = answer_logits(model, batch["input_ids"], batch["attention_mask"], select).float()
         targets = batch["labels"][:, 1:][select[:, :-1]]
-        total_nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        for i, logits in answer_logit_chunks(model, batch["input_ids"], batch["attention_mask"], select, vocab_size):
+            total_nll += F.cross_entropy(logits, targets[i:i + logits.shape[0]], reduction="sum").double()
         total_tokens += targets.numel()
-    nll = total_nll / max(total_tokens, 1)
+    nll = float(total_nll) / max(total_tokens, 1)
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": total_tokens}
+
+
+# Greedy decoding, spelled out: transformers fills every knob left unset from the model's own generation config
+# (Qwen2.5-Instruct ships do_sample=True, temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05), so each
+# knob that changes the argmax path is set here to its neutral value.
+GREEDY = {"do_sample": False, "num_beams": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": None,
+          "typical_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
+          "length_penalty": 1.0, "bad_words_ids": None, "sequence_bias": None, "suppress_tokens": None,
+          "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None}
+
+
+def overridden_generation_settings(model: torch.nn.Module) -> dict:
+    """The model's own generation-config values that greedy decoding here overrides (reported with results)."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    out = {}
+    for key, neutral in GREEDY.items():
+        value = getattr(config, key, None)
+        if value is not None and value != neutral and not (key in ("temperature", "top_p", "top_k", "min_p",
+                                                                   "typical_p") and not config.do_sample):
+            out[key] = value
+    if getattr(config, "do_sample", False):
+        out["do_sample"] = True
+    return out
 
 
 @torch.no_grad()
@@ -59,14 +114,21 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_n
              progress: bool = True) -> list[str]:
     """Greedy completions of `prompts` (already formatted), batched with left padding, in input order.
 
+    Greedy means greedy: no sampling, no repetition penalty, no n-gram blocking, whatever the model's own
+    generation config says (`GREEDY`; `overridden_generation_settings` lists what was overridden).
     Each sequence stops at the tokenizer's EOS (the end of the answer), at any of the `stop` strings
     (e.g. "\\nQuestion:" for plain few-shot prompts; cut from the output), or after `max_new_tokens`.
     Prompts are sorted by length so a batch carries little padding.
     """
+    from transformers import GenerationConfig
+
     model.eval()
     device = _device(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[Optional[str]] = [None] * len(prompts)
+    config = GenerationConfig(**GREEDY, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id,
+                              **({"stop_strings": list(stop)} if stop else {}))
     saved_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -74,10 +136,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_n
             index = order[start:start + batch_size]
             enc = tokenizer([prompts[i] for i in index], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                 top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id,
-                                 **({"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}))
+            out = model.generate(**enc, generation_config=config, **({"tokenizer": tokenizer} if stop else {}))
             new = out[:, enc["input_ids"].shape[1]:]
             for i, text in zip(index, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 for marker in stop:  # the stop string itself is not part of the answer
@@ -124,7 +183,8 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example
     correct = sum(r["correct"] for r in rows)
     low, high = wilson_interval(correct, len(rows))
     return {"accuracy": correct / max(len(rows), 1), "correct": correct, "total": len(rows), "ci95": (low, high),
-            "seconds": seconds, "rows": rows}
+            "seconds": seconds, "rows": rows, "decoding": "greedy",
+            "overridden": overridden_generation_settings(model)}
 
 
 # -- MMLU: letter scoring -----------------------------------------------------------------------------------
@@ -252,6 +312,8 @@ def agreement(teacher: torch.nn.Module, student: torch.nn.Module, split: Tokeniz
               vocab_size: Optional[int] = None, batch_size: int = 16, progress: bool = True) -> dict:
     """How closely the student follows the teacher on held-out answers (teacher-forced, answer tokens only).
 
+    Both models run on their own devices; their logits meet on the student's a chunk of tokens at a time,
+    so neither (N, V) logits nor anything of size V reach the host.
     Returns {"top1_agreement": share of answer positions where both models' most likely next token is
     the same, "kl": mean KL(teacher || student) at T = 1 in nats/token, "tokens"}.
     """
@@ -259,21 +321,26 @@ def agreement(teacher: torch.nn.Module, student: torch.nn.Module, split: Tokeniz
     t_dev, s_dev = _device(teacher), _device(student)
     teacher.eval()
     student.eval()
-    agree, kl_sum, total = 0, 0.0, 0
-    for lo in tqdm(range(0, len(split), batch_size), desc="agreement", disable=not progress, leave=False):
-        batch = collate([split[i] for i in range(lo, min(len(split), lo + batch_size))])
+    agree = torch.zeros((), dtype=torch.int64, device=s_dev)
+    kl_sum = torch.zeros((), dtype=torch.float64, device=s_dev)
+    total = 0
+    budget = min((b for b in (batch_token_budget(teacher), batch_token_budget(student)) if b), default=None)
+    batches = eval_batches([len(f["input_ids"]) for f in split.features], batch_size, budget)
+    for rows in tqdm(batches, desc="agreement", disable=not progress, leave=False):
+        batch = collate([split[i] for i in rows])
         select = answer_positions(batch["labels"])
-        t = answer_logits(teacher, batch["input_ids"].to(t_dev), batch["attention_mask"].to(t_dev),
-                          select.to(t_dev)).float().cpu()
-        s = answer_logits(student, batch["input_ids"].to(s_dev), batch["attention_mask"].to(s_dev),
-                          select.to(s_dev)).float().cpu()
-        if vocab_size:
-            t, s = t[:, :vocab_size], s[:, :vocab_size]
-        log_p, log_q = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
-        agree += int((t.argmax(-1) == s.argmax(-1)).sum())
-        kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
-        total += t.shape[0]
-    return {"top1_agreement": agree / max(1, total), "kl": kl_sum / max(1, total), "tokens": total}
+        t_chunks = answer_logit_chunks(teacher, batch["input_ids"].to(t_dev), batch["attention_mask"].to(t_dev),
+                                       select.to(t_dev), vocab_size)
+        s_chunks = answer_logit_chunks(student, batch["input_ids"].to(s_dev), batch["attention_mask"].to(s_dev),
+                                       select.to(s_dev), vocab_size)
+        for (_, t), (_, s) in zip(t_chunks, s_chunks):
+            t = t.to(s_dev)
+            agree += (t.argmax(-1) == s.argmax(-1)).sum()
+            log_p = torch.log_softmax(t, -1)
+            del t
+            kl_sum += (log_p.exp() * (log_p - torch.log_softmax(s, -1))).sum().double()
+            total += s.shape[0]
+    return {"top1_agreement": int(agree) / max(1, total), "kl": float(kl_sum) / max(1, total), "tokens": total}
 
 
 # -- efficiency -----------------------------------------------------------------------------------------------------
@@ -347,8 +414,7 @@ def efficiency(model: torch.nn.Module, tokenizer, prompt: str = "Question: What 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for bs in batch_sizes:
         enc = tokenizer([prompt] * bs, return_tensors="pt", add_special_tokens=False).to(device)
-        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, temperature=None,
-                      top_p=None, top_k=None, pad_token_id=pad)
+        kwargs = dict(GREEDY, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
         model.generate(**enc, **kwargs)  # warm-up
         best = math.inf
         with PeakMemory(device) as peak:
@@ -378,7 +444,7 @@ def evaluate_model(label: str, model: torch.nn.Module, tokenizer, eval_split: To
     (left out of the table, saved by the pipeline).
     """
     ppl = perplexity(model, eval_split, pad_token_id=tokenizer.pad_token_id, batch_size=eval_cfg.batch_size,
-                     desc=f"{label}: perplexity", progress=progress)
+                     vocab_size=len(tokenizer), desc=f"{label}: perplexity", progress=progress)
     row = {"model": label, "parameters": count_parameters(model), "perplexity": ppl["perplexity"],
            "answer_tokens": ppl["tokens"]}
     if eval_cfg.generate_samples > 0:
@@ -388,6 +454,8 @@ def evaluate_model(label: str, model: torch.nn.Module, tokenizer, eval_split: To
                              progress=progress)
         row.update(accuracy=acc["accuracy"], correct=acc["correct"], questions=acc["total"],
                    ci95_low=acc["ci95"][0], ci95_high=acc["ci95"][1], generation_s=acc["seconds"],
+                   decoding="greedy" + (" (overrode the model's " + ", ".join(
+                       f"{k}={v}" for k, v in acc["overridden"].items()) + ")" if acc["overridden"] else ""),
                    generations=acc["rows"])
     if mmlu_examples:
         mmlu = mmlu_accuracy(model, tokenizer, mmlu_examples, shots=eval_cfg.mmlu_shots,

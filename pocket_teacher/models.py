@@ -62,14 +62,69 @@ class ModelInfo:
 
 # -- device and precision ------------------------------------------------------------------------
 
+def rank_device_index(local_rank: int, device_count: int) -> int:
+    """The GPU a process uses: its local rank (``accelerate launch`` / torchrun set LOCAL_RANK), one GPU each."""
+    if device_count < 1:
+        raise ModelLoadError("No CUDA GPU is visible to PyTorch; use train.device=cpu (or auto).")
+    if local_rank >= device_count:
+        raise ModelLoadError(f"Process with LOCAL_RANK={local_rank} has no GPU of its own: only {device_count} are "
+                             f"visible. Launch at most {device_count} processes per machine (--num_processes).")
+    return local_rank
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda if a GPU is visible, else cpu; 'cuda' without a GPU is an error."""
+    """'auto' -> cuda if a GPU is visible, else cpu; 'cuda' without a GPU is an error.
+
+    On CUDA the device carries its index: process LOCAL_RANK of an ``accelerate launch`` / torchrun
+    group gets ``cuda:LOCAL_RANK``, so every rank loads its teacher and student on its own GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("train.device=cuda, but no CUDA GPU is visible to PyTorch. "
-                             "Use train.device=auto (or cpu) on this machine.")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError("train.device=cuda, but no CUDA GPU is visible to PyTorch. "
+                                 "Use train.device=auto (or cpu) on this machine.")
+        return torch.device("cuda", rank_device_index(int(os.environ.get("LOCAL_RANK", "0")),
+                                                      torch.cuda.device_count()))
     return torch.device(name)
+
+
+def native_bf16(capability: Optional[tuple[int, int]]) -> bool:
+    """True on GPUs with bf16 tensor cores (Ampere, sm80, and newer). ``torch.cuda.is_bf16_supported()``
+    also says True on a T4 (sm75), where bf16 is emulated and slow, so the capability decides."""
+    return capability is not None and tuple(capability) >= (8, 0)
+
+
+def device_capability(device: torch.device) -> Optional[tuple[int, int]]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def resolve_mixed_precision(setting: str, device_type: str, capability: Optional[tuple[int, int]] = None) -> str:
+    """train.mixed_precision -> "bf16", "fp16" or "no" (fp32) for a device.
+
+    auto: bf16 where the GPU has it natively (sm80+), fp16 with dynamic loss scaling on older GPUs
+    (T4, V100), no (fp32) on CPU, where bf16 is about ten times slower. Options the device cannot
+    run well are refused with the fix, never changed silently."""
+    if setting == "auto":
+        if device_type != "cuda":
+            return "no"
+        return "bf16" if native_bf16(capability) else "fp16"
+    if setting not in ("bf16", "fp16", "no"):
+        raise ModelLoadError(f"train.mixed_precision={setting!r}: use auto, bf16, fp16 or no.")
+    if setting == "fp16" and device_type != "cuda":
+        raise ModelLoadError("train.mixed_precision=fp16 needs a CUDA GPU (loss-scaled fp16 autocast); this run is "
+                             "on the CPU. Use train.mixed_precision=auto (fp32 on CPU).")
+    if setting == "bf16" and device_type == "cuda" and not native_bf16(capability):
+        raise ModelLoadError(f"train.mixed_precision=bf16: this GPU (compute capability {capability}) has no bf16 "
+                             f"tensor cores, so bf16 would be emulated and slow. Use train.mixed_precision=fp16 "
+                             f"(or auto, which picks fp16 with loss scaling here).")
+    if setting == "bf16" and device_type != "cuda":
+        log.warning("train.mixed_precision=bf16 on CPU is about ten times slower than fp32 here; use auto.")
+    return setting
+
+
+def half_dtype(device: torch.device) -> torch.dtype:
+    """The 16-bit float a device computes fastest: bf16 on sm80+, fp16 on older GPUs (and as a CPU default)."""
+    return torch.bfloat16 if native_bf16(device_capability(device)) else torch.float16
 
 
 def _bitsandbytes_ok() -> bool:
@@ -93,7 +148,7 @@ def resolve_precision(precision: str, device: torch.device, role: str = "teacher
             return "fp32"
         if role == "teacher" and _bitsandbytes_ok():
             return "8bit"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if native_bf16(device_capability(device)) else "fp16"
     if precision in QUANTIZED:
         if role != "teacher":
             raise ModelLoadError(f"{role}.precision={precision}: only the frozen teacher can be quantized.")
@@ -103,6 +158,9 @@ def resolve_precision(precision: str, device: torch.device, role: str = "teacher
         if not _bitsandbytes_ok():
             raise ModelLoadError(f"{role}.precision={precision} needs the bitsandbytes package: pip install "
                                  f"bitsandbytes. Or use {role}.precision=bf16 (twice the memory of 8-bit).")
+    elif precision == "bf16" and cuda and not native_bf16(device_capability(device)):
+        raise ModelLoadError(f"{role}.precision=bf16: this GPU has no bf16 tensor cores (compute capability "
+                             f"{device_capability(device)}); use {role}.precision=fp16, 8bit or auto.")
     elif precision in ("bf16", "fp16") and not cuda:
         log.warning("%s.precision=%s on CPU is much slower than fp32 here; use fp32 on CPU.", role, precision)
     elif precision not in ("fp32", "bf16", "fp16"):
@@ -246,12 +304,14 @@ def _from_pretrained(source: str, revision: Optional[str], role: str, precision:
         raise ModelLoadError(f"{role}.source={source!r} is neither a folder, a .gguf file, nor a Hub id "
                              f"(org/name). Use {'embedded' if role == 'teacher' else 'derive'} for the offline default.")
     kwargs: dict = {"revision": revision} if isinstance(folder, str) else {}
-    if precision == "8bit":
-        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device.index or 0})
-    elif precision == "4bit":
-        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                             bnb_4bit_compute_dtype=torch.bfloat16),
-                      device_map={"": device.index or 0})
+    if precision in QUANTIZED:
+        # Each rank's teacher on its own GPU; the parts bitsandbytes does not quantize (embeddings, norms, output
+        # layer) in the 16-bit type this GPU computes natively (fp16 on a T4, bf16 on sm80+).
+        place = {"": device.index if device.index is not None else torch.cuda.current_device()}
+        half = half_dtype(device)
+        quant = (BitsAndBytesConfig(load_in_8bit=True) if precision == "8bit" else
+                 BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=half))
+        kwargs.update(quantization_config=quant, device_map=place, dtype=half)
     else:
         kwargs.update(dtype=torch_dtype(precision) if role == "teacher" else torch.float32)
     if isinstance(folder, str):  # Hub id: the local cache first, then a fast-failing download
@@ -519,3 +579,47 @@ def answer_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     """``(N, H)`` final hidden states (after the final norm) at the N positions where `select` is True."""
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return hidden[select]
+
+
+def answer_logit_chunks(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        select: torch.Tensor, vocab_size: Optional[int] = None, chunk_size: Optional[int] = None):
+    """Yield ``(start, logits)``: fp32 logits of the selected positions ``start:start + C``, on the model's device.
+
+    The output layer runs a chunk of C tokens at a time (`losses.auto_chunk_size` by default), so at most a
+    (C, V) block of logits exists at once, never the (N, V) logits of the whole batch. `vocab_size` keeps the
+    first V logits (rows an output layer pads on are dropped). Models whose logits are more than
+    ``hidden @ W.T + b`` (soft-capping, scaling) fall back to `answer_logits`, sliced the same way."""
+    from .losses import auto_chunk_size
+
+    layer = output_layer(model)
+    if layer is None:
+        logits = answer_logits(model, input_ids, attention_mask, select)
+        vocab = vocab_size or logits.shape[-1]
+        chunk = chunk_size or auto_chunk_size(vocab, logits.device.type)
+        for i in range(0, logits.shape[0], chunk):
+            yield i, logits[i:i + chunk, :vocab].float()
+        return
+    hidden = answer_hidden(model, input_ids, attention_mask, select)
+    weight, bias = layer
+    vocab = vocab_size or weight.shape[0]
+    w, b = weight[:vocab], None if bias is None else bias[:vocab]
+    chunk = chunk_size or auto_chunk_size(vocab, hidden.device.type)
+    for i in range(0, hidden.shape[0], chunk):
+        yield i, torch.nn.functional.linear(hidden[i:i + chunk].to(w.dtype), w, b).float()
+
+
+def offload(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """Move a model (8-bit / 4-bit bitsandbytes models too) to `device`, then return accelerator memory.
+
+    Used to keep on the GPU only what the current stage needs: the teacher goes to the host while training
+    reads its cache, the untrained student rests on the host between its evaluations."""
+    import gc
+
+    device = torch.device(device)
+    current = next(model.parameters()).device
+    if current != device:
+        model.to(device)
+    if current.type == "cuda" and device.type != "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+    return model

@@ -29,7 +29,8 @@ from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt
 from .files import write_json
 from .evaluate import evaluate_model, generate, results_markdown, results_table, side_by_side
 from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, load_student, load_teacher,
-                     resolve_device)
+                     offload, resolve_device)
+from .plan import MemoryPlan, PlanError, memory_plan
 from .teacher_cache import TopKCache, build_topk_cache, generate_answers
 from .plots import plot_mmlu_subjects, plot_quality, plot_size_quality, plot_training, save_figure
 from .train import TrainResult, distill
@@ -42,6 +43,43 @@ def configure(preset: str = "pocket", overrides: Sequence[str] | dict | None = N
     """The named preset with `section.key=value` overrides applied and validated."""
     cfg = get_preset(preset)
     return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+class PlanDoesNotFit(RuntimeError):
+    """The memory plan says a stage does not fit this machine; the message lists the knobs that would fit."""
+
+
+def check_memory(cfg: Config, gpu: Optional[str] = None, force: bool = False, verbose: bool = True,
+                 splits: Optional["Splits"] = None) -> Optional[MemoryPlan]:
+    """Print the memory plan of `cfg` on this machine (or on `gpu`) and refuse, before anything loads, a plan
+    that does not fit (unless `force`). With tokenized `splits` the plan uses their real lengths."""
+    lengths = [len(f["input_ids"]) for f in splits.train.features] if splits else None
+    eval_lengths = [len(f["input_ids"]) for f in splits.eval.features] if splits else None
+    try:
+        plan = memory_plan(cfg, gpu, lengths=lengths or None, eval_lengths=eval_lengths or None)
+    except PlanError as exc:
+        if verbose:
+            print(f"memory plan: skipped ({exc})")
+        return None
+    if verbose:
+        print(plan)
+    if not plan.fits and not force:
+        fixes = " ".join(f"--set {f}" for f in plan.fixes if "=" in f)
+        raise PlanDoesNotFit(f"{plan.verdict}. " + (f"Try: {fixes}. " if fixes else "")
+                             + "Or force the run (CLI --force, run(..., force=True)) to try anyway.")
+    return plan
+
+
+@contextlib.contextmanager
+def visiting(model: torch.nn.Module, device: torch.device):
+    """Bring `model` to `device` for the block and back to where it was after (the untrained student rests on
+    the host between its evaluations, so the accelerator holds only what the stage uses)."""
+    home = next(model.parameters()).device
+    offload(model, device)
+    try:
+        yield model
+    finally:
+        offload(model, home)
 
 
 def run_dir(cfg: Config) -> Path:
@@ -217,6 +255,7 @@ def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[
     or the live teacher)."""
     student = copy.deepcopy(student_init)
     out = run_dir(cfg)
+    device = resolve_device(cfg.train.device)
     eval_cache = None
     if cfg.train.eval_every and cache is not None:
         eval_cache = build_topk_cache(teacher, splits.eval, cache_dir(cfg), k=cfg.teacher_cache.k,
@@ -234,15 +273,23 @@ def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[
             handle.write(json.dumps(row) + "\n")
             handle.flush()
 
+    # Training reads the cache, so the teacher leaves the accelerator meanwhile (and comes back after).
+    parked = teacher if cache is not None and teacher is not None and device.type == "cuda" else None
+    teacher_home = next(parked.parameters()).device if parked is not None else None
     try:
-        result = distill(student, teacher, splits.train, cfg, pad_token_id=tokenizer.pad_token_id,
-                         vocab_size=len(tokenizer), teacher_cache=cache, eval_split=splits.eval,
-                         eval_cache=eval_cache, checkpoint_dir=out / "checkpoints", resume=resume,
-                         on_step=on_step, progress=progress)
+        if parked is not None:
+            offload(parked, "cpu")
+        result = distill(student, None if parked is not None else teacher, splits.train, cfg,
+                         pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), teacher_cache=cache,
+                         eval_split=splits.eval, eval_cache=eval_cache, checkpoint_dir=out / "checkpoints",
+                         resume=resume, on_step=on_step, progress=progress)
     finally:
         if handle is not None:
             handle.close()
-    return student, result
+        if parked is not None:
+            offload(parked, teacher_home)
+    trained = result.student if result.student is not None else student
+    return offload(trained, next(student_init.parameters()).device), result
 
 
 def is_main_process() -> bool:
@@ -262,8 +309,10 @@ def evaluate(cfg: Config, label: str, model: torch.nn.Module, tokenizer, splits:
              progress: bool = True, teacher: Optional[torch.nn.Module] = None) -> dict:
     """One results row for `model`: held-out perplexity and GSM accuracy, MMLU (eval.mmlu_source),
     agreement with `teacher` (students only), size and speed (eval.efficiency)."""
-    return evaluate_model(label, model, tokenizer, splits.eval, cfg.eval, system_prompt=cfg.data.system_prompt,
-                          teacher=teacher, gsm_shots=splits.gsm_shots, mmlu_examples=splits.mmlu, progress=progress)
+    with visiting(model, resolve_device(cfg.train.device)):
+        return evaluate_model(label, model, tokenizer, splits.eval, cfg.eval, system_prompt=cfg.data.system_prompt,
+                              teacher=teacher, gsm_shots=splits.gsm_shots, mmlu_examples=splits.mmlu,
+                              progress=progress)
 
 
 def train_baseline(cfg: Config, student_init: torch.nn.Module, splits: Splits, tokenizer,
@@ -335,8 +384,11 @@ def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequ
     return out
 
 
-def run(cfg: Config, progress: bool = True, resume: Optional[bool] = None) -> dict[str, Any]:
+def run(cfg: Config, progress: bool = True, resume: Optional[bool] = None, force: bool = False) -> dict[str, Any]:
     """The whole pipeline headless: the same calls as the notebook's cells, in the same order.
+
+    The memory plan is checked first: a plan that does not fit this machine stops the run before anything
+    loads (PlanDoesNotFit, naming the knobs that would fit) unless `force`.
 
     Under ``accelerate launch`` / torchrun every process loads the data and models and trains its
     shard of each global batch; only the main process builds caches (the others wait and reuse
@@ -344,6 +396,7 @@ def run(cfg: Config, progress: bool = True, resume: Optional[bool] = None) -> di
     main = is_main_process()
     say = print if main else (lambda *a, **k: None)
     progress = progress and main
+    check_memory(cfg, force=force, verbose=main)
     out = start_run(cfg) if main else run_dir(cfg)
     say(f"run folder: {out}")
     raw = load_data(cfg, verbose=main)
@@ -353,6 +406,7 @@ def run(cfg: Config, progress: bool = True, resume: Optional[bool] = None) -> di
     with main_process_first():
         raw = teacher_answers(cfg, raw, teacher, teacher_tokenizer, teacher_info, progress)
     student_init, tokenizer, info = load_student(cfg.student, teacher, teacher_tokenizer, device)
+    offload(student_init, "cpu")  # the untrained student rests on the host; it visits the GPU to be evaluated
     say(info)
     shared = vocabulary(cfg, teacher_tokenizer, tokenizer, teacher, student_init, verbose=main) is not None
     splits = tokenize(cfg, raw, tokenizer, verbose=main)

@@ -209,7 +209,7 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
         teacher_key: identifies the teacher beyond its weights (source, revision, precision).
         kl_sample_rows: rows on which KL(full teacher || top-k approximation) is measured.
     """
-    from .models import answer_logits, answer_positions
+    from .models import answer_logit_chunks, answer_positions
 
     width = teacher.get_output_embeddings().weight.shape[0]
     vocab = vocab_size or width
@@ -264,15 +264,21 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
         hi = min(len(split), lo + batch_size)
         batch = collate([split.features[i] for i in range(lo, hi)])
         select = answer_positions(batch["labels"])
+        pieces = []  # (top_ids, top_lp, tail) per chunk of tokens: never the (N, V) logits of the whole batch
         with torch.no_grad():
-            logits = answer_logits(teacher, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                   select.to(device))[:, :vocab].float()
-            log_p = F.log_softmax(logits, dim=-1)
-            top_lp, top_ids = log_p.topk(k, dim=-1)
-            tail = (1.0 - top_lp.double().exp().sum(-1)).clamp_min(0.0).float()
-            if lo < kl_sample_rows and tokens:
-                state["kl_sum"] += float(_kl_to_topk(log_p, top_ids, top_lp.half().float(), tail).sum())
-                state["kl_tokens"] += int(log_p.shape[0])
+            for _, logits in answer_logit_chunks(teacher, batch["input_ids"].to(device),
+                                                 batch["attention_mask"].to(device), select.to(device), vocab):
+                log_p = F.log_softmax(logits, dim=-1)
+                del logits
+                top_lp, top_ids = log_p.topk(k, dim=-1)
+                tail = (1.0 - top_lp.double().exp().sum(-1)).clamp_min(0.0).float()
+                if lo < kl_sample_rows:
+                    state["kl_sum"] += float(_kl_to_topk(log_p, top_ids, top_lp.half().float(), tail).sum())
+                    state["kl_tokens"] += int(log_p.shape[0])
+                del log_p
+                pieces.append((top_ids, top_lp, tail))
+        if pieces:
+            top_ids, top_lp, tail = (torch.cat(p) for p in zip(*pieces))
         a, b = int(offsets[lo]), int(offsets[hi])
         if b > a:
             ids_mm[a:b] = top_ids.cpu().numpy().astype(np.int32)

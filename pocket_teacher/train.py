@@ -26,7 +26,8 @@ from . import checkpoints as ckpt
 
 from .data import PaddingCollator, TokenizedSplit
 from .losses import DistillationLoss, auto_chunk_size, chunked_distillation_loss, token_distillation_loss
-from .models import answer_hidden, answer_logits, answer_positions, output_layer, resolve_device, resolve_precision
+from .models import (answer_hidden, answer_logits, answer_positions, device_capability, native_bf16, output_layer,
+                     resolve_device, resolve_mixed_precision)
 
 
 @dataclass
@@ -39,6 +40,8 @@ class TrainResult:
     loss_implementation: str = ""  # "chunked" or "full", as resolved from cfg.loss.implementation
     resumed_from: Optional[str] = None  # the checkpoint this run continued from
     checkpoint_seconds: list = field(default_factory=list)  # wall time of each checkpoint written
+    mixed_precision: str = "no"  # bf16, fp16 (with dynamic loss scaling) or no, as resolved for the device
+    student: Optional[torch.nn.Module] = None  # the trained student, whole (under FSDP: gathered on process 0)
 
     @property
     def final(self) -> dict:
@@ -61,6 +64,30 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         seen.add(id(p))
         (decay if p.dim() >= 2 else no_decay).append(p)  # no decay on norms and biases
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
+    """AdamW with fp32 states (train.optimizer=adamw) or bitsandbytes' 8-bit AdamW (adamw_8bit: about 2 instead
+    of 8 bytes of state per parameter; block-wise quantized states, as in Dettmers et al. 2022)."""
+    groups = _param_groups(model, tcfg.weight_decay)
+    if tcfg.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ImportError("train.optimizer=adamw_8bit needs bitsandbytes: pip install bitsandbytes (or use "
+                              "train.optimizer=adamw).") from exc
+        return bnb.optim.AdamW8bit(groups, lr=tcfg.lr, betas=tuple(tcfg.betas))
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas))
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass instead of keeping its activations (non-reentrant
+    torch.utils.checkpoint, which works with DDP/FSDP and frozen inputs); the KV cache is off meanwhile."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"train.gradient_checkpointing=true: {type(model).__name__} does not support it in "
+                         f"transformers; set it to false (and lower train.batch_size if memory is short).")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def resolve_loss_implementation(student: torch.nn.Module, requested: str = "auto") -> str:
@@ -218,7 +245,10 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
 
     tcfg, lcfg = cfg.train, cfg.loss
     device = resolve_device(tcfg.device)
-    compute = resolve_precision("auto", device, "student")
+    compute = resolve_mixed_precision(tcfg.mixed_precision, device.type, device_capability(device))
+    if device.type == "cuda" and native_bf16(device_capability(device)):
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the loss's weight gradient) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
     trackers = {}
     if tcfg.log_with:
         if checkpoint_dir is None:
@@ -236,13 +266,15 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
     procs, rank = accelerator.num_processes, accelerator.process_index
     batches = GlobalBatches(len(train_split), tcfg.batch_size * procs, tcfg.seed)
     collate = PaddingCollator(pad_token_id, "right")
-    optimizer = torch.optim.AdamW(_param_groups(student, tcfg.weight_decay), lr=tcfg.lr, betas=tuple(tcfg.betas))
+    if tcfg.gradient_checkpointing:
+        enable_gradient_checkpointing(student)
+    optimizer = make_optimizer(student, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio))
     implementation = resolve_loss_implementation(student, lcfg.implementation)
     student.to(accelerator.device)
 
-    result = TrainResult(loss_implementation=implementation)
+    result = TrainResult(loss_implementation=implementation, mixed_precision=compute)
     start_step, previous_seconds = 0, 0.0
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if (tcfg.resume if resume is None else resume):
@@ -270,12 +302,14 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
         accelerator.init_trackers(cfg.run.name, config=_flat(cfg.to_dict()) if hasattr(cfg, "to_dict") else {})
     if progress and accelerator.is_main_process:
         width = vocab_size or student.get_output_embeddings().weight.shape[0]
-        chunk = f", {lcfg.chunk_size or auto_chunk_size(width)} tokens per chunk" if implementation == "chunked" else ""
+        chunk = (f", {lcfg.chunk_size or auto_chunk_size(width, accelerator.device.type)} tokens per chunk"
+                 if implementation == "chunked" else "")
         source = ("top-k teacher cache" if teacher_cache is not None else "live teacher" if teacher is not None
                   else "no teacher (CE only)")
         tqdm.write(f"loss: {lcfg.divergence}, alpha {lcfg.alpha}, T {lcfg.temperature}, {source}; {implementation} "
                    f"implementation{chunk}; {procs} process(es), global batch {tcfg.batch_size * procs} x "
-                   f"{tcfg.grad_accum} accumulation")
+                   f"{tcfg.grad_accum} accumulation; mixed precision {compute}, {tcfg.optimizer}, gradient "
+                   f"checkpointing {'on' if tcfg.gradient_checkpointing else 'off'}")
 
     def save(step: int) -> Optional[Path]:
         if folder is None:
@@ -372,8 +406,43 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
     if tcfg.log_with:
         accelerator.end_training()
     result.seconds, result.steps = previous_seconds + time.perf_counter() - start, tcfg.max_steps
-    accelerator.unwrap_model(model).model.eval()
+    trained = accelerator.unwrap_model(model).model
+    if tcfg.gradient_checkpointing:
+        trained.gradient_checkpointing_disable()
+        trained.config.use_cache = True
+    result.student = whole_student(accelerator, model, trained)
+    trained.eval()
     return result
+
+
+def whole_student(accelerator, prepared: torch.nn.Module, trained: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The trained student as one ordinary model. Under FSDP the prepared model is sharded in place across the
+    processes, so its full state is gathered (every process takes part) and loaded on process 0 into an
+    unsharded copy; evaluation and save_pretrained then see every weight. Other processes get None."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return trained
+    state = accelerator.get_state_dict(prepared)  # gathered to process 0 (full state dict, on the CPU)
+    if not accelerator.is_main_process:
+        return None
+    return unsharded_copy(trained, state)
+
+
+def unsharded_copy(model: torch.nn.Module, wrapped_state: dict) -> torch.nn.Module:
+    """A fresh fp32 model of `model`'s architecture holding `wrapped_state` (keys of the DistillStep wrapper,
+    "model." first, as the prepared module names them)."""
+    from transformers import AutoModelForCausalLM
+
+    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in wrapped_state.items()}
+    fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"The gathered student state does not match its architecture (missing "
+                           f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}).")
+    fresh.generation_config = model.generation_config
+    return fresh.eval()
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
