@@ -219,7 +219,7 @@ def get_device(name: Optional[str], host_gb: Optional[float] = None) -> Device:
 
 CUDA_CONTEXT = int(0.5 * GiB)  # CUDA context + cuBLAS workspaces outside the caching allocator (T4-A100, torch 2.x)
 ALLOCATOR_SLACK = 0.05  # fragmentation headroom kept free on the accelerator
-HOST_RUNTIME_CPU = int(0.62 * GiB)  # Python + torch + transformers + datasets imported (measured, CPU build)
+HOST_RUNTIME_CPU = int(0.39 * GiB)  # Python + torch + transformers + datasets + reasoning-gym imported (measured, CPU build)
 HOST_RUNTIME_CUDA = int(2.5 * GiB)  # the same with the CUDA libraries loaded (estimate; Colab shows 2-3 GB)
 MFU = 0.35  # model FLOP utilisation assumed for the step-time estimate on a GPU
 
@@ -252,7 +252,7 @@ def train_activation_bytes(shape: ModelShape, compute: float, tokens: int, seq_l
     attention kernel the (heads x L) attention probabilities twice. With gradient checkpointing only each
     layer's input is kept, plus one layer's activations while it is recomputed."""
     h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
-    attn = 0 if flash else 2 * shape.heads * seq_len * compute
+    attn = 0 if flash else 3 * shape.heads * seq_len * compute
     per_layer = 16 * h + compute * (7 * h + 6 * kv + 5 * i) + attn
     per_token = (4 * h * shape.layers + per_layer) if checkpointing else per_layer * shape.layers
     return int(tokens * (per_token + 8 * h))  # + the embedding output and the final norm
@@ -261,7 +261,7 @@ def train_activation_bytes(shape: ModelShape, compute: float, tokens: int, seq_l
 def forward_activation_bytes(shape: ModelShape, compute: float, tokens: int, seq_len: int, flash: bool) -> int:
     """Transient memory of a forward pass without gradients: about one layer's working set at a time."""
     h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
-    attn = 0 if flash else 2 * shape.heads * seq_len * compute
+    attn = 0 if flash else 3 * shape.heads * seq_len * compute
     return int(tokens * (8 * h + compute * (3 * h + 2 * kv + 3 * i) + attn))
 
 
@@ -382,16 +382,18 @@ def gib(n: int) -> str:
 
 def memory_plan(cfg, gpu: Optional[str] = None, *, host_gb: Optional[float] = None,
                 lengths: Optional[Sequence[int]] = None, eval_lengths: Optional[Sequence[int]] = None,
-                suggest: bool = True, device: Optional[Device] = None) -> MemoryPlan:
+                prompt_lengths: Optional[Sequence[int]] = None, suggest: bool = True,
+                device: Optional[Device] = None) -> MemoryPlan:
     """The memory plan of `cfg` on `gpu` (a `GPUS` name, "cpu", or None for this machine).
 
-    `lengths` / `eval_lengths`: token lengths of the tokenized training / held-out rows; without them
-    every row is taken at its length limit (the worst case). When the plan does not fit and `suggest`
+    `lengths` / `eval_lengths` / `prompt_lengths`: token lengths of the tokenized training rows, held-out
+    rows and held-out prompts; without them every row is taken at its length limit (the worst case). When the plan does not fit and `suggest`
     is set, the knobs that would make it fit are searched and listed in `fixes`."""
     device = device or get_device(gpu, host_gb)
-    plan = _plan(cfg, device, lengths, eval_lengths)
+    lengths = (lengths, eval_lengths, prompt_lengths)
+    plan = _plan(cfg, device, lengths)
     if suggest and not plan.fits:
-        plan.fixes = _search_fixes(cfg, device, lengths, eval_lengths)
+        plan.fixes = _search_fixes(cfg, device, lengths)
     return plan
 
 
@@ -421,7 +423,8 @@ def _shapes(cfg) -> tuple[ModelShape, ModelShape]:
     return teacher, student
 
 
-def _plan(cfg, device: Device, lengths, eval_lengths) -> MemoryPlan:
+def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
+    lengths, eval_lengths, prompt_lengths = all_lengths
     teacher, student = _shapes(cfg)
     r = _resolved(cfg, device)
     tr, ev, tc = cfg.train, cfg.eval, cfg.teacher_cache
@@ -433,6 +436,9 @@ def _plan(cfg, device: Device, lengths, eval_lengths) -> MemoryPlan:
     mean_len = (sum(lengths) / len(lengths)) if lengths else 0.6 * cfg.data.max_length
     train_tokens = tr.batch_size * train_len
     eval_tokens = ev.batch_size * eval_len
+    # Only answer tokens reach the output layer; without real lengths every token is taken as one (worst case).
+    share = 1 - sum(prompt_lengths) / sum(eval_lengths) if prompt_lengths and eval_lengths else 1.0
+    train_answers, eval_answers = int(share * train_tokens), int(share * eval_tokens)
     chunk = cfg.loss.chunk_size or r["auto_chunk"](student.vocab, r["device_type"])
     implementation = "full" if cfg.loss.implementation == "full" else "chunked"
     live = not tc.use  # without the cache the teacher runs beside the student in every step
@@ -450,7 +456,7 @@ def _plan(cfg, device: Device, lengths, eval_lengths) -> MemoryPlan:
     stages = [stage("teacher cache", {
         "teacher weights": tw,
         "forward activations": forward_activation_bytes(teacher, t_bytes, tc.batch_size * train_len, train_len, flash),
-        "logit chunks": 3 * 4 * min(chunk, tc.batch_size * train_len) * teacher.vocab}, resting)]
+        "logit chunks": 3 * 4 * min(chunk, int(share * tc.batch_size * train_len)) * teacher.vocab}, resting)]
     if tc.use is False:
         stages[0].name = "teacher (live)"
     stages.append(stage("evaluation", {
@@ -458,8 +464,8 @@ def _plan(cfg, device: Device, lengths, eval_lengths) -> MemoryPlan:
         "forward activations": forward_activation_bytes(teacher if teacher.params > student.params else student,
                                                         max(t_bytes, 4 if not device.cuda else 2), eval_tokens,
                                                         eval_len, flash),
-        "logit chunks (both models)": 2 * 3 * 4 * min(chunk, eval_tokens) * student.vocab}, {}))
-    gen_len = eval_len + ev.max_new_tokens
+        "logit chunks (both models)": 2 * 3 * 4 * min(chunk, eval_answers) * student.vocab}, {}))
+    gen_len = (max(prompt_lengths) if prompt_lengths else eval_len) + ev.max_new_tokens
     gen_model = teacher if teacher.params >= student.params else student
     stages.append(stage("generation", {
         "teacher weights": tw, "KV cache": kv_cache_bytes(gen_model, ev.batch_size, gen_len, max(compute, t_bytes)),
@@ -474,7 +480,7 @@ def _plan(cfg, device: Device, lengths, eval_lengths) -> MemoryPlan:
                                                                                                       tr.optimizer),
         "activations": train_activation_bytes(student, compute, train_tokens, train_len, tr.gradient_checkpointing,
                                               flash),
-        "loss buffers": loss_buffer_bytes(student, chunk, train_tokens, compute, implementation,
+        "loss buffers": loss_buffer_bytes(student, chunk, train_answers, compute, implementation,
                                           teacher if live else None)}
     train_host = dict(resting)
     if live:
@@ -530,19 +536,19 @@ def _candidate_fixes(cfg, device: Device) -> list[list[str]]:
     return steps
 
 
-def _search_fixes(cfg, device: Device, lengths, eval_lengths) -> list[str]:
+def _search_fixes(cfg, device: Device, lengths: tuple) -> list[str]:
     from .config import apply_overrides
 
     chosen: list[str] = []
     for step in _candidate_fixes(cfg, device):
         trial = apply_overrides(cfg, chosen + step)
-        before = _plan(apply_overrides(cfg, chosen) if chosen else cfg, device, lengths, eval_lengths)
-        after = _plan(trial, device, lengths, eval_lengths)
+        before = _plan(apply_overrides(cfg, chosen) if chosen else cfg, device, lengths)
+        after = _plan(trial, device, lengths)
         if _overflow(after) < _overflow(before):
             chosen = [c for c in chosen if c.split("=")[0] not in {s.split("=")[0] for s in step}] + step
             if after.fits:
                 return chosen
-    final = _plan(apply_overrides(cfg, chosen) if chosen else cfg, device, lengths, eval_lengths)
+    final = _plan(apply_overrides(cfg, chosen) if chosen else cfg, device, lengths)
     training = next(s for s in final.stages if s.name == "training")
     limit = final.device_limit if device.cuda else device.host
     student = final.student

@@ -70,3 +70,20 @@ def test_loss_choices_match_the_loss_module():
 def test_bad_loss_settings_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         apply_overrides(get_preset("tiny"), [override])
+
+
+@pytest.mark.parametrize("text,value", [("1e-5", 1e-5), ("2E-4", 2e-4), (".5", 0.5), ("1.0e+6", 1e6), ("3e2", 300.0)])
+def test_every_yaml_float_form_parses(text, value):
+    cfg = apply_overrides(get_preset("tiny"), [f"train.lr={text}"])
+    assert cfg.train.lr == value
+    assert Config.from_yaml(cfg.to_yaml()).train.lr == value
+    assert Config.from_yaml(f"train:\n  lr: {text}\n").train.lr == value
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.mixed_precision=fp8", r"train\.mixed_precision='fp8' is invalid: use one of auto, bf16, fp16, no"),
+    ("train.optimizer=sgd", r"train\.optimizer='sgd' is invalid: use one of adamw, adamw_8bit"),
+])
+def test_precision_and_optimizer_choices(override, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(get_preset("tiny"), [override])

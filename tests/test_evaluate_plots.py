@@ -203,3 +203,62 @@ def test_new_plots_return_figures_and_write_nothing(tmp_path, monkeypatch):
 def test_results_markdown_shows_intervals():
     text = results_markdown(RESULTS)
     assert "| teacher | 2.0 | 4.00 | 20.0% (5.0-50.0), 2/10 | - |" in text and text.count("\n") == 4
+
+
+def test_greedy_ignores_the_models_sampling_and_repetition_settings(tiny_teacher, tiny_tokenizer):
+    """A model whose generation config samples and penalises repeats (as Qwen2.5-Instruct's does) still decodes
+    greedily: the output is the argmax path, computed here by hand, and the results say what was overridden."""
+    from pocket_teacher.evaluate import overridden_generation_settings
+
+    config = tiny_teacher.generation_config
+    config.do_sample, config.temperature, config.top_k, config.repetition_penalty = True, 0.7, 20, 1.5
+    config.no_repeat_ngram_size = 2
+    prompt = "Question: What is 2+2?\nAnswer: "
+    torch.manual_seed(123)
+    got = generate(tiny_teacher, tiny_tokenizer, [prompt], max_new_tokens=10, progress=False)[0]
+    ids = tiny_tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        for _ in range(10):
+            nxt = tiny_teacher(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], 1)
+            if int(nxt) == tiny_tokenizer.eos_token_id:
+                break
+    expected = tiny_tokenizer.decode(ids[0, -10:], skip_special_tokens=True).strip()
+    assert got == expected
+    overridden = overridden_generation_settings(tiny_teacher)
+    assert overridden["repetition_penalty"] == 1.5 and overridden["do_sample"] is True
+
+
+def test_agreement_and_perplexity_slice_padded_rows_and_match_full_logits(tiny_teacher, tiny_tokenizer):
+    """Chunked on the device: the same KL and agreement as the full (N, V) computation over the first V logits."""
+    from pocket_teacher.models import answer_logits, answer_positions, derive_student
+
+    student = derive_student(tiny_teacher, num_layers=2).eval()
+    examples, _ = load_gsm_symbolic(6, seed=5)
+    split = tokenize_examples(examples, tiny_tokenizer, max_length=384)
+    vocab = len(tiny_tokenizer) - 7  # pretend the last rows are an output layer's padding
+    got = agreement(tiny_teacher, student, split, pad_token_id=tiny_tokenizer.pad_token_id, vocab_size=vocab,
+                    batch_size=4, progress=False)
+    batch = PaddingCollator(tiny_tokenizer.pad_token_id)([split[i] for i in range(len(split))])
+    select = answer_positions(batch["labels"])
+    with torch.no_grad():
+        t = answer_logits(tiny_teacher, batch["input_ids"], batch["attention_mask"], select)[:, :vocab]
+        s = answer_logits(student, batch["input_ids"], batch["attention_mask"], select)[:, :vocab]
+    log_p, log_q = t.log_softmax(-1), s.log_softmax(-1)
+    assert got["kl"] == pytest.approx(float((log_p.exp() * (log_p - log_q)).sum() / t.shape[0]), rel=1e-4)
+    assert got["top1_agreement"] == pytest.approx(float((t.argmax(-1) == s.argmax(-1)).float().mean()))
+    ppl = perplexity(student, split, pad_token_id=tiny_tokenizer.pad_token_id, batch_size=4, progress=False)
+    with torch.no_grad():
+        full = answer_logits(student, batch["input_ids"], batch["attention_mask"], select)
+    targets = batch["labels"][:, 1:][select[:, :-1]]
+    assert ppl["nll"] == pytest.approx(float(F.cross_entropy(full, targets)), rel=1e-4)
+
+
+def test_eval_batches_respect_a_token_budget():
+    from pocket_teacher.evaluate import eval_batches
+
+    lengths = [10, 50, 20, 40, 30, 60]
+    batches = eval_batches(lengths, batch_size=4, max_tokens=100)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    assert all(max(lengths[i] for i in b) * len(b) <= 100 or len(b) == 1 for b in batches)
+    assert all(len(b) <= 4 for b in eval_batches(lengths, batch_size=4))

@@ -446,3 +446,55 @@ def test_topk_with_a_seemingly_empty_tail_stays_finite(divergence):
     d = divergence_per_token(log_p, log_q, divergence)
     d.sum().backward()
     assert torch.isfinite(d).all() and torch.isfinite(s.grad).all()
+
+
+def test_chunked_fp16_gradients_match_fp32_on_a_realistic_vocabulary():
+    """fp16 matmuls must still deliver the soft (teacher-vs-student) gradient: with the loss a mean over N tokens,
+    each logit's gradient is ~|p - q| / N, which underflows in fp16 unless scaled before the cast. Rows of tokens
+    that are never targets get only that soft gradient."""
+    gen = torch.Generator().manual_seed(0)
+    n, h, v = 2048, 64, 32768
+    hidden = torch.randn(n, h, generator=gen)
+    weight = (torch.randn(v, h, generator=gen) * 0.05).requires_grad_()
+    t_hidden, t_weight = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen) * 0.05
+    targets = torch.randint(0, 512, (n,), generator=gen)  # most of the vocabulary is never a target
+
+    def grads(dtype):
+        weight.grad = None
+        x = hidden.clone().requires_grad_()
+        out = chunked_distillation_loss(x, weight, targets, alpha=0.5, temperature=2.0, teacher_hidden=t_hidden,
+                                        teacher_weight=t_weight, compute_dtype=dtype, chunk_size=512)
+        out.total.backward()
+        return x.grad, weight.grad.clone()
+
+    (h32, w32), (h16, w16) = grads(torch.float32), grads(torch.float16)
+    soft = torch.ones(v, dtype=torch.bool)
+    soft[targets.unique()] = False
+    assert soft.sum() > 0.95 * v
+    for name, a, b in (("hidden", h32, h16), ("soft-only output rows", w32[soft], w16[soft]), ("output", w32, w16)):
+        assert float((a - b).norm() / a.norm()) < 0.02, name
+    assert float((w16[soft] == 0).float().mean()) < 0.01  # nothing underflowed to zero
+
+
+def test_chunked_gradients_follow_a_loss_scale():
+    """Under fp16 autocast, GradScaler multiplies the loss by S: the stored fp32 gradients are scaled by S
+    before they are cast, so scaled gradients / S equal the plain ones."""
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(64, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(100, 16, generator=gen, requires_grad=True)
+    teacher = torch.randn(64, 100, generator=gen)
+    targets = torch.randint(0, 100, (64,), generator=gen)
+    out = chunked_distillation_loss(hidden, weight, targets, alpha=0.3, temperature=2.0, teacher_logits=teacher)
+    (out.total * 65536.0).backward()
+    scaled = weight.grad.clone() / 65536.0
+    weight.grad = None
+    chunked_distillation_loss(hidden, weight, targets, alpha=0.3, temperature=2.0,
+                              teacher_logits=teacher).total.backward()
+    torch.testing.assert_close(scaled, weight.grad)
+
+
+def test_auto_chunk_size_depends_on_the_device():
+    from pocket_teacher.losses import auto_chunk_size
+
+    assert auto_chunk_size(151665, "cuda") >= 1024 and auto_chunk_size(49152, "cuda") % 256 == 0
+    assert auto_chunk_size(151665, "cpu") < 100  # CPU: ~32 MiB of logits per chunk, as before

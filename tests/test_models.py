@@ -133,3 +133,64 @@ def test_embedded_teacher_is_cached_and_answers(embedded):
         next_token = teacher(input_ids=ids).logits[0, -1].argmax()
         torch.testing.assert_close(again(input_ids=ids).logits, teacher(input_ids=ids).logits)
     assert "Paris" in tok.decode(next_token)
+
+
+@pytest.mark.parametrize("setting,device,capability,expected", [
+    ("auto", "cpu", None, "no"), ("auto", "cuda", (7, 5), "fp16"), ("auto", "cuda", (8, 0), "bf16"),
+    ("auto", "cuda", (9, 0), "bf16"), ("fp16", "cuda", (8, 6), "fp16"), ("no", "cuda", (7, 5), "no")])
+def test_mixed_precision_follows_native_support(setting, device, capability, expected):
+    from pocket_teacher.models import resolve_mixed_precision
+
+    assert resolve_mixed_precision(setting, device, capability) == expected
+
+
+def test_precision_a_device_cannot_run_well_is_refused():
+    from pocket_teacher.models import resolve_mixed_precision
+
+    with pytest.raises(ModelLoadError, match="no bf16 tensor cores.*fp16"):
+        resolve_mixed_precision("bf16", "cuda", (7, 5))  # a T4: is_bf16_supported() says yes, by emulation
+    with pytest.raises(ModelLoadError, match="fp16 needs a CUDA GPU"):
+        resolve_mixed_precision("fp16", "cpu")
+
+
+PLACE = """
+import json, os, torch
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 2
+from pocket_teacher.models import resolve_device
+print(json.dumps({"rank": os.environ["LOCAL_RANK"], "device": str(resolve_device("auto"))}))
+"""
+
+
+def test_each_process_gets_its_own_gpu():
+    """Two processes as `accelerate launch` starts them (LOCAL_RANK 0 and 1) on a machine that reports two GPUs:
+    each resolves its own device, which is where its teacher and student load (8-bit device_map included)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", PLACE], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, LOCAL_RANK=str(r), WORLD_SIZE="2")) for r in (0, 1)]
+    seen = {json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1])["device"] for p in procs}
+    assert seen == {"cuda:0", "cuda:1"}
+
+
+def test_a_rank_without_a_gpu_is_told():
+    from pocket_teacher.models import rank_device_index
+
+    assert rank_device_index(1, 2) == 1
+    with pytest.raises(ModelLoadError, match="LOCAL_RANK=2 has no GPU of its own: only 2"):
+        rank_device_index(2, 2)
+
+
+def test_logit_chunks_equal_the_full_logits(tiny_teacher):
+    from pocket_teacher.models import answer_logit_chunks
+
+    ids = torch.randint(0, 300, (2, 12))
+    mask = torch.ones_like(ids)
+    select = torch.rand(2, 12) > 0.3
+    full = answer_logits(tiny_teacher, ids, mask, select)[:, :250]
+    parts = list(answer_logit_chunks(tiny_teacher, ids, mask, select, vocab_size=250, chunk_size=5))
+    assert [i for i, _ in parts] == list(range(0, full.shape[0], 5))
+    torch.testing.assert_close(torch.cat([c for _, c in parts]), full)

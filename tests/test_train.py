@@ -97,3 +97,33 @@ def test_chunked_request_on_a_softcapped_student_is_refused(tiny_teacher, tiny_s
     student.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="loss.implementation=full"):
         distill(student, tiny_teacher, split, cfg, pad_token_id=tok.pad_token_id, progress=False)
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_teacher, tiny_split):
+    """Recomputing each layer in backward changes memory, not the maths: same losses and gradient norms."""
+    split, tok = tiny_split
+    _, plain = _run(tiny_teacher, split, tok, **{"train.max_steps": 3})
+    student, ckpt = _run(tiny_teacher, split, tok, **{"train.max_steps": 3, "train.gradient_checkpointing": True})
+    for a, b in zip(plain.history, ckpt.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert not student.is_gradient_checkpointing and student.config.use_cache  # switched off after training
+
+
+def test_8bit_adamw_trains(tiny_teacher, tiny_split):
+    pytest.importorskip("bitsandbytes")
+    split, tok = tiny_split
+    _, result = _run(tiny_teacher, split, tok, **{"train.max_steps": 12, "train.lr": 3e-3,
+                                                  "train.optimizer": "adamw_8bit"})
+    losses = [h["loss"] for h in result.history]
+    assert all(math.isfinite(x) for x in losses) and sum(losses[-3:]) < 0.9 * sum(losses[:3])
+
+
+def test_fp16_mixed_precision_on_cpu_is_refused(tiny_teacher, tiny_split):
+    from pocket_teacher.models import ModelLoadError
+
+    split, tok = tiny_split
+    with pytest.raises(ModelLoadError, match="fp16 needs a CUDA GPU"):
+        _run(tiny_teacher, split, tok, **{"train.max_steps": 1, "train.mixed_precision": "fp16"})
+    _, result = _run(tiny_teacher, split, tok, **{"train.max_steps": 1})
+    assert result.mixed_precision == "no"

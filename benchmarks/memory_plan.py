@@ -1,0 +1,188 @@
+"""The memory plan beside the measurement: is `pocket_teacher.plan` within 15% of the real peaks?
+
+Each stage (teacher cache, evaluation, generation, training) runs in a fresh process on a preset, after the data
+and models are loaded; its peak is the process's peak resident set size during the stage on CPU (VmHWM, reset at
+the stage's start) and the caching allocator's peak plus the CUDA context on a GPU. The plan is computed for the
+same rows (their real lengths): the longest training rows, so every batch is as long as the plan's worst case, and
+generation runs to its full budget (no early EOS), the plan's worst case too.
+
+    python benchmarks/memory_plan.py                       # tiny and pocket, all stages, on this machine
+    python benchmarks/memory_plan.py --preset pocket --stage training
+    python benchmarks/memory_plan.py --heldout 16 64 256   # evaluation's peak vs the number of held-out rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
+
+STAGES = ("teacher cache", "evaluation", "generation", "training")
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+
+
+def _peak(device) -> int:
+    import torch
+
+    from pocket_teacher.plan import CUDA_CONTEXT
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() + CUDA_CONTEXT
+    return _rss("VmHWM")
+
+
+def _subset(split, rows):
+    from pocket_teacher.data import TokenizedSplit
+
+    keep = sorted(range(len(split)), key=lambda i: -len(split.features[i]["input_ids"]))[:rows]
+    return TokenizedSplit([split.features[i] for i in keep], [split.examples[i] for i in keep], split.report,
+                          split.max_length, split.template)
+
+
+def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None) -> dict:
+    """Run `stage` of `preset` in this process; return the plan's and the measured peak in bytes."""
+    import torch
+
+    from pocket_teacher import pipeline
+    from pocket_teacher.data import format_prompt
+    from pocket_teacher.evaluate import GREEDY, agreement, perplexity
+    from pocket_teacher.models import load_student, load_teacher, offload, resolve_device
+    from pocket_teacher.plan import memory_plan
+    from pocket_teacher.teacher_cache import build_topk_cache
+    from pocket_teacher.train import distill
+
+    base = pipeline.configure(preset)
+    rows = 4 * base.train.batch_size
+    sets = [f"data.train_size={max(rows * 3, 48)}", "train.eval_every=0", "train.checkpoint_every=0",
+            "train.max_steps=3", "train.warmup_steps=1"]
+    if heldout:
+        sets.append(f"data.eval_size={heldout}")
+    cfg = pipeline.configure(preset, sets + overrides)
+    device = resolve_device(cfg.train.device)
+    raw = pipeline.load_data(cfg, verbose=False)
+    teacher, teacher_tok, _ = load_teacher(cfg.teacher, device)
+    student_init, tok, _ = load_student(cfg.student, teacher, teacher_tok, device)
+    offload(student_init, "cpu")
+    splits = pipeline.tokenize(cfg, raw, tok, verbose=False)
+    train = _subset(splits.train, rows)
+    lengths = [len(f["input_ids"]) for f in train.features]
+    eval_split = splits.eval
+    if stage == "generation":
+        eval_split = _subset(splits.eval, cfg.eval.batch_size)
+    eval_lengths = [len(f["input_ids"]) for f in eval_split.features]
+    prompt_lengths = [sum(1 for t in f["labels"] if t == -100) for f in eval_split.features]
+    plan = memory_plan(cfg, "cpu" if device.type == "cpu" else None, lengths=lengths, eval_lengths=eval_lengths,
+                       prompt_lengths=prompt_lengths, suggest=False)
+    planned = next(s for s in plan.stages if s.name == stage)
+    with tempfile.TemporaryDirectory() as root:
+        cache = None
+        if stage == "training":
+            cache = build_topk_cache(teacher, train, root, k=cfg.teacher_cache.k, vocab_size=len(tok),
+                                     pad_token_id=tok.pad_token_id, progress=False)
+            if device.type == "cuda":
+                offload(teacher, "cpu")
+        _reset_peak(device)
+        if stage == "teacher cache":
+            build_topk_cache(teacher, train, root, k=cfg.teacher_cache.k, vocab_size=len(tok),
+                             pad_token_id=tok.pad_token_id, batch_size=cfg.teacher_cache.batch_size, progress=False)
+        elif stage == "evaluation":
+            with pipeline.visiting(student_init, device):
+                perplexity(teacher, eval_split, pad_token_id=tok.pad_token_id, batch_size=cfg.eval.batch_size,
+                           vocab_size=len(tok), progress=False)
+                agreement(teacher, student_init, eval_split, pad_token_id=tok.pad_token_id, vocab_size=len(tok),
+                          batch_size=cfg.eval.batch_size, progress=False)
+        elif stage == "generation":
+            prompts = [format_prompt(tok, e.question, cfg.data.system_prompt) for e in eval_split.examples]
+            tok.padding_side = "left"
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            new = cfg.eval.max_new_tokens
+            with torch.no_grad():
+                teacher.generate(**enc, **GREEDY, max_new_tokens=new, min_new_tokens=new, pad_token_id=tok.pad_token_id)
+        elif stage == "training":
+            distill(copy.deepcopy(student_init), None, train, cfg, pad_token_id=tok.pad_token_id,
+                    vocab_size=len(tok), teacher_cache=cache, progress=False)
+        measured = _peak(device)
+    measure = "allocator peak + CUDA context" if device.type == "cuda" else "peak RSS"
+    planned_bytes = planned.device_peak if device.type == "cuda" else planned.host_peak
+    return {"preset": preset, "stage": stage, "planned": planned_bytes, "measured": measured, "measure": measure,
+            "items": planned.device if device.type == "cuda" else planned.host, "heldout": len(eval_split),
+            "eval_tokens": sum(eval_lengths)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", action="append", default=None, help="preset(s) to measure (default tiny, pocket)")
+    parser.add_argument("--stage", action="append", default=None, choices=STAGES)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--heldout", type=int, nargs="*", default=None,
+                        help="evaluation only, at these numbers of held-out rows (peak must not grow with them)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="fresh processes per stage; the median is reported (CPU peak RSS varies by ~10%%)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        held = args.heldout[0] if args.heldout else None
+        print("RESULT " + json.dumps(one_stage(args.preset[0], args.stage[0], args.set, held)))
+        return
+
+    from pocket_teacher.pipeline import hardware_line
+
+    print(f"hardware: {hardware_line()}")
+    presets = args.preset or ["tiny", "pocket"]
+    jobs = ([(p, "evaluation", n) for p in presets for n in args.heldout] if args.heldout
+            else [(p, s, None) for p in presets for s in (args.stage or STAGES)])
+    worst = 0.0
+    for preset, stage, held in jobs:
+        cmd = [sys.executable, __file__, "--child", "--preset", preset, "--stage", stage,
+               *[x for s in args.set for x in ("--set", s)], *(["--heldout", str(held)] if held else [])]
+        runs = []
+        for _ in range(args.repeats):
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{preset:7s} {stage:14s} failed:\n{proc.stderr[-2000:]}")
+                break
+            runs.append(json.loads(line[7:]))
+        if not runs:
+            continue
+        measured = sorted(r["measured"] for r in runs)
+        r = runs[0]
+        median = measured[len(measured) // 2]
+        error = r["planned"] / median - 1
+        worst = max(worst, abs(error))
+        held_text = f" held-out {r['heldout']:4d} rows / {r['eval_tokens']:6,d} tokens" if held else ""
+        spread = f" (runs {measured[0] / 2**20:,.0f}-{measured[-1] / 2**20:,.0f})" if len(runs) > 1 else ""
+        print(f"{preset:7s} {stage:14s}{held_text} plan {r['planned'] / 2**20:7,.0f} MiB  measured "
+              f"{median / 2**20:7,.0f} MiB median of {len(runs)}{spread}, {r['measure']}  plan/measured - 1 = "
+              f"{100 * error:+5.1f}%", flush=True)
+    print(f"largest difference: {100 * worst:.1f}% (target: within 15%)")
+
+
+if __name__ == "__main__":
+    main()

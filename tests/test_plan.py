@@ -1,0 +1,121 @@
+"""pocket_teacher.plan and the `plan` command: shapes, byte counts, verdicts, exit codes and the knobs it names."""
+
+import pytest
+
+from pocket_teacher.cli import main
+from pocket_teacher.config import apply_overrides, get_preset
+from pocket_teacher.plan import (KNOWN_MODELS, PlanError, memory_plan, model_shape, optimizer_bytes,
+                                 shape_from_config, train_activation_bytes, weight_bytes)
+
+
+def _qwen2_tiny():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return Qwen2ForCausalLM(config)
+
+
+@pytest.mark.parametrize("make", ["llama", "qwen2"])
+def test_parameter_count_matches_a_real_model(make, tiny_cfg):
+    from pocket_teacher.models import build_tiny_model
+
+    model = build_tiny_model(tiny_cfg.teacher.tiny, tiny_cfg.teacher.tiny.vocab_size) if make == "llama" \
+        else _qwen2_tiny()
+    shape = (model_shape("tiny", tiny=tiny_cfg.teacher.tiny) if make == "llama"
+             else shape_from_config(model.config.to_dict(), "qwen2-tiny"))
+    assert shape.params == sum(p.numel() for p in model.parameters())  # tied weights counted once
+    assert weight_bytes(shape, "fp32") == 4 * shape.params
+
+
+def test_known_shapes_give_the_published_sizes():
+    sizes = {"Qwen/Qwen2.5-0.5B-Instruct": 494.0e6, "Qwen/Qwen2.5-1.5B-Instruct": 1.544e9,
+             "Qwen/Qwen2.5-7B-Instruct": 7.616e9, "embedded": 134.5e6}
+    for name, size in sizes.items():
+        assert KNOWN_MODELS[name].params == pytest.approx(size, rel=2e-3), name
+
+
+def test_8bit_weights_near_half_of_bf16_and_optimizer_sizes():
+    qwen7 = KNOWN_MODELS["Qwen/Qwen2.5-7B-Instruct"]
+    eight, half = weight_bytes(qwen7, "8bit"), weight_bytes(qwen7, "bf16")
+    assert 8.0 * 2**30 < eight < 8.3 * 2**30  # int8 decoder linears, 16-bit embeddings and output layer
+    assert 0.5 < eight / half < 0.6
+    small = KNOWN_MODELS["Qwen/Qwen2.5-0.5B-Instruct"]
+    assert optimizer_bytes(small, "adamw") == 8 * small.params
+    assert optimizer_bytes(small, "adamw_8bit") < 0.27 * optimizer_bytes(small, "adamw")
+
+
+def test_checkpointing_cuts_activations_by_more_than_the_layer_count():
+    shape = KNOWN_MODELS["Qwen/Qwen2.5-1.5B-Instruct"]
+    full = train_activation_bytes(shape, 2, 4096, 512, checkpointing=False, flash=True)
+    ckpt = train_activation_bytes(shape, 2, 4096, 512, checkpointing=True, flash=True)
+    assert ckpt < full / 5
+
+
+def test_model_shape_from_a_local_folder_and_unknown_ids(tmp_path):
+    model = _qwen2_tiny()
+    model.config.save_pretrained(tmp_path)
+    assert model_shape(str(tmp_path)).params == sum(p.numel() for p in model.parameters())
+    with pytest.raises(PlanError, match="No shape known for 'someone/unknown-model'.*config.json"):
+        model_shape("someone/unknown-model")
+
+
+@pytest.mark.parametrize("preset,gpu,code", [("t4", "t4", 0), ("a100", "a100-40", 0), ("a100", "t4", 3)])
+def test_plan_command_exit_codes(preset, gpu, code, capsys):
+    assert main(["plan", "--preset", preset, "--gpu", gpu]) == code
+    out = capsys.readouterr().out
+    for stage in ("teacher cache", "evaluation", "generation", "training"):
+        assert stage in out
+    assert ("FITS" if code == 0 else "DOES NOT FIT") in out
+
+
+def test_a_plan_that_does_not_fit_names_knobs_that_make_it_fit():
+    cfg = apply_overrides(get_preset("t4"), ["train.gradient_checkpointing=false", "train.optimizer=adamw"])
+    plan = memory_plan(cfg, "t4")
+    assert not plan.fits and plan.fixes
+    fixed = memory_plan(apply_overrides(cfg, [f for f in plan.fixes if "=" in f]), "t4")
+    assert fixed.fits
+    impossible = memory_plan(get_preset("a100"), "t4")
+    assert not impossible.fits and "smaller student" in impossible.fixes[-1]
+
+
+def test_the_plan_follows_precision_and_the_device():
+    t4 = memory_plan(get_preset("t4"), "t4")
+    a100 = memory_plan(get_preset("t4"), "a100-40")
+    assert t4.settings["mixed_precision"] == "fp16" and a100.settings["mixed_precision"] == "bf16"
+    assert t4.settings["chunk"] >= 1024
+    training = next(s for s in t4.stages if s.name == "training")
+    assert "teacher weights" not in training.device  # the cache is read, so the teacher waits on the host
+    assert "teacher (offloaded to host)" in training.host
+    live = memory_plan(apply_overrides(get_preset("t4"), ["teacher_cache.use=false"]), "t4")
+    assert "teacher weights" in next(s for s in live.stages if s.name == "training").device
+
+
+def test_real_lengths_shrink_the_worst_case():
+    cfg = get_preset("pocket")
+    worst = memory_plan(cfg, "cpu")
+    real = memory_plan(cfg, "cpu", lengths=[100] * 10, eval_lengths=[120] * 10, prompt_lengths=[60] * 10)
+    peak = {s.name: s.host_peak for s in worst.stages}
+    assert all(s.host_peak < peak[s.name] for s in real.stages)
+
+
+def test_checkpoint_cadence_of_the_colab_presets_loses_under_ten_minutes():
+    for preset, gpu in (("t4", "t4"), ("a100", "a100-40")):
+        cfg = get_preset(preset)
+        plan = memory_plan(cfg, gpu)
+        assert 0 < cfg.train.checkpoint_every <= plan.checkpoint_every(10.0), preset
+
+
+def test_run_refuses_a_plan_that_does_not_fit_before_loading(monkeypatch, tmp_path, capsys):
+    import pocket_teacher.pipeline as pipeline
+
+    def boom(*a, **k):
+        raise AssertionError("nothing may load when the plan does not fit")
+
+    monkeypatch.setattr(pipeline, "load_data", boom)
+    tiny = get_preset("tiny").teacher.tiny
+    huge = ["teacher.tiny.hidden_size=8192", "teacher.tiny.intermediate_size=32768", "teacher.tiny.num_layers=64",
+            "teacher.tiny.num_heads=64", "teacher.tiny.num_kv_heads=8", f"teacher.tiny.vocab_size={tiny.vocab_size}"]
+    code = main(["run", "--preset", "tiny", "--out", str(tmp_path / "r"), *[x for h in huge for x in ("--set", h)]])
+    assert code == 3
+    assert "DOES NOT FIT" in capsys.readouterr().err
