@@ -294,10 +294,16 @@ class Config:
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2 floats: ``1e-5``, ``2E-4``, ``.5`` and ``1.0e+6`` are numbers.
 
-    YAML 1.1 (PyYAML's default) reads an exponent without a dot or sign (``1e-5``) as a string."""
+    YAML 1.1 (PyYAML's default) reads an exponent without a dot or sign (``1e-5``) as a string, and ``no``,
+    ``yes``, ``on`` and ``off`` as booleans (so ``train.mixed_precision=no`` would be False); here, as in YAML 1.2,
+    only true and false are booleans."""
 
 
-_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?

@@ -87,3 +87,9 @@ def test_every_yaml_float_form_parses(text, value):
 def test_precision_and_optimizer_choices(override, match):
     with pytest.raises(ConfigError, match=match):
         apply_overrides(get_preset("tiny"), [override])
+
+
+def test_only_true_and_false_are_booleans():
+    cfg = apply_overrides(get_preset("tiny"), ["train.mixed_precision=no", "train.gradient_checkpointing=true"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.gradient_checkpointing is True
+    assert Config.from_yaml(cfg.to_yaml()) == cfg
