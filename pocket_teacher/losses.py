@@ -337,7 +337,9 @@ class _ChunkedLoss(torch.autograd.Function):
             sums += torch.stack([part.total.detach(), part.ce, part.kd]).to(sums.dtype)
             if any(need):
                 g = g.to(acc)
-                if need[0]:
+                if need[0] and scale == 1.0:
+                    grad_h[i:i + chunk] = g.to(compute_dtype).matmul(w)
+                elif need[0]:
                     grad_h[i:i + chunk] = (g * scale).to(compute_dtype).matmul(w).to(acc) / scale
                 if need[1]:
                     grad_w[:vocab].addmm_(g.t(), h.to(acc))

@@ -65,7 +65,13 @@ def model_digest(model: torch.nn.Module, sample: int = 4096) -> str:
             flat = flat.to(torch.uint8)
         step = max(1, flat.numel() // sample)
         picked = flat[::step][:sample].contiguous().cpu()
-        sums = (torch.sum(flat, dtype=torch.float64).item(), torch.sum(flat.abs(), dtype=torch.float64).item())
+        # Summed in float64 a block at a time: a whole-tensor float64 copy of a large embedding would take 8 bytes
+        # per weight at once (1.9 GB for Qwen2.5-1.5B's) on the teacher's device.
+        acc = torch.zeros(2, dtype=torch.float64, device=flat.device)
+        for block in flat.split(1 << 20):
+            block = block.double()
+            acc += torch.stack([block.sum(), block.abs().sum()])
+        sums = tuple(acc.tolist())
         h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{sums[0]!r}|{sums[1]!r}|".encode())
         h.update(picked.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
