@@ -355,9 +355,12 @@ def compare_generations(cfg: Config, models: dict[str, torch.nn.Module], tokeniz
     """Side-by-side answers of each model on the first `eval.side_by_side` held-out questions."""
     examples = splits.eval.examples[:cfg.eval.side_by_side]
     prompts = [format_prompt(tokenizer, e.question, cfg.data.system_prompt) for e in examples]
-    answers = {name: generate(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
-                              batch_size=cfg.eval.batch_size, desc=name, progress=progress)
-               for name, model in models.items()}
+    device = resolve_device(cfg.train.device)
+    answers = {}
+    for name, model in models.items():
+        with visiting(model, device):
+            answers[name] = generate(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
+                                     batch_size=cfg.eval.batch_size, desc=name, progress=progress)
     return side_by_side(examples, answers)
 
 

@@ -244,16 +244,18 @@ def optimizer_bytes(shape: ModelShape, optimizer: str) -> int:
 
 
 def train_activation_bytes(shape: ModelShape, compute: float, tokens: int, seq_len: int, checkpointing: bool,
-                           flash: bool) -> int:
+                           flash: bool = True) -> int:
     """Activations the backward pass needs for `tokens` tokens (fp32 residual stream, `compute`-byte matmuls).
 
-    Per token and layer: the residual stream and the norms' inputs (4 x 4H bytes), the matmul inputs and
-    outputs of attention and the MLP in the compute dtype (7H + 6 kv + 5I values), and without a fused
-    attention kernel the (heads x L) attention probabilities twice. With gradient checkpointing only each
-    layer's input is kept, plus one layer's activations while it is recomputed."""
+    Per token and layer, the tensors autograd keeps: the two norms' inputs (fp32 residual stream, 2 x 4H bytes);
+    in the compute dtype the two norms' outputs as the projections' inputs (2H), the attention kernel's q, k, v
+    and output (2H + 2 kv), the output projection's input (H), and the MLP's gate, up, SiLU and product (4I).
+    PyTorch's SDPA uses a fused kernel for training on CUDA and on CPU, so no (heads x L) scores are kept
+    (`flash=False` adds them, for the math path). With gradient checkpointing only each layer's input is kept,
+    plus one layer's activations while it is recomputed."""
     h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
-    attn = 0 if flash else 3 * shape.heads * seq_len * compute
-    per_layer = 16 * h + compute * (7 * h + 6 * kv + 5 * i) + attn
+    attn = 0 if flash else 2 * shape.heads * seq_len * compute
+    per_layer = 8 * h + compute * (5 * h + 2 * kv + 4 * i) + attn
     per_token = (4 * h * shape.layers + per_layer) if checkpointing else per_layer * shape.layers
     return int(tokens * (per_token + 8 * h))  # + the embedding output and the final norm
 
@@ -430,7 +432,7 @@ def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
     tr, ev, tc = cfg.train, cfg.eval, cfg.teacher_cache
     compute = r["compute"]
     t_bytes = dtype_bytes(r["teacher_precision"]) if r["teacher_precision"] in ("fp32", "bf16", "fp16") else 2
-    flash = device.cuda  # SDPA's fused kernels on CUDA; the math path (with L x L scores) on CPU
+    flash = device.cuda  # inference: SDPA's fused kernels on CUDA; on CPU with a padding mask, the math path
     train_len = max(lengths) if lengths else cfg.data.max_length
     eval_len = max(eval_lengths) if eval_lengths else ev.max_length
     mean_len = (sum(lengths) / len(lengths)) if lengths else 0.6 * cfg.data.max_length
@@ -478,8 +480,7 @@ def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
     train_device = {
         "student weights (fp32)": sw, "gradients": sw, f"optimizer ({tr.optimizer})": optimizer_bytes(student,
                                                                                                       tr.optimizer),
-        "activations": train_activation_bytes(student, compute, train_tokens, train_len, tr.gradient_checkpointing,
-                                              flash),
+        "activations": train_activation_bytes(student, compute, train_tokens, train_len, tr.gradient_checkpointing),
         "loss buffers": loss_buffer_bytes(student, chunk, train_answers, compute, implementation,
                                           teacher if live else None)}
     train_host = dict(resting)
