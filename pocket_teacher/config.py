@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -29,6 +30,7 @@ TARGET_SOURCES = ("reference", "teacher", "teacher_correct")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 OVERLONG_POLICIES = ("skip", "truncate", "error")
 BAD_ROW_POLICIES = ("error", "skip")
+DUPLICATE_POLICIES = ("keep", "drop")
 DEVICES = ("auto", "cpu", "cuda")
 MIXED_PRECISIONS = ("auto", "bf16", "fp16", "no")
 OPTIMIZERS = ("adamw", "adamw_8bit")
@@ -36,6 +38,16 @@ OPTIMIZERS = ("adamw", "adamw_8bit")
 
 class ConfigError(ValueError):
     """A configuration value is out of range, of the wrong type, or unknown."""
+
+
+def _known_vocab(teacher) -> Optional[int]:
+    """The teacher's vocabulary size when it is known without loading it (tiny, embedded, the plan's table)."""
+    if teacher.source == "tiny":
+        return teacher.tiny.vocab_size
+    from .plan import KNOWN_MODELS
+
+    shape = KNOWN_MODELS.get(teacher.source)
+    return shape.vocab if shape else None
 
 
 def _fail(path: str, value: Any, fix: str) -> None:
@@ -99,6 +111,7 @@ class DataConfig:
     max_length: int = 256  # longest prompt + answer in tokens
     overlong: str = "skip"  # rows longer than max_length: skip (counted and reported), truncate the answer, or error
     bad_rows: str = "error"  # malformed JSONL rows: error (names file and line) or skip (counted and reported)
+    duplicates: str = "keep"  # rows repeated within a split (same question and target): keep (counted) or drop (counted)
     system_prompt: Optional[str] = None  # system message for the chat template; None keeps the tokenizer's default
     targets: str = "reference"  # training targets: reference answers, or the teacher's generated ones: teacher (all) or teacher_correct (only right final numbers)
 
@@ -147,6 +160,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # save a resumable checkpoint every N steps (0 = only when the loss turns non-finite)
     keep_checkpoints: int = 2  # newest checkpoints kept in runs/<name>/checkpoints; older ones are deleted
     resume: bool = False  # continue from the newest valid checkpoint of this run (CLI: --resume)
+    resume_allow: list[str] = field(default_factory=list)  # settings allowed to differ from the checkpoint's on resume, e.g. [train.lr]: optimizer and schedule take the new values
     eval_every: int = 0  # held-out perplexity and KD term every N steps, into the history and the curves (0 = off)
     log_with: Optional[str] = None  # also log to a tracker accelerate supports: tensorboard, wandb, mlflow, ... (None = off)
 
@@ -217,8 +231,17 @@ class Config:
         _check_choice("data.source", d.source, DATA_SOURCES)
         _check_choice("data.overlong", d.overlong, OVERLONG_POLICIES)
         _check_choice("data.bad_rows", d.bad_rows, BAD_ROW_POLICIES)
+        _check_choice("data.duplicates", d.duplicates, DUPLICATE_POLICIES)
         _check_choice("data.targets", d.targets, TARGET_SOURCES)
         _check_positive("teacher_cache.k", self.teacher_cache.k)
+        vocab = _known_vocab(t)
+        if vocab is not None and self.teacher_cache.k > vocab:
+            _fail("teacher_cache.k", self.teacher_cache.k, f"the teacher's vocabulary has {vocab:,} tokens; keep at "
+                  f"most that many (64 holds nearly all of the probability mass).")
+        for key in tr.resume_allow:
+            if key.count(".") != 1 or key.split(".")[0] not in {f.name for f in dataclasses.fields(self)}:
+                _fail("train.resume_allow", tr.resume_allow, f"{key!r} is not a setting; name them as section.key, "
+                      f"e.g. [train.lr].")
         _check_positive("teacher_cache.batch_size", self.teacher_cache.batch_size)
         _check_positive("data.train_size", d.train_size)
         _check_positive("data.eval_size", d.eval_size)
@@ -363,6 +386,8 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, value, "use a number.")
+        if not math.isfinite(value):
+            _fail(path, value, "use a finite number (NaN and infinity are never valid settings).")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

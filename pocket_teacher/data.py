@@ -53,13 +53,15 @@ class LoadReport:
     rows: int = 0
     kept: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what else a reader should know (duplicates kept, ...)
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
     def __str__(self) -> str:
         skipped = ", ".join(f"{n} {why}" for why, n in self.skipped.items()) or "none"
-        return f"{self.source}: {self.kept} of {self.rows} rows kept (skipped: {skipped})"
+        notes = "".join(f"; {n}" for n in self.notes)
+        return f"{self.source}: {self.kept} of {self.rows} rows kept (skipped: {skipped}){notes}"
 
 
 # -- answers -------------------------------------------------------------------------------------
@@ -193,29 +195,54 @@ def _validated(rows: Iterable[tuple[str, Any]], make, report: LoadReport, bad_ro
         except DataError:
             if bad_rows == "error":
                 raise
-            report.skip("malformed")
+            report.skip(getattr(row, "reason", "malformed"))
     report.kept = len(examples)
     return examples
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield ("file:line", parsed row) for each non-empty line; bad JSON raises DataError naming the line."""
+    """Yield ("file:line", parsed row) for each non-empty line.
+
+    A line that is not UTF-8 or not JSON comes out as a `_BadJson` naming the file, line and byte or
+    column, so validation raises a DataError (or counts a skip with data.bad_rows=skip). A missing path, a
+    folder and an empty file each raise their own DataError."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.jsonl"))[:3]
+        raise DataError(f"{path} is a folder, not a JSONL file. Give the file itself"
+                        + (f", e.g. {path / inside[0]}" if inside else "") + ".")
     if not path.is_file():
-        raise DataError(f"{path}: no such file. Give the path of a JSONL file (one JSON object per line).")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+        raise DataError(f"{path}: no such file. Give the path of a JSONL file (one JSON object per line)"
+                        + ("" if path.is_absolute() else f"; relative paths start from {Path.cwd()}") + ".")
+    seen = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path.name}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                seen += 1
+                yield where, _BadJson(f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                                      f"{exc.start + 1}); save the file as UTF-8.", reason="not UTF-8")
+                continue
             if not line.strip():
                 continue
-            where = f"{path.name}:{number}"
+            seen += 1
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as exc:
                 yield where, _BadJson(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}).")
+    if seen == 0:
+        raise DataError(f"{path} is empty (no rows). Give a JSONL file with one JSON object per line.")
 
 
 class _BadJson(str):
-    """Placeholder for an unparsable line; validation turns it into a DataError (or a counted skip)."""
+    """Placeholder for an unreadable line; validation turns it into a DataError (or a counted skip)."""
+
+    def __new__(cls, text: str, reason: str = "malformed"):
+        obj = super().__new__(cls, text)
+        obj.reason = reason
+        return obj
 
 
 _HUB_FIX = "Pass a local JSONL of the same schema (data.train_path / data.eval_path) or use data.source=gsm_symbolic."
@@ -298,6 +325,28 @@ def load_examples(data_cfg, split: str) -> tuple[list[Example], LoadReport]:
     if data_cfg.source == "gsm8k":
         return load_gsm8k("train" if train else "test", path, size, data_cfg.bad_rows)
     return load_mmlu("validation" if train else "test", path, None, size, data_cfg.bad_rows)
+
+
+def handle_duplicates(examples: list[Example], report: LoadReport, policy: str = "keep") -> list[Example]:
+    """Count rows repeated within a split (same question and target) in `report`; drop the repeats with
+    policy "drop" (the first of each is kept), keep them with "keep". Nothing goes unreported."""
+    seen, out, repeats = set(), [], 0
+    for e in examples:
+        key = (e.question, e.target)
+        if key in seen:
+            repeats += 1
+            if policy == "drop":
+                continue
+        seen.add(key)
+        out.append(e)
+    if repeats:
+        report.notes.append(f"{repeats} duplicate row(s) " + ("dropped" if policy == "drop" else
+                                                             "kept (data.duplicates=drop removes them)"))
+        if policy == "drop":
+            for _ in range(repeats):
+                report.skip("duplicate")
+    report.kept = len(out) if policy == "drop" else report.kept
+    return out
 
 
 def remove_overlap(train: list[Example], held_out: Sequence[Example], report: LoadReport) -> list[Example]:

@@ -62,8 +62,15 @@ def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
 
 
 def _mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
-    """log(weight_a * a + (1 - weight_a) * b), computed stably in log space."""
-    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+    """log(weight_a * a + (1 - weight_a) * b), computed stably in log space.
+
+    Where both are -inf (a token neither distribution can produce) the mixture is -inf too, with a zero
+    gradient: ``logaddexp(-inf, -inf)`` alone would give NaN gradients there."""
+    x, y = log_a + math.log(weight_a), log_b + math.log1p(-weight_a)
+    both = (x == -math.inf) & (y == -math.inf)
+    zero = torch.zeros_like(x)
+    mixed = torch.logaddexp(torch.where(both, zero, x), torch.where(both, zero, y))
+    return torch.where(both, torch.full_like(mixed, -math.inf), mixed)
 
 
 def divergence_per_token(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str = "forward_kl", *,

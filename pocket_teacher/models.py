@@ -298,8 +298,12 @@ def _from_pretrained(source: str, revision: Optional[str], role: str, precision:
         folder, origin = materialize_gguf(path), f"GGUF {path} (dequantized, cached)"
     elif path.is_dir():
         folder, origin = path, f"local folder {path}"
-    elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
+    elif source.count("/") == 1 and not source.startswith((".", "/", "~")) and not path.parent.is_dir():
         folder, origin = source, f"Hub {source}" + (f"@{revision}" if revision else "")
+    elif path.parent.is_dir() and not path.exists():
+        raise ModelLoadError(f"{role}.source={source!r}: no such folder (its parent {path.parent}/ exists here, so this "
+                             f"is read as a local path, not a Hub id). Check the name, or write the Hub id as org/name "
+                             f"from a directory without a {path.parent}/ folder.")
     else:
         raise ModelLoadError(f"{role}.source={source!r} is neither a folder, a .gguf file, nor a Hub id "
                              f"(org/name). Use {'embedded' if role == 'teacher' else 'derive'} for the offline default.")
@@ -523,7 +527,8 @@ def check_vocab_compatible(teacher_tokenizer, student_tokenizer, teacher: Option
             f"Teacher and student tokenizers differ ({len(t_vocab)} vs {len(s_vocab)} tokens; {only_t} only in the "
             f"teacher's, {only_s} only in the student's, {moved} with different ids). Logit distillation compares "
             f"distributions token by token, so it needs one shared vocabulary: pick a student of the teacher's family "
-            f"(or student.source=derive), or distil at the sequence level on the teacher's generated answers.")
+            f"(or student.source=derive), or distil at the sequence level on the teacher's generated answers "
+            f"(data.targets=teacher with loss.alpha=1: CE on the teacher's text, no logit term).")
     size = len(teacher_tokenizer)
     rows = [m.get_output_embeddings().weight.shape[0] if m is not None else size for m in (teacher, student)]
     if min(rows) < size:
