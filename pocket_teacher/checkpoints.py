@@ -24,6 +24,34 @@ from .files import file_hash
 PREFIX = "checkpoint-"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or resumed as asked; the message says why and what to do."""
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def state_bytes(*states) -> int:
+    """Bytes the tensors of these state dicts take when saved."""
+    return sum(t.numel() * t.element_size() for s in states for t in _tensors(s))
+
+
+def check_free_space(folder: Path, need: int, what: str, fix: str) -> None:
+    """Raise CheckpointError unless `folder`'s file system has `need` bytes free (plus 5%)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need * 1.05:
+        raise CheckpointError(f"Not enough free space for {what} in {folder}: {need / 2**20:,.0f} MiB needed, "
+                              f"{free / 2**20:,.0f} MiB free. {fix}")
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -41,23 +69,39 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
                     trainer_state: dict[str, Any]) -> Path:
-    """Write ``folder/checkpoint-<step>`` atomically and return it (replacing one of that step)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write ``folder/checkpoint-<step>`` atomically and return it (replacing one of that step).
+
+    Refuses weights that are not finite (a checkpoint must always be a state worth resuming), checks the
+    free space first, and on a write error (a full disk, say) removes its temporary folder and says so."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"Refusing to write checkpoint-{step:06d}: {len(bad)} of {len(state)} weight tensors hold "
+                              f"NaN or infinity (first: {bad[0]}).")
+    optim_state = optimizer.state_dict()
+    fix = "Free space there, or lower train.keep_checkpoints / raise train.checkpoint_every."
+    check_free_space(folder, state_bytes(state, optim_state) + (1 << 20), f"checkpoint-{step:06d}", fix)
     final = folder / f"{PREFIX}{step:06d}"
     tmp = folder / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, tmp / "model.pt")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, default=str))
-    files = sorted(p.name for p in tmp.iterdir())
-    (tmp / "complete.json").write_text(json.dumps({"step": step, "checksums": {f: file_hash(tmp / f) for f in files}}))
-    for path in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with path.open("rb") as handle:
-            os.fsync(handle.fileno())
+    try:
+        tmp.mkdir()
+        torch.save(state, tmp / "model.pt")
+        torch.save(optim_state, tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, default=str))
+        files = sorted(p.name for p in tmp.iterdir())
+        (tmp / "complete.json").write_text(json.dumps({"step": step,
+                                                       "checksums": {f: file_hash(tmp / f) for f in files}}))
+        for path in tmp.iterdir():  # make the bytes durable before the rename publishes them
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    except (OSError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise CheckpointError(f"Could not write checkpoint-{step:06d} in {folder}: {reason}. The partial copy was "
+                              f"removed. {fix}") from exc
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -98,6 +142,22 @@ def newest_valid(folder: Path, log=print) -> Optional[Path]:
             return path
         log(f"checkpoint {path.name} skipped: {problem}")
     return None
+
+
+def trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer.json of a checkpoint (step, run id, configuration fingerprint, history)."""
+    return json.loads((path / "trainer.json").read_text())
+
+
+def move_aside(folder: Path) -> Optional[Path]:
+    """Move an earlier run's checkpoints out of the way (``checkpoints.previous-N``); return where they went."""
+    if not list_checkpoints(folder):
+        return None
+    n = 1
+    while (target := folder.with_name(f"{folder.name}.previous-{n}")).exists():
+        n += 1
+    os.replace(folder, target)
+    return target
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:

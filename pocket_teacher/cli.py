@@ -25,6 +25,7 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "Pocket_Teacher.ipynb"
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pocket_teacher",
                                      description="Distil a teacher LLM into a small student (notebook-first).")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -110,42 +111,71 @@ def execute_notebook(notebook: str | Path, preset: str, overrides: Sequence[str]
     return Path(executed)
 
 
+def user_errors() -> tuple[type, ...]:
+    """Exceptions that mean "the input or the machine needs a change", printed as one line without a traceback."""
+    from .checkpoints import CheckpointError
+    from .data import DataError
+    from .hub import HubUnavailableError
+    from .models import ModelLoadError, VocabMismatchError
+    from .pipeline import RunFolderBusy
+    from .teacher_cache import CacheError
+    from .train import TrainingDiverged
+
+    return (ConfigError, PlanError, DataError, HubUnavailableError, ModelLoadError, VocabMismatchError, CacheError,
+            CheckpointError, TrainingDiverged, RunFolderBusy, OSError, ValueError, ImportError)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "presets":
-            for name, make in PRESETS.items():
-                print(f"{name:8s} {(make.__doc__ or '').strip() or make().teacher.source}")
-            return 0
-        from .pipeline import configure
+        return _main(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from .train import TrainingInterrupted
 
-        cfg = configure(args.preset, _overrides(args))
-        if getattr(args, "resume", False) and args.command != "run":
-            raise ConfigError("--resume applies to `run` only.")
-        if args.command == "config":
-            print(cfg.to_yaml(), end="")
-            return 0
-        if args.command == "plan":
-            from .plan import memory_plan
-
-            plan = memory_plan(cfg, args.gpu, host_gb=args.host_gb)
-            print(plan)
-            return 0 if plan.fits else 3
-        if args.command == "run":
-            from .pipeline import PlanDoesNotFit, run
-
-            try:
-                run(cfg, progress=not args.no_progress, resume=True if args.resume else None, force=args.force)
-            except PlanDoesNotFit as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 3
-            return 0
-        overrides = _overrides(args) + ([f"run.figures_dir={args.figures}"] if args.figures else [])
-        executed = args.executed or Path(cfg.run.out_dir) / cfg.run.name / "Pocket_Teacher.ipynb"
-        start = time.perf_counter()
-        path = execute_notebook(args.notebook, args.preset, overrides, executed, args.timeout)
-        print(f"executed {args.notebook} on preset {args.preset} in {time.perf_counter() - start:.0f} s -> {path}")
-        return 0
-    except (ConfigError, PlanError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if isinstance(exc, TrainingInterrupted):
+            print(f"stopped: {exc}", file=sys.stderr)
+            return 128 + exc.signum
+        if args.debug or not isinstance(exc, user_errors()):
+            raise
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.command == "presets":
+        for name, make in PRESETS.items():
+            print(f"{name:8s} {(make.__doc__ or '').strip() or make().teacher.source}")
+        return 0
+    from .pipeline import configure
+
+    cfg = configure(args.preset, _overrides(args))
+    if getattr(args, "resume", False) and args.command != "run":
+        raise ConfigError("--resume applies to `run` only.")
+    if args.command == "config":
+        print(cfg.to_yaml(), end="")
+        return 0
+    if args.command == "plan":
+        from .plan import memory_plan
+
+        plan = memory_plan(cfg, args.gpu, host_gb=args.host_gb)
+        print(plan)
+        return 0 if plan.fits else 3
+    if args.command == "run":
+        from .pipeline import PlanDoesNotFit, run
+
+        try:
+            run(cfg, progress=not args.no_progress, resume=True if args.resume else None, force=args.force)
+        except PlanDoesNotFit as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 3
+        return 0
+    overrides = _overrides(args) + ([f"run.figures_dir={args.figures}"] if args.figures else [])
+    executed = args.executed or Path(cfg.run.out_dir) / cfg.run.name / "Pocket_Teacher.ipynb"
+    start = time.perf_counter()
+    path = execute_notebook(args.notebook, args.preset, overrides, executed, args.timeout)
+    print(f"executed {args.notebook} on preset {args.preset} in {time.perf_counter() - start:.0f} s -> {path}")
+    return 0
+

@@ -24,8 +24,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .config import Config, apply_overrides, get_preset
-from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, load_examples, load_mmlu,
-                   remove_overlap, tokenize_examples)
+from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, handle_duplicates, load_examples,
+                   load_mmlu, remove_overlap, tokenize_examples)
+from .checkpoints import list_checkpoints
 from .files import write_json
 from .evaluate import evaluate_model, generate, results_markdown, results_table, side_by_side
 from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, load_student, load_teacher,
@@ -119,13 +120,55 @@ def hardware_line() -> str:
     return f"CPU {cpu}; torch {torch.__version__}"
 
 
-def start_run(cfg: Config) -> Path:
-    """Create runs/<name>/ with the resolved config and the environment; print the config once."""
-    out = run_dir(cfg)
+class RunFolderBusy(RuntimeError):
+    """Another live process holds the run folder; the message names it."""
+
+
+_HELD_LOCKS: dict[str, Any] = {}  # run folders this process holds (a notebook re-running its cells keeps its own)
+
+
+def lock_run_folder(out: Path) -> None:
+    """Hold an exclusive lock on the run folder for the rest of this process (filelock; the OS releases it when
+    the process dies, so a lock left by a killed run is stale and taken over). A second run into the same folder
+    is refused at once with the holder's pid, host and start time."""
+    import socket
+    import time as _time
+
+    from filelock import FileLock, Timeout
+
+    key = str(out.resolve())
+    if key in _HELD_LOCKS:
+        return
     out.mkdir(parents=True, exist_ok=True)
+    holder = out / ".lock.json"
+    lock = FileLock(str(out / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            who = json.loads(holder.read_text())
+            text = f"pid {who['pid']} on {who['host']}, started {who['started']}"
+        except (OSError, ValueError, KeyError):
+            text = "another process"
+        raise RunFolderBusy(f"The run folder {out} is in use by {text}. Wait for that run to finish, or write this "
+                            f"one elsewhere (--out runs/NAME, or run.name=...).") from None
+    if holder.is_file():
+        try:
+            old = json.loads(holder.read_text())
+            print(f"run folder: the lock of an earlier run (pid {old.get('pid')}) was stale; taken over")
+        except (OSError, ValueError):
+            pass
+    write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(),
+                        "started": _time.strftime("%Y-%m-%d %H:%M:%S")})
+    _HELD_LOCKS[key] = lock
+
+
+def start_run(cfg: Config) -> Path:
+    """Create runs/<name>/ with the resolved config and the environment, locked against a second run."""
+    out = run_dir(cfg)
+    lock_run_folder(out)
     cfg.to_yaml(out / "config.yaml")
     write_json(out / "environment.json", environment())
-    (out / "history.jsonl").unlink(missing_ok=True)
     return out
 
 
@@ -143,6 +186,8 @@ def load_data(cfg: Config, verbose: bool = True) -> RawData:
     """Training and held-out examples as cfg.data says; prints one line per source."""
     train, train_report = load_examples(cfg.data, "train")
     held_out, eval_report = load_examples(cfg.data, "eval")
+    train = handle_duplicates(train, train_report, cfg.data.duplicates)
+    held_out = handle_duplicates(held_out, eval_report, cfg.data.duplicates)
     train = remove_overlap(train, held_out, train_report)
     reports = [train_report, eval_report]
     mmlu = None
@@ -216,8 +261,12 @@ def vocabulary(cfg: Config, teacher_tokenizer, tokenizer, teacher: torch.nn.Modu
     distillation is configured (data.targets=teacher*, loss.alpha=1), which needs no shared vocabulary."""
     try:
         report = check_vocab_compatible(teacher_tokenizer, tokenizer, teacher, student)
-    except VocabMismatchError:
-        if cfg.data.targets == "reference" or cfg.loss.alpha != 1.0:
+    except VocabMismatchError as exc:
+        if cfg.data.targets != "reference" and cfg.loss.alpha != 1.0:
+            raise VocabMismatchError(f"{str(exc).split(' Logit distillation')[0]} data.targets={cfg.data.targets} is "
+                                     f"already set, but loss.alpha={cfg.loss.alpha} still asks for the token-level "
+                                     f"term: set loss.alpha=1 to train on the teacher's answers alone.") from None
+        if cfg.data.targets == "reference":
             raise
         print("vocabulary: the tokenizers differ; sequence-level distillation only (CE on the teacher's answers)")
         return None
@@ -264,14 +313,16 @@ def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[
             if teacher is not None and is_main_process() else None
     main = is_main_process()
     handle = None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        handle = (out / "history.jsonl").open("w")
 
-    def on_step(row: dict) -> None:
-        if handle is not None:
-            handle.write(json.dumps(row) + "\n")
-            handle.flush()
+    def on_step(row: dict) -> None:  # history.jsonl is rewritten from the first row (restored rows on resume)
+        nonlocal handle
+        if not main:
+            return
+        if handle is None:
+            out.mkdir(parents=True, exist_ok=True)
+            handle = (out / "history.jsonl").open("w")
+        handle.write(json.dumps(row) + "\n")
+        handle.flush()
 
     # Training reads the cache, so the teacher leaves the accelerator meanwhile (and comes back after).
     parked = teacher if cache is not None and teacher is not None and device.type == "cuda" else None
@@ -316,17 +367,20 @@ def evaluate(cfg: Config, label: str, model: torch.nn.Module, tokenizer, splits:
 
 
 def train_baseline(cfg: Config, student_init: torch.nn.Module, splits: Splits, tokenizer,
-                   progress: bool = True, cache: Optional[TopKCache] = None
+                   progress: bool = True, cache: Optional[TopKCache] = None, resume: Optional[bool] = None
                    ) -> tuple[Optional[torch.nn.Module], Optional[TrainResult]]:
     """Plain fine-tuning with the same data, steps and schedule (loss.alpha=1) when eval.baseline is
     set: what distillation has to beat. Its history goes to runs/<name>/baseline/history.jsonl; with
-    a teacher `cache` its distance to the teacher (kd) is reported too, without gradient."""
+    a teacher `cache` its distance to the teacher (kd) is reported too, without gradient. On resume it
+    continues from its own checkpoints when it had started, else it starts."""
     if not cfg.eval.baseline:
         return None, None
     base_cfg = apply_overrides(cfg, {"loss.alpha": 1.0, "run.out_dir": str(run_dir(cfg)), "run.name": "baseline",
                                      "run.figures_dir": None})
     print(f"baseline: plain fine-tuning, loss.alpha=1, {cfg.train.max_steps} steps")
-    return train_student(base_cfg, student_init, None, splits, tokenizer, progress, cache)
+    wanted = cfg.train.resume if resume is None else resume
+    started = bool(list_checkpoints(run_dir(base_cfg) / "checkpoints"))
+    return train_student(base_cfg, student_init, None, splits, tokenizer, progress, cache, wanted and started)
 
 
 def make_figures(cfg: Config, results: Sequence[dict], history: Sequence[dict],
@@ -371,7 +425,8 @@ def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequ
     student (save_pretrained) into runs/<name>/."""
     out = run_dir(cfg)
     summary = [{k: v for k, v in r.items() if k not in ("generations", "mmlu_rows")} for r in results]
-    extra = {"train_seconds": train_result.seconds, "steps": train_result.steps} if train_result else {}
+    extra = {"train_seconds": train_result.seconds, "steps": train_result.steps,
+             "collapsed": train_result.collapsed} if train_result else {}
     write_json(out / "results.json", {"preset": cfg.preset, "environment": hardware_line(), "results": summary,
                                       **extra})
     (out / "results.md").write_text(results_markdown(results) + "\n")
@@ -422,10 +477,14 @@ def run(cfg: Config, progress: bool = True, resume: Optional[bool] = None, force
                    evaluate(cfg, "student before", student_init, tokenizer, splits, progress, agree_with)]
     student, train_result = train_student(cfg, student_init, teacher if shared else None, splits, tokenizer,
                                           progress, cache, resume)
-    baseline, baseline_result = train_baseline(cfg, student_init, splits, tokenizer, progress, cache)
+    baseline, baseline_result = train_baseline(cfg, student_init, splits, tokenizer, progress, cache, resume)
     if not main:
         return {"out": out, "results": [], "history": train_result.history}
     results.append(evaluate(cfg, "student after", student, tokenizer, splits, progress, agree_with))
+    if train_result.collapsed is None and results[-1]["perplexity"] >= 0.5 * len(tokenizer):
+        train_result.collapsed = (f"the held-out perplexity {results[-1]['perplexity']:,.0f} is no better than "
+                                  f"guessing uniformly over {len(tokenizer):,} tokens (lower train.lr)")
+        print(f"WARNING: the student collapsed: {train_result.collapsed}.")
     if baseline is not None:
         results.append(evaluate(cfg, BASELINE_LABEL, baseline, tokenizer, splits, progress, agree_with))
     print(results_table(results).to_string())

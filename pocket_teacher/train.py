@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -41,6 +44,8 @@ class TrainResult:
     resumed_from: Optional[str] = None  # the checkpoint this run continued from
     checkpoint_seconds: list = field(default_factory=list)  # wall time of each checkpoint written
     mixed_precision: str = "no"  # bf16, fp16 (with dynamic loss scaling) or no, as resolved for the device
+    run_id: str = ""  # identifies this training run in its checkpoints
+    collapsed: Optional[str] = None  # why the student looks dead (zero gradients, uniform perplexity), else None
     student: Optional[torch.nn.Module] = None  # the trained student, whole (under FSDP: gathered on process 0)
 
     @property
@@ -145,7 +150,74 @@ class DistillStep(torch.nn.Module):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message names the step, the likely cause and the checkpoint."""
+    """The loss or the gradient became NaN or infinite; the message names the step, the likely cause, the
+    checkpoint of the last good weights and the command that continues from them."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM or SIGINT arrived: a checkpoint was saved at the step boundary (when a folder was given)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT (Colab, schedulers, Ctrl-C) only raise a flag that the loop reads at the
+    next step boundary; a second SIGINT interrupts at once. Installed in the main thread only."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum, self._previous = 0, {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# Settings that do not change what training computes: they may differ between a checkpoint and its resume.
+NOT_FINGERPRINTED = {"train.resume", "train.resume_allow", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.eval_every", "train.log_with", "train.device", "teacher_cache.dir",
+                     "teacher_cache.batch_size"}
+
+
+def training_fingerprint(cfg) -> dict:
+    """Every setting that shapes training (models, data, loss, teacher signal, optimizer, schedule), flattened."""
+    tree = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+    flat = _flat({k: tree[k] for k in ("teacher", "student", "data", "loss", "teacher_cache", "train") if k in tree})
+    return {k: v for k, v in flat.items() if k not in NOT_FINGERPRINTED}
+
+
+def fingerprint_differences(saved: dict, current: dict) -> dict[str, tuple]:
+    keys = sorted(set(saved) | set(current))
+    return {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
+
+
+def collapse_reason(history: list[dict], vocab_size: Optional[int], last: int = 5) -> Optional[str]:
+    """Why the student looks dead after training, or None: zero gradients over the last steps, or a held-out
+    perplexity no better than guessing uniformly over the vocabulary."""
+    tail = history[-last:]
+    norms = [r.get("grad_norm") for r in tail]
+    if len(tail) == last and all(n is not None and math.isfinite(n) and n < 1e-12 for n in norms):
+        return (f"the gradient norm was 0 over the last {last} steps: the student stopped learning (a learning rate "
+                f"far too high saturates it; lower train.lr)")
+    ppl = next((r["eval_ppl"] for r in reversed(history) if r.get("eval_ppl") is not None), None)
+    if ppl is not None and vocab_size and ppl >= 0.5 * vocab_size:
+        return (f"the held-out perplexity {ppl:,.0f} is no better than guessing uniformly over {vocab_size:,} tokens "
+                f"(lower train.lr)")
+    return None
 
 
 class GlobalBatches:
@@ -277,22 +349,19 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
     result = TrainResult(loss_implementation=implementation, mixed_precision=compute)
     start_step, previous_seconds = 0, 0.0
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
+    result.run_id, resumed_diverged = uuid.uuid4().hex[:12], False
     if (tcfg.resume if resume is None else resume):
-        if folder is None:
-            raise ValueError("Resuming needs the run's checkpoint folder (checkpoint_dir).")
-        path = ckpt.newest_valid(folder, log=tqdm.write if accelerator.is_main_process else (lambda *_: None))
-        if path is None:
-            if accelerator.is_main_process:
-                tqdm.write(f"resume: no valid checkpoint in {folder}; starting from step 0")
-        else:
-            state = ckpt.load_checkpoint(path, student, optimizer, scheduler)
-            start_step, previous_seconds = state["step"], state.get("seconds", 0.0)
-            result.history, result.resumed_from = state["history"], str(path)
-            if accelerator.is_main_process:
-                tqdm.write(f"resume: continuing from {path} (step {start_step} of {tcfg.max_steps})")
-                for row in result.history:
-                    if on_step is not None:
-                        on_step(row)
+        state = _resume(folder, cfg, student, optimizer, scheduler, say)
+        start_step, previous_seconds = state["step"], state.get("seconds", 0.0)
+        result.history, result.resumed_from, result.run_id = state["history"], state["path"], state["run_id"]
+        resumed_diverged = bool(state.get("diverged_after"))
+        for row in result.history if accelerator.is_main_process and on_step is not None else ():
+            on_step(row)
+    elif folder is not None and accelerator.is_main_process:
+        moved = ckpt.move_aside(folder)  # an earlier run's checkpoints are never resumed or pruned as this run's
+        if moved is not None:
+            say(f"checkpoints: {folder} held an earlier run's checkpoints; moved them to {moved}")
 
     step_module = DistillStep(student.train(), lcfg, implementation, vocab_size)
     model, optimizer = accelerator.prepare(step_module, optimizer)
@@ -311,14 +380,15 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
                    f"{tcfg.grad_accum} accumulation; mixed precision {compute}, {tcfg.optimizer}, gradient "
                    f"checkpointing {'on' if tcfg.gradient_checkpointing else 'off'}")
 
-    def save(step: int) -> Optional[Path]:
+    def save(step: int, diverged: bool = False) -> Optional[Path]:
         if folder is None:
             return None
         began = time.perf_counter()
         path = None
         if accelerator.is_main_process:
             state = {"history": result.history, "seconds": previous_seconds + time.perf_counter() - start,
-                     "batches_consumed": step * tcfg.grad_accum}
+                     "batches_consumed": step * tcfg.grad_accum, "run_id": result.run_id,
+                     "fingerprint": training_fingerprint(cfg), "diverged_after": diverged}
             path = ckpt.save_checkpoint(folder, step, accelerator.unwrap_model(model).model, optimizer, scheduler,
                                         state)
             ckpt.prune(folder, tcfg.keep_checkpoints)
@@ -330,82 +400,84 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
                disable=not progress or not accelerator.is_main_process)
     start = time.perf_counter()
     seen_tokens = 0
-    for step in range(start_step, tcfg.max_steps):
-        micro = []
-        for i in range(tcfg.grad_accum):
-            rows = batches[step * tcfg.grad_accum + i][rank * tcfg.batch_size:(rank + 1) * tcfg.batch_size]
-            batch = collate([train_split[j] for j in rows])
-            micro.append({k: v.to(accelerator.device) for k, v in batch.items()})
-        selects = [answer_positions(b["labels"]) for b in micro]
-        answer_tokens = accelerator.reduce(torch.tensor(float(sum(int(s.sum()) for s in selects)),
-                                                        device=accelerator.device), "sum")
-        # DDP averages gradients over processes, so each one divides by its share of the global count.
-        normalizer = float(answer_tokens) / procs
-        parts = torch.zeros(3, device=accelerator.device)
-        for i, (batch, select) in enumerate(zip(micro, selects)):
-            last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-            with sync:
-                targets = batch["labels"][:, 1:][select[:, :-1]]
-                if teacher_cache is not None:
-                    teacher_side = teacher_cache.rows(batch["index"].tolist(), select.sum(1).tolist(),
-                                                      accelerator.device)
-                elif teacher is not None:
-                    teacher_side = teacher_inputs(teacher, batch["input_ids"], batch["attention_mask"], select,
-                                                  implementation)
-                else:
-                    teacher_side = {}
-                with accelerator.autocast():
-                    loss = model(batch["input_ids"], batch["attention_mask"], select, targets, teacher_side,
-                                 normalizer)
-                accelerator.backward(loss.total)
-                del teacher_side  # free the teacher's tensors before the next micro-batch
-            parts += torch.stack([loss.total.detach(), loss.ce.detach(), loss.kd.detach().nan_to_num(0.0)
-                                  if lcfg.alpha == 1.0 else loss.kd.detach()])
-            seen_tokens += int(batch["attention_mask"].sum())
-        total, ce, kd = (accelerator.reduce(parts, "sum") / procs).tolist()
-        if not math.isfinite(total):
-            optimizer.zero_grad(set_to_none=True)  # the weights are still those of the last good step
-            path = save(step)
-            bar.close()
-            precision = f"mixed precision {compute}" if compute in ("bf16", "fp16") else "fp32"
-            raise TrainingDiverged(
-                f"Non-finite loss at step {step + 1} (total {total}, ce {ce}, kd {kd}). Likely causes: a learning rate "
-                f"too high for this model (train.lr={tcfg.lr}; try 10x lower or more train.warmup_steps), or overflow in "
-                f"{precision} (fp16 overflows first; use bf16 or fp32). "
-                + (f"The weights after step {step} are saved in {path}; fix the setting and rerun with --resume."
-                   if path else "Pass a checkpoint folder to keep the last good weights."))
-        grad_norm = (accelerator.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
-                     if tcfg.max_grad_norm > 0 else torch.tensor(float("nan")))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    with StopSignals() as stop:
+        for step in range(start_step, tcfg.max_steps):
+            micro = []
+            for i in range(tcfg.grad_accum):
+                rows = batches[step * tcfg.grad_accum + i][rank * tcfg.batch_size:(rank + 1) * tcfg.batch_size]
+                batch = collate([train_split[j] for j in rows])
+                micro.append({k: v.to(accelerator.device) for k, v in batch.items()})
+            selects = [answer_positions(b["labels"]) for b in micro]
+            answer_tokens = accelerator.reduce(torch.tensor(float(sum(int(s.sum()) for s in selects)),
+                                                            device=accelerator.device), "sum")
+            # DDP averages gradients over processes, so each one divides by its share of the global count.
+            normalizer = float(answer_tokens) / procs
+            parts = torch.zeros(3, device=accelerator.device)
+            for i, (batch, select) in enumerate(zip(micro, selects)):
+                last = i == len(micro) - 1
+                sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+                with sync:
+                    targets = batch["labels"][:, 1:][select[:, :-1]]
+                    if teacher_cache is not None:
+                        teacher_side = teacher_cache.rows(batch["index"].tolist(), select.sum(1).tolist(),
+                                                          accelerator.device)
+                    elif teacher is not None:
+                        teacher_side = teacher_inputs(teacher, batch["input_ids"], batch["attention_mask"], select,
+                                                      implementation)
+                    else:
+                        teacher_side = {}
+                    with accelerator.autocast():
+                        loss = model(batch["input_ids"], batch["attention_mask"], select, targets, teacher_side,
+                                     normalizer)
+                    accelerator.backward(loss.total)
+                    del teacher_side  # free the teacher's tensors before the next micro-batch
+                parts += torch.stack([loss.total.detach(), loss.ce.detach(), loss.kd.detach().nan_to_num(0.0)
+                                      if lcfg.alpha == 1.0 else loss.kd.detach()])
+                seen_tokens += int(batch["attention_mask"].sum())
+            total, ce, kd = (accelerator.reduce(parts, "sum") / procs).tolist()
+            # The guard looks before the optimizer step, so the weights stay those of the last good step.
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm or math.inf))
+            if not math.isfinite(total) or (compute != "fp16" and not math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                again = step == start_step and resumed_diverged  # no step worked since the last divergence
+                path = None if again else save(step, diverged=True)
+                bar.close()
+                raise TrainingDiverged(_divergence_message(step, total, ce, kd, grad_norm, tcfg, compute, path, again))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        elapsed = time.perf_counter() - start
-        no_kd = teacher is None and teacher_cache is None
-        row = {"step": step + 1, "loss": total, "ce": ce, "kd": None if no_kd else kd, "lr": lr,
-               "grad_norm": float(grad_norm), "answer_tokens": int(answer_tokens),
-               "tokens_per_s": seen_tokens * procs / elapsed, "elapsed_s": previous_seconds + elapsed}
-        if (eval_split is not None and tcfg.eval_every and accelerator.is_main_process
-                and ((step + 1) % tcfg.eval_every == 0 or step + 1 == tcfg.max_steps)):
-            row.update(held_out_losses(accelerator.unwrap_model(model).model, teacher, eval_split, lcfg,
-                                       pad_token_id=pad_token_id, vocab_size=vocab_size, teacher_cache=eval_cache))
-        result.history.append(row)
-        if on_step is not None and accelerator.is_main_process:
-            on_step(row)
-        if tcfg.log_with:
-            accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
-                            step=step + 1)
-        bar.set_postfix_str(f"loss {total:.3f} | ce {ce:.3f} | kd {kd:.3f} | {row['tokens_per_s']:.0f} tok/s"
-                            + (f" | eval ppl {row['eval_ppl']:.2f}" if "eval_ppl" in row else ""), refresh=False)
-        bar.update(1)
-        if tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0:
-            save(step + 1)
+            elapsed = time.perf_counter() - start
+            no_kd = teacher is None and teacher_cache is None
+            row = {"step": step + 1, "loss": total, "ce": ce, "kd": None if no_kd else kd, "lr": lr,
+                   "grad_norm": grad_norm, "answer_tokens": int(answer_tokens),
+                   "tokens_per_s": seen_tokens * procs / elapsed, "elapsed_s": previous_seconds + elapsed}
+            if (eval_split is not None and tcfg.eval_every and accelerator.is_main_process
+                    and ((step + 1) % tcfg.eval_every == 0 or step + 1 == tcfg.max_steps)):
+                row.update(held_out_losses(accelerator.unwrap_model(model).model, teacher, eval_split, lcfg,
+                                           pad_token_id=pad_token_id, vocab_size=vocab_size, teacher_cache=eval_cache))
+            result.history.append(row)
+            if on_step is not None and accelerator.is_main_process:
+                on_step(row)
+            if tcfg.log_with:
+                accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+                                step=step + 1)
+            bar.set_postfix_str(f"loss {total:.3f} | ce {ce:.3f} | kd {kd:.3f} | {row['tokens_per_s']:.0f} tok/s"
+                                + (f" | eval ppl {row['eval_ppl']:.2f}" if "eval_ppl" in row else ""), refresh=False)
+            bar.update(1)
+            path = save(step + 1) if tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0 else None
+            if _stop_requested(stop, accelerator):  # SIGTERM / SIGINT: keep this step, then stop cleanly
+                path = path or save(step + 1)
+                bar.close()
+                raise TrainingInterrupted(stop.signum, _interrupted_message(stop.signum, step + 1, tcfg, path))
     bar.close()
     if tcfg.log_with:
         accelerator.end_training()
     result.seconds, result.steps = previous_seconds + time.perf_counter() - start, tcfg.max_steps
+    result.collapsed = collapse_reason(result.history, vocab_size or student.get_output_embeddings().weight.shape[0])
+    if result.collapsed and accelerator.is_main_process:
+        tqdm.write(f"WARNING: the student collapsed: {result.collapsed}.")
     trained = accelerator.unwrap_model(model).model
     if tcfg.gradient_checkpointing:
         trained.gradient_checkpointing_disable()
@@ -443,6 +515,84 @@ def unsharded_copy(model: torch.nn.Module, wrapped_state: dict) -> torch.nn.Modu
                            f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}).")
     fresh.generation_config = model.generation_config
     return fresh.eval()
+
+
+def _divergence_message(step: int, total: float, ce: float, kd: float, grad_norm: float, tcfg, compute: str,
+                        path: Optional[Path], again: bool = False) -> str:
+    precision = f"mixed precision {compute}" if compute in ("bf16", "fp16") else "fp32"
+    what = "loss" if not math.isfinite(total) else "gradient norm"
+    lower = f"{tcfg.lr / 10:g}"
+    if again:
+        where = (f"This is the first step after resuming from a divergence checkpoint: the weights saved there were "
+                 f"already damaged by the update before it (a learning rate this high breaks weights before the loss "
+                 f"shows it). Start again without --resume, with train.lr={lower} or lower (or resume from an earlier "
+                 f"checkpoint moved into place).")
+    elif path:
+        where = (f"The weights after step {step} (all finite: the diverged step was never applied) are saved in "
+                 f"{path}. Continue from them with a lower learning rate: --resume --set train.lr={lower} --set "
+                 f"'train.resume_allow=[train.lr]' (notebook: RESUME = True, TRAIN_OVERRIDES = ['train.lr={lower}', "
+                 f"'train.resume_allow=[train.lr]']).")
+    else:
+        where = "Give a checkpoint folder to keep the last good weights."
+    return (f"Non-finite {what} at step {step + 1} (loss {total}, ce {ce}, kd {kd}, gradient norm {grad_norm}); the "
+            f"optimizer step was not taken. Likely causes: a learning rate too high for this model (train.lr="
+            f"{tcfg.lr}; try 10x lower or more train.warmup_steps), or overflow in {precision} (fp16 overflows "
+            f"first; use bf16 or fp32). {where}")
+
+
+def _interrupted_message(signum: int, step: int, tcfg, path: Optional[Path]) -> str:
+    where = (f"checkpoint saved in {path}; continue with --resume (notebook: RESUME = True)" if path
+             else "no checkpoint folder was given, so nothing was saved")
+    return f"{signal.Signals(signum).name} after step {step} of {tcfg.max_steps}; {where}."
+
+
+def _stop_requested(stop: StopSignals, accelerator) -> bool:
+    """True once a stop signal reached this process (or, with several processes, any of them)."""
+    if accelerator.num_processes == 1:
+        return bool(stop.signum)
+    flag = accelerator.reduce(torch.tensor(float(stop.signum), device=accelerator.device), "max")
+    stop.signum = stop.signum or int(flag)
+    return bool(stop.signum)
+
+
+def _resume(folder: Optional[Path], cfg, student, optimizer, scheduler, say) -> dict:
+    """Load the newest valid checkpoint of this run into the student, optimizer and scheduler.
+
+    Refuses a checkpoint written with other settings, naming each difference, unless the setting is listed
+    in train.resume_allow; allowed changes of the optimizer and schedule take effect from here on."""
+    tcfg = cfg.train
+    if folder is None:
+        raise ValueError("Resuming needs the run's checkpoint folder (checkpoint_dir).")
+    path = ckpt.newest_valid(folder, log=say)
+    if path is None:
+        raise ckpt.CheckpointError(f"resume: no valid checkpoint in {folder}, so there is nothing to continue (the "
+                                   f"history there is left as it is). Run without --resume to start from step 0.")
+    saved = ckpt.trainer_state(path)
+    current = training_fingerprint(cfg)
+    diff = fingerprint_differences(saved.get("fingerprint") or {}, current) if "fingerprint" in saved else {}
+    refused = {k: v for k, v in diff.items() if k not in tcfg.resume_allow}
+    if refused:
+        listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in ((k, *v) for k, v in refused.items()))
+        raise ckpt.CheckpointError(
+            f"resume: {path} was written with other settings ({listed}). Resume with the settings it was trained "
+            f"with, start a new run without --resume (the old checkpoints are moved aside), or continue on purpose "
+            f"with --set 'train.resume_allow=[{', '.join(refused)}]'.")
+    if "fingerprint" not in saved:
+        say(f"resume: {path.name} predates configuration fingerprints; its settings cannot be checked")
+    state = ckpt.load_checkpoint(path, student, optimizer, scheduler)
+    if diff:
+        for group in optimizer.param_groups:  # the new lr / betas take over; the schedule restarts its formula
+            group["initial_lr"], group["betas"] = tcfg.lr, tuple(tcfg.betas)
+        optimizer.param_groups[0]["weight_decay"] = tcfg.weight_decay  # group 0 holds the decayed weights
+        scheduler.base_lrs = [tcfg.lr for _ in optimizer.param_groups]
+        factor = lr_factor(state["step"], tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = tcfg.lr * factor
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        say(f"resume: continuing with changed settings: " + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in
+                                                                       diff.items()))
+    say(f"resume: continuing from {path} (step {state['step']} of {tcfg.max_steps})")
+    return {**state, "path": str(path), "run_id": saved.get("run_id") or uuid.uuid4().hex[:12]}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
