@@ -14,7 +14,8 @@ threshold is not used for training itself: it makes the pocket preset's steps ab
 
     python benchmarks/memory_plan.py                       # tiny and pocket, all stages, on this machine
     python benchmarks/memory_plan.py --preset pocket --stage training
-    python benchmarks/memory_plan.py --heldout 16 64 256   # evaluation's peak vs the number of held-out rows
+    python benchmarks/memory_plan.py --heldout 16 64 256   # evaluation's peak vs the number of held-out rows (the
+                                                           # same 16 rows repeated: more tokens, same longest batch)
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
     import torch
 
     from pocket_teacher import pipeline
-    from pocket_teacher.data import format_prompt
+    from pocket_teacher.data import TokenizedSplit, format_prompt
     from pocket_teacher.evaluate import GREEDY, agreement, perplexity
     from pocket_teacher.models import load_student, load_teacher, offload, resolve_device
     from pocket_teacher.plan import memory_plan
@@ -87,8 +88,6 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
     rows = 4 * base.train.batch_size
     sets = [f"data.train_size={max(rows * 3, 48)}", "train.eval_every=0", "train.checkpoint_every=0",
             "train.max_steps=3", "train.warmup_steps=1"]
-    if heldout:
-        sets.append(f"data.eval_size={heldout}")
     cfg = pipeline.configure(preset, sets + overrides)
     device = resolve_device(cfg.train.device)
     raw = pipeline.load_data(cfg, verbose=False)
@@ -99,6 +98,11 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
     train = _subset(splits.train, rows)
     lengths = [len(f["input_ids"]) for f in train.features]
     eval_split = splits.eval
+    if heldout:  # the same 16 rows repeated: more held-out tokens, the same longest batch
+        base_rows = _subset(splits.eval, 16)
+        reps = -(-heldout // len(base_rows))
+        eval_split = TokenizedSplit((base_rows.features * reps)[:heldout], (base_rows.examples * reps)[:heldout],
+                                    base_rows.report, base_rows.max_length, base_rows.template)
     if stage == "generation":
         eval_split = _subset(splits.eval, cfg.eval.batch_size)
     eval_lengths = [len(f["input_ids"]) for f in eval_split.features]

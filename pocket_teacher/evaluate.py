@@ -86,10 +86,12 @@ def perplexity(model: torch.nn.Module, split: TokenizedSplit, *, pad_token_id: i
 # Greedy decoding, spelled out: transformers fills every knob left unset from the model's own generation config
 # (Qwen2.5-Instruct ships do_sample=True, temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05), so each
 # knob that changes the argmax path is set here to its neutral value.
-GREEDY = {"do_sample": False, "num_beams": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": None,
+GREEDY = {"do_sample": False, "num_beams": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": None,
           "typical_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
           "length_penalty": 1.0, "bad_words_ids": None, "sequence_bias": None, "suppress_tokens": None,
-          "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None}
+          "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+          "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_no_repeat_ngram_size": 0, "min_length": 0,
+          "exponential_decay_length_penalty": None}
 
 
 def overridden_generation_settings(model: torch.nn.Module) -> dict:
@@ -100,8 +102,8 @@ def overridden_generation_settings(model: torch.nn.Module) -> dict:
     out = {}
     for key, neutral in GREEDY.items():
         value = getattr(config, key, None)
-        if value is not None and value != neutral and not (key in ("temperature", "top_p", "top_k", "min_p",
-                                                                   "typical_p") and not config.do_sample):
+        sampling_only = key in ("temperature", "top_p", "top_k", "min_p", "typical_p")
+        if value is not None and value != neutral and not (sampling_only and not config.do_sample):
             out[key] = value
     if getattr(config, "do_sample", False):
         out["do_sample"] = True

@@ -206,6 +206,10 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
                      progress: bool = True) -> TopKCache:
     """Reuse the matching cache under `root`, or run the teacher once over `split` and write it.
 
+    One process builds a given cache at a time (a file lock; others wait, then reuse it). Free space is
+    checked and the files' blocks reserved before the teacher runs; every finished batch is checksummed, so
+    a resumed build finds a damaged byte and rebuilds from that batch.
+
     Args:
         teacher: the frozen teacher (any precision), on its device.
         split: the tokenized training split; row i of the cache is ``split[i]``.
@@ -215,15 +219,81 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
         teacher_key: identifies the teacher beyond its weights (source, revision, precision).
         kl_sample_rows: rows on which KL(full teacher || top-k approximation) is measured.
     """
-    from .models import answer_logit_chunks, answer_positions
-
     width = teacher.get_output_embeddings().weight.shape[0]
     vocab = vocab_size or width
     if not 1 <= k <= vocab:
-        raise ValueError(f"cache.k={k}: use a value in [1, {vocab}] (the vocabulary size).")
+        raise ValueError(f"teacher_cache.k={k}: use a value in [1, {vocab}] (the vocabulary size).")
     parts = fingerprint_parts(teacher, split, k, vocab, teacher_key)
     fp = fingerprint(parts)
     root = Path(root)
+    lock = cache_lock(root, fp, progress)
+    try:
+        return _build_or_reuse(teacher, split, root, fp, parts, k, vocab, pad_token_id, batch_size, kl_sample_rows,
+                               progress)
+    finally:
+        lock.release()
+
+
+def cache_lock(root: Path, fp: str, progress: bool = True):
+    """Hold ``<root>/<fingerprint>.lock`` (filelock) while one process builds a cache: a second run needing the
+    same cache waits for it and then reuses it, instead of deleting the first one's partial files."""
+    from filelock import FileLock, Timeout
+
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / f"{fp}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if progress:
+            tqdm.write(f"teacher cache: another process is building {root / fp}; waiting for it to finish")
+        lock.acquire()
+    return lock
+
+
+def _bytes_needed(tokens: int, k: int) -> int:
+    return tokens * (k * (np.dtype(FILES["ids"]).itemsize + np.dtype(FILES["logprobs"]).itemsize)
+                     + np.dtype(FILES["tail"]).itemsize)
+
+
+def _reserve(folder: Path, tokens: int, k: int) -> None:
+    """Check the free space, then allocate the files' blocks for real (posix_fallocate): a memory-mapped file
+    whose blocks the disk cannot supply kills the process with SIGBUS on first write, with no message."""
+    need = _bytes_needed(tokens, k)
+    free = shutil.disk_usage(folder).free
+    fix = "Free space there, point teacher_cache.dir at a larger disk, or lower teacher_cache.k."
+    if free < need * 1.05:
+        raise CacheError(f"Not enough free space for the teacher cache in {folder}: {need / 2**20:,.1f} MiB "
+                         f"needed, {free / 2**20:,.1f} MiB free. {fix}")
+    for name in FILES:
+        size = tokens * (1 if name == "tail" else k) * np.dtype(FILES[name]).itemsize
+        with open(folder / f"{name}.bin", "r+b") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, size)
+            except OSError as exc:
+                raise CacheError(f"Could not reserve {size / 2**20:,.1f} MiB for {folder / name}.bin: "
+                                 f"{exc.strerror}. {fix}") from exc
+
+
+def _batch_hash(*arrays) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _first_damaged(state: dict, mms, offsets: np.ndarray) -> Optional[int]:
+    """The first row of the first finished batch whose bytes no longer match their checksum, else None."""
+    for lo, hi, digest in state.get("batches", []):
+        a, b = int(offsets[lo]), int(offsets[hi])
+        if _batch_hash(*(mm[a:b] for mm in mms)) != digest:
+            return lo
+    return None
+
+
+def _build_or_reuse(teacher, split, root: Path, fp: str, parts: dict, k: int, vocab: int, pad_token_id: int,
+                    batch_size: int, kl_sample_rows: int, progress: bool) -> TopKCache:
+    from .models import answer_logit_chunks, answer_positions
+
     final, partial = root / fp, root / f"{fp}.partial"
     problem = validate_cache(final, fp) if final.exists() else "absent"
     if problem is None:
@@ -255,11 +325,20 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
         for name in FILES:  # preallocate the files at their final size
             if tokens:
                 _open(partial, name, tokens, None if name == "tail" else k, "w+").flush()
-        state = {"fingerprint": fp, "rows_done": 0, "kl_sum": 0.0, "kl_tokens": 0, "seconds": 0.0}
+        if tokens:
+            _reserve(partial, tokens, k)
+        state = {"fingerprint": fp, "rows_done": 0, "kl_sum": 0.0, "kl_tokens": 0, "seconds": 0.0, "batches": []}
         write_json(progress_file, state)
     ids_mm = _open(partial, "ids", tokens, k, "r+")
     lp_mm = _open(partial, "logprobs", tokens, k, "r+")
     tail_mm = _open(partial, "tail", tokens, None, "r+")
+    damaged = _first_damaged(state, (ids_mm, lp_mm, tail_mm), offsets) if done else None
+    if damaged is not None:  # a byte changed after it was written: rebuild from that batch on
+        tqdm.write(f"teacher cache: rows {damaged}- of the partial build in {partial} fail their checksum; "
+                   f"computing them again")
+        state["batches"] = [b for b in state["batches"] if b[0] < damaged]
+        done = damaged
+        status = f"resumed after {done} of {len(split)} rows (damaged rows recomputed)"
 
     device = next(teacher.parameters()).device
     collate = PaddingCollator(pad_token_id, "right")
@@ -292,6 +371,7 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
             tail_mm[a:b] = tail.cpu().numpy()
             for mm in (ids_mm, lp_mm, tail_mm):
                 mm.flush()
+        state.setdefault("batches", []).append([lo, hi, _batch_hash(ids_mm[a:b], lp_mm[a:b], tail_mm[a:b])])
         state["rows_done"] = hi
         write_json(progress_file, {**state, "seconds": state["seconds"] + time.perf_counter() - start})
         bar.update(hi - lo)
@@ -348,6 +428,27 @@ class GenerationReport:
                 f"in {self.path}")
 
 
+def _read_answers(path: Path) -> Optional[list[dict]]:
+    """The cached answers, or None when absent; a damaged file (a truncated line, a missing field) is named,
+    removed and generated again, never a raw JSONDecodeError."""
+    if not path.is_file():
+        return None
+    rows = []
+    try:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict) or not {"question", "teacher_answer", "extracted"} <= set(row):
+                    raise ValueError(f"line {number} lacks question / teacher_answer / extracted")
+                rows.append(row)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        print(f"teacher answers: {path} is damaged ({str(exc).splitlines()[0]}); removing it and generating the "
+              f"answers again")
+        path.unlink(missing_ok=True)
+        return None
+    return rows
+
+
 def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Example], root: str | Path, *,
                      keep: str = "all", max_new_tokens: int = 256, batch_size: int = 16,
                      system_prompt: Optional[str] = None, teacher_key: Optional[dict] = None,
@@ -370,12 +471,13 @@ def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Exa
              "template": _digest(template.encode()), "system_prompt": system_prompt, "max_new_tokens": max_new_tokens}
     path = Path(root) / f"answers-{fingerprint(parts)}.jsonl"
     start, status = time.perf_counter(), "reused"
-    if path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if len(rows) != len(examples) or any(r["question"] != e.question for r, e in zip(rows, examples)):
-            rows, status = None, "generated"
-    else:
-        rows, status = None, "generated"
+    rows, status = _read_answers(path), "reused"
+    if rows is not None and (len(rows) != len(examples)
+                             or any(r["question"] != e.question for r, e in zip(rows, examples))):
+        print(f"teacher answers: {path} does not match these questions; generating them again")
+        rows = None
+    if rows is None:
+        status = "generated"
     if rows is None:
         prompts = [format_prompt(tokenizer, e.question, system_prompt) for e in examples]
         outputs = generate(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
