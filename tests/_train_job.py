@@ -25,14 +25,27 @@ def train(overrides, checkpoint_dir=None, resume=False, step_delay=0.0):
     split = tokenize_examples(load_gsm_symbolic(16, seed=3)[0], tok, max_length=384)
     held_out = tokenize_examples(load_gsm_symbolic(4, seed=9)[0], tok, max_length=384)
     student = derive_student(teacher, num_layers=2)
+    marker = os.environ.get("PROGRESS_FILE")
+
+    def on_step(row):
+        if marker:
+            Path(marker).write_text(str(row["step"]))
+        time.sleep(step_delay)
+
     return distill(student, teacher, split, cfg, pad_token_id=tok.pad_token_id, vocab_size=len(tok),
                    eval_split=held_out, checkpoint_dir=checkpoint_dir, resume=resume, progress=False,
-                   on_step=(lambda row: time.sleep(step_delay)) if step_delay else None)
+                   on_step=on_step if step_delay or marker else None)
 
 
 if __name__ == "__main__":
     out, ckdir, *overrides = sys.argv[1:]
     delay = float(os.environ.get("STEP_DELAY", "0"))
-    result = train(overrides, None if ckdir == "-" else ckdir, step_delay=delay)
+    from pocket_teacher.train import TrainingInterrupted
+
+    try:
+        result = train(overrides, None if ckdir == "-" else ckdir, step_delay=delay)
+    except TrainingInterrupted as exc:  # as the CLI does: one line, exit 128 + the signal
+        print(f"stopped: {exc}", file=sys.stderr)
+        sys.exit(128 + exc.signum)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out).write_text(json.dumps(result.history))

@@ -86,7 +86,7 @@ def test_a_build_killed_midway_resumes_and_equals_a_clean_build(tiny_teacher, sp
     with pytest.raises(KeyboardInterrupt):
         _build(tiny_teacher, split, tmp_path / "a")
     handle.remove()
-    partial = [p for p in (tmp_path / "a").iterdir()]
+    partial = [p for p in (tmp_path / "a").iterdir() if p.suffix != ".lock"]  # the build lock may stay
     assert len(partial) == 1 and partial[0].name.endswith(".partial")  # nothing readable was published
     assert validate_cache(partial[0]) is not None
     counter = ForwardCounter(tiny_teacher)

@@ -1,0 +1,369 @@
+"""A run that never lies: divergence, resume identity, locks, signals, full disks, bad bytes and messages
+(pocket_teacher.train, checkpoints, pipeline, teacher_cache, data, config, cli, losses)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pocket_teacher.checkpoints import CheckpointError, list_checkpoints, trainer_state
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _train_job import train  # noqa: E402
+
+JOB = Path(__file__).resolve().parent / "_train_job.py"
+BASE = ["train.max_steps=6", "train.warmup_steps=1", "train.checkpoint_every=2", "train.batch_size=2"]
+
+
+def _finite(path: Path) -> bool:
+    state = torch.load(path / "model.pt")
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def test_a_huge_lr_never_leaves_non_finite_weights_and_says_how_to_recover(tmp_path):
+    from pocket_teacher.train import TrainingDiverged
+
+    folder = tmp_path / "checkpoints"
+    with pytest.raises(TrainingDiverged) as info:
+        train(BASE + ["train.lr=1.0e+30"], folder)
+    assert "optimizer step was not taken" in str(info.value)
+    saved = list_checkpoints(folder)
+    assert saved and all(_finite(p) for p in saved)
+    # lr=1e30 wrecks the weights in the step before the loss shows it: resuming from them cannot work, and says so
+    with pytest.raises(TrainingDiverged, match="first step after resuming from a divergence checkpoint.*without --resume"):
+        train(BASE + ["train.lr=1e-3", "train.resume_allow=[train.lr]"], folder, resume=True)
+    assert list_checkpoints(folder) == saved and all(_finite(p) for p in saved)
+    result = train(BASE + ["train.lr=1e-3"], folder)  # the advice: start again with a sane lr
+    assert len(result.history) == 6 and all(math.isfinite(h["loss"]) for h in result.history)
+
+
+def test_the_divergence_advice_continues_from_the_last_good_weights(tmp_path, tiny_teacher):
+    """A teacher that returns NaN once (overflow, a bad batch) makes step 3 diverge: the weights after step 2 are
+    saved untouched, and the command the message prints finishes the run."""
+    from pocket_teacher.config import apply_overrides, get_preset
+    from pocket_teacher.data import load_gsm_symbolic, tokenize_examples
+    from pocket_teacher.models import build_tiny_tokenizer, derive_student
+    from pocket_teacher.train import TrainingDiverged, distill
+
+    tok = build_tiny_tokenizer(get_preset("tiny").teacher.tiny.vocab_size)
+    split = tokenize_examples(load_gsm_symbolic(16, seed=3)[0], tok, max_length=384)
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            output.last_hidden_state.fill_(float("nan"))
+    handle = tiny_teacher.model.register_forward_hook(poison)
+    folder = tmp_path / "checkpoints"
+
+    def run(*overrides, resume=False):
+        cfg = apply_overrides(get_preset("tiny"), ["train.max_steps=6", "train.warmup_steps=1", "train.batch_size=2",
+                                                   "teacher_cache.use=false", *overrides])
+        torch.manual_seed(0)
+        student = derive_student(tiny_teacher, num_layers=2)
+        return distill(student, tiny_teacher, split, cfg, pad_token_id=tok.pad_token_id, vocab_size=len(tok),
+                       checkpoint_dir=folder, resume=resume, progress=False)
+    with pytest.raises(TrainingDiverged, match=r"step 3.*checkpoint-000002") as info:
+        run()
+    handle.remove()
+    assert [p.name for p in list_checkpoints(folder)] == ["checkpoint-000002"] and _finite(list_checkpoints(folder)[0])
+    assert "--resume --set train.lr=0.0003 --set 'train.resume_allow=[train.lr]'" in str(info.value)
+    result = run("train.lr=0.0003", "train.resume_allow=[train.lr]", resume=True)
+    assert [h["step"] for h in result.history] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+
+
+def test_resume_refuses_other_settings_and_names_them(tmp_path):
+    folder = tmp_path / "checkpoints"
+    train(BASE + ["train.lr=3e-3"], folder)
+    with pytest.raises(CheckpointError, match=r"train\.lr: checkpoint 0\.003, now 0\.0001.*resume_allow"):
+        train(BASE + ["train.lr=1e-4"], folder, resume=True)
+
+
+def test_resume_with_an_allowed_change_uses_the_new_lr(tmp_path):
+    from pocket_teacher.train import lr_factor
+
+    folder = tmp_path / "checkpoints"
+    train(BASE + ["train.max_steps=4", "train.lr=3e-3"], folder)
+    result = train(BASE + ["train.lr=1e-4", "train.resume_allow=[train.lr, train.max_steps]"], folder, resume=True)
+    assert [h["step"] for h in result.history] == [1, 2, 3, 4, 5, 6]
+    assert result.history[4]["lr"] == pytest.approx(1e-4 * lr_factor(4, 1, 6, 0.1))
+
+
+def test_a_new_run_moves_an_earlier_runs_checkpoints_aside_and_keeps_its_own(tmp_path):
+    folder = tmp_path / "checkpoints"
+    first = train(BASE + ["train.max_steps=8", "train.keep_checkpoints=2"], folder)
+    second = train(BASE + ["train.max_steps=4", "train.keep_checkpoints=2", "train.lr=1e-3"], folder)
+    own = list_checkpoints(folder)
+    assert [p.name for p in own] == ["checkpoint-000004", "checkpoint-000002"]  # its own, not pruned
+    assert {trainer_state(p)["run_id"] for p in own} == {second.run_id} != {first.run_id}
+    aside = list_checkpoints(tmp_path / "checkpoints.previous-1")
+    assert aside and {trainer_state(p)["run_id"] for p in aside} == {first.run_id}
+
+
+def test_resume_without_a_checkpoint_refuses_and_keeps_the_history(tmp_path):
+    with pytest.raises(CheckpointError, match="no valid checkpoint.*Run without --resume"):
+        train(BASE, tmp_path / "checkpoints", resume=True)
+
+
+def test_sigterm_saves_at_the_step_boundary_and_resume_continues(tmp_path):
+    folder = tmp_path / "checkpoints"
+    common = BASE + ["train.checkpoint_every=0", "train.max_steps=8"]
+    marker = tmp_path / "progress"
+    env = dict(os.environ, STEP_DELAY="0.5", PROGRESS_FILE=str(marker))
+    proc = subprocess.Popen([sys.executable, str(JOB), str(tmp_path / "h.json"), str(folder), *common], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "SIGTERM after step" in err and "--resume" in err
+    saved = list_checkpoints(folder)
+    assert len(saved) == 1
+    stopped_at = trainer_state(saved[0])["step"]
+    assert 1 <= stopped_at < 8
+    resumed = train(common, folder, resume=True)
+    assert len(resumed.history) == 8 and resumed.history[stopped_at - 1]["step"] == stopped_at
+
+
+def test_a_full_disk_gives_a_clear_message_and_no_leftovers(tmp_path, monkeypatch):
+    import shutil
+
+    from pocket_teacher import checkpoints
+
+    folder = tmp_path / "checkpoints"
+    real = shutil.disk_usage
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(CheckpointError, match="Not enough free space for checkpoint-000002.*MiB needed"):
+        train(BASE, folder)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", real)
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.torch, "save", full)
+    with pytest.raises(CheckpointError, match="No space left on device. The partial copy was removed"):
+        train(BASE, tmp_path / "other")
+    assert not list((tmp_path / "other").glob(".tmp-*"))
+
+
+def test_cache_build_checks_free_space(tmp_path, monkeypatch, tiny_teacher, tiny_tokenizer):
+    import shutil
+
+    from pocket_teacher import teacher_cache
+    from pocket_teacher.data import load_gsm_symbolic, tokenize_examples
+
+    split = tokenize_examples(load_gsm_symbolic(4, seed=3)[0], tiny_tokenizer, max_length=384)
+    real = shutil.disk_usage
+    monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda p: real(p)._replace(free=100))
+    with pytest.raises(teacher_cache.CacheError, match="Not enough free space for the teacher cache.*MiB needed"):
+        teacher_cache.build_topk_cache(tiny_teacher, split, tmp_path, k=8, progress=False)
+
+
+def test_a_flipped_byte_in_a_partial_cache_is_found_on_resume(tmp_path, monkeypatch, tiny_teacher, tiny_tokenizer):
+    from pocket_teacher import teacher_cache
+    from pocket_teacher.data import load_gsm_symbolic, tokenize_examples
+
+    split = tokenize_examples(load_gsm_symbolic(8, seed=3)[0], tiny_tokenizer, max_length=384)
+    clean = teacher_cache.build_topk_cache(tiny_teacher, split, tmp_path / "clean", k=8, batch_size=2,
+                                           progress=False)
+    expected = np.fromfile(Path(clean.path) / "ids.bin", dtype=np.int32)
+    real_write = teacher_cache.write_json
+
+    def die_after_two_batches(path, data):
+        real_write(path, data)
+        if data.get("rows_done", 0) >= 4:
+            raise KeyboardInterrupt  # killed mid-build
+    monkeypatch.setattr(teacher_cache, "write_json", die_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_cache.build_topk_cache(tiny_teacher, split, tmp_path / "c", k=8, batch_size=2, progress=False)
+    monkeypatch.setattr(teacher_cache, "write_json", real_write)
+    partial = next((tmp_path / "c").glob("*.partial"))
+    ids = partial / "ids.bin"
+    data = bytearray(ids.read_bytes())
+    data[5] ^= 0xFF  # a byte of the first, finished batch
+    ids.write_bytes(bytes(data))
+    cache = teacher_cache.build_topk_cache(tiny_teacher, split, tmp_path / "c", k=8, batch_size=2, progress=False)
+    assert "damaged rows recomputed" in cache.report.status
+    assert np.array_equal(np.fromfile(Path(cache.path) / "ids.bin", dtype=np.int32), expected)
+
+
+def test_a_truncated_answers_file_is_named_and_rebuilt(tmp_path, capsys, tiny_teacher, tiny_tokenizer):
+    from pocket_teacher.data import load_gsm_symbolic
+    from pocket_teacher.teacher_cache import generate_answers
+
+    examples = load_gsm_symbolic(3, seed=3)[0]
+    _, first = generate_answers(tiny_teacher, tiny_tokenizer, examples, tmp_path, max_new_tokens=4, progress=False)
+    path = Path(first.path)
+    path.write_text(path.read_text()[:-20])  # cut mid-line
+    rows, again = generate_answers(tiny_teacher, tiny_tokenizer, examples, tmp_path, max_new_tokens=4,
+                                   progress=False)
+    assert again.status == "generated" and again.rows == len(examples)
+    assert f"{path} is damaged" in capsys.readouterr().out
+
+
+def test_a_second_run_into_a_busy_folder_refuses_and_names_the_holder(tmp_path):
+    from pocket_teacher.pipeline import RunFolderBusy, lock_run_folder
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from pathlib import Path
+from pocket_teacher.pipeline import lock_run_folder
+lock_run_folder(Path({str(out)!r}))
+print("locked", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(RunFolderBusy, match=rf"in use by pid {holder.pid} on .*--out"):
+        lock_run_folder(out)
+    holder.send_signal(signal.SIGKILL)  # a killed holder leaves a stale lock, which is taken over
+    holder.wait()
+    lock_run_folder(out)
+    assert json.loads((out / ".lock.json").read_text())["pid"] == os.getpid()
+
+
+def test_a_dead_student_is_reported(tmp_path):
+    from pocket_teacher.train import collapse_reason
+
+    history = [{"grad_norm": 0.0, "loss": 7.0}] * 5
+    assert "gradient norm was 0" in collapse_reason(history, 1000)
+    assert "no better than guessing uniformly" in collapse_reason([{"grad_norm": 1.0, "eval_ppl": 990.0}], 1000)
+    assert collapse_reason([{"grad_norm": 1.0, "eval_ppl": 12.0}] * 5, 1000) is None
+    result = train(["train.max_steps=10", "train.warmup_steps=1", "train.batch_size=2", "train.lr=1.0e+6",
+                    "train.eval_every=10"], None)
+    assert result.collapsed is not None
+
+
+# -- data, config, messages, CLI, losses -----------------------------------------------------------------------------
+
+def _jsonl(path: Path, lines: list) -> Path:
+    path.write_bytes(b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines))
+    return path
+
+
+GOOD = {"question": "What is 2+2?", "answer": "2+2=4\n#### 4"}
+
+
+def test_a_bad_byte_is_named_by_file_and_line_and_can_be_skipped(tmp_path):
+    from pocket_teacher.data import DataError, load_gsm8k
+
+    path = _jsonl(tmp_path / "train.jsonl", [GOOD, GOOD, b'{"question": "caf\xe9", "answer": "#### 1"}', GOOD])
+    with pytest.raises(DataError, match=r"train\.jsonl:3: not valid UTF-8 \(byte 0xe9 at column 18\)"):
+        load_gsm8k(path=str(path))
+    rows, report = load_gsm8k(path=str(path), bad_rows="skip")
+    assert len(rows) == 3 and report.skipped == {"not UTF-8": 1}
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: p.write_text(""), r"is empty \(no rows\)"),
+    (lambda p: p.mkdir(), r"is a folder, not a JSONL file"),
+    (lambda p: None, r"no such file.*relative paths start from|no such file"),
+])
+def test_empty_file_folder_and_missing_path_get_their_own_messages(tmp_path, make, match):
+    from pocket_teacher.data import DataError, load_gsm8k
+
+    path = tmp_path / "data.jsonl"
+    make(path)
+    with pytest.raises(DataError, match=match):
+        load_gsm8k(path=str(path))
+
+
+def test_duplicates_are_counted_and_dropped_on_request():
+    from pocket_teacher.data import Example, LoadReport, handle_duplicates
+
+    rows = [Example("q1", "t1", "1", "a:1"), Example("q1", "t1", "1", "a:2"), Example("q2", "t2", "2", "a:3")]
+    report = LoadReport("x", rows=3, kept=3)
+    assert len(handle_duplicates(rows, report, "keep")) == 3 and "1 duplicate row(s) kept" in str(report)
+    report = LoadReport("x", rows=3, kept=3)
+    assert [e.where for e in handle_duplicates(rows, report, "drop")] == ["a:1", "a:3"]
+    assert report.skipped == {"duplicate": 1} and report.kept == 2
+
+
+@pytest.mark.parametrize("override", ["train.lr=.nan", "train.max_grad_norm=.nan", "loss.temperature=.inf",
+                                      "loss.alpha=.nan"])
+def test_nan_and_infinity_are_refused(override):
+    from pocket_teacher.config import ConfigError, apply_overrides, get_preset
+
+    with pytest.raises(ConfigError, match=r"finite number|is invalid"):
+        apply_overrides(get_preset("tiny"), [override])
+
+
+def test_topk_larger_than_the_vocabulary_is_refused_before_loading():
+    from pocket_teacher.config import ConfigError, apply_overrides, get_preset
+
+    with pytest.raises(ConfigError, match=r"teacher_cache\.k=5000 is invalid: the teacher's vocabulary has 1,024"):
+        apply_overrides(get_preset("tiny"), ["teacher_cache.k=5000"])
+    with pytest.raises(ConfigError, match=r"teacher_cache\.k=60000.*49,152"):
+        apply_overrides(get_preset("pocket"), ["teacher_cache.k=60000"])
+
+
+def test_a_missing_relative_model_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    from pocket_teacher.config import StudentConfig
+    from pocket_teacher.models import ModelLoadError, load_student
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ModelLoadError, match=r"student\.source='models/student': no such folder.*local path"):
+        load_student(StudentConfig(source="models/student"), None, None)
+
+
+def test_vocabulary_advice_fits_the_settings(tiny_tokenizer, tiny_teacher):
+    from pocket_teacher.config import apply_overrides, get_preset
+    from pocket_teacher.models import VocabMismatchError, build_tiny_tokenizer
+    from pocket_teacher.pipeline import vocabulary
+
+    other = build_tiny_tokenizer(512)
+    cfg = apply_overrides(get_preset("tiny"), ["data.targets=teacher"])
+    with pytest.raises(VocabMismatchError, match=r"data\.targets=teacher is already set.*set loss\.alpha=1") as info:
+        vocabulary(cfg, tiny_tokenizer, other, tiny_teacher, None)
+    assert "use data.targets=teacher" not in str(info.value)
+    with pytest.raises(VocabMismatchError, match=r"data\.targets=teacher with loss\.alpha=1"):
+        vocabulary(get_preset("tiny"), tiny_tokenizer, other, tiny_teacher, None)
+
+
+def test_user_errors_are_one_line_without_a_traceback(tmp_path, capsys):
+    from pocket_teacher.cli import main
+
+    missing = tmp_path / "nope.jsonl"
+    args = ["run", "--preset", "tiny", "--out", str(tmp_path / "r"), "--set", "data.source=gsm8k",
+            "--set", f"data.train_path={missing}", "--set", f"data.eval_path={missing}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err and "nope.jsonl" in err
+    with pytest.raises(Exception, match="no such file"):
+        main(["--debug", *args])
+
+
+@pytest.mark.parametrize("divergence", ["jsd", "skew_kl", "skew_reverse_kl", "forward_kl", "reverse_kl", "tvd"])
+def test_every_divergence_has_finite_gradients_where_both_sides_are_minus_infinity(divergence):
+    from pocket_teacher.losses import divergence_per_token
+
+    log_p = torch.log_softmax(torch.tensor([[0.5, -math.inf, 1.0, -math.inf]]), -1)
+    logits = torch.tensor([[0.1, -math.inf, 0.3, -math.inf]], requires_grad=True)
+    out = divergence_per_token(log_p, torch.log_softmax(logits, -1), divergence).sum()
+    out.backward()
+    assert math.isfinite(float(out.detach())) and bool(torch.isfinite(logits.grad).all()), logits.grad
+
+
+def test_the_cli_maps_a_stop_signal_to_its_exit_code(monkeypatch, capsys):
+    import pocket_teacher.pipeline as pipeline
+    from pocket_teacher.cli import main
+    from pocket_teacher.train import TrainingInterrupted
+
+    def stopped(*a, **k):
+        raise TrainingInterrupted(signal.SIGTERM, "SIGTERM after step 3 of 8; checkpoint saved in x")
+    monkeypatch.setattr(pipeline, "run", stopped)
+    assert main(["run", "--preset", "tiny"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == "stopped: SIGTERM after step 3 of 8; checkpoint saved in x"
