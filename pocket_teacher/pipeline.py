@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import json
@@ -152,15 +153,17 @@ def lock_run_folder(out: Path) -> None:
             text = "another process"
         raise RunFolderBusy(f"The run folder {out} is in use by {text}. Wait for that run to finish, or write this "
                             f"one elsewhere (--out runs/NAME, or run.name=...).") from None
-    if holder.is_file():
+    if holder.is_file():  # left by a run that died without cleaning up (kill -9, a crashed kernel)
         try:
             old = json.loads(holder.read_text())
-            print(f"run folder: the lock of an earlier run (pid {old.get('pid')}) was stale; taken over")
+            print(f"run folder: the lock of a run that ended without releasing it (pid {old.get('pid')}) was stale; "
+                  f"taken over")
         except (OSError, ValueError):
             pass
     write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(),
                         "started": _time.strftime("%Y-%m-%d %H:%M:%S")})
     _HELD_LOCKS[key] = lock
+    atexit.register(holder.unlink, missing_ok=True)  # a run that ends normally leaves no holder behind
 
 
 def start_run(cfg: Config) -> Path:
