@@ -55,10 +55,13 @@ def check_memory(cfg: Config, gpu: Optional[str] = None, force: bool = False, ve
                  splits: Optional["Splits"] = None) -> Optional[MemoryPlan]:
     """Print the memory plan of `cfg` on this machine (or on `gpu`) and refuse, before anything loads, a plan
     that does not fit (unless `force`). With tokenized `splits` the plan uses their real lengths."""
-    lengths = [len(f["input_ids"]) for f in splits.train.features] if splits else None
-    eval_lengths = [len(f["input_ids"]) for f in splits.eval.features] if splits else None
+    def lengths(split, prompt=False):
+        if not splits or not len(split):
+            return None
+        return [sum(t == -100 for t in f["labels"]) if prompt else len(f["input_ids"]) for f in split.features]
     try:
-        plan = memory_plan(cfg, gpu, lengths=lengths or None, eval_lengths=eval_lengths or None)
+        plan = memory_plan(cfg, gpu, lengths=lengths(splits and splits.train), eval_lengths=lengths(
+            splits and splits.eval), prompt_lengths=lengths(splits and splits.eval, prompt=True))
     except PlanError as exc:
         if verbose:
             print(f"memory plan: skipped ({exc})")
@@ -342,8 +345,9 @@ def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[
             handle.close()
         if parked is not None:
             offload(parked, teacher_home)
-    trained = result.student if result.student is not None else student
-    return offload(trained, next(student_init.parameters()).device), result
+    if result.student is None:  # a process other than 0 under FSDP: its shard stays where it is
+        return student, result
+    return offload(result.student, next(student_init.parameters()).device), result
 
 
 def is_main_process() -> bool:

@@ -189,8 +189,8 @@ class StopSignals:
 
 # Settings that do not change what training computes: they may differ between a checkpoint and its resume.
 NOT_FINGERPRINTED = {"train.resume", "train.resume_allow", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.eval_every", "train.log_with", "train.device", "teacher_cache.dir",
-                     "teacher_cache.batch_size"}
+                     "train.eval_every", "train.log_with", "train.device", "train.gradient_checkpointing",
+                     "teacher_cache.dir", "teacher_cache.batch_size"}
 
 
 def training_fingerprint(cfg) -> dict:
