@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .files import file_hash
+from .files import file_hash, require_free_space
 
 PREFIX = "checkpoint-"
 
@@ -41,15 +41,6 @@ def _tensors(obj) -> list[torch.Tensor]:
 def state_bytes(*states) -> int:
     """Bytes the tensors of these state dicts take when saved."""
     return sum(t.numel() * t.element_size() for s in states for t in _tensors(s))
-
-
-def check_free_space(folder: Path, need: int, what: str, fix: str) -> None:
-    """Raise CheckpointError unless `folder`'s file system has `need` bytes free (plus 5%)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
-    if free < need * 1.05:
-        raise CheckpointError(f"Not enough free space for {what} in {folder}: {need / 2**20:,.0f} MiB needed, "
-                              f"{free / 2**20:,.0f} MiB free. {fix}")
 
 
 def rng_state() -> dict[str, Any]:
@@ -80,7 +71,8 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer, 
                               f"NaN or infinity (first: {bad[0]}).")
     optim_state = optimizer.state_dict()
     fix = "Free space there, or lower train.keep_checkpoints / raise train.checkpoint_every."
-    check_free_space(folder, state_bytes(state, optim_state) + (1 << 20), f"checkpoint-{step:06d}", fix)
+    require_free_space(folder, state_bytes(state, optim_state) + (1 << 20), f"checkpoint-{step:06d}", fix,
+                       CheckpointError)
     final = folder / f"{PREFIX}{step:06d}"
     tmp = folder / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

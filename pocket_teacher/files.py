@@ -1,13 +1,14 @@
-"""Small file helpers shared by the stages that write to disk: checksums and atomic JSON."""
+"""Small file helpers shared by the stages that write to disk: checksums, atomic JSON, free space."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Type
 
 
 def file_hash(path: Path) -> str:
@@ -29,3 +30,13 @@ def write_json(path: Path, data: Any) -> Path:
     os.chmod(tmp, 0o644)  # mkstemp creates 0600
     os.replace(tmp, path)
     return path
+
+
+def require_free_space(folder: Path, need: int, what: str, fix: str, error: Type[Exception] = OSError) -> None:
+    """Raise `error` naming both sizes and the fix unless `folder`'s file system has `need` bytes free (+5%)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need * 1.05:
+        raise error(f"Not enough free space for {what} in {folder}: {need / 2**20:,.1f} MiB needed, "
+                    f"{free / 2**20:,.1f} MiB free. {fix}")

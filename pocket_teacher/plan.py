@@ -389,8 +389,9 @@ def memory_plan(cfg, gpu: Optional[str] = None, *, host_gb: Optional[float] = No
     """The memory plan of `cfg` on `gpu` (a `GPUS` name, "cpu", or None for this machine).
 
     `lengths` / `eval_lengths` / `prompt_lengths`: token lengths of the tokenized training rows, held-out
-    rows and held-out prompts; without them every row is taken at its length limit (the worst case). When the plan does not fit and `suggest`
-    is set, the knobs that would make it fit are searched and listed in `fixes`."""
+    rows and held-out prompts; without them every row is taken at its length limit (the worst case). When
+    the plan does not fit and `suggest` is set, the knobs that would make it fit are searched and listed in
+    `fixes`."""
     device = device or get_device(gpu, host_gb)
     lengths = (lengths, eval_lengths, prompt_lengths)
     plan = _plan(cfg, device, lengths)
@@ -400,7 +401,6 @@ def memory_plan(cfg, gpu: Optional[str] = None, *, host_gb: Optional[float] = No
 
 
 def _resolved(cfg, device: Device) -> dict:
-    from .losses import auto_chunk_size
     from .models import native_bf16
 
     tr = cfg.train
@@ -411,8 +411,7 @@ def _resolved(cfg, device: Device) -> dict:
     else:
         mixed, teacher = ("no" if tr.mixed_precision == "auto" else tr.mixed_precision), (
             "fp32" if cfg.teacher.precision == "auto" else cfg.teacher.precision)
-    return {"mixed_precision": mixed, "teacher_precision": teacher, "compute": dtype_bytes(mixed),
-            "device_type": "cuda" if device.cuda else "cpu", "auto_chunk": auto_chunk_size}
+    return {"mixed_precision": mixed, "teacher_precision": teacher, "compute": dtype_bytes(mixed)}
 
 
 def _shapes(cfg) -> tuple[ModelShape, ModelShape]:
@@ -426,6 +425,8 @@ def _shapes(cfg) -> tuple[ModelShape, ModelShape]:
 
 
 def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
+    from .losses import auto_chunk_size
+
     lengths, eval_lengths, prompt_lengths = all_lengths
     teacher, student = _shapes(cfg)
     r = _resolved(cfg, device)
@@ -441,7 +442,7 @@ def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
     # Only answer tokens reach the output layer; without real lengths every token is taken as one (worst case).
     share = 1 - sum(prompt_lengths) / sum(eval_lengths) if prompt_lengths and eval_lengths else 1.0
     train_answers, eval_answers = int(share * train_tokens), int(share * eval_tokens)
-    chunk = cfg.loss.chunk_size or r["auto_chunk"](student.vocab, r["device_type"])
+    chunk = cfg.loss.chunk_size or auto_chunk_size(student.vocab, "cuda" if device.cuda else "cpu")
     implementation = "full" if cfg.loss.implementation == "full" else "chunked"
     live = not tc.use  # without the cache the teacher runs beside the student in every step
     tw = weight_bytes(teacher, r["teacher_precision"])
@@ -458,9 +459,8 @@ def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
     stages = [stage("teacher cache", {
         "teacher weights": tw,
         "forward activations": forward_activation_bytes(teacher, t_bytes, tc.batch_size * train_len, train_len, flash),
-        "logit chunks": 3 * 4 * min(chunk, int(share * tc.batch_size * train_len)) * teacher.vocab}, resting)]
-    if tc.use is False:
-        stages[0].name = "teacher (live)"
+        "logit chunks": 3 * 4 * min(chunk, int(share * tc.batch_size * train_len)) * teacher.vocab}, resting)
+              ] if tc.use else []  # without the cache the teacher runs inside training (counted there)
     stages.append(stage("evaluation", {
         "teacher weights": tw, "student weights": sw,
         "forward activations": forward_activation_bytes(teacher if teacher.params > student.params else student,

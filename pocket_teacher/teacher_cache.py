@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .files import file_hash, write_json
+from .files import file_hash, require_free_space, write_json
 from .data import IGNORE_INDEX, Example, PaddingCollator, TokenizedSplit, answers_match, extract_gsm8k_answer
 
 FORMAT = 1  # bump when the on-disk layout changes: old caches then get new fingerprints
@@ -258,12 +258,8 @@ def _bytes_needed(tokens: int, k: int) -> int:
 def _reserve(folder: Path, tokens: int, k: int) -> None:
     """Check the free space, then allocate the files' blocks for real (posix_fallocate): a memory-mapped file
     whose blocks the disk cannot supply kills the process with SIGBUS on first write, with no message."""
-    need = _bytes_needed(tokens, k)
-    free = shutil.disk_usage(folder).free
     fix = "Free space there, point teacher_cache.dir at a larger disk, or lower teacher_cache.k."
-    if free < need * 1.05:
-        raise CacheError(f"Not enough free space for the teacher cache in {folder}: {need / 2**20:,.1f} MiB "
-                         f"needed, {free / 2**20:,.1f} MiB free. {fix}")
+    require_free_space(folder, _bytes_needed(tokens, k), "the teacher cache", fix, CacheError)
     for name in FILES:
         size = tokens * (1 if name == "tail" else k) * np.dtype(FILES[name]).itemsize
         with open(folder / f"{name}.bin", "r+b") as handle:

@@ -589,8 +589,8 @@ def _resume(folder: Optional[Path], cfg, student, optimizer, scheduler, say) -> 
         for group in optimizer.param_groups:
             group["lr"] = tcfg.lr * factor
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-        say(f"resume: continuing with changed settings: " + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in
-                                                                       diff.items()))
+        changes = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        say(f"resume: continuing with changed settings: {changes}")
     say(f"resume: continuing from {path} (step {state['step']} of {tcfg.max_steps})")
     return {**state, "path": str(path), "run_id": saved.get("run_id") or uuid.uuid4().hex[:12]}
 
