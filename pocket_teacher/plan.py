@@ -498,11 +498,7 @@ def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
                 s.host.pop("student weights", None)
                 s.host["student (untrained, on host)"] = sw
 
-    # Step time: 6 FLOPs per parameter per token (8 with checkpointing's recomputation) + a live teacher's forward.
-    tokens_per_step = tr.batch_size * tr.grad_accum * mean_len
-    flops = tokens_per_step * student.params * (8 if tr.gradient_checkpointing else 6)
-    flops += tokens_per_step * teacher.params * 2 if live else 0
-    step_seconds = flops / (device.tflops * 1e12 * (MFU if device.cuda else 1.0))
+    step_seconds = _step_seconds(tr, teacher, student, device, tr.batch_size * tr.grad_accum * mean_len, live)
     settings = {"teacher_precision": r["teacher_precision"], "mixed_precision": r["mixed_precision"],
                 "chunk": chunk, "train_tokens": train_tokens, "eval_tokens": eval_tokens,
                 "checkpointing": tr.gradient_checkpointing, "optimizer": tr.optimizer,
@@ -512,6 +508,14 @@ def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
     if device.cuda and r["mixed_precision"] == "bf16" and device.capability and device.capability < (8, 0):
         notes.append("bf16 is emulated on this GPU (no bf16 tensor cores): use fp16 or auto")
     return MemoryPlan(device, teacher, student, stages, settings, step_seconds, notes=notes)
+
+
+def _step_seconds(tr, teacher: ModelShape, student: ModelShape, device: Device, tokens: float, live: bool) -> float:
+    """6 FLOPs per student parameter per token (8 with checkpointing's recomputation), plus a live teacher's
+    forward (2 per parameter), at MFU of the device's 16-bit peak on a GPU."""
+    flops = tokens * student.params * (8 if tr.gradient_checkpointing else 6)
+    flops += tokens * teacher.params * 2 if live else 0
+    return flops / (device.tflops * 1e12 * (MFU if device.cuda else 1.0))
 
 
 # Knobs tried in order, each kept once it helps: they trade speed for memory, cheapest first.
