@@ -427,10 +427,16 @@ def compare_generations(cfg: Config, models: dict[str, torch.nn.Module], tokeniz
 
 def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequence[dict],
                  train_result: Optional[TrainResult] = None) -> Path:
-    """Write results.json (with per-subject MMLU), results.md, generations.jsonl (every GSM question,
-    output, extracted and gold answer), mmlu.jsonl (every MMLU question's letter scores) and the
-    student (save_pretrained) into runs/<name>/."""
+    """Write results.json (with per-subject MMLU, and whether the student collapsed), results.md,
+    generations.jsonl (every GSM question, output, extracted and gold answer), mmlu.jsonl (every MMLU
+    question's letter scores) and the student (save_pretrained) into runs/<name>/."""
     out = run_dir(cfg)
+    after = next((r for r in results if r["model"] == "student after"), None)
+    if train_result is not None and train_result.collapsed is None and after is not None \
+            and after["perplexity"] >= 0.5 * len(tokenizer):
+        train_result.collapsed = (f"the held-out perplexity {after['perplexity']:,.0f} is no better than guessing "
+                                  f"uniformly over {len(tokenizer):,} tokens (lower train.lr)")
+        print(f"WARNING: the student collapsed: {train_result.collapsed}.")
     summary = [{k: v for k, v in r.items() if k not in ("generations", "mmlu_rows")} for r in results]
     extra = {"train_seconds": train_result.seconds, "steps": train_result.steps,
              "collapsed": train_result.collapsed} if train_result else {}
@@ -488,10 +494,6 @@ def run(cfg: Config, progress: bool = True, resume: Optional[bool] = None, force
     if not main:
         return {"out": out, "results": [], "history": train_result.history}
     results.append(evaluate(cfg, "student after", student, tokenizer, splits, progress, agree_with))
-    if train_result.collapsed is None and results[-1]["perplexity"] >= 0.5 * len(tokenizer):
-        train_result.collapsed = (f"the held-out perplexity {results[-1]['perplexity']:,.0f} is no better than "
-                                  f"guessing uniformly over {len(tokenizer):,} tokens (lower train.lr)")
-        print(f"WARNING: the student collapsed: {train_result.collapsed}.")
     if baseline is not None:
         results.append(evaluate(cfg, BASELINE_LABEL, baseline, tokenizer, splits, progress, agree_with))
     print(results_table(results).to_string())

@@ -367,3 +367,18 @@ def test_the_cli_maps_a_stop_signal_to_its_exit_code(monkeypatch, capsys):
     monkeypatch.setattr(pipeline, "run", stopped)
     assert main(["run", "--preset", "tiny"]) == 128 + signal.SIGTERM
     assert capsys.readouterr().err.strip() == "stopped: SIGTERM after step 3 of 8; checkpoint saved in x"
+
+
+def test_results_json_says_when_the_student_collapsed(tmp_path, tiny_teacher, tiny_tokenizer):
+    """The notebook and `run` both end in save_outputs: a student no better than uniform is reported there."""
+    from pocket_teacher.config import apply_overrides, get_preset
+    from pocket_teacher.pipeline import save_outputs
+    from pocket_teacher.train import TrainResult
+
+    cfg = apply_overrides(get_preset("tiny"), [f"run.out_dir={tmp_path}", "run.name=r"])
+    rows = [{"model": "student after", "parameters": 1, "perplexity": 0.9 * len(tiny_tokenizer)}]
+    out = save_outputs(cfg, tiny_teacher, tiny_tokenizer, rows, TrainResult(history=[{"grad_norm": 1.0}]))
+    assert "no better than guessing uniformly" in json.loads((out / "results.json").read_text())["collapsed"]
+    rows[0]["perplexity"] = 12.0
+    out = save_outputs(cfg, tiny_teacher, tiny_tokenizer, rows, TrainResult(history=[{"grad_norm": 1.0}]))
+    assert json.loads((out / "results.json").read_text())["collapsed"] is None
