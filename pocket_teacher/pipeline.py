@@ -30,8 +30,8 @@ from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt
 from .checkpoints import list_checkpoints
 from .files import write_json
 from .evaluate import evaluate_model, generate, results_markdown, results_table, side_by_side
-from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, load_student, load_teacher,
-                     offload, resolve_device)
+from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, device_capability,
+                     load_student, load_teacher, offload, resolve_device, resolve_mixed_precision, resolve_precision)
 from .plan import MemoryPlan, PlanError, memory_plan
 from .teacher_cache import TopKCache, build_topk_cache, generate_answers
 from .plots import plot_mmlu_subjects, plot_quality, plot_size_quality, plot_training, save_figure
@@ -54,7 +54,13 @@ class PlanDoesNotFit(RuntimeError):
 def check_memory(cfg: Config, gpu: Optional[str] = None, force: bool = False, verbose: bool = True,
                  splits: Optional["Splits"] = None) -> Optional[MemoryPlan]:
     """Print the memory plan of `cfg` on this machine (or on `gpu`) and refuse, before anything loads, a plan
-    that does not fit (unless `force`). With tokenized `splits` the plan uses their real lengths."""
+    that does not fit (unless `force`). With tokenized `splits` the plan uses their real lengths. On this
+    machine, device and precision settings it cannot run (train.device=cuda without a GPU, an 8-bit teacher or
+    fp16 training on CPU, bf16 on a T4) are refused here too, before anything loads."""
+    if gpu is None:
+        device = resolve_device(cfg.train.device)
+        resolve_precision(cfg.teacher.precision, device, "teacher")
+        resolve_mixed_precision(cfg.train.mixed_precision, device.type, device_capability(device))
     def lengths(split, prompt=False):
         if not splits or not len(split):
             return None

@@ -382,3 +382,21 @@ def test_results_json_says_when_the_student_collapsed(tmp_path, tiny_teacher, ti
     rows[0]["perplexity"] = 12.0
     out = save_outputs(cfg, tiny_teacher, tiny_tokenizer, rows, TrainResult(history=[{"grad_norm": 1.0}]))
     assert json.loads((out / "results.json").read_text())["collapsed"] is None
+
+
+@pytest.mark.parametrize("override,match", [("train.mixed_precision=fp16", "fp16 needs a CUDA GPU"),
+                                            ("teacher.precision=8bit", "8bit needs a CUDA GPU"),
+                                            ("train.device=cuda", "no CUDA GPU is visible")])
+def test_gpu_only_settings_on_cpu_fail_before_anything_loads(monkeypatch, tmp_path, capsys, override, match):
+    import pocket_teacher.pipeline as pipeline
+    from pocket_teacher.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+
+    def boom(*a, **k):
+        raise AssertionError("nothing may load")
+    monkeypatch.setattr(pipeline, "load_data", boom)
+    assert main(["run", "--preset", "tiny", "--out", str(tmp_path / "r"), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and "Traceback" not in err
