@@ -309,8 +309,11 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
         progress: show a tqdm bar.
 
     Raises:
-        TrainingDiverged: the loss became NaN or infinite; the weights of the last good step are saved
-            as a checkpoint first (when `checkpoint_dir` is given).
+        TrainingDiverged: the loss or the gradient norm became NaN or infinite; the optimizer step was not
+            taken and the weights of the last good step are saved first (when `checkpoint_dir` is given).
+        TrainingInterrupted: SIGTERM or SIGINT arrived; a checkpoint was saved at the step boundary.
+        CheckpointError: resume found no checkpoint, or one written with other settings (see
+            ``train.resume_allow``), or a checkpoint could not be written (disk full).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
