@@ -306,7 +306,8 @@ def teacher_cache(cfg: Config, teacher: torch.nn.Module, splits: Splits, tokeniz
 
 def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[torch.nn.Module], splits: Splits,
                   tokenizer, progress: bool = True, cache: Optional[TopKCache] = None,
-                  resume: Optional[bool] = None) -> tuple[torch.nn.Module, TrainResult]:
+                  resume: Optional[bool] = None, park: Optional[torch.nn.Module] = None
+                  ) -> tuple[torch.nn.Module, TrainResult]:
     """A fresh copy of `student_init` distilled from `teacher` (or its top-k `cache`).
 
     The history streams to runs/<name>/history.jsonl (main process only); checkpoints go to
@@ -337,12 +338,15 @@ def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[
         handle.flush()
 
     # Training reads the cache, so the teacher leaves the accelerator meanwhile (and comes back after).
-    parked = teacher if cache is not None and teacher is not None and device.type == "cuda" else None
+    # Training that reads the cache (or needs no teacher) sends the teacher (`teacher`, or `park` when it is not
+    # used at all) to the host meanwhile, and brings it back after.
+    idle = teacher if cache is not None else park  # a teacher this training does not run
+    parked = idle if device.type == "cuda" else None
     teacher_home = next(parked.parameters()).device if parked is not None else None
     try:
         if parked is not None:
             offload(parked, "cpu")
-        result = distill(student, None if parked is not None else teacher, splits.train, cfg,
+        result = distill(student, None if parked is not None and parked is teacher else teacher, splits.train, cfg,
                          pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), teacher_cache=cache,
                          eval_split=splits.eval, eval_cache=eval_cache, checkpoint_dir=out / "checkpoints",
                          resume=resume, on_step=on_step, progress=progress)
@@ -380,12 +384,14 @@ def evaluate(cfg: Config, label: str, model: torch.nn.Module, tokenizer, splits:
 
 
 def train_baseline(cfg: Config, student_init: torch.nn.Module, splits: Splits, tokenizer,
-                   progress: bool = True, cache: Optional[TopKCache] = None, resume: Optional[bool] = None
+                   progress: bool = True, cache: Optional[TopKCache] = None, resume: Optional[bool] = None,
+                   teacher: Optional[torch.nn.Module] = None
                    ) -> tuple[Optional[torch.nn.Module], Optional[TrainResult]]:
     """Plain fine-tuning with the same data, steps and schedule (loss.alpha=1) when eval.baseline is
     set: what distillation has to beat. Its history goes to runs/<name>/baseline/history.jsonl; with
     a teacher `cache` its distance to the teacher (kd) is reported too, without gradient. On resume it
-    continues from its own checkpoints when it had started, else it starts."""
+    continues from its own checkpoints when it had started, else it starts. A GPU-resident `teacher` waits
+    on the host meanwhile."""
     if not cfg.eval.baseline:
         return None, None
     base_cfg = apply_overrides(cfg, {"loss.alpha": 1.0, "run.out_dir": str(run_dir(cfg)), "run.name": "baseline",
@@ -393,7 +399,8 @@ def train_baseline(cfg: Config, student_init: torch.nn.Module, splits: Splits, t
     print(f"baseline: plain fine-tuning, loss.alpha=1, {cfg.train.max_steps} steps")
     wanted = cfg.train.resume if resume is None else resume
     started = bool(list_checkpoints(run_dir(base_cfg) / "checkpoints"))
-    return train_student(base_cfg, student_init, None, splits, tokenizer, progress, cache, wanted and started)
+    return train_student(base_cfg, student_init, None, splits, tokenizer, progress, cache, wanted and started,
+                         park=teacher)
 
 
 def make_figures(cfg: Config, results: Sequence[dict], history: Sequence[dict],
@@ -496,7 +503,8 @@ def run(cfg: Config, progress: bool = True, resume: Optional[bool] = None, force
                    evaluate(cfg, "student before", student_init, tokenizer, splits, progress, agree_with)]
     student, train_result = train_student(cfg, student_init, teacher if shared else None, splits, tokenizer,
                                           progress, cache, resume)
-    baseline, baseline_result = train_baseline(cfg, student_init, splits, tokenizer, progress, cache, resume)
+    baseline, baseline_result = train_baseline(cfg, student_init, splits, tokenizer, progress, cache, resume,
+                                               teacher=teacher)
     if not main:
         return {"out": out, "results": [], "history": train_result.history}
     results.append(evaluate(cfg, "student after", student, tokenizer, splits, progress, agree_with))

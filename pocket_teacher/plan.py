@@ -491,6 +491,9 @@ def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
     else:
         train_host["teacher weights"] = tw
     stages.append(stage("training", train_device, train_host))
+    if ev.baseline:  # the same training again, while the distilled student waits on the host
+        stages.append(stage("baseline", {k: v for k, v in train_device.items() if k != "teacher weights"},
+                            {**train_host, "distilled student (on host)": sw}))
     if not device.cuda:  # the teacher stays in RAM on CPU in every stage; count it where the stage did not
         for s in stages:
             s.host.setdefault("teacher weights", tw)

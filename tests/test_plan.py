@@ -1,6 +1,7 @@
 """pocket_teacher.plan and the `plan` command: shapes, byte counts, verdicts, exit codes and the knobs it names."""
 
 import pytest
+import torch
 
 from pocket_teacher.cli import main
 from pocket_teacher.config import apply_overrides, get_preset
@@ -119,3 +120,33 @@ def test_run_refuses_a_plan_that_does_not_fit_before_loading(monkeypatch, tmp_pa
     code = main(["run", "--preset", "tiny", "--out", str(tmp_path / "r"), *[x for h in huge for x in ("--set", h)]])
     assert code == 3
     assert "DOES NOT FIT" in capsys.readouterr().err
+
+
+def test_the_teacher_waits_on_the_host_while_training_does_not_run_it(monkeypatch, tiny_teacher, tmp_path):
+    """On a GPU, training from the cache (and the baseline) moves the teacher to the host and back; a live
+    teacher stays. Checked on CPU by recording the moves the pipeline asks for."""
+    import pocket_teacher.pipeline as pipeline
+    from pocket_teacher.train import TrainResult
+
+    moves, seen = [], {}
+    monkeypatch.setattr(pipeline, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(pipeline, "offload", lambda model, device: moves.append((model, str(device))) or model)
+
+    def fake_distill(student, teacher, split, cfg, **kw):
+        seen["teacher"], seen["moves_before"] = teacher, list(moves)
+        return TrainResult(student=student)
+    monkeypatch.setattr(pipeline, "distill", fake_distill)
+    cfg = apply_overrides(get_preset("tiny"), [f"run.out_dir={tmp_path}", "train.eval_every=0"])
+    splits = pipeline.Splits(train=[], eval=[])
+    tok = type("Tok", (), {"pad_token_id": 0, "__len__": lambda self: 10})()
+    cache = object()
+    pipeline.train_student(cfg, tiny_teacher, tiny_teacher, splits, tok, cache=cache)
+    assert seen["teacher"] is None and seen["moves_before"] == [(tiny_teacher, "cpu")]
+    home = str(next(tiny_teacher.parameters()).device)
+    assert moves[1] == (tiny_teacher, home)  # and back where it was once training ended
+    moves.clear()
+    pipeline.train_student(cfg, tiny_teacher, tiny_teacher, splits, tok, cache=None)  # live teacher: stays
+    assert seen["teacher"] is tiny_teacher and not [m for m in moves if m[0] is tiny_teacher]
+    moves.clear()
+    pipeline.train_student(cfg, tiny_teacher, None, splits, tok, cache=None, park=tiny_teacher)  # the baseline
+    assert seen["teacher"] is None and seen["moves_before"] == [(tiny_teacher, "cpu")]
