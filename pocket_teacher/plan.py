@@ -494,23 +494,27 @@ def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
     if ev.baseline:  # the same training again, while the distilled student waits on the host
         stages.append(stage("baseline", {k: v for k, v in train_device.items() if k != "teacher weights"},
                             {**train_host, "distilled student (on host)": sw}))
-    if not device.cuda:  # the teacher stays in RAM on CPU in every stage; count it where the stage did not
-        for s in stages:
-            s.host.setdefault("teacher weights", tw)
-            if s.name == "evaluation":
-                s.host.pop("student weights", None)
-                s.host["student (untrained, on host)"] = sw
-
+    if not device.cuda:
+        _one_memory(stages, tw, sw)
     step_seconds = _step_seconds(tr, teacher, student, device, tr.batch_size * tr.grad_accum * mean_len, live)
     settings = {"teacher_precision": r["teacher_precision"], "mixed_precision": r["mixed_precision"],
                 "chunk": chunk, "train_tokens": train_tokens, "eval_tokens": eval_tokens,
                 "checkpointing": tr.gradient_checkpointing, "optimizer": tr.optimizer,
                 "lengths": (f"longest row {train_len} tokens of {len(lengths)}" if lengths
                             else f"worst case: every row at data.max_length={cfg.data.max_length}")}
-    notes = []
-    if device.cuda and r["mixed_precision"] == "bf16" and device.capability and device.capability < (8, 0):
-        notes.append("bf16 is emulated on this GPU (no bf16 tensor cores): use fp16 or auto")
+    emulated = device.cuda and r["mixed_precision"] == "bf16" and (device.capability or (0, 0)) < (8, 0)
+    notes = ["bf16 is emulated on this GPU (no bf16 tensor cores): use fp16 or auto"] if emulated else []
     return MemoryPlan(device, teacher, student, stages, settings, step_seconds, notes=notes)
+
+
+def _one_memory(stages: list[Stage], teacher_bytes: int, student_bytes: int) -> None:
+    """On CPU the teacher stays in RAM in every stage, and the evaluated student is the one resting there:
+    count each once per stage."""
+    for s in stages:
+        s.host.setdefault("teacher weights", teacher_bytes)
+        if s.name == "evaluation":
+            s.host.pop("student weights", None)
+            s.host["student (untrained, on host)"] = student_bytes
 
 
 def _step_seconds(tr, teacher: ModelShape, student: ModelShape, device: Device, tokens: float, live: bool) -> float:
