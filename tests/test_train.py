@@ -127,3 +127,22 @@ def test_fp16_mixed_precision_on_cpu_is_refused(tiny_teacher, tiny_split):
         _run(tiny_teacher, split, tok, **{"train.max_steps": 1, "train.mixed_precision": "fp16"})
     _, result = _run(tiny_teacher, split, tok, **{"train.max_steps": 1})
     assert result.mixed_precision == "no"
+
+
+def test_an_fsdp_gathered_state_loads_into_a_whole_student(tiny_teacher):
+    """Under FSDP the prepared module's full state dict (gathered on process 0) is keyed like the DistillStep
+    wrapper ("model." first); the unsharded copy built from it equals the trained student, tied weights included."""
+    from pocket_teacher.train import DistillStep, unsharded_copy
+
+    student = derive_student(tiny_teacher, num_layers=2)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    wrapped = DistillStep(student, get_preset("tiny").loss, "chunked").state_dict()
+    assert all(k.startswith("model.") for k in wrapped)
+    copy_ = unsharded_copy(student, wrapped)
+    for (name, a), (_, b) in zip(student.state_dict().items(), copy_.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert copy_.get_output_embeddings().weight.data_ptr() == copy_.get_input_embeddings().weight.data_ptr()
+    with pytest.raises(RuntimeError, match="does not match its architecture"):
+        unsharded_copy(student, {k: v for k, v in wrapped.items() if "layers.1." not in k})
