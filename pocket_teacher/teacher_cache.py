@@ -288,8 +288,6 @@ def _first_damaged(state: dict, mms, offsets: np.ndarray) -> Optional[int]:
 
 def _build_or_reuse(teacher, split, root: Path, fp: str, parts: dict, k: int, vocab: int, pad_token_id: int,
                     batch_size: int, kl_sample_rows: int, progress: bool) -> TopKCache:
-    from .models import answer_logit_chunks, answer_positions
-
     final, partial = root / fp, root / f"{fp}.partial"
     problem = validate_cache(final, fp) if final.exists() else "absent"
     if problem is None:
@@ -336,7 +334,6 @@ def _build_or_reuse(teacher, split, root: Path, fp: str, parts: dict, k: int, vo
         done = damaged
         status = f"resumed after {done} of {len(split)} rows (damaged rows recomputed)"
 
-    device = next(teacher.parameters()).device
     collate = PaddingCollator(pad_token_id, "right")
     teacher.eval()
     start = time.perf_counter()
@@ -344,24 +341,9 @@ def _build_or_reuse(teacher, split, root: Path, fp: str, parts: dict, k: int, vo
     for lo in range(done, len(split), batch_size):
         hi = min(len(split), lo + batch_size)
         batch = collate([split.features[i] for i in range(lo, hi)])
-        select = answer_positions(batch["labels"])
-        pieces = []  # (top_ids, top_lp, tail) per chunk of tokens: never the (N, V) logits of the whole batch
-        with torch.no_grad():
-            for _, logits in answer_logit_chunks(teacher, batch["input_ids"].to(device),
-                                                 batch["attention_mask"].to(device), select.to(device), vocab):
-                log_p = F.log_softmax(logits, dim=-1)
-                del logits
-                top_lp, top_ids = log_p.topk(k, dim=-1)
-                tail = (1.0 - top_lp.double().exp().sum(-1)).clamp_min(0.0).float()
-                if lo < kl_sample_rows:
-                    state["kl_sum"] += float(_kl_to_topk(log_p, top_ids, top_lp.half().float(), tail).sum())
-                    state["kl_tokens"] += int(log_p.shape[0])
-                del log_p
-                pieces.append((top_ids, top_lp, tail))
-        if pieces:
-            top_ids, top_lp, tail = (torch.cat(p) for p in zip(*pieces))
         a, b = int(offsets[lo]), int(offsets[hi])
         if b > a:
+            top_ids, top_lp, tail = _teacher_topk(teacher, batch, vocab, k, state if lo < kl_sample_rows else None)
             ids_mm[a:b] = top_ids.cpu().numpy().astype(np.int32)
             lp_mm[a:b] = top_lp.cpu().numpy().astype(np.float16)
             tail_mm[a:b] = tail.cpu().numpy()
@@ -375,21 +357,51 @@ def _build_or_reuse(teacher, split, root: Path, fp: str, parts: dict, k: int, vo
     seconds = state["seconds"] + time.perf_counter() - start
     del ids_mm, lp_mm, tail_mm
 
-    tail_all = _open(partial, "tail", tokens, None, "r")
-    mass = 1.0 - np.asarray(tail_all, np.float64)
-    size = sum((partial / f"{n}.bin").stat().st_size for n in FILES if tokens) + (partial / "offsets.npy").stat().st_size
     report = CacheReport(path=str(final), fingerprint=fp, status=status, rows=len(split), tokens=tokens, k=k,
-                         bytes=size, mass_mean=float(mass.mean()) if tokens else 1.0,
-                         mass_p05=float(np.percentile(mass, 5)) if tokens else 1.0,
-                         kl_sample=state["kl_sum"] / max(1, state["kl_tokens"]), kl_sample_tokens=state["kl_tokens"],
-                         build_seconds=seconds)
+                         bytes=0, mass_mean=1.0, mass_p05=1.0, kl_sample=state["kl_sum"] / max(1, state["kl_tokens"]),
+                         kl_sample_tokens=state["kl_tokens"], build_seconds=seconds)
+    return _publish(partial, final, parts, report)
+
+
+def _teacher_topk(teacher, batch: dict, vocab: int, k: int, kl_state: Optional[dict]):
+    """The teacher's top-k ids and log-probs and the leftover mass at a batch's answer positions, a chunk of
+    tokens at a time (never the (N, V) logits of the whole batch); with `kl_state`, KL(full || top-k) is added."""
+    from .models import answer_logit_chunks, answer_positions
+
+    device = next(teacher.parameters()).device
+    select = answer_positions(batch["labels"])
+    pieces = []
+    with torch.no_grad():
+        for _, logits in answer_logit_chunks(teacher, batch["input_ids"].to(device),
+                                             batch["attention_mask"].to(device), select.to(device), vocab):
+            log_p = F.log_softmax(logits, dim=-1)
+            del logits
+            top_lp, top_ids = log_p.topk(k, dim=-1)
+            tail = (1.0 - top_lp.double().exp().sum(-1)).clamp_min(0.0).float()
+            if kl_state is not None:
+                kl_state["kl_sum"] += float(_kl_to_topk(log_p, top_ids, top_lp.half().float(), tail).sum())
+                kl_state["kl_tokens"] += int(log_p.shape[0])
+            del log_p
+            pieces.append((top_ids, top_lp, tail))
+    return tuple(torch.cat(p) for p in zip(*pieces))
+
+
+def _publish(partial: Path, final: Path, parts: dict, report: CacheReport) -> TopKCache:
+    """Measure the finished partial build (top-k mass, size), checksum it and rename it into place (atomic:
+    the cache appears only once it is whole)."""
+    tokens, k = report.tokens, report.k
+    mass = 1.0 - np.asarray(_open(partial, "tail", tokens, None, "r"), np.float64)
+    report = replace(report, bytes=sum((partial / f"{n}.bin").stat().st_size for n in FILES if tokens)
+                     + (partial / "offsets.npy").stat().st_size,
+                     mass_mean=float(mass.mean()) if tokens else 1.0,
+                     mass_p05=float(np.percentile(mass, 5)) if tokens else 1.0)
     checksums = {n: file_hash(partial / f"{n}.bin") for n in FILES if tokens}
     checksums["offsets"] = file_hash(partial / "offsets.npy")
-    meta = {"complete": True, "fingerprint": fp, "parts": parts, "k": k, "rows": len(split), "tokens": tokens,
-            "checksums": checksums, "report": asdict(report)}
-    progress_file.unlink()
+    meta = {"complete": True, "fingerprint": report.fingerprint, "parts": parts, "k": k, "rows": report.rows,
+            "tokens": tokens, "checksums": checksums, "report": asdict(report)}
+    (partial / "progress.json").unlink()
     write_json(partial / "meta.json", meta)
-    os.replace(partial, final)  # atomic: the cache appears only once it is whole
+    os.replace(partial, final)
     return TopKCache(final, meta, report)
 
 
