@@ -315,10 +315,217 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
         CheckpointError: resume found no checkpoint, or one written with other settings (see
             ``train.resume_allow``), or a checkpoint could not be written (disk full).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    loop = _Loop(student, teacher, train_split, cfg, pad_token_id=pad_token_id, vocab_size=vocab_size,
+                 teacher_cache=teacher_cache, eval_split=eval_split, eval_cache=eval_cache,
+                 checkpoint_dir=checkpoint_dir, on_step=on_step, progress=progress)
+    loop.start(tcfg_resume=cfg.train.resume if resume is None else resume)
+    return loop.run()
 
-    tcfg, lcfg = cfg.train, cfg.loss
+
+class _Loop:
+    """One training run cut at its seams: setup, start or resume, micro-batches, forward and backward, the
+    optimizer step behind its guard, the history row, checkpoints. `distill` is `start()` then `run()`."""
+
+    def __init__(self, student, teacher, train_split, cfg, *, pad_token_id, vocab_size, teacher_cache, eval_split,
+                 eval_cache, checkpoint_dir, on_step, progress):
+        from accelerate.utils import set_seed
+
+        self.student, self.teacher, self.split, self.cfg = student, teacher, train_split, cfg
+        self.tcfg, self.lcfg = cfg.train, cfg.loss
+        self.pad_token_id, self.vocab_size, self.cache = pad_token_id, vocab_size, teacher_cache
+        self.eval_split, self.eval_cache, self.on_step, self.progress = eval_split, eval_cache, on_step, progress
+        self.folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.accelerator, self.compute = _accelerator_for(self.tcfg, checkpoint_dir)
+        set_seed(self.tcfg.seed)
+        _check_inputs(teacher, teacher_cache, self.lcfg, train_split)
+        self.procs, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.batches = GlobalBatches(len(train_split), self.tcfg.batch_size * self.procs, self.tcfg.seed)
+        self.collate = PaddingCollator(pad_token_id, "right")
+        if self.tcfg.gradient_checkpointing:
+            enable_gradient_checkpointing(student)
+        self.optimizer = make_optimizer(student, self.tcfg)
+        t = self.tcfg
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+        self.implementation = resolve_loss_implementation(student, self.lcfg.implementation)
+        student.to(self.accelerator.device)
+        self.result = TrainResult(loss_implementation=self.implementation, mixed_precision=self.compute)
+        self.say = tqdm.write if self.accelerator.is_main_process else (lambda *_: None)
+        self.start_step, self.previous_seconds, self.resumed_diverged = 0, 0.0, False
+        self.began = time.perf_counter()
+
+    def start(self, tcfg_resume: bool) -> None:
+        """Resume this run's newest checkpoint, or start (moving an earlier run's checkpoints aside)."""
+        result, main = self.result, self.accelerator.is_main_process
+        result.run_id = uuid.uuid4().hex[:12]
+        if tcfg_resume:
+            state = _resume(self.folder, self.cfg, self.student, self.optimizer, self.scheduler, self.say)
+            self.start_step, self.previous_seconds = state["step"], state.get("seconds", 0.0)
+            result.history, result.resumed_from, result.run_id = state["history"], state["path"], state["run_id"]
+            self.resumed_diverged = bool(state.get("diverged_after"))
+            for row in result.history if main and self.on_step is not None else ():
+                self.on_step(row)
+        elif self.folder is not None and main:
+            moved = ckpt.move_aside(self.folder)  # an earlier run's checkpoints are never resumed or pruned here
+            if moved is not None:
+                self.say(f"checkpoints: {self.folder} held an earlier run's checkpoints; moved them to {moved}")
+        step_module = DistillStep(self.student.train(), self.lcfg, self.implementation, self.vocab_size)
+        self.model, self.optimizer = self.accelerator.prepare(step_module, self.optimizer)
+        if self.teacher is not None:
+            self.teacher.eval()
+        if self.tcfg.log_with:
+            self.accelerator.init_trackers(self.cfg.run.name, config=_flat(self.cfg.to_dict())
+                                           if hasattr(self.cfg, "to_dict") else {})
+        if self.progress and main:
+            self.say(self._describe())
+
+    def _describe(self) -> str:
+        t, lc, procs = self.tcfg, self.lcfg, self.procs
+        width = self.vocab_size or self.student.get_output_embeddings().weight.shape[0]
+        chunk = (f", {lc.chunk_size or auto_chunk_size(width, self.accelerator.device.type)} tokens per chunk"
+                 if self.implementation == "chunked" else "")
+        source = ("top-k teacher cache" if self.cache is not None else "live teacher" if self.teacher is not None
+                  else "no teacher (CE only)")
+        return (f"loss: {lc.divergence}, alpha {lc.alpha}, T {lc.temperature}, {source}; {self.implementation} "
+                f"implementation{chunk}; {procs} process(es), global batch {t.batch_size * procs} x "
+                f"{t.grad_accum} accumulation; mixed precision {self.compute}, {t.optimizer}, gradient "
+                f"checkpointing {'on' if t.gradient_checkpointing else 'off'}")
+
+    def save(self, step: int, diverged: bool = False) -> Optional[Path]:
+        """A checkpoint of the weights after `step` steps (process 0 writes; all wait), pruned to keep_checkpoints."""
+        if self.folder is None:
+            return None
+        began, path, acc = time.perf_counter(), None, self.accelerator
+        if acc.is_main_process:
+            state = {"history": self.result.history,
+                     "seconds": self.previous_seconds + time.perf_counter() - self.began,
+                     "batches_consumed": step * self.tcfg.grad_accum, "run_id": self.result.run_id,
+                     "fingerprint": training_fingerprint(self.cfg), "diverged_after": diverged}
+            path = ckpt.save_checkpoint(self.folder, step, acc.unwrap_model(self.model).model, self.optimizer,
+                                        self.scheduler, state)
+            ckpt.prune(self.folder, self.tcfg.keep_checkpoints)
+        acc.wait_for_everyone()
+        self.result.checkpoint_seconds.append(time.perf_counter() - began)
+        return path
+
+    def micro_batches(self, step: int) -> list[dict]:
+        """This process's share of global batch `step`, cut into train.grad_accum micro-batches on the device."""
+        t, micro = self.tcfg, []
+        for i in range(t.grad_accum):
+            rows = self.batches[step * t.grad_accum + i][self.rank * t.batch_size:(self.rank + 1) * t.batch_size]
+            batch = self.collate([self.split[j] for j in rows])
+            micro.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
+        return micro
+
+    def teacher_side(self, batch: dict, select: torch.Tensor) -> dict:
+        if self.cache is not None:
+            return self.cache.rows(batch["index"].tolist(), select.sum(1).tolist(), self.accelerator.device)
+        if self.teacher is not None:
+            return teacher_inputs(self.teacher, batch["input_ids"], batch["attention_mask"], select,
+                                  self.implementation)
+        return {}
+
+    def forward_backward(self, micro: list[dict]) -> tuple[torch.Tensor, int, int]:
+        """Loss and gradients of one optimizer step, token-weighted over every micro-batch and process.
+        Returns the summed (total, ce, kd), the global answer-token count and the tokens this process saw."""
+        acc, selects = self.accelerator, [answer_positions(b["labels"]) for b in micro]
+        answer_tokens = int(acc.reduce(torch.tensor(float(sum(int(s.sum()) for s in selects)), device=acc.device),
+                                       "sum"))
+        normalizer = answer_tokens / self.procs  # DDP averages gradients: each process takes its share
+        parts, seen = torch.zeros(3, device=acc.device), 0
+        for i, (batch, select) in enumerate(zip(micro, selects)):
+            with contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model):
+                targets = batch["labels"][:, 1:][select[:, :-1]]
+                side = self.teacher_side(batch, select)
+                with acc.autocast():
+                    loss = self.model(batch["input_ids"], batch["attention_mask"], select, targets, side, normalizer)
+                acc.backward(loss.total)
+                del side  # free the teacher's tensors before the next micro-batch
+            kd = loss.kd.detach().nan_to_num(0.0) if self.lcfg.alpha == 1.0 else loss.kd.detach()
+            parts += torch.stack([loss.total.detach(), loss.ce.detach(), kd])
+            seen += int(batch["attention_mask"].sum())
+        return acc.reduce(parts, "sum") / self.procs, answer_tokens, seen
+
+    def record(self, step: int, total: float, ce: float, kd: float, lr: float, grad_norm: float,
+               answer_tokens: int, seen_tokens: int) -> dict:
+        """The history row of a finished step (held-out scores every train.eval_every), streamed and logged."""
+        t, acc = self.tcfg, self.accelerator
+        elapsed = time.perf_counter() - self.began
+        no_kd = self.teacher is None and self.cache is None
+        row = {"step": step + 1, "loss": total, "ce": ce, "kd": None if no_kd else kd, "lr": lr,
+               "grad_norm": grad_norm, "answer_tokens": answer_tokens,
+               "tokens_per_s": seen_tokens * self.procs / elapsed, "elapsed_s": self.previous_seconds + elapsed}
+        if (self.eval_split is not None and t.eval_every and acc.is_main_process
+                and ((step + 1) % t.eval_every == 0 or step + 1 == t.max_steps)):
+            row.update(held_out_losses(acc.unwrap_model(self.model).model, self.teacher, self.eval_split, self.lcfg,
+                                       pad_token_id=self.pad_token_id, vocab_size=self.vocab_size,
+                                       teacher_cache=self.eval_cache))
+        self.result.history.append(row)
+        if self.on_step is not None and acc.is_main_process:
+            self.on_step(row)
+        if t.log_with:
+            acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step + 1)
+        return row
+
+    def run(self) -> TrainResult:
+        t = self.tcfg
+        bar = tqdm(total=t.max_steps, initial=self.start_step, desc="distill",
+                   disable=not self.progress or not self.accelerator.is_main_process)
+        self.began, seen_tokens = time.perf_counter(), 0
+        with StopSignals() as stop:
+            for step in range(self.start_step, t.max_steps):
+                parts, answer_tokens, seen = self.forward_backward(self.micro_batches(step))
+                seen_tokens += seen
+                total, ce, kd = parts.tolist()
+                # The guard looks before the optimizer step, so the weights stay those of the last good step.
+                grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(),
+                                                                   t.max_grad_norm or math.inf))
+                if not math.isfinite(total) or (self.compute != "fp16" and not math.isfinite(grad_norm)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    again = step == self.start_step and self.resumed_diverged  # no step worked since the last one
+                    path = None if again else self.save(step, diverged=True)
+                    bar.close()
+                    raise TrainingDiverged(_divergence_message(step, total, ce, kd, grad_norm, t, self.compute, path,
+                                                               again))
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                row = self.record(step, total, ce, kd, lr, grad_norm, answer_tokens, seen_tokens)
+                bar.set_postfix_str(f"loss {total:.3f} | ce {ce:.3f} | kd {kd:.3f} | {row['tokens_per_s']:.0f} tok/s"
+                                    + (f" | eval ppl {row['eval_ppl']:.2f}" if "eval_ppl" in row else ""),
+                                    refresh=False)
+                bar.update(1)
+                path = self.save(step + 1) if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 else None
+                if _stop_requested(stop, self.accelerator):  # SIGTERM / SIGINT: keep this step, then stop cleanly
+                    path = path or self.save(step + 1)
+                    bar.close()
+                    raise TrainingInterrupted(stop.signum, _interrupted_message(stop.signum, step + 1, t, path))
+        bar.close()
+        return self.finish()
+
+    def finish(self) -> TrainResult:
+        t, acc, result = self.tcfg, self.accelerator, self.result
+        if t.log_with:
+            acc.end_training()
+        result.seconds, result.steps = self.previous_seconds + time.perf_counter() - self.began, t.max_steps
+        vocab = self.vocab_size or self.student.get_output_embeddings().weight.shape[0]
+        result.collapsed = collapse_reason(result.history, vocab)
+        if result.collapsed and acc.is_main_process:
+            tqdm.write(f"WARNING: the student collapsed: {result.collapsed}.")
+        trained = acc.unwrap_model(self.model).model
+        if t.gradient_checkpointing:
+            trained.gradient_checkpointing_disable()
+            trained.config.use_cache = True
+        result.student = whole_student(acc, self.model, trained)
+        trained.eval()
+        return result
+
+
+def _accelerator_for(tcfg, checkpoint_dir) -> tuple:
+    """The Accelerator for train.device and train.mixed_precision (TF32 on sm80+), with trackers if asked."""
+    from accelerate import Accelerator
+
     device = resolve_device(tcfg.device)
     compute = resolve_mixed_precision(tcfg.mixed_precision, device.type, device_capability(device))
     if device.type == "cuda" and native_bf16(device_capability(device)):
@@ -331,163 +538,16 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
         trackers = {"log_with": tcfg.log_with, "project_dir": str(Path(checkpoint_dir).parent)}
     accelerator = Accelerator(cpu=device.type == "cpu",
                               mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(compute, "no"), **trackers)
-    set_seed(tcfg.seed)
+    return accelerator, compute
+
+
+def _check_inputs(teacher, teacher_cache, lcfg, train_split) -> None:
     if teacher is None and teacher_cache is None and lcfg.alpha != 1.0:
         raise ValueError(f"No teacher and no teacher cache, but loss.alpha={lcfg.alpha}: the distillation term needs "
                          f"the teacher. Pass one, or set loss.alpha=1 to fine-tune on the targets alone.")
     if teacher_cache is not None and len(teacher_cache) != len(train_split):
         raise ValueError(f"The teacher cache has {len(teacher_cache)} rows but the split {len(train_split)}: it was "
                          f"built for another split; build it again for this one.")
-    procs, rank = accelerator.num_processes, accelerator.process_index
-    batches = GlobalBatches(len(train_split), tcfg.batch_size * procs, tcfg.seed)
-    collate = PaddingCollator(pad_token_id, "right")
-    if tcfg.gradient_checkpointing:
-        enable_gradient_checkpointing(student)
-    optimizer = make_optimizer(student, tcfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio))
-    implementation = resolve_loss_implementation(student, lcfg.implementation)
-    student.to(accelerator.device)
-
-    result = TrainResult(loss_implementation=implementation, mixed_precision=compute)
-    start_step, previous_seconds = 0, 0.0
-    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
-    result.run_id, resumed_diverged = uuid.uuid4().hex[:12], False
-    if (tcfg.resume if resume is None else resume):
-        state = _resume(folder, cfg, student, optimizer, scheduler, say)
-        start_step, previous_seconds = state["step"], state.get("seconds", 0.0)
-        result.history, result.resumed_from, result.run_id = state["history"], state["path"], state["run_id"]
-        resumed_diverged = bool(state.get("diverged_after"))
-        for row in result.history if accelerator.is_main_process and on_step is not None else ():
-            on_step(row)
-    elif folder is not None and accelerator.is_main_process:
-        moved = ckpt.move_aside(folder)  # an earlier run's checkpoints are never resumed or pruned as this run's
-        if moved is not None:
-            say(f"checkpoints: {folder} held an earlier run's checkpoints; moved them to {moved}")
-
-    step_module = DistillStep(student.train(), lcfg, implementation, vocab_size)
-    model, optimizer = accelerator.prepare(step_module, optimizer)
-    if teacher is not None:
-        teacher.eval()
-    if tcfg.log_with:
-        accelerator.init_trackers(cfg.run.name, config=_flat(cfg.to_dict()) if hasattr(cfg, "to_dict") else {})
-    if progress and accelerator.is_main_process:
-        width = vocab_size or student.get_output_embeddings().weight.shape[0]
-        chunk = (f", {lcfg.chunk_size or auto_chunk_size(width, accelerator.device.type)} tokens per chunk"
-                 if implementation == "chunked" else "")
-        source = ("top-k teacher cache" if teacher_cache is not None else "live teacher" if teacher is not None
-                  else "no teacher (CE only)")
-        tqdm.write(f"loss: {lcfg.divergence}, alpha {lcfg.alpha}, T {lcfg.temperature}, {source}; {implementation} "
-                   f"implementation{chunk}; {procs} process(es), global batch {tcfg.batch_size * procs} x "
-                   f"{tcfg.grad_accum} accumulation; mixed precision {compute}, {tcfg.optimizer}, gradient "
-                   f"checkpointing {'on' if tcfg.gradient_checkpointing else 'off'}")
-
-    def save(step: int, diverged: bool = False) -> Optional[Path]:
-        if folder is None:
-            return None
-        began = time.perf_counter()
-        path = None
-        if accelerator.is_main_process:
-            state = {"history": result.history, "seconds": previous_seconds + time.perf_counter() - start,
-                     "batches_consumed": step * tcfg.grad_accum, "run_id": result.run_id,
-                     "fingerprint": training_fingerprint(cfg), "diverged_after": diverged}
-            path = ckpt.save_checkpoint(folder, step, accelerator.unwrap_model(model).model, optimizer, scheduler,
-                                        state)
-            ckpt.prune(folder, tcfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        result.checkpoint_seconds.append(time.perf_counter() - began)
-        return path
-
-    bar = tqdm(total=tcfg.max_steps, initial=start_step, desc="distill",
-               disable=not progress or not accelerator.is_main_process)
-    start = time.perf_counter()
-    seen_tokens = 0
-    with StopSignals() as stop:
-        for step in range(start_step, tcfg.max_steps):
-            micro = []
-            for i in range(tcfg.grad_accum):
-                rows = batches[step * tcfg.grad_accum + i][rank * tcfg.batch_size:(rank + 1) * tcfg.batch_size]
-                batch = collate([train_split[j] for j in rows])
-                micro.append({k: v.to(accelerator.device) for k, v in batch.items()})
-            selects = [answer_positions(b["labels"]) for b in micro]
-            answer_tokens = accelerator.reduce(torch.tensor(float(sum(int(s.sum()) for s in selects)),
-                                                            device=accelerator.device), "sum")
-            # DDP averages gradients over processes, so each one divides by its share of the global count.
-            normalizer = float(answer_tokens) / procs
-            parts = torch.zeros(3, device=accelerator.device)
-            for i, (batch, select) in enumerate(zip(micro, selects)):
-                last = i == len(micro) - 1
-                sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-                with sync:
-                    targets = batch["labels"][:, 1:][select[:, :-1]]
-                    if teacher_cache is not None:
-                        teacher_side = teacher_cache.rows(batch["index"].tolist(), select.sum(1).tolist(),
-                                                          accelerator.device)
-                    elif teacher is not None:
-                        teacher_side = teacher_inputs(teacher, batch["input_ids"], batch["attention_mask"], select,
-                                                      implementation)
-                    else:
-                        teacher_side = {}
-                    with accelerator.autocast():
-                        loss = model(batch["input_ids"], batch["attention_mask"], select, targets, teacher_side,
-                                     normalizer)
-                    accelerator.backward(loss.total)
-                    del teacher_side  # free the teacher's tensors before the next micro-batch
-                parts += torch.stack([loss.total.detach(), loss.ce.detach(), loss.kd.detach().nan_to_num(0.0)
-                                      if lcfg.alpha == 1.0 else loss.kd.detach()])
-                seen_tokens += int(batch["attention_mask"].sum())
-            total, ce, kd = (accelerator.reduce(parts, "sum") / procs).tolist()
-            # The guard looks before the optimizer step, so the weights stay those of the last good step.
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm or math.inf))
-            if not math.isfinite(total) or (compute != "fp16" and not math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                again = step == start_step and resumed_diverged  # no step worked since the last divergence
-                path = None if again else save(step, diverged=True)
-                bar.close()
-                raise TrainingDiverged(_divergence_message(step, total, ce, kd, grad_norm, tcfg, compute, path, again))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            elapsed = time.perf_counter() - start
-            no_kd = teacher is None and teacher_cache is None
-            row = {"step": step + 1, "loss": total, "ce": ce, "kd": None if no_kd else kd, "lr": lr,
-                   "grad_norm": grad_norm, "answer_tokens": int(answer_tokens),
-                   "tokens_per_s": seen_tokens * procs / elapsed, "elapsed_s": previous_seconds + elapsed}
-            if (eval_split is not None and tcfg.eval_every and accelerator.is_main_process
-                    and ((step + 1) % tcfg.eval_every == 0 or step + 1 == tcfg.max_steps)):
-                row.update(held_out_losses(accelerator.unwrap_model(model).model, teacher, eval_split, lcfg,
-                                           pad_token_id=pad_token_id, vocab_size=vocab_size, teacher_cache=eval_cache))
-            result.history.append(row)
-            if on_step is not None and accelerator.is_main_process:
-                on_step(row)
-            if tcfg.log_with:
-                accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
-                                step=step + 1)
-            bar.set_postfix_str(f"loss {total:.3f} | ce {ce:.3f} | kd {kd:.3f} | {row['tokens_per_s']:.0f} tok/s"
-                                + (f" | eval ppl {row['eval_ppl']:.2f}" if "eval_ppl" in row else ""), refresh=False)
-            bar.update(1)
-            path = save(step + 1) if tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0 else None
-            if _stop_requested(stop, accelerator):  # SIGTERM / SIGINT: keep this step, then stop cleanly
-                path = path or save(step + 1)
-                bar.close()
-                raise TrainingInterrupted(stop.signum, _interrupted_message(stop.signum, step + 1, tcfg, path))
-    bar.close()
-    if tcfg.log_with:
-        accelerator.end_training()
-    result.seconds, result.steps = previous_seconds + time.perf_counter() - start, tcfg.max_steps
-    result.collapsed = collapse_reason(result.history, vocab_size or student.get_output_embeddings().weight.shape[0])
-    if result.collapsed and accelerator.is_main_process:
-        tqdm.write(f"WARNING: the student collapsed: {result.collapsed}.")
-    trained = accelerator.unwrap_model(model).model
-    if tcfg.gradient_checkpointing:
-        trained.gradient_checkpointing_disable()
-        trained.config.use_cache = True
-    result.student = whole_student(accelerator, model, trained)
-    trained.eval()
-    return result
 
 
 def whole_student(accelerator, prepared: torch.nn.Module, trained: torch.nn.Module) -> Optional[torch.nn.Module]:
