@@ -50,11 +50,11 @@ def batch_token_budget(model: torch.nn.Module, fraction: float = 0.5) -> Optiona
     device = _device(model)
     if device.type != "cuda":
         return None
-    from .plan import inference_bytes_per_token
+    from .plan import PlanError, inference_bytes_per_token
 
     try:
         per_token = inference_bytes_per_token(model)
-    except (AttributeError, TypeError):  # a config without Llama-style size names (GPT-2's n_embd ...): no cap
+    except PlanError:  # a config without Llama-style size names (GPT-2's n_embd ...): no cap
         return None
     free, _ = torch.cuda.mem_get_info(device)
     return max(64, int(fraction * free / per_token))

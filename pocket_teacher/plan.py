@@ -197,6 +197,10 @@ def this_machine() -> Device:
         props = torch.cuda.get_device_properties(0)
         cap = (props.major, props.minor)
         return Device(props.name, props.total_memory, cap, host_ram(), 312 if cap >= (8, 0) else 65, "this machine")
+    return _cpu_device()
+
+
+def _cpu_device() -> Device:
     return Device(f"CPU ({os.cpu_count()} cores)", None, None, host_ram(), 0.2, "this machine")
 
 
@@ -205,7 +209,7 @@ def get_device(name: Optional[str], host_gb: Optional[float] = None) -> Device:
     if name is None:
         device = this_machine()
     elif name == "cpu":
-        device = Device(f"CPU ({os.cpu_count()} cores)", None, None, host_ram(), 0.2, "this machine")
+        device = _cpu_device()
     elif name in GPUS:
         device = GPUS[name]
     else:
@@ -552,15 +556,15 @@ def _search_fixes(cfg, device: Device, lengths: tuple) -> list[str]:
     from .config import apply_overrides
 
     chosen: list[str] = []
+    current = _plan(cfg, device, lengths)
     for step in _candidate_fixes(cfg, device):
-        trial = apply_overrides(cfg, chosen + step)
-        before = _plan(apply_overrides(cfg, chosen) if chosen else cfg, device, lengths)
-        after = _plan(trial, device, lengths)
-        if _overflow(after) < _overflow(before):
+        after = _plan(apply_overrides(cfg, chosen + step), device, lengths)
+        if _overflow(after) < _overflow(current):
             chosen = [c for c in chosen if c.split("=")[0] not in {s.split("=")[0] for s in step}] + step
+            current = after
             if after.fits:
                 return chosen
-    final = _plan(apply_overrides(cfg, chosen) if chosen else cfg, device, lengths)
+    final = current
     training = next(s for s in final.stages if s.name == "training")
     limit = final.device_limit if device.cuda else device.host
     student = final.student
@@ -587,10 +591,6 @@ def _overflow(plan: MemoryPlan) -> int:
 
 def inference_bytes_per_token(model) -> int:
     """Transient bytes per token of a no-gradient forward of a loaded model (sizes evaluation batches)."""
-    c = model.config
-    heads = c.num_attention_heads
-    shape = ModelShape("model", c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, heads,
-                       getattr(c, "num_key_value_heads", None) or heads,
-                       getattr(c, "head_dim", None) or c.hidden_size // heads, True)
+    shape = shape_from_config(model.config.to_dict(), type(model).__name__)
     compute = max(2, next(model.parameters()).element_size())
     return forward_activation_bytes(shape, compute, 1, 1, True)
