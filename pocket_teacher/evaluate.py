@@ -19,11 +19,12 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .data import (MMLU_LETTERS, Example, PaddingCollator, TokenizedSplit, answers_match, extract_gsm8k_answer,
                    format_prompt)
+from .generate import GREEDY, generate, overridden_generation_settings  # noqa: F401 (re-exported)
 from .models import answer_logit_chunks, answer_logits, answer_positions, count_parameters
+from .progress import tqdm
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -85,72 +86,6 @@ def perplexity(model: torch.nn.Module, split: TokenizedSplit, *, pad_token_id: i
         total_tokens += targets.numel()
     nll = float(total_nll) / max(total_tokens, 1)
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": total_tokens}
-
-
-# Greedy decoding, spelled out: transformers fills every knob left unset from the model's own generation config
-# (Qwen2.5-Instruct ships do_sample=True, temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05), so each
-# knob that changes the argmax path is set here to its neutral value.
-GREEDY = {"do_sample": False, "num_beams": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": None,
-          "typical_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
-          "length_penalty": 1.0, "bad_words_ids": None, "sequence_bias": None, "suppress_tokens": None,
-          "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
-          "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_no_repeat_ngram_size": 0, "min_length": 0,
-          "exponential_decay_length_penalty": None}
-
-
-def overridden_generation_settings(model: torch.nn.Module) -> dict:
-    """The model's own generation-config values that greedy decoding here overrides (reported with results)."""
-    config = getattr(model, "generation_config", None)
-    if config is None:
-        return {}
-    out = {}
-    for key, neutral in GREEDY.items():
-        value = getattr(config, key, None)
-        sampling_only = key in ("temperature", "top_p", "top_k", "min_p", "typical_p")
-        if value is not None and value != neutral and not (sampling_only and not config.do_sample):
-            out[key] = value
-    if getattr(config, "do_sample", False):
-        out["do_sample"] = True
-    return out
-
-
-@torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 192,
-             batch_size: int = 16, stop: Sequence[str] = (), desc: str = "generate",
-             progress: bool = True) -> list[str]:
-    """Greedy completions of `prompts` (already formatted), batched with left padding, in input order.
-
-    Greedy means greedy: no sampling, no repetition penalty, no n-gram blocking, whatever the model's own
-    generation config says (`GREEDY`; `overridden_generation_settings` lists what was overridden).
-    Each sequence stops at the tokenizer's EOS (the end of the answer), at any of the `stop` strings
-    (e.g. "\\nQuestion:" for plain few-shot prompts; cut from the output), or after `max_new_tokens`.
-    Prompts are sorted by length so a batch carries little padding.
-    """
-    from transformers import GenerationConfig
-
-    model.eval()
-    device = _device(model)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    outputs: list[Optional[str]] = [None] * len(prompts)
-    config = GenerationConfig(**GREEDY, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id,
-                              **({"stop_strings": list(stop)} if stop else {}))
-    saved_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-            index = order[start:start + batch_size]
-            enc = tokenizer([prompts[i] for i in index], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
-            out = model.generate(**enc, generation_config=config, **({"tokenizer": tokenizer} if stop else {}))
-            new = out[:, enc["input_ids"].shape[1]:]
-            for i, text in zip(index, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                for marker in stop:  # the stop string itself is not part of the answer
-                    text = text.split(marker)[0]
-                outputs[i] = text.strip()
-    finally:
-        tokenizer.padding_side = saved_side
-    return outputs  # type: ignore[return-value]
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:

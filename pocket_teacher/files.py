@@ -1,4 +1,4 @@
-"""Small file helpers shared by the stages that write to disk: checksums, atomic JSON, free space."""
+"""Small helpers shared by the stages that write to disk: checksums and fingerprints, atomic JSON, free space."""
 
 from __future__ import annotations
 
@@ -18,6 +18,44 @@ def file_hash(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def digest(*chunks: bytes) -> str:
+    """blake2b (128-bit) of the chunks, in order."""
+    h = hashlib.blake2b(digest_size=16)
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+def model_digest(model, sample: int = 4096) -> str:
+    """A fingerprint of a model's weights: every tensor's name, shape and dtype, its sum and sum of
+    absolute values (any changed weight moves them), and the exact bytes of a strided sample."""
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(model).__name__.encode())
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        if flat.dtype == torch.bool:
+            flat = flat.to(torch.uint8)
+        step = max(1, flat.numel() // sample)
+        picked = flat[::step][:sample].contiguous().cpu()
+        # Summed in float64 a block at a time: a whole-tensor float64 copy of a large embedding would take 8 bytes
+        # per weight at once (1.9 GB for Qwen2.5-1.5B's) on the teacher's device.
+        acc = torch.zeros(2, dtype=torch.float64, device=flat.device)
+        for block in flat.split(1 << 20):
+            block = block.double()
+            acc += torch.stack([block.sum(), block.abs().sum()])
+        sums = tuple(acc.tolist())
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{sums[0]!r}|{sums[1]!r}|".encode())
+        h.update(picked.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(parts: dict) -> str:
+    """The name of a cache entry: a digest of everything its content depends on (JSON, keys sorted)."""
+    return digest(json.dumps(parts, sort_keys=True, default=str).encode())
 
 
 def write_json(path: Path, data: Any) -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import importlib.util
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .files import file_hash
 from .hub import require_hub
 
 log = logging.getLogger(__name__)
@@ -200,14 +200,6 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def materialize_gguf(gguf_path: str | Path) -> Path:
     """Dequantize a GGUF once into a cached ``save_pretrained`` folder (model + tokenizer); return it.
 
@@ -217,7 +209,7 @@ def materialize_gguf(gguf_path: str | Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf_path = Path(gguf_path)
-    target = cache_root() / f"{gguf_path.stem}-{_file_digest(gguf_path)}"
+    target = cache_root() / f"{gguf_path.stem}-{file_hash(gguf_path)[:16]}"
     if (target / "config.json").is_file() and (target / ".complete").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The teacher, run once: a top-k cache of its log-probs, and its generated answers.
+"""The teacher, run once: a top-k cache of its log-probs.
 
     cache = build_topk_cache(teacher, train_split, "runs/teacher_cache", k=64, vocab_size=len(tokenizer))
     print(cache.report)          # top-k mass captured, KL(full || top-k), size per token
@@ -12,30 +12,27 @@ reused, any change builds a new one. It is written into ``<fingerprint>.partial/
 record after every batch, so a build killed midway resumes there, and only a finished, checksummed
 build is renamed into place; a cache whose files do not match their checksums is never read.
 
-`generate_answers` is sequence-level distillation: the teacher answers the training questions
-(batched greedy generation), optionally keeping only answers whose final number is correct
-(rejection sampling); the result is cached the same way as readable JSONL.
+The teacher's generated answers (sequence-level distillation) are a stage of their own: `generate.py`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from .files import file_hash, require_free_space, write_json
-from .data import IGNORE_INDEX, Example, PaddingCollator, TokenizedSplit, answers_match, extract_gsm8k_answer
+from .files import digest, file_hash, fingerprint, model_digest, require_free_space, write_json
+from .data import IGNORE_INDEX, PaddingCollator, TokenizedSplit
+from .progress import tqdm
 
 FORMAT = 1  # bump when the on-disk layout changes: old caches then get new fingerprints
 FILES = {"ids": np.int32, "logprobs": np.float16, "tail": np.float32}
@@ -47,40 +44,10 @@ class CacheError(RuntimeError):
 
 # -- fingerprints -------------------------------------------------------------------------------------
 
-def _digest(*chunks: bytes) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for c in chunks:
-        h.update(c)
-    return h.hexdigest()
-
-
-def model_digest(model: torch.nn.Module, sample: int = 4096) -> str:
-    """A fingerprint of a model's weights: every tensor's name, shape and dtype, its sum and sum of
-    absolute values (any changed weight moves them), and the exact bytes of a strided sample."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(type(model).__name__.encode())
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1)
-        if flat.dtype == torch.bool:
-            flat = flat.to(torch.uint8)
-        step = max(1, flat.numel() // sample)
-        picked = flat[::step][:sample].contiguous().cpu()
-        # Summed in float64 a block at a time: a whole-tensor float64 copy of a large embedding would take 8 bytes
-        # per weight at once (1.9 GB for Qwen2.5-1.5B's) on the teacher's device.
-        acc = torch.zeros(2, dtype=torch.float64, device=flat.device)
-        for block in flat.split(1 << 20):
-            block = block.double()
-            acc += torch.stack([block.sum(), block.abs().sum()])
-        sums = tuple(acc.tolist())
-        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{sums[0]!r}|{sums[1]!r}|".encode())
-        h.update(picked.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def split_digest(split: TokenizedSplit) -> dict[str, str]:
+def splitdigest(split: TokenizedSplit) -> dict[str, str]:
     """Content hashes of a tokenized split: the example texts, and the token ids with their masks."""
-    text = _digest(*(json.dumps([e.question, e.target]).encode() for e in split.examples))
-    tokens = _digest(*(np.asarray(f["input_ids"], np.int64).tobytes() + b"|" +
+    text = digest(*(json.dumps([e.question, e.target]).encode() for e in split.examples))
+    tokens = digest(*(np.asarray(f["input_ids"], np.int64).tobytes() + b"|" +
                        np.asarray(f["labels"], np.int64).tobytes() + b";" for f in split.features))
     return {"data": text, "tokens": tokens}
 
@@ -89,12 +56,8 @@ def fingerprint_parts(teacher: torch.nn.Module, split: TokenizedSplit, k: int, v
                       teacher_key: Optional[dict] = None) -> dict:
     """Everything the cache content depends on; `teacher_key` adds e.g. the source id and precision."""
     return {"format": FORMAT, "teacher": {"weights": model_digest(teacher), **(teacher_key or {})},
-            **split_digest(split), "template": _digest(split.template.encode()), "max_length": split.max_length,
+            **splitdigest(split), "template": digest(split.template.encode()), "max_length": split.max_length,
             "vocab_size": vocab_size, "k": k}
-
-
-def fingerprint(parts: dict) -> str:
-    return _digest(json.dumps(parts, sort_keys=True, default=str).encode())
 
 
 # -- the cache -----------------------------------------------------------------------------------------
@@ -271,17 +234,14 @@ def _reserve(folder: Path, tokens: int, k: int) -> None:
 
 
 def _batch_hash(*arrays) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
+    return digest(*(np.ascontiguousarray(a).tobytes() for a in arrays))
 
 
 def _first_damaged(state: dict, mms, offsets: np.ndarray) -> Optional[int]:
     """The first row of the first finished batch whose bytes no longer match their checksum, else None."""
-    for lo, hi, digest in state.get("batches", []):
+    for lo, hi, expected in state.get("batches", []):
         a, b = int(offsets[lo]), int(offsets[hi])
-        if _batch_hash(*(mm[a:b] for mm in mms)) != digest:
+        if _batch_hash(*(mm[a:b] for mm in mms)) != expected:
             return lo
     return None
 
@@ -415,100 +375,3 @@ def _kl_to_topk(log_p: torch.Tensor, top_ids: torch.Tensor, top_lp: torch.Tensor
     approx.scatter_(-1, top_ids, top_lp)
     p = log_p.exp()
     return (p * (log_p - approx)).nan_to_num(0.0).sum(-1).clamp_min(0.0)
-
-
-# -- sequence-level distillation: the teacher's own answers ------------------------------------------------------
-
-@dataclass
-class GenerationReport:
-    """What the teacher's generated answers gave (printed by the notebook)."""
-
-    path: str
-    status: str  # "generated" or "reused"
-    rows: int
-    kept: int
-    rejected: dict = field(default_factory=dict)  # reason -> count
-    seconds: float = 0.0
-
-    def __str__(self) -> str:
-        why = ", ".join(f"{n} {r}" for r, n in self.rejected.items()) or "none"
-        return (f"teacher answers {self.status}: kept {self.kept} of {self.rows} (rejected: {why}) "
-                f"in {self.path}")
-
-
-def _read_answers(path: Path) -> Optional[list[dict]]:
-    """The cached answers, or None when absent; a damaged file (a truncated line, a missing field) is named,
-    removed and generated again, never a raw JSONDecodeError."""
-    if not path.is_file():
-        return None
-    rows = []
-    try:
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row, dict) or not {"question", "teacher_answer", "extracted"} <= set(row):
-                    raise ValueError(f"line {number} lacks question / teacher_answer / extracted")
-                rows.append(row)
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        print(f"teacher answers: {path} is damaged ({str(exc).splitlines()[0]}); removing it and generating the "
-              f"answers again")
-        path.unlink(missing_ok=True)
-        return None
-    return rows
-
-
-def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Example], root: str | Path, *,
-                     keep: str = "all", max_new_tokens: int = 256, batch_size: int = 16,
-                     system_prompt: Optional[str] = None, teacher_key: Optional[dict] = None,
-                     progress: bool = True) -> tuple[list[Example], GenerationReport]:
-    """The teacher answers every question (batched greedy decoding); its answers become the targets.
-
-    keep: "all" keeps every answer; "correct" keeps only answers whose extracted final number equals
-    the example's gold answer (rejection sampling), counting the rest by reason. Works whatever the
-    student's tokenizer, since the answers are text. Cached as ``<root>/answers-<fingerprint>.jsonl``
-    (one JSON object per question, the file renamed into place when whole) and reused on a match.
-    """
-    from .data import format_prompt
-    from .evaluate import generate
-
-    if keep not in ("all", "correct"):
-        raise ValueError(f"keep={keep!r}: use 'all' or 'correct' (rejection sampling on the final answer).")
-    template = getattr(tokenizer, "chat_template", None) or ""
-    parts = {"format": FORMAT, "teacher": {"weights": model_digest(teacher), **(teacher_key or {})},
-             "data": _digest(*(json.dumps([e.question, e.answer]).encode() for e in examples)),
-             "template": _digest(template.encode()), "system_prompt": system_prompt, "max_new_tokens": max_new_tokens}
-    path = Path(root) / f"answers-{fingerprint(parts)}.jsonl"
-    start, status = time.perf_counter(), "reused"
-    rows, status = _read_answers(path), "reused"
-    if rows is not None and (len(rows) != len(examples)
-                             or any(r["question"] != e.question for r, e in zip(rows, examples))):
-        print(f"teacher answers: {path} does not match these questions; generating them again")
-        rows = None
-    if rows is None:
-        status = "generated"
-    if rows is None:
-        prompts = [format_prompt(tokenizer, e.question, system_prompt) for e in examples]
-        outputs = generate(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           desc="teacher answers", progress=progress)
-        rows = [{"question": e.question, "gold": e.answer, "teacher_answer": out,
-                 "extracted": extract_gsm8k_answer(out), "where": e.where} for e, out in zip(examples, outputs)]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, path)
-    kept, rejected = [], {}
-    for e, r in zip(examples, rows):
-        answer = r["teacher_answer"].strip()
-        reason = None
-        if not answer:
-            reason = "empty answer"
-        elif keep == "correct" and r["extracted"] is None:
-            reason = "no final number"
-        elif keep == "correct" and not answers_match(r["extracted"], e.answer):
-            reason = "wrong final number"
-        if reason:
-            rejected[reason] = rejected.get(reason, 0) + 1
-            continue
-        kept.append(replace(e, target=answer, where=f"{e.where} (teacher answer)"))
-    report = GenerationReport(str(path), status, len(examples), len(kept), rejected, time.perf_counter() - start)
-    return kept, report

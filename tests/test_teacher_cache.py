@@ -9,7 +9,8 @@ import torch
 from pocket_teacher.config import ConfigError, apply_overrides, get_preset
 from pocket_teacher.data import Example, load_gsm_symbolic, tokenize_examples
 from pocket_teacher.models import ModelLoadError, derive_student, load_teacher, resolve_precision
-from pocket_teacher.teacher_cache import (build_topk_cache, fingerprint, fingerprint_parts, generate_answers,
+from pocket_teacher.generate import generate_answers
+from pocket_teacher.teacher_cache import (build_topk_cache, fingerprint, fingerprint_parts,
                                           validate_cache)
 from pocket_teacher.train import distill
 
@@ -185,7 +186,7 @@ def test_generated_answers_filter_by_correctness_and_are_cached(monkeypatch, tin
         calls.append(len(prompts))
         return canned[:len(prompts)]
 
-    monkeypatch.setattr("pocket_teacher.evaluate.generate", fake_generate)
+    monkeypatch.setattr("pocket_teacher.generate.generate", fake_generate)
     kept, report = generate_answers(tiny_teacher, tiny_tokenizer, _questions(), tmp_path, keep="correct",
                                     progress=False)
     assert [e.answer for e in kept] == ["0", "6"] and kept[0].target == canned[0]

@@ -1,0 +1,185 @@
+"""Text the models write: batched greedy decoding, and the teacher's answers to the training questions
+(sequence-level distillation), cached as readable JSONL.
+
+    answers = generate(model, tokenizer, prompts, max_new_tokens=256)
+    kept, report = generate_answers(teacher, tokenizer, examples, "runs/teacher_cache", keep="correct")
+
+`generate_answers` is sequence-level distillation: the teacher answers the training questions, optionally keeping
+only answers whose final number is correct (rejection sampling); the answers are cached under a fingerprint of the
+teacher, the questions, the template and the generation settings, and reused on a match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .data import Example, answers_match, extract_gsm8k_answer, format_prompt
+from .files import digest, fingerprint, model_digest
+from .progress import tqdm
+
+FORMAT = 1  # bump when the answers file's layout changes
+
+
+# Greedy decoding, spelled out: transformers fills every knob left unset from the model's own generation config
+# (Qwen2.5-Instruct ships do_sample=True, temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05), so each
+# knob that changes the argmax path is set here to its neutral value.
+GREEDY = {"do_sample": False, "num_beams": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": None,
+          "typical_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
+          "length_penalty": 1.0, "bad_words_ids": None, "sequence_bias": None, "suppress_tokens": None,
+          "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+          "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_no_repeat_ngram_size": 0, "min_length": 0,
+          "exponential_decay_length_penalty": None}
+
+
+def overridden_generation_settings(model: torch.nn.Module) -> dict:
+    """The model's own generation-config values that greedy decoding here overrides (reported with results)."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    out = {}
+    for key, neutral in GREEDY.items():
+        value = getattr(config, key, None)
+        sampling_only = key in ("temperature", "top_p", "top_k", "min_p", "typical_p")
+        if value is not None and value != neutral and not (sampling_only and not config.do_sample):
+            out[key] = value
+    if getattr(config, "do_sample", False):
+        out["do_sample"] = True
+    return out
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 192,
+             batch_size: int = 16, stop: Sequence[str] = (), desc: str = "generate",
+             progress: bool = True) -> list[str]:
+    """Greedy completions of `prompts` (already formatted), batched with left padding, in input order.
+
+    Greedy means greedy: no sampling, no repetition penalty, no n-gram blocking, whatever the model's own
+    generation config says (`GREEDY`; `overridden_generation_settings` lists what was overridden).
+    Each sequence stops at the tokenizer's EOS (the end of the answer), at any of the `stop` strings
+    (e.g. "\\nQuestion:" for plain few-shot prompts; cut from the output), or after `max_new_tokens`.
+    Prompts are sorted by length so a batch carries little padding.
+    """
+    from transformers import GenerationConfig
+
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[Optional[str]] = [None] * len(prompts)
+    config = GenerationConfig(**GREEDY, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id,
+                              **({"stop_strings": list(stop)} if stop else {}))
+    saved_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+            index = order[start:start + batch_size]
+            enc = tokenizer([prompts[i] for i in index], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            out = model.generate(**enc, generation_config=config, **({"tokenizer": tokenizer} if stop else {}))
+            new = out[:, enc["input_ids"].shape[1]:]
+            for i, text in zip(index, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                for marker in stop:  # the stop string itself is not part of the answer
+                    text = text.split(marker)[0]
+                outputs[i] = text.strip()
+    finally:
+        tokenizer.padding_side = saved_side
+    return outputs  # type: ignore[return-value]
+
+
+@dataclass
+class GenerationReport:
+    """What the teacher's generated answers gave (printed by the notebook)."""
+
+    path: str
+    status: str  # "generated" or "reused"
+    rows: int
+    kept: int
+    rejected: dict = field(default_factory=dict)  # reason -> count
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        why = ", ".join(f"{n} {r}" for r, n in self.rejected.items()) or "none"
+        return (f"teacher answers {self.status}: kept {self.kept} of {self.rows} (rejected: {why}) "
+                f"in {self.path}")
+
+
+def _read_answers(path: Path) -> Optional[list[dict]]:
+    """The cached answers, or None when absent; a damaged file (a truncated line, a missing field) is named,
+    removed and generated again, never a raw JSONDecodeError."""
+    if not path.is_file():
+        return None
+    rows = []
+    try:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict) or not {"question", "teacher_answer", "extracted"} <= set(row):
+                    raise ValueError(f"line {number} lacks question / teacher_answer / extracted")
+                rows.append(row)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        print(f"teacher answers: {path} is damaged ({str(exc).splitlines()[0]}); removing it and generating the "
+              f"answers again")
+        path.unlink(missing_ok=True)
+        return None
+    return rows
+
+
+def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Example], root: str | Path, *,
+                     keep: str = "all", max_new_tokens: int = 256, batch_size: int = 16,
+                     system_prompt: Optional[str] = None, teacher_key: Optional[dict] = None,
+                     progress: bool = True) -> tuple[list[Example], GenerationReport]:
+    """The teacher answers every question (batched greedy decoding); its answers become the targets.
+
+    keep: "all" keeps every answer; "correct" keeps only answers whose extracted final number equals
+    the example's gold answer (rejection sampling), counting the rest by reason. Works whatever the
+    student's tokenizer, since the answers are text. Cached as ``<root>/answers-<fingerprint>.jsonl``
+    (one JSON object per question, the file renamed into place when whole) and reused on a match.
+    """
+    if keep not in ("all", "correct"):
+        raise ValueError(f"keep={keep!r}: use 'all' or 'correct' (rejection sampling on the final answer).")
+    template = getattr(tokenizer, "chat_template", None) or ""
+    parts = {"format": FORMAT, "teacher": {"weights": model_digest(teacher), **(teacher_key or {})},
+             "data": digest(*(json.dumps([e.question, e.answer]).encode() for e in examples)),
+             "template": digest(template.encode()), "system_prompt": system_prompt, "max_new_tokens": max_new_tokens}
+    path = Path(root) / f"answers-{fingerprint(parts)}.jsonl"
+    start, status = time.perf_counter(), "reused"
+    rows, status = _read_answers(path), "reused"
+    if rows is not None and (len(rows) != len(examples)
+                             or any(r["question"] != e.question for r, e in zip(rows, examples))):
+        print(f"teacher answers: {path} does not match these questions; generating them again")
+        rows = None
+    if rows is None:
+        status = "generated"
+    if rows is None:
+        prompts = [format_prompt(tokenizer, e.question, system_prompt) for e in examples]
+        outputs = generate(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           desc="teacher answers", progress=progress)
+        rows = [{"question": e.question, "gold": e.answer, "teacher_answer": out,
+                 "extracted": extract_gsm8k_answer(out), "where": e.where} for e, out in zip(examples, outputs)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
+    kept, rejected = [], {}
+    for e, r in zip(examples, rows):
+        answer = r["teacher_answer"].strip()
+        reason = None
+        if not answer:
+            reason = "empty answer"
+        elif keep == "correct" and r["extracted"] is None:
+            reason = "no final number"
+        elif keep == "correct" and not answers_match(r["extracted"], e.answer):
+            reason = "wrong final number"
+        if reason:
+            rejected[reason] = rejected.get(reason, 0) + 1
+            continue
+        kept.append(replace(e, target=answer, where=f"{e.where} (teacher answer)"))
+    report = GenerationReport(str(path), status, len(examples), len(kept), rejected, time.perf_counter() - start)
+    return kept, report
