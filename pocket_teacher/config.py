@@ -88,6 +88,14 @@ class TinyModelConfig:
     num_kv_heads: int = knob(2, "key/value heads (grouped-query attention)")
     seed: int = knob(0, "weight-initialisation seed")
 
+    def check(self, where: str = "teacher.tiny") -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            _check_positive(f"{where}.{name}", getattr(self, name))
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            _fail(where, (self.hidden_size, self.num_heads, self.num_kv_heads),
+                  "hidden_size must be divisible by num_heads, and num_heads by num_kv_heads.")
+
+
 
 @dataclass
 class TeacherConfig:
@@ -100,6 +108,13 @@ class TeacherConfig:
     precision: str = knob("auto", "auto (8bit on CUDA, fp32 on CPU), 8bit, 4bit (bitsandbytes, CUDA), bf16, fp16, fp32")
     tiny: TinyModelConfig = knob(factory=TinyModelConfig, help="shape when source == \"tiny\"")
 
+    def check(self) -> None:
+        _check_choice("teacher.precision", self.precision, PRECISIONS)
+        if not self.source:
+            _fail("teacher.source", self.source, 'name "embedded", "tiny", a Hub id, a folder or a .gguf file.')
+        self.tiny.check("teacher.tiny")
+
+
 
 @dataclass
 class StudentConfig:
@@ -110,6 +125,17 @@ class StudentConfig:
     num_layers: int = knob(10, "layers kept when deriving, spread evenly over the teacher's (first and last kept)")
     layers: Optional[list[int]] = knob(None,
         "explicit teacher layer indices to keep when deriving (overrides num_layers)")
+
+    def check(self) -> None:
+        if self.source != "derive":
+            return
+        _check_positive("student.num_layers", self.num_layers)
+        if self.layers is not None:
+            if not self.layers or any((not isinstance(i, int)) or i < 0 for i in self.layers):
+                _fail("student.layers", self.layers, "give a non-empty list of teacher layer indices (0-based).")
+            if len(set(self.layers)) != len(self.layers):
+                _fail("student.layers", self.layers, "each teacher layer may be kept once; remove the repeats.")
+
 
 
 @dataclass
@@ -137,6 +163,21 @@ class DataConfig:
         "training targets: reference answers, or the teacher's generated ones: teacher (all) or teacher_correct (only "
         "right final numbers)")
 
+    def check(self) -> None:
+        _check_choice("data.source", self.source, DATA_SOURCES)
+        _check_choice("data.overlong", self.overlong, OVERLONG_POLICIES)
+        _check_choice("data.bad_rows", self.bad_rows, BAD_ROW_POLICIES)
+        _check_choice("data.duplicates", self.duplicates, DUPLICATE_POLICIES)
+        _check_choice("data.targets", self.targets, TARGET_SOURCES)
+        _check_positive("data.train_size", self.train_size)
+        _check_positive("data.eval_size", self.eval_size)
+        if self.max_length < 16:
+            _fail("data.max_length", self.max_length, "use at least 16 tokens (a prompt plus an answer).")
+        if self.source == "gsm_symbolic" and self.train_seed == self.eval_seed:
+            _fail("data.eval_seed", self.eval_seed, "use a seed different from data.train_seed so held-out rows are "
+                  "new.")
+
+
 
 @dataclass
 class TeacherCacheConfig:
@@ -146,7 +187,24 @@ class TeacherCacheConfig:
         "train from a top-k cache of the teacher (built once, reused) instead of running it every step")
     k: int = knob(64, "teacher log-probs kept per answer token (6k + 4 bytes per token on disk)")
     dir: Optional[str] = knob(None, "folder of caches and generated answers; None = <run.out_dir>/teacher_cache")
-    batch_size: int = knob(8, "teacher batch size while building the cache or generating answers")
+    batch_size: int = knob(8, "teacher batch size while building the cache")
+
+    def check(self) -> None:
+        _check_positive("teacher_cache.k", self.k)
+        _check_positive("teacher_cache.batch_size", self.batch_size)
+
+
+
+@dataclass
+class GenerateConfig:
+    """Text the teacher writes (pocket_teacher.generate): its answers to the training questions (data.targets)."""
+
+    max_new_tokens: int = knob(256, "generation budget per teacher answer (stops earlier at the end of the answer)")
+    batch_size: int = knob(8, "prompts per generation batch")
+
+    def check(self) -> None:
+        _check_positive("generate.max_new_tokens", self.max_new_tokens)
+        _check_positive("generate.batch_size", self.batch_size)
 
 
 @dataclass
@@ -160,6 +218,20 @@ class LossConfig:
     skew: float = knob(0.1, "skew_kl / skew_reverse_kl only, in [0, 1): 0 = the plain KL")
     implementation: str = knob("auto", "auto (chunked when exact for the model), chunked, or full (plain logits)")
     chunk_size: int = knob(0, "tokens per chunk of the chunked loss; 0 = automatic (about 32 MiB of logits)")
+
+    def check(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            _fail("loss.alpha", self.alpha, "use a value in [0, 1] (1 = plain fine-tuning, 0 = pure distillation).")
+        if not self.temperature > 0:
+            _fail("loss.temperature", self.temperature, "use a temperature > 0 (1 = unchanged logits; 2 is common).")
+        _check_choice("loss.divergence", self.divergence, DIVERGENCES)
+        if not 0.0 <= self.beta <= 1.0:
+            _fail("loss.beta", self.beta, "use a value in [0, 1] (0 = forward KL, 1 = reverse KL).")
+        if not 0.0 <= self.skew < 1.0:
+            _fail("loss.skew", self.skew, "use a value in [0, 1) (0 = plain KL; DistiLLM uses 0.1).")
+        _check_choice("loss.implementation", self.implementation, LOSS_IMPLEMENTATIONS)
+        _check_positive("loss.chunk_size", self.chunk_size, allow_zero=True)
+
 
 
 @dataclass
@@ -194,6 +266,22 @@ class TrainConfig:
     log_with: Optional[str] = knob(None,
         "also log to a tracker accelerate supports: tensorboard, wandb, mlflow, ... (None = off)")
 
+    def check(self) -> None:
+        for name in ("checkpoint_every", "eval_every", "warmup_steps", "weight_decay", "max_grad_norm"):
+            _check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        for name in ("keep_checkpoints", "max_steps", "batch_size", "grad_accum", "lr"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        if self.log_with is not None:
+            _check_choice("train.log_with", self.log_with, TRACKERS)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            _fail("train.min_lr_ratio", self.min_lr_ratio, "use a value in [0, 1].")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            _fail("train.betas", self.betas, "give two values in [0, 1), e.g. [0.9, 0.95].")
+        _check_choice("train.device", self.device, DEVICES)
+        _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+
+
 
 @dataclass
 class EvalConfig:
@@ -214,6 +302,16 @@ class EvalConfig:
     efficiency: bool = knob(True, "parameters, size on disk, peak memory, latency and throughput of each model")
     baseline: bool = knob(False, "also train plain fine-tuning (loss.alpha=1, same steps and data) and evaluate it")
 
+    def check(self) -> None:
+        for name in ("gsm8k_shots", "mmlu_samples", "mmlu_shots", "generate_samples", "side_by_side"):
+            _check_positive(f"eval.{name}", getattr(self, name), allow_zero=True)
+        for name in ("batch_size", "max_new_tokens", "max_length"):
+            _check_positive(f"eval.{name}", getattr(self, name))
+        if self.mmlu_source not in (None, "hub") and not Path(self.mmlu_source).expanduser().is_file():
+            _fail("eval.mmlu_source", self.mmlu_source,
+                  'use null (skip MMLU), "hub" (cais/mmlu) or an existing JSONL file.')
+
+
 
 @dataclass
 class RunConfig:
@@ -222,6 +320,11 @@ class RunConfig:
     name: str = knob("pocket", "run name: outputs go to <out_dir>/<name>/")
     out_dir: str = knob("runs", "parent folder of the run folders")
     figures_dir: Optional[str] = knob(None, "also save figures here (the demo writes the repo's figures/)")
+
+    def check(self) -> None:
+        if not self.name or "/" in self.name:
+            _fail("run.name", self.name, "use a non-empty folder name without '/'.")
+
 
 
 @dataclass
@@ -233,6 +336,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -243,84 +347,19 @@ class Config:
 
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> "Config":
-        t, s, d, lo, tr, ev = self.teacher, self.student, self.data, self.loss, self.train, self.eval
-        _check_choice("teacher.precision", t.precision, PRECISIONS)
-        if not t.source:
-            _fail("teacher.source", t.source, 'name "embedded", "tiny", a Hub id, a folder or a .gguf file.')
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-            _check_positive(f"teacher.tiny.{name}", getattr(t.tiny, name))
-        if t.tiny.hidden_size % t.tiny.num_heads or t.tiny.num_heads % t.tiny.num_kv_heads:
-            _fail("teacher.tiny", (t.tiny.hidden_size, t.tiny.num_heads, t.tiny.num_kv_heads),
-                  "hidden_size must be divisible by num_heads, and num_heads by num_kv_heads.")
-        if s.source == "derive":
-            _check_positive("student.num_layers", s.num_layers)
-            if s.layers is not None:
-                if not s.layers or any((not isinstance(i, int)) or i < 0 for i in s.layers):
-                    _fail("student.layers", s.layers, "give a non-empty list of teacher layer indices (0-based).")
-                if len(set(s.layers)) != len(s.layers):
-                    _fail("student.layers", s.layers, "each teacher layer may be kept once; remove the repeats.")
-        _check_choice("data.source", d.source, DATA_SOURCES)
-        _check_choice("data.overlong", d.overlong, OVERLONG_POLICIES)
-        _check_choice("data.bad_rows", d.bad_rows, BAD_ROW_POLICIES)
-        _check_choice("data.duplicates", d.duplicates, DUPLICATE_POLICIES)
-        _check_choice("data.targets", d.targets, TARGET_SOURCES)
-        _check_positive("teacher_cache.k", self.teacher_cache.k)
-        vocab = _known_vocab(t)
+        """Each section checks its own fields (`check`), then the rules that join sections."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.check()
+        vocab = _known_vocab(self.teacher)
         if vocab is not None and self.teacher_cache.k > vocab:
             _fail("teacher_cache.k", self.teacher_cache.k, f"the teacher's vocabulary has {vocab:,} tokens; keep at "
                   f"most that many (64 holds nearly all of the probability mass).")
-        for key in tr.resume_allow:
+        for key in self.train.resume_allow:
             if key.count(".") != 1 or key.split(".")[0] not in {f.name for f in dataclasses.fields(self)}:
-                _fail("train.resume_allow", tr.resume_allow, f"{key!r} is not a setting; name them as section.key, "
-                      f"e.g. [train.lr].")
-        _check_positive("teacher_cache.batch_size", self.teacher_cache.batch_size)
-        _check_positive("data.train_size", d.train_size)
-        _check_positive("data.eval_size", d.eval_size)
-        if d.max_length < 16:
-            _fail("data.max_length", d.max_length, "use at least 16 tokens (a prompt plus an answer).")
-        if d.source == "gsm_symbolic" and d.train_seed == d.eval_seed:
-            _fail("data.eval_seed", d.eval_seed, "use a seed different from data.train_seed so held-out rows are new.")
-        if not 0.0 <= lo.alpha <= 1.0:
-            _fail("loss.alpha", lo.alpha, "use a value in [0, 1] (1 = plain fine-tuning, 0 = pure distillation).")
-        if not lo.temperature > 0:
-            _fail("loss.temperature", lo.temperature, "use a temperature > 0 (1 = unchanged logits; 2 is common).")
-        _check_choice("loss.divergence", lo.divergence, DIVERGENCES)
-        if not 0.0 <= lo.beta <= 1.0:
-            _fail("loss.beta", lo.beta, "use a value in [0, 1] (0 = forward KL, 1 = reverse KL).")
-        if not 0.0 <= lo.skew < 1.0:
-            _fail("loss.skew", lo.skew, "use a value in [0, 1) (0 = plain KL; DistiLLM uses 0.1).")
-        _check_choice("loss.implementation", lo.implementation, LOSS_IMPLEMENTATIONS)
-        _check_positive("loss.chunk_size", lo.chunk_size, allow_zero=True)
-        for name in ("gsm8k_shots", "mmlu_samples", "mmlu_shots"):
-            _check_positive(f"eval.{name}", getattr(ev, name), allow_zero=True)
-        if ev.mmlu_source not in (None, "hub") and not Path(ev.mmlu_source).expanduser().is_file():
-            _fail("eval.mmlu_source", ev.mmlu_source, 'use null (skip MMLU), "hub" (cais/mmlu) or an existing JSONL file.')
-        for name in ("checkpoint_every", "eval_every"):
-            _check_positive(f"train.{name}", getattr(tr, name), allow_zero=True)
-        _check_positive("train.keep_checkpoints", tr.keep_checkpoints)
-        if tr.log_with is not None:
-            _check_choice("train.log_with", tr.log_with, TRACKERS)
-        _check_positive("train.max_steps", tr.max_steps)
-        _check_positive("train.batch_size", tr.batch_size)
-        _check_positive("train.grad_accum", tr.grad_accum)
-        _check_positive("train.lr", tr.lr)
-        _check_positive("train.warmup_steps", tr.warmup_steps, allow_zero=True)
-        _check_positive("train.weight_decay", tr.weight_decay, allow_zero=True)
-        _check_positive("train.max_grad_norm", tr.max_grad_norm, allow_zero=True)
-        if not 0.0 <= tr.min_lr_ratio <= 1.0:
-            _fail("train.min_lr_ratio", tr.min_lr_ratio, "use a value in [0, 1].")
-        if len(tr.betas) != 2 or not all(0.0 <= b < 1.0 for b in tr.betas):
-            _fail("train.betas", tr.betas, "give two values in [0, 1), e.g. [0.9, 0.95].")
-        _check_choice("train.device", tr.device, DEVICES)
-        _check_choice("train.mixed_precision", tr.mixed_precision, MIXED_PRECISIONS)
-        _check_choice("train.optimizer", tr.optimizer, OPTIMIZERS)
-        _check_positive("eval.batch_size", ev.batch_size)
-        _check_positive("eval.generate_samples", ev.generate_samples, allow_zero=True)
-        _check_positive("eval.max_new_tokens", ev.max_new_tokens)
-        _check_positive("eval.max_length", ev.max_length)
-        _check_positive("eval.side_by_side", ev.side_by_side, allow_zero=True)
-        if not self.run.name or "/" in self.run.name:
-            _fail("run.name", self.run.name, "use a non-empty folder name without '/'.")
+                _fail("train.resume_allow", self.train.resume_allow, f"{key!r} is not a setting; name them as "
+                      f"section.key, e.g. [train.lr].")
         return self
 
     # -- serialisation --------------------------------------------------------------------------
@@ -529,6 +568,7 @@ def _tiny() -> Config:
         data=DataConfig(source="gsm_symbolic", train_size=64, eval_size=8, max_length=384),
         loss=LossConfig(alpha=0.5, temperature=2.0),
         train=TrainConfig(max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2),
+        generate=GenerateConfig(max_new_tokens=16),
         eval=EvalConfig(batch_size=8, generate_samples=4, max_new_tokens=16, side_by_side=2, baseline=True),
         run=RunConfig(name="tiny"),
     )

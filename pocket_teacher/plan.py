@@ -479,8 +479,9 @@ def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
     if cfg.data.targets != "reference":
         stages.append(stage("teacher answers", {
             "teacher weights": tw,
-            "KV cache": kv_cache_bytes(teacher, tc.batch_size, train_len + ev.max_new_tokens, t_bytes),
-            "step logits": 3 * 4 * tc.batch_size * teacher.vocab_rows}, resting))
+            "KV cache": kv_cache_bytes(teacher, cfg.generate.batch_size, train_len + cfg.generate.max_new_tokens,
+                                       t_bytes),
+            "step logits": 3 * 4 * cfg.generate.batch_size * teacher.vocab_rows}, resting))
     train_device = {
         "student weights (fp32)": sw, "gradients": sw, f"optimizer ({tr.optimizer})": optimizer_bytes(student,
                                                                                                       tr.optimizer),

@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from . import checkpoints as ckpt
-
 from .data import PaddingCollator, TokenizedSplit
 from .losses import DistillationLoss, auto_chunk_size, chunked_distillation_loss, token_distillation_loss
 from .models import (answer_hidden, answer_logits, answer_positions, device_capability, native_bf16, output_layer,
                      resolve_device, resolve_mixed_precision)
+from .progress import tqdm
 
 
 @dataclass
@@ -190,13 +189,13 @@ class StopSignals:
 # Settings that do not change what training computes: they may differ between a checkpoint and its resume.
 NOT_FINGERPRINTED = {"train.resume", "train.resume_allow", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.eval_every", "train.log_with", "train.device", "train.gradient_checkpointing",
-                     "teacher_cache.dir", "teacher_cache.batch_size"}
+                     "teacher_cache.dir", "teacher_cache.batch_size", "generate.batch_size"}
 
 
 def training_fingerprint(cfg) -> dict:
     """Every setting that shapes training (models, data, loss, teacher signal, optimizer, schedule), flattened."""
     tree = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
-    flat = _flat({k: tree[k] for k in ("teacher", "student", "data", "loss", "teacher_cache", "train") if k in tree})
+    flat = _flat({k: tree[k] for k in ("teacher", "student", "data", "generate", "loss", "teacher_cache", "train") if k in tree})
     return {k: v for k, v in flat.items() if k not in NOT_FINGERPRINTED}
 
 

