@@ -1,13 +1,14 @@
 # Two commands do all the set-up on a fresh machine (Python 3.10+, no GPU needed):
 #   make demo   install, then execute Pocket_Teacher.ipynb headless on the embedded default (preset pocket)
-#   make test   install, then run the test suite
+#   make test   install, then run the fast test suite (about 1.5 min on 2 cores)
+# More tiers: make test-slow (end to end, notebook, SIGKILL / SIGTERM, several processes), make test-gpu (needs CUDA).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-slow test-gpu test-all clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,15 @@ demo: $(STAMP)
 	$(PY) -m pocket_teacher notebook --preset pocket --figures figures
 
 test: $(STAMP)
+	$(PY) -m pytest -m "not slow and not gpu"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m "slow and not gpu"
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -m gpu
+
+test-all: $(STAMP)
 	$(PY) -m pytest
 
 clean:

@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -44,9 +42,6 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--force", action="store_true",
                      help="start even when the memory plan says a stage does not fit this machine")
-    run.add_argument("--resume", action="store_true",
-                     help="continue from the newest valid checkpoint in <run folder>/checkpoints (same as "
-                          "--set train.resume=true; torn or damaged checkpoints are skipped)")
 
     nb = sub.add_parser("notebook", help="execute Pocket_Teacher.ipynb headless on a preset")
     common(nb)
@@ -55,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
                                                     "(default <run folder>/Pocket_Teacher.ipynb)")
     nb.add_argument("--figures", default=None, help="also save the figures here (e.g. figures/)")
     nb.add_argument("--timeout", type=int, default=3600, help="per-cell timeout in seconds")
+    nb.add_argument("--force", action="store_true",
+                    help="start even when the memory plan says a stage does not fit this machine")
+    for p in (run, nb):
+        p.add_argument("--resume", action="store_true",
+                       help="continue from the newest valid checkpoint in <run folder>/checkpoints (same as "
+                            "--set train.resume=true; torn or damaged checkpoints are skipped)")
 
     plan = sub.add_parser("plan", help="print the memory plan (GPU memory and host RAM per stage); exit 0 when it "
                                        "fits, 3 when it does not",
@@ -76,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
+    if getattr(args, "resume", False):
+        overrides.append("train.resume=true")
     if args.out:
         out = Path(args.out)
         overrides += [f"run.out_dir={out.parent.as_posix() or '.'}", f"run.name={out.name}"]
@@ -85,29 +88,18 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def execute_notebook(notebook: str | Path, preset: str, overrides: Sequence[str], executed: str | Path,
-                     timeout: int = 3600) -> Path:
-    """Run every cell of `notebook` in a fresh kernel with POCKET_PRESET / POCKET_OVERRIDES set."""
-    import nbformat
-    from nbclient import NotebookClient
+                     timeout: int = 3600, force: bool = False, echo: bool = True) -> Path:
+    """Run every cell of `notebook` in a fresh kernel with papermill, its `parameters` cell given PRESET,
+    OVERRIDES, FORCE and HEADLESS=True. With `echo`, the cells' output (each section's start and end, progress
+    as text lines, the tables) streams to this terminal while it runs."""
+    import papermill
 
-    nb = nbformat.read(str(notebook), as_version=4)
-    env = {"POCKET_PRESET": preset, "POCKET_OVERRIDES": json.dumps(list(overrides)), "POCKET_HEADLESS": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                resources={"metadata": {"path": str(Path(notebook).resolve().parent)}})
-        try:
-            client.execute()
-        finally:
-            Path(executed).parent.mkdir(parents=True, exist_ok=True)
-            nbformat.write(nb, str(executed))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    Path(executed).parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(
+        str(notebook), str(executed), kernel_name="python3", progress_bar=False, log_output=False,
+        stdout_file=sys.stdout if echo else None, stderr_file=sys.stderr if echo else None,
+        parameters={"PRESET": preset, "OVERRIDES": list(overrides), "FORCE": force, "HEADLESS": True},
+        cwd=str(Path(notebook).resolve().parent), execution_timeout=timeout)
     return Path(executed)
 
 
@@ -152,8 +144,6 @@ def _main(args: argparse.Namespace) -> int:
     from .pipeline import configure
 
     cfg = configure(args.preset, _overrides(args))
-    if getattr(args, "resume", False) and args.command != "run":
-        raise ConfigError("--resume applies to `run` only.")
     if args.command == "config":
         print(cfg.to_yaml(), end="")
         return 0
@@ -167,7 +157,7 @@ def _main(args: argparse.Namespace) -> int:
         from .pipeline import PlanDoesNotFit, run
 
         try:
-            run(cfg, progress=not args.no_progress, resume=True if args.resume else None, force=args.force)
+            run(cfg, progress=not args.no_progress, force=args.force)
         except PlanDoesNotFit as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 3
@@ -175,7 +165,7 @@ def _main(args: argparse.Namespace) -> int:
     overrides = _overrides(args) + ([f"run.figures_dir={args.figures}"] if args.figures else [])
     executed = args.executed or Path(cfg.run.out_dir) / cfg.run.name / "Pocket_Teacher.ipynb"
     start = time.perf_counter()
-    path = execute_notebook(args.notebook, args.preset, overrides, executed, args.timeout)
+    path = execute_notebook(args.notebook, args.preset, overrides, executed, args.timeout, force=args.force)
     print(f"executed {args.notebook} on preset {args.preset} in {time.perf_counter() - start:.0f} s -> {path}")
     return 0
 

@@ -1,12 +1,11 @@
-"""The pipeline's stages, shared by the notebook (one call per cell) and the headless CLI (`run`).
+"""The experiment: one object whose methods are the notebook's sections, shared by the notebook (one call per
+cell) and the headless CLI (`run` is the methods in order).
 
-    cfg = configure("pocket", ["loss.alpha=0.3"])
-    raw = load_data(cfg)
-    teacher, tokenizer, info = load_teacher(cfg.teacher, device)
-    student_init, student_tokenizer, info = load_student(cfg.student, teacher, tokenizer, device)
-    splits = tokenize(cfg, raw, student_tokenizer)
-    cache = teacher_cache(cfg, teacher, splits, student_tokenizer, info)
-    ...
+    exp = Experiment(configure("pocket", ["loss.alpha=0.3"]))
+    exp.run()                                   # or, cell by cell: exp.configure(), exp.load_data(), ...
+    exp.distil(["loss.temperature=4"])          # train again with other loss.* / train.* settings
+
+The functions below the class are its stages, usable on their own (and in tests).
 """
 
 from __future__ import annotations
@@ -14,26 +13,29 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import functools
 import json
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
-from .config import Config, apply_overrides, get_preset
+from .config import Config, ConfigError, apply_overrides, get_preset
 from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, handle_duplicates, load_examples,
                    load_mmlu, remove_overlap, tokenize_examples)
 from .checkpoints import list_checkpoints
 from .files import write_json
-from .evaluate import evaluate_model, generate, results_markdown, results_table, side_by_side
+from .evaluate import evaluate_model, results_markdown, results_table, side_by_side
 from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, device_capability,
                      load_student, load_teacher, offload, resolve_device, resolve_mixed_precision, resolve_precision)
 from .plan import MemoryPlan, PlanError, memory_plan
-from .teacher_cache import TopKCache, build_topk_cache, generate_answers
+from .generate import generate, generate_answers
+from .teacher_cache import TopKCache, build_topk_cache
 from .plots import plot_mmlu_subjects, plot_quality, plot_size_quality, plot_training, save_figure
 from .train import TrainResult, distill
 
@@ -257,7 +259,7 @@ def teacher_answers(cfg: Config, raw: RawData, teacher: torch.nn.Module, teacher
         return raw
     keep = "correct" if cfg.data.targets == "teacher_correct" else "all"
     train, report = generate_answers(teacher, teacher_tokenizer, raw.train, cache_dir(cfg), keep=keep,
-                                     max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.teacher_cache.batch_size,
+                                     max_new_tokens=cfg.generate.max_new_tokens, batch_size=cfg.generate.batch_size,
                                      system_prompt=cfg.data.system_prompt, teacher_key=teacher_key(cfg, info),
                                      progress=progress)
     print(report)
@@ -439,7 +441,7 @@ def compare_generations(cfg: Config, models: dict[str, torch.nn.Module], tokeniz
 
 
 def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequence[dict],
-                 train_result: Optional[TrainResult] = None) -> Path:
+                 train_result: Optional[TrainResult] = None, overrides: Sequence[str] = ()) -> Path:
     """Write results.json (with per-subject MMLU, and whether the student collapsed), results.md,
     generations.jsonl (every GSM question, output, extracted and gold answer), mmlu.jsonl (every MMLU
     question's letter scores) and the student (save_pretrained) into runs/<name>/."""
@@ -454,7 +456,7 @@ def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequ
     extra = {"train_seconds": train_result.seconds, "steps": train_result.steps,
              "collapsed": train_result.collapsed} if train_result else {}
     write_json(out / "results.json", {"preset": cfg.preset, "environment": hardware_line(), "results": summary,
-                                      **extra})
+                                      "train_overrides": list(overrides), **extra})
     (out / "results.md").write_text(results_markdown(results) + "\n")
     for name, key in (("generations.jsonl", "generations"), ("mmlu.jsonl", "mmlu_rows")):
         if name == "mmlu.jsonl" and not any(r.get(key) for r in results):
@@ -468,52 +470,325 @@ def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequ
     return out
 
 
+# The notebook's sections, in order: (method, title). `Experiment.run()` calls them in this order.
+SECTIONS = (("configure", "1. Configuration"), ("load_data", "2. Data"), ("load_teacher", "3. Teacher"),
+            ("teacher_answers", "3b. Teacher answers"), ("load_student", "4. Student and tokenization"),
+            ("build_cache", "4b. Teacher cache"), ("evaluate_before", "5. Before training"),
+            ("distil", "6. Distillation"), ("train_baseline", "6b. Baseline"), ("evaluate_after", "7. Evaluation after"),
+            ("plots", "8. Plots"), ("side_by_side", "9. Side by side"), ("save", "10. Save"))
+_TITLES = dict(SECTIONS)
+TRAINING_SECTIONS = ("loss", "train")  # what the training cell may override; the rest is fixed by earlier cells
+_FIXED_BY = {"data": "2. Data", "teacher": "3. Teacher", "student": "4. Student and tokenization",
+             "teacher_cache": "4b. Teacher cache", "generate": "3b. Teacher answers", "eval": "5. Before training", "run": "1. Configuration",
+             "preset": "1. Configuration"}
+
+
+def _section(method):
+    """Time a section (kept in `Experiment.timings`) and, when `announce` is set, print its start and end."""
+    title = _TITLES[method.__name__]
+
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        if self.announce and self.main:
+            print(f"== {title}", flush=True)
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.timings[title] = time.perf_counter() - start
+            if self.announce and self.main:
+                print(f"== {title}: {self.timings[title]:.1f} s", flush=True)
+    return timed
+
+
+@dataclass
+class Trained:
+    """One training run of the experiment: the config it used (the experiment's plus the cell's overrides), the
+    overrides themselves, the trained student and what the loop reported."""
+
+    cfg: Config
+    overrides: list[str]
+    student: torch.nn.Module
+    result: TrainResult
+
+
+class StageAlreadyBuilt(ConfigError):
+    """An override of the training cell names a setting that an earlier stage has already used."""
+
+
+class Experiment:
+    """One experiment, the notebook's sections as methods; `run()` is all of them in order.
+
+        exp = Experiment(configure("pocket", ["loss.alpha=0.3"]))
+        exp.configure(); exp.load_data(); exp.load_teacher(); exp.teacher_answers(); exp.load_student()
+        exp.build_cache(); exp.evaluate_before()
+        trained = exp.distil(["loss.temperature=4"])   # re-run with other loss.* / train.* at will
+        exp.train_baseline(); exp.evaluate_after(); exp.plots(); exp.side_by_side(); exp.save()
+
+    `cfg` is never rebound: `distil(overrides)` trains with a copy, and the baseline, figures and saved outputs
+    follow that training's config. Each method can be called again: it reuses what earlier stages built (the
+    teacher is loaded once) and replaces only its own results. Resume and device are read from the config
+    (`train.resume`, `train.device`) and nowhere else.
+
+    Under ``accelerate launch`` / torchrun every process loads the data and models and trains its shard of
+    each global batch; only the main process builds caches (the others wait and reuse them), evaluates, and
+    writes files."""
+
+    def __init__(self, cfg: Config, *, progress: bool = True, force: bool = False, announce: bool = False):
+        self.cfg = cfg
+        self.force = force
+        self.main = is_main_process()
+        self.progress = progress and self.main
+        self.announce = announce
+        self.say = print if self.main else (lambda *a, **k: None)
+        self.device = resolve_device(cfg.train.device)
+        self.timings: dict[str, float] = {}
+        self.raw = self.train_raw = self.splits = self.cache = None
+        self.teacher = self.teacher_tokenizer = self.teacher_info = None
+        self.student_init = self.tokenizer = self.student_info = None
+        self.shared = False
+        self.results: dict[str, dict] = {}
+        self.trained: Optional[Trained] = None
+        self.baseline: Optional[Trained] = None
+        self.figures: dict[str, Any] = {}
+        self.comparison = None
+        self.out = run_dir(cfg)
+
+    def _need(self, attr: str, method: str) -> Any:
+        value = getattr(self, attr)
+        if value is None:
+            raise RuntimeError(f"Run section {_TITLES[method]} first (Experiment.{method}()).")
+        return value
+
+    @_section
+    def configure(self) -> Path:
+        """Check the memory plan (refusing one that does not fit unless `force`) and open the run folder:
+        config.yaml (with each knob's help) and environment.json; nothing already in the folder is deleted."""
+        check_memory(self.cfg, force=self.force, verbose=self.main)
+        self.out = start_run(self.cfg) if self.main else run_dir(self.cfg)
+        self.say(f"preset {self.cfg.preset}, run folder {self.out}")
+        return self.out
+
+    @_section
+    def load_data(self) -> RawData:
+        self.raw = self.train_raw = load_data(self.cfg, verbose=self.main)
+        return self.raw
+
+    @_section
+    def load_teacher(self):
+        """The frozen teacher, loaded once per experiment (calling again reuses it)."""
+        if self.teacher is None:
+            self.teacher, self.teacher_tokenizer, self.teacher_info = load_teacher(self.cfg.teacher, self.device)
+        self.say(self.teacher_info)
+        return self.teacher
+
+    @_section
+    def teacher_answers(self) -> RawData:
+        """With data.targets=teacher*, the teacher's answers become the training targets (cached on disk)."""
+        raw = self._need("raw", "load_data")
+        with main_process_first():
+            self.train_raw = teacher_answers(self.cfg, raw, self._need("teacher", "load_teacher"),
+                                             self.teacher_tokenizer, self.teacher_info, self.progress)
+        return self.train_raw
+
+    @_section
+    def load_student(self) -> Splits:
+        """The untrained student (resting on the host; it visits the GPU to be evaluated), the vocabulary
+        report, and both splits tokenized with the student's tokenizer."""
+        teacher = self._need("teacher", "load_teacher")
+        self.student_init, self.tokenizer, self.student_info = load_student(self.cfg.student, teacher,
+                                                                            self.teacher_tokenizer, self.device)
+        offload(self.student_init, "cpu")
+        self.say(self.student_info)
+        self.shared = vocabulary(self.cfg, self.teacher_tokenizer, self.tokenizer, teacher, self.student_init,
+                                 verbose=self.main) is not None
+        self.splits = tokenize(self.cfg, self._need("train_raw", "load_data"), self.tokenizer, verbose=self.main)
+        return self.splits
+
+    @_section
+    def build_cache(self) -> Optional[TopKCache]:
+        splits = self._need("splits", "load_student")
+        with main_process_first():
+            self.cache = teacher_cache(self.cfg, self.teacher, splits, self.tokenizer, self.teacher_info,
+                                       self.shared, self.progress, verbose=self.main)
+        return self.cache
+
+    @property
+    def agree_with(self) -> Optional[torch.nn.Module]:
+        """The teacher students are compared with token by token (None without a shared vocabulary)."""
+        return self.teacher if self.shared else None
+
+    @_section
+    def evaluate_before(self) -> dict[str, dict]:
+        """Results rows of the teacher and the untrained student (main process only)."""
+        splits = self._need("splits", "load_student")
+        if self.main:
+            self.results["teacher"] = evaluate_teacher(self.cfg, self.teacher, self.teacher_tokenizer,
+                                                       self.train_raw, splits, self.tokenizer, self.shared,
+                                                       self.progress)
+            self.results["student before"] = evaluate(self.cfg, "student before", self.student_init, self.tokenizer,
+                                                      splits, self.progress, self.agree_with)
+        return self.results
+
+    def training_config(self, overrides: Sequence[str] | dict = ()) -> Config:
+        """The experiment's config with the training cell's overrides: loss.* and train.* only (except
+        train.device); a setting of a stage already built is refused with the cell to change it in."""
+        items = list(overrides.items()) if isinstance(overrides, dict) else [o.split("=", 1) for o in overrides]
+        for key, *_ in items:
+            head = key.split(".")[0]
+            if head not in TRAINING_SECTIONS or key == "train.device":
+                where = "1. Configuration" if key == "train.device" else _FIXED_BY.get(head, "1. Configuration")
+                raise StageAlreadyBuilt(
+                    f"{key} cannot change in the training cell: section {where} has already used it. Put it in "
+                    f"OVERRIDES of section 1 (Configuration) and re-run from there. The training cell takes "
+                    f"loss.* and train.* settings.")
+        return apply_overrides(self.cfg, overrides) if items else self.cfg
+
+    @_section
+    def distil(self, overrides: Sequence[str] | dict = ()) -> Trained:
+        """Distil a fresh copy of the untrained student with the experiment's config plus `overrides` (loss.*,
+        train.*), from the teacher cache when there is one. Returns the new `Trained`; `self.cfg` is unchanged."""
+        splits = self._need("splits", "load_student")
+        cfg = self.training_config(overrides)
+        student, result = train_student(cfg, self.student_init, self.teacher if self.shared else None, splits,
+                                        self.tokenizer, self.progress, self.cache)
+        if self.main:
+            final = result.final
+            self.say(f"{result.steps} steps in {result.seconds:.0f} s; last step: " + ", ".join(
+                f"{k} {final[k]:.3f}" for k in ("loss", "ce", "kd") if final.get(k) is not None))
+        self.trained = Trained(cfg, [f"{k}={v}" for k, v in (overrides.items() if isinstance(overrides, dict)
+                                                              else (o.split("=", 1) for o in overrides))],
+                               student, result)
+        self.results.pop("student after", None)  # evaluated again by evaluate_after
+        return self.trained
+
+    @_section
+    def train_baseline(self) -> Optional[Trained]:
+        """Plain fine-tuning (loss.alpha=1) with the last training's steps, data and schedule, when
+        eval.baseline is set: what distillation has to beat."""
+        trained = self._need("trained", "distil")
+        self.results.pop(BASELINE_LABEL, None)
+        student, result = train_baseline(trained.cfg, self.student_init, self.splits, self.tokenizer, self.progress,
+                                          self.cache, teacher=self.teacher)
+        self.baseline = None if student is None else Trained(trained.cfg, trained.overrides + ["loss.alpha=1"],
+                                                               student, result)
+        return self.baseline
+
+    @_section
+    def evaluate_after(self) -> dict[str, dict]:
+        """Results rows of the trained student and the baseline (main process only)."""
+        trained = self._need("trained", "distil")
+        if self.main:
+            self.results["student after"] = evaluate(trained.cfg, "student after", trained.student, self.tokenizer,
+                                                     self.splits, self.progress, self.agree_with)
+            if self.baseline is not None:
+                self.results[BASELINE_LABEL] = evaluate(trained.cfg, BASELINE_LABEL, self.baseline.student,
+                                                        self.tokenizer, self.splits, self.progress, self.agree_with)
+        return self.results
+
+    def table(self):
+        """The results so far as a DataFrame (one model per row)."""
+        return results_table(self.results.values())
+
+    @_section
+    def plots(self) -> dict[str, Any]:
+        trained = self._need("trained", "distil")
+        if self.main:
+            self.figures = make_figures(trained.cfg, list(self.results.values()), trained.result.history,
+                                        self.baseline.result.history if self.baseline else None)
+        return self.figures
+
+    @_section
+    def side_by_side(self):
+        """Each model's answer to the first eval.side_by_side held-out questions (a DataFrame)."""
+        trained = self._need("trained", "distil")
+        if self.main and self.cfg.eval.side_by_side:
+            models = {"teacher": self.teacher, "student before": self.student_init, "student after": trained.student}
+            self.comparison = compare_generations(self.cfg, models, self.tokenizer, self.splits, self.progress)
+        return self.comparison
+
+    @_section
+    def save(self) -> Path:
+        """runs/<name>/: the config of the training (config.yaml), results.json / results.md, generations,
+        side_by_side.jsonl, timings.json and the student (save_pretrained)."""
+        trained = self._need("trained", "distil")
+        if not self.main:
+            return self.out
+        trained.cfg.to_yaml(self.out / "config.yaml")
+        out = save_outputs(trained.cfg, trained.student, self.tokenizer, list(self.results.values()), trained.result,
+                           overrides=trained.overrides)
+        if self.comparison is not None:
+            self.comparison.to_json(out / "side_by_side.jsonl", orient="records", lines=True, force_ascii=False)
+        write_json(out / "timings.json", {"sections_s": {k: round(v, 2) for k, v in self.timings.items()}})
+        return out
+
+    def timing_table(self) -> str:
+        """Seconds spent in each section so far, and their total."""
+        width = max((len(t) for t in self.timings), default=10)
+        lines = [f"{t:<{width}}  {s:8.1f} s" for t, s in self.timings.items()]
+        return "\n".join(lines + [f"{'total':<{width}}  {sum(self.timings.values()):8.1f} s"])
+
+    def summary(self) -> str:
+        """What this run showed, in sentences generated from its results (the notebook's closing cell)."""
+        return summarize(self.results, self.trained.cfg if self.trained else self.cfg,
+                         self.trained.result if self.trained else None)
+
+    def run(self) -> dict[str, Any]:
+        """Every section in order (what the notebook does top to bottom)."""
+        for method, _ in SECTIONS:
+            getattr(self, method)()
+        if self.main:
+            print(results_table(self.results.values()).to_string())
+            print(self.summary())
+            print(self.timing_table())
+        return {"out": self.out, "results": list(self.results.values()),
+                "history": self.trained.result.history if self.trained else []}
+
+
+def summarize(results: dict[str, dict], cfg: Config, train_result: Optional[TrainResult]) -> str:
+    """Plain sentences on what the results say: the student against the teacher, before and after, against
+    the fine-tuned baseline, with the intervals that decide whether an accuracy difference means anything."""
+    teacher, before, after = (results.get(k) for k in ("teacher", "student before", "student after"))
+    base = results.get(BASELINE_LABEL)
+    if not (teacher and before and after):
+        return "Run every section first: the summary compares the teacher and the student before and after."
+    lines = [f"Setting: {cfg.preset} preset, {cfg.train.max_steps} steps, loss.alpha={cfg.loss.alpha}, "
+             f"T={cfg.loss.temperature}, {cfg.loss.divergence}."]
+    ratio = after["parameters"] / teacher["parameters"]
+    lines.append(f"The student has {after['parameters'] / 1e6:.1f}M parameters, {100 * ratio:.0f}% of the teacher's "
+                 f"{teacher['parameters'] / 1e6:.1f}M.")
+    lines.append(f"Held-out answer perplexity: teacher {teacher['perplexity']:,.2f}; student {before['perplexity']:,.2f} "
+                 f"before and {after['perplexity']:,.2f} after training.")
+    if base:
+        better = "distillation" if after["perplexity"] < base["perplexity"] else "plain fine-tuning"
+        lines.append(f"Plain fine-tuning with the same steps reaches {base['perplexity']:,.2f}: {better} is lower "
+                     f"on this metric (one seed; see benchmarks/ for several).")
+    if after.get("top1_agreement") is not None and before.get("top1_agreement") is not None:
+        text = (f"Top-1 agreement with the teacher: {100 * before['top1_agreement']:.1f}% before, "
+                f"{100 * after['top1_agreement']:.1f}% after")
+        if base and base.get("top1_agreement") is not None:
+            text += f", {100 * base['top1_agreement']:.1f}% for plain fine-tuning"
+        lines.append(text + ".")
+    if after.get("accuracy") is not None:
+        overlap = after["ci95_low"] <= teacher["ci95_high"] and teacher["ci95_low"] <= after["ci95_high"]
+        lines.append(f"GSM accuracy: teacher {100 * teacher['accuracy']:.1f}% ({teacher['correct']}/"
+                     f"{teacher['questions']}), student after {100 * after['accuracy']:.1f}% ({after['correct']}/"
+                     f"{after['questions']}); the 95% intervals "
+                     + ("overlap, so this sample cannot tell them apart." if overlap else "do not overlap."))
+    if train_result is not None and train_result.collapsed:
+        lines.append(f"WARNING: the student collapsed ({train_result.collapsed}).")
+    return "\n".join(lines)
+
+
 def run(cfg: Config, progress: bool = True, resume: Optional[bool] = None, force: bool = False) -> dict[str, Any]:
-    """The whole pipeline headless: the same calls as the notebook's cells, in the same order.
+    """The whole pipeline headless: `Experiment(cfg).run()`, the notebook's sections in order.
 
     The memory plan is checked first: a plan that does not fit this machine stops the run before anything
-    loads (PlanDoesNotFit, naming the knobs that would fit) unless `force`.
-
-    Under ``accelerate launch`` / torchrun every process loads the data and models and trains its
-    shard of each global batch; only the main process builds caches (the others wait and reuse
-    them), evaluates, and writes files."""
-    main = is_main_process()
-    say = print if main else (lambda *a, **k: None)
-    progress = progress and main
-    check_memory(cfg, force=force, verbose=main)
-    out = start_run(cfg) if main else run_dir(cfg)
-    say(f"run folder: {out}")
-    raw = load_data(cfg, verbose=main)
-    device = resolve_device(cfg.train.device)
-    teacher, teacher_tokenizer, teacher_info = load_teacher(cfg.teacher, device)
-    say(teacher_info)
-    with main_process_first():
-        raw = teacher_answers(cfg, raw, teacher, teacher_tokenizer, teacher_info, progress)
-    student_init, tokenizer, info = load_student(cfg.student, teacher, teacher_tokenizer, device)
-    offload(student_init, "cpu")  # the untrained student rests on the host; it visits the GPU to be evaluated
-    say(info)
-    shared = vocabulary(cfg, teacher_tokenizer, tokenizer, teacher, student_init, verbose=main) is not None
-    splits = tokenize(cfg, raw, tokenizer, verbose=main)
-    with main_process_first():
-        cache = teacher_cache(cfg, teacher, splits, tokenizer, teacher_info, shared, progress, verbose=main)
-    agree_with = teacher if shared else None  # students are compared with the teacher token by token
-    results = []
-    if main:
-        results = [evaluate_teacher(cfg, teacher, teacher_tokenizer, raw, splits, tokenizer, shared, progress),
-                   evaluate(cfg, "student before", student_init, tokenizer, splits, progress, agree_with)]
-    student, train_result = train_student(cfg, student_init, teacher if shared else None, splits, tokenizer,
-                                          progress, cache, resume)
-    baseline, baseline_result = train_baseline(cfg, student_init, splits, tokenizer, progress, cache, resume,
-                                               teacher=teacher)
-    if not main:
-        return {"out": out, "results": [], "history": train_result.history}
-    results.append(evaluate(cfg, "student after", student, tokenizer, splits, progress, agree_with))
-    if baseline is not None:
-        results.append(evaluate(cfg, BASELINE_LABEL, baseline, tokenizer, splits, progress, agree_with))
-    print(results_table(results).to_string())
-    make_figures(cfg, results, train_result.history, baseline_result.history if baseline_result else None)
-    save_outputs(cfg, student, tokenizer, results, train_result)
-    return {"out": out, "results": results, "history": train_result.history}
+    loads (PlanDoesNotFit, naming the knobs that would fit) unless `force`. `resume=True` is
+    train.resume=true."""
+    if resume is not None:
+        cfg = apply_overrides(cfg, {"train.resume": resume})
+    return Experiment(cfg, progress=progress, force=force, announce=True).run()
 
 
 @contextlib.contextmanager

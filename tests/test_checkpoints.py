@@ -1,5 +1,6 @@
-"""pocket_teacher.train and pocket_teacher.checkpoints: resume after SIGKILL, torn checkpoints, the
-non-finite-loss guard, evaluation during training, and two gloo processes equal to one."""
+"""pocket_teacher.checkpoints and resume in pocket_teacher.train: resume after SIGKILL or SIGTERM, torn checkpoints,
+settings that must match on resume, earlier runs moved aside, the non-finite-loss guard, evaluation during
+training, and two gloo processes equal to one. Tests that start processes are marked slow."""
 
 import json
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pocket_teacher.checkpoints import checkpoint_problem, list_checkpoints
+from pocket_teacher.checkpoints import CheckpointError, checkpoint_problem, list_checkpoints, trainer_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _train_job import train  # noqa: E402
@@ -42,6 +43,7 @@ def test_checkpoints_are_written_pruned_and_evaluation_runs(uninterrupted):
     assert len(result.checkpoint_seconds) == 4
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
     whole, _ = uninterrupted
     folder = tmp_path / "checkpoints"
@@ -94,6 +96,7 @@ def test_non_finite_loss_stops_with_the_step_and_a_checkpoint(monkeypatch, tmp_p
     assert checkpoint_problem(folder / "checkpoint-000002") is None
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process(tmp_path):
     """Global batch 4: one process with batch 4, or two with 2 each (gloo on CPU): the same curve."""
     overrides = ["train.max_steps=4", "train.warmup_steps=1", "train.max_grad_norm=1.0"]
@@ -119,3 +122,62 @@ def test_tensorboard_logging(tmp_path):
     folder = tmp_path / "run" / "checkpoints"
     train(["train.max_steps=2", "train.log_with=tensorboard"], folder)
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
+
+
+BASE = ["train.max_steps=6", "train.warmup_steps=1", "train.checkpoint_every=2", "train.batch_size=2"]
+
+
+def test_resume_refuses_other_settings_and_names_them(tmp_path):
+    folder = tmp_path / "checkpoints"
+    train(BASE + ["train.lr=3e-3"], folder)
+    with pytest.raises(CheckpointError, match=r"train\.lr: checkpoint 0\.003, now 0\.0001.*resume_allow"):
+        train(BASE + ["train.lr=1e-4"], folder, resume=True)
+
+
+def test_resume_with_an_allowed_change_uses_the_new_lr(tmp_path):
+    from pocket_teacher.train import lr_factor
+
+    folder = tmp_path / "checkpoints"
+    train(BASE + ["train.max_steps=4", "train.lr=3e-3"], folder)
+    result = train(BASE + ["train.lr=1e-4", "train.resume_allow=[train.lr, train.max_steps]"], folder, resume=True)
+    assert [h["step"] for h in result.history] == [1, 2, 3, 4, 5, 6]
+    assert result.history[4]["lr"] == pytest.approx(1e-4 * lr_factor(4, 1, 6, 0.1))
+
+
+def test_a_new_run_moves_an_earlier_runs_checkpoints_aside_and_keeps_its_own(tmp_path):
+    folder = tmp_path / "checkpoints"
+    first = train(BASE + ["train.max_steps=8", "train.keep_checkpoints=2"], folder)
+    second = train(BASE + ["train.max_steps=4", "train.keep_checkpoints=2", "train.lr=1e-3"], folder)
+    own = list_checkpoints(folder)
+    assert [p.name for p in own] == ["checkpoint-000004", "checkpoint-000002"]  # its own, not pruned
+    assert {trainer_state(p)["run_id"] for p in own} == {second.run_id} != {first.run_id}
+    aside = list_checkpoints(tmp_path / "checkpoints.previous-1")
+    assert aside and {trainer_state(p)["run_id"] for p in aside} == {first.run_id}
+
+
+def test_resume_without_a_checkpoint_refuses_and_keeps_the_history(tmp_path):
+    with pytest.raises(CheckpointError, match="no valid checkpoint.*Run without --resume"):
+        train(BASE, tmp_path / "checkpoints", resume=True)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_step_boundary_and_resume_continues(tmp_path):
+    folder = tmp_path / "checkpoints"
+    common = BASE + ["train.checkpoint_every=0", "train.max_steps=8"]
+    marker = tmp_path / "progress"
+    env = dict(os.environ, STEP_DELAY="0.5", PROGRESS_FILE=str(marker))
+    proc = subprocess.Popen([sys.executable, str(JOB), str(tmp_path / "h.json"), str(folder), *common], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "SIGTERM after step" in err and "--resume" in err
+    saved = list_checkpoints(folder)
+    assert len(saved) == 1
+    stopped_at = trainer_state(saved[0])["step"]
+    assert 1 <= stopped_at < 8
+    resumed = train(common, folder, resume=True)
+    assert len(resumed.history) == 8 and resumed.history[stopped_at - 1]["step"] == stopped_at
