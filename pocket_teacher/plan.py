@@ -477,11 +477,11 @@ def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
         "teacher weights": tw, "KV cache": kv_cache_bytes(gen_model, ev.batch_size, gen_len, max(compute, t_bytes)),
         "step logits": 3 * 4 * ev.batch_size * gen_model.vocab_rows}, resting))
     if cfg.data.targets != "reference":
+        gb = cfg.generate.batch_size
         stages.append(stage("teacher answers", {
-            "teacher weights": tw,
-            "KV cache": kv_cache_bytes(teacher, cfg.generate.batch_size, train_len + cfg.generate.max_new_tokens,
-                                       t_bytes),
-            "step logits": 3 * 4 * cfg.generate.batch_size * teacher.vocab_rows}, resting))
+            "teacher weights": tw, "KV cache": kv_cache_bytes(teacher, gb, train_len + cfg.generate.max_new_tokens,
+                                                              t_bytes),
+            "step logits": 3 * 4 * gb * teacher.vocab_rows}, resting))
     train_device = {
         "student weights (fp32)": sw, "gradients": sw, f"optimizer ({tr.optimizer})": optimizer_bytes(student,
                                                                                                       tr.optimizer),
