@@ -432,10 +432,8 @@ def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
     from .losses import auto_chunk_size
 
     lengths, eval_lengths, prompt_lengths = all_lengths
-    teacher, student = _shapes(cfg)
-    r = _resolved(cfg, device)
-    tr, ev, tc = cfg.train, cfg.eval, cfg.teacher_cache
-    compute = r["compute"]
+    (teacher, student), r = _shapes(cfg), _resolved(cfg, device)
+    tr, ev, tc, compute = cfg.train, cfg.eval, cfg.teacher_cache, r["compute"]
     t_bytes = dtype_bytes(r["teacher_precision"]) if r["teacher_precision"] in ("fp32", "bf16", "fp16") else 2
     flash = device.cuda  # inference: SDPA's fused kernels on CUDA; on CPU with a padding mask, the math path
     train_len = max(lengths) if lengths else cfg.data.max_length
@@ -449,8 +447,7 @@ def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
     chunk = cfg.loss.chunk_size or auto_chunk_size(student.vocab, "cuda" if device.cuda else "cpu")
     implementation = "full" if cfg.loss.implementation == "full" else "chunked"
     live = not tc.use  # without the cache the teacher runs beside the student in every step
-    tw = weight_bytes(teacher, r["teacher_precision"])
-    sw = weight_bytes(student, "fp32")
+    tw, sw = weight_bytes(teacher, r["teacher_precision"]), weight_bytes(student, "fp32")
     runtime = HOST_RUNTIME_CUDA if device.cuda else HOST_RUNTIME_CPU
 
     def stage(name: str, on_device: dict[str, int], on_host: dict[str, int]) -> Stage:
