@@ -183,3 +183,67 @@ def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Exa
         kept.append(replace(e, target=answer, where=f"{e.where} (teacher answer)"))
     report = GenerationReport(str(path), status, len(examples), len(kept), rejected, time.perf_counter() - start)
     return kept, report
+
+
+# -- on-policy distillation: the student's own answers ------------------------------------------------------------
+
+@dataclass
+class Rollouts:
+    """The student's sampled answers to a batch's prompts, as a training batch (prompt labels -100, the sampled
+    tokens as labels), with what was sampled."""
+
+    batch: dict  # input_ids, attention_mask, labels (right-padded), like PaddingCollator's output
+    lengths: list[int]  # sampled tokens per row (the EOS included when it was reached)
+    finished: int  # rows that reached EOS within the budget
+
+
+def prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor) -> list[int]:
+    """Tokens before each row's first label (the prompt), from a right-padded training batch."""
+    answer = (labels != -100) & attention_mask.bool()
+    firsts = torch.where(answer.any(1), answer.float().argmax(1), attention_mask.sum(1))
+    return firsts.tolist()
+
+
+@torch.no_grad()
+def sample_rollouts(model: torch.nn.Module, batch: dict, *, pad_token_id: int, eos_token_id, seed: int,
+                    temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128) -> Rollouts:
+    """Sample the model's answers to the prompts of a right-padded training `batch` (batched, KV cache, no
+    gradient), stopping each at EOS or after `max_new_tokens`.
+
+    The sampler's randomness is a pure function of `seed` (its own generator state, forked from the global one,
+    which is left untouched), so a run resumed from a checkpoint samples exactly what the uninterrupted run did.
+    Sampling is plain ancestral sampling at `temperature` with nucleus `top_p`: no top-k, no repetition penalty,
+    whatever the model's generation config says."""
+    from transformers import GenerationConfig
+
+    from .data import PaddingCollator
+
+    device = batch["input_ids"].device
+    starts = prompt_lengths(batch["labels"], batch["attention_mask"])
+    prompts = [batch["input_ids"][i, :n].tolist() for i, n in enumerate(starts)]
+    left = PaddingCollator(pad_token_id, "left")([{"input_ids": p} for p in prompts])
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    config = GenerationConfig(**{**GREEDY, "do_sample": True, "temperature": temperature, "top_p": top_p,
+                                 "top_k": 0}, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                              eos_token_id=eos or None)
+    was_training = model.training
+    model.eval()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=left["input_ids"].to(device),
+                                 attention_mask=left["attention_mask"].to(device), generation_config=config,
+                                 use_cache=True)
+    finally:
+        model.train(was_training)
+    new = out[:, left["input_ids"].shape[1]:].tolist()
+    features, lengths, finished = [], [], 0
+    for prompt, tokens in zip(prompts, new):
+        stop = next((j for j, t in enumerate(tokens) if t in eos), None)
+        tokens = tokens[:stop + 1] if stop is not None else tokens
+        finished += stop is not None
+        lengths.append(len(tokens))
+        features.append({"input_ids": prompt + tokens, "labels": [-100] * len(prompt) + tokens})
+    right = PaddingCollator(pad_token_id, "right")(features)
+    return Rollouts({k: v.to(device) for k, v in right.items()}, lengths, finished)

@@ -246,6 +246,39 @@ def token_distillation_loss(student_logits: torch.Tensor, teacher_logits: Option
     return DistillationLoss(total, ce, kd)
 
 
+def sampled_token_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor, *,
+                       temperature: float = 1.0, vocab_size: Optional[int] = None,
+                       normalizer: Optional[float] = None) -> DistillationLoss:
+    """On-policy distillation with the sampled-token estimator: at each position the student sampled `tokens`
+    from, the per-token log-ratio ``r = log q_T(y) - log p_T(y)`` is a (detached) cost and the loss is
+    ``T^2 * sum(r * log q_T(y)) / normalizer``, whose gradient is the REINFORCE estimate of the per-token reverse
+    KL's gradient (the score function's mean, zero, is left out), as in on-policy distillation recipes that use
+    the teacher's log-prob as a dense per-token reward. `total` carries that gradient but has the value of `kd`,
+    the estimate of reverse KL itself (``T^2 * sum(r) / normalizer``); `ce` is NaN (no reference on sampled
+    tokens).
+
+    Args:
+        student_logits, teacher_logits: ``(N, V)`` logits at the positions that predicted the sampled tokens.
+        tokens: ``(N,)`` the sampled tokens.
+    """
+    check_loss_args(0.0, temperature)
+    if vocab_size is not None:
+        student_logits, teacher_logits = student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
+    n = tokens.numel()
+    denom = float(normalizer) if normalizer is not None else float(n)
+    nan = torch.full((), math.nan, device=student_logits.device)
+    if n == 0 or denom == 0:
+        zero = student_logits.sum() * 0.0
+        return DistillationLoss(zero, nan, zero.detach())
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_q = F.log_softmax(student_logits.to(dtype) / temperature, -1).gather(-1, tokens[:, None])[:, 0]
+    log_p = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, -1).gather(-1, tokens[:, None])[:, 0]
+    ratio = (log_q - log_p).detach()
+    scale = temperature ** 2 / denom
+    estimate, surrogate = ratio.sum() * scale, (ratio * log_q).sum() * scale
+    return DistillationLoss(estimate + surrogate - surrogate.detach(), nan, estimate)  # value: the estimate
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], labels: torch.Tensor,
                       *, alpha: float, temperature: float, divergence: str = "forward_kl", beta: float = 0.5,
                       skew: float = 0.1, ignore_index: int = -100,

@@ -446,7 +446,7 @@ def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
     train_answers, eval_answers = int(share * train_tokens), int(share * eval_tokens)
     chunk = cfg.loss.chunk_size or auto_chunk_size(student.vocab, "cuda" if device.cuda else "cpu")
     implementation = "full" if cfg.loss.implementation == "full" else "chunked"
-    live = not tc.use  # without the cache the teacher runs beside the student in every step
+    live = not tc.use or tr.on_policy > 0  # without the cache (or scoring rollouts) the teacher runs in training
     tw, sw = weight_bytes(teacher, r["teacher_precision"]), weight_bytes(student, "fp32")
     runtime = HOST_RUNTIME_CUDA if device.cuda else HOST_RUNTIME_CPU
 
@@ -485,6 +485,9 @@ def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
         "activations": train_activation_bytes(student, compute, train_tokens, train_len, tr.gradient_checkpointing),
         "loss buffers": loss_buffer_bytes(student, chunk, train_answers, compute, implementation,
                                           teacher if live else None)}
+    if tr.on_policy > 0:  # the student samples its rollouts with a KV cache, without gradient
+        train_device["rollout KV cache"] = kv_cache_bytes(student, tr.batch_size, train_len + tr.rollout_max_new_tokens,
+                                                          compute)
     train_host = dict(resting)
     if live:
         train_device["teacher weights"] = tw
@@ -501,12 +504,16 @@ def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
     step_seconds = _step_seconds(tr, teacher, student, device, tr.batch_size * tr.grad_accum * mean_len, live)
     settings = {"teacher_precision": r["teacher_precision"], "mixed_precision": r["mixed_precision"],
                 "chunk": chunk, "train_tokens": train_tokens, "eval_tokens": eval_tokens,
-                "checkpointing": tr.gradient_checkpointing, "optimizer": tr.optimizer,
-                "lengths": (f"longest row {train_len} tokens of {len(lengths)}" if lengths
-                            else f"worst case: every row at data.max_length={cfg.data.max_length}")}
+                **_lengths_setting(cfg, lengths, train_len)}
     emulated = device.cuda and r["mixed_precision"] == "bf16" and (device.capability or (0, 0)) < (8, 0)
     notes = ["bf16 is emulated on this GPU (no bf16 tensor cores): use fp16 or auto"] if emulated else []
     return MemoryPlan(device, teacher, student, stages, settings, step_seconds, notes=notes)
+
+
+def _lengths_setting(cfg, lengths, train_len: int) -> dict:
+    return {"checkpointing": cfg.train.gradient_checkpointing, "optimizer": cfg.train.optimizer,
+            "lengths": (f"longest row {train_len} tokens of {len(lengths)}" if lengths
+                        else f"worst case: every row at data.max_length={cfg.data.max_length}")}
 
 
 def _one_memory(stages: list[Stage], teacher_bytes: int, student_bytes: int) -> None:

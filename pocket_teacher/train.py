@@ -26,7 +26,9 @@ import torch
 
 from . import checkpoints as ckpt
 from .data import PaddingCollator, TokenizedSplit
-from .losses import DistillationLoss, auto_chunk_size, chunked_distillation_loss, token_distillation_loss
+from .generate import sample_rollouts
+from .losses import (DistillationLoss, auto_chunk_size, chunked_distillation_loss, sampled_token_loss,
+                     token_distillation_loss)
 from .models import (answer_hidden, answer_logits, answer_positions, device_capability, native_bf16, output_layer,
                      resolve_device, resolve_mixed_precision)
 from .progress import tqdm
@@ -133,10 +135,16 @@ class DistillStep(torch.nn.Module):
         self.model, self.loss_cfg, self.implementation, self.vocab_size = model, loss_cfg, implementation, vocab_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
-                targets: torch.Tensor, teacher: dict, normalizer: float) -> DistillationLoss:
+                targets: torch.Tensor, teacher: dict, normalizer: float, on_policy: bool = False) -> DistillationLoss:
+        """On an on-policy step (`on_policy`) `targets` are the student's samples: the loss is the divergence term
+        alone (T^2 * D; no CE, which has no reference there), or the sampled-token estimator."""
         lc = self.loss_cfg
-        kw = dict(alpha=lc.alpha, temperature=lc.temperature, divergence=lc.divergence, beta=lc.beta, skew=lc.skew,
-                  vocab_size=self.vocab_size, normalizer=normalizer)
+        kw = dict(alpha=0.0 if on_policy else lc.alpha, temperature=lc.temperature, divergence=lc.divergence,
+                  beta=lc.beta, skew=lc.skew, vocab_size=self.vocab_size, normalizer=normalizer)
+        if on_policy and lc.on_policy_estimator == "sampled":
+            logits = answer_logits(self.model, input_ids, attention_mask, select)
+            return sampled_token_loss(logits, teacher["teacher_logits"], targets, temperature=lc.temperature,
+                                      vocab_size=self.vocab_size, normalizer=normalizer)
         if self.implementation == "full":
             logits = answer_logits(self.model, input_ids, attention_mask, select)
             return token_distillation_loss(logits, targets=targets, **{"teacher_logits": None, **teacher}, **kw)
@@ -284,7 +292,8 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
             pad_token_id: int, vocab_size: Optional[int] = None, teacher_cache=None,
             eval_split: Optional[TokenizedSplit] = None, eval_cache=None,
             checkpoint_dir: Optional[str | Path] = None, resume: Optional[bool] = None,
-            on_step: Optional[Callable[[dict], None]] = None, progress: bool = True) -> TrainResult:
+            on_step: Optional[Callable[[dict], None]] = None, progress: bool = True,
+            eos_token_id=None) -> TrainResult:
     """Train `student` in place to match `teacher` on `train_split` with `cfg.loss` and `cfg.train`.
 
     Args:
@@ -306,6 +315,8 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
         on_step: called with each history row (e.g. to stream it to a file); on resume, first with
             the rows restored from the checkpoint.
         progress: show a tqdm bar.
+        eos_token_id: where the student's rollouts stop (train.on_policy > 0); default: the student's generation
+            config's.
 
     Raises:
         TrainingDiverged: the loss or the gradient norm became NaN or infinite; the optimizer step was not
@@ -316,7 +327,7 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
     """
     loop = _Loop(student, teacher, train_split, cfg, pad_token_id=pad_token_id, vocab_size=vocab_size,
                  teacher_cache=teacher_cache, eval_split=eval_split, eval_cache=eval_cache,
-                 checkpoint_dir=checkpoint_dir, on_step=on_step, progress=progress)
+                 checkpoint_dir=checkpoint_dir, on_step=on_step, progress=progress, eos_token_id=eos_token_id)
     loop.start(tcfg_resume=cfg.train.resume if resume is None else resume)
     return loop.run()
 
@@ -326,7 +337,7 @@ class _Loop:
     optimizer step behind its guard, the history row, checkpoints. `distill` is `start()` then `run()`."""
 
     def __init__(self, student, teacher, train_split, cfg, *, pad_token_id, vocab_size, teacher_cache, eval_split,
-                 eval_cache, checkpoint_dir, on_step, progress):
+                 eval_cache, checkpoint_dir, on_step, progress, eos_token_id=None):
         from accelerate.utils import set_seed
 
         self.student, self.teacher, self.split, self.cfg = student, teacher, train_split, cfg
@@ -336,7 +347,10 @@ class _Loop:
         self.folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.accelerator, self.compute = _accelerator_for(self.tcfg, checkpoint_dir)
         set_seed(self.tcfg.seed)
-        _check_inputs(teacher, teacher_cache, self.lcfg, train_split)
+        _check_inputs(teacher, teacher_cache, self.lcfg, train_split, self.tcfg.on_policy)
+        self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(
+            getattr(student, "generation_config", None), "eos_token_id", None)
+        self.rollout_stats: Optional[dict] = None
         self.procs, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.batches = GlobalBatches(len(train_split), self.tcfg.batch_size * self.procs, self.tcfg.seed)
         self.collate = PaddingCollator(pad_token_id, "right")
@@ -416,7 +430,37 @@ class _Loop:
             micro.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
         return micro
 
-    def teacher_side(self, batch: dict, select: torch.Tensor) -> dict:
+    def on_policy(self, step: int) -> bool:
+        """Whether optimizer step `step` trains on rollouts: train.on_policy of the steps, evenly interleaved
+        (0.5: every other step), a function of the step alone so a resumed run makes the same choices."""
+        f = self.tcfg.on_policy
+        return math.floor(round((step + 1) * f, 9)) > math.floor(round(step * f, 9))
+
+    def rollouts(self, micro: list[dict], step: int) -> list[dict]:
+        """Each micro-batch's prompts answered by the student's own samples (seeded by run seed, step,
+        micro-batch and process, so resuming samples the same), with the sampling statistics kept for the row."""
+        t, student = self.tcfg, self.accelerator.unwrap_model(self.model).model
+        out, lengths, finished = [], [], 0
+        for i, batch in enumerate(micro):
+            seed = ((t.seed * 1_000_003 + step) * 64 + i) * 1024 + self.rank
+            r = sample_rollouts(student, batch, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+                                seed=seed, temperature=t.rollout_temperature, top_p=t.rollout_top_p,
+                                max_new_tokens=t.rollout_max_new_tokens)
+            out.append(r.batch)
+            lengths += r.lengths
+            finished += r.finished
+        self.rollout_stats = {"rollouts": len(lengths), "rollout_tokens_mean": sum(lengths) / max(1, len(lengths)),
+                              "rollouts_finished": finished}
+        return out
+
+    def teacher_side(self, batch: dict, select: torch.Tensor, on_policy: bool = False) -> dict:
+        if on_policy:  # sampled answers: no cache can hold them, the teacher scores them live
+            if self.lcfg.on_policy_estimator == "sampled":
+                with torch.no_grad():
+                    return {"teacher_logits": answer_logits(self.teacher, batch["input_ids"], batch["attention_mask"],
+                                                            select)}
+            return teacher_inputs(self.teacher, batch["input_ids"], batch["attention_mask"], select,
+                                  self.implementation)
         if self.cache is not None:
             return self.cache.rows(batch["index"].tolist(), select.sum(1).tolist(), self.accelerator.device)
         if self.teacher is not None:
@@ -424,9 +468,10 @@ class _Loop:
                                   self.implementation)
         return {}
 
-    def forward_backward(self, micro: list[dict]) -> tuple[torch.Tensor, int, int]:
+    def forward_backward(self, micro: list[dict], on_policy: bool = False) -> tuple[torch.Tensor, int, int]:
         """Loss and gradients of one optimizer step, token-weighted over every micro-batch and process.
-        Returns the summed (total, ce, kd), the global answer-token count and the tokens this process saw."""
+        Returns the summed (total, ce, kd), the global answer-token count and the tokens this process saw.
+        On an on-policy step the micro-batches hold the student's rollouts and ce is 0 (not measured)."""
         acc, selects = self.accelerator, [answer_positions(b["labels"]) for b in micro]
         answer_tokens = int(acc.reduce(torch.tensor(float(sum(int(s.sum()) for s in selects)), device=acc.device),
                                        "sum"))
@@ -435,13 +480,15 @@ class _Loop:
         for i, (batch, select) in enumerate(zip(micro, selects)):
             with contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model):
                 targets = batch["labels"][:, 1:][select[:, :-1]]
-                side = self.teacher_side(batch, select)
+                side = self.teacher_side(batch, select, on_policy)
                 with acc.autocast():
-                    loss = self.model(batch["input_ids"], batch["attention_mask"], select, targets, side, normalizer)
+                    loss = self.model(batch["input_ids"], batch["attention_mask"], select, targets, side, normalizer,
+                                      on_policy)
                 acc.backward(loss.total)
                 del side  # free the teacher's tensors before the next micro-batch
             kd = loss.kd.detach().nan_to_num(0.0) if self.lcfg.alpha == 1.0 else loss.kd.detach()
-            parts += torch.stack([loss.total.detach(), loss.ce.detach(), kd])
+            ce = torch.zeros_like(kd) if on_policy else loss.ce.detach()
+            parts += torch.stack([loss.total.detach(), ce, kd])
             seen += int(batch["attention_mask"].sum())
         return acc.reduce(parts, "sum") / self.procs, answer_tokens, seen
 
@@ -451,9 +498,12 @@ class _Loop:
         t, acc = self.tcfg, self.accelerator
         elapsed = time.perf_counter() - self.began
         no_kd = self.teacher is None and self.cache is None
-        row = {"step": step + 1, "loss": total, "ce": ce, "kd": None if no_kd else kd, "lr": lr,
-               "grad_norm": grad_norm, "answer_tokens": answer_tokens,
+        on_policy = self.rollout_stats is not None
+        row = {"step": step + 1, "loss": total, "ce": None if on_policy else ce, "kd": None if no_kd else kd,
+               "lr": lr, "grad_norm": grad_norm, "answer_tokens": answer_tokens,
                "tokens_per_s": seen_tokens * self.procs / elapsed, "elapsed_s": self.previous_seconds + elapsed}
+        if t.on_policy > 0:
+            row.update({"policy": "on" if on_policy else "off", **(self.rollout_stats or {})})
         if (self.eval_split is not None and t.eval_every and acc.is_main_process
                 and ((step + 1) % t.eval_every == 0 or step + 1 == t.max_steps)):
             row.update(held_out_losses(acc.unwrap_model(self.model).model, self.teacher, self.eval_split, self.lcfg,
@@ -473,7 +523,11 @@ class _Loop:
         self.began, seen_tokens = time.perf_counter(), 0
         with StopSignals() as stop:
             for step in range(self.start_step, t.max_steps):
-                parts, answer_tokens, seen = self.forward_backward(self.micro_batches(step))
+                micro, on_policy = self.micro_batches(step), self.on_policy(step)
+                self.rollout_stats = None
+                if on_policy:
+                    micro = self.rollouts(micro, step)
+                parts, answer_tokens, seen = self.forward_backward(micro, on_policy)
                 seen_tokens += seen
                 total, ce, kd = parts.tolist()
                 # The guard looks before the optimizer step, so the weights stay those of the last good step.
@@ -491,7 +545,9 @@ class _Loop:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 row = self.record(step, total, ce, kd, lr, grad_norm, answer_tokens, seen_tokens)
-                bar.set_postfix_str(f"loss {total:.3f} | ce {ce:.3f} | kd {kd:.3f} | {row['tokens_per_s']:.0f} tok/s"
+                ce_text = "-" if row["ce"] is None else f"{ce:.3f}"
+                kd_text = "-" if row["kd"] is None else f"{kd:.3f}"
+                bar.set_postfix_str(f"loss {total:.3f} | ce {ce_text} | kd {kd_text} | {row['tokens_per_s']:.0f} tok/s"
                                     + (f" | eval ppl {row['eval_ppl']:.2f}" if "eval_ppl" in row else ""),
                                     refresh=False)
                 bar.update(1)
@@ -540,7 +596,10 @@ def _accelerator_for(tcfg, checkpoint_dir) -> tuple:
     return accelerator, compute
 
 
-def _check_inputs(teacher, teacher_cache, lcfg, train_split) -> None:
+def _check_inputs(teacher, teacher_cache, lcfg, train_split, on_policy: float = 0.0) -> None:
+    if on_policy > 0 and teacher is None:
+        raise ValueError(f"train.on_policy={on_policy}: the student's sampled answers are scored by the live teacher "
+                         f"(no cache can hold them); pass the teacher (the pipeline keeps it on the device).")
     if teacher is None and teacher_cache is None and lcfg.alpha != 1.0:
         raise ValueError(f"No teacher and no teacher cache, but loss.alpha={lcfg.alpha}: the distillation term needs "
                          f"the teacher. Pass one, or set loss.alpha=1 to fine-tune on the targets alone.")

@@ -1,0 +1,143 @@
+"""On-policy distillation (train.on_policy): rollouts, the sampled-token estimator, the step schedule, the
+off-policy path left exactly as it was, no gradient through sampling, and exact resume."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pocket_teacher.checkpoints import list_checkpoints
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _train_job import train  # noqa: E402
+
+JOB = Path(__file__).resolve().parent / "_train_job.py"
+ON = ["train.max_steps=4", "train.warmup_steps=1", "train.batch_size=2", "train.on_policy=1",
+      "train.rollout_max_new_tokens=6", "loss.divergence=reverse_kl"]
+
+
+def test_on_policy_trains_and_logs_its_rollouts():
+    result = train(ON)
+    assert [h["policy"] for h in result.history] == ["on"] * 4
+    assert all(h["ce"] is None and h["kd"] >= 0 and math.isfinite(h["loss"]) for h in result.history)
+    assert all(h["rollouts"] == 2 and 1 <= h["rollout_tokens_mean"] <= 6 for h in result.history)
+    assert result.history[0]["loss"] == pytest.approx(result.history[0]["kd"])  # alpha plays no part on rollouts
+
+
+def test_mixed_runs_the_stated_fraction_evenly():
+    result = train([o for o in ON if "on_policy" not in o] + ["train.on_policy=0.5", "train.max_steps=6"])
+    assert [h["policy"] for h in result.history] == ["off", "on"] * 3
+    assert [h["ce"] is None for h in result.history] == [False, True] * 3
+
+
+def test_on_policy_zero_is_exactly_the_off_policy_run(monkeypatch):
+    off = ["train.max_steps=4", "train.warmup_steps=1", "train.batch_size=2"]
+    before = train(off)
+
+    def never(*a, **k):
+        raise AssertionError("no rollout may be sampled at train.on_policy=0")
+    monkeypatch.setattr("pocket_teacher.train.sample_rollouts", never)
+    after = train(off + ["train.on_policy=0", "train.rollout_temperature=0.3", "loss.on_policy_estimator=sampled"])
+    assert [h["loss"] for h in after.history] == [h["loss"] for h in before.history]
+    assert [h["grad_norm"] for h in after.history] == [h["grad_norm"] for h in before.history]
+    assert all("policy" not in h for h in after.history)
+
+
+def test_rollouts_carry_no_gradient_and_leave_the_global_rng_alone(tiny_teacher, tiny_tokenizer):
+    from pocket_teacher.data import PaddingCollator, load_gsm_symbolic, tokenize_examples
+    from pocket_teacher.generate import prompt_lengths, sample_rollouts
+
+    split = tokenize_examples(load_gsm_symbolic(3, seed=3)[0], tiny_tokenizer, max_length=384)
+    batch = PaddingCollator(tiny_tokenizer.pad_token_id)([split[i] for i in range(3)])
+    tiny_teacher.train()
+    for p in tiny_teacher.parameters():
+        p.requires_grad_(True)
+    state = torch.get_rng_state()
+    first = sample_rollouts(tiny_teacher, batch, pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=0, seed=7,
+                            max_new_tokens=5)
+    assert torch.equal(torch.get_rng_state(), state) and tiny_teacher.training
+    again = sample_rollouts(tiny_teacher, batch, pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=0, seed=7,
+                            max_new_tokens=5)
+    assert torch.equal(first.batch["input_ids"], again.batch["input_ids"])  # the seed decides
+    assert all(v.grad_fn is None and not v.requires_grad for v in first.batch.values())
+    starts = prompt_lengths(batch["labels"], batch["attention_mask"])
+    for i, n in enumerate(starts):  # the prompt is kept, the answer replaced by the samples, labelled
+        assert first.batch["input_ids"][i, :n].tolist() == batch["input_ids"][i, :n].tolist()
+        assert (first.batch["labels"][i, :n] == -100).all()
+        sampled = first.batch["labels"][i, n:n + first.lengths[i]]
+        assert sampled.tolist() == first.batch["input_ids"][i, n:n + first.lengths[i]].tolist()
+
+
+def test_sampled_token_estimator_value_and_unbiased_gradient():
+    """The value is T^2 * mean(log q - log p) over the sampled tokens; averaged over many samples from q its
+    gradient is the exact reverse-KL gradient."""
+    from pocket_teacher.losses import divergence_per_token, sampled_token_loss
+
+    torch.manual_seed(0)
+    student = torch.randn(1, 5, requires_grad=True)
+    teacher = torch.randn(1, 5)
+    n = 200_000
+    tokens = torch.multinomial(torch.softmax(student.detach(), -1), n, replacement=True)[0]
+    out = sampled_token_loss(student.expand(n, 5), teacher.expand(n, 5), tokens, temperature=1.0)
+    out.total.backward()
+    exact = divergence_per_token(torch.log_softmax(teacher, -1), torch.log_softmax(student, -1), "reverse_kl").sum()
+    assert float(out.kd) == pytest.approx(float(exact.detach()), abs=0.02)
+    assert float(out.total.detach()) == pytest.approx(float(out.kd))
+    estimate = student.grad.clone()
+    student.grad = None
+    exact.backward()
+    torch.testing.assert_close(estimate, student.grad, atol=0.02, rtol=0)
+    assert math.isnan(float(out.ce))
+
+
+def test_sampled_estimator_trains():
+    result = train(ON + ["loss.on_policy_estimator=sampled", "loss.implementation=full"])
+    assert all(h["policy"] == "on" and math.isfinite(h["loss"]) for h in result.history)
+
+
+def test_on_policy_needs_a_teacher_that_scores_and_an_alpha_below_one():
+    from pocket_teacher.config import ConfigError, apply_overrides, get_preset
+
+    with pytest.raises(ConfigError, match=r"train\.on_policy=1\.0 is invalid: on-policy steps .* loss\.alpha < 1"):
+        apply_overrides(get_preset("tiny"), ["train.on_policy=1", "loss.alpha=1"])
+    with pytest.raises(ConfigError, match=r"train\.on_policy=1\.5 is invalid"):
+        apply_overrides(get_preset("tiny"), ["train.on_policy=1.5"])
+
+
+def test_an_on_policy_run_resumes_exactly(tmp_path):
+    common = ON + ["train.max_steps=6", "train.on_policy=0.5", "train.checkpoint_every=2", "train.keep_checkpoints=5"]
+    whole = train(common, tmp_path / "a")
+    folder = tmp_path / "b"
+    train(common, folder)
+    for path in list_checkpoints(folder)[:2]:  # newest first: keep only the checkpoint after step 2
+        import shutil
+        shutil.rmtree(path)
+    resumed = train(common, folder, resume=True)
+    assert "checkpoint-000002" in resumed.resumed_from
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+    assert [h.get("rollout_tokens_mean") for h in resumed.history] == [h.get("rollout_tokens_mean")
+                                                                      for h in whole.history]
+
+
+@pytest.mark.slow
+def test_an_on_policy_run_killed_mid_way_resumes_exactly(tmp_path):
+    common = ON + ["train.max_steps=6", "train.on_policy=0.5", "train.checkpoint_every=2", "train.keep_checkpoints=5"]
+    whole = train(common, tmp_path / "whole")
+    folder = tmp_path / "checkpoints"
+    proc = subprocess.Popen([sys.executable, str(JOB), str(tmp_path / "h.json"), str(folder), *common],
+                            env=dict(os.environ, STEP_DELAY="0.4"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (folder / "checkpoint-000004").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (folder / "checkpoint-000006").exists()
+    resumed = train(common, folder, resume=True)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
