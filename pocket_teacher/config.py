@@ -28,6 +28,7 @@ PRECISIONS = ("auto", "8bit", "4bit", "bf16", "fp16", "fp32")
 DATA_SOURCES = ("gsm_symbolic", "gsm8k", "mmlu")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")  # = losses.DIVERGENCES
 LOSS_IMPLEMENTATIONS = ("auto", "chunked", "full")
+ON_POLICY_ESTIMATORS = ("full", "sampled")
 TARGET_SOURCES = ("reference", "teacher", "teacher_correct")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 OVERLONG_POLICIES = ("skip", "truncate", "error")
@@ -218,6 +219,9 @@ class LossConfig:
     skew: float = knob(0.1, "skew_kl / skew_reverse_kl only, in [0, 1): 0 = the plain KL")
     implementation: str = knob("auto", "auto (chunked when exact for the model), chunked, or full (plain logits)")
     chunk_size: int = knob(0, "tokens per chunk of the chunked loss; 0 = automatic (about 32 MiB of logits)")
+    on_policy_estimator: str = knob("full",
+        "on-policy steps: full (D over the whole vocabulary at each sampled position) or sampled (the sampled token's "
+        "log-ratio log q - log p as a per-token reward, a REINFORCE estimate of reverse KL)")
 
     def check(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -231,6 +235,7 @@ class LossConfig:
             _fail("loss.skew", self.skew, "use a value in [0, 1) (0 = plain KL; DistiLLM uses 0.1).")
         _check_choice("loss.implementation", self.implementation, LOSS_IMPLEMENTATIONS)
         _check_positive("loss.chunk_size", self.chunk_size, allow_zero=True)
+        _check_choice("loss.on_policy_estimator", self.on_policy_estimator, ON_POLICY_ESTIMATORS)
 
 
 
@@ -263,6 +268,12 @@ class TrainConfig:
                                    "e.g. [train.lr]: optimizer and schedule take the new values")
     eval_every: int = knob(0,
         "held-out perplexity and KD term every N steps, into the history and the curves (0 = off)")
+    on_policy: float = knob(0.0,
+        "fraction of optimizer steps trained on the student's own sampled answers, scored live by the teacher "
+        "(on-policy KD / GKD); 0 = off-policy only, 1 = on-policy only")
+    rollout_temperature: float = knob(1.0, "sampling temperature of the student's rollouts")
+    rollout_top_p: float = knob(1.0, "nucleus sampling of the rollouts (1 = the full distribution)")
+    rollout_max_new_tokens: int = knob(128, "longest rollout; a rollout stops earlier at the end of the answer (EOS)")
     log_with: Optional[str] = knob(None,
         "also log to a tracker accelerate supports: tensorboard, wandb, mlflow, ... (None = off)")
 
@@ -280,6 +291,14 @@ class TrainConfig:
         _check_choice("train.device", self.device, DEVICES)
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        if not 0.0 <= self.on_policy <= 1.0:
+            _fail("train.on_policy", self.on_policy, "use a fraction in [0, 1] (0 = off-policy, 1 = on-policy only).")
+        if not self.rollout_temperature > 0:
+            _fail("train.rollout_temperature", self.rollout_temperature, "use a temperature > 0 (1 = the student's "
+                  "own distribution).")
+        if not 0.0 < self.rollout_top_p <= 1.0:
+            _fail("train.rollout_top_p", self.rollout_top_p, "use a value in (0, 1] (1 = no truncation).")
+        _check_positive("train.rollout_max_new_tokens", self.rollout_max_new_tokens)
 
 
 
@@ -293,20 +312,31 @@ class EvalConfig:
     max_length: int = knob(512, "held-out rows longer than this (prompt + answer tokens) are skipped and counted")
     side_by_side: int = knob(3, "questions shown with teacher and student answers at the end")
     gsm8k_shots: int = knob(0, "worked training examples shown before each question (few-shot); 0 = zero-shot")
+    gsm8k_fewshot: str = knob("first", "first: the first gsm8k_shots training rows as chat turns; lm_eval: "
+                                       "lm-eval's gsm8k protocol (rows drawn with seed 1234, calculator notes kept, "
+                                       "plain text), with its strict-match and flexible-extract scores too")
     mmlu_source: Optional[str] = knob(None,
         "MMLU questions: None (skip), \"hub\" (cais/mmlu test) or a local JSONL path")
     mmlu_samples: int = knob(0, "MMLU questions scored, spread over subjects in file order (0 = all)")
     mmlu_shots: int = knob(0, "solved questions of the same subject shown first (5 is the standard)")
     mmlu_subjects: Optional[list[str]] = knob(None, "score only these subjects")
+    mmlu_format: str = knob("auto", "letter (next-token A-D), cloze (likelihood of each choice's text, acc and "
+                                    "acc_norm, lm-eval's mmlu_continuation), both, or auto: both for models under "
+                                    "1B parameters, whose letter scores sit at the letter-bias floor")
     agreement: bool = knob(True, "student vs teacher: top-1 agreement and KL on held-out answers")
     efficiency: bool = knob(True, "parameters, size on disk, peak memory, latency and throughput of each model")
     baseline: bool = knob(False, "also train plain fine-tuning (loss.alpha=1, same steps and data) and evaluate it")
+    on_policy_preview: int = knob(0, "also run this many on-policy steps (train.on_policy=1, reverse KL) from the "
+                                     "untrained student and report its held-out perplexity (0 = skip)")
 
     def check(self) -> None:
-        for name in ("gsm8k_shots", "mmlu_samples", "mmlu_shots", "generate_samples", "side_by_side"):
+        for name in ("gsm8k_shots", "mmlu_samples", "mmlu_shots", "generate_samples", "side_by_side",
+                     "on_policy_preview"):
             _check_positive(f"eval.{name}", getattr(self, name), allow_zero=True)
         for name in ("batch_size", "max_new_tokens", "max_length"):
             _check_positive(f"eval.{name}", getattr(self, name))
+        _check_choice("eval.gsm8k_fewshot", self.gsm8k_fewshot, ("first", "lm_eval"))
+        _check_choice("eval.mmlu_format", self.mmlu_format, ("auto", "letter", "cloze", "both"))
         if self.mmlu_source not in (None, "hub") and not Path(self.mmlu_source).expanduser().is_file():
             _fail("eval.mmlu_source", self.mmlu_source,
                   'use null (skip MMLU), "hub" (cais/mmlu) or an existing JSONL file.')
@@ -356,6 +386,9 @@ class Config:
         if vocab is not None and self.teacher_cache.k > vocab:
             _fail("teacher_cache.k", self.teacher_cache.k, f"the teacher's vocabulary has {vocab:,} tokens; keep at "
                   f"most that many (64 holds nearly all of the probability mass).")
+        if self.train.on_policy > 0 and self.loss.alpha == 1.0:
+            _fail("train.on_policy", self.train.on_policy, "on-policy steps train on the teacher's scores of the "
+                  "student's samples, which loss.alpha=1 switches off: use loss.alpha < 1, or train.on_policy=0.")
         for key in self.train.resume_allow:
             if key.count(".") != 1 or key.split(".")[0] not in {f.name for f in dataclasses.fields(self)}:
                 _fail("train.resume_allow", self.train.resume_allow, f"{key!r} is not a setting; name them as "
@@ -569,7 +602,8 @@ def _tiny() -> Config:
         loss=LossConfig(alpha=0.5, temperature=2.0),
         train=TrainConfig(max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2),
         generate=GenerateConfig(max_new_tokens=16),
-        eval=EvalConfig(batch_size=8, generate_samples=4, max_new_tokens=16, side_by_side=2, baseline=True),
+        eval=EvalConfig(batch_size=8, generate_samples=4, max_new_tokens=16, side_by_side=2, baseline=True,
+                        on_policy_preview=2),
         run=RunConfig(name="tiny"),
     )
 

@@ -25,7 +25,7 @@ from .hub import HubUnavailableError, hub_offline, require_hub
 
 IGNORE_INDEX = -100
 MMLU_LETTERS = "ABCD"
-PLAIN_TEMPLATE = "{system}Question: {question}\nAnswer: "
+PLAIN_TEMPLATE = "{system}Question: {question}\nAnswer:"  # no trailing space: it starts the answer, as in lm-eval
 
 
 class DataError(ValueError):
@@ -43,6 +43,7 @@ class Example:
     subject: Optional[str] = None  # MMLU subject
     stem: Optional[str] = None  # MMLU: the bare question, without the lettered choices
     choices: Optional[list[str]] = None  # MMLU: the four choices, in letter order
+    reference: Optional[str] = None  # GSM8K: the answer as published (calculator notes kept), for lm-eval prompts
 
 
 @dataclass
@@ -154,7 +155,8 @@ def gsm8k_example(row: dict, where: str) -> Example:
     if gold is None:
         raise DataError(f"{where}: field 'answer' ends with '#### {final}', which is not a number. {fix}")
     body = _CALCULATOR.sub("", reference.rsplit("####", 1)[0]).rstrip()
-    return Example(question=question.strip(), target=f"{body}\n#### {gold}", answer=gold, where=where)
+    return Example(question=question.strip(), target=f"{body}\n#### {gold}", answer=gold, where=where,
+                   reference=reference)
 
 
 def format_mmlu_question(question: str, choices: Sequence[str]) -> str:
@@ -367,7 +369,8 @@ def format_prompt(tokenizer, question: str, system_prompt: Optional[str] = None,
     """The prompt text up to where the assistant's answer starts.
 
     Uses the tokenizer's chat template with a generation prompt; a tokenizer without one gets
-    ``PLAIN_TEMPLATE`` ("Question: ...\\nAnswer: "). `shots` are (question, answer) pairs shown first
+    ``PLAIN_TEMPLATE`` ("Question: ...\\nAnswer:", the space before the answer belonging to the answer, so the
+    prompt never ends in a lone space token, as in lm-evaluation-harness). `shots` are (question, answer) pairs shown first
     as earlier turns of the conversation (few-shot prompting).
     """
     if getattr(tokenizer, "chat_template", None):
@@ -377,7 +380,7 @@ def format_prompt(tokenizer, question: str, system_prompt: Optional[str] = None,
         messages.append({"role": "user", "content": question})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     system = f"{system_prompt}\n\n" if system_prompt else ""
-    earlier = "".join(PLAIN_TEMPLATE.format(system="", question=q) + a + "\n\n" for q, a in shots)
+    earlier = "".join(PLAIN_TEMPLATE.format(system="", question=q) + " " + a + "\n\n" for q, a in shots)
     return system + earlier + PLAIN_TEMPLATE.format(system="", question=question)
 
 
@@ -411,7 +414,8 @@ def encode_example(tokenizer, example: Example, system_prompt: Optional[str] = N
     """input_ids = prompt + target + EOS; labels = -100 over the prompt, the token ids over the answer."""
     prompt_ids = tokenizer(format_prompt(tokenizer, example.question, system_prompt),
                            add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(example.target + end_of_answer(tokenizer), add_special_tokens=False)["input_ids"]
+    lead = "" if getattr(tokenizer, "chat_template", None) else " "  # the plain template ends at "Answer:"
+    target_ids = tokenizer(lead + example.target + end_of_answer(tokenizer), add_special_tokens=False)["input_ids"]
     return {"input_ids": prompt_ids + target_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids}
 
 

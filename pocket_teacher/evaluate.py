@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -20,8 +21,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import (MMLU_LETTERS, Example, PaddingCollator, TokenizedSplit, answers_match, extract_gsm8k_answer,
-                   format_prompt)
+from .data import (IGNORE_INDEX, MMLU_LETTERS, Example, LoadReport, PaddingCollator, TokenizedSplit, answers_match,
+                   extract_gsm8k_answer, format_prompt)
 from .generate import GREEDY, generate, overridden_generation_settings  # noqa: F401 (re-exported)
 from .models import answer_logit_chunks, answer_logits, answer_positions, count_parameters
 from .progress import tqdm
@@ -63,29 +64,42 @@ def batch_token_budget(model: torch.nn.Module, fraction: float = 0.5) -> Optiona
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, split: TokenizedSplit, *, pad_token_id: int, batch_size: int = 16,
-               vocab_size: Optional[int] = None, desc: str = "perplexity", progress: bool = True) -> dict:
+               vocab_size: Optional[int] = None, desc: str = "perplexity", progress: bool = True,
+               per_row: bool = False) -> dict:
     """exp(mean NLL) over answer tokens only (prompt and padding never count), over the first `vocab_size`
     logits (the tokenizer's; an output layer's padding rows never take probability, as in the losses).
 
     Runs on the model's device a chunk of tokens at a time (never the (N, V) logits of a batch, nothing of
     size V on the host); batches hold at most `batch_size` rows and, on a GPU, what its free memory allows.
-    Returns {"perplexity", "nll", "tokens"}.
+    Returns {"perplexity", "nll", "tokens"}; with `per_row`, also "row_nll" and "row_tokens": each row's summed
+    NLL and answer-token count, in split order (for paired comparisons of two models on the same items).
     """
     model.eval()
     collate = PaddingCollator(pad_token_id, "right")
     device = _device(model)
     total_nll = torch.zeros((), dtype=torch.float64, device=device)
     total_tokens = 0
+    row_nll = torch.zeros(len(split), dtype=torch.float64, device=device)
+    row_tokens = [0] * len(split)
     batches = eval_batches([len(f["input_ids"]) for f in split.features], batch_size, batch_token_budget(model))
     for rows in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = {k: v.to(device) for k, v in collate([split[i] for i in rows]).items()}
         select = answer_positions(batch["labels"])
         targets = batch["labels"][:, 1:][select[:, :-1]]
+        owner = torch.tensor(rows, device=device)[select.nonzero()[:, 0]]  # the split row of each target
         for i, logits in answer_logit_chunks(model, batch["input_ids"], batch["attention_mask"], select, vocab_size):
-            total_nll += F.cross_entropy(logits, targets[i:i + logits.shape[0]], reduction="sum").double()
+            nll = F.cross_entropy(logits, targets[i:i + logits.shape[0]], reduction="none").double()
+            total_nll += nll.sum()
+            if per_row:
+                row_nll.index_add_(0, owner[i:i + logits.shape[0]], nll)
+        for r, n in zip(rows, select.sum(1).tolist()):
+            row_tokens[r] = n
         total_tokens += targets.numel()
     nll = float(total_nll) / max(total_tokens, 1)
-    return {"perplexity": math.exp(nll), "nll": nll, "tokens": total_tokens}
+    out = {"perplexity": math.exp(nll), "nll": nll, "tokens": total_tokens}
+    if per_row:
+        out.update(row_nll=row_nll.tolist(), row_tokens=row_tokens)
+    return out
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
@@ -99,19 +113,72 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+LM_EVAL_GSM8K_STOP = ("Question:", "</s>", "<|im_end|>")  # lm-eval gsm8k's `until`
+LM_EVAL_FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
+
+
+def lm_eval_gsm8k_prompts(examples: Sequence[Example], pool: Sequence[Example], k: int,
+                          seed: int = LM_EVAL_FEWSHOT_SEED) -> list[str]:
+    """lm-evaluation-harness ``gsm8k`` contexts: for each question in order, `k` training rows drawn by one
+    ``random.Random(seed)`` shared across questions (``rnd.sample(pool, k)``), each ``Question: q\nAnswer: a``
+    with the published answer (calculator notes kept), joined by blank lines, then ``Question: q\nAnswer:``.
+    Plain text, no chat template."""
+    import random
+
+    rnd = random.Random(seed)
+    out = []
+    for e in examples:
+        shots = rnd.sample(list(pool), k) if k else []
+        text = "".join(f"Question: {s.question}\nAnswer: {s.reference or s.target}\n\n" for s in shots)
+        out.append(text + f"Question: {e.question}\nAnswer:")
+    return out
+
+
+_LM_EVAL_IGNORE = (re.compile(","), re.compile(r"\$"), re.compile(r"(?s).*#### "), re.compile(r"\.$"))
+_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+def lm_eval_gsm8k_match(output: str, reference: str) -> dict:
+    """lm-eval gsm8k's two filters on a model output, each scored by its exact_match (case and the `,` `$`
+    `.*#### ` `.$` patterns ignored on both sides): strict-match takes the first ``#### number``;
+    flexible-extract the last number-like span. Returns {"strict": bool, "flexible": bool}."""
+    def clean(text: str) -> str:
+        for pattern in _LM_EVAL_IGNORE:
+            text = pattern.sub("", text)
+        return text.lower()
+
+    strict = _STRICT.search(output)
+    spans = _FLEXIBLE.findall(output)
+    flexible = next((g for g in spans[-1] if g), None) if spans else None
+    gold = clean(reference)
+    return {"strict": strict is not None and clean(strict.group(1)) == gold,
+            "flexible": flexible is not None and clean(flexible) == gold}
+
+
 def gsm8k_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *,
                    system_prompt: Optional[str] = None, max_new_tokens: int = 192, batch_size: int = 16,
-                   shots: Sequence[Example] = (), desc: str = "GSM8K", progress: bool = True) -> dict:
+                   shots: Sequence[Example] = (), fewshot: str = "first", num_fewshot: int = 5,
+                   desc: str = "GSM8K", progress: bool = True) -> dict:
     """Exact-match accuracy of the final number, with a 95% interval and every row for inspection.
 
-    `shots`: worked examples shown before each question as earlier conversation turns (few-shot);
-    take them from the training split, never from the questions scored.
-    Returns {"accuracy", "correct", "total", "ci95", "seconds", "rows"}; each row holds the question,
-    the model's output, the extracted number and the gold one.
+    fewshot="first": `shots` (worked examples from the training split, never the questions scored) shown before
+    each question as earlier conversation turns of the chat template. fewshot="lm_eval": lm-eval's ``gsm8k``
+    protocol, `num_fewshot` rows drawn from `shots` (the training pool) with seed 1234, plain text, its stop
+    strings; the rows and the result then also carry lm-eval's strict-match and flexible-extract scores.
+    Returns {"accuracy", "correct", "total", "ci95", "seconds", "rows"} (+ "strict_match", "flexible_extract");
+    each row holds the question, the model's output, the extracted number and the gold one.
     """
-    pairs = [(e.question, e.target) for e in shots]
-    prompts = [format_prompt(tokenizer, e.question, system_prompt, pairs) for e in examples]
-    stop = () if getattr(tokenizer, "chat_template", None) else ("\nQuestion:",)
+    lm_eval = fewshot == "lm_eval"
+    if fewshot not in ("first", "lm_eval"):
+        raise ValueError(f"fewshot={fewshot!r}: use 'first' or 'lm_eval'.")
+    if lm_eval:
+        prompts = lm_eval_gsm8k_prompts(examples, shots, num_fewshot if shots else 0)
+        stop = LM_EVAL_GSM8K_STOP
+    else:
+        pairs = [(e.question, e.target) for e in shots]
+        prompts = [format_prompt(tokenizer, e.question, system_prompt, pairs) for e in examples]
+        stop = () if getattr(tokenizer, "chat_template", None) else ("\nQuestion:",)
     start = time.perf_counter()
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        stop=stop, desc=desc, progress=progress)
@@ -121,10 +188,15 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example
         predicted = extract_gsm8k_answer(output)
         rows.append({"where": example.where, "question": example.question, "output": output,
                      "extracted": predicted, "gold": example.answer, "correct": answers_match(predicted, example.answer)})
+        if lm_eval:
+            match = lm_eval_gsm8k_match(output, example.reference or example.target)
+            rows[-1].update(strict_match=match["strict"], flexible_extract=match["flexible"])
     correct = sum(r["correct"] for r in rows)
     low, high = wilson_interval(correct, len(rows))
+    extra = {key: sum(r[key] for r in rows) / max(len(rows), 1) for key in ("strict_match", "flexible_extract")
+             if lm_eval}
     return {"accuracy": correct / max(len(rows), 1), "correct": correct, "total": len(rows), "ci95": (low, high),
-            "seconds": seconds, "rows": rows, "decoding": "greedy",
+            "seconds": seconds, "rows": rows, "decoding": "greedy", "fewshot": fewshot, **extra,
             "overridden": overridden_generation_settings(model)}
 
 
@@ -244,6 +316,88 @@ def mmlu_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example]
             "predicted_letters": predicted, "favourite_letter": favourite,
             "favourite_letter_accuracy": sum(r["gold"] == favourite for r in rows) / max(1, len(rows)),
             "shots": shots, "shots_dropped": dropped, "seconds": seconds, "rows": rows}
+
+
+# -- MMLU: cloze scoring -------------------------------------------------------------------------------------------
+
+def mmlu_cloze_context(example: Example, shots: Sequence[Example] = ()) -> str:
+    """lm-evaluation-harness's ``mmlu_continuation`` context: ``The following are questions (with answers) about
+    <subject>.`` then, per question, ``Question: <stem>`` and ``Answer:`` (shots end with `` <answer text>``).
+    No lettered choices: each choice's text is scored as the continuation."""
+    if example.choices is None or example.stem is None:
+        raise ValueError(f"{example.where}: not an MMLU example (no stem / choices); load it with data.load_mmlu.")
+    subject = (example.subject or "general knowledge").replace("_", " ")
+
+    def block(e: Example) -> str:
+        return f"Question: {e.stem.strip()}\nAnswer:"
+
+    text = f"The following are questions (with answers) about {subject}.\n\n"
+    text += "".join(f"{block(s)} {s.choices[MMLU_LETTERS.index(s.answer)]}\n\n" for s in shots)
+    return text + block(example)
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Tokens of a context and its continuation as lm-evaluation-harness encodes them: trailing spaces of the
+    context move to the continuation, the whole string is encoded once and split at the context's length (so
+    the first continuation token is the one the tokenizer really produces after the context)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    start = len(tokenizer.encode(context))
+    return whole[:start], whole[start:]
+
+
+@torch.no_grad()
+def mmlu_cloze_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *, shots: int = 0,
+                        shot_pool: Optional[Sequence[Example]] = None, batch_size: int = 16, max_length: int = 2048,
+                        desc: str = "MMLU cloze", progress: bool = True) -> dict:
+    """MMLU by the likelihood of each choice's text (lm-eval's ``mmlu_continuation``): the sum of the log-probs of
+    `` <choice>`` after the question, for the four choices. `acc` takes the largest sum; `acc_norm` divides each
+    sum by the choice's length in characters first (lm-eval's normalisation), which removes most of the bias
+    towards short answers. Batched over all (question, choice) pairs, with per-subject results, Wilson
+    intervals and per-question rows.
+
+    Returns {"accuracy", "accuracy_norm", "correct", "correct_norm", "total", "ci95", "ci95_norm",
+    "per_subject": {subject: {"accuracy", "accuracy_norm", "total"}}, "rows", "seconds"}."""
+    pool: dict[str, list[Example]] = {}
+    for e in (shot_pool if shot_pool is not None else examples):
+        pool.setdefault(e.subject, []).append(e)
+    features = []
+    for e in examples:
+        context = mmlu_cloze_context(e, _mmlu_shots(e, pool, shots))
+        for choice in e.choices:
+            ctx, cont = encode_pair(tokenizer, context, " " + choice)
+            ids = (ctx + cont)[-max_length:]
+            features.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (len(ids) - len(cont)) + cont})
+    split = TokenizedSplit(features, [], LoadReport(source="MMLU cloze pairs", rows=len(features)), max_length, "")
+    start = time.perf_counter()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scored = perplexity(model, split, pad_token_id=pad, batch_size=batch_size, vocab_size=len(tokenizer),
+                        desc=desc, progress=progress, per_row=True)
+    seconds = time.perf_counter() - start
+    rows, per_subject = [], {}
+    for q, e in enumerate(examples):
+        lls = [-scored["row_nll"][4 * q + j] for j in range(4)]
+        norm = [ll / max(1, len(c)) for ll, c in zip(lls, e.choices)]
+        gold = MMLU_LETTERS.index(e.answer)
+        pred, pred_norm = max(range(4), key=lls.__getitem__), max(range(4), key=norm.__getitem__)
+        rows.append({"where": e.where, "subject": e.subject, "gold": e.answer, "predicted": MMLU_LETTERS[pred],
+                     "predicted_norm": MMLU_LETTERS[pred_norm], "correct": pred == gold,
+                     "correct_norm": pred_norm == gold, "choice_loglik": [round(x, 4) for x in lls]})
+        stats = per_subject.setdefault(e.subject, {"correct": 0, "correct_norm": 0, "total": 0})
+        stats["correct"] += pred == gold
+        stats["correct_norm"] += pred_norm == gold
+        stats["total"] += 1
+    for stats in per_subject.values():
+        stats["accuracy"], stats["accuracy_norm"] = (stats["correct"] / stats["total"],
+                                                     stats["correct_norm"] / stats["total"])
+    n = max(1, len(rows))
+    correct, correct_norm = sum(r["correct"] for r in rows), sum(r["correct_norm"] for r in rows)
+    return {"accuracy": correct / n, "accuracy_norm": correct_norm / n, "correct": correct,
+            "correct_norm": correct_norm, "total": len(rows), "ci95": wilson_interval(correct, len(rows)),
+            "ci95_norm": wilson_interval(correct_norm, len(rows)), "per_subject": dict(sorted(per_subject.items())),
+            "shots": shots, "seconds": seconds, "rows": rows}
 
 
 # -- teacher-student agreement ---------------------------------------------------------------------------------
@@ -389,21 +543,19 @@ def evaluate_model(label: str, model: torch.nn.Module, tokenizer, eval_split: To
     row = {"model": label, "parameters": count_parameters(model), "perplexity": ppl["perplexity"],
            "answer_tokens": ppl["tokens"]}
     if eval_cfg.generate_samples > 0:
+        mode = getattr(eval_cfg, "gsm8k_fewshot", "first")
         acc = gsm8k_accuracy(model, tokenizer, eval_split.examples[:eval_cfg.generate_samples],
                              system_prompt=system_prompt, max_new_tokens=eval_cfg.max_new_tokens,
-                             batch_size=eval_cfg.batch_size, shots=gsm_shots, desc=f"{label}: GSM8K",
-                             progress=progress)
+                             batch_size=eval_cfg.batch_size, shots=gsm_shots, fewshot=mode,
+                             num_fewshot=eval_cfg.gsm8k_shots, desc=f"{label}: GSM8K", progress=progress)
         row.update(accuracy=acc["accuracy"], correct=acc["correct"], questions=acc["total"],
                    ci95_low=acc["ci95"][0], ci95_high=acc["ci95"][1], generation_s=acc["seconds"],
                    decoding="greedy" + (" (overrode the model's " + ", ".join(
                        f"{k}={v}" for k, v in acc["overridden"].items()) + ")" if acc["overridden"] else ""),
                    generations=acc["rows"])
+        row.update({k: acc[k] for k in ("strict_match", "flexible_extract") if k in acc})
     if mmlu_examples:
-        mmlu = mmlu_accuracy(model, tokenizer, mmlu_examples, shots=eval_cfg.mmlu_shots,
-                             batch_size=eval_cfg.batch_size, desc=f"{label}: MMLU", progress=progress)
-        row.update(mmlu=mmlu["accuracy"], mmlu_macro=mmlu["macro"], mmlu_questions=mmlu["total"],
-                   mmlu_ci95_low=mmlu["ci95"][0], mmlu_ci95_high=mmlu["ci95"][1], mmlu_s=mmlu["seconds"],
-                   mmlu_per_subject=mmlu["per_subject"], mmlu_rows=mmlu["rows"])
+        row.update(mmlu_scores(model, tokenizer, mmlu_examples, eval_cfg, label, progress))
     if teacher is not None and teacher is not model and getattr(eval_cfg, "agreement", False):
         agree = agreement(teacher, model, eval_split, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
                           batch_size=eval_cfg.batch_size, progress=progress)
@@ -417,7 +569,67 @@ def evaluate_model(label: str, model: torch.nn.Module, tokenizer, eval_split: To
     return row
 
 
-DETAIL_KEYS = ("generations", "mmlu_rows", "mmlu_per_subject")  # per-question data, kept out of tables
+@torch.no_grad()
+def teacher_on_student_samples(teacher: torch.nn.Module, student: torch.nn.Module, split: TokenizedSplit, *,
+                               pad_token_id: int, eos_token_id, questions: int = 8, max_new_tokens: int = 64,
+                               batch_size: int = 8, seed: int = 0, vocab_size: Optional[int] = None) -> dict:
+    """How the teacher judges what the student writes: the student samples answers to the first `questions`
+    held-out prompts (temperature 1), and both models score those tokens. Returns the mean log-likelihood per
+    sampled token under the teacher and under the student, and the mean sample length. A teacher that finds
+    the student's own samples about as likely as the student does has little to correct on-policy."""
+    from .generate import sample_rollouts
+
+    collate = PaddingCollator(pad_token_id, "right")
+    device = next(student.parameters()).device
+    totals, tokens = {"teacher": 0.0, "student": 0.0}, 0
+    rows = list(range(min(questions, len(split))))
+    for lo in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate([split[i] for i in rows[lo:lo + batch_size]]).items()}
+        rollout = sample_rollouts(student, batch, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+                                  seed=seed + lo, max_new_tokens=max_new_tokens).batch
+        select = answer_positions(rollout["labels"])
+        targets = rollout["labels"][:, 1:][select[:, :-1]]
+        for name, model in (("teacher", teacher), ("student", student)):
+            logits = answer_logits(model, rollout["input_ids"], rollout["attention_mask"], select)
+            logits = logits[..., :vocab_size] if vocab_size else logits
+            totals[name] += float(-F.cross_entropy(logits.float(), targets, reduction="sum"))
+        tokens += targets.numel()
+    n = max(tokens, 1)
+    return {"samples": len(rows), "sample_tokens_mean": tokens / max(len(rows), 1),
+            "teacher_logprob_per_token": totals["teacher"] / n, "student_logprob_per_token": totals["student"] / n}
+
+
+def mmlu_formats(eval_cfg, parameters: int) -> tuple[str, ...]:
+    """The MMLU formats eval.mmlu_format asks for; auto is both under 1B parameters (where letter scores measure
+    mostly letter bias), letter above."""
+    fmt = getattr(eval_cfg, "mmlu_format", "letter")
+    if fmt == "auto":
+        fmt = "both" if parameters < 1e9 else "letter"
+    return ("letter", "cloze") if fmt == "both" else (fmt,)
+
+
+def mmlu_scores(model: torch.nn.Module, tokenizer, examples: Sequence[Example], eval_cfg, label: str,
+                progress: bool = True) -> dict:
+    """The MMLU columns of a results row: letter (mmlu*) and/or cloze (mmlu_cloze*), per eval.mmlu_format."""
+    row = {}
+    formats = mmlu_formats(eval_cfg, count_parameters(model))
+    if "letter" in formats:
+        mmlu = mmlu_accuracy(model, tokenizer, examples, shots=eval_cfg.mmlu_shots, batch_size=eval_cfg.batch_size,
+                             desc=f"{label}: MMLU", progress=progress)
+        row.update(mmlu=mmlu["accuracy"], mmlu_macro=mmlu["macro"], mmlu_questions=mmlu["total"],
+                   mmlu_ci95_low=mmlu["ci95"][0], mmlu_ci95_high=mmlu["ci95"][1], mmlu_s=mmlu["seconds"],
+                   mmlu_per_subject=mmlu["per_subject"], mmlu_rows=mmlu["rows"])
+    if "cloze" in formats:
+        cloze = mmlu_cloze_accuracy(model, tokenizer, examples, shots=eval_cfg.mmlu_shots,
+                                    batch_size=eval_cfg.batch_size, desc=f"{label}: MMLU cloze", progress=progress)
+        row.update(mmlu_cloze=cloze["accuracy"], mmlu_cloze_norm=cloze["accuracy_norm"],
+                   mmlu_cloze_questions=cloze["total"], mmlu_cloze_ci95_low=cloze["ci95_norm"][0],
+                   mmlu_cloze_ci95_high=cloze["ci95_norm"][1], mmlu_cloze_s=cloze["seconds"],
+                   mmlu_cloze_per_subject=cloze["per_subject"], mmlu_cloze_rows=cloze["rows"])
+    return row
+
+
+DETAIL_KEYS = ("generations", "mmlu_rows", "mmlu_per_subject", "mmlu_cloze_rows", "mmlu_cloze_per_subject")  # per-question data, kept out of tables
 
 
 def results_table(rows: Sequence[dict]):
@@ -433,8 +645,8 @@ def results_table(rows: Sequence[dict]):
 
 def results_markdown(rows: Sequence[dict]) -> str:
     """The headline figures as a markdown table: accuracies with their 95% intervals."""
-    lines = ["| model | params (M) | perplexity | GSM accuracy (95% CI) | MMLU (95% CI) | top-1 agreement | "
-             "latency ms/token | tokens/s (batch 16) |", "|" + " --- |" * 8]
+    lines = ["| model | params (M) | perplexity | GSM accuracy (95% CI) | MMLU letter (95% CI) | MMLU cloze acc_norm "
+             "(95% CI) | top-1 agreement | latency ms/token | tokens/s (batch 16) |", "|" + " --- |" * 9]
 
     def pct(r: dict, key: str, low: str, high: str, extra: str = "") -> str:
         if r.get(key) is None:
@@ -444,11 +656,13 @@ def results_markdown(rows: Sequence[dict]) -> str:
     for r in rows:
         gsm = pct(r, "accuracy", "ci95_low", "ci95_high", f", {r.get('correct')}/{r.get('questions')}")
         mmlu = pct(r, "mmlu", "mmlu_ci95_low", "mmlu_ci95_high", f", n={r.get('mmlu_questions')}")
+        cloze = pct(r, "mmlu_cloze_norm", "mmlu_cloze_ci95_low", "mmlu_cloze_ci95_high",
+                    f", n={r.get('mmlu_cloze_questions')}")
         agree = "-" if r.get("top1_agreement") is None else f"{100 * r['top1_agreement']:.1f}%"
         lat = "-" if r.get("latency_ms_per_token") is None else f"{r['latency_ms_per_token']:.1f}"
         tps = "-" if r.get("tokens_per_s_b16") is None else f"{r['tokens_per_s_b16']:.0f}"
         lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.1f} | {r['perplexity']:,.2f} | {gsm} | {mmlu} | "
-                     f"{agree} | {lat} | {tps} |")
+                     f"{cloze} | {agree} | {lat} | {tps} |")
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt
                    load_mmlu, remove_overlap, tokenize_examples)
 from .checkpoints import list_checkpoints
 from .files import write_json
-from .evaluate import evaluate_model, results_markdown, results_table, side_by_side
+from .evaluate import evaluate_model, results_markdown, results_table, side_by_side, teacher_on_student_samples
 from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, device_capability,
                      load_student, load_teacher, offload, resolve_device, resolve_mixed_precision, resolve_precision)
 from .plan import MemoryPlan, PlanError, memory_plan
@@ -237,7 +237,9 @@ def tokenize(cfg: Config, raw: RawData, tokenizer, verbose: bool = True) -> Spli
         if verbose:
             print(f"tokens: {report}; {split.answer_tokens:,} answer tokens")
         splits.append(split)
-    return Splits(*splits, gsm_shots=list(raw.train[:cfg.eval.gsm8k_shots]), mmlu=raw.mmlu)
+    # lm_eval few-shot draws its shots from the whole training pool; "first" shows the first gsm8k_shots rows
+    shots = list(raw.train) if cfg.eval.gsm8k_fewshot == "lm_eval" else list(raw.train[:cfg.eval.gsm8k_shots])
+    return Splits(*splits, gsm_shots=shots, mmlu=raw.mmlu)
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -339,10 +341,10 @@ def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[
         handle.write(json.dumps(row) + "\n")
         handle.flush()
 
-    # Training reads the cache, so the teacher leaves the accelerator meanwhile (and comes back after).
     # Training that reads the cache (or needs no teacher) sends the teacher (`teacher`, or `park` when it is not
-    # used at all) to the host meanwhile, and brings it back after.
-    idle = teacher if cache is not None else park  # a teacher this training does not run
+    # used at all) to the host meanwhile, and brings it back after. On-policy steps need it live: it stays.
+    live = cache is None or cfg.train.on_policy > 0
+    idle = park if live else teacher  # a teacher this training does not run
     parked = idle if device.type == "cuda" else None
     teacher_home = next(parked.parameters()).device if parked is not None else None
     try:
@@ -351,7 +353,8 @@ def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[
         result = distill(student, None if parked is not None and parked is teacher else teacher, splits.train, cfg,
                          pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), teacher_cache=cache,
                          eval_split=splits.eval, eval_cache=eval_cache, checkpoint_dir=out / "checkpoints",
-                         resume=resume, on_step=on_step, progress=progress)
+                         resume=resume, on_step=on_step, progress=progress,
+                         eos_token_id=getattr(tokenizer, "eos_token_id", None))
     finally:
         if handle is not None:
             handle.close()
@@ -396,8 +399,8 @@ def train_baseline(cfg: Config, student_init: torch.nn.Module, splits: Splits, t
     on the host meanwhile."""
     if not cfg.eval.baseline:
         return None, None
-    base_cfg = apply_overrides(cfg, {"loss.alpha": 1.0, "run.out_dir": str(run_dir(cfg)), "run.name": "baseline",
-                                     "run.figures_dir": None})
+    base_cfg = apply_overrides(cfg, {"loss.alpha": 1.0, "train.on_policy": 0.0, "run.out_dir": str(run_dir(cfg)),
+                                     "run.name": "baseline", "run.figures_dir": None})
     print(f"baseline: plain fine-tuning, loss.alpha=1, {cfg.train.max_steps} steps")
     wanted = cfg.train.resume if resume is None else resume
     started = bool(list_checkpoints(run_dir(base_cfg) / "checkpoints"))
@@ -441,7 +444,8 @@ def compare_generations(cfg: Config, models: dict[str, torch.nn.Module], tokeniz
 
 
 def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequence[dict],
-                 train_result: Optional[TrainResult] = None, overrides: Sequence[str] = ()) -> Path:
+                 train_result: Optional[TrainResult] = None, overrides: Sequence[str] = (),
+                 preflight: Optional[dict] = None, on_policy_preview: Optional[dict] = None) -> Path:
     """Write results.json (with per-subject MMLU, and whether the student collapsed), results.md,
     generations.jsonl (every GSM question, output, extracted and gold answer), mmlu.jsonl (every MMLU
     question's letter scores) and the student (save_pretrained) into runs/<name>/."""
@@ -452,14 +456,17 @@ def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequ
         train_result.collapsed = (f"the held-out perplexity {after['perplexity']:,.0f} is no better than guessing "
                                   f"uniformly over {len(tokenizer):,} tokens (lower train.lr)")
         print(f"WARNING: the student collapsed: {train_result.collapsed}.")
-    summary = [{k: v for k, v in r.items() if k not in ("generations", "mmlu_rows")} for r in results]
+    summary = [{k: v for k, v in r.items() if k not in ("generations", "mmlu_rows", "mmlu_cloze_rows")}
+               for r in results]
     extra = {"train_seconds": train_result.seconds, "steps": train_result.steps,
              "collapsed": train_result.collapsed} if train_result else {}
     write_json(out / "results.json", {"preset": cfg.preset, "environment": hardware_line(), "results": summary,
-                                      "train_overrides": list(overrides), **extra})
+                                      "train_overrides": list(overrides), "preflight": preflight,
+                                      "on_policy_preview": on_policy_preview, **extra})
     (out / "results.md").write_text(results_markdown(results) + "\n")
-    for name, key in (("generations.jsonl", "generations"), ("mmlu.jsonl", "mmlu_rows")):
-        if name == "mmlu.jsonl" and not any(r.get(key) for r in results):
+    for name, key in (("generations.jsonl", "generations"), ("mmlu.jsonl", "mmlu_rows"),
+                      ("mmlu_cloze.jsonl", "mmlu_cloze_rows")):
+        if name != "generations.jsonl" and not any(r.get(key) for r in results):
             continue
         with (out / name).open("w") as handle:
             for r in results:
@@ -474,13 +481,15 @@ def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequ
 SECTIONS = (("configure", "1. Configuration"), ("load_data", "2. Data"), ("load_teacher", "3. Teacher"),
             ("teacher_answers", "3b. Teacher answers"), ("load_student", "4. Student and tokenization"),
             ("build_cache", "4b. Teacher cache"), ("evaluate_before", "5. Before training"),
-            ("distil", "6. Distillation"), ("train_baseline", "6b. Baseline"), ("evaluate_after", "7. Evaluation after"),
+            ("preflight", "5b. Preflight"), ("distil", "6. Distillation"), ("train_baseline", "6b. Baseline"),
+            ("on_policy_preview", "6c. On-policy preview"),
+            ("evaluate_after", "7. Evaluation after"),
             ("plots", "8. Plots"), ("side_by_side", "9. Side by side"), ("save", "10. Save"))
 _TITLES = dict(SECTIONS)
 TRAINING_SECTIONS = ("loss", "train")  # what the training cell may override; the rest is fixed by earlier cells
 _FIXED_BY = {"data": "2. Data", "teacher": "3. Teacher", "student": "4. Student and tokenization",
-             "teacher_cache": "4b. Teacher cache", "generate": "3b. Teacher answers", "eval": "5. Before training", "run": "1. Configuration",
-             "preset": "1. Configuration"}
+             "teacher_cache": "4b. Teacher cache", "generate": "3b. Teacher answers", "eval": "5. Before training",
+             "run": "1. Configuration", "preset": "1. Configuration"}
 
 
 def _section(method):
@@ -551,6 +560,8 @@ class Experiment:
         self.trained: Optional[Trained] = None
         self.baseline: Optional[Trained] = None
         self.figures: dict[str, Any] = {}
+        self.checks: Optional[dict] = None
+        self.preview: Optional[dict] = None
         self.comparison = None
         self.out = run_dir(cfg)
 
@@ -630,6 +641,33 @@ class Experiment:
                                                       splits, self.progress, self.agree_with)
         return self.results
 
+    @_section
+    def preflight(self) -> dict:
+        """Does the teacher have anything to give? The teacher against the untrained student (from section 5)
+        and the teacher's log-likelihood of the student's own samples, with a plain warning when the teacher
+        adds little. Kept in results.json."""
+        if not self.main or not {"teacher", "student before"} <= set(self.results):
+            raise RuntimeError("Run section 5. Before training first (Experiment.evaluate_before()).")
+        gap = None
+        if self.shared:
+            with visiting(self.student_init, self.device):
+                gap = teacher_on_student_samples(
+                    self.teacher, self.student_init, self.splits.eval, pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id, questions=min(8, len(self.splits.eval)),
+                    max_new_tokens=min(64, self.cfg.eval.max_new_tokens), batch_size=self.cfg.eval.batch_size,
+                    vocab_size=len(self.tokenizer))
+        self.checks = {"samples": gap, "warnings": preflight_warnings(self.results, gap)}
+        if gap:
+            print(f"preflight: per token of the untrained student's own samples ({gap['samples']} answers of "
+                  f"{gap['sample_tokens_mean']:.0f} tokens), log-likelihood {gap['teacher_logprob_per_token']:.2f} "
+                  f"under the teacher, {gap['student_logprob_per_token']:.2f} under the student")
+        for warning in self.checks["warnings"]:
+            print(f"WARNING: {warning}")
+        if not self.checks["warnings"]:
+            print("preflight: the teacher is clearly ahead of the untrained student; distillation has something to "
+                  "transfer.")
+        return self.checks
+
     def training_config(self, overrides: Sequence[str] | dict = ()) -> Config:
         """The experiment's config with the training cell's overrides: loss.* and train.* only (except
         train.device); a setting of a stage already built is refused with the cell to change it in."""
@@ -675,6 +713,35 @@ class Experiment:
         return self.baseline
 
     @_section
+    def on_policy_preview(self) -> Optional[dict]:
+        """A short on-policy run (eval.on_policy_preview steps; 0 skips): the untrained student samples its own
+        answers and the live teacher scores them (train.on_policy=1, reverse KL at T=1, the usual on-policy
+        setting), beside the main training's history at the same step. Kept in results.json, not in the table."""
+        trained = self._need("trained", "distil")
+        steps = self.cfg.eval.on_policy_preview
+        if not steps or not self.shared:
+            self.preview = None
+            return None
+        cfg = apply_overrides(trained.cfg, {"train.on_policy": 1.0, "loss.divergence": "reverse_kl",
+                                            "loss.temperature": 1.0, "loss.alpha": min(trained.cfg.loss.alpha, 0.5),
+                                            "train.max_steps": steps, "train.eval_every": steps,
+                                            "train.checkpoint_every": 0, "run.out_dir": str(run_dir(trained.cfg)),
+                                            "run.name": "on_policy_preview", "run.figures_dir": None})
+        student, result = train_student(cfg, self.student_init, self.teacher, self.splits, self.tokenizer,
+                                        self.progress, self.cache)
+        last = result.history[-1]
+        same_step = next((h for h in trained.result.history if h["step"] == steps), {})
+        self.preview = {"steps": steps, "seconds": result.seconds, "eval_ppl": last.get("eval_ppl"),
+                        "eval_reverse_kl": last.get("eval_kd"), "rollout_tokens_mean": _mean_of(
+                            result.history, "rollout_tokens_mean"), "main_eval_ppl_same_step": same_step.get("eval_ppl")}
+        self.say(f"on-policy preview: {steps} steps in {result.seconds:.0f} s ({result.seconds / steps:.1f} s/step, "
+                 f"rollouts of {self.preview['rollout_tokens_mean']:.0f} tokens on average); held-out perplexity "
+                 f"{last.get('eval_ppl', float('nan')):,.2f}" + (
+                     f" (the main training at step {steps}: {same_step['eval_ppl']:,.2f})"
+                     if same_step.get("eval_ppl") is not None else ""))
+        return self.preview
+
+    @_section
     def evaluate_after(self) -> dict[str, dict]:
         """Results rows of the trained student and the baseline (main process only)."""
         trained = self._need("trained", "distil")
@@ -704,7 +771,14 @@ class Experiment:
         trained = self._need("trained", "distil")
         if self.main and self.cfg.eval.side_by_side:
             models = {"teacher": self.teacher, "student before": self.student_init, "student after": trained.student}
-            self.comparison = compare_generations(self.cfg, models, self.tokenizer, self.splits, self.progress)
+            k, ev = self.cfg.eval.side_by_side, self.cfg.eval
+            done = {name: [g["output"] for g in (self.results.get(name) or {}).get("generations", [])[:k]]
+                    for name in models}
+            if ev.gsm8k_shots == 0 and all(len(v) == min(k, len(self.splits.eval)) for v in done.values()):
+                # the accuracy runs already answered these questions, with the same prompt and greedy decoding
+                self.comparison = side_by_side(self.splits.eval.examples[:k], done)
+            else:
+                self.comparison = compare_generations(self.cfg, models, self.tokenizer, self.splits, self.progress)
         return self.comparison
 
     @_section
@@ -716,7 +790,7 @@ class Experiment:
             return self.out
         trained.cfg.to_yaml(self.out / "config.yaml")
         out = save_outputs(trained.cfg, trained.student, self.tokenizer, list(self.results.values()), trained.result,
-                           overrides=trained.overrides)
+                           overrides=trained.overrides, preflight=self.checks, on_policy_preview=self.preview)
         if self.comparison is not None:
             self.comparison.to_json(out / "side_by_side.jsonl", orient="records", lines=True, force_ascii=False)
         write_json(out / "timings.json", {"sections_s": {k: round(v, 2) for k, v in self.timings.items()}})
@@ -743,6 +817,32 @@ class Experiment:
             print(self.timing_table())
         return {"out": self.out, "results": list(self.results.values()),
                 "history": self.trained.result.history if self.trained else []}
+
+
+def _mean_of(history: Sequence[dict], key: str) -> Optional[float]:
+    values = [h[key] for h in history if h.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def preflight_warnings(results: dict[str, dict], gap: Optional[dict]) -> list[str]:
+    """Plain warnings when the teacher has little to give the student (from the rows of section 5)."""
+    teacher, before = results["teacher"], results["student before"]
+    warnings = []
+    if teacher["perplexity"] >= 0.9 * before["perplexity"]:
+        warnings.append(f"the teacher's held-out perplexity ({teacher['perplexity']:,.2f}) is not clearly below the "
+                        f"untrained student's ({before['perplexity']:,.2f}): there is little for it to transfer.")
+    if teacher.get("accuracy") is not None and teacher["ci95_high"] < 0.2:
+        warnings.append(f"the teacher solves {teacher['correct']}/{teacher['questions']} held-out problems (95% "
+                        f"interval up to {100 * teacher['ci95_high']:.0f}%): its distributions can transfer fluency "
+                        f"and style, not correct answers; expect fine-tuning on the reference answers to match it "
+                        f"on accuracy.")
+    if before.get("top1_agreement") is not None and before["top1_agreement"] > 0.9:
+        warnings.append(f"the untrained student already agrees with the teacher on "
+                        f"{100 * before['top1_agreement']:.0f}% of held-out tokens.")
+    if gap and gap["teacher_logprob_per_token"] <= gap["student_logprob_per_token"] + 0.1:
+        warnings.append("the teacher finds the student's own samples about as likely as the student does: "
+                        "on-policy distillation has little to correct.")
+    return warnings
 
 
 def summarize(results: dict[str, dict], cfg: Config, train_result: Optional[TrainResult]) -> str:

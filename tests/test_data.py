@@ -122,7 +122,7 @@ def test_held_out_questions_are_removed_from_training():
 
 def test_format_prompt_plain_and_chat(tiny_tokenizer):
     assert tiny_tokenizer.chat_template is None
-    assert format_prompt(tiny_tokenizer, "What is 2+2?") == "Question: What is 2+2?\nAnswer: "
+    assert format_prompt(tiny_tokenizer, "What is 2+2?") == "Question: What is 2+2?\nAnswer:"
     assert format_prompt(tiny_tokenizer, "Q", "Be brief.").startswith("Be brief.\n\nQuestion: Q")
 
     class Chat:
@@ -142,7 +142,9 @@ def test_prompt_tokens_are_masked(tiny_tokenizer):
     assert feat["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert feat["labels"][n_prompt:] == feat["input_ids"][n_prompt:]
     answer = tiny_tokenizer.decode(feat["input_ids"][n_prompt:])
-    assert answer == ex.target + tiny_tokenizer.eos_token
+    assert answer == " " + ex.target + tiny_tokenizer.eos_token  # the plain template's space opens the answer
+    prompt = tiny_tokenizer.decode(feat["input_ids"][:n_prompt])
+    assert prompt.endswith("Answer:")  # never a lone trailing space token
 
 
 def test_overlong_policies(tiny_tokenizer):

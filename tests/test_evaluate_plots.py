@@ -159,7 +159,7 @@ def test_gsm8k_few_shot_prompts_show_the_shots(monkeypatch, tiny_teacher, tiny_t
     monkeypatch.setattr(ev, "generate", fake_generate)
     shots = [Example("What is 1+1?", "1+1 = 2\n#### 2", "2", "s1")]
     gsm8k_accuracy(tiny_teacher, tiny_tokenizer, [Example("q", "t", "1", "r")], shots=shots, progress=False)
-    assert "Question: What is 1+1?\nAnswer: 1+1 = 2\n#### 2\n\nQuestion: q\nAnswer: " == seen["prompts"][0]
+    assert "Question: What is 1+1?\nAnswer: 1+1 = 2\n#### 2\n\nQuestion: q\nAnswer:" == seen["prompts"][0]
     assert seen["stop"] == ("\nQuestion:",)  # plain template: stop before the model invents the next question
 
 
