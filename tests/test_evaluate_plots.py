@@ -262,3 +262,43 @@ def test_eval_batches_respect_a_token_budget():
     assert sorted(i for b in batches for i in b) == list(range(6))
     assert all(max(lengths[i] for i in b) * len(b) <= 100 or len(b) == 1 for b in batches)
     assert all(len(b) <= 4 for b in eval_batches(lengths, batch_size=4))
+
+
+def test_mmlu_cloze_scores_are_the_choice_log_likelihoods(tiny_teacher, tiny_tokenizer):
+    """Each choice's score is the summed log-prob of its tokens after the context (one forward per pair, by
+    hand); acc takes the largest sum, acc_norm the largest per character; batching changes nothing."""
+    from pocket_teacher.data import mmlu_example
+    from pocket_teacher.evaluate import encode_pair, mmlu_cloze_accuracy, mmlu_cloze_context
+
+    rows = [{"question": f"Item {i}?", "subject": "virology" if i % 2 else "astronomy",
+             "choices": ["a", "bb bb bb bb", "ccc", "d d"], "answer": i % 4} for i in range(5)]
+    examples = [mmlu_example(r, f"t:{i}") for i, r in enumerate(rows)]
+    out = mmlu_cloze_accuracy(tiny_teacher, tiny_tokenizer, examples, batch_size=3, progress=False)
+    one = mmlu_cloze_accuracy(tiny_teacher, tiny_tokenizer, examples, batch_size=1, progress=False)
+    for e, row, single in zip(examples, out["rows"], one["rows"]):
+        context = mmlu_cloze_context(e)
+        for choice, got, alone in zip(e.choices, row["choice_loglik"], single["choice_loglik"]):
+            ctx, cont = encode_pair(tiny_tokenizer, context, " " + choice)
+            ids = torch.tensor([ctx + cont])
+            logp = torch.log_softmax(tiny_teacher(ids).logits[0, :-1].float(), -1)
+            manual = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+            assert got == pytest.approx(manual, abs=2e-3) and alone == pytest.approx(got, abs=2e-3)
+        norm = [ll / len(c) for ll, c in zip(row["choice_loglik"], e.choices)]
+        assert row["predicted"] == "ABCD"[max(range(4), key=row["choice_loglik"].__getitem__)]
+        assert row["predicted_norm"] == "ABCD"[max(range(4), key=norm.__getitem__)]
+    assert out["accuracy"] == sum(r["correct"] for r in out["rows"]) / 5
+    assert set(out["per_subject"]) == {"astronomy", "virology"}
+
+
+def test_mmlu_format_auto_reports_both_for_small_models(tiny_teacher, tiny_tokenizer, tiny_cfg):
+    from pocket_teacher.config import apply_overrides
+    from pocket_teacher.data import mmlu_example
+    from pocket_teacher.evaluate import mmlu_formats, mmlu_scores
+
+    assert mmlu_formats(tiny_cfg.eval, 135_000_000) == ("letter", "cloze")
+    assert mmlu_formats(tiny_cfg.eval, 7_000_000_000) == ("letter",)
+    examples = [mmlu_example({"question": "Q?", "subject": "s", "choices": list("wxyz"), "answer": 2}, "t:0")]
+    row = mmlu_scores(tiny_teacher, tiny_tokenizer, examples, tiny_cfg.eval, "m", progress=False)
+    assert {"mmlu", "mmlu_cloze", "mmlu_cloze_norm"} <= set(row)
+    cloze_only = apply_overrides(tiny_cfg, ["eval.mmlu_format=cloze"]).eval
+    assert "mmlu" not in mmlu_scores(tiny_teacher, tiny_tokenizer, examples, cloze_only, "m", progress=False)
