@@ -32,7 +32,9 @@ SHARED = ROOT.parent / "shared" / "data"
 def mmlu_subset(path: Path, per_subject: int) -> list[dict]:
     """The first `per_subject` rows of each subject, in file order (0 = every row)."""
     rows, seen = [], {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").split("\n"):  # not splitlines: rows hold U+2028 and friends
+        if not line.strip():
+            continue
         row = json.loads(line)
         seen[row["subject"]] = seen.get(row["subject"], 0) + 1
         if not per_subject or seen[row["subject"]] <= per_subject:

@@ -121,14 +121,33 @@ class TeacherConfig:
 class StudentConfig:
     """The trainable student."""
 
-    source: str = knob("derive", "\"derive\" (layer subset of the teacher), a Hub id or a local folder")
+    source: str = knob("derive", "\"derive\" (layer subset of the teacher), \"config\" (the teacher's architecture "
+                                 "with the shape below), a Hub id or a local folder")
     revision: Optional[str] = knob(None, "Hub revision for a Hub id")
     num_layers: int = knob(10, "layers kept when deriving, spread evenly over the teacher's (first and last kept)")
     layers: Optional[list[int]] = knob(None,
         "explicit teacher layer indices to keep when deriving (overrides num_layers)")
+    layer_selection: str = knob("even", "which teacher layers derive / prune keep: even (spread, first and last "
+                                        "kept) or importance (ShortGPT block influence on training text)")
+    hidden_size: Optional[int] = knob(None, "source=config: model width (None = the teacher's)")
+    num_heads: Optional[int] = knob(None, "source=config: attention heads (None = the teacher's)")
+    num_kv_heads: Optional[int] = knob(None, "source=config: key/value heads (None = the teacher's, at most num_heads)")
+    intermediate_size: Optional[int] = knob(None, "source=config: MLP width (None = the teacher's)")
+    init: str = knob("prune", "source=config: prune (the teacher's most important layers, heads and channels, "
+                              "Minitron-style) or random (fresh weights)")
+    calibration_rows: int = knob(64, "training rows the importance measurements read")
 
     def check(self) -> None:
-        if self.source != "derive":
+        _check_choice("student.layer_selection", self.layer_selection, ("even", "importance"))
+        _check_choice("student.init", self.init, ("random", "prune"))
+        _check_positive("student.calibration_rows", self.calibration_rows)
+        for name in ("hidden_size", "num_heads", "num_kv_heads", "intermediate_size"):
+            if getattr(self, name) is not None:
+                _check_positive(f"student.{name}", getattr(self, name))
+        if self.num_heads and self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            _fail("student.num_kv_heads", self.num_kv_heads, f"student.num_heads={self.num_heads} must be a multiple "
+                  f"of it.")
+        if self.source not in ("derive", "config"):
             return
         _check_positive("student.num_layers", self.num_layers)
         if self.layers is not None:

@@ -225,7 +225,7 @@ def sample_rollouts(model: torch.nn.Module, batch: dict, *, pad_token_id: int, e
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     config = GenerationConfig(**{**GREEDY, "do_sample": True, "temperature": temperature, "top_p": top_p,
                                  "top_k": 0}, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
-                              eos_token_id=eos or None)
+                              eos_token_id=eos or None, use_cache=True)
     was_training = model.training
     model.eval()
     devices = [device] if device.type == "cuda" else []
@@ -233,8 +233,7 @@ def sample_rollouts(model: torch.nn.Module, batch: dict, *, pad_token_id: int, e
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             out = model.generate(input_ids=left["input_ids"].to(device),
-                                 attention_mask=left["attention_mask"].to(device), generation_config=config,
-                                 use_cache=True)
+                                 attention_mask=left["attention_mask"].to(device), generation_config=config)
     finally:
         model.train(was_training)
     new = out[:, left["input_ids"].shape[1]:].tolist()

@@ -468,14 +468,40 @@ def derive_student(teacher: torch.nn.Module, layers: Optional[Sequence[int]] = N
     return student.to(next(teacher.parameters()).device).train()
 
 
-def load_student(student_cfg, teacher: torch.nn.Module, teacher_tokenizer, device: torch.device | str = "cpu"):
-    """(trainable fp32 model, tokenizer, ModelInfo): derived from the teacher, or loaded."""
+def load_student(student_cfg, teacher: torch.nn.Module, teacher_tokenizer, device: torch.device | str = "cpu",
+                 calibration_texts: Optional[Sequence[str]] = None):
+    """(trainable fp32 model, tokenizer, ModelInfo): derived from the teacher, built from a config (random or
+    pruned), or loaded. Importance-based choices (layer_selection=importance, init=prune) read
+    `calibration_texts` (formatted training rows)."""
+    from . import students
+
     device = torch.device(device)
+    importance = student_cfg.layer_selection == "importance" or (student_cfg.source == "config"
+                                                                  and student_cfg.init == "prune")
+    batches = None
+    if importance:
+        if not calibration_texts:
+            raise ModelLoadError("student.layer_selection=importance / student.init=prune need calibration text "
+                                 "(the training rows); none was given.")
+        batches = students.calibration_batches(teacher_tokenizer, calibration_texts)
     if student_cfg.source == "derive":
-        model = derive_student(teacher, student_cfg.layers, student_cfg.num_layers)
+        layers = student_cfg.layers
+        if layers is None and student_cfg.layer_selection == "importance":
+            layers = students.select_layers(students.block_influence(teacher, batches), student_cfg.num_layers)
+        model = derive_student(teacher, layers, student_cfg.num_layers)
         tokenizer = teacher_tokenizer
-        origin = f"teacher layers {model.config.derived_from_layers}"
+        origin = f"teacher layers {model.config.derived_from_layers} ({student_cfg.layer_selection})"
         name = f"{model.config.num_hidden_layers}-layer student"
+    elif student_cfg.source == "config":
+        shape = {k: getattr(student_cfg, k) for k in students.SHAPE_KEYS}
+        model = students.config_student(teacher, shape, student_cfg.init, batches, student_cfg.layer_selection)
+        tokenizer = teacher_tokenizer
+        c = model.config
+        origin = (f"{student_cfg.init} init" + (f" from teacher layers {c.pruned_from_layers} "
+                                                 f"({student_cfg.layer_selection})" if student_cfg.init == "prune"
+                                                 else ""))
+        name = (f"{c.num_hidden_layers}-layer {type(model).__name__} (hidden {c.hidden_size}, {c.num_attention_heads} "
+                f"heads, MLP {c.intermediate_size})")
     else:
         model, tokenizer, origin = _from_pretrained(student_cfg.source, student_cfg.revision, "student", "fp32", device)
         name = student_cfg.source

@@ -607,8 +607,13 @@ class Experiment:
         """The untrained student (resting on the host; it visits the GPU to be evaluated), the vocabulary
         report, and both splits tokenized with the student's tokenizer."""
         teacher = self._need("teacher", "load_teacher")
-        self.student_init, self.tokenizer, self.student_info = load_student(self.cfg.student, teacher,
-                                                                            self.teacher_tokenizer, self.device)
+        s, raw = self.cfg.student, self._need("train_raw", "load_data")
+        calibration = None
+        if s.layer_selection == "importance" or (s.source == "config" and s.init == "prune"):
+            calibration = [format_prompt(self.teacher_tokenizer, e.question, self.cfg.data.system_prompt) + e.target
+                           for e in raw.train[:s.calibration_rows]]  # what the importance measurements read
+        self.student_init, self.tokenizer, self.student_info = load_student(s, teacher, self.teacher_tokenizer,
+                                                                            self.device, calibration)
         offload(self.student_init, "cpu")
         self.say(self.student_info)
         self.shared = vocabulary(self.cfg, self.teacher_tokenizer, self.tokenizer, teacher, self.student_init,

@@ -423,6 +423,12 @@ def _shapes(cfg) -> tuple[ModelShape, ModelShape]:
     s = cfg.student
     if s.source == "derive":
         student = teacher.with_layers(len(s.layers) if s.layers else s.num_layers)
+    elif s.source == "config":  # the teacher's family with the configured shape (head size kept)
+        heads = s.num_heads or teacher.heads
+        student = dataclasses.replace(
+            teacher, name=f"{teacher.name} family, configured", layers=s.num_layers, hidden=s.hidden_size or
+            teacher.hidden, heads=heads, kv_heads=s.num_kv_heads or min(teacher.kv_heads, heads),
+            intermediate=s.intermediate_size or teacher.intermediate)
     else:
         student = model_shape(s.source, s.revision)
     return teacher, student
