@@ -25,7 +25,7 @@ from typing import Any, Optional
 import yaml
 
 PRECISIONS = ("auto", "8bit", "4bit", "bf16", "fp16", "fp32")
-DATA_SOURCES = ("gsm_symbolic", "gsm8k", "mmlu")
+DATA_SOURCES = ("gsm_symbolic", "gsm8k", "mmlu", "text", "teacher_text")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")  # = losses.DIVERGENCES
 LOSS_IMPLEMENTATIONS = ("auto", "chunked", "full")
 ON_POLICY_ESTIMATORS = ("full", "sampled")
@@ -163,7 +163,9 @@ class DataConfig:
     """Training and evaluation data."""
 
     source: str = knob("gsm_symbolic",
-        "gsm_symbolic (offline, reasoning-gym), gsm8k (openai/gsm8k) or mmlu (cais/mmlu)")
+        "gsm_symbolic (offline, reasoning-gym), gsm8k (openai/gsm8k), mmlu (cais/mmlu), text (free text from "
+        "data.train_path: .txt paragraphs, JSONL or a Hub dataset) or teacher_text (texts the teacher writes, see "
+        "generate.*)")
     train_path: Optional[str] = knob(None,
         "local JSONL for the training split instead of the Hub (gsm8k / mmlu schema)")
     eval_path: Optional[str] = knob(None, "local JSONL for the held-out split instead of the Hub")
@@ -179,6 +181,7 @@ class DataConfig:
         "rows repeated within a split (same question and target): keep (counted) or drop (counted)")
     system_prompt: Optional[str] = knob(None,
         "system message for the chat template; None keeps the tokenizer's default")
+    text_column: str = knob("text", "data.source=text: the JSONL field / Hub column holding the text")
     targets: str = knob("reference",
         "training targets: reference answers, or the teacher's generated ones: teacher (all) or teacher_correct (only "
         "right final numbers)")
@@ -217,14 +220,27 @@ class TeacherCacheConfig:
 
 @dataclass
 class GenerateConfig:
-    """Text the teacher writes (pocket_teacher.generate): its answers to the training questions (data.targets)."""
+    """Text the teacher writes (pocket_teacher.generate): its answers to the training questions (data.targets) and
+    free text (data.source=teacher_text)."""
 
-    max_new_tokens: int = knob(256, "generation budget per teacher answer (stops earlier at the end of the answer)")
+    max_new_tokens: int = knob(256, "generation budget per text (stops earlier at EOS or a stop string)")
     batch_size: int = knob(8, "prompts per generation batch")
+    temperature: float = knob(0.0, "0 = greedy; above 0 samples at this temperature")
+    top_p: float = knob(1.0, "nucleus sampling when temperature > 0 (1 = the full distribution)")
+    num_samples: int = knob(500, "data.source=teacher_text: texts the teacher writes (train and held-out together)")
+    prompts: Optional[str] = knob(None, "data.source=teacher_text: a file of prompts (one per line), or None for "
+                                        "the built-in seed prompts")
+    stop: Optional[list[str]] = knob(None, "stop strings, cut from the text; None = \"\\nQuestion:\" for base "
+                                           "models (no chat template), which otherwise invent new questions")
+    seed: int = knob(0, "sampling seed")
 
     def check(self) -> None:
         _check_positive("generate.max_new_tokens", self.max_new_tokens)
         _check_positive("generate.batch_size", self.batch_size)
+        _check_positive("generate.temperature", self.temperature, allow_zero=True)
+        _check_positive("generate.num_samples", self.num_samples)
+        if not 0.0 < self.top_p <= 1.0:
+            _fail("generate.top_p", self.top_p, "use a value in (0, 1] (1 = no truncation).")
 
 
 @dataclass
@@ -627,6 +643,41 @@ def _tiny() -> Config:
     )
 
 
+def _pocket_text() -> Config:
+    """Embedded teacher writes 500 texts -> a config student of a third of its size, pruned vs random init (CPU)."""
+    return Config(
+        preset="pocket-text",
+        teacher=TeacherConfig(source="embedded"),
+        student=StudentConfig(source="config", num_layers=16, hidden_size=384, num_heads=6, num_kv_heads=2,
+                              intermediate_size=1024, init="prune", layer_selection="importance"),
+        data=DataConfig(source="teacher_text", train_size=450, eval_size=50, max_length=160),
+        generate=GenerateConfig(num_samples=500, max_new_tokens=96, batch_size=16, temperature=0.8, top_p=0.95),
+        loss=LossConfig(alpha=0.5, temperature=2.0),
+        teacher_cache=TeacherCacheConfig(use=True, batch_size=16),
+        train=TrainConfig(max_steps=150, batch_size=8, lr=1e-3, warmup_steps=10),
+        eval=EvalConfig(batch_size=16, generate_samples=0, max_new_tokens=64, side_by_side=3, baseline=True,
+                        agreement=True, efficiency=False),
+        run=RunConfig(name="pocket-text"),
+    )
+
+
+def _tiny_text() -> Config:
+    """The tiny teacher writes a few texts -> a pruned config student, against random init: seconds (tests)."""
+    return Config(
+        preset="tiny-text",
+        teacher=TeacherConfig(source="tiny"),
+        student=StudentConfig(source="config", num_layers=2, hidden_size=48, num_heads=2, num_kv_heads=1,
+                              intermediate_size=64, init="prune", layer_selection="importance",
+                              calibration_rows=16),
+        data=DataConfig(source="teacher_text", train_size=64, eval_size=4, max_length=96),
+        generate=GenerateConfig(num_samples=24, max_new_tokens=24, temperature=0.8, top_p=0.95),
+        loss=LossConfig(alpha=0.5, temperature=2.0),
+        train=TrainConfig(max_steps=6, batch_size=4, lr=3e-3, warmup_steps=1),
+        eval=EvalConfig(batch_size=8, generate_samples=0, max_new_tokens=12, side_by_side=2, baseline=True),
+        run=RunConfig(name="tiny-text"),
+    )
+
+
 # Colab disconnects lose what was not checkpointed: these keep it under about ten minutes at the memory plan's
 # step-time estimate (`python -m pocket_teacher plan --preset t4 --gpu t4` prints it), rounded down.
 CHECKPOINT_EVERY_T4 = 100
@@ -663,7 +714,8 @@ def _a100() -> Config:
     )
 
 
-PRESETS: dict[str, typing.Callable[[], Config]] = {"pocket": _pocket, "tiny": _tiny, "t4": _t4, "a100": _a100}
+PRESETS: dict[str, typing.Callable[[], Config]] = {"pocket": _pocket, "tiny": _tiny, "t4": _t4, "a100": _a100,
+                                                   "pocket-text": _pocket_text, "tiny-text": _tiny_text}
 
 
 def get_preset(name: str) -> Config:

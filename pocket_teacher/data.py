@@ -317,16 +317,115 @@ def load_gsm_symbolic(size: int, seed: int) -> tuple[list[Example], LoadReport]:
     return _validated(rows, make, report, "skip", None), report
 
 
+# -- free text -----------------------------------------------------------------------------------------------------
+
+def text_example(text: str, where: str, prompt: str = "") -> Example:
+    """Free text as an Example: every token is a target (`prompt`, when the text continues one, is kept apart
+    for side-by-side generation but trained on too)."""
+    return Example(question=prompt, target=text, answer="", where=where)
+
+
+def read_text_rows(path: str, column: str = "text", bad_rows: str = "error",
+                   report: Optional[LoadReport] = None) -> list[Example]:
+    """Paragraphs of free text from a .txt file (blank lines separate them), a JSONL file (the `column` field of
+    each row) or a Hub dataset id (``name`` or ``name:config``, its train split's `column`). Empty paragraphs are
+    skipped and counted; a row without a string `column` is named by file and line (or skipped and counted with
+    data.bad_rows=skip)."""
+    report = report if report is not None else LoadReport(source=f"text from {path}")
+    p = Path(path)
+    if p.suffix == ".txt" or (p.exists() and p.suffix != ".jsonl"):
+        if not p.is_file():
+            raise DataError(f"{p}: no such text file. Give a .txt file (paragraphs separated by blank lines), a "
+                            f"JSONL file with a {column!r} field, or a Hub dataset id.")
+        try:
+            raw = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw_line(p, exc.start)
+            raise DataError(f"{p.name}:{line}: not valid UTF-8 (byte at offset {exc.start}); save the file as "
+                            f"UTF-8.") from None
+        out, lines, start = [], [], 1
+        for number, line in enumerate(raw.split("\n") + [""], start=1):  # a paragraph ends at a blank line
+            if line.strip():
+                start = number if not lines else start
+                lines.append(line)
+            elif lines:
+                report.rows += 1
+                out.append(text_example("\n".join(lines).strip(), f"{p.name}:{start}"))
+                lines = []
+        report.kept = len(out)
+        if not out:
+            raise DataError(f"{p} holds no text (only blank lines).")
+        return out
+    if p.suffix == ".jsonl" or p.exists():
+        rows = read_jsonl(p)
+    else:
+        rows = _hub_text_rows(path)
+
+    def make(row: dict, where: str) -> Example:
+        value = row.get(column)
+        if not isinstance(value, str):
+            raise DataError(f"{where}: no string field {column!r} (fields: {', '.join(row) or 'none'}). Set "
+                            f"data.text_column to the field that holds the text.")
+        if not value.strip():
+            raise DataError(f"{where}: field {column!r} is empty.")
+        return text_example(value.strip(), where)
+    return _validated(rows, make, report, bad_rows, None)
+
+
+def raw_line(path: Path, offset: int) -> int:
+    return path.read_bytes()[:offset].count(b"\n") + 1
+
+
+def _hub_text_rows(name: str):
+    dataset, _, config = name.partition(":")
+    require_hub(f"the text dataset {dataset!r}", "give data.train_path as a local .txt or .jsonl file instead")
+    from datasets import load_dataset
+
+    data = load_dataset(dataset, config or None, split="train")
+    return ((f"{name}#{i}", dict(row)) for i, row in enumerate(data))
+
+
 def load_examples(data_cfg, split: str) -> tuple[list[Example], LoadReport]:
     """Examples for `split` ("train" or "eval") as the DataConfig says."""
     train = split == "train"
     size = data_cfg.train_size if train else data_cfg.eval_size
+    if data_cfg.source == "text":
+        return load_text_split(data_cfg, split)
     if data_cfg.source == "gsm_symbolic":
         return load_gsm_symbolic(size, data_cfg.train_seed if train else data_cfg.eval_seed)
     path = data_cfg.train_path if train else data_cfg.eval_path
     if data_cfg.source == "gsm8k":
         return load_gsm8k("train" if train else "test", path, size, data_cfg.bad_rows)
     return load_mmlu("validation" if train else "test", path, None, size, data_cfg.bad_rows)
+
+
+def load_text_split(data_cfg, split: str) -> tuple[list[Example], LoadReport]:
+    """Free text (data.source=text): data.train_path's paragraphs; the held-out split is data.eval_path's, or,
+    without one, the last data.eval_size paragraphs of data.train_path after a seeded shuffle (never in training).
+    """
+    if not data_cfg.train_path:
+        raise DataError("data.source=text needs data.train_path: a .txt file, a JSONL file with a text field, or a "
+                        "Hub dataset id.")
+    path = data_cfg.eval_path if split == "eval" and data_cfg.eval_path else data_cfg.train_path
+    report = LoadReport(source=f"text ({split}) from {path}")
+    rows = read_text_rows(path, data_cfg.text_column, data_cfg.bad_rows, report)
+    if not (split == "eval" and data_cfg.eval_path) and not (split == "train" and data_cfg.eval_path):
+        import random
+
+        order = list(range(len(rows)))
+        random.Random(data_cfg.train_seed).shuffle(order)
+        if len(rows) <= data_cfg.eval_size:
+            raise DataError(f"{path}: {len(rows)} paragraphs, not more than data.eval_size={data_cfg.eval_size}; "
+                            f"lower data.eval_size or give data.eval_path.")
+        held = set(order[-data_cfg.eval_size:])
+        chosen = [rows[i] for i in order if (i in held) == (split == "eval")]
+        report.notes.append(f"{'held out' if split == 'eval' else 'kept for training'}: {len(chosen)} of "
+                            f"{len(rows)} paragraphs (seeded split, data.train_seed)")
+        rows = chosen
+    size = data_cfg.train_size if split == "train" else data_cfg.eval_size
+    rows = rows[:size]
+    report.kept = len(rows)
+    return rows, report
 
 
 def handle_duplicates(examples: list[Example], report: LoadReport, policy: str = "keep") -> list[Example]:
@@ -354,8 +453,9 @@ def handle_duplicates(examples: list[Example], report: LoadReport, policy: str =
 def remove_overlap(train: list[Example], held_out: Sequence[Example], report: LoadReport) -> list[Example]:
     """Training examples whose question is not in `held_out` (generators can repeat a problem
     across seeds); each removal is counted in `report`."""
-    held = {e.question for e in held_out}
-    kept = [e for e in train if e.question not in held]
+    key = (lambda e: e.question or e.target)  # free text has no question: the text itself
+    held = {key(e) for e in held_out}
+    kept = [e for e in train if key(e) not in held]
     for _ in range(len(train) - len(kept)):
         report.skip("also in the held-out split")
     report.kept = len(kept)
@@ -411,7 +511,12 @@ class TokenizedSplit:
 
 
 def encode_example(tokenizer, example: Example, system_prompt: Optional[str] = None) -> dict[str, list[int]]:
-    """input_ids = prompt + target + EOS; labels = -100 over the prompt, the token ids over the answer."""
+    """input_ids = prompt + target + EOS; labels = -100 over the prompt, the token ids over the answer.
+    Free text (no gold answer) is trained on all its tokens: its prompt, if any, then the text, then EOS."""
+    if not example.answer:
+        text = (example.question + example.target) + end_of_answer(tokenizer)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return {"input_ids": ids, "labels": list(ids)}
     prompt_ids = tokenizer(format_prompt(tokenizer, example.question, system_prompt),
                            add_special_tokens=False)["input_ids"]
     lead = "" if getattr(tokenizer, "chat_template", None) else " "  # the plain template ends at "Answer:"

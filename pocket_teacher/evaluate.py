@@ -510,6 +510,7 @@ def efficiency(model: torch.nn.Module, tokenizer, prompt: str = "Question: What 
     for bs in batch_sizes:
         enc = tokenizer([prompt] * bs, return_tensors="pt", add_special_tokens=False).to(device)
         kwargs = dict(GREEDY, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
+        kwargs.pop("min_length")  # min_new_tokens decides; both set only draws a warning per call
         model.generate(**enc, **kwargs)  # warm-up
         best = math.inf
         with PeakMemory(device) as peak:
@@ -542,7 +543,7 @@ def evaluate_model(label: str, model: torch.nn.Module, tokenizer, eval_split: To
                      vocab_size=len(tokenizer), desc=f"{label}: perplexity", progress=progress)
     row = {"model": label, "parameters": count_parameters(model), "perplexity": ppl["perplexity"],
            "answer_tokens": ppl["tokens"]}
-    if eval_cfg.generate_samples > 0:
+    if eval_cfg.generate_samples > 0 and eval_split.examples and eval_split.examples[0].answer:  # not free text
         mode = getattr(eval_cfg, "gsm8k_fewshot", "first")
         acc = gsm8k_accuracy(model, tokenizer, eval_split.examples[:eval_cfg.generate_samples],
                              system_prompt=system_prompt, max_new_tokens=eval_cfg.max_new_tokens,

@@ -57,14 +57,16 @@ def overridden_generation_settings(model: torch.nn.Module) -> dict:
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 192,
              batch_size: int = 16, stop: Sequence[str] = (), desc: str = "generate",
-             progress: bool = True) -> list[str]:
+             progress: bool = True, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
     """Greedy completions of `prompts` (already formatted), batched with left padding, in input order.
 
     Greedy means greedy: no sampling, no repetition penalty, no n-gram blocking, whatever the model's own
     generation config says (`GREEDY`; `overridden_generation_settings` lists what was overridden).
     Each sequence stops at the tokenizer's EOS (the end of the answer), at any of the `stop` strings
     (e.g. "\\nQuestion:" for plain few-shot prompts; cut from the output), or after `max_new_tokens`.
-    Prompts are sorted by length so a batch carries little padding.
+    Prompts are sorted by length so a batch carries little padding. With `temperature` > 0 it samples instead
+    (nucleus `top_p`, no top-k), each batch from its own generator state seeded by `seed` and the batch's first
+    prompt index (the global RNG is left as it was), so a run is reproducible.
     """
     from transformers import GenerationConfig
 
@@ -72,7 +74,9 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_n
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[Optional[str]] = [None] * len(prompts)
-    config = GenerationConfig(**GREEDY, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {}
+    config = GenerationConfig(**{**GREEDY, **sampling}, max_new_tokens=max_new_tokens,
+                              pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=tokenizer.eos_token_id,
                               **({"stop_strings": list(stop)} if stop else {}))
     saved_side = tokenizer.padding_side
@@ -82,7 +86,9 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_n
             index = order[start:start + batch_size]
             enc = tokenizer([prompts[i] for i in index], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
-            out = model.generate(**enc, generation_config=config, **({"tokenizer": tokenizer} if stop else {}))
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed * 1_000_003 + index[0])
+                out = model.generate(**enc, generation_config=config, **({"tokenizer": tokenizer} if stop else {}))
             new = out[:, enc["input_ids"].shape[1]:]
             for i, text in zip(index, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 for marker in stop:  # the stop string itself is not part of the answer
@@ -103,10 +109,11 @@ class GenerationReport:
     kept: int
     rejected: dict = field(default_factory=dict)  # reason -> count
     seconds: float = 0.0
+    what: str = "teacher answers"
 
     def __str__(self) -> str:
         why = ", ".join(f"{n} {r}" for r, n in self.rejected.items()) or "none"
-        return (f"teacher answers {self.status}: kept {self.kept} of {self.rows} (rejected: {why}) "
+        return (f"{self.what} {self.status}: kept {self.kept} of {self.rows} (rejected: {why}) "
                 f"in {self.path}")
 
 
@@ -131,10 +138,19 @@ def _read_answers(path: Path) -> Optional[list[dict]]:
     return rows
 
 
+def default_stop(tokenizer, stop: Optional[Sequence[str]] = None) -> list[str]:
+    """The stop strings to use: `stop` when given; else, for a base model (no chat template), "\\nQuestion:", where
+    such a model starts inventing the next question of its own training target."""
+    if stop is not None:
+        return list(stop)
+    return [] if getattr(tokenizer, "chat_template", None) else ["\nQuestion:"]
+
+
 def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Example], root: str | Path, *,
                      keep: str = "all", max_new_tokens: int = 256, batch_size: int = 16,
                      system_prompt: Optional[str] = None, teacher_key: Optional[dict] = None,
-                     progress: bool = True) -> tuple[list[Example], GenerationReport]:
+                     progress: bool = True, temperature: float = 0.0, top_p: float = 1.0,
+                     stop: Optional[Sequence[str]] = None, seed: int = 0) -> tuple[list[Example], GenerationReport]:
     """The teacher answers every question (batched greedy decoding); its answers become the targets.
 
     keep: "all" keeps every answer; "correct" keeps only answers whose extracted final number equals
@@ -148,6 +164,11 @@ def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Exa
     parts = {"format": FORMAT, "teacher": {"weights": model_digest(teacher), **(teacher_key or {})},
              "data": digest(*(json.dumps([e.question, e.answer]).encode() for e in examples)),
              "template": digest(template.encode()), "system_prompt": system_prompt, "max_new_tokens": max_new_tokens}
+    stops = default_stop(tokenizer, stop)
+    if temperature > 0:  # keys only when set, so greedy answers cached before keep their fingerprint
+        parts["sampling"] = {"temperature": temperature, "top_p": top_p, "seed": seed}
+    if stops:
+        parts["stop"] = stops
     path = Path(root) / f"answers-{fingerprint(parts)}.jsonl"
     start, status = time.perf_counter(), "reused"
     rows, status = _read_answers(path), "reused"
@@ -160,7 +181,8 @@ def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Exa
     if rows is None:
         prompts = [format_prompt(tokenizer, e.question, system_prompt) for e in examples]
         outputs = generate(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           desc="teacher answers", progress=progress)
+                           desc="teacher answers", progress=progress, temperature=temperature, top_p=top_p,
+                           seed=seed, stop=stops)
         rows = [{"question": e.question, "gold": e.answer, "teacher_answer": out,
                  "extracted": extract_gsm8k_answer(out), "where": e.where} for e, out in zip(examples, outputs)]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +204,82 @@ def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Exa
             continue
         kept.append(replace(e, target=answer, where=f"{e.where} (teacher answer)"))
     report = GenerationReport(str(path), status, len(examples), len(kept), rejected, time.perf_counter() - start)
+    return kept, report
+
+
+# -- free text the teacher writes ------------------------------------------------------------------------------------
+
+SEED_PROMPTS = (
+    "The history of the printing press", "How a bicycle works", "Once upon a time, in a small village,",
+    "The water cycle begins when", "A good recipe for bread starts with", "The first rule of saving money is",
+    "Photosynthesis is the process by which", "The city woke up early that morning.", "Volcanoes form when",
+    "Learning a new language is easier if", "The rules of chess are simple:", "In the year 1900, most people",
+    "Why the sky is blue:", "A letter to a friend who moved away:", "The best way to learn to program is",
+    "Honey bees live in colonies that", "How to plant a tree:", "The moon has phases because",
+    "A short story about a lost dog:", "Electric cars differ from petrol cars in that",
+    "The human heart pumps blood", "Ancient Rome was founded", "Tips for a good night's sleep:",
+    "The ocean covers most of the Earth and")
+
+
+def read_prompts(path: Optional[str]) -> list[str]:
+    """Prompts for teacher-written text: one per non-empty line of `path`, or the built-in SEED_PROMPTS."""
+    if path is None:
+        return list(SEED_PROMPTS)
+    from .data import DataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"generate.prompts={path}: no such file; give a text file with one prompt per line, or "
+                        f"null for the built-in seed prompts.")
+    prompts = [line.strip() for line in p.read_text(encoding="utf-8").split("\n") if line.strip()]
+    if not prompts:
+        raise DataError(f"generate.prompts={path} holds no prompt (only blank lines).")
+    return prompts
+
+
+def generate_texts(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str], root: str | Path, *,
+                   num_samples: int, max_new_tokens: int = 128, batch_size: int = 8, temperature: float = 0.8,
+                   top_p: float = 0.95, stop: Optional[Sequence[str]] = None, seed: int = 0,
+                   teacher_key: Optional[dict] = None, progress: bool = True) -> tuple[list[Example], GenerationReport]:
+    """`num_samples` texts written by the teacher, continuing `prompts` in turn (raw text, no chat template),
+    sampled at `temperature` / `top_p` (greedy at 0), cut at EOS or a stop string. Cached as readable JSONL
+    (``texts-<fingerprint>.jsonl``: prompt, text) under a fingerprint of the teacher, prompts and settings, and
+    reused on a match. Empty texts are dropped and counted in the report. Each Example's question is its prompt
+    and its target the continuation (trained on as one text)."""
+    from .data import text_example
+
+    stops = default_stop(tokenizer, stop)
+    parts = {"format": FORMAT, "teacher": {"weights": model_digest(teacher), **(teacher_key or {})},
+             "prompts": digest(*(p.encode() for p in prompts)), "num_samples": num_samples,
+             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "stop": stops,
+             "seed": seed}
+    path = Path(root) / f"texts-{fingerprint(parts)}.jsonl"
+    start, status = time.perf_counter(), "reused"
+    rows = None
+    if path.is_file():
+        try:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+            rows = rows if len(rows) == num_samples and all({"prompt", "text"} <= set(r) for r in rows) else None
+        except ValueError:
+            rows = None
+        if rows is None:
+            print(f"teacher texts: {path} is damaged; writing the texts again")
+    if rows is None:
+        status = "generated"
+        chosen = [prompts[i % len(prompts)] for i in range(num_samples)]
+        outputs = generate(teacher, tokenizer, chosen, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           stop=stops, desc="teacher texts", progress=progress, temperature=temperature,
+                           top_p=top_p, seed=seed)
+        rows = [{"prompt": p, "text": o} for p, o in zip(chosen, outputs)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
+    kept = [text_example(" " + r["text"], f"{path.name}:{i + 1}", prompt=r["prompt"])
+            for i, r in enumerate(rows) if r["text"].strip()]
+    rejected = {"empty text": len(rows) - len(kept)} if len(kept) < len(rows) else {}
+    report = GenerationReport(str(path), status, len(rows), len(kept), rejected, time.perf_counter() - start,
+                              what="teacher texts")
     return kept, report
 
 
@@ -219,7 +317,7 @@ def sample_rollouts(model: torch.nn.Module, batch: dict, *, pad_token_id: int, e
     from .data import PaddingCollator
 
     device = batch["input_ids"].device
-    starts = prompt_lengths(batch["labels"], batch["attention_mask"])
+    starts = [max(n, 1) for n in prompt_lengths(batch["labels"], batch["attention_mask"])]  # free text: 1 token
     prompts = [batch["input_ids"][i, :n].tolist() for i, n in enumerate(starts)]
     left = PaddingCollator(pad_token_id, "left")([{"input_ids": p} for p in prompts])
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])

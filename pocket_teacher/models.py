@@ -476,8 +476,9 @@ def load_student(student_cfg, teacher: torch.nn.Module, teacher_tokenizer, devic
     from . import students
 
     device = torch.device(device)
-    importance = student_cfg.layer_selection == "importance" or (student_cfg.source == "config"
-                                                                  and student_cfg.init == "prune")
+    importance = ((student_cfg.source == "derive" and student_cfg.layer_selection == "importance"
+                   and student_cfg.layers is None)
+                  or (student_cfg.source == "config" and student_cfg.init == "prune"))
     batches = None
     if importance:
         if not calibration_texts:

@@ -34,13 +34,24 @@ from .evaluate import evaluate_model, results_markdown, results_table, side_by_s
 from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, device_capability,
                      load_student, load_teacher, offload, resolve_device, resolve_mixed_precision, resolve_precision)
 from .plan import MemoryPlan, PlanError, memory_plan
-from .generate import generate, generate_answers
+from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
 from .teacher_cache import TopKCache, build_topk_cache
 from .plots import plot_mmlu_subjects, plot_quality, plot_size_quality, plot_training, save_figure
 from .train import TrainResult, distill
 
 
 BASELINE_LABEL = "fine-tuned (alpha=1)"
+RANDOM_INIT_LABEL = "random init (same shape)"
+
+
+def baseline_kind(cfg: Config) -> str:
+    """What the baseline is: "random" (teacher-written free text with a pruned config student: the same student
+    shape from random init, same data and steps, so the table shows what pruning buys), "reference" (sequence-level
+    KD: plain fine-tuning on the reference answers of the same questions, not on the teacher's answers) or
+    "plain" (plain fine-tuning on the training targets)."""
+    if cfg.data.source == "teacher_text" and cfg.student.source == "config" and cfg.student.init == "prune":
+        return "random"
+    return "reference" if cfg.data.targets != "reference" and cfg.data.source != "teacher_text" else "plain"
 
 
 def configure(preset: str = "pocket", overrides: Sequence[str] | dict | None = None) -> Config:
@@ -197,7 +208,13 @@ class RawData:
 
 
 def load_data(cfg: Config, verbose: bool = True) -> RawData:
-    """Training and held-out examples as cfg.data says; prints one line per source."""
+    """Training and held-out examples as cfg.data says; prints one line per source. With data.source=teacher_text
+    both splits are empty here: the teacher writes them in `teacher_answers` (section 3b)."""
+    if cfg.data.source == "teacher_text":
+        if verbose:
+            print(f"data: the teacher will write {cfg.generate.num_samples} texts (section 3b), "
+                  f"{cfg.data.eval_size} of them held out")
+        return RawData([], [], [])
     train, train_report = load_examples(cfg.data, "train")
     held_out, eval_report = load_examples(cfg.data, "eval")
     train = handle_duplicates(train, train_report, cfg.data.duplicates)
@@ -256,19 +273,48 @@ def teacher_key(cfg: Config, info: Optional[ModelInfo] = None) -> dict:
 def teacher_answers(cfg: Config, raw: RawData, teacher: torch.nn.Module, teacher_tokenizer,
                     info: Optional[ModelInfo] = None, progress: bool = True) -> RawData:
     """Sequence-level distillation (data.targets=teacher / teacher_correct): the teacher's generated
-    answers replace the training targets; the held-out split keeps its reference answers."""
+    answers replace the training targets; the held-out split keeps its reference answers. With
+    data.source=teacher_text the teacher writes generate.num_samples texts, split into training and held-out
+    (data.eval_size, seeded by data.train_seed)."""
+    if cfg.data.source == "teacher_text":
+        return teacher_texts(cfg, teacher, teacher_tokenizer, info, progress)
     if cfg.data.targets == "reference":
         return raw
     keep = "correct" if cfg.data.targets == "teacher_correct" else "all"
     train, report = generate_answers(teacher, teacher_tokenizer, raw.train, cache_dir(cfg), keep=keep,
                                      max_new_tokens=cfg.generate.max_new_tokens, batch_size=cfg.generate.batch_size,
                                      system_prompt=cfg.data.system_prompt, teacher_key=teacher_key(cfg, info),
-                                     progress=progress)
+                                     progress=progress, temperature=cfg.generate.temperature,
+                                     top_p=cfg.generate.top_p, stop=cfg.generate.stop, seed=cfg.generate.seed)
     print(report)
     if not train:
         raise DataError(f"data.targets={cfg.data.targets}: none of the teacher's {report.rows} answers was kept "
                         f"({report.rejected}). Use data.targets=teacher (keep all) or a stronger teacher.")
     return RawData(train, raw.eval, raw.reports, raw.mmlu)
+
+
+def teacher_texts(cfg: Config, teacher: torch.nn.Module, tokenizer, info: Optional[ModelInfo] = None,
+                  progress: bool = True) -> RawData:
+    """The teacher's free texts (data.source=teacher_text), split into training and held-out rows."""
+    import random
+
+    g = cfg.generate
+    texts, report = generate_texts(teacher, tokenizer, read_prompts(g.prompts), cache_dir(cfg),
+                                   num_samples=g.num_samples, max_new_tokens=g.max_new_tokens,
+                                   batch_size=g.batch_size, temperature=g.temperature, top_p=g.top_p, stop=g.stop,
+                                   seed=g.seed, teacher_key=teacher_key(cfg, info), progress=progress)
+    print(report)
+    if len(texts) <= cfg.data.eval_size:
+        raise DataError(f"The teacher wrote {len(texts)} non-empty texts, not more than data.eval_size="
+                        f"{cfg.data.eval_size}: raise generate.num_samples or lower data.eval_size.")
+    order = list(range(len(texts)))
+    random.Random(cfg.data.train_seed).shuffle(order)
+    held = set(order[-cfg.data.eval_size:])
+    train = [texts[i] for i in order if i not in held][:cfg.data.train_size]
+    held_out = [texts[i] for i in sorted(held)]
+    reports = [LoadReport(source=f"teacher texts ({report.path})", rows=len(texts), kept=len(train),
+                          notes=[f"{len(held_out)} held out"])]
+    return RawData(train, held_out, reports)
 
 
 def vocabulary(cfg: Config, teacher_tokenizer, tokenizer, teacher: torch.nn.Module,
@@ -433,13 +479,16 @@ def compare_generations(cfg: Config, models: dict[str, torch.nn.Module], tokeniz
                         progress: bool = True):
     """Side-by-side answers of each model on the first `eval.side_by_side` held-out questions."""
     examples = splits.eval.examples[:cfg.eval.side_by_side]
-    prompts = [format_prompt(tokenizer, e.question, cfg.data.system_prompt) for e in examples]
+    text = bool(examples) and not examples[0].answer  # free text: the models continue the raw prompt
+    prompts = [e.question if text else format_prompt(tokenizer, e.question, cfg.data.system_prompt)
+               for e in examples]
     device = resolve_device(cfg.train.device)
     answers = {}
     for name, model in models.items():
         with visiting(model, device):
             answers[name] = generate(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.eval.batch_size, desc=name, progress=progress)
+                                     batch_size=cfg.eval.batch_size, desc=name, progress=progress,
+                                     stop=default_stop(tokenizer, cfg.generate.stop) if text else ())
     return side_by_side(examples, answers)
 
 
@@ -609,7 +658,8 @@ class Experiment:
         teacher = self._need("teacher", "load_teacher")
         s, raw = self.cfg.student, self._need("train_raw", "load_data")
         calibration = None
-        if s.layer_selection == "importance" or (s.source == "config" and s.init == "prune"):
+        if (s.source == "derive" and s.layer_selection == "importance") or (s.source == "config"
+                                                                              and s.init == "prune"):
             calibration = [format_prompt(self.teacher_tokenizer, e.question, self.cfg.data.system_prompt) + e.target
                            for e in raw.train[:s.calibration_rows]]  # what the importance measurements read
         self.student_init, self.tokenizer, self.student_info = load_student(s, teacher, self.teacher_tokenizer,
@@ -710,12 +760,34 @@ class Experiment:
         """Plain fine-tuning (loss.alpha=1) with the last training's steps, data and schedule, when
         eval.baseline is set: what distillation has to beat."""
         trained = self._need("trained", "distil")
-        self.results.pop(BASELINE_LABEL, None)
-        student, result = train_baseline(trained.cfg, self.student_init, self.splits, self.tokenizer, self.progress,
-                                          self.cache, teacher=self.teacher)
-        self.baseline = None if student is None else Trained(trained.cfg, trained.overrides + ["loss.alpha=1"],
-                                                               student, result)
+        for label in (BASELINE_LABEL, RANDOM_INIT_LABEL):
+            self.results.pop(label, None)
+        kind, cfg = baseline_kind(trained.cfg), trained.cfg
+        init, splits, cache, extra = self.student_init, self.splits, self.cache, ["loss.alpha=1"]
+        if kind == "random":  # same shape, fresh weights, same loss, data and steps as the distillation
+            init, _, _ = load_student(apply_overrides(cfg, {"student.init": "random"}).student, self.teacher,
+                                      self.teacher_tokenizer, "cpu")
+            cfg, extra = apply_overrides(cfg, {"eval.baseline": True}), ["student.init=random"]
+            print("baseline: the same student shape from random init, same loss, data and steps")
+        elif kind == "reference":  # the teacher's questions, answered by the references
+            asked = {e.question for e in self.train_raw.train}
+            reference = RawData([e for e in self.raw.train if e.question in asked], self.raw.eval, self.raw.reports)
+            splits, cache = tokenize(cfg, reference, self.tokenizer, verbose=False), None
+            print(f"baseline: plain fine-tuning on the reference answers of the same {len(reference.train)} questions")
+        if kind == "random":
+            student, result = train_student(apply_overrides(cfg, {"run.out_dir": str(run_dir(cfg)),
+                                                                  "run.name": "baseline", "run.figures_dir": None}),
+                                            init, self.teacher if self.shared else None, splits, self.tokenizer,
+                                            self.progress, cache)
+        else:
+            student, result = train_baseline(cfg, init, splits, self.tokenizer, self.progress, cache,
+                                              teacher=self.teacher)
+        self.baseline = None if student is None else Trained(cfg, trained.overrides + extra, student, result)
         return self.baseline
+
+    @property
+    def baseline_label(self) -> str:
+        return RANDOM_INIT_LABEL if self.trained and baseline_kind(self.trained.cfg) == "random" else BASELINE_LABEL
 
     @_section
     def on_policy_preview(self) -> Optional[dict]:
@@ -754,7 +826,7 @@ class Experiment:
             self.results["student after"] = evaluate(trained.cfg, "student after", trained.student, self.tokenizer,
                                                      self.splits, self.progress, self.agree_with)
             if self.baseline is not None:
-                self.results[BASELINE_LABEL] = evaluate(trained.cfg, BASELINE_LABEL, self.baseline.student,
+                self.results[self.baseline_label] = evaluate(trained.cfg, self.baseline_label, self.baseline.student,
                                                         self.tokenizer, self.splits, self.progress, self.agree_with)
         return self.results
 
@@ -855,6 +927,7 @@ def summarize(results: dict[str, dict], cfg: Config, train_result: Optional[Trai
     the fine-tuned baseline, with the intervals that decide whether an accuracy difference means anything."""
     teacher, before, after = (results.get(k) for k in ("teacher", "student before", "student after"))
     base = results.get(BASELINE_LABEL)
+    random_init = results.get(RANDOM_INIT_LABEL)
     if not (teacher and before and after):
         return "Run every section first: the summary compares the teacher and the student before and after."
     lines = [f"Setting: {cfg.preset} preset, {cfg.train.max_steps} steps, loss.alpha={cfg.loss.alpha}, "
@@ -864,6 +937,10 @@ def summarize(results: dict[str, dict], cfg: Config, train_result: Optional[Trai
                  f"{teacher['parameters'] / 1e6:.1f}M.")
     lines.append(f"Held-out answer perplexity: teacher {teacher['perplexity']:,.2f}; student {before['perplexity']:,.2f} "
                  f"before and {after['perplexity']:,.2f} after training.")
+    if random_init:
+        better = "the pruned start" if after["perplexity"] < random_init["perplexity"] else "the random start"
+        lines.append(f"The same student from random init reaches {random_init['perplexity']:,.2f} with the same data "
+                     f"and steps: {better} ends lower (one seed).")
     if base:
         better = "distillation" if after["perplexity"] < base["perplexity"] else "plain fine-tuning"
         lines.append(f"Plain fine-tuning with the same steps reaches {base['perplexity']:,.2f}: {better} is lower "

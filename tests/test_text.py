@@ -1,0 +1,73 @@
+"""Free text (data.source=text / teacher_text): loading, all-token training targets, teacher-written texts."""
+
+import json
+
+import pytest
+
+from pocket_teacher.data import DataError, IGNORE_INDEX, encode_example, load_examples, read_text_rows
+
+
+def test_txt_paragraphs_are_split_at_blank_lines_and_named_by_line(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("First paragraph\nstill first.\n\n\nSecond one.\n  \nThird.\n")
+    rows = read_text_rows(str(path))
+    assert [r.target for r in rows] == ["First paragraph\nstill first.", "Second one.", "Third."]
+    assert [r.where for r in rows] == ["t.txt:1", "t.txt:5", "t.txt:7"]
+
+
+def test_jsonl_text_field_and_bad_rows(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"text": "a b c"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"t\.jsonl:2: no string field 'text' \(fields: body\)\. Set data\.text_column"):
+        read_text_rows(str(path))
+    from pocket_teacher.data import LoadReport
+
+    report = LoadReport(source="t")
+    rows = read_text_rows(str(path), bad_rows="skip", report=report)
+    assert [r.target for r in rows] == ["a b c"] and report.rows == 2 and sum(report.skipped.values()) == 1
+    assert [r.target for r in read_text_rows(str(path), column="body", bad_rows="skip")] == ["x"]
+
+
+def test_text_split_holds_out_rows_never_trained_on(tmp_path, tiny_cfg):
+    from pocket_teacher.config import apply_overrides
+
+    path = tmp_path / "t.txt"
+    path.write_text("\n\n".join(f"Paragraph number {i}." for i in range(20)))
+    cfg = apply_overrides(tiny_cfg, ["data.source=text", f"data.train_path={path}", "data.eval_size=5"])
+    train, _ = load_examples(cfg.data, "train")
+    held, _ = load_examples(cfg.data, "eval")
+    assert len(held) == 5 and len(train) == 15 and not {e.target for e in train} & {e.target for e in held}
+
+
+def test_free_text_trains_on_every_token(tiny_tokenizer):
+    from pocket_teacher.data import text_example
+
+    feature = encode_example(tiny_tokenizer, text_example("Some free text here.", "x"))
+    assert IGNORE_INDEX not in feature["labels"] and feature["labels"] == feature["input_ids"]
+
+
+def test_teacher_texts_are_sampled_reproducibly_cached_and_stopped(tiny_teacher, tiny_tokenizer, tmp_path):
+    from pocket_teacher.generate import default_stop, generate_texts
+
+    assert default_stop(tiny_tokenizer) == ["\nQuestion:"]  # a base model (no chat template) stops there
+    kw = dict(num_samples=6, max_new_tokens=8, temperature=0.9, top_p=0.9, seed=3, progress=False)
+    texts, report = generate_texts(tiny_teacher, tiny_tokenizer, ["Once", "The sea"], tmp_path, **kw)
+    again, second = generate_texts(tiny_teacher, tiny_tokenizer, ["Once", "The sea"], tmp_path / "other", **kw)
+    assert report.status == "generated" and second.status == "generated"
+    assert [t.target for t in texts] == [t.target for t in again]  # seeded
+    assert [t.question for t in texts] == ["Once", "The sea"] * 3
+    cached, third = generate_texts(tiny_teacher, tiny_tokenizer, ["Once", "The sea"], tmp_path, **kw)
+    assert third.status == "reused" and [t.target for t in cached] == [t.target for t in texts]
+    other, _ = generate_texts(tiny_teacher, tiny_tokenizer, ["Once", "The sea"], tmp_path, **{**kw, "seed": 4})
+    assert [t.target for t in other] != [t.target for t in texts]
+
+
+@pytest.mark.slow
+def test_tiny_text_runs_end_to_end(tmp_path):
+    from pocket_teacher.cli import main
+
+    out = tmp_path / "tt"
+    assert main(["run", "--preset", "tiny-text", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["model"] for r in results] == ["teacher", "student before", "student after", "random init (same shape)"]
+    assert (out / "side_by_side.jsonl").read_text().count("\n") == 2
