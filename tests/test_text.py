@@ -71,3 +71,29 @@ def test_tiny_text_runs_end_to_end(tmp_path):
     results = json.loads((out / "results.json").read_text())["results"]
     assert [r["model"] for r in results] == ["teacher", "student before", "student after", "random init (same shape)"]
     assert (out / "side_by_side.jsonl").read_text().count("\n") == 2
+
+
+@pytest.mark.slow
+def test_a_local_gpt2_teacher_writes_and_a_narrower_gpt2_student_learns(tmp_path):
+    """The reference system's experiment with tiny random GPT-2s: a GPT-2 teacher from a local folder writes the
+    texts, a narrower GPT-2 student built from its config (random init; pruning reads Llama-style layers) trains."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pocket_teacher.cli import main
+    from pocket_teacher.models import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(1024)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=4, n_head=4,
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(
+        tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "tiny-text", "--set", f"teacher.source={tmp_path / 'gpt2'}", "--set",
+                 "student.init=random", "--set", "student.hidden_size=32", "--set", "student.num_kv_heads=2",
+                 "--out", str(out), "--no-progress"]) == 0
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(out / "student")
+    assert type(student).__name__ == "GPT2LMHeadModel" and student.config.n_embd == 32 and student.config.n_layer == 2
