@@ -501,8 +501,9 @@ def load_student(student_cfg, teacher: torch.nn.Module, teacher_tokenizer, devic
         origin = (f"{student_cfg.init} init" + (f" from teacher layers {c.pruned_from_layers} "
                                                  f"({student_cfg.layer_selection})" if student_cfg.init == "prune"
                                                  else ""))
+        mlp = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size
         name = (f"{c.num_hidden_layers}-layer {type(model).__name__} (hidden {c.hidden_size}, {c.num_attention_heads} "
-                f"heads, MLP {c.intermediate_size})")
+                f"heads, MLP {mlp})")
     else:
         model, tokenizer, origin = _from_pretrained(student_cfg.source, student_cfg.revision, "student", "fp32", device)
         name = student_cfg.source

@@ -153,9 +153,15 @@ def student_config(teacher_config, shape: dict):
         raise ModelLoadError(f"student.num_heads={heads} is not a multiple of student.num_kv_heads={kv}.")
     config.num_hidden_layers = shape.get("num_layers") or config.num_hidden_layers
     config.hidden_size, config.num_attention_heads, config.num_key_value_heads = hidden, heads, kv
-    if hasattr(config, "head_dim") or heads * head_dim != hidden:
-        config.head_dim = head_dim  # the teacher's head size is kept; Llama-style models allow heads*dim != hidden
-    config.intermediate_size = shape.get("intermediate_size") or config.intermediate_size
+    if hasattr(teacher_config, "head_dim"):  # Llama-style: the teacher's head size is kept (heads*dim may != hidden)
+        config.head_dim = head_dim
+    elif hidden % heads:
+        raise ModelLoadError(f"student.hidden_size={hidden} is not a multiple of student.num_heads={heads}, which "
+                             f"{type(teacher_config).__name__} needs.")
+    if hasattr(config, "n_inner"):  # GPT-2 names its MLP width n_inner (None = 4 x width)
+        config.n_inner = shape.get("intermediate_size") or config.n_inner
+    else:
+        config.intermediate_size = shape.get("intermediate_size") or config.intermediate_size
     if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[:config.num_hidden_layers]
     return config

@@ -92,8 +92,10 @@ def test_a_local_gpt2_teacher_writes_and_a_narrower_gpt2_student_learns(tmp_path
     out = tmp_path / "run"
     assert main(["run", "--preset", "tiny-text", "--set", f"teacher.source={tmp_path / 'gpt2'}", "--set",
                  "student.init=random", "--set", "student.hidden_size=32", "--set", "student.num_kv_heads=2",
+                 "--set", "student.intermediate_size=96",
                  "--out", str(out), "--no-progress"]) == 0
     from transformers import AutoModelForCausalLM
 
     student = AutoModelForCausalLM.from_pretrained(out / "student")
     assert type(student).__name__ == "GPT2LMHeadModel" and student.config.n_embd == 32 and student.config.n_layer == 2
+    assert student.config.n_inner == 96 and student.transformer.h[0].mlp.c_fc.weight.shape == (32, 96)
