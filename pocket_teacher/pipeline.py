@@ -455,13 +455,15 @@ def train_baseline(cfg: Config, student_init: torch.nn.Module, splits: Splits, t
 
 
 def make_figures(cfg: Config, results: Sequence[dict], history: Sequence[dict],
-                 baseline_history: Optional[Sequence[dict]] = None) -> dict[str, Any]:
+                 baseline_history: Optional[Sequence[dict]] = None,
+                 baseline_label: str = BASELINE_LABEL) -> dict[str, Any]:
     """Quality bars, training curves, quality vs size (and latency), per-subject MMLU when scored;
     saved under runs/<name>/figures (and run.figures_dir)."""
     what = (f"{cfg.preset} preset, {cfg.train.max_steps} steps, {cfg.loss.divergence}, alpha={cfg.loss.alpha}, "
             f"T={cfg.loss.temperature}")
     figures = {"quality": plot_quality(results, title=f"Teacher vs student ({what})"),
-               "training": plot_training(history, title=f"Training curves ({what})", baseline=baseline_history),
+               "training": plot_training(history, title=f"Training curves ({what})", baseline=baseline_history,
+                                         baseline_label=baseline_label),
                "size": plot_size_quality(results, title=f"Quality vs size ({what})")}
     if any(r.get("latency_ms_per_token") for r in results):
         figures["latency"] = plot_size_quality(results, x="latency", title=f"Quality vs latency ({what})")
@@ -660,7 +662,8 @@ class Experiment:
         calibration = None
         if (s.source == "derive" and s.layer_selection == "importance") or (s.source == "config"
                                                                               and s.init == "prune"):
-            calibration = [format_prompt(self.teacher_tokenizer, e.question, self.cfg.data.system_prompt) + e.target
+            calibration = [(format_prompt(self.teacher_tokenizer, e.question, self.cfg.data.system_prompt)
+                            if e.answer else e.question) + e.target  # free text has no prompt template
                            for e in raw.train[:s.calibration_rows]]  # what the importance measurements read
         self.student_init, self.tokenizer, self.student_info = load_student(s, teacher, self.teacher_tokenizer,
                                                                             self.device, calibration)
@@ -701,7 +704,9 @@ class Experiment:
         """Does the teacher have anything to give? The teacher against the untrained student (from section 5)
         and the teacher's log-likelihood of the student's own samples, with a plain warning when the teacher
         adds little. Kept in results.json."""
-        if not self.main or not {"teacher", "student before"} <= set(self.results):
+        if not self.main:  # the main process evaluates; the others have nothing to compare
+            return self.checks
+        if not {"teacher", "student before"} <= set(self.results):
             raise RuntimeError("Run section 5. Before training first (Experiment.evaluate_before()).")
         gap = None
         if self.shared:
@@ -763,17 +768,21 @@ class Experiment:
         for label in (BASELINE_LABEL, RANDOM_INIT_LABEL):
             self.results.pop(label, None)
         kind, cfg = baseline_kind(trained.cfg), trained.cfg
+        self.baseline = None
+        if not cfg.eval.baseline:
+            return None
         init, splits, cache, extra = self.student_init, self.splits, self.cache, ["loss.alpha=1"]
         if kind == "random":  # same shape, fresh weights, same loss, data and steps as the distillation
             init, _, _ = load_student(apply_overrides(cfg, {"student.init": "random"}).student, self.teacher,
                                       self.teacher_tokenizer, "cpu")
-            cfg, extra = apply_overrides(cfg, {"eval.baseline": True}), ["student.init=random"]
-            print("baseline: the same student shape from random init, same loss, data and steps")
+            extra = ["student.init=random"]
+            self.say("baseline: the same student shape from random init, same loss, data and steps")
         elif kind == "reference":  # the teacher's questions, answered by the references
             asked = {e.question for e in self.train_raw.train}
             reference = RawData([e for e in self.raw.train if e.question in asked], self.raw.eval, self.raw.reports)
             splits, cache = tokenize(cfg, reference, self.tokenizer, verbose=False), None
-            print(f"baseline: plain fine-tuning on the reference answers of the same {len(reference.train)} questions")
+            self.say(f"baseline: plain fine-tuning on the reference answers of the same {len(reference.train)} "
+                     f"questions")
         if kind == "random":
             student, result = train_student(apply_overrides(cfg, {"run.out_dir": str(run_dir(cfg)),
                                                                   "run.name": "baseline", "run.figures_dir": None}),
@@ -839,7 +848,7 @@ class Experiment:
         trained = self._need("trained", "distil")
         if self.main:
             self.figures = make_figures(trained.cfg, list(self.results.values()), trained.result.history,
-                                        self.baseline.result.history if self.baseline else None)
+                                        self.baseline.result.history if self.baseline else None, self.baseline_label)
         return self.figures
 
     @_section

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure  # a bare Figure needs no backend and never
 import math
 
 COLOURS = {"teacher": "#4C72B0", "student before": "#C44E52", "student after": "#55A868",
-           "fine-tuned (alpha=1)": "#DD8452"}
+           "fine-tuned (alpha=1)": "#DD8452", "random init (same shape)": "#8172B3"}
 
 
 def _colour(label: str) -> str:
@@ -53,7 +53,8 @@ def _values(history: Sequence[dict], key: str) -> list[float]:
     return [math.nan if h.get(key) is None else h[key] for h in history]
 
 
-def plot_training(history: Sequence[dict], title: str = "", baseline: Optional[Sequence[dict]] = None) -> Figure:
+def plot_training(history: Sequence[dict], title: str = "", baseline: Optional[Sequence[dict]] = None,
+                  baseline_label: str = "fine-tuned (alpha=1)") -> Figure:
     """Training curves: total loss, CE and KD per optimizer step, with the learning rate.
 
     `baseline`: the history of a plain fine-tuning run (alpha = 1), drawn in grey: its CE, and its KD
@@ -72,9 +73,9 @@ def plot_training(history: Sequence[dict], title: str = "", baseline: Optional[S
             ax.plot([h["step"] for h in evals], _values(evals, "eval_kd"), "s:", ms=4, label="held-out KD")
     if baseline:
         b_steps = [h["step"] for h in baseline]
-        ax.plot(b_steps, _values(baseline, "ce"), "--", color="grey", label="fine-tuned (alpha=1): CE")
+        ax.plot(b_steps, _values(baseline, "ce"), "--", color="grey", label=f"{baseline_label}: CE")
         if any(h.get("kd") is not None for h in baseline):
-            ax.plot(b_steps, _values(baseline, "kd"), ":", color="grey", label="fine-tuned (alpha=1): KD")
+            ax.plot(b_steps, _values(baseline, "kd"), ":", color="grey", label=f"{baseline_label}: KD")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean over answer tokens)")
     ax.set_yscale("log")
