@@ -622,7 +622,8 @@ def _pocket() -> Config:
         data=DataConfig(source="gsm_symbolic", train_size=600, eval_size=64, max_length=256),
         loss=LossConfig(alpha=0.5, temperature=2.0),
         train=TrainConfig(max_steps=100, batch_size=4, lr=1e-3, warmup_steps=10, checkpoint_every=50, eval_every=25),
-        eval=EvalConfig(batch_size=16, generate_samples=32, max_new_tokens=192, side_by_side=3, baseline=True),
+        eval=EvalConfig(batch_size=16, generate_samples=32, max_new_tokens=192, side_by_side=3, baseline=True,
+                        on_policy_preview=8),
         run=RunConfig(name="pocket"),
     )
 
