@@ -817,7 +817,7 @@ class Experiment:
                                         self.progress, self.cache)
         last = result.history[-1]
         same_step = next((h for h in trained.result.history if h["step"] == steps), {})
-        self.preview = {"steps": steps, "seconds": result.seconds, "eval_ppl": last.get("eval_ppl"),
+        self.preview = {"steps": steps, "train_s": result.seconds, "eval_ppl": last.get("eval_ppl"),
                         "eval_reverse_kl": last.get("eval_kd"), "rollout_tokens_mean": _mean_of(
                             result.history, "rollout_tokens_mean"), "main_eval_ppl_same_step": same_step.get("eval_ppl")}
         self.say(f"on-policy preview: {steps} steps in {result.seconds:.0f} s ({result.seconds / steps:.1f} s/step, "

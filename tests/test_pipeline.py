@@ -80,12 +80,15 @@ TIMING_KEYS = ("train_seconds", "generation_s", "mmlu_s", "latency_ms_per_token"
 
 
 def _without_timings(path):
-    data = json.loads(path.read_text())
-    for key in TIMING_KEYS:
-        data.pop(key, None)
-        for row in data["results"]:
-            row.pop(key, None)
-    return data
+    """results.json without wall times and speeds (top level, per model, and in nested reports such as the
+    on-policy preview): everything else must match."""
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in TIMING_KEYS and not k.endswith("_s")}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+    return strip(json.loads(path.read_text()))
 
 
 @pytest.mark.slow
