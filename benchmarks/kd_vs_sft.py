@@ -22,7 +22,7 @@ methods that read it, the answers' generation for sequence-level KD).
 Metrics per run: held-out answer perplexity in distribution (gsm_symbolic, --eval-rows) and out of distribution
 (real GSM8K test answers from ../shared/data, first --ood-rows; skipped without it), top-1 agreement and KL to the
 teacher on the in-distribution answers, GSM accuracy on the first --accuracy-questions held-out questions (greedy).
-Mean and 95% t-interval over seeds; a paired bootstrap over the same items of each method against SFT
+Mean and 95% t-interval over seeds (perplexity: geometric mean, the interval taken in log space); a paired bootstrap over the same items of each method against SFT
 (per-item NLL averaged over seeds; the interval of the difference in log-perplexity, and of accuracy).
 Each run's figures are kept in <out>/rows/, so an interrupted benchmark continues where it stopped.
 """
@@ -185,8 +185,8 @@ def summarize(rows: list[dict], split_names: list[str]) -> dict:
     for method, runs in by_method.items():
         entry = {"seeds": len(runs), "train_s": mean_ci([r["train_s"] for r in runs]),
                  "steps": runs[0]["steps"]}
-        for name in split_names:
-            entry[name] = mean_ci([r[name]["perplexity"] for r in runs])
+        for name in split_names:  # perplexities average in log space (a geometric mean and its interval)
+            entry[name] = tuple(math.exp(x) for x in mean_ci([math.log(r[name]["perplexity"]) for r in runs]))
         for key in ("top1_agreement", "kl_to_teacher", "accuracy"):
             if all(r.get(key) is not None for r in runs):
                 entry[key] = mean_ci([r[key] for r in runs])
@@ -245,13 +245,61 @@ def figure(summary: dict, rows: list[dict], split_names: list[str], title: str):
             ax.plot([i] * len(seeds), seeds, "k.", ms=5)
         ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right", fontsize=8)
         ax.set_title(label, fontsize=10)
-        if key in split_names:
-            ax.set_yscale("log")  # a cold on-policy start can sit orders of magnitude above the rest
+        if key in split_names:  # log scale; a collapsed method (a cold on-policy start) is written, not drawn
+            ax.set_yscale("log")
+            means = [summary[m][key][0] for m in methods if summary[m].get(key)]
+            sane = [v for v in means if v < 1e4] or means
+            top = 4 * max(sane)
+            ax.set_ylim(min(sane) / 2, top)
+            for i, m in enumerate(methods):
+                if summary[m].get(key) and summary[m][key][0] > top:
+                    ax.text(i, top / 1.6, f"{summary[m][key][0]:.0e}", ha="center", va="top", rotation=90, fontsize=8)
         if pct:
             ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def summarize_kept(args, hardware: str) -> None:
+    """Table, figure and results.json from the rows a finished (or interrupted) benchmark kept in <out>/rows."""
+    import glob
+
+    from pocket_teacher.files import write_json
+
+    rows = [json.loads(Path(p).read_text()) for p in sorted(glob.glob(str(Path(args.out) / "rows" / "*.json")))]
+    equal = [r for r in rows if r["steps"] != args.steps]
+    rows = [r for r in rows if r["steps"] == args.steps]
+    names = [k for k, v in rows[0].items() if isinstance(v, dict)]
+    summary = summarize(rows, names)
+    costs = json.loads((Path(args.out) / "teacher_costs.json").read_text())
+    kd = {m: e for m, e in summary.items() if m != "SFT"}
+    best = min(kd, key=lambda m: kd[m]["in distribution"][0])
+    equal_time = None
+    if equal:
+        teacher_cost = costs["seq_answers_s"] if best == "sequence-level KD" else (
+            0.0 if best == "on-policy KD" else costs["cache_build_s"])
+        label = f"SFT at the wall time of {best}"
+        rows += [dict(r, method=label) for r in equal]
+        summary = summarize(rows, names)
+        equal_time = {"best_kd": best, "kd_wall_s": kd[best]["train_s"][0] + teacher_cost,
+                      "teacher_cost_s": teacher_cost, "sft_steps": equal[0]["steps"],
+                      "sft_s_per_step": summary["SFT"]["train_s"][0] / args.steps}
+    order = [m for m in METHODS if m in summary] + [m for m in summary if m not in METHODS]
+    summary = {m: summary[m] for m in order}
+    text = table(summary, names)
+    fig = figure(summary, rows, names, f"pocket preset, {args.steps} steps, {len({r['seed'] for r in rows})} seeds "
+                                       f"per method; {hardware.split(';')[0]}")
+    Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.figure, dpi=110)
+    write_json(Path(args.out) / "results.json", {"hardware": hardware, "steps": args.steps, "teacher_costs_s": costs,
+                                                 "equal_wall_time": equal_time, "summary": summary})
+    print(text)
+    if equal_time:
+        print(f"equal wall time: best KD by in-distribution perplexity: {best}, {equal_time['kd_wall_s']:.0f} s with "
+              f"the teacher's cost ({equal_time['teacher_cost_s']:.0f} s); SFT at {equal_time['sft_s_per_step']:.2f} "
+              f"s/step gets {equal_time['sft_steps']} steps in that time")
+    print(f"figure: {args.figure}")
 
 
 def main() -> None:
@@ -269,6 +317,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/kd_vs_sft")
     parser.add_argument("--cache", default="runs/teacher_cache", help="teacher cache folder (shared with the demo)")
     parser.add_argument("--figure", default="figures/kd_vs_sft.png")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="no training: the table, figure and results.json from the runs kept in <out>/rows")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.seeds, args.ood_rows = 8, [0], 16  # eval rows kept: the demo's teacher cache fits
@@ -281,6 +331,9 @@ def main() -> None:
     began = time.perf_counter()
     hardware = hardware_line()
     print(hardware)
+    if args.summarize_only:
+        summarize_kept(args, hardware)
+        return
     exp, splits, seq_split, seq_note, costs = prepare(args)
     args.splits = splits
     rows = [train_one(exp, m, METHODS[m], s, args.steps, seq_split, args) for m in args.methods for s in args.seeds]
