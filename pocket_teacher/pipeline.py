@@ -925,7 +925,8 @@ def preflight_warnings(results: dict[str, dict], gap: Optional[dict]) -> list[st
     if before.get("top1_agreement") is not None and before["top1_agreement"] > 0.9:
         warnings.append(f"the untrained student already agrees with the teacher on "
                         f"{100 * before['top1_agreement']:.0f}% of held-out tokens.")
-    if gap and gap["teacher_logprob_per_token"] <= gap["student_logprob_per_token"] + 0.1:
+    # the on-policy reverse KL per token is E_q[log q - log p]: student log-likelihood minus the teacher's
+    if gap and gap["student_logprob_per_token"] - gap["teacher_logprob_per_token"] < 0.1:
         warnings.append("the teacher finds the student's own samples about as likely as the student does: "
                         "on-policy distillation has little to correct.")
     return warnings

@@ -192,3 +192,16 @@ def test_the_summary_is_written_from_the_results():
     text = summarize(results, cfg, None)
     assert "30% of the teacher's" in text and "plain fine-tuning is lower" in text
     assert "55.0% after, 50.0% for plain fine-tuning" in text and "cannot tell them apart" in text
+
+
+def test_preflight_warns_only_when_the_teacher_adds_little():
+    from pocket_teacher.pipeline import preflight_warnings
+
+    strong = {"perplexity": 3.5, "accuracy": 0.6, "correct": 19, "questions": 32, "ci95_low": 0.42, "ci95_high": 0.75}
+    before = {"perplexity": 2e6, "top1_agreement": 0.0}
+    far = {"teacher_logprob_per_token": -11.2, "student_logprob_per_token": -4.3}  # much to correct on-policy
+    assert preflight_warnings({"teacher": strong, "student before": before}, far) == []
+    near = {"teacher_logprob_per_token": -4.25, "student_logprob_per_token": -4.3}
+    weak = dict(strong, accuracy=1 / 32, correct=1, ci95_low=0.006, ci95_high=0.157)
+    warnings = preflight_warnings({"teacher": weak, "student before": dict(before, perplexity=3.6)}, near)
+    assert len(warnings) == 3 and "1/32" in warnings[1] and "as likely" in warnings[2]
