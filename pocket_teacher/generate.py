@@ -117,22 +117,22 @@ class GenerationReport:
                 f"in {self.path}")
 
 
-def _read_answers(path: Path) -> Optional[list[dict]]:
-    """The cached answers, or None when absent; a damaged file (a truncated line, a missing field) is named,
-    removed and generated again, never a raw JSONDecodeError."""
+def _read_rows(path: Path, fields: Sequence[str], what: str) -> Optional[list[dict]]:
+    """The cached rows of a JSONL file, or None when absent; a damaged file (a truncated line, a missing field) is
+    named, removed and generated again, never a raw JSONDecodeError. Lines are split at "\\n" only: generated text
+    may hold U+2028 and other characters that str.splitlines() also breaks at."""
     if not path.is_file():
         return None
     rows = []
     try:
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
             if line.strip():
                 row = json.loads(line)
-                if not isinstance(row, dict) or not {"question", "teacher_answer", "extracted"} <= set(row):
-                    raise ValueError(f"line {number} lacks question / teacher_answer / extracted")
+                if not isinstance(row, dict) or not set(fields) <= set(row):
+                    raise ValueError(f"line {number} lacks {' / '.join(fields)}")
                 rows.append(row)
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        print(f"teacher answers: {path} is damaged ({str(exc).splitlines()[0]}); removing it and generating the "
-              f"answers again")
+        print(f"{what}: {path} is damaged ({str(exc).splitlines()[0]}); removing it and generating the {what} again")
         path.unlink(missing_ok=True)
         return None
     return rows
@@ -171,7 +171,7 @@ def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Exa
         parts["stop"] = stops
     path = Path(root) / f"answers-{fingerprint(parts)}.jsonl"
     start, status = time.perf_counter(), "reused"
-    rows, status = _read_answers(path), "reused"
+    rows, status = _read_rows(path, ("question", "teacher_answer", "extracted"), "teacher answers"), "reused"
     if rows is not None and (len(rows) != len(examples)
                              or any(r["question"] != e.question for r, e in zip(rows, examples))):
         print(f"teacher answers: {path} does not match these questions; generating them again")
@@ -255,15 +255,10 @@ def generate_texts(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str], 
              "seed": seed}
     path = Path(root) / f"texts-{fingerprint(parts)}.jsonl"
     start, status = time.perf_counter(), "reused"
-    rows = None
-    if path.is_file():
-        try:
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-            rows = rows if len(rows) == num_samples and all({"prompt", "text"} <= set(r) for r in rows) else None
-        except ValueError:
-            rows = None
-        if rows is None:
-            print(f"teacher texts: {path} is damaged; writing the texts again")
+    rows = _read_rows(path, ("prompt", "text"), "teacher texts")
+    if rows is not None and len(rows) != num_samples:
+        print(f"teacher texts: {path} holds {len(rows)} texts, not {num_samples}; writing them again")
+        rows = None
     if rows is None:
         status = "generated"
         chosen = [prompts[i % len(prompts)] for i in range(num_samples)]

@@ -99,3 +99,17 @@ def test_a_local_gpt2_teacher_writes_and_a_narrower_gpt2_student_learns(tmp_path
     student = AutoModelForCausalLM.from_pretrained(out / "student")
     assert type(student).__name__ == "GPT2LMHeadModel" and student.config.n_embd == 32 and student.config.n_layer == 2
     assert student.config.n_inner == 96 and student.transformer.h[0].mlp.c_fc.weight.shape == (32, 96)
+
+
+def test_cached_texts_with_unicode_line_separators_are_reused_not_called_damaged(tiny_teacher, tiny_tokenizer,
+                                                                                   tmp_path, capsys):
+    from pocket_teacher.generate import generate_texts
+
+    kw = dict(num_samples=2, max_new_tokens=4, temperature=0.9, seed=1, progress=False)
+    texts, _ = generate_texts(tiny_teacher, tiny_tokenizer, ["A"], tmp_path, **kw)
+    path = next(tmp_path.glob("texts-*.jsonl"))
+    rows = [json.loads(line) for line in path.read_text().split("\n") if line]
+    rows[0]["text"] = "one\u2028two"  # json.dumps keeps U+2028 escaped; write it raw as other writers may
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    again, report = generate_texts(tiny_teacher, tiny_tokenizer, ["A"], tmp_path, **kw)
+    assert report.status == "reused" and again[0].target == " one\u2028two" and "damaged" not in capsys.readouterr().out
