@@ -186,6 +186,7 @@ def config_student(teacher: torch.nn.Module, shape: dict, init: str = "random", 
         raise ModelLoadError("student.init=prune needs the teacher's dense weights; load the teacher in bf16/fp32.")
     if batches is None:
         raise ModelLoadError("student.init=prune needs calibration batches (calibration_batches of training text).")
+    check_prunable(teacher.config, config)
     keep_layers = (select_layers(block_influence(teacher, batches), config.num_hidden_layers)
                    if layer_selection == "importance" else _even(len(decoder_layers(teacher)[1]),
                                                                  config.num_hidden_layers))
@@ -195,6 +196,26 @@ def config_student(teacher: torch.nn.Module, shape: dict, init: str = "random", 
     student.generation_config = copy.deepcopy(teacher.generation_config)
     student.config.pruned_from_layers = keep_layers
     return student.to(next(teacher.parameters()).device).train()
+
+
+def check_prunable(teacher_config, config) -> None:
+    """Pruning keeps a subset of the teacher's units: every dimension of the student must fit inside the teacher's,
+    and each kept key/value group keeps some of that group's query heads. Raises ModelLoadError naming the field."""
+    t_heads = teacher_config.num_attention_heads
+    t_kv = getattr(teacher_config, "num_key_value_heads", None) or t_heads
+    s_heads, s_kv = config.num_attention_heads, config.num_key_value_heads
+    limits = [("num_layers", config.num_hidden_layers, teacher_config.num_hidden_layers, "layers"),
+              ("hidden_size", config.hidden_size, teacher_config.hidden_size, "embedding channels"),
+              ("intermediate_size", getattr(config, "intermediate_size", 0),
+               getattr(teacher_config, "intermediate_size", 0), "MLP channels"),
+              ("num_kv_heads", s_kv, t_kv, "key/value heads"),
+              ("num_heads / num_kv_heads", s_heads // s_kv, t_heads // t_kv, "query heads per key/value head")]
+    for name, student, teacher, what in limits:
+        if student > teacher:
+            raise ModelLoadError(
+                f"student.init=prune: student.{name} gives {student} {what}, more than the teacher's {teacher}; a "
+                f"pruned student keeps a subset of the teacher's units. Lower it to at most {teacher}, or use "
+                f"student.init=random.")
 
 
 def _even(total: int, keep: int) -> list[int]:

@@ -79,3 +79,19 @@ def test_a_config_student_with_inconsistent_heads_is_refused():
 
     with pytest.raises(ConfigError, match="student.num_kv_heads=3 is invalid"):
         apply_overrides(get_preset("tiny"), ["student.source=config", "student.num_heads=4", "student.num_kv_heads=3"])
+
+
+@pytest.mark.parametrize("shape, field", [
+    ({"num_layers": 5}, "student.num_layers gives 5 layers"),
+    ({"hidden_size": 96, "num_heads": 4, "num_kv_heads": 2}, "student.hidden_size gives 96"),
+    ({"intermediate_size": 256}, "student.intermediate_size gives 256"),
+    ({"num_heads": 4, "num_kv_heads": 4}, "student.num_kv_heads gives 4 key/value heads, more than the teacher's 2"),
+    ({"num_heads": 3, "num_kv_heads": 1}, "student.num_heads / num_kv_heads gives 3 query heads per key/value head"),
+])
+def test_a_pruned_student_larger_than_its_teacher_anywhere_is_refused_by_name(tiny_teacher, batches, shape, field):
+    from pocket_teacher.models import ModelLoadError
+
+    base = {"num_layers": 2, "hidden_size": 48, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
+    with pytest.raises(ModelLoadError, match="init=prune: " + field):
+        config_student(tiny_teacher, {**base, **shape}, "prune", batches)
+    config_student(tiny_teacher, {**base, **shape}, "random")  # the same shape is fine from random init
