@@ -54,6 +54,36 @@ def overridden_generation_settings(model: torch.nn.Module) -> dict:
     return out
 
 
+class NucleusSampling:
+    """Temperature, then nucleus (top-p) filtering: the distribution transformers' TemperatureLogitsWarper and
+    TopPLogitsWarper give (a token is kept when the probability of the tokens more likely than it is under top_p;
+    the most likely token always is), without sorting the whole vocabulary at every step. The nucleus is looked for
+    among the `candidates` most likely tokens (one top-k); only rows whose nucleus is larger than that fall back to
+    the full sort. On a 49k vocabulary that sort was a third of the teacher's sampling time on CPU."""
+
+    def __init__(self, temperature: float, top_p: float = 1.0, candidates: int = 256):
+        if temperature <= 0 or not 0 < top_p <= 1:
+            raise ValueError(f"NucleusSampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        self.temperature, self.top_p, self.candidates = temperature, top_p, candidates
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p >= 1.0:
+            return scores
+        top, index = scores.topk(min(self.candidates, scores.shape[-1]), dim=-1)  # descending
+        probs = (top - scores.logsumexp(-1, keepdim=True)).exp()
+        above = probs.cumsum(-1) - probs  # probability of the tokens more likely than each
+        out = torch.full_like(scores, -float("inf")).scatter_(-1, index, top.masked_fill(above >= self.top_p,
+                                                                                          -float("inf")))
+        wide = (probs.sum(-1) < self.top_p).nonzero().flatten()  # the nucleus reaches past the candidates
+        if len(wide):
+            ordered, order = scores[wide].sort(-1, descending=True)
+            p = ordered.softmax(-1)
+            ordered = ordered.masked_fill(p.cumsum(-1) - p >= self.top_p, -float("inf"))
+            out[wide] = torch.full_like(ordered, -float("inf")).scatter_(-1, order, ordered)
+        return out
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 192,
              batch_size: int = 16, stop: Sequence[str] = (), desc: str = "generate",
@@ -68,13 +98,16 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_n
     (nucleus `top_p`, no top-k), each batch from its own generator state seeded by `seed` and the batch's first
     prompt index (the global RNG is left as it was), so a run is reproducible.
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[Optional[str]] = [None] * len(prompts)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {}
+    # Sampling: temperature and nucleus filtering by NucleusSampling (the same distribution as transformers' warpers,
+    # a third faster on CPU), so the generation config itself leaves the logits alone.
+    sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0} if temperature > 0 else {}
+    processors = [NucleusSampling(temperature, top_p)] if temperature > 0 else []
     config = GenerationConfig(**{**GREEDY, **sampling}, max_new_tokens=max_new_tokens,
                               pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=tokenizer.eos_token_id,
@@ -88,7 +121,8 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_n
                             add_special_tokens=False).to(device)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed * 1_000_003 + index[0])
-                out = model.generate(**enc, generation_config=config, **({"tokenizer": tokenizer} if stop else {}))
+                out = model.generate(**enc, generation_config=config, logits_processor=LogitsProcessorList(processors),
+                                     **({"tokenizer": tokenizer} if stop else {}))
             new = out[:, enc["input_ids"].shape[1]:]
             for i, text in zip(index, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 for marker in stop:  # the stop string itself is not part of the answer

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from pocket_teacher.data import DataError, IGNORE_INDEX, encode_example, load_examples, read_text_rows
 
@@ -113,3 +114,36 @@ def test_cached_texts_with_unicode_line_separators_are_reused_not_called_damaged
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     again, report = generate_texts(tiny_teacher, tiny_tokenizer, ["A"], tmp_path, **kw)
     assert report.status == "reused" and again[0].target == " one\u2028two" and "damaged" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.8, 0.95), (1.3, 0.5), (0.5, 1.0)])
+def test_nucleus_sampling_keeps_what_transformers_warpers_keep(temperature, top_p):
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from pocket_teacher.generate import NucleusSampling
+
+    torch.manual_seed(0)
+    scores = torch.randn(48, 3000) * torch.linspace(0.2, 12, 48)[:, None]  # flat rows (wide nuclei) to peaked ones
+    ids = torch.zeros(48, 1, dtype=torch.long)
+    expected = TemperatureLogitsWarper(temperature)(ids, scores)
+    if top_p < 1:
+        expected = TopPLogitsWarper(top_p)(ids, expected)
+    for candidates in (8, 256, 3000):  # fallback to the full sort for most rows, some rows, none
+        got = NucleusSampling(temperature, top_p, candidates)(ids, scores)
+        assert torch.equal(torch.isinf(got), torch.isinf(expected)), candidates
+        torch.testing.assert_close(got[~torch.isinf(got)], expected[~torch.isinf(expected)])
+
+
+def test_sampled_generation_is_transformers_sampling_token_for_token(tiny_teacher, tiny_tokenizer):
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    from pocket_teacher.generate import NucleusSampling
+
+    enc = tiny_tokenizer(["Question: 3 + 4?", "Question: 10 - 2?"], return_tensors="pt", padding=True)
+    common = dict(do_sample=True, top_k=0, max_new_tokens=12, pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(7)
+    theirs = tiny_teacher.generate(**enc, generation_config=GenerationConfig(temperature=0.8, top_p=0.9, **common))
+    torch.manual_seed(7)
+    ours = tiny_teacher.generate(**enc, generation_config=GenerationConfig(temperature=1.0, top_p=1.0, **common),
+                                 logits_processor=LogitsProcessorList([NucleusSampling(0.8, 0.9)]))
+    assert torch.equal(theirs, ours)
