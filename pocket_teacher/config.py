@@ -652,7 +652,7 @@ def _pocket_text() -> Config:
         student=StudentConfig(source="config", num_layers=16, hidden_size=384, num_heads=6, num_kv_heads=2,
                               intermediate_size=1024, init="prune", layer_selection="importance"),
         data=DataConfig(source="teacher_text", train_size=450, eval_size=50, max_length=160),
-        generate=GenerateConfig(num_samples=500, max_new_tokens=96, batch_size=16, temperature=0.8, top_p=0.95),
+        generate=GenerateConfig(num_samples=500, max_new_tokens=96, batch_size=64, temperature=0.8, top_p=0.95),
         loss=LossConfig(alpha=0.5, temperature=2.0),
         teacher_cache=TeacherCacheConfig(use=True, batch_size=16),
         train=TrainConfig(max_steps=150, batch_size=8, lr=1e-3, warmup_steps=10),

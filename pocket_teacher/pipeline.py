@@ -853,10 +853,13 @@ class Experiment:
 
     @_section
     def side_by_side(self):
-        """Each model's answer to the first eval.side_by_side held-out questions (a DataFrame)."""
+        """Each model's answer to the first eval.side_by_side held-out questions (a DataFrame): the teacher, the
+        student before and after, and the baseline (fine-tuned, or the same shape from random init) when trained."""
         trained = self._need("trained", "distil")
         if self.main and self.cfg.eval.side_by_side:
             models = {"teacher": self.teacher, "student before": self.student_init, "student after": trained.student}
+            if self.baseline is not None:  # the fine-tuned or random-init student beside the distilled one
+                models[self.baseline_label] = self.baseline.student
             k, ev = self.cfg.eval.side_by_side, self.cfg.eval
             done = {name: [g["output"] for g in (self.results.get(name) or {}).get("generations", [])[:k]]
                     for name in models}
