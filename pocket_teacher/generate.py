@@ -200,7 +200,7 @@ def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Exa
              "template": digest(template.encode()), "system_prompt": system_prompt, "max_new_tokens": max_new_tokens}
     stops = default_stop(tokenizer, stop)
     if temperature > 0:  # keys only when set, so greedy answers cached before keep their fingerprint
-        parts["sampling"] = {"temperature": temperature, "top_p": top_p, "seed": seed}
+        parts["sampling"] = {"temperature": temperature, "top_p": top_p, "seed": seed, "batch_size": batch_size}
     if stops:
         parts["stop"] = stops
     path = Path(root) / f"answers-{fingerprint(parts)}.jsonl"
@@ -287,6 +287,8 @@ def generate_texts(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str], 
              "prompts": digest(*(p.encode() for p in prompts)), "num_samples": num_samples,
              "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "stop": stops,
              "seed": seed}
+    if temperature > 0:  # each batch samples from its own seeded generator: the batching shapes the texts
+        parts["batch_size"] = batch_size
     path = Path(root) / f"texts-{fingerprint(parts)}.jsonl"
     start, status = time.perf_counter(), "reused"
     rows = _read_rows(path, ("prompt", "text"), "teacher texts")

@@ -61,6 +61,9 @@ def test_teacher_texts_are_sampled_reproducibly_cached_and_stopped(tiny_teacher,
     assert third.status == "reused" and [t.target for t in cached] == [t.target for t in texts]
     other, _ = generate_texts(tiny_teacher, tiny_tokenizer, ["Once", "The sea"], tmp_path, **{**kw, "seed": 4})
     assert [t.target for t in other] != [t.target for t in texts]
+    # each batch samples from its own seeded generator, so the batching is part of the cache's fingerprint
+    _, batched = generate_texts(tiny_teacher, tiny_tokenizer, ["Once", "The sea"], tmp_path, **kw, batch_size=4)
+    assert batched.status == "generated" and batched.path != report.path
 
 
 @pytest.mark.slow
@@ -71,7 +74,8 @@ def test_tiny_text_runs_end_to_end(tmp_path):
     assert main(["run", "--preset", "tiny-text", "--out", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())["results"]
     assert [r["model"] for r in results] == ["teacher", "student before", "student after", "random init (same shape)"]
-    assert (out / "side_by_side.jsonl").read_text().count("\n") == 2
+    rows = [json.loads(line) for line in (out / "side_by_side.jsonl").read_text().split("\n") if line]
+    assert len(rows) == 2 and all(row["random init (same shape)"] is not None for row in rows)
 
 
 @pytest.mark.slow
