@@ -43,11 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true",
                      help="start even when the memory plan says a stage does not fit this machine")
 
-    nb = sub.add_parser("notebook", help="execute Pocket_Teacher.ipynb headless on a preset")
+    nb = sub.add_parser("notebook", help="execute Pocket_Teacher.ipynb (or --notebook, e.g. Pocket_Teacher_Text.ipynb) "
+                                         "headless on a preset")
     common(nb)
     nb.add_argument("--notebook", default=str(NOTEBOOK), help="notebook to execute")
     nb.add_argument("--executed", default=None, help="where to write the executed notebook "
-                                                    "(default <run folder>/Pocket_Teacher.ipynb)")
+                                                    "(default <run folder>/<notebook's file name>)")
     nb.add_argument("--figures", default=None, help="also save the figures here (e.g. figures/)")
     nb.add_argument("--timeout", type=int, default=3600, help="per-cell timeout in seconds")
     nb.add_argument("--force", action="store_true",
@@ -163,7 +164,7 @@ def _main(args: argparse.Namespace) -> int:
             return 3
         return 0
     overrides = _overrides(args) + ([f"run.figures_dir={args.figures}"] if args.figures else [])
-    executed = args.executed or Path(cfg.run.out_dir) / cfg.run.name / "Pocket_Teacher.ipynb"
+    executed = args.executed or Path(cfg.run.out_dir) / cfg.run.name / Path(args.notebook).name
     start = time.perf_counter()
     path = execute_notebook(args.notebook, args.preset, overrides, executed, args.timeout, force=args.force)
     print(f"executed {args.notebook} on preset {args.preset} in {time.perf_counter() - start:.0f} s -> {path}")

@@ -655,7 +655,7 @@ def _pocket_text() -> Config:
         generate=GenerateConfig(num_samples=500, max_new_tokens=96, batch_size=64, temperature=0.8, top_p=0.95),
         loss=LossConfig(alpha=0.5, temperature=2.0),
         teacher_cache=TeacherCacheConfig(use=True, batch_size=16),
-        train=TrainConfig(max_steps=150, batch_size=8, lr=1e-3, warmup_steps=10),
+        train=TrainConfig(max_steps=120, batch_size=8, lr=1e-3, warmup_steps=10),
         eval=EvalConfig(batch_size=16, generate_samples=0, max_new_tokens=64, side_by_side=3, baseline=True,
                         agreement=True, efficiency=False),
         run=RunConfig(name="pocket-text"),

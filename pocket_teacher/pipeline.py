@@ -948,8 +948,11 @@ def summarize(results: dict[str, dict], cfg: Config, train_result: Optional[Trai
     ratio = after["parameters"] / teacher["parameters"]
     lines.append(f"The student has {after['parameters'] / 1e6:.1f}M parameters, {100 * ratio:.0f}% of the teacher's "
                  f"{teacher['parameters'] / 1e6:.1f}M.")
-    lines.append(f"Held-out answer perplexity: teacher {teacher['perplexity']:,.2f}; student {before['perplexity']:,.2f} "
-                 f"before and {after['perplexity']:,.2f} after training.")
+    text = cfg.data.source in ("text", "teacher_text")
+    lines.append(f"Held-out {'text (every token)' if text else 'answer'} perplexity: teacher "
+                 f"{teacher['perplexity']:,.2f}; student {before['perplexity']:,.2f} before and "
+                 f"{after['perplexity']:,.2f} after training ({after['perplexity'] / teacher['perplexity']:.2f}x the "
+                 f"teacher's).")
     if random_init:
         better = "the pruned start" if after["perplexity"] < random_init["perplexity"] else "the random start"
         lines.append(f"The same student from random init reaches {random_init['perplexity']:,.2f} with the same data "

@@ -151,3 +151,27 @@ def test_sampled_generation_is_transformers_sampling_token_for_token(tiny_teache
     ours = tiny_teacher.generate(**enc, generation_config=GenerationConfig(temperature=1.0, top_p=1.0, **common),
                                  logits_processor=LogitsProcessorList([NucleusSampling(0.8, 0.9)]))
     assert torch.equal(theirs, ours)
+
+
+@pytest.mark.slow
+def test_the_text_notebook_runs_on_tiny_text(tmp_path):
+    """Pocket_Teacher_Text.ipynb on the tiny-text preset: every cell runs, the perplexity bars compare the teacher,
+    the student before and after and the random-init student, and the side by side shows all four models."""
+    pytest.importorskip("nbclient")
+    import nbformat
+
+    from pocket_teacher.cli import NOTEBOOK, main
+
+    notebook = NOTEBOOK.parent / "Pocket_Teacher_Text.ipynb"
+    out = tmp_path / "tt"
+    assert main(["notebook", "--notebook", str(notebook), "--preset", "tiny-text", "--out", str(out)]) == 0
+    nb = nbformat.read(out / "Pocket_Teacher_Text.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for c in code for o in c.outputs)
+    for name in ("--- teacher:", "--- student before:", "--- student after:", "--- random init (same shape):"):
+        assert name in text
+    bars = next(c for c in code if "exp.plots()" in c.source)
+    assert any("image/png" in o.get("data", {}) for o in bars.outputs)
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["model"] for r in results] == ["teacher", "student before", "student after", "random init (same shape)"]
