@@ -2,13 +2,15 @@
 
     python benchmarks/student_init.py                       # pocket preset: the embedded teacher, gsm_symbolic
     python benchmarks/student_init.py --preset tiny         # seconds
+    python benchmarks/student_init.py --preset pocket-text --kv-heads 2   # the free-text student (16 layers)
 
 Students, all at the pocket preset's depth (10 of 30 layers unless --layers):
 - derive, even: the teacher's layers spread evenly (first and last kept), full width;
 - derive, importance: the layers with the largest ShortGPT block influence on --calibration training rows;
 - config, random: a narrower model of the same family (--hidden, --heads, --kv-heads, --mlp), fresh weights;
 - config, prune: the same shape pruned from the teacher (Minitron-style activation importance), layers by importance.
-Perplexity over the answer tokens of the held-out split (data.eval_size rows), as the pipeline measures it.
+Perplexity over the answer tokens of the held-out split (data.eval_size rows), as the pipeline measures it (every
+token on free-text presets).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def main() -> None:
     exp = Experiment(base, progress=False)
     exp.load_data()
     exp.load_teacher()
+    exp.teacher_answers()  # teacher-written presets (pocket-text): the texts the importance is measured on
     exp.load_student()
     teacher_ppl = perplexity(exp.teacher, exp.splits.eval, pad_token_id=exp.tokenizer.pad_token_id,
                              vocab_size=len(exp.tokenizer), progress=False)["perplexity"]
