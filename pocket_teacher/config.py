@@ -224,7 +224,8 @@ class GenerateConfig:
     free text (data.source=teacher_text)."""
 
     max_new_tokens: int = knob(256, "generation budget per text (stops earlier at EOS or a stop string)")
-    batch_size: int = knob(8, "prompts per generation batch")
+    batch_size: int = knob(8, "prompts per generation batch (when sampling, each batch has its own seeded "
+                                 "generator: another batch size writes other texts, cached apart)")
     temperature: float = knob(0.0, "0 = greedy; above 0 samples at this temperature")
     top_p: float = knob(1.0, "nucleus sampling when temperature > 0 (1 = the full distribution)")
     num_samples: int = knob(500, "data.source=teacher_text: texts the teacher writes (train and held-out together)")
