@@ -70,18 +70,20 @@ class NucleusSampling:
         scores = scores.float() / self.temperature
         if self.top_p >= 1.0:
             return scores
-        top, index = scores.topk(min(self.candidates, scores.shape[-1]), dim=-1)  # descending
+        out, found = self._nucleus(scores, min(self.candidates, scores.shape[-1]))
+        wide = (~found).nonzero().flatten()  # rows whose nucleus reaches past the candidates: the whole vocabulary
+        if len(wide):
+            out[wide] = self._nucleus(scores[wide], scores.shape[-1])[0]
+        return out
+
+    def _nucleus(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores outside the nucleus set to -inf, looking among the k likeliest tokens; and, per row, whether those
+        k tokens hold the whole nucleus (their probability reaches top_p)."""
+        top, index = scores.topk(k, dim=-1)  # descending
         probs = (top - scores.logsumexp(-1, keepdim=True)).exp()
         above = probs.cumsum(-1) - probs  # probability of the tokens more likely than each
-        out = torch.full_like(scores, -float("inf")).scatter_(-1, index, top.masked_fill(above >= self.top_p,
-                                                                                          -float("inf")))
-        wide = (probs.sum(-1) < self.top_p).nonzero().flatten()  # the nucleus reaches past the candidates
-        if len(wide):
-            ordered, order = scores[wide].sort(-1, descending=True)
-            p = ordered.softmax(-1)
-            ordered = ordered.masked_fill(p.cumsum(-1) - p >= self.top_p, -float("inf"))
-            out[wide] = torch.full_like(ordered, -float("inf")).scatter_(-1, order, ordered)
-        return out
+        kept = top.masked_fill(above >= self.top_p, -float("inf"))
+        return torch.full_like(scores, -float("inf")).scatter_(-1, index, kept), probs.sum(-1) >= self.top_p
 
 
 @torch.no_grad()
