@@ -38,7 +38,9 @@ def _rss_peak_bytes() -> int:
 
 def worker(path: str, vocab: int, tokens: int, hidden: int, dtype_name: str, device: str, repeats: int,
            chunk_size: int) -> dict:
-    from pocket_teacher.losses import auto_chunk_size, chunked_distillation_loss, token_distillation_loss
+    from pocket_teacher.config import LossConfig
+    from pocket_teacher.losses import (TeacherHidden, TeacherLogits, auto_chunk_size, chunked_distillation_loss,
+                                       token_distillation_loss)
 
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -48,14 +50,14 @@ def worker(path: str, vocab: int, tokens: int, hidden: int, dtype_name: str, dev
     th = (torch.randn(tokens, hidden, device=dev) * 0.5).to(dtype)
     tw = (torch.randn(vocab, hidden, device=dev) * hidden ** -0.5).to(dtype)
     y = torch.randint(0, vocab, (tokens,), device=dev)
-    kw = dict(alpha=0.5, temperature=2.0)
     chunk = chunk_size or auto_chunk_size(vocab)
+    spec = LossConfig(alpha=0.5, temperature=2.0, chunk_size=chunk)
 
     def step() -> float:
         if path == "naive":
-            loss = token_distillation_loss(h @ w.T, th @ tw.T, y, **kw)
+            loss = token_distillation_loss(h @ w.T, y, TeacherLogits(th @ tw.T), spec)
         else:
-            loss = chunked_distillation_loss(h, w, y, teacher_hidden=th, teacher_weight=tw, chunk_size=chunk, **kw)
+            loss = chunked_distillation_loss(h, w, y, TeacherHidden(th, tw), spec)
         loss.total.backward()
         value = float(loss.total)
         h.grad = w.grad = None

@@ -26,7 +26,7 @@ import yaml
 
 PRECISIONS = ("auto", "8bit", "4bit", "bf16", "fp16", "fp32")
 DATA_SOURCES = ("gsm_symbolic", "gsm8k", "mmlu", "text", "teacher_text")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")  # = losses.DIVERGENCES
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")  # loss.divergence
 LOSS_IMPLEMENTATIONS = ("auto", "chunked", "full")
 ON_POLICY_ESTIMATORS = ("full", "sampled")
 TARGET_SOURCES = ("reference", "teacher", "teacher_correct")

@@ -12,51 +12,126 @@ One convention everywhere (see DESIGN.md):
 - no valid token: every term is a zero that still backpropagates (never NaN);
 - all arithmetic in at least float32, whatever the dtype of the logits.
 
-Three ways to give the teacher: full logits, top-k log-probs (a cache, see `topk_buckets`), or,
-in `chunked_distillation_loss`, its hidden states and output layer. The chunked function never
-builds the (N, V) logits of the whole batch; it matches the plain path in value and gradients.
+The teacher is a typed signal: `TeacherLogits` (full logits), `TeacherHidden` (hidden states and output layer,
+its logits built a chunk at a time), `TeacherTopK` (the cache's top-k log-probs and tail mass, see
+`topk_buckets`), or None (no teacher: CE alone, no distillation term). The loss settings are a `LossConfig`.
+`chunked_distillation_loss` never builds the (N, V) logits of the whole batch; it matches the plain path in
+value and gradients.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from .config import DIVERGENCES, LossConfig
+
 TAIL_FLOOR = 1e-10  # smallest teacher tail mass used when K < V
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (log_p, log_q), both (N, K) -> (N,)
 
 
 class DistillationLoss(NamedTuple):
-    """The total loss and its two parts (all scalar tensors; `total` carries the gradient)."""
+    """The total loss and its two parts (scalar tensors; `total` carries the gradient). A part that was not
+    measured is None: `kd` without a teacher, `ce` on the student's own samples (no reference there)."""
 
     total: torch.Tensor  # alpha * ce + (1 - alpha) * kd
-    ce: torch.Tensor  # hard-label cross-entropy at T = 1
-    kd: torch.Tensor  # T^2 * D(teacher_T || student_T)
+    ce: Optional[torch.Tensor]  # hard-label cross-entropy at T = 1
+    kd: Optional[torch.Tensor]  # T^2 * D(teacher_T || student_T)
 
 
-def check_loss_args(alpha: float, temperature: float, divergence: str = "forward_kl", beta: float = 0.5,
-                    skew: float = 0.1) -> None:
-    """Raise ValueError naming the argument, its value and the allowed range."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha={alpha!r}: use a value in [0, 1] (1 = plain CE, 0 = pure distillation).")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r}: use a value > 0 (1 = unchanged logits).")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence={divergence!r}: use one of {', '.join(DIVERGENCES)}.")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta={beta!r}: use a value in [0, 1] (0 = forward KL, 1 = reverse KL).")
-    if not 0.0 <= skew < 1.0:
-        raise ValueError(f"skew={skew!r}: use a value in [0, 1) (0 = plain KL; DistiLLM uses 0.1).")
+# -- the teacher signal: one type per kind of teacher information --------------------------------------
+
+@dataclass(frozen=True)
+class TeacherLogits:
+    """The teacher's logits ``(N, V')`` at the N answer positions."""
+
+    logits: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        return self.logits.shape[-1]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TeacherLogits":
+        """The same signal with `fn` applied to each per-position tensor (rows selected, moved, ...)."""
+        return TeacherLogits(fn(self.logits))
+
+    def chunk(self, i: int, j: int, vocab: int) -> "TeacherLogits":
+        """Positions i:j, over the first `vocab` logits."""
+        return TeacherLogits(self.logits[i:j, :vocab])
+
+
+@dataclass(frozen=True)
+class TeacherHidden:
+    """The teacher's final hidden states ``(N, H')`` at the answer positions and its output layer ``(V', H')``
+    (and bias): its logits are built a chunk at a time, never all (N, V') at once."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+
+    @property
+    def width(self) -> int:
+        return self.weight.shape[0]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TeacherHidden":
+        return TeacherHidden(fn(self.hidden), self.weight, self.bias)
+
+    @torch.no_grad()
+    def chunk(self, i: int, j: int, vocab: int) -> TeacherLogits:
+        """The teacher's logits at positions i:j over the first `vocab` rows of its output layer."""
+        dtype = torch.promote_types(self.weight.dtype, self.hidden.dtype)
+        w = self.weight[:vocab].to(dtype)
+        b = None if self.bias is None else self.bias[:vocab].to(dtype)
+        return TeacherLogits(F.linear(self.hidden[i:j].to(dtype), w, b))
+
+
+@dataclass(frozen=True)
+class TeacherTopK:
+    """The teacher's K most likely token ids ``(N, K)`` at each answer position, their log-probs at T = 1
+    ``(N, K)`` and the mass outside them ``(N,)`` (default ``1 - sum(exp(logprobs))``): what the cache stores."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: Optional[torch.Tensor] = None
+
+    width = None  # fits any vocabulary that holds its ids
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TeacherTopK":
+        return TeacherTopK(fn(self.ids), fn(self.logprobs), None if self.tail is None else fn(self.tail))
+
+    def chunk(self, i: int, j: int, vocab: int) -> "TeacherTopK":
+        return self.map(lambda x: x[i:j])
+
+    def check(self, vocab: int) -> None:
+        """Raise unless every id is in [0, vocab) (one host sync: once per batch, not per chunk)."""
+        if self.ids.shape != self.logprobs.shape:
+            raise ValueError(f"top-k ids {tuple(self.ids.shape)} and log-probs {tuple(self.logprobs.shape)} differ.")
+        if self.ids.numel():
+            low, high = (int(x) for x in torch.aminmax(self.ids))
+            if high >= vocab or low < 0:
+                raise ValueError(f"top-k ids range over [{low}, {high}] but the student has {vocab} logits: the "
+                                 f"teacher cache was built with another vocabulary (rebuild it).")
+
+
+TeacherSignal = Union[TeacherLogits, TeacherHidden, TeacherTopK]  # None: no teacher, no distillation term
+
+
+def signal_to(signal: Optional[TeacherSignal], device: torch.device | str) -> Optional[TeacherSignal]:
+    """The signal's per-position tensors on `device` (a cached top-k read on the host goes to the GPU)."""
+    return None if signal is None else signal.map(lambda x: x.to(device))
 
 
 # -- divergences between two distributions given as log-probabilities ---------------------------------
 
-def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """Row-wise KL(a || b) = sum a (log a - log b); entries where a = 0 contribute exactly 0."""
+def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Row-wise KL(a || b) = sum a (log a - log b) of two ``(N, K)`` log-probabilities, ``(N,)``; entries where
+    a = 0 contribute exactly 0. The package's one KL (the loss's forward KL, agreement, the cache's fidelity)."""
     diff = torch.where(log_a > -math.inf, log_a - log_b, torch.zeros_like(log_a))  # no 0 * inf, no NaN grads
     return (log_a.exp() * diff).sum(-1)
 
@@ -93,16 +168,16 @@ def divergence_per_token(log_p: torch.Tensor, log_q: torch.Tensor, divergence: s
     - ``tvd``: total variation, ``0.5 * sum |P - Q|``, bounded in [0, 1].
     """
     if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
-        return _kl(log_p, log_q)
+        return kl(log_p, log_q)
     if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
-        return _kl(log_q, log_p)
+        return kl(log_q, log_p)
     if divergence == "jsd":
         log_m = _mix(log_p, log_q, beta)
-        return (beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)) / (beta * (1.0 - beta))
+        return (beta * kl(log_p, log_m) + (1.0 - beta) * kl(log_q, log_m)) / (beta * (1.0 - beta))
     if divergence == "skew_kl":
-        return _kl(log_p, log_q if skew == 0.0 else _mix(log_p, log_q, skew))
+        return kl(log_p, log_q if skew == 0.0 else _mix(log_p, log_q, skew))
     if divergence == "skew_reverse_kl":
-        return _kl(log_q, log_p if skew == 0.0 else _mix(log_q, log_p, skew))
+        return kl(log_q, log_p if skew == 0.0 else _mix(log_q, log_p, skew))
     if divergence == "tvd":
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
     raise ValueError(f"divergence={divergence!r}: use one of {', '.join(DIVERGENCES)}.")
@@ -110,26 +185,13 @@ def divergence_per_token(log_p: torch.Tensor, log_q: torch.Tensor, divergence: s
 
 # -- the teacher given as top-k log-probs ------------------------------------------------------------
 
-def check_topk_ids(topk_ids: torch.Tensor, vocab: int) -> None:
-    """Raise unless every top-k id is in [0, vocab) (one host sync: call it once per batch, not per chunk)."""
-    if topk_ids.numel():
-        low, high = torch.aminmax(topk_ids)
-        low, high = int(low), int(high)
-        if high >= vocab or low < 0:
-            raise ValueError(f"top-k ids range over [{low}, {high}] but the student has {vocab} logits: the teacher "
-                             f"cache was built with another vocabulary (rebuild it).")
-
-
-def topk_buckets(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                 tail_mass: Optional[torch.Tensor] = None, temperature: float = 1.0, *, check_ids: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_buckets(student_logits: torch.Tensor, teacher: TeacherTopK, temperature: float = 1.0, *,
+                 check_ids: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher and student as distributions over K + 1 buckets: the teacher's top-k tokens and "the rest".
 
     Args:
         student_logits: ``(N, V)`` full student logits (float32 or wider).
-        topk_ids: ``(N, K)`` the teacher's K most likely token ids (distinct) at each position.
-        topk_logprobs: ``(N, K)`` the teacher's log-probs of those tokens at T = 1.
-        tail_mass: ``(N,)`` teacher probability outside the top-k; default ``1 - sum(exp(topk_logprobs))``.
+        teacher: the teacher's ``(N, K)`` top-k ids (distinct) and T = 1 log-probs, and ``(N,)`` tail mass.
         check_ids: validate the ids against V (a host sync; the chunked loss checks once per batch instead).
         temperature: T. Both bucket distributions are built at T = 1 (the student's exactly from its
             logits: its tail bucket is its whole mass outside the teacher's top-k) and then tempered
@@ -144,23 +206,22 @@ def topk_buckets(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
         divergence of these is the divergence between the bucketed distributions; at T = 1 forward
         KL is ``sum_top p (log p - log q) + p_tail (log p_tail - log q_tail)``, the full KL when K = V.
     """
-    if topk_ids.shape != topk_logprobs.shape or topk_ids.shape[0] != student_logits.shape[0]:
-        raise ValueError(f"top-k ids {tuple(topk_ids.shape)}, log-probs {tuple(topk_logprobs.shape)} and student "
-                         f"logits {tuple(student_logits.shape)} must agree on (N, K) and N.")
+    if teacher.ids.shape != teacher.logprobs.shape or teacher.ids.shape[0] != student_logits.shape[0]:
+        raise ValueError(f"top-k ids {tuple(teacher.ids.shape)}, log-probs {tuple(teacher.logprobs.shape)} and "
+                         f"student logits {tuple(student_logits.shape)} must agree on (N, K) and N.")
     vocab = student_logits.shape[-1]
     if check_ids:
-        check_topk_ids(topk_ids, vocab)
+        teacher.check(vocab)
     dtype = student_logits.dtype
-    lp = topk_logprobs.to(dtype)
-    ids = topk_ids.long()
+    lp = teacher.logprobs.detach().to(dtype)
+    ids = teacher.ids.long()
     picked = student_logits.gather(-1, ids)
     if ids.shape[-1] == vocab:  # the top-k is the whole vocabulary: no tail bucket at all
         return F.log_softmax(lp / temperature, dim=-1), F.log_softmax(picked / temperature, dim=-1)
-    if tail_mass is None:
-        tail_mass = (1.0 - lp.exp().sum(-1)).clamp_min(0.0)
+    tail = (1.0 - lp.exp().sum(-1)).clamp_min(0.0) if teacher.tail is None else teacher.tail.detach()
     # With K < V the true tail is never empty; a floor keeps reverse and skew divergences finite when
     # rounding (fp16 log-probs, a near-certain token) makes it look so.
-    log_tail = tail_mass.to(dtype).clamp_min(TAIL_FLOOR).log().unsqueeze(-1)
+    log_tail = tail.to(dtype).clamp_min(TAIL_FLOOR).log().unsqueeze(-1)
     log_p = F.log_softmax(torch.cat([lp, log_tail], -1) / temperature, dim=-1)
     rest = student_logits.scatter(-1, ids, torch.finfo(dtype).min)  # top-k removed, finite so gradients stay finite
     log_rest = torch.logsumexp(rest, -1, keepdim=True)
@@ -170,147 +231,151 @@ def topk_buckets(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
 
 # -- the hybrid loss over selected tokens -------------------------------------------------------------
 
-def token_distillation_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
-                            targets: torch.Tensor, *, alpha: float, temperature: float,
-                            divergence: str = "forward_kl", beta: float = 0.5, skew: float = 0.1,
-                            teacher_topk_ids: Optional[torch.Tensor] = None,
-                            teacher_topk_logprobs: Optional[torch.Tensor] = None,
-                            teacher_tail_mass: Optional[torch.Tensor] = None,
-                            vocab_size: Optional[int] = None,
-                            normalizer: Optional[float] = None, check_ids: bool = True) -> DistillationLoss:
+def named_divergence(spec: LossConfig) -> Divergence:
+    """The divergence `spec` names (loss.divergence with its beta / skew) as a function of (log_p, log_q)."""
+    if spec.divergence == "forward_kl":
+        return kl
+    return functools.partial(divergence_per_token, divergence=spec.divergence, beta=spec.beta, skew=spec.skew)
+
+
+def _check_widths(student_width: int, teacher: Optional[TeacherSignal], vocab_size: Optional[int]) -> int:
+    """The number of logits both sides are compared over; raises when the output layers cannot be compared."""
+    width = None if teacher is None else teacher.width
+    if vocab_size is None:
+        if width is not None and width != student_width:
+            raise ValueError(
+                f"student logits ({student_width} wide) and the teacher's ({width}) differ. If both models use one "
+                "tokenizer and only their output layers are padded differently, pass vocab_size=len(tokenizer). "
+                "Different tokenizers cannot be compared token by token: use sequence-level distillation (train "
+                "on the teacher's generated answers) instead.")
+        return student_width
+    if vocab_size > student_width or (width is not None and vocab_size > width):
+        raise ValueError(f"vocab_size={vocab_size} exceeds the logits' width (student {student_width}, teacher "
+                         f"{width}): pass len(tokenizer).")
+    return vocab_size
+
+
+def token_distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor, teacher: Optional[TeacherSignal],
+                            spec: LossConfig, *, vocab_size: Optional[int] = None,
+                            normalizer: Optional[float] = None, divergence: Optional[Divergence] = None,
+                            check_ids: bool = True) -> DistillationLoss:
     """The hybrid loss over already-selected answer tokens (no shift, no mask: every row counts).
 
     Args:
         student_logits: ``(N, V)`` student logits at the N positions that predict a target.
-        teacher_logits: ``(N, V')`` teacher logits at the same positions, or None with top-k inputs.
         targets: ``(N,)`` token ids those positions predict.
-        teacher_topk_ids, teacher_topk_logprobs, teacher_tail_mass: the teacher as ``(N, K)`` top-k
-            ids and T = 1 log-probs and ``(N,)`` leftover mass, instead of `teacher_logits` (see
-            `topk_buckets`).
+        teacher: the teacher at the same N positions (`TeacherLogits`, `TeacherHidden` or `TeacherTopK`), or
+            None: then only CE is measured (``kd`` is None), which `spec` must allow (alpha = 1).
+        spec: the loss settings (`LossConfig`: alpha, temperature, divergence, beta, skew); see
+            `distillation_loss`.
         vocab_size: compare over the first `vocab_size` logits only (the tokenizer's real vocabulary),
             so rows an output layer pads on (e.g. 151,936 vs 152,064) never take probability mass
             and student and teacher may differ in padding. Default: both must have the same width.
         normalizer: divide the summed per-token terms by this instead of N (e.g. the answer tokens
             of the whole accumulated batch, so micro-batches add up to exactly the full batch).
+        divergence: D as a function of teacher and student log-probs ``(N, K)`` returning ``(N,)``, instead of
+            the one `spec` names (a divergence written in a notebook cell).
         check_ids: validate top-k ids against the vocabulary (see `topk_buckets`).
-        alpha, temperature, divergence, beta, skew: see `distillation_loss`.
 
     Returns:
         DistillationLoss of scalars in at least float32.
     """
-    check_loss_args(alpha, temperature, divergence, beta, skew)
-    topk = teacher_topk_ids is not None or teacher_topk_logprobs is not None
-    if topk and teacher_logits is not None:
-        raise ValueError("Give the teacher either as teacher_logits or as teacher_topk_ids + teacher_topk_logprobs.")
-    if not topk and teacher_logits is None and alpha != 1.0:
-        raise ValueError(f"No teacher given but alpha={alpha}: the divergence term needs teacher_logits or top-k "
-                         f"inputs; alpha=1 (CE only) is the one setting that needs no teacher.")
-    if topk and (teacher_topk_ids is None or teacher_topk_logprobs is None):
-        raise ValueError("Top-k teacher inputs need both teacher_topk_ids and teacher_topk_logprobs.")
-    no_teacher = not topk and teacher_logits is None
-    if vocab_size is not None:
-        if vocab_size > student_logits.shape[-1] or (not topk and not no_teacher
-                                                      and vocab_size > teacher_logits.shape[-1]):
-            raise ValueError(f"vocab_size={vocab_size} exceeds the logits' width (student {student_logits.shape[-1]}"
-                             f", teacher {None if topk else teacher_logits.shape[-1]}): pass len(tokenizer).")
-        student_logits = student_logits[..., :vocab_size]
-        teacher_logits = None if topk or no_teacher else teacher_logits[..., :vocab_size]
-    elif not topk and not no_teacher and student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ. "
-            "If both models use one tokenizer and only their output layers are padded differently, pass "
-            "vocab_size=len(tokenizer). Different tokenizers cannot be compared token by token: use sequence-level "
-            "distillation (train on the teacher's generated answers) instead.")
+    spec.check()
+    if teacher is None and spec.alpha != 1.0:
+        raise ValueError(f"No teacher given but alpha={spec.alpha}: the divergence term needs the teacher's logits, "
+                         f"hidden states or top-k; alpha=1 (CE only) is the one setting that needs no teacher.")
+    vocab = _check_widths(student_logits.shape[-1], teacher, vocab_size)
+    student_logits = student_logits[..., :vocab]
     n = targets.numel()
     denom = float(normalizer) if normalizer is not None else float(n)
     if n == 0 or denom == 0:
         zero = student_logits.sum() * 0.0
-        return DistillationLoss(zero, zero.detach(), zero.detach())
+        return DistillationLoss(zero, zero.detach(), None if teacher is None else zero.detach())
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # bf16/fp16 logits are upcast
     s = student_logits.to(dtype)
     ce = F.cross_entropy(s, targets, reduction="sum") / denom
-    if no_teacher:  # alpha = 1 without a teacher: the divergence is not measured
-        return DistillationLoss(ce, ce.detach(), torch.full_like(ce, math.nan).detach())
+    if teacher is None:  # alpha = 1 without a teacher: the divergence is not measured
+        return DistillationLoss(ce, ce.detach(), None)
+    t = spec.temperature
     # At alpha = 1 the KD term is still reported (to monitor the gap to the teacher) but carries no gradient.
-    with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1.0):
-        if topk:
-            log_p, log_q = topk_buckets(s, teacher_topk_ids, teacher_topk_logprobs.detach(),
-                                        None if teacher_tail_mass is None else teacher_tail_mass.detach(),
-                                        temperature, check_ids=check_ids)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and spec.alpha < 1.0):
+        if isinstance(teacher, TeacherTopK):
+            log_p, log_q = topk_buckets(s, teacher, t, check_ids=check_ids)
         else:
-            log_q = F.log_softmax(s / temperature, dim=-1)
-            log_p = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
-        per_token = divergence_per_token(log_p, log_q, divergence, beta=beta, skew=skew)
-        kd = per_token.sum() * (temperature ** 2) / denom
-    total = alpha * ce + (1.0 - alpha) * kd
+            logits = teacher.chunk(0, n, vocab).logits  # hidden states: the teacher's logits, built here
+            log_q = F.log_softmax(s / t, dim=-1)
+            log_p = F.log_softmax(logits.detach().to(dtype) / t, dim=-1)
+        per_token = (divergence or named_divergence(spec))(log_p, log_q)
+        kd = per_token.sum() * (t ** 2) / denom
+    total = spec.alpha * ce + (1.0 - spec.alpha) * kd
     return DistillationLoss(total, ce, kd)
 
 
-def sampled_token_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor, *,
-                       temperature: float = 1.0, vocab_size: Optional[int] = None,
+def sampled_token_loss(student_logits: torch.Tensor, tokens: torch.Tensor, teacher: TeacherLogits,
+                       spec: LossConfig, *, vocab_size: Optional[int] = None,
                        normalizer: Optional[float] = None) -> DistillationLoss:
     """On-policy distillation with the sampled-token estimator: at each position the student sampled `tokens`
     from, the per-token log-ratio ``r = log q_T(y) - log p_T(y)`` is a (detached) cost and the loss is
     ``T^2 * sum(r * log q_T(y)) / normalizer``, whose gradient is the REINFORCE estimate of the per-token reverse
     KL's gradient (the score function's mean, zero, is left out), as in on-policy distillation recipes that use
     the teacher's log-prob as a dense per-token reward. `total` carries that gradient but has the value of `kd`,
-    the estimate of reverse KL itself (``T^2 * sum(r) / normalizer``); `ce` is NaN (no reference on sampled
-    tokens).
+    the estimate of reverse KL itself (``T^2 * sum(r) / normalizer``); `ce` is None (no reference on sampled
+    tokens). T is ``spec.temperature``.
 
     Args:
-        student_logits, teacher_logits: ``(N, V)`` logits at the positions that predicted the sampled tokens.
+        student_logits: ``(N, V)`` logits at the positions that predicted the sampled tokens.
         tokens: ``(N,)`` the sampled tokens.
+        teacher: the teacher's ``(N, V')`` logits at the same positions.
     """
-    check_loss_args(0.0, temperature)
-    if vocab_size is not None:
-        student_logits, teacher_logits = student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
+    spec.check()
+    vocab = _check_widths(student_logits.shape[-1], teacher, vocab_size)
     n = tokens.numel()
     denom = float(normalizer) if normalizer is not None else float(n)
-    nan = torch.full((), math.nan, device=student_logits.device)
     if n == 0 or denom == 0:
         zero = student_logits.sum() * 0.0
-        return DistillationLoss(zero, nan, zero.detach())
+        return DistillationLoss(zero, None, zero.detach())
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    log_q = F.log_softmax(student_logits.to(dtype) / temperature, -1).gather(-1, tokens[:, None])[:, 0]
-    log_p = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, -1).gather(-1, tokens[:, None])[:, 0]
+    t = spec.temperature
+    log_q = F.log_softmax(student_logits[..., :vocab].to(dtype) / t, -1).gather(-1, tokens[:, None])[:, 0]
+    log_p = F.log_softmax(teacher.logits[..., :vocab].detach().to(dtype) / t, -1).gather(-1, tokens[:, None])[:, 0]
     ratio = (log_q - log_p).detach()
-    scale = temperature ** 2 / denom
+    scale = t ** 2 / denom
     estimate, surrogate = ratio.sum() * scale, (ratio * log_q).sum() * scale
-    return DistillationLoss(estimate + surrogate - surrogate.detach(), nan, estimate)  # value: the estimate
+    return DistillationLoss(estimate + surrogate - surrogate.detach(), None, estimate)  # value: the estimate
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], labels: torch.Tensor,
-                      *, alpha: float, temperature: float, divergence: str = "forward_kl", beta: float = 0.5,
-                      skew: float = 0.1, ignore_index: int = -100,
-                      teacher_topk_ids: Optional[torch.Tensor] = None,
-                      teacher_topk_logprobs: Optional[torch.Tensor] = None,
-                      teacher_tail_mass: Optional[torch.Tensor] = None,
-                      vocab_size: Optional[int] = None, normalizer: Optional[float] = None) -> DistillationLoss:
+def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher: Optional[TeacherSignal],
+                      spec: LossConfig, *, ignore_index: int = -100, vocab_size: Optional[int] = None,
+                      normalizer: Optional[float] = None, divergence: Optional[Divergence] = None
+                      ) -> DistillationLoss:
     """``alpha * CE + (1 - alpha) * T^2 * D(teacher_T || student_T)`` over the unmasked tokens.
 
     Args:
         student_logits: ``(B, L, V)`` student logits.
-        teacher_logits: ``(B, L, V)`` teacher logits for the same input ids (None with top-k inputs).
         labels: ``(B, L)`` input ids with `ignore_index` on prompt and padding. Causal shift:
             ``logits[:, t]`` is scored against ``labels[:, t + 1]``; the last position never counts.
-        alpha: weight of the hard-label term. 1 = plain CE fine-tuning (D is still reported, without
-            gradient), 0 = pure distillation.
-        temperature: T > 0 divides both models' logits inside D only (CE uses T = 1). T -> 0
-            sharpens towards the argmax, T = 1 leaves the logits, large T flattens towards uniform.
-            D is multiplied by T^2 for every divergence, so the soft gradients keep the scale of the
-            hard ones as T grows (Hinton et al. 2015).
-        divergence: ``forward_kl`` (default), ``reverse_kl``, ``jsd``, ``skew_kl``,
-            ``skew_reverse_kl`` or ``tvd``; see `divergence_per_token` for each formula.
-        beta: jsd only. 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher),
-            continuous in between (0.5 = 4 x Jensen-Shannon).
-        skew: skew_kl / skew_reverse_kl only, in [0, 1). 0 = the plain KL; towards 1 the mixture
-            approaches the first argument and the divergence shrinks to 0.
+        teacher: the teacher at every position, aligned with the logits before the shift: `TeacherLogits`
+            ``(B, L, V)``, `TeacherTopK` ``(B, L, K)`` (tail ``(B, L)``), `TeacherHidden` ``(B, L, H)``; or None
+            (alpha = 1: CE alone, ``kd`` None).
+        spec: the loss settings, a `LossConfig`:
+
+            - alpha: weight of the hard-label term. 1 = plain CE fine-tuning (D is still reported, without
+              gradient), 0 = pure distillation.
+            - temperature: T > 0 divides both models' logits inside D only (CE uses T = 1). T -> 0
+              sharpens towards the argmax, T = 1 leaves the logits, large T flattens towards uniform.
+              D is multiplied by T^2 for every divergence, so the soft gradients keep the scale of the
+              hard ones as T grows (Hinton et al. 2015).
+            - divergence: ``forward_kl`` (default), ``reverse_kl``, ``jsd``, ``skew_kl``,
+              ``skew_reverse_kl`` or ``tvd``; see `divergence_per_token` for each formula.
+            - beta: jsd only. 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher),
+              continuous in between (0.5 = 4 x Jensen-Shannon).
+            - skew: skew_kl / skew_reverse_kl only, in [0, 1). 0 = the plain KL; towards 1 the mixture
+              approaches the first argument and the divergence shrinks to 0.
         ignore_index: label value of tokens that never count.
-        teacher_topk_ids, teacher_topk_logprobs: ``(B, L, K)``, the teacher's top-k at each position
-            (aligned with the logits, before the shift), and `teacher_tail_mass` ``(B, L)``.
         vocab_size: compare over the first `vocab_size` logits (the real tokenizer vocabulary).
         normalizer: divide the summed per-token terms by this instead of the number of unmasked
             tokens (gradient accumulation: pass the token count of the whole accumulated batch).
+        divergence: a function (log_p, log_q) -> (N,) used instead of spec.divergence.
 
     Returns:
         DistillationLoss(total, ce, kd): scalar means over the unmasked target tokens; all zero
@@ -321,16 +386,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: Optional[tor
                          f"and {tuple(labels.shape)}.")
     shifted = labels[:, 1:]
     mask = shifted != ignore_index
-
-    def pick(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return None if x is None else x[:, :-1][mask]
-
-    return token_distillation_loss(student_logits[:, :-1][mask], pick(teacher_logits), shifted[mask],
-                                   alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
-                                   skew=skew, teacher_topk_ids=pick(teacher_topk_ids),
-                                   teacher_topk_logprobs=pick(teacher_topk_logprobs),
-                                   teacher_tail_mass=pick(teacher_tail_mass), vocab_size=vocab_size,
-                                   normalizer=normalizer)
+    picked = None if teacher is None else teacher.map(lambda x: x[:, :-1][mask])
+    return token_distillation_loss(student_logits[:, :-1][mask], shifted[mask], picked, spec,
+                                   vocab_size=vocab_size, normalizer=normalizer, divergence=divergence)
 
 
 # -- the memory-efficient path: from hidden states, chunk by chunk ------------------------------------
@@ -347,16 +405,29 @@ def auto_chunk_size(vocab_size: int, device_type: str = "cpu") -> int:
     return max(8, (1 << 23) // max(1, vocab_size))
 
 
+@dataclass(frozen=True)
+class _Chunks:
+    """How `_ChunkedLoss` walks the tokens: the loss settings, the divergence, the logits compared, the chunk
+    length, the dtype of the output-layer matmuls and the normalizer."""
+
+    spec: LossConfig
+    divergence: Optional[Divergence]
+    vocab: int
+    size: int
+    compute_dtype: torch.dtype
+    normalizer: float
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """Loss and its gradients computed chunk by chunk in the forward pass (as Liger Kernel's fused
     linear losses do); backward only scales the stored gradients by the incoming one."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, teacher, options):
+    def forward(ctx, hidden, weight, bias, targets, teacher, plan: _Chunks):
         need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-        compute_dtype, chunk, vocab = options.pop("compute_dtype"), options.pop("chunk_size"), options.pop("vocab")
-        w = weight[:vocab].to(compute_dtype)
-        b = None if bias is None else bias[:vocab].to(compute_dtype)
+        vocab = plan.vocab
+        w = weight[:vocab].to(plan.compute_dtype)
+        b = None if bias is None else bias[:vocab].to(plan.compute_dtype)
         acc = torch.promote_types(weight.dtype, torch.float32)  # every stored gradient is kept in >= fp32
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need[0] else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need[1] else None
@@ -365,22 +436,25 @@ class _ChunkedLoss(torch.autograd.Function):
         # The loss is a sum over tokens divided by the normalizer N, so each logit's gradient is about |p - q| / N:
         # cast to fp16 as it is, most of the soft (teacher-vs-student) part underflows to zero. It is multiplied
         # by N (back to per-token size) before the one low-precision matmul and divided again in fp32.
-        scale = float(options["normalizer"]) if compute_dtype in (torch.float16, torch.bfloat16) else 1.0
-        for i in range(0, hidden.shape[0], chunk):
-            h = hidden[i:i + chunk].to(compute_dtype)
+        scale = plan.normalizer if plan.compute_dtype in (torch.float16, torch.bfloat16) else 1.0
+        for i in range(0, hidden.shape[0], plan.size):
+            h = hidden[i:i + plan.size].to(plan.compute_dtype)
             with torch.enable_grad():
                 logits = F.linear(h, w, b).to(sums.dtype).requires_grad_(any(need))
-                part = token_distillation_loss(logits, targets=targets[i:i + chunk], **teacher.chunk(i, i + chunk),
-                                               **options)
+                part = token_distillation_loss(
+                    logits, targets[i:i + plan.size], None if teacher is None else teacher.chunk(
+                        i, i + plan.size, vocab), plan.spec, normalizer=plan.normalizer, divergence=plan.divergence,
+                    check_ids=False)
                 if any(need):
                     (g,) = torch.autograd.grad(part.total, logits)
-            sums += torch.stack([part.total.detach(), part.ce, part.kd]).to(sums.dtype)
+            kd = torch.zeros_like(part.ce) if part.kd is None else part.kd
+            sums += torch.stack([part.total.detach(), part.ce, kd]).to(sums.dtype)
             if any(need):
                 g = g.to(acc)
                 if need[0] and scale == 1.0:
-                    grad_h[i:i + chunk] = g.to(compute_dtype).matmul(w)
+                    grad_h[i:i + plan.size] = g.to(plan.compute_dtype).matmul(w)
                 elif need[0]:
-                    grad_h[i:i + chunk] = (g * scale).to(compute_dtype).matmul(w).to(acc) / scale
+                    grad_h[i:i + plan.size] = (g * scale).to(plan.compute_dtype).matmul(w).to(acc) / scale
                 if need[1]:
                     grad_w[:vocab].addmm_(g.t(), h.to(acc))
                 if need[2]:
@@ -402,52 +476,17 @@ class _ChunkedLoss(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None, None
 
 
-class _Teacher:
-    """The teacher's side of one chunk: logits, hidden states + output layer, or top-k."""
-
-    def __init__(self, logits=None, hidden=None, weight=None, bias=None, topk_ids=None, topk_logprobs=None,
-                 tail_mass=None, vocab=None, dtype=None):
-        self.logits, self.hidden, self.weight, self.bias = logits, hidden, weight, bias
-        self.topk_ids, self.topk_logprobs, self.tail_mass, self.vocab, self.dtype = \
-            topk_ids, topk_logprobs, tail_mass, vocab, dtype
-
-    def chunk(self, i: int, j: int) -> dict:
-        if self.topk_ids is not None:
-            tail = None if self.tail_mass is None else self.tail_mass[i:j]
-            return {"teacher_logits": None, "teacher_topk_ids": self.topk_ids[i:j],
-                    "teacher_topk_logprobs": self.topk_logprobs[i:j], "teacher_tail_mass": tail}
-        if self.logits is not None:
-            return {"teacher_logits": self.logits[i:j, :self.vocab]}
-        if self.hidden is None:
-            return {"teacher_logits": None}
-        with torch.no_grad():
-            w = self.weight[:self.vocab]
-            b = None if self.bias is None else self.bias[:self.vocab]
-            h = self.hidden[i:j]
-            if self.dtype is not None:
-                h, w, b = h.to(self.dtype), w.to(self.dtype), None if b is None else b.to(self.dtype)
-            return {"teacher_logits": F.linear(h, w, b)}
-
-
 def chunked_distillation_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, targets: torch.Tensor,
-                              *, alpha: float, temperature: float, divergence: str = "forward_kl",
-                              beta: float = 0.5, skew: float = 0.1, student_bias: Optional[torch.Tensor] = None,
-                              teacher_logits: Optional[torch.Tensor] = None,
-                              teacher_hidden: Optional[torch.Tensor] = None,
-                              teacher_weight: Optional[torch.Tensor] = None,
-                              teacher_bias: Optional[torch.Tensor] = None,
-                              teacher_topk_ids: Optional[torch.Tensor] = None,
-                              teacher_topk_logprobs: Optional[torch.Tensor] = None,
-                              teacher_tail_mass: Optional[torch.Tensor] = None,
-                              vocab_size: Optional[int] = None, normalizer: Optional[float] = None,
-                              chunk_size: Optional[int] = None,
-                              compute_dtype: Optional[torch.dtype] = None) -> DistillationLoss:
+                              teacher: Optional[TeacherSignal], spec: LossConfig, *,
+                              student_bias: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None,
+                              normalizer: Optional[float] = None, compute_dtype: Optional[torch.dtype] = None,
+                              divergence: Optional[Divergence] = None) -> DistillationLoss:
     """`token_distillation_loss` from the student's hidden states, never holding all (N, V) logits.
 
     The student's logits are ``student_hidden @ student_weight.T (+ student_bias)``. The N tokens are
-    walked in chunks of `chunk_size`; for each chunk the logits are built, the CE and divergence
-    terms and their gradients with respect to the hidden states and the output layer are computed,
-    and the chunk's logits are freed. Peak memory is a few (chunk_size, V) tensors plus the weight
+    walked in chunks of ``spec.chunk_size`` (0: `auto_chunk_size`); for each chunk the logits are built, the CE
+    and divergence terms and their gradients with respect to the hidden states and the output layer are
+    computed, and the chunk's logits are freed. Peak memory is a few (chunk_size, V) tensors plus the weight
     gradient, instead of several (N, V) ones. Value and gradients equal the plain path's (same
     float32 arithmetic, summed in another order).
 
@@ -455,51 +494,28 @@ def chunked_distillation_loss(student_hidden: torch.Tensor, student_weight: torc
         student_hidden: ``(N, H)`` final hidden states (after the final norm) at the answer positions.
         student_weight: ``(V, H)`` the output layer's weight (tied or not); `student_bias` ``(V,)``.
         targets: ``(N,)`` token ids to predict.
-        teacher_logits: ``(N, V')`` teacher logits; or `teacher_hidden` ``(N, H')`` with
-            `teacher_weight` ``(V', H')`` (and `teacher_bias`), so the teacher's logits are also
-            built a chunk at a time; or `teacher_topk_ids` / `teacher_topk_logprobs` ``(N, K)`` and
-            `teacher_tail_mass` ``(N,)``.
-        chunk_size: tokens per chunk; default `auto_chunk_size(V, device)`.
+        teacher: the teacher at the same positions; a `TeacherHidden` has its logits built a chunk at a time
+            too. None: CE alone (alpha = 1).
         compute_dtype: dtype of the output-layer matmuls (default: the hidden states' dtype, e.g.
             bfloat16 under autocast); the loss itself is always computed in float32, and the gradients
             are kept in float32 (scaled before the one 16-bit matmul), so fp16 gives fp32's gradients.
-        alpha, temperature, divergence, beta, skew, vocab_size, normalizer: as in `distillation_loss`.
+        spec, vocab_size, normalizer, divergence: as in `token_distillation_loss`.
     """
-    check_loss_args(alpha, temperature, divergence, beta, skew)
-    n, vocab = targets.numel(), student_weight.shape[0]
-    given = [teacher_logits is not None, teacher_hidden is not None or teacher_weight is not None,
-             teacher_topk_ids is not None or teacher_topk_logprobs is not None]
-    if sum(given) > 1 or (sum(given) == 0 and alpha != 1.0):
-        raise ValueError("Give the teacher as exactly one of: teacher_logits, teacher_hidden + teacher_weight, or "
-                         "teacher_topk_ids + teacher_topk_logprobs (only alpha=1, CE alone, needs no teacher).")
-    if given[1] and (teacher_hidden is None or teacher_weight is None):
-        raise ValueError("A teacher given by hidden states needs both teacher_hidden and teacher_weight.")
-    if not any(given):
-        teacher_weight = None
+    spec.check()
+    if teacher is None and spec.alpha != 1.0:
+        raise ValueError(f"No teacher given but alpha={spec.alpha}: give the teacher's logits, hidden states or "
+                         f"top-k (only alpha=1, CE alone, needs no teacher).")
+    n, width = targets.numel(), student_weight.shape[0]
     if student_hidden.shape[0] != n:
         raise ValueError(f"student_hidden has {student_hidden.shape[0]} rows for {n} targets.")
-    t_vocab = (teacher_logits.shape[-1] if given[0] else teacher_weight.shape[0] if given[1] else vocab)
-    if vocab_size is None and t_vocab != vocab:
-        raise ValueError(
-            f"Student output layer has {vocab} rows, the teacher's {t_vocab}. If both use one tokenizer and only the "
-            "padding differs, pass vocab_size=len(tokenizer); different tokenizers need sequence-level distillation.")
-    use = vocab_size or vocab
-    if use > min(vocab, t_vocab):
-        raise ValueError(f"vocab_size={use} exceeds an output layer ({vocab} / {t_vocab} rows): pass len(tokenizer).")
+    vocab = _check_widths(width, teacher, vocab_size)
     denom = float(normalizer) if normalizer is not None else float(n)
     if n == 0 or denom == 0:
         zero = student_hidden.sum() * 0.0 + student_weight.sum() * 0.0
-        return DistillationLoss(zero, zero.detach(), zero.detach())
-    teacher = _Teacher(teacher_logits, teacher_hidden, teacher_weight, teacher_bias, teacher_topk_ids,
-                       teacher_topk_logprobs, teacher_tail_mass, use,
-                       None if teacher_weight is None else torch.promote_types(teacher_weight.dtype,
-                                                                               teacher_hidden.dtype))
-    if given[2]:
-        check_topk_ids(teacher_topk_ids, use)  # once here, not in every chunk (each check is a host sync)
-    options = dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta, skew=skew,
-                   normalizer=denom, compute_dtype=compute_dtype or student_hidden.dtype, check_ids=False,
-                   chunk_size=int(chunk_size or auto_chunk_size(use, student_hidden.device.type)), vocab=use)
-    if options["chunk_size"] < 1:
-        raise ValueError(f"chunk_size={chunk_size!r}: use a positive number of tokens (or None for automatic).")
-    total, parts = _ChunkedLoss.apply(student_hidden, student_weight, student_bias, targets, teacher, options)
-    return DistillationLoss(total, parts[0], parts[1])
+        return DistillationLoss(zero, zero.detach(), None if teacher is None else zero.detach())
+    if isinstance(teacher, TeacherTopK):
+        teacher.check(vocab)  # once here, not in every chunk (each check is a host sync)
+    plan = _Chunks(spec, divergence, vocab, int(spec.chunk_size or auto_chunk_size(vocab, student_hidden.device.type)),
+                   compute_dtype or student_hidden.dtype, denom)
+    total, parts = _ChunkedLoss.apply(student_hidden, student_weight, student_bias, targets, teacher, plan)
+    return DistillationLoss(total, parts[0], None if teacher is None else parts[1])

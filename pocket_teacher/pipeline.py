@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -37,7 +38,8 @@ from .plan import MemoryPlan, PlanError, memory_plan
 from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
 from .teacher_cache import TopKCache, build_topk_cache
 from .plots import plot_mmlu_subjects, plot_quality, plot_size_quality, plot_training, save_figure
-from .train import TrainResult, distill
+from .losses import Divergence
+from .train import OpenedStep, TrainResult, distill, open_step
 
 
 BASELINE_LABEL = "fine-tuned (alpha=1)"
@@ -356,13 +358,13 @@ def teacher_cache(cfg: Config, teacher: torch.nn.Module, splits: Splits, tokeniz
 
 def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[torch.nn.Module], splits: Splits,
                   tokenizer, progress: bool = True, cache: Optional[TopKCache] = None,
-                  resume: Optional[bool] = None, park: Optional[torch.nn.Module] = None
+                  park: Optional[torch.nn.Module] = None, divergence: Optional[Divergence] = None
                   ) -> tuple[torch.nn.Module, TrainResult]:
     """A fresh copy of `student_init` distilled from `teacher` (or its top-k `cache`).
 
     The history streams to runs/<name>/history.jsonl (main process only); checkpoints go to
-    runs/<name>/checkpoints (train.checkpoint_every, and on a non-finite loss); `resume` (default
-    train.resume) continues from the newest valid one. With train.eval_every, the held-out split is
+    runs/<name>/checkpoints (train.checkpoint_every, and on a non-finite loss); train.resume continues from
+    the newest valid one. With train.eval_every, the held-out split is
     scored during training (its teacher signal from `cache`'s companion cache of the held-out split,
     or the live teacher)."""
     student = copy.deepcopy(student_init)
@@ -399,8 +401,8 @@ def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[
         result = distill(student, None if parked is not None and parked is teacher else teacher, splits.train, cfg,
                          pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), teacher_cache=cache,
                          eval_split=splits.eval, eval_cache=eval_cache, checkpoint_dir=out / "checkpoints",
-                         resume=resume, on_step=on_step, progress=progress,
-                         eos_token_id=getattr(tokenizer, "eos_token_id", None))
+                         on_step=on_step, progress=progress,
+                         eos_token_id=getattr(tokenizer, "eos_token_id", None), divergence=divergence)
     finally:
         if handle is not None:
             handle.close()
@@ -434,24 +436,36 @@ def evaluate(cfg: Config, label: str, model: torch.nn.Module, tokenizer, splits:
                               progress=progress)
 
 
-def train_baseline(cfg: Config, student_init: torch.nn.Module, splits: Splits, tokenizer,
-                   progress: bool = True, cache: Optional[TopKCache] = None, resume: Optional[bool] = None,
-                   teacher: Optional[torch.nn.Module] = None
-                   ) -> tuple[Optional[torch.nn.Module], Optional[TrainResult]]:
-    """Plain fine-tuning with the same data, steps and schedule (loss.alpha=1) when eval.baseline is
-    set: what distillation has to beat. Its history goes to runs/<name>/baseline/history.jsonl; with
-    a teacher `cache` its distance to the teacher (kd) is reported too, without gradient. On resume it
-    continues from its own checkpoints when it had started, else it starts. A GPU-resident `teacher` waits
-    on the host meanwhile."""
-    if not cfg.eval.baseline:
-        return None, None
-    base_cfg = apply_overrides(cfg, {"loss.alpha": 1.0, "train.on_policy": 0.0, "run.out_dir": str(run_dir(cfg)),
-                                     "run.name": "baseline", "run.figures_dir": None})
-    print(f"baseline: plain fine-tuning, loss.alpha=1, {cfg.train.max_steps} steps")
-    wanted = cfg.train.resume if resume is None else resume
-    started = bool(list_checkpoints(run_dir(base_cfg) / "checkpoints"))
-    return train_student(base_cfg, student_init, None, splits, tokenizer, progress, cache, wanted and started,
-                         park=teacher)
+def _variant(cfg: Config, name: str, train: dict, **sections) -> Config:
+    """`cfg` with the `sections` replaced, train.* changed by `train`, and its own folder runs/<name>/<variant>/
+    (no copy of its figures elsewhere). It resumes only when `cfg` resumes and the variant had left a checkpoint:
+    one that had not started yet starts, so a resumed run never fails on a variant it had not reached."""
+    run = dataclasses.replace(cfg.run, out_dir=str(run_dir(cfg)), name=name, figures_dir=None)
+    started = bool(list_checkpoints(Path(run.out_dir) / run.name / "checkpoints"))
+    return dataclasses.replace(cfg, run=run, train=dataclasses.replace(
+        cfg.train, resume=cfg.train.resume and started, **train), **sections).validate()
+
+
+def baseline_config(cfg: Config) -> Config:
+    """Plain fine-tuning beside `cfg`'s distillation: loss.alpha=1 (the KD term measured without gradient), no
+    on-policy steps; the same data, steps, schedule, seed and checkpoint interval, in runs/<name>/baseline."""
+    return _variant(cfg, "baseline", {"on_policy": 0.0}, loss=dataclasses.replace(cfg.loss, alpha=1.0))
+
+
+def random_init_config(cfg: Config) -> Config:
+    """The same student shape from random weights (student.init=random) with `cfg`'s loss, data, steps and
+    schedule, in runs/<name>/baseline."""
+    return _variant(cfg, "baseline", {}, student=dataclasses.replace(cfg.student, init="random"))
+
+
+def preview_config(cfg: Config, steps: int) -> Config:
+    """The on-policy preview of `cfg`: every step on the student's own samples (train.on_policy=1), reverse KL at
+    T=1, alpha at most 0.5, `steps` steps scored once at the end, no periodic checkpoints (a stop signal still
+    saves one); lr and warm-up are `cfg`'s. In runs/<name>/on_policy_preview."""
+    return _variant(cfg, "on_policy_preview",
+                    {"on_policy": 1.0, "max_steps": steps, "eval_every": steps, "checkpoint_every": 0},
+                    loss=dataclasses.replace(cfg.loss, divergence="reverse_kl", temperature=1.0,
+                                             alpha=min(cfg.loss.alpha, 0.5)))
 
 
 def make_figures(cfg: Config, results: Sequence[dict], history: Sequence[dict],
@@ -570,6 +584,7 @@ class Trained:
     overrides: list[str]
     student: torch.nn.Module
     result: TrainResult
+    divergence: Optional[Divergence] = None  # a divergence given to `distil` instead of loss.divergence
 
 
 class StageAlreadyBuilt(ConfigError):
@@ -728,6 +743,17 @@ class Experiment:
                   "transfer.")
         return self.checks
 
+    def open_step(self, rows: int = 4) -> OpenedStep:
+        """The first training step opened up (the notebook's "one step" cell): `rows` rows of the first batch, their
+        mask, the untrained student's logits and the teacher's signal (the cache's top-k, or the live teacher's
+        logits) at the answer positions, as training receives them. The loss functions of `pocket_teacher.losses`
+        applied to it give the step's CE, distillation term and total."""
+        splits = self._need("splits", "load_student")
+        with visiting(self.student_init, self.device):
+            step = open_step(self.student_init, splits.train, self.cfg, self.tokenizer, rows=rows,
+                             teacher=self.agree_with, teacher_cache=self.cache)
+        return step
+
     def training_config(self, overrides: Sequence[str] | dict = ()) -> Config:
         """The experiment's config with the training cell's overrides: loss.* and train.* only (except
         train.device); a setting of a stage already built is refused with the cell to change it in."""
@@ -743,20 +769,29 @@ class Experiment:
         return apply_overrides(self.cfg, overrides) if items else self.cfg
 
     @_section
-    def distil(self, overrides: Sequence[str] | dict = ()) -> Trained:
+    def distil(self, overrides: Sequence[str] | dict = (), divergence: Optional[Divergence] = None) -> Trained:
         """Distil a fresh copy of the untrained student with the experiment's config plus `overrides` (loss.*,
-        train.*), from the teacher cache when there is one. Returns the new `Trained`; `self.cfg` is unchanged."""
+        train.*), from the teacher cache when there is one. Returns the new `Trained`; `self.cfg` is unchanged.
+
+        `divergence` replaces the one loss.divergence names: a function ``D(log_p, log_q) -> (N,)`` of the
+        teacher's and the student's log-probabilities over the same K outcomes (rows sum to 1 after exp), for
+        example written in a notebook cell. The loss is still ``alpha * CE + (1 - alpha) * T^2 * D``; the history's
+        kd, the baseline's and the held-out KD are its values."""
         splits = self._need("splits", "load_student")
         cfg = self.training_config(overrides)
+        if divergence is not None and not callable(divergence):
+            raise TypeError(f"divergence={divergence!r}: give a function (log_p, log_q) -> per-token values, or set "
+                            f"loss.divergence to one of the named divergences.")
         student, result = train_student(cfg, self.student_init, self.teacher if self.shared else None, splits,
-                                        self.tokenizer, self.progress, self.cache)
+                                        self.tokenizer, self.progress, self.cache, divergence=divergence)
         if self.main:
             final = result.final
             self.say(f"{result.steps} steps in {result.seconds:.0f} s; last step: " + ", ".join(
                 f"{k} {final[k]:.3f}" for k in ("loss", "ce", "kd") if final.get(k) is not None))
-        self.trained = Trained(cfg, [f"{k}={v}" for k, v in (overrides.items() if isinstance(overrides, dict)
-                                                              else (o.split("=", 1) for o in overrides))],
-                               student, result)
+        named = [f"{k}={v}" for k, v in (overrides.items() if isinstance(overrides, dict)
+                                         else (o.split("=", 1) for o in overrides))]
+        custom = [f"divergence={getattr(divergence, '__name__', 'custom')} (a function given to distil)"]
+        self.trained = Trained(cfg, named + (custom if divergence is not None else []), student, result, divergence)
         self.results.pop("student after", None)  # evaluated again by evaluate_after
         return self.trained
 
@@ -771,11 +806,10 @@ class Experiment:
         self.baseline = None
         if not cfg.eval.baseline:
             return None
-        init, splits, cache, extra = self.student_init, self.splits, self.cache, ["loss.alpha=1"]
+        init, splits, cache = self.student_init, self.splits, self.cache
+        variant = random_init_config(cfg) if kind == "random" else baseline_config(cfg)
         if kind == "random":  # same shape, fresh weights, same loss, data and steps as the distillation
-            init, _, _ = load_student(apply_overrides(cfg, {"student.init": "random"}).student, self.teacher,
-                                      self.teacher_tokenizer, "cpu")
-            extra = ["student.init=random"]
+            init, _, _ = load_student(variant.student, self.teacher, self.teacher_tokenizer, "cpu")
             self.say("baseline: the same student shape from random init, same loss, data and steps")
         elif kind == "reference":  # the teacher's questions, answered by the references
             asked = {e.question for e in self.train_raw.train}
@@ -783,14 +817,14 @@ class Experiment:
             splits, cache = tokenize(cfg, reference, self.tokenizer, verbose=False), None
             self.say(f"baseline: plain fine-tuning on the reference answers of the same {len(reference.train)} "
                      f"questions")
-        if kind == "random":
-            student, result = train_student(apply_overrides(cfg, {"run.out_dir": str(run_dir(cfg)),
-                                                                  "run.name": "baseline", "run.figures_dir": None}),
-                                            init, self.teacher if self.shared else None, splits, self.tokenizer,
-                                            self.progress, cache)
-        else:
-            student, result = train_baseline(cfg, init, splits, self.tokenizer, self.progress, cache,
-                                              teacher=self.teacher)
+        if kind != "random":
+            self.say(f"baseline: plain fine-tuning, loss.alpha=1, {cfg.train.max_steps} steps")
+        # plain fine-tuning needs no teacher: it waits on the host (`park`); the random-init student distils
+        teacher = self.teacher if kind == "random" and self.shared else None
+        student, result = train_student(variant, init, teacher, splits, self.tokenizer, self.progress, cache,
+                                        park=None if teacher is not None else self.teacher,
+                                        divergence=trained.divergence)
+        extra = ["student.init=random"] if kind == "random" else ["loss.alpha=1"]
         self.baseline = None if student is None else Trained(cfg, trained.overrides + extra, student, result)
         return self.baseline
 
@@ -808,13 +842,8 @@ class Experiment:
         if not steps or not self.shared:
             self.preview = None
             return None
-        cfg = apply_overrides(trained.cfg, {"train.on_policy": 1.0, "loss.divergence": "reverse_kl",
-                                            "loss.temperature": 1.0, "loss.alpha": min(trained.cfg.loss.alpha, 0.5),
-                                            "train.max_steps": steps, "train.eval_every": steps,
-                                            "train.checkpoint_every": 0, "run.out_dir": str(run_dir(trained.cfg)),
-                                            "run.name": "on_policy_preview", "run.figures_dir": None})
-        student, result = train_student(cfg, self.student_init, self.teacher, self.splits, self.tokenizer,
-                                        self.progress, self.cache)
+        student, result = train_student(preview_config(trained.cfg, steps), self.student_init, self.teacher,
+                                        self.splits, self.tokenizer, self.progress, self.cache)
         last = result.history[-1]
         same_step = next((h for h in trained.result.history if h["step"] == steps), {})
         self.preview = {"steps": steps, "train_s": result.seconds, "eval_ppl": last.get("eval_ppl"),

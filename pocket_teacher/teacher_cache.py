@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .files import digest, file_hash, fingerprint, model_digest, require_free_space, write_json
 from .data import IGNORE_INDEX, PaddingCollator, TokenizedSplit
+from .losses import TeacherTopK
 from .progress import tqdm
 
 FORMAT = 1  # bump when the on-disk layout changes: old caches then get new fingerprints
@@ -102,8 +103,8 @@ class TopKCache:
         return len(self.offsets) - 1
 
     def rows(self, indices: Sequence[int], counts: Optional[Sequence[int]] = None,
-             device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """The loss's top-k keyword arguments for these split rows, concatenated in row order.
+             device: torch.device | str = "cpu") -> TeacherTopK:
+        """The teacher's top-k signal for these split rows, concatenated in row order.
 
         `counts` (answer tokens per row in the batch) is checked against the cache, so a cache of
         another split or tokenization can never be paired with the wrong tokens.
@@ -120,8 +121,7 @@ class TopKCache:
         ids = torch.from_numpy(np.concatenate(parts["ids"])).long()
         lp = torch.from_numpy(np.concatenate(parts["logprobs"]).astype(np.float32))
         tail = torch.from_numpy(np.concatenate(parts["tail"]).copy())
-        return {"teacher_topk_ids": ids.to(device), "teacher_topk_logprobs": lp.to(device),
-                "teacher_tail_mass": tail.to(device)}
+        return TeacherTopK(ids.to(device), lp.to(device), tail.to(device))
 
 
 def _open(folder: Path, name: str, tokens: int, k: Optional[int], mode: str) -> np.memmap:

@@ -13,6 +13,7 @@ a resumed run repeats the uninterrupted run's loss curve.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import threading
@@ -27,8 +28,8 @@ import torch
 from . import checkpoints as ckpt
 from .data import PaddingCollator, TokenizedSplit
 from .generate import sample_rollouts
-from .losses import (DistillationLoss, auto_chunk_size, chunked_distillation_loss, sampled_token_loss,
-                     token_distillation_loss)
+from .losses import (DistillationLoss, Divergence, TeacherHidden, TeacherLogits, TeacherSignal, TeacherTopK,
+                     auto_chunk_size, chunked_distillation_loss, sampled_token_loss, token_distillation_loss)
 from .models import (answer_hidden, answer_logits, answer_positions, device_capability, native_bf16, output_layer,
                      resolve_device, resolve_mixed_precision)
 from .progress import tqdm
@@ -108,52 +109,132 @@ def resolve_loss_implementation(student: torch.nn.Module, requested: str = "auto
     return "full" if requested == "full" or not exact else "chunked"
 
 
-def teacher_inputs(teacher: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   select: torch.Tensor, implementation: str) -> dict:
-    """The teacher's side of the loss at the answer positions, as keyword arguments of the loss.
-
-    For the chunked loss, the teacher's hidden states and output layer (its logits are then also built
-    a chunk at a time) when its output layer is exact; its (N, V) logits otherwise.
-    """
+def live_teacher(teacher: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 select: torch.Tensor, implementation: str) -> TeacherSignal:
+    """The live teacher's signal at the answer positions: for the chunked loss its hidden states and output
+    layer (its logits are then also built a chunk at a time) when its output layer is exact; else its (N, V)
+    logits."""
     with torch.no_grad():
         layer = output_layer(teacher) if implementation == "chunked" else None
         if layer is not None:
-            return {"teacher_hidden": answer_hidden(teacher, input_ids, attention_mask, select),
-                    "teacher_weight": layer[0], "teacher_bias": layer[1]}
-        return {"teacher_logits": answer_logits(teacher, input_ids, attention_mask, select)}
+            return TeacherHidden(answer_hidden(teacher, input_ids, attention_mask, select), *layer)
+        return TeacherLogits(answer_logits(teacher, input_ids, attention_mask, select))
 
 
 class DistillStep(torch.nn.Module):
     """The student plus its loss: one forward call returns the `DistillationLoss` of a micro-batch.
 
     DDP and FSDP wrap this module, so every student parameter, the output layer included, is used
-    inside ``forward`` even though the chunked loss reads the output weight directly.
+    inside ``forward`` even though the chunked loss reads the output weight directly. `divergence` replaces the
+    one loss.divergence names (a function of teacher and student log-probs, e.g. written in a notebook cell).
     """
 
-    def __init__(self, model: torch.nn.Module, loss_cfg, implementation: str, vocab_size: Optional[int] = None):
+    def __init__(self, model: torch.nn.Module, loss_cfg, implementation: str, vocab_size: Optional[int] = None,
+                 divergence: Optional[Divergence] = None):
         super().__init__()
         self.model, self.loss_cfg, self.implementation, self.vocab_size = model, loss_cfg, implementation, vocab_size
+        self.divergence = divergence
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
-                targets: torch.Tensor, teacher: dict, normalizer: float, on_policy: bool = False) -> DistillationLoss:
+                targets: torch.Tensor, teacher: Optional[TeacherSignal], normalizer: float,
+                on_policy: bool = False) -> DistillationLoss:
         """On an on-policy step (`on_policy`) `targets` are the student's samples: the loss is the divergence term
         alone (T^2 * D; no CE, which has no reference there), or the sampled-token estimator."""
-        lc = self.loss_cfg
-        kw = dict(alpha=0.0 if on_policy else lc.alpha, temperature=lc.temperature, divergence=lc.divergence,
-                  beta=lc.beta, skew=lc.skew, vocab_size=self.vocab_size, normalizer=normalizer)
-        if on_policy and lc.on_policy_estimator == "sampled":
+        spec = self.loss_cfg
+        if on_policy and spec.on_policy_estimator == "sampled":
             logits = answer_logits(self.model, input_ids, attention_mask, select)
-            return sampled_token_loss(logits, teacher["teacher_logits"], targets, temperature=lc.temperature,
-                                      vocab_size=self.vocab_size, normalizer=normalizer)
+            return sampled_token_loss(logits, targets, teacher, spec, vocab_size=self.vocab_size,
+                                      normalizer=normalizer)
+        if on_policy:
+            spec = dataclasses.replace(spec, alpha=0.0)
         if self.implementation == "full":
             logits = answer_logits(self.model, input_ids, attention_mask, select)
-            return token_distillation_loss(logits, targets=targets, **{"teacher_logits": None, **teacher}, **kw)
+            return token_distillation_loss(logits, targets, teacher, spec, vocab_size=self.vocab_size,
+                                           normalizer=normalizer, divergence=self.divergence)
         hidden = answer_hidden(self.model, input_ids, attention_mask, select)
         weight, bias = output_layer(self.model)
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        return chunked_distillation_loss(hidden, weight, targets, student_bias=bias, chunk_size=lc.chunk_size or None,
-                                         compute_dtype=dtype, **teacher, **kw)
+        return chunked_distillation_loss(hidden, weight, targets, teacher, spec, student_bias=bias,
+                                         vocab_size=self.vocab_size, normalizer=normalizer, compute_dtype=dtype,
+                                         divergence=self.divergence)
+
+
+@dataclass
+class OpenedStep:
+    """One training step opened up on a visible batch (the notebook's "one step" cell): the rows the step reads,
+    their padded ids and labels (prompt and padding -100), the answer positions, the targets, the untrained
+    student's logits there and the teacher's signal, exactly as the training step receives them."""
+
+    rows: list[int]  # training rows of the batch
+    batch: dict  # input_ids, attention_mask, labels (B, L)
+    select: torch.Tensor  # (B, L) positions whose next token is an answer token
+    targets: torch.Tensor  # (N,) the answer tokens those positions predict
+    student_logits: torch.Tensor  # (N, V) the student's logits there (no gradient)
+    teacher: Optional[TeacherSignal]  # the teacher at the same N positions (cache top-k or live), None without one
+    tokenizer: object
+
+    def mask_table(self):
+        """One line per row of the batch: its tokens, how many are prompt (label -100, never scored), answer (each
+        a target of the loss) and padding, as a DataFrame."""
+        import pandas as pd
+
+        labels, mask = self.batch["labels"], self.batch["attention_mask"].bool()
+        answer = (labels != -100).sum(1)
+        return pd.DataFrame({"row": self.rows, "tokens": mask.sum(1).tolist(),
+                             "prompt (masked)": (mask.sum(1) - answer).tolist(), "answer (targets)": answer.tolist(),
+                             "padding": (~mask).sum(1).tolist()})
+
+    def mask_text(self, row: int = 0) -> str:
+        """Row `row`'s text cut where the mask changes: the prompt the loss never scores, then the answer tokens."""
+        ids, labels = self.batch["input_ids"][row], self.batch["labels"][row]
+        keep = self.batch["attention_mask"][row].bool()
+        prompt, answer = ids[keep & (labels == -100)], ids[keep & (labels != -100)]
+        return (f"PROMPT, {len(prompt)} tokens, label -100 (never scored):\n{self.tokenizer.decode(prompt)}\n"
+                f"ANSWER, {len(answer)} tokens, each a target:\n{self.tokenizer.decode(answer)}")
+
+    def distributions(self, position: int = 0, k: int = 8, temperature: float = 1.0):
+        """At answer position `position` (0 = the first answer token of the batch), the teacher's k likeliest
+        tokens beside the student's probability of each, at `temperature`, as a DataFrame."""
+        import pandas as pd
+
+        student = torch.softmax(self.student_logits[position].float() / temperature, -1)
+        if isinstance(self.teacher, TeacherTopK):  # the cache's top-k at T = 1, tempered over its K + 1 buckets
+            log_p = torch.log_softmax(torch.cat([self.teacher.logprobs[position].float(), self.teacher.tail[
+                position:position + 1].float().clamp_min(1e-10).log()]) / temperature, -1)
+            ids, probs = self.teacher.ids[position][:k].long(), log_p[:k].exp()
+        elif self.teacher is not None:
+            width = self.student_logits.shape[-1]
+            teacher = torch.softmax(self.teacher.chunk(position, position + 1, width).logits[0].float() / temperature,
+                                    -1)
+            probs, ids = teacher.topk(k)
+        else:
+            probs, ids = torch.full((k,), float("nan")), student.topk(k).indices
+        return pd.DataFrame({"token": [self.tokenizer.decode([int(i)]) for i in ids], "teacher": probs.tolist(),
+                             "student": student[ids].tolist(),
+                             "target": ["<-" if int(i) == int(self.targets[position]) else "" for i in ids]})
+
+
+@torch.no_grad()
+def open_step(student: torch.nn.Module, train_split: TokenizedSplit, cfg, tokenizer, *,
+              teacher: Optional[torch.nn.Module] = None, teacher_cache=None, rows: int = 4) -> OpenedStep:
+    """The first `rows` rows of the training's first global batch (the order `GlobalBatches` draws), padded as
+    the loop pads them, with the student's logits and the teacher's signal at the answer positions: the cache's
+    top-k when `teacher_cache` is given (as training reads it), else the live teacher's logits."""
+    device = next(student.parameters()).device
+    picked = GlobalBatches(len(train_split), min(rows, len(train_split)), cfg.train.seed)[0]
+    batch = {k: v.to(device) for k, v in PaddingCollator(tokenizer.pad_token_id, "right")(
+        [train_split[i] for i in picked]).items()}
+    select = answer_positions(batch["labels"])
+    targets = batch["labels"][:, 1:][select[:, :-1]]
+    if teacher_cache is not None:
+        signal = teacher_cache.rows(picked, select.sum(1).tolist(), device)
+    elif teacher is not None:
+        signal = TeacherLogits(answer_logits(teacher, batch["input_ids"], batch["attention_mask"], select))
+    else:
+        signal = None
+    logits = answer_logits(student, batch["input_ids"], batch["attention_mask"], select)
+    return OpenedStep(picked, batch, select, targets, logits, signal, tokenizer)
 
 
 class TrainingDiverged(RuntimeError):
@@ -247,21 +328,17 @@ class GlobalBatches:
         return self._perm[i * self.size:(i + 1) * self.size].tolist()
 
 
-def _loss_kwargs(lcfg) -> dict:
-    return dict(alpha=lcfg.alpha, temperature=lcfg.temperature, divergence=lcfg.divergence, beta=lcfg.beta,
-                skew=lcfg.skew)
-
-
 @torch.no_grad()
 def held_out_losses(model: torch.nn.Module, teacher: Optional[torch.nn.Module], split: TokenizedSplit, lcfg, *,
                     pad_token_id: int, vocab_size: Optional[int] = None, batch_size: int = 8,
-                    teacher_cache=None) -> dict:
-    """Held-out answer-token perplexity of `model` and, with a teacher (live or cached), its KD term."""
+                    teacher_cache=None, divergence: Optional[Divergence] = None) -> dict:
+    """Held-out answer-token perplexity of `model` and, with a teacher (live or cached), its KD term (with
+    `divergence` when given, else the one lcfg names)."""
     collate = PaddingCollator(pad_token_id, "right")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    ce_sum = kd_sum = 0.0
+    ce_sum, kd_sum = 0.0, 0.0
     tokens = 0
     for lo in range(0, len(split), batch_size):
         rows = list(range(lo, min(len(split), lo + batch_size)))
@@ -270,30 +347,28 @@ def held_out_losses(model: torch.nn.Module, teacher: Optional[torch.nn.Module], 
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         targets = batch["labels"].to(device)[:, 1:][select[:, :-1]]
         if teacher_cache is not None:
-            side = teacher_cache.rows(rows, select.sum(1).tolist(), device)
+            signal = teacher_cache.rows(rows, select.sum(1).tolist(), device)
         elif teacher is not None:
-            side = {"teacher_logits": answer_logits(teacher, ids, mask, select)}
+            signal = TeacherLogits(answer_logits(teacher, ids, mask, select))
         else:
-            side = {}
+            signal = None
         logits = answer_logits(model, ids, mask, select)
-        kw = _loss_kwargs(lcfg) | {"alpha": lcfg.alpha if side else 1.0}
-        out = token_distillation_loss(logits, targets=targets, vocab_size=vocab_size, normalizer=1.0,
-                                      **{"teacher_logits": None, **side}, **kw)
+        spec = lcfg if signal is not None else dataclasses.replace(lcfg, alpha=1.0)
+        out = token_distillation_loss(logits, targets, signal, spec, vocab_size=vocab_size, normalizer=1.0,
+                                      divergence=divergence)
         ce_sum += float(out.ce)
-        kd_sum += float(out.kd) if side else math.nan
+        kd_sum = None if out.kd is None or kd_sum is None else kd_sum + float(out.kd)
         tokens += targets.numel()
     model.train(was_training)
     n = max(1, tokens)
-    return {"eval_ppl": math.exp(ce_sum / n), "eval_ce": ce_sum / n,
-            "eval_kd": None if math.isnan(kd_sum) else kd_sum / n}
+    return {"eval_ppl": math.exp(ce_sum / n), "eval_ce": ce_sum / n, "eval_kd": None if kd_sum is None else kd_sum / n}
 
 
 def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_split: TokenizedSplit, cfg, *,
             pad_token_id: int, vocab_size: Optional[int] = None, teacher_cache=None,
             eval_split: Optional[TokenizedSplit] = None, eval_cache=None,
-            checkpoint_dir: Optional[str | Path] = None, resume: Optional[bool] = None,
-            on_step: Optional[Callable[[dict], None]] = None, progress: bool = True,
-            eos_token_id=None) -> TrainResult:
+            checkpoint_dir: Optional[str | Path] = None, on_step: Optional[Callable[[dict], None]] = None,
+            progress: bool = True, eos_token_id=None, divergence: Optional[Divergence] = None) -> TrainResult:
     """Train `student` in place to match `teacher` on `train_split` with `cfg.loss` and `cfg.train`.
 
     Args:
@@ -310,13 +385,15 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
             from it instead of running the teacher (the top-k loss of `pocket_teacher.losses`).
         eval_split, eval_cache: held-out split (and its teacher cache) scored every
             ``train.eval_every`` steps: perplexity and KD term go into the history as eval_ppl / eval_kd.
-        checkpoint_dir: where checkpoints go (``train.checkpoint_every``; also on a non-finite loss).
-        resume: continue from the newest valid checkpoint there (default: ``train.resume``).
+        checkpoint_dir: where checkpoints go (``train.checkpoint_every``; also on a non-finite loss). With
+            ``train.resume`` the run continues from the newest valid one there.
         on_step: called with each history row (e.g. to stream it to a file); on resume, first with
             the rows restored from the checkpoint.
         progress: show a tqdm bar.
         eos_token_id: where the student's rollouts stop (train.on_policy > 0); default: the student's generation
             config's.
+        divergence: D as a function of teacher and student log-probs ``(N, K) -> (N,)``, instead of the one
+            loss.divergence names (e.g. defined in a notebook cell); the history's kd is its value.
 
     Raises:
         TrainingDiverged: the loss or the gradient norm became NaN or infinite; the optimizer step was not
@@ -327,8 +404,9 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
     """
     loop = _Loop(student, teacher, train_split, cfg, pad_token_id=pad_token_id, vocab_size=vocab_size,
                  teacher_cache=teacher_cache, eval_split=eval_split, eval_cache=eval_cache,
-                 checkpoint_dir=checkpoint_dir, on_step=on_step, progress=progress, eos_token_id=eos_token_id)
-    loop.start(tcfg_resume=cfg.train.resume if resume is None else resume)
+                 checkpoint_dir=checkpoint_dir, on_step=on_step, progress=progress, eos_token_id=eos_token_id,
+                 divergence=divergence)
+    loop.start(cfg.train.resume)
     return loop.run()
 
 
@@ -337,13 +415,14 @@ class _Loop:
     optimizer step behind its guard, the history row, checkpoints. `distill` is `start()` then `run()`."""
 
     def __init__(self, student, teacher, train_split, cfg, *, pad_token_id, vocab_size, teacher_cache, eval_split,
-                 eval_cache, checkpoint_dir, on_step, progress, eos_token_id=None):
+                 eval_cache, checkpoint_dir, on_step, progress, eos_token_id=None, divergence=None):
         from accelerate.utils import set_seed
 
         self.student, self.teacher, self.split, self.cfg = student, teacher, train_split, cfg
         self.tcfg, self.lcfg = cfg.train, cfg.loss
         self.pad_token_id, self.vocab_size, self.cache = pad_token_id, vocab_size, teacher_cache
         self.eval_split, self.eval_cache, self.on_step, self.progress = eval_split, eval_cache, on_step, progress
+        self.divergence = divergence
         self.folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.accelerator, self.compute = _accelerator_for(self.tcfg, checkpoint_dir)
         set_seed(self.tcfg.seed)
@@ -367,11 +446,11 @@ class _Loop:
         self.start_step, self.previous_seconds, self.resumed_diverged = 0, 0.0, False
         self.began = time.perf_counter()
 
-    def start(self, tcfg_resume: bool) -> None:
+    def start(self, resume: bool) -> None:
         """Resume this run's newest checkpoint, or start (moving an earlier run's checkpoints aside)."""
         result, main = self.result, self.accelerator.is_main_process
         result.run_id = uuid.uuid4().hex[:12]
-        if tcfg_resume:
+        if resume:
             state = _resume(self.folder, self.cfg, self.student, self.optimizer, self.scheduler, self.say)
             self.start_step, self.previous_seconds = state["step"], state.get("seconds", 0.0)
             result.history, result.resumed_from, result.run_id = state["history"], state["path"], state["run_id"]
@@ -382,7 +461,8 @@ class _Loop:
             moved = ckpt.move_aside(self.folder)  # an earlier run's checkpoints are never resumed or pruned here
             if moved is not None:
                 self.say(f"checkpoints: {self.folder} held an earlier run's checkpoints; moved them to {moved}")
-        step_module = DistillStep(self.student.train(), self.lcfg, self.implementation, self.vocab_size)
+        step_module = DistillStep(self.student.train(), self.lcfg, self.implementation, self.vocab_size,
+                                  self.divergence)
         self.model, self.optimizer = self.accelerator.prepare(step_module, self.optimizer)
         if self.teacher is not None:
             self.teacher.eval()
@@ -399,7 +479,8 @@ class _Loop:
                  if self.implementation == "chunked" else "")
         source = ("top-k teacher cache" if self.cache is not None else "live teacher" if self.teacher is not None
                   else "no teacher (CE only)")
-        return (f"loss: {lc.divergence}, alpha {lc.alpha}, T {lc.temperature}, {source}; {self.implementation} "
+        name = lc.divergence if self.divergence is None else f"custom divergence {self.divergence.__name__}"
+        return (f"loss: {name}, alpha {lc.alpha}, T {lc.temperature}, {source}; {self.implementation} "
                 f"implementation{chunk}; {procs} process(es), global batch {t.batch_size * procs} x "
                 f"{t.grad_accum} accumulation; mixed precision {self.compute}, {t.optimizer}, gradient "
                 f"checkpointing {'on' if t.gradient_checkpointing else 'off'}")
@@ -453,20 +534,16 @@ class _Loop:
                               "rollouts_finished": finished}
         return out
 
-    def teacher_side(self, batch: dict, select: torch.Tensor, on_policy: bool = False) -> dict:
-        if on_policy:  # sampled answers: no cache can hold them, the teacher scores them live
-            if self.lcfg.on_policy_estimator == "sampled":
-                with torch.no_grad():
-                    return {"teacher_logits": answer_logits(self.teacher, batch["input_ids"], batch["attention_mask"],
-                                                            select)}
-            return teacher_inputs(self.teacher, batch["input_ids"], batch["attention_mask"], select,
-                                  self.implementation)
-        if self.cache is not None:
+    def teacher_side(self, batch: dict, select: torch.Tensor, on_policy: bool = False) -> Optional[TeacherSignal]:
+        """The teacher's signal for this micro-batch: the cache's top-k, the live teacher's, or None (no teacher).
+        Sampled answers (on-policy steps) are scored by the live teacher: no cache can hold them."""
+        if self.cache is not None and not on_policy:
             return self.cache.rows(batch["index"].tolist(), select.sum(1).tolist(), self.accelerator.device)
-        if self.teacher is not None:
-            return teacher_inputs(self.teacher, batch["input_ids"], batch["attention_mask"], select,
-                                  self.implementation)
-        return {}
+        if self.teacher is None:
+            return None
+        full = on_policy and self.lcfg.on_policy_estimator == "sampled"  # the estimator reads the logits
+        return live_teacher(self.teacher, batch["input_ids"], batch["attention_mask"], select,
+                            "full" if full else self.implementation)
 
     def forward_backward(self, micro: list[dict], on_policy: bool = False) -> tuple[torch.Tensor, int, int]:
         """Loss and gradients of one optimizer step, token-weighted over every micro-batch and process.
@@ -486,8 +563,8 @@ class _Loop:
                                       on_policy)
                 acc.backward(loss.total)
                 del side  # free the teacher's tensors before the next micro-batch
-            kd = loss.kd.detach().nan_to_num(0.0) if self.lcfg.alpha == 1.0 else loss.kd.detach()
-            ce = torch.zeros_like(kd) if on_policy else loss.ce.detach()
+            kd = torch.zeros_like(loss.total) if loss.kd is None else loss.kd.detach()
+            ce = torch.zeros_like(kd) if loss.ce is None or on_policy else loss.ce.detach()
             parts += torch.stack([loss.total.detach(), ce, kd])
             seen += int(batch["attention_mask"].sum())
         return acc.reduce(parts, "sum") / self.procs, answer_tokens, seen
@@ -508,7 +585,7 @@ class _Loop:
                 and ((step + 1) % t.eval_every == 0 or step + 1 == t.max_steps)):
             row.update(held_out_losses(acc.unwrap_model(self.model).model, self.teacher, self.eval_split, self.lcfg,
                                        pad_token_id=self.pad_token_id, vocab_size=self.vocab_size,
-                                       teacher_cache=self.eval_cache))
+                                       teacher_cache=self.eval_cache, divergence=self.divergence))
         self.result.history.append(row)
         if self.on_step is not None and acc.is_main_process:
             self.on_step(row)

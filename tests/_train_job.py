@@ -20,7 +20,7 @@ def train(overrides, checkpoint_dir=None, resume=False, step_delay=0.0):
     from pocket_teacher.models import derive_student, load_teacher
     from pocket_teacher.train import distill
 
-    cfg = apply_overrides(get_preset("tiny"), overrides)
+    cfg = apply_overrides(get_preset("tiny"), [*overrides, f"train.resume={str(resume).lower()}"])
     teacher, tok, _ = load_teacher(cfg.teacher, "cpu")
     split = tokenize_examples(load_gsm_symbolic(16, seed=3)[0], tok, max_length=384)
     held_out = tokenize_examples(load_gsm_symbolic(4, seed=9)[0], tok, max_length=384)
@@ -33,7 +33,7 @@ def train(overrides, checkpoint_dir=None, resume=False, step_delay=0.0):
         time.sleep(step_delay)
 
     return distill(student, teacher, split, cfg, pad_token_id=tok.pad_token_id, vocab_size=len(tok),
-                   eval_split=held_out, checkpoint_dir=checkpoint_dir, resume=resume, progress=False,
+                   eval_split=held_out, checkpoint_dir=checkpoint_dir, progress=False,
                    on_step=on_step if step_delay or marker else None)
 
 

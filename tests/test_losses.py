@@ -1,12 +1,15 @@
 """pocket_teacher.losses: the hybrid loss against math identities and a plain reference."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pocket_teacher.losses import distillation_loss, token_distillation_loss
+from pocket_teacher.config import LossConfig
+from pocket_teacher.losses import (TeacherHidden, TeacherLogits, TeacherTopK, distillation_loss,
+                                   token_distillation_loss)
 
 B, L, V = 2, 7, 11
 
@@ -41,7 +44,7 @@ def _reference(student, teacher, labels, alpha, T):
 @pytest.mark.parametrize("alpha,T", [(0.5, 2.0), (0.0, 1.0), (0.3, 4.0), (1.0, 2.0)])
 def test_matches_reference(alpha, T):
     student, teacher, labels = _inputs()
-    got = distillation_loss(student, teacher, labels, alpha=alpha, temperature=T)
+    got = distillation_loss(student, labels, TeacherLogits(teacher), LossConfig(alpha=alpha, temperature=T))
     want = _reference(student, teacher, labels, alpha, T)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w.double(), rtol=1e-5, atol=1e-6)
@@ -49,26 +52,28 @@ def test_matches_reference(alpha, T):
 
 def test_identical_logits_give_zero_kd():
     student, _, labels = _inputs()
-    out = distillation_loss(student, student.detach().clone(), labels, alpha=0.5, temperature=2.0)
+    out = distillation_loss(student, labels, TeacherLogits(student.detach().clone()),
+                            LossConfig(alpha=0.5, temperature=2.0))
     assert abs(out.kd.item()) < 1e-10
 
 
 def test_alpha_one_equals_cross_entropy():
     student, teacher, labels = _inputs()
-    out = distillation_loss(student, teacher, labels, alpha=1.0, temperature=3.0)
+    out = distillation_loss(student, labels, TeacherLogits(teacher), LossConfig(alpha=1.0, temperature=3.0))
     ce = F.cross_entropy(student[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.total, ce, rtol=1e-6, atol=1e-7)
 
 
 def test_masked_tokens_change_nothing():
     student, teacher, labels = _inputs()
-    base = distillation_loss(student, teacher, labels, alpha=0.5, temperature=2.0)
+    spec = LossConfig(alpha=0.5, temperature=2.0)
+    base = distillation_loss(student, labels, TeacherLogits(teacher), spec)
     shifted = labels[:, 1:] == -100
     s2, t2 = student.detach().clone(), teacher.clone()
     s2[:, :-1][shifted] = torch.randn_like(s2[:, :-1][shifted]) * 100  # garbage where nothing is scored
     t2[:, :-1][shifted] = torch.randn_like(t2[:, :-1][shifted]) * 100
     s2[:, -1] = 1e4  # the last position predicts nothing
-    out = distillation_loss(s2, t2, labels, alpha=0.5, temperature=2.0)
+    out = distillation_loss(s2, labels, TeacherLogits(t2), spec)
     torch.testing.assert_close(out.total, base.total.detach())
 
 
@@ -81,13 +86,14 @@ def test_t_squared_scaling():
     norms = {}
     for T in (2.0, 8.0, 32.0):
         student.grad = None
-        token_distillation_loss(student, teacher, targets, alpha=0.0, temperature=T).total.backward()
+        token_distillation_loss(student, targets, TeacherLogits(teacher),
+                                LossConfig(alpha=0.0, temperature=T)).total.backward()
         norms[T] = student.grad.norm().item()
     # For T much larger than the logit gaps, grad ~ (z_s - z_t) / V / T^0: roughly constant with T^2 scaling,
     # whereas without it the gradient would shrink by T^2 (16x from 2 to 8, 16x again to 32).
     assert 0.5 < norms[8.0] / norms[32.0] < 2.0
     assert 0.3 < norms[2.0] / norms[8.0] < 3.0
-    out = token_distillation_loss(student, teacher, targets, alpha=0.0, temperature=4.0)
+    out = token_distillation_loss(student, targets, TeacherLogits(teacher), LossConfig(alpha=0.0, temperature=4.0))
     p, q = F.softmax(teacher / 4, -1), F.log_softmax(student / 4, -1)
     torch.testing.assert_close(out.kd, 16 * (p * (p.log() - q)).sum(-1).mean())
 
@@ -95,7 +101,7 @@ def test_t_squared_scaling():
 def test_all_masked_is_zero_with_finite_gradient():
     student, teacher, labels = _inputs()
     labels[:] = -100
-    out = distillation_loss(student, teacher, labels, alpha=0.5, temperature=2.0)
+    out = distillation_loss(student, labels, TeacherLogits(teacher), LossConfig(alpha=0.5, temperature=2.0))
     assert out.total.item() == 0.0 and out.ce.item() == 0.0 and out.kd.item() == 0.0
     out.total.backward()
     assert student.grad is not None and torch.isfinite(student.grad).all() and student.grad.abs().sum() == 0
@@ -103,31 +109,34 @@ def test_all_masked_is_zero_with_finite_gradient():
 
 def test_normalizer_makes_micro_batches_add_up():
     student, teacher, labels = _inputs()
-    full = distillation_loss(student, teacher, labels, alpha=0.4, temperature=2.0)
+    spec = LossConfig(alpha=0.4, temperature=2.0)
+    full = distillation_loss(student, labels, TeacherLogits(teacher), spec)
     n = int((labels[:, 1:] != -100).sum())
-    parts = [distillation_loss(student[i:i + 1], teacher[i:i + 1], labels[i:i + 1], alpha=0.4, temperature=2.0,
+    parts = [distillation_loss(student[i:i + 1], labels[i:i + 1], TeacherLogits(teacher[i:i + 1]), spec,
                                normalizer=n) for i in range(B)]
     torch.testing.assert_close(sum(p.total for p in parts), full.total)
 
 
-@pytest.mark.parametrize("bad,message", [({"alpha": 1.5, "temperature": 1.0}, r"^alpha=1\.5: use a value in \[0, 1\]"),
-                                         ({"alpha": 0.5, "temperature": 0.0}, r"^temperature=0\.0: use a value > 0")])
+@pytest.mark.parametrize("bad,message", [
+    ({"alpha": 1.5, "temperature": 1.0}, r"^loss\.alpha=1\.5 is invalid: use a value in \[0, 1\]"),
+    ({"alpha": 0.5, "temperature": 0.0}, r"^loss\.temperature=0\.0 is invalid: use a temperature > 0")])
 def test_bad_hyperparameters_raise(bad, message):
     student, teacher, labels = _inputs()
     with pytest.raises(ValueError, match=message):
-        distillation_loss(student, teacher, labels, **bad)
+        distillation_loss(student, labels, TeacherLogits(teacher), LossConfig(**bad))
 
 
 def test_vocab_mismatch_raises():
     student, teacher, labels = _inputs()
     with pytest.raises(ValueError, match="tokenizer"):
-        distillation_loss(student, teacher[..., :-1], labels, alpha=0.5, temperature=1.0)
+        distillation_loss(student, labels, TeacherLogits(teacher[..., :-1]), LossConfig(alpha=0.5, temperature=1.0))
 
 
 def test_bf16_logits_are_computed_in_fp32():
     student, teacher, labels = _inputs(dtype=torch.float32)
-    ref = distillation_loss(student, teacher, labels, alpha=0.5, temperature=2.0)
-    low = distillation_loss(student.bfloat16(), teacher.bfloat16(), labels, alpha=0.5, temperature=2.0)
+    spec = LossConfig(alpha=0.5, temperature=2.0)
+    ref = distillation_loss(student, labels, TeacherLogits(teacher), spec)
+    low = distillation_loss(student.bfloat16(), labels, TeacherLogits(teacher.bfloat16()), spec)
     assert low.total.dtype == torch.float32 and math.isclose(low.total.item(), ref.total.item(), rel_tol=0.05)
 
 
@@ -184,8 +193,8 @@ def test_identical_distributions_give_zero_for_every_divergence(divergence):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_full_loss_with_each_divergence_matches_reference(divergence):
     student, teacher, labels = _inputs()
-    got = distillation_loss(student, teacher, labels, alpha=0.25, temperature=1.5, divergence=divergence,
-                            beta=0.3, skew=0.2)
+    got = distillation_loss(student, labels, TeacherLogits(teacher),
+                            LossConfig(alpha=0.25, temperature=1.5, divergence=divergence, beta=0.3, skew=0.2))
     terms = []
     for b in range(B):
         for t in range(L - 1):
@@ -238,7 +247,8 @@ def test_tvd_is_bounded():
 def test_all_masked_gives_zero_and_finite_gradients_for_each_divergence(divergence):
     student, teacher, labels = _inputs()
     labels[:] = -100
-    out = distillation_loss(student, teacher, labels, alpha=0.5, temperature=2.0, divergence=divergence)
+    out = distillation_loss(student, labels, TeacherLogits(teacher),
+                            LossConfig(alpha=0.5, temperature=2.0, divergence=divergence))
     out.total.backward()
     assert out.total.item() == 0.0 and torch.isfinite(student.grad).all()
 
@@ -246,12 +256,13 @@ def test_all_masked_gives_zero_and_finite_gradients_for_each_divergence(divergen
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_masked_and_padded_positions_have_no_effect_for_each_divergence(divergence):
     student, teacher, labels = _inputs()
-    base = distillation_loss(student, teacher, labels, alpha=0.5, temperature=2.0, divergence=divergence)
+    spec = LossConfig(alpha=0.5, temperature=2.0, divergence=divergence)
+    base = distillation_loss(student, labels, TeacherLogits(teacher), spec)
     # Append a padded row and padded columns full of garbage: nothing changes.
     pad_s = torch.cat([student.detach(), 1e3 * torch.randn(1, L, V, dtype=student.dtype)], 0)
     pad_t = torch.cat([teacher, -1e3 * torch.randn(1, L, V, dtype=teacher.dtype)], 0)
     pad_l = torch.cat([labels, torch.full((1, L), -100)], 0)
-    out = distillation_loss(pad_s, pad_t, pad_l, alpha=0.5, temperature=2.0, divergence=divergence)
+    out = distillation_loss(pad_s, pad_l, TeacherLogits(pad_t), spec)
     torch.testing.assert_close(out.total, base.total.detach())
 
 
@@ -259,26 +270,27 @@ def test_bad_divergence_arguments_name_the_argument():
     student, teacher, labels = _inputs()
     for kwargs, name in [({"divergence": "kl"}, "divergence"), ({"divergence": "jsd", "beta": 1.2}, "beta"),
                          ({"divergence": "skew_kl", "skew": 1.0}, "skew")]:
-        with pytest.raises(ValueError, match=name):
-            distillation_loss(student, teacher, labels, alpha=0.5, temperature=1.0, **kwargs)
+        with pytest.raises(ValueError, match=rf"^loss\.{name}="):
+            distillation_loss(student, labels, TeacherLogits(teacher), LossConfig(alpha=0.5, temperature=1.0, **kwargs))
 
 
 # -- padded vocabularies -----------------------------------------------------------------------------------
 
 def test_padded_output_rows_never_take_mass():
     student, teacher, labels = _inputs()
-    base = distillation_loss(student, teacher, labels, alpha=0.5, temperature=2.0, vocab_size=V)
+    spec = LossConfig(alpha=0.5, temperature=2.0)
+    base = distillation_loss(student, labels, TeacherLogits(teacher), spec, vocab_size=V)
     # The student pads 3 rows, the teacher 5, with large logits on the padding: sliced away.
     s = torch.cat([student.detach(), torch.full((B, L, 3), 50.0, dtype=student.dtype)], -1).requires_grad_()
     t = torch.cat([teacher, torch.full((B, L, 5), 80.0, dtype=teacher.dtype)], -1)
-    out = distillation_loss(s, t, labels, alpha=0.5, temperature=2.0, vocab_size=V)
+    out = distillation_loss(s, labels, TeacherLogits(t), spec, vocab_size=V)
     torch.testing.assert_close(out.total, base.total.detach())
     out.total.backward()
     assert s.grad[..., V:].abs().sum() == 0
     with pytest.raises(ValueError, match="vocab_size=len\\(tokenizer\\)"):
-        distillation_loss(s, t, labels, alpha=0.5, temperature=2.0)
+        distillation_loss(s, labels, TeacherLogits(t), spec)
     with pytest.raises(ValueError, match="exceeds"):
-        distillation_loss(s, t, labels, alpha=0.5, temperature=2.0, vocab_size=V + 4)
+        distillation_loss(s, labels, TeacherLogits(t), spec, vocab_size=V + 4)
 
 
 # -- top-k teacher ---------------------------------------------------------------------------------------
@@ -293,11 +305,11 @@ def _topk(teacher, k):
 @pytest.mark.parametrize("T", [1.0, 2.0])
 def test_topk_with_k_equal_vocab_reproduces_full_logits(divergence, T):
     student, teacher, labels = _inputs()
-    full = distillation_loss(student, teacher, labels, alpha=0.3, temperature=T, divergence=divergence)
+    spec = LossConfig(alpha=0.3, temperature=T, divergence=divergence)
+    full = distillation_loss(student, labels, TeacherLogits(teacher), spec)
     g_full, = torch.autograd.grad(full.total, student)
     ids, lp = _topk(teacher, V)
-    top = distillation_loss(student, None, labels, alpha=0.3, temperature=T, divergence=divergence,
-                            teacher_topk_ids=ids, teacher_topk_logprobs=lp)
+    top = distillation_loss(student, labels, TeacherTopK(ids, lp), spec)
     g_top, = torch.autograd.grad(top.total, student)
     torch.testing.assert_close(top.total, full.total, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g_top, g_full, rtol=1e-9, atol=1e-12)
@@ -307,7 +319,7 @@ def test_topk_forward_kl_matches_bucket_formula_with_tail():
     t, s = _pair(n=4, v=12)
     k = 3
     ids, lp = _topk(t, k)
-    log_p, log_q = topk_buckets(s, ids, lp)
+    log_p, log_q = topk_buckets(s, TeacherTopK(ids, lp))
     p, q = F.softmax(t, -1), F.softmax(s, -1)
     for i in range(4):
         top = ids[i].tolist()
@@ -316,7 +328,7 @@ def test_topk_forward_kl_matches_bucket_formula_with_tail():
         got = (log_p[i].exp() * (log_p[i] - log_q[i])).sum()
         assert abs(float(got) - float(want)) < 1e-10
     # An explicit tail mass is used as given; the bucket distributions are normalised.
-    log_p2, _ = topk_buckets(s, ids, lp, tail_mass=1 - lp.exp().sum(-1))
+    log_p2, _ = topk_buckets(s, TeacherTopK(ids, lp, tail=1 - lp.exp().sum(-1)))
     torch.testing.assert_close(log_p2, log_p)
     torch.testing.assert_close(log_q.exp().sum(-1), torch.ones(4, dtype=torch.float64))
 
@@ -325,7 +337,7 @@ def test_topk_rejects_ids_outside_the_vocabulary():
     t, s = _pair()
     ids, lp = _topk(t, 3)
     with pytest.raises(ValueError, match="rebuild"):
-        topk_buckets(s[:, :4], ids.clamp_min(5), lp)
+        topk_buckets(s[:, :4], TeacherTopK(ids.clamp_min(5), lp))
 
 
 # -- chunked path ---------------------------------------------------------------------------------------------
@@ -344,11 +356,13 @@ def _hidden_inputs(n=37, h=16, v=50, seed=5, dtype=torch.float64):
 def test_chunked_equals_plain_in_value_and_gradients(divergence, chunk):
     hidden, weight, t_hidden, t_weight, y = _hidden_inputs()
     bias = torch.randn(50, dtype=torch.float64, requires_grad=True)
-    kw = dict(alpha=0.3, temperature=2.0, divergence=divergence, beta=0.4, skew=0.2, normalizer=50.0)
-    plain = token_distillation_loss(F.linear(hidden, weight, bias), t_hidden @ t_weight.T, y, **kw)
+    spec = LossConfig(alpha=0.3, temperature=2.0, divergence=divergence, beta=0.4, skew=0.2)
+    plain = token_distillation_loss(F.linear(hidden, weight, bias), y, TeacherLogits(t_hidden @ t_weight.T), spec,
+                                    normalizer=50.0)
     want = torch.autograd.grad(plain.total, [hidden, weight, bias])
-    chunked = chunked_distillation_loss(hidden, weight, y, student_bias=bias, teacher_hidden=t_hidden,
-                                        teacher_weight=t_weight, chunk_size=chunk, **kw)
+    chunked = chunked_distillation_loss(hidden, weight, y, TeacherHidden(t_hidden, t_weight),
+                                        dataclasses.replace(spec, chunk_size=chunk), student_bias=bias,
+                                        normalizer=50.0)
     got = torch.autograd.grad(chunked.total, [hidden, weight, bias])
     for a, b in zip(chunked, plain):
         torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
@@ -360,43 +374,40 @@ def test_chunked_equals_plain_in_value_and_gradients(divergence, chunk):
 def test_chunked_accepts_teacher_logits_topk_and_padded_rows():
     hidden, weight, t_hidden, t_weight, y = _hidden_inputs()
     t_logits = t_hidden @ t_weight.T
-    kw = dict(alpha=0.5, temperature=1.0)
-    plain = token_distillation_loss(hidden @ weight.T, t_logits, y, **kw)
-    from_logits = chunked_distillation_loss(hidden, weight, y, teacher_logits=t_logits, chunk_size=7, **kw)
+    spec = LossConfig(alpha=0.5, temperature=1.0)
+    by7 = dataclasses.replace(spec, chunk_size=7)
+    plain = token_distillation_loss(hidden @ weight.T, y, TeacherLogits(t_logits), spec)
+    from_logits = chunked_distillation_loss(hidden, weight, y, TeacherLogits(t_logits), by7)
     ids, lp = _topk(t_logits, 50)
-    from_topk = chunked_distillation_loss(hidden, weight, y, teacher_topk_ids=ids, teacher_topk_logprobs=lp,
-                                          chunk_size=7, **kw)
+    from_topk = chunked_distillation_loss(hidden, weight, y, TeacherTopK(ids, lp), by7)
     padded_w = torch.cat([weight.detach(), torch.full((6, 16), 3.0, dtype=weight.dtype)]).requires_grad_()
-    padded = chunked_distillation_loss(hidden, padded_w, y, teacher_logits=t_logits, vocab_size=50, chunk_size=7,
-                                       **kw)
+    padded = chunked_distillation_loss(hidden, padded_w, y, TeacherLogits(t_logits), by7, vocab_size=50)
     for out in (from_logits, from_topk, padded):
         torch.testing.assert_close(out.total, plain.total.detach(), rtol=1e-10, atol=1e-12)
     padded.total.backward()
     assert padded_w.grad[50:].abs().sum() == 0 and padded_w.grad[:50].abs().sum() > 0
     with pytest.raises(ValueError, match="sequence-level"):
-        chunked_distillation_loss(hidden, padded_w, y, teacher_logits=t_logits, **kw)
-    with pytest.raises(ValueError, match="exactly one"):
-        chunked_distillation_loss(hidden, weight, y, **kw)
+        chunked_distillation_loss(hidden, padded_w, y, TeacherLogits(t_logits), spec)
+    with pytest.raises(ValueError, match="No teacher given but alpha=0.5"):
+        chunked_distillation_loss(hidden, weight, y, None, spec)
 
 
 def test_chunked_all_masked_and_no_grad():
     hidden, weight, t_hidden, t_weight, y = _hidden_inputs()
-    out = chunked_distillation_loss(hidden[:0], weight, y[:0], teacher_logits=(t_hidden @ t_weight.T)[:0],
-                                    alpha=0.5, temperature=2.0)
+    spec = LossConfig(alpha=0.5, temperature=2.0)
+    out = chunked_distillation_loss(hidden[:0], weight, y[:0], TeacherLogits((t_hidden @ t_weight.T)[:0]), spec)
     out.total.backward()
     assert out.total.item() == 0.0 and torch.isfinite(hidden.grad).all() and hidden.grad.abs().sum() == 0
     with torch.no_grad():
-        val = chunked_distillation_loss(hidden, weight, y, teacher_hidden=t_hidden, teacher_weight=t_weight,
-                                        alpha=0.5, temperature=2.0)
+        val = chunked_distillation_loss(hidden, weight, y, TeacherHidden(t_hidden, t_weight), spec)
     assert not val.total.requires_grad and torch.isfinite(val.total)
 
 
 def test_chunked_bf16_matmuls_stay_close_to_fp32():
     hidden, weight, t_hidden, t_weight, y = _hidden_inputs(dtype=torch.float32)
-    ref = chunked_distillation_loss(hidden, weight, y, teacher_hidden=t_hidden, teacher_weight=t_weight,
-                                    alpha=0.5, temperature=2.0)
-    low = chunked_distillation_loss(hidden.bfloat16(), weight, y, teacher_hidden=t_hidden, teacher_weight=t_weight,
-                                    alpha=0.5, temperature=2.0)
+    spec = LossConfig(alpha=0.5, temperature=2.0)
+    ref = chunked_distillation_loss(hidden, weight, y, TeacherHidden(t_hidden, t_weight), spec)
+    low = chunked_distillation_loss(hidden.bfloat16(), weight, y, TeacherHidden(t_hidden, t_weight), spec)
     assert low.total.dtype == torch.float32 and math.isclose(low.total.item(), ref.total.item(), rel_tol=0.05)
     g_w, = torch.autograd.grad(low.total, weight)
     assert g_w.dtype == torch.float32 and torch.isfinite(g_w).all()
@@ -413,17 +424,17 @@ def test_micro_batches_equal_one_big_batch(divergence):
     labels = torch.randint(0, V, (4, L), generator=g)
     labels[0, :5] = -100  # row 0 has 1 answer token, the others more
     labels[2, :2] = -100
-    kw = dict(alpha=0.4, temperature=2.0, divergence=divergence)
-    big = distillation_loss(student, teacher, labels, **kw)
+    spec = LossConfig(alpha=0.4, temperature=2.0, divergence=divergence)
+    big = distillation_loss(student, labels, TeacherLogits(teacher), spec)
     g_big, = torch.autograd.grad(big.total, student)
     n = int((labels[:, 1:] != -100).sum())
-    micro = [distillation_loss(student[i:j], teacher[i:j], labels[i:j], normalizer=n, **kw)
+    micro = [distillation_loss(student[i:j], labels[i:j], TeacherLogits(teacher[i:j]), spec, normalizer=n)
              for i, j in ((0, 1), (1, 4))]
     g_micro, = torch.autograd.grad(sum(m.total for m in micro), student)
     torch.testing.assert_close(sum(m.total for m in micro), big.total)
     torch.testing.assert_close(g_micro, g_big)
     # The naive mean of micro-batch means is not the same (why the normalizer exists).
-    naive = sum(distillation_loss(student[i:j], teacher[i:j], labels[i:j], **kw).total
+    naive = sum(distillation_loss(student[i:j], labels[i:j], TeacherLogits(teacher[i:j]), spec).total
                 for i, j in ((0, 1), (1, 4))) / 2
     assert abs(naive.item() - big.total.item()) > 1e-3
 
@@ -433,7 +444,7 @@ def test_micro_batches_equal_one_big_batch(divergence):
 def test_topk_buckets_of_identical_models_give_zero_at_every_temperature(T, divergence):
     t, _ = _pair(n=4, v=30)
     ids, lp = _topk(t, 5)
-    log_p, log_q = topk_buckets(t, ids, lp, temperature=T)
+    log_p, log_q = topk_buckets(t, TeacherTopK(ids, lp), temperature=T)
     assert divergence_per_token(log_p, log_q, divergence).abs().max() < 1e-10
 
 
@@ -443,7 +454,7 @@ def test_topk_with_a_seemingly_empty_tail_stays_finite(divergence):
     t[:, 0] = 80.0  # one near-certain token: the top-k mass rounds to 1
     ids, lp = _topk(t, 5)
     s.requires_grad_()
-    log_p, log_q = topk_buckets(s, ids, lp, tail_mass=torch.zeros(4, dtype=torch.float64), temperature=2.0)
+    log_p, log_q = topk_buckets(s, TeacherTopK(ids, lp, tail=torch.zeros(4, dtype=torch.float64)), temperature=2.0)
     d = divergence_per_token(log_p, log_q, divergence)
     d.sum().backward()
     assert torch.isfinite(d).all() and torch.isfinite(s.grad).all()
@@ -463,8 +474,8 @@ def test_chunked_fp16_gradients_match_fp32_on_a_realistic_vocabulary():
     def grads(dtype):
         weight.grad = None
         x = hidden.clone().requires_grad_()
-        out = chunked_distillation_loss(x, weight, targets, alpha=0.5, temperature=2.0, teacher_hidden=t_hidden,
-                                        teacher_weight=t_weight, compute_dtype=dtype, chunk_size=512)
+        out = chunked_distillation_loss(x, weight, targets, TeacherHidden(t_hidden, t_weight),
+                                        LossConfig(alpha=0.5, temperature=2.0, chunk_size=512), compute_dtype=dtype)
         out.total.backward()
         return x.grad, weight.grad.clone()
 
@@ -485,12 +496,12 @@ def test_chunked_gradients_follow_a_loss_scale():
     weight = torch.randn(100, 16, generator=gen, requires_grad=True)
     teacher = torch.randn(64, 100, generator=gen)
     targets = torch.randint(0, 100, (64,), generator=gen)
-    out = chunked_distillation_loss(hidden, weight, targets, alpha=0.3, temperature=2.0, teacher_logits=teacher)
+    spec = LossConfig(alpha=0.3, temperature=2.0)
+    out = chunked_distillation_loss(hidden, weight, targets, TeacherLogits(teacher), spec)
     (out.total * 65536.0).backward()
     scaled = weight.grad.clone() / 65536.0
     weight.grad = None
-    chunked_distillation_loss(hidden, weight, targets, alpha=0.3, temperature=2.0,
-                              teacher_logits=teacher).total.backward()
+    chunked_distillation_loss(hidden, weight, targets, TeacherLogits(teacher), spec).total.backward()
     torch.testing.assert_close(scaled, weight.grad)
 
 

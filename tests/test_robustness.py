@@ -65,11 +65,12 @@ def test_the_divergence_advice_continues_from_the_last_good_weights(tmp_path, ti
 
     def run(*overrides, resume=False):
         cfg = apply_overrides(get_preset("tiny"), ["train.max_steps=6", "train.warmup_steps=1", "train.batch_size=2",
-                                                   "teacher_cache.use=false", *overrides])
+                                                   "teacher_cache.use=false", f"train.resume={str(resume).lower()}",
+                                                   *overrides])
         torch.manual_seed(0)
         student = derive_student(tiny_teacher, num_layers=2)
         return distill(student, tiny_teacher, split, cfg, pad_token_id=tok.pad_token_id, vocab_size=len(tok),
-                       checkpoint_dir=folder, resume=resume, progress=False)
+                       checkpoint_dir=folder, progress=False)
     with pytest.raises(TrainingDiverged, match=r"step 3.*checkpoint-000002") as info:
         run()
     handle.remove()

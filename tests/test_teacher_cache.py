@@ -46,9 +46,8 @@ def test_second_call_reuses_the_cache_without_a_teacher_forward(tiny_teacher, sp
     assert second.report.status == "reused" and counter.calls == 3
     assert second.path == first.path and second.report.tokens == split.answer_tokens
     rows = second.rows([0, 3])
-    assert rows["teacher_topk_ids"].shape == rows["teacher_topk_logprobs"].shape
-    assert rows["teacher_topk_ids"].shape[1] == 16 and rows["teacher_tail_mass"].shape[0] == rows[
-        "teacher_topk_ids"].shape[0]
+    assert rows.ids.shape == rows.logprobs.shape
+    assert rows.ids.shape[1] == 16 and rows.tail.shape[0] == rows.ids.shape[0]
 
 
 def test_any_change_gives_a_new_fingerprint(tiny_teacher, split, examples, tiny_tokenizer):
@@ -94,8 +93,8 @@ def test_a_build_killed_midway_resumes_and_equals_a_clean_build(tiny_teacher, sp
     resumed = _build(tiny_teacher, split, tmp_path / "a")
     assert resumed.report.status == "resumed after 4 of 10 rows" and counter.calls == 2
     clean = _build(tiny_teacher, split, tmp_path / "b")
-    for name in ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_mass"):
-        torch.testing.assert_close(resumed.rows(range(10))[name], clean.rows(range(10))[name])
+    for name in ("ids", "logprobs", "tail"):
+        torch.testing.assert_close(getattr(resumed.rows(range(10)), name), getattr(clean.rows(range(10)), name))
     assert resumed.report.kl_sample == pytest.approx(clean.report.kl_sample, rel=1e-6)
 
 
@@ -109,7 +108,7 @@ def test_a_truncated_or_altered_cache_is_never_read(tiny_teacher, split, tmp_pat
     counter = ForwardCounter(tiny_teacher)
     rebuilt = _build(tiny_teacher, split, tmp_path)
     assert rebuilt.report.status == "built" and counter.calls == 3
-    torch.testing.assert_close(rebuilt.rows(range(10))["teacher_topk_ids"], good["teacher_topk_ids"])
+    torch.testing.assert_close(rebuilt.rows(range(10)).ids, good.ids)
     # Same size, one flipped byte: caught by the checksum.
     raw = bytearray((rebuilt.path / "logprobs.bin").read_bytes())
     raw[5] ^= 0xFF
