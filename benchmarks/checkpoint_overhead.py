@@ -29,7 +29,7 @@ def main() -> None:
 
     from pocket_teacher import pipeline
     from pocket_teacher.models import load_student, load_teacher, resolve_device
-    from pocket_teacher.train import distill
+    from pocket_teacher.train import Vocab, distill
 
     cfg = pipeline.configure(args.preset, [f"train.max_steps={args.steps}", "train.eval_every=0",
                                            "train.checkpoint_every=0", "train.keep_checkpoints=100"])
@@ -44,10 +44,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, every in (("without", 0), ("with", args.every)):
             run_cfg = pipeline.apply_overrides(cfg, {"train.checkpoint_every": every})
-            result = distill(copy.deepcopy(student_init), None, splits.train, run_cfg, pad_token_id=tok.pad_token_id,
-                             vocab_size=len(tok), teacher_cache=cache, checkpoint_dir=Path(tmp) / name, progress=False)
+            result = distill(copy.deepcopy(student_init), None, splits.train, run_cfg, Vocab.of(tok),
+                             teacher_cache=cache, folder=Path(tmp) / name, progress=False)
             runs[name] = result
-        size = sum(f.stat().st_size for f in next((Path(tmp) / "with").iterdir()).iterdir())
+        size = sum(f.stat().st_size for f in next((Path(tmp) / "with" / "checkpoints").iterdir()).iterdir())
     base, ck = runs["without"], runs["with"]
     step_s = base.seconds / args.steps
     per_ckpt = statistics.mean(ck.checkpoint_seconds)

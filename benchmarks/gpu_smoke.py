@@ -62,7 +62,7 @@ def main() -> None:
     from pocket_teacher.models import freeze
     from pocket_teacher.pipeline import hardware_line
     from pocket_teacher.plan import CUDA_CONTEXT, get_device, memory_plan, model_shape
-    from pocket_teacher.train import distill
+    from pocket_teacher.train import Vocab, distill
 
     print(f"hardware: {hardware_line()}")
     cuda = torch.cuda.is_available() and not args.cpu_dry_run
@@ -112,7 +112,7 @@ def main() -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         began = time.perf_counter()
-        result = distill(student, teacher, split, cfg, pad_token_id=0, vocab_size=vocab, progress=False)
+        result = distill(student, teacher, split, cfg, Vocab(0, vocab), progress=False)
         seconds = time.perf_counter() - began
         peak = torch.cuda.max_memory_allocated() + CUDA_CONTEXT if cuda else None
         h = result.history

@@ -82,7 +82,7 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
     from pocket_teacher.models import load_student, load_teacher, offload, resolve_device
     from pocket_teacher.plan import memory_plan
     from pocket_teacher.teacher_cache import build_topk_cache
-    from pocket_teacher.train import distill
+    from pocket_teacher.train import Vocab, distill
 
     base = pipeline.configure(preset)
     rows = 4 * base.train.batch_size
@@ -135,8 +135,7 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
             with torch.no_grad():
                 teacher.generate(**enc, **GREEDY, max_new_tokens=new, min_new_tokens=new, pad_token_id=tok.pad_token_id)
         elif stage == "training":
-            distill(copy.deepcopy(student_init), None, train, cfg, pad_token_id=tok.pad_token_id,
-                    vocab_size=len(tok), teacher_cache=cache, progress=False)
+            distill(copy.deepcopy(student_init), None, train, cfg, Vocab.of(tok), teacher_cache=cache, progress=False)
         measured = _peak(device)
     measure = "allocator peak + CUDA context" if device.type == "cuda" else "peak RSS"
     planned_bytes = planned.device_peak if device.type == "cuda" else planned.host_peak

@@ -46,7 +46,7 @@ def main() -> None:
     from pocket_teacher.data import load_gsm8k, tokenize_examples
     from pocket_teacher.models import load_student, load_teacher, resolve_device
     from pocket_teacher.teacher_cache import build_topk_cache
-    from pocket_teacher.train import distill
+    from pocket_teacher.train import Vocab, distill
 
     cfg = pipeline.configure(args.preset, [*args.set, f"train.max_steps={args.steps}"])
     print(f"hardware: {pipeline.hardware_line()}")
@@ -69,8 +69,7 @@ def main() -> None:
         for mode in ("live", "cache"):
             student = copy.deepcopy(student_init)
             result = distill(student, teacher if mode == "live" else None, splits.train, cfg,
-                             pad_token_id=tok.pad_token_id, vocab_size=len(tok),
-                             teacher_cache=cache if mode == "cache" else None, progress=False)
+                             Vocab.of(tok), teacher_cache=cache if mode == "cache" else None, progress=False)
             speed[mode] = steps_per_second(result.history)
             last = result.history[-1]
             print(f"train from {mode:>5}: {speed[mode]:.3f} steps/s ({1 / speed[mode]:.2f} s/step, batch "

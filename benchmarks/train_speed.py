@@ -29,7 +29,7 @@ def main() -> None:
     from pocket_teacher import pipeline
     from pocket_teacher.models import load_student, load_teacher, resolve_device
     from pocket_teacher.teacher_cache import build_topk_cache
-    from pocket_teacher.train import distill
+    from pocket_teacher.train import Vocab, distill
 
     cfg = pipeline.configure(args.preset, [f"data.train_size={args.rows}", "train.eval_every=0",
                                            "train.checkpoint_every=0", *args.set, f"train.max_steps={args.steps}"])
@@ -42,8 +42,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         cache = build_topk_cache(teacher, splits.train, root, k=cfg.teacher_cache.k, vocab_size=len(tok),
                                  pad_token_id=tok.pad_token_id, progress=False)
-        result = distill(student, None, splits.train, cfg, pad_token_id=tok.pad_token_id, vocab_size=len(tok),
-                         teacher_cache=cache, progress=False)
+        result = distill(student, None, splits.train, cfg, Vocab.of(tok), teacher_cache=cache, progress=False)
     h = result.history
     seconds = h[-1]["elapsed_s"] - h[0]["elapsed_s"]
     tokens = sum(r.get("batch_tokens", 0) for r in h[1:])

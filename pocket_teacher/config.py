@@ -246,7 +246,8 @@ class GenerateConfig:
 
 @dataclass
 class LossConfig:
-    """L = alpha * CE + (1 - alpha) * T^2 * D(teacher_T || student_T); see pocket_teacher.losses."""
+    """L = alpha * CE + (1 - alpha) * T^2 * D(teacher_T || student_T); see pocket_teacher.losses, whose functions
+    take it as the loss spec. Checked on construction, so a LossConfig in hand is a valid one."""
 
     alpha: float = knob(0.5, "weight of the hard-label CE term: 1 = plain fine-tuning, 0 = pure distillation")
     temperature: float = knob(2.0, "softens both distributions inside D only (CE uses T = 1)")
@@ -272,6 +273,8 @@ class LossConfig:
         _check_choice("loss.implementation", self.implementation, LOSS_IMPLEMENTATIONS)
         _check_positive("loss.chunk_size", self.chunk_size, allow_zero=True)
         _check_choice("loss.on_policy_estimator", self.on_policy_estimator, ON_POLICY_ESTIMATORS)
+
+    __post_init__ = check
 
 
 
@@ -408,9 +411,6 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     preset: str = knob("custom", "the preset this config started from")
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> "Config":
         """Each section checks its own fields (`check`), then the rules that join sections."""
@@ -431,7 +431,10 @@ class Config:
                       f"section.key, e.g. [train.lr].")
         return self
 
+    __post_init__ = validate  # every Config is valid: checked on construction and on every override
+
     # -- serialisation --------------------------------------------------------------------------
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -577,26 +580,31 @@ def _build(cls: type, data: dict[str, Any], path: str) -> Any:
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
-    """Return a validated copy of `cfg` with `a.b=value` overrides (values parsed as YAML)."""
+    """Return a validated copy of `cfg` with `a.b=value` overrides (values parsed as YAML). The sections they
+    name are replaced by value (`dataclasses.replace`); the whole is validated once, after every override."""
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
-    data = cfg.to_dict()
+    changed: dict[str, Any] = {}
     for key, value in items:
-        node, cls, path = data, Config, ""
-        parts = key.split(".")
-        for i, part in enumerate(parts):
-            if part not in {f.name for f in dataclasses.fields(cls)}:
-                raise _unknown_key(path, part, cls)
-            tp = _field_types(cls)[part]
-            if i == len(parts) - 1:
-                if dataclasses.is_dataclass(tp):
-                    _fail(path + part, value, f"set one of its fields, e.g. {path}{part}."
-                          f"{dataclasses.fields(tp)[0].name}=...")
-                node[part] = value
-            else:
-                if not dataclasses.is_dataclass(tp):
-                    raise ConfigError(f"{path}{part} is a value, not a section: cannot set {key}.")
-                node, cls, path = node[part], tp, path + part + "."
-    return Config.from_dict(data)
+        head, *rest = key.split(".")
+        if head not in {f.name for f in dataclasses.fields(Config)}:
+            raise _unknown_key("", head, Config)
+        changed[head] = _replaced(changed.get(head, getattr(cfg, head)), Config, head, rest, value, key)
+    return dataclasses.replace(cfg, **changed)
+
+
+def _replaced(current: Any, owner: type, name: str, rest: list[str], value: Any, key: str, path: str = "") -> Any:
+    """The new value of field `name` of `owner` (now `current`) with `value` set at the dotted path `rest`."""
+    tp = _field_types(owner)[name]
+    if not rest:
+        if dataclasses.is_dataclass(tp):
+            _fail(path + name, value, f"set one of its fields, e.g. {path}{name}.{dataclasses.fields(tp)[0].name}=...")
+        return _coerce(path + name, value, tp)
+    if not dataclasses.is_dataclass(tp):
+        raise ConfigError(f"{path}{name} is a value, not a section: cannot set {key}.")
+    if rest[0] not in {f.name for f in dataclasses.fields(tp)}:
+        raise _unknown_key(f"{path}{name}.", rest[0], tp)
+    inner = _replaced(getattr(current, rest[0]), tp, rest[0], rest[1:], value, key, f"{path}{name}.")
+    return dataclasses.replace(current, **{rest[0]: inner})
 
 
 def _split_override(text: str) -> tuple[str, Any]:

@@ -106,14 +106,14 @@ class TeacherTopK:
         return TeacherTopK(fn(self.ids), fn(self.logprobs), None if self.tail is None else fn(self.tail))
 
     def chunk(self, i: int, j: int, vocab: int) -> "TeacherTopK":
-        return self.map(lambda x: x[i:j])
+        return TeacherTopK(self.ids[i:j], self.logprobs[i:j], None if self.tail is None else self.tail[i:j])
 
     def check(self, vocab: int) -> None:
         """Raise unless every id is in [0, vocab) (one host sync: once per batch, not per chunk)."""
         if self.ids.shape != self.logprobs.shape:
             raise ValueError(f"top-k ids {tuple(self.ids.shape)} and log-probs {tuple(self.logprobs.shape)} differ.")
         if self.ids.numel():
-            low, high = (int(x) for x in torch.aminmax(self.ids))
+            low, high = map(int, torch.aminmax(self.ids))
             if high >= vocab or low < 0:
                 raise ValueError(f"top-k ids range over [{low}, {high}] but the student has {vocab} logits: the "
                                  f"teacher cache was built with another vocabulary (rebuild it).")
@@ -280,7 +280,6 @@ def token_distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor,
     Returns:
         DistillationLoss of scalars in at least float32.
     """
-    spec.check()
     if teacher is None and spec.alpha != 1.0:
         raise ValueError(f"No teacher given but alpha={spec.alpha}: the divergence term needs the teacher's logits, "
                          f"hidden states or top-k; alpha=1 (CE only) is the one setting that needs no teacher.")
@@ -327,7 +326,6 @@ def sampled_token_loss(student_logits: torch.Tensor, tokens: torch.Tensor, teach
         tokens: ``(N,)`` the sampled tokens.
         teacher: the teacher's ``(N, V')`` logits at the same positions.
     """
-    spec.check()
     vocab = _check_widths(student_logits.shape[-1], teacher, vocab_size)
     n = tokens.numel()
     denom = float(normalizer) if normalizer is not None else float(n)
@@ -405,75 +403,26 @@ def auto_chunk_size(vocab_size: int, device_type: str = "cpu") -> int:
     return max(8, (1 << 23) // max(1, vocab_size))
 
 
-@dataclass(frozen=True)
-class _Chunks:
-    """How `_ChunkedLoss` walks the tokens: the loss settings, the divergence, the logits compared, the chunk
-    length, the dtype of the output-layer matmuls and the normalizer."""
-
-    spec: LossConfig
-    divergence: Optional[Divergence]
-    vocab: int
-    size: int
-    compute_dtype: torch.dtype
-    normalizer: float
-
-
-class _ChunkedLoss(torch.autograd.Function):
-    """Loss and its gradients computed chunk by chunk in the forward pass (as Liger Kernel's fused
-    linear losses do); backward only scales the stored gradients by the incoming one."""
+class _StoredGradients(torch.autograd.Function):
+    """Hands the loss computed chunk by chunk (`chunked_distillation_loss`) to autograd: the forward returns the
+    total already computed, the backward scales the gradients stored with it by the incoming one."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, teacher, plan: _Chunks):
-        need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-        vocab = plan.vocab
-        w = weight[:vocab].to(plan.compute_dtype)
-        b = None if bias is None else bias[:vocab].to(plan.compute_dtype)
-        acc = torch.promote_types(weight.dtype, torch.float32)  # every stored gradient is kept in >= fp32
-        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need[1] else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need[2] else None
-        sums = torch.zeros(3, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
-        # The loss is a sum over tokens divided by the normalizer N, so each logit's gradient is about |p - q| / N:
-        # cast to fp16 as it is, most of the soft (teacher-vs-student) part underflows to zero. It is multiplied
-        # by N (back to per-token size) before the one low-precision matmul and divided again in fp32.
-        scale = plan.normalizer if plan.compute_dtype in (torch.float16, torch.bfloat16) else 1.0
-        for i in range(0, hidden.shape[0], plan.size):
-            h = hidden[i:i + plan.size].to(plan.compute_dtype)
-            with torch.enable_grad():
-                logits = F.linear(h, w, b).to(sums.dtype).requires_grad_(any(need))
-                part = token_distillation_loss(
-                    logits, targets[i:i + plan.size], None if teacher is None else teacher.chunk(
-                        i, i + plan.size, vocab), plan.spec, normalizer=plan.normalizer, divergence=plan.divergence,
-                    check_ids=False)
-                if any(need):
-                    (g,) = torch.autograd.grad(part.total, logits)
-            kd = torch.zeros_like(part.ce) if part.kd is None else part.kd
-            sums += torch.stack([part.total.detach(), part.ce, kd]).to(sums.dtype)
-            if any(need):
-                g = g.to(acc)
-                if need[0] and scale == 1.0:
-                    grad_h[i:i + plan.size] = g.to(plan.compute_dtype).matmul(w)
-                elif need[0]:
-                    grad_h[i:i + plan.size] = (g * scale).to(plan.compute_dtype).matmul(w).to(acc) / scale
-                if need[1]:
-                    grad_w[:vocab].addmm_(g.t(), h.to(acc))
-                if need[2]:
-                    grad_b[:vocab] += g.sum(0)
-            del logits, part
-        ctx.save_for_backward(*(x for x in (grad_h, grad_w, grad_b) if x is not None))
-        ctx.need, ctx.dtypes = need, (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(sums)
-        return sums[0].clone(), sums[1:]
+    def forward(ctx, hidden, weight, bias, total, grads):
+        ctx.need = tuple(g is not None for g in grads)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        return total.clone()
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_parts):
+    def backward(ctx, grad_total):
         # grad_total is 1 for loss.backward(), or the loss scale under fp16 (GradScaler): the fp32 gradients are
         # multiplied by it first and cast to the parameters' dtypes after, so nothing underflows on the way.
         unit = bool(torch.equal(grad_total, torch.ones_like(grad_total)))
         stored = iter(ctx.saved_tensors)
         grads = [(next(stored) if unit else next(stored) * grad_total) if n else None for n in ctx.need]
         grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
-        return grads[0], grads[1], grads[2], None, None, None
+        return grads[0], grads[1], grads[2], None, None
 
 
 def chunked_distillation_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, targets: torch.Tensor,
@@ -486,9 +435,9 @@ def chunked_distillation_loss(student_hidden: torch.Tensor, student_weight: torc
     The student's logits are ``student_hidden @ student_weight.T (+ student_bias)``. The N tokens are
     walked in chunks of ``spec.chunk_size`` (0: `auto_chunk_size`); for each chunk the logits are built, the CE
     and divergence terms and their gradients with respect to the hidden states and the output layer are
-    computed, and the chunk's logits are freed. Peak memory is a few (chunk_size, V) tensors plus the weight
-    gradient, instead of several (N, V) ones. Value and gradients equal the plain path's (same
-    float32 arithmetic, summed in another order).
+    computed (as Liger Kernel's fused linear losses do), and the chunk's logits are freed. Peak memory is a few
+    (chunk_size, V) tensors plus the weight gradient, instead of several (N, V) ones. Value and gradients equal
+    the plain path's (same float32 arithmetic, summed in another order).
 
     Args:
         student_hidden: ``(N, H)`` final hidden states (after the final norm) at the answer positions.
@@ -501,21 +450,50 @@ def chunked_distillation_loss(student_hidden: torch.Tensor, student_weight: torc
             are kept in float32 (scaled before the one 16-bit matmul), so fp16 gives fp32's gradients.
         spec, vocab_size, normalizer, divergence: as in `token_distillation_loss`.
     """
-    spec.check()
     if teacher is None and spec.alpha != 1.0:
         raise ValueError(f"No teacher given but alpha={spec.alpha}: give the teacher's logits, hidden states or "
                          f"top-k (only alpha=1, CE alone, needs no teacher).")
-    n, width = targets.numel(), student_weight.shape[0]
+    n = targets.numel()
     if student_hidden.shape[0] != n:
         raise ValueError(f"student_hidden has {student_hidden.shape[0]} rows for {n} targets.")
-    vocab = _check_widths(width, teacher, vocab_size)
+    vocab = _check_widths(student_weight.shape[0], teacher, vocab_size)
     denom = float(normalizer) if normalizer is not None else float(n)
     if n == 0 or denom == 0:
         zero = student_hidden.sum() * 0.0 + student_weight.sum() * 0.0
         return DistillationLoss(zero, zero.detach(), None if teacher is None else zero.detach())
     if isinstance(teacher, TeacherTopK):
         teacher.check(vocab)  # once here, not in every chunk (each check is a host sync)
-    plan = _Chunks(spec, divergence, vocab, int(spec.chunk_size or auto_chunk_size(vocab, student_hidden.device.type)),
-                   compute_dtype or student_hidden.dtype, denom)
-    total, parts = _ChunkedLoss.apply(student_hidden, student_weight, student_bias, targets, teacher, plan)
-    return DistillationLoss(total, parts[0], None if teacher is None else parts[1])
+    bias, dtype = student_bias, compute_dtype or student_hidden.dtype
+    size = int(spec.chunk_size or auto_chunk_size(vocab, student_hidden.device.type))
+    need = (student_hidden.requires_grad and torch.is_grad_enabled(),
+            student_weight.requires_grad and torch.is_grad_enabled(),
+            bias is not None and bias.requires_grad and torch.is_grad_enabled())
+    w = student_weight.detach()[:vocab].to(dtype)
+    b = None if bias is None else bias.detach()[:vocab].to(dtype)
+    acc = torch.promote_types(student_weight.dtype, torch.float32)  # every stored gradient is kept in >= fp32
+    grads = [torch.zeros(x.shape, dtype=acc, device=x.device) if want else None
+             for x, want in zip((student_hidden, student_weight, bias), need)]
+    sums = torch.zeros(3, dtype=torch.promote_types(student_hidden.dtype, torch.float32), device=student_hidden.device)
+    # The loss is a sum over tokens divided by the normalizer N, so each logit's gradient is about |p - q| / N: cast
+    # to fp16 as it is, most of the soft (teacher-vs-student) part underflows to zero. It is multiplied by N (back
+    # to per-token size) before the one low-precision matmul and divided again in fp32.
+    scale = denom if dtype in (torch.float16, torch.bfloat16) else 1.0
+    for i in range(0, n, size):
+        h = student_hidden.detach()[i:i + size].to(dtype)
+        with torch.enable_grad():
+            logits = F.linear(h, w, b).to(sums.dtype).requires_grad_(any(need))
+            part = token_distillation_loss(logits, targets[i:i + size], None if teacher is None else teacher.chunk(
+                i, i + size, vocab), spec, normalizer=denom, divergence=divergence, check_ids=False)
+            g = torch.autograd.grad(part.total, logits)[0].to(acc) if any(need) else None
+        kd = torch.zeros_like(part.ce) if part.kd is None else part.kd
+        sums += torch.stack([part.total.detach(), part.ce.detach(), kd.detach()]).to(sums.dtype)
+        if need[0]:
+            grads[0][i:i + size] = ((g * scale).to(dtype).matmul(w).to(acc) / scale if scale != 1.0
+                                    else g.to(dtype).matmul(w))
+        if need[1]:
+            grads[1][:vocab].addmm_(g.t(), h.to(acc))
+        if need[2]:
+            grads[2][:vocab] += g.sum(0)
+        del logits, part
+    total = _StoredGradients.apply(student_hidden, student_weight, bias, sums[0], grads) if any(need) else sums[0]
+    return DistillationLoss(total, sums[1], None if teacher is None else sums[2])

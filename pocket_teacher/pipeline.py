@@ -39,7 +39,7 @@ from .generate import default_stop, generate, generate_answers, generate_texts, 
 from .teacher_cache import TopKCache, build_topk_cache
 from .plots import plot_mmlu_subjects, plot_quality, plot_size_quality, plot_training, save_figure
 from .losses import Divergence
-from .train import OpenedStep, TrainResult, distill, open_step
+from .train import HeldOut, OpenedStep, Trainer, TrainResult, Vocab, open_step
 
 
 BASELINE_LABEL = "fine-tuned (alpha=1)"
@@ -356,61 +356,54 @@ def teacher_cache(cfg: Config, teacher: torch.nn.Module, splits: Splits, tokeniz
     return cache
 
 
+@contextlib.contextmanager
+def training(cfg: Config, student_init: torch.nn.Module, teacher: Optional[torch.nn.Module], splits: Splits,
+             tokenizer, progress: bool = True, cache: Optional[TopKCache] = None,
+             park: Optional[torch.nn.Module] = None, divergence: Optional[Divergence] = None):
+    """A `Trainer` of a fresh copy of `student_init` distilled from `teacher` (or its top-k `cache`), writing to
+    runs/<name>/: history.jsonl (main process), checkpoints/ (train.checkpoint_every, a non-finite loss, a stop
+    signal); train.resume continues from the newest valid one. With train.eval_every the held-out split is scored
+    during training (its teacher signal from a cache of the held-out split, or the live teacher).
+
+    For the block, a teacher this training does not run (`teacher` when the cache serves it, or `park`) waits on
+    the host when the run is on a GPU; on-policy steps need it live, so then it stays."""
+    device = resolve_device(cfg.train.device)
+    eval_cache = None
+    if cfg.train.eval_every and cache is not None and teacher is not None and is_main_process():
+        eval_cache = build_topk_cache(teacher, splits.eval, cache_dir(cfg), k=cfg.teacher_cache.k,
+                                      vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                      batch_size=cfg.teacher_cache.batch_size, progress=False)
+    idle = park if cache is None or cfg.train.on_policy > 0 else teacher
+    parked = idle if device.type == "cuda" else None
+    teacher_home = next(parked.parameters()).device if parked is not None else None
+    if parked is not None:
+        offload(parked, "cpu")
+    try:
+        yield Trainer(copy.deepcopy(student_init), None if parked is not None and parked is teacher else teacher,
+                      splits.train, cfg, Vocab.of(tokenizer), teacher_cache=cache,
+                      held_out=HeldOut(splits.eval, eval_cache), folder=run_dir(cfg), progress=progress,
+                      divergence=divergence)
+    finally:
+        if parked is not None:
+            offload(parked, teacher_home)
+
+
+def trained_student(trainer: Trainer, result: TrainResult, student_init: torch.nn.Module) -> torch.nn.Module:
+    """The trained student, back where `student_init` rests (the host); under FSDP a process other than 0 keeps
+    its shard where it is."""
+    if result.student is None:
+        return trainer.student
+    return offload(result.student, next(student_init.parameters()).device)
+
+
 def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[torch.nn.Module], splits: Splits,
                   tokenizer, progress: bool = True, cache: Optional[TopKCache] = None,
                   park: Optional[torch.nn.Module] = None, divergence: Optional[Divergence] = None
                   ) -> tuple[torch.nn.Module, TrainResult]:
-    """A fresh copy of `student_init` distilled from `teacher` (or its top-k `cache`).
-
-    The history streams to runs/<name>/history.jsonl (main process only); checkpoints go to
-    runs/<name>/checkpoints (train.checkpoint_every, and on a non-finite loss); train.resume continues from
-    the newest valid one. With train.eval_every, the held-out split is
-    scored during training (its teacher signal from `cache`'s companion cache of the held-out split,
-    or the live teacher)."""
-    student = copy.deepcopy(student_init)
-    out = run_dir(cfg)
-    device = resolve_device(cfg.train.device)
-    eval_cache = None
-    if cfg.train.eval_every and cache is not None:
-        eval_cache = build_topk_cache(teacher, splits.eval, cache_dir(cfg), k=cfg.teacher_cache.k,
-                                      vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                      batch_size=cfg.teacher_cache.batch_size, progress=False) \
-            if teacher is not None and is_main_process() else None
-    main = is_main_process()
-    handle = None
-
-    def on_step(row: dict) -> None:  # history.jsonl is rewritten from the first row (restored rows on resume)
-        nonlocal handle
-        if not main:
-            return
-        if handle is None:
-            out.mkdir(parents=True, exist_ok=True)
-            handle = (out / "history.jsonl").open("w")
-        handle.write(json.dumps(row) + "\n")
-        handle.flush()
-
-    # Training that reads the cache (or needs no teacher) sends the teacher (`teacher`, or `park` when it is not
-    # used at all) to the host meanwhile, and brings it back after. On-policy steps need it live: it stays.
-    live = cache is None or cfg.train.on_policy > 0
-    idle = park if live else teacher  # a teacher this training does not run
-    parked = idle if device.type == "cuda" else None
-    teacher_home = next(parked.parameters()).device if parked is not None else None
-    try:
-        if parked is not None:
-            offload(parked, "cpu")
-        result = distill(student, None if parked is not None and parked is teacher else teacher, splits.train, cfg,
-                         pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), teacher_cache=cache,
-                         eval_split=splits.eval, eval_cache=eval_cache, checkpoint_dir=out / "checkpoints",
-                         on_step=on_step, progress=progress,
-                         eos_token_id=getattr(tokenizer, "eos_token_id", None), divergence=divergence)
-    finally:
-        if handle is not None:
-            handle.close()
-        if parked is not None:
-            offload(parked, teacher_home)
-    if result.student is None:  # a process other than 0 under FSDP: its shard stays where it is
-        return student, result
-    return offload(result.student, next(student_init.parameters()).device), result
+    """`training(...)` fitted in one call: the trained student (on the host) and what the loop reported."""
+    with training(cfg, student_init, teacher, splits, tokenizer, progress, cache, park, divergence) as trainer:
+        result = trainer.fit()
+    return trained_student(trainer, result, student_init), result
 
 
 def is_main_process() -> bool:
@@ -442,8 +435,8 @@ def _variant(cfg: Config, name: str, train: dict, **sections) -> Config:
     one that had not started yet starts, so a resumed run never fails on a variant it had not reached."""
     run = dataclasses.replace(cfg.run, out_dir=str(run_dir(cfg)), name=name, figures_dir=None)
     started = bool(list_checkpoints(Path(run.out_dir) / run.name / "checkpoints"))
-    return dataclasses.replace(cfg, run=run, train=dataclasses.replace(
-        cfg.train, resume=cfg.train.resume and started, **train), **sections).validate()
+    return dataclasses.replace(cfg, run=run, train=dataclasses.replace(  # replace validates the new Config
+        cfg.train, resume=cfg.train.resume and started, **train), **sections)
 
 
 def baseline_config(cfg: Config) -> Config:
@@ -557,24 +550,6 @@ _FIXED_BY = {"data": "2. Data", "teacher": "3. Teacher", "student": "4. Student 
              "run": "1. Configuration", "preset": "1. Configuration"}
 
 
-def _section(method):
-    """Time a section (kept in `Experiment.timings`) and, when `announce` is set, print its start and end."""
-    title = _TITLES[method.__name__]
-
-    @functools.wraps(method)
-    def timed(self, *args, **kwargs):
-        if self.announce and self.main:
-            print(f"== {title}", flush=True)
-        start = time.perf_counter()
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            self.timings[title] = time.perf_counter() - start
-            if self.announce and self.main:
-                print(f"== {title}: {self.timings[title]:.1f} s", flush=True)
-    return timed
-
-
 @dataclass
 class Trained:
     """One training run of the experiment: the config it used (the experiment's plus the cell's overrides), the
@@ -631,117 +606,131 @@ class Experiment:
         self.comparison = None
         self.out = run_dir(cfg)
 
+    @contextlib.contextmanager
+    def _timed(self, method: str):
+        """Time a section (kept in `timings`) and, when `announce` is set, print its start and end."""
+        title = _TITLES[method]
+        if self.announce and self.main:
+            print(f"== {title}", flush=True)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[title] = time.perf_counter() - start
+            if self.announce and self.main:
+                print(f"== {title}: {self.timings[title]:.1f} s", flush=True)
+
     def _need(self, attr: str, method: str) -> Any:
         value = getattr(self, attr)
         if value is None:
             raise RuntimeError(f"Run section {_TITLES[method]} first (Experiment.{method}()).")
         return value
 
-    @_section
     def configure(self) -> Path:
         """Check the memory plan (refusing one that does not fit unless `force`) and open the run folder:
         config.yaml (with each knob's help) and environment.json; nothing already in the folder is deleted."""
-        check_memory(self.cfg, force=self.force, verbose=self.main)
-        self.out = start_run(self.cfg) if self.main else run_dir(self.cfg)
-        self.say(f"preset {self.cfg.preset}, run folder {self.out}")
-        return self.out
+        with self._timed("configure"):
+            check_memory(self.cfg, force=self.force, verbose=self.main)
+            self.out = start_run(self.cfg) if self.main else run_dir(self.cfg)
+            self.say(f"preset {self.cfg.preset}, run folder {self.out}")
+            return self.out
 
-    @_section
     def load_data(self) -> RawData:
-        self.raw = self.train_raw = load_data(self.cfg, verbose=self.main)
-        return self.raw
+        with self._timed("load_data"):
+            self.raw = self.train_raw = load_data(self.cfg, verbose=self.main)
+            return self.raw
 
-    @_section
     def load_teacher(self):
         """The frozen teacher, loaded once per experiment (calling again reuses it)."""
-        if self.teacher is None:
-            self.teacher, self.teacher_tokenizer, self.teacher_info = load_teacher(self.cfg.teacher, self.device)
-        self.say(self.teacher_info)
-        return self.teacher
+        with self._timed("load_teacher"):
+            if self.teacher is None:
+                self.teacher, self.teacher_tokenizer, self.teacher_info = load_teacher(self.cfg.teacher, self.device)
+            self.say(self.teacher_info)
+            return self.teacher
 
-    @_section
     def teacher_answers(self) -> RawData:
         """With data.targets=teacher*, the teacher's answers become the training targets (cached on disk)."""
-        raw = self._need("raw", "load_data")
-        with main_process_first():
-            self.train_raw = teacher_answers(self.cfg, raw, self._need("teacher", "load_teacher"),
-                                             self.teacher_tokenizer, self.teacher_info, self.progress)
-        return self.train_raw
+        with self._timed("teacher_answers"):
+            raw = self._need("raw", "load_data")
+            with main_process_first():
+                self.train_raw = teacher_answers(self.cfg, raw, self._need("teacher", "load_teacher"),
+                                                 self.teacher_tokenizer, self.teacher_info, self.progress)
+            return self.train_raw
 
-    @_section
     def load_student(self) -> Splits:
         """The untrained student (resting on the host; it visits the GPU to be evaluated), the vocabulary
         report, and both splits tokenized with the student's tokenizer."""
-        teacher = self._need("teacher", "load_teacher")
-        s, raw = self.cfg.student, self._need("train_raw", "load_data")
-        calibration = None
-        if (s.source == "derive" and s.layer_selection == "importance") or (s.source == "config"
-                                                                              and s.init == "prune"):
-            calibration = [(format_prompt(self.teacher_tokenizer, e.question, self.cfg.data.system_prompt)
-                            if e.answer else e.question) + e.target  # free text has no prompt template
-                           for e in raw.train[:s.calibration_rows]]  # what the importance measurements read
-        self.student_init, self.tokenizer, self.student_info = load_student(s, teacher, self.teacher_tokenizer,
-                                                                            self.device, calibration)
-        offload(self.student_init, "cpu")
-        self.say(self.student_info)
-        self.shared = vocabulary(self.cfg, self.teacher_tokenizer, self.tokenizer, teacher, self.student_init,
-                                 verbose=self.main) is not None
-        self.splits = tokenize(self.cfg, self._need("train_raw", "load_data"), self.tokenizer, verbose=self.main)
-        return self.splits
+        with self._timed("load_student"):
+            teacher = self._need("teacher", "load_teacher")
+            s, raw = self.cfg.student, self._need("train_raw", "load_data")
+            calibration = None
+            if (s.source == "derive" and s.layer_selection == "importance") or (s.source == "config"
+                                                                                  and s.init == "prune"):
+                calibration = [(format_prompt(self.teacher_tokenizer, e.question, self.cfg.data.system_prompt)
+                                if e.answer else e.question) + e.target  # free text has no prompt template
+                               for e in raw.train[:s.calibration_rows]]  # what the importance measurements read
+            self.student_init, self.tokenizer, self.student_info = load_student(s, teacher, self.teacher_tokenizer,
+                                                                                self.device, calibration)
+            offload(self.student_init, "cpu")
+            self.say(self.student_info)
+            self.shared = vocabulary(self.cfg, self.teacher_tokenizer, self.tokenizer, teacher, self.student_init,
+                                     verbose=self.main) is not None
+            self.splits = tokenize(self.cfg, self._need("train_raw", "load_data"), self.tokenizer, verbose=self.main)
+            return self.splits
 
-    @_section
     def build_cache(self) -> Optional[TopKCache]:
-        splits = self._need("splits", "load_student")
-        with main_process_first():
-            self.cache = teacher_cache(self.cfg, self.teacher, splits, self.tokenizer, self.teacher_info,
-                                       self.shared, self.progress, verbose=self.main)
-        return self.cache
+        with self._timed("build_cache"):
+            splits = self._need("splits", "load_student")
+            with main_process_first():
+                self.cache = teacher_cache(self.cfg, self.teacher, splits, self.tokenizer, self.teacher_info,
+                                           self.shared, self.progress, verbose=self.main)
+            return self.cache
 
     @property
     def agree_with(self) -> Optional[torch.nn.Module]:
         """The teacher students are compared with token by token (None without a shared vocabulary)."""
         return self.teacher if self.shared else None
 
-    @_section
     def evaluate_before(self) -> dict[str, dict]:
         """Results rows of the teacher and the untrained student (main process only)."""
-        splits = self._need("splits", "load_student")
-        if self.main:
-            self.results["teacher"] = evaluate_teacher(self.cfg, self.teacher, self.teacher_tokenizer,
-                                                       self.train_raw, splits, self.tokenizer, self.shared,
-                                                       self.progress)
-            self.results["student before"] = evaluate(self.cfg, "student before", self.student_init, self.tokenizer,
-                                                      splits, self.progress, self.agree_with)
-        return self.results
+        with self._timed("evaluate_before"):
+            splits = self._need("splits", "load_student")
+            if self.main:
+                self.results["teacher"] = evaluate_teacher(self.cfg, self.teacher, self.teacher_tokenizer,
+                                                           self.train_raw, splits, self.tokenizer, self.shared,
+                                                           self.progress)
+                self.results["student before"] = evaluate(self.cfg, "student before", self.student_init, self.tokenizer,
+                                                          splits, self.progress, self.agree_with)
+            return self.results
 
-    @_section
     def preflight(self) -> dict:
         """Does the teacher have anything to give? The teacher against the untrained student (from section 5)
         and the teacher's log-likelihood of the student's own samples, with a plain warning when the teacher
         adds little. Kept in results.json."""
-        if not self.main:  # the main process evaluates; the others have nothing to compare
+        with self._timed("preflight"):
+            if not self.main:  # the main process evaluates; the others have nothing to compare
+                return self.checks
+            if not {"teacher", "student before"} <= set(self.results):
+                raise RuntimeError("Run section 5. Before training first (Experiment.evaluate_before()).")
+            gap = None
+            if self.shared:
+                with visiting(self.student_init, self.device):
+                    gap = teacher_on_student_samples(
+                        self.teacher, self.student_init, self.splits.eval, pad_token_id=self.tokenizer.pad_token_id,
+                        eos_token_id=self.tokenizer.eos_token_id, questions=min(8, len(self.splits.eval)),
+                        max_new_tokens=min(64, self.cfg.eval.max_new_tokens), batch_size=self.cfg.eval.batch_size,
+                        vocab_size=len(self.tokenizer))
+            self.checks = {"samples": gap, "warnings": preflight_warnings(self.results, gap)}
+            if gap:
+                print(f"preflight: per token of the untrained student's own samples ({gap['samples']} answers of "
+                      f"{gap['sample_tokens_mean']:.0f} tokens), log-likelihood {gap['teacher_logprob_per_token']:.2f} "
+                      f"under the teacher, {gap['student_logprob_per_token']:.2f} under the student")
+            for warning in self.checks["warnings"]:
+                print(f"WARNING: {warning}")
+            if not self.checks["warnings"]:
+                print("preflight: the teacher is clearly ahead of the untrained student; distillation has something to "
+                      "transfer.")
             return self.checks
-        if not {"teacher", "student before"} <= set(self.results):
-            raise RuntimeError("Run section 5. Before training first (Experiment.evaluate_before()).")
-        gap = None
-        if self.shared:
-            with visiting(self.student_init, self.device):
-                gap = teacher_on_student_samples(
-                    self.teacher, self.student_init, self.splits.eval, pad_token_id=self.tokenizer.pad_token_id,
-                    eos_token_id=self.tokenizer.eos_token_id, questions=min(8, len(self.splits.eval)),
-                    max_new_tokens=min(64, self.cfg.eval.max_new_tokens), batch_size=self.cfg.eval.batch_size,
-                    vocab_size=len(self.tokenizer))
-        self.checks = {"samples": gap, "warnings": preflight_warnings(self.results, gap)}
-        if gap:
-            print(f"preflight: per token of the untrained student's own samples ({gap['samples']} answers of "
-                  f"{gap['sample_tokens_mean']:.0f} tokens), log-likelihood {gap['teacher_logprob_per_token']:.2f} "
-                  f"under the teacher, {gap['student_logprob_per_token']:.2f} under the student")
-        for warning in self.checks["warnings"]:
-            print(f"WARNING: {warning}")
-        if not self.checks["warnings"]:
-            print("preflight: the teacher is clearly ahead of the untrained student; distillation has something to "
-                  "transfer.")
-        return self.checks
 
     def open_step(self, rows: int = 4) -> OpenedStep:
         """The first training step opened up (the notebook's "one step" cell): `rows` rows of the first batch, their
@@ -768,7 +757,6 @@ class Experiment:
                     f"loss.* and train.* settings.")
         return apply_overrides(self.cfg, overrides) if items else self.cfg
 
-    @_section
     def distil(self, overrides: Sequence[str] | dict = (), divergence: Optional[Divergence] = None) -> Trained:
         """Distil a fresh copy of the untrained student with the experiment's config plus `overrides` (loss.*,
         train.*), from the teacher cache when there is one. Returns the new `Trained`; `self.cfg` is unchanged.
@@ -777,142 +765,145 @@ class Experiment:
         teacher's and the student's log-probabilities over the same K outcomes (rows sum to 1 after exp), for
         example written in a notebook cell. The loss is still ``alpha * CE + (1 - alpha) * T^2 * D``; the history's
         kd, the baseline's and the held-out KD are its values."""
-        splits = self._need("splits", "load_student")
-        cfg = self.training_config(overrides)
-        if divergence is not None and not callable(divergence):
-            raise TypeError(f"divergence={divergence!r}: give a function (log_p, log_q) -> per-token values, or set "
-                            f"loss.divergence to one of the named divergences.")
-        student, result = train_student(cfg, self.student_init, self.teacher if self.shared else None, splits,
-                                        self.tokenizer, self.progress, self.cache, divergence=divergence)
-        if self.main:
-            final = result.final
-            self.say(f"{result.steps} steps in {result.seconds:.0f} s; last step: " + ", ".join(
-                f"{k} {final[k]:.3f}" for k in ("loss", "ce", "kd") if final.get(k) is not None))
-        named = [f"{k}={v}" for k, v in (overrides.items() if isinstance(overrides, dict)
-                                         else (o.split("=", 1) for o in overrides))]
-        custom = [f"divergence={getattr(divergence, '__name__', 'custom')} (a function given to distil)"]
-        self.trained = Trained(cfg, named + (custom if divergence is not None else []), student, result, divergence)
-        self.results.pop("student after", None)  # evaluated again by evaluate_after
-        return self.trained
+        with self._timed("distil"):
+            splits = self._need("splits", "load_student")
+            cfg = self.training_config(overrides)
+            if divergence is not None and not callable(divergence):
+                raise TypeError(f"divergence={divergence!r}: give a function (log_p, log_q) -> per-token values, or set "
+                                f"loss.divergence to one of the named divergences.")
+            with training(cfg, self.student_init, self.teacher if self.shared else None, splits, self.tokenizer,
+                          self.progress, self.cache, divergence=divergence) as trainer:
+                result = trainer.fit()  # the training step, opened in section 4c
+            student = trained_student(trainer, result, self.student_init)
+            if self.main:
+                final = result.final
+                self.say(f"{result.steps} steps in {result.seconds:.0f} s; last step: " + ", ".join(
+                    f"{k} {final[k]:.3f}" for k in ("loss", "ce", "kd") if final.get(k) is not None))
+            named = [f"{k}={v}" for k, v in (overrides.items() if isinstance(overrides, dict)
+                                             else (o.split("=", 1) for o in overrides))]
+            custom = [f"divergence={getattr(divergence, '__name__', 'custom')} (a function given to distil)"]
+            self.trained = Trained(cfg, named + (custom if divergence is not None else []), student, result, divergence)
+            self.results.pop("student after", None)  # evaluated again by evaluate_after
+            return self.trained
 
-    @_section
     def train_baseline(self) -> Optional[Trained]:
         """Plain fine-tuning (loss.alpha=1) with the last training's steps, data and schedule, when
         eval.baseline is set: what distillation has to beat."""
-        trained = self._need("trained", "distil")
-        for label in (BASELINE_LABEL, RANDOM_INIT_LABEL):
-            self.results.pop(label, None)
-        kind, cfg = baseline_kind(trained.cfg), trained.cfg
-        self.baseline = None
-        if not cfg.eval.baseline:
-            return None
-        init, splits, cache = self.student_init, self.splits, self.cache
-        variant = random_init_config(cfg) if kind == "random" else baseline_config(cfg)
-        if kind == "random":  # same shape, fresh weights, same loss, data and steps as the distillation
-            init, _, _ = load_student(variant.student, self.teacher, self.teacher_tokenizer, "cpu")
-            self.say("baseline: the same student shape from random init, same loss, data and steps")
-        elif kind == "reference":  # the teacher's questions, answered by the references
-            asked = {e.question for e in self.train_raw.train}
-            reference = RawData([e for e in self.raw.train if e.question in asked], self.raw.eval, self.raw.reports)
-            splits, cache = tokenize(cfg, reference, self.tokenizer, verbose=False), None
-            self.say(f"baseline: plain fine-tuning on the reference answers of the same {len(reference.train)} "
-                     f"questions")
-        if kind != "random":
-            self.say(f"baseline: plain fine-tuning, loss.alpha=1, {cfg.train.max_steps} steps")
-        # plain fine-tuning needs no teacher: it waits on the host (`park`); the random-init student distils
-        teacher = self.teacher if kind == "random" and self.shared else None
-        student, result = train_student(variant, init, teacher, splits, self.tokenizer, self.progress, cache,
-                                        park=None if teacher is not None else self.teacher,
-                                        divergence=trained.divergence)
-        extra = ["student.init=random"] if kind == "random" else ["loss.alpha=1"]
-        self.baseline = None if student is None else Trained(cfg, trained.overrides + extra, student, result)
-        return self.baseline
+        with self._timed("train_baseline"):
+            trained = self._need("trained", "distil")
+            for label in (BASELINE_LABEL, RANDOM_INIT_LABEL):
+                self.results.pop(label, None)
+            kind, cfg = baseline_kind(trained.cfg), trained.cfg
+            self.baseline = None
+            if not cfg.eval.baseline:
+                return None
+            init, splits, cache = self.student_init, self.splits, self.cache
+            variant = random_init_config(cfg) if kind == "random" else baseline_config(cfg)
+            if kind == "random":  # same shape, fresh weights, same loss, data and steps as the distillation
+                init, _, _ = load_student(variant.student, self.teacher, self.teacher_tokenizer, "cpu")
+                self.say("baseline: the same student shape from random init, same loss, data and steps")
+            elif kind == "reference":  # the teacher's questions, answered by the references
+                asked = {e.question for e in self.train_raw.train}
+                reference = RawData([e for e in self.raw.train if e.question in asked], self.raw.eval, self.raw.reports)
+                splits, cache = tokenize(cfg, reference, self.tokenizer, verbose=False), None
+                self.say(f"baseline: plain fine-tuning on the reference answers of the same {len(reference.train)} "
+                         f"questions")
+            if kind != "random":
+                self.say(f"baseline: plain fine-tuning, loss.alpha=1, {cfg.train.max_steps} steps")
+            # plain fine-tuning needs no teacher: it waits on the host (`park`); the random-init student distils
+            teacher = self.teacher if kind == "random" and self.shared else None
+            student, result = train_student(variant, init, teacher, splits, self.tokenizer, self.progress, cache,
+                                            park=None if teacher is not None else self.teacher,
+                                            divergence=trained.divergence)
+            extra = ["student.init=random"] if kind == "random" else ["loss.alpha=1"]
+            self.baseline = None if student is None else Trained(cfg, trained.overrides + extra, student, result)
+            return self.baseline
 
     @property
     def baseline_label(self) -> str:
         return RANDOM_INIT_LABEL if self.trained and baseline_kind(self.trained.cfg) == "random" else BASELINE_LABEL
 
-    @_section
     def on_policy_preview(self) -> Optional[dict]:
         """A short on-policy run (eval.on_policy_preview steps; 0 skips): the untrained student samples its own
         answers and the live teacher scores them (train.on_policy=1, reverse KL at T=1, the usual on-policy
         setting), beside the main training's history at the same step. Kept in results.json, not in the table."""
-        trained = self._need("trained", "distil")
-        steps = self.cfg.eval.on_policy_preview
-        if not steps or not self.shared:
-            self.preview = None
-            return None
-        student, result = train_student(preview_config(trained.cfg, steps), self.student_init, self.teacher,
-                                        self.splits, self.tokenizer, self.progress, self.cache)
-        last = result.history[-1]
-        same_step = next((h for h in trained.result.history if h["step"] == steps), {})
-        self.preview = {"steps": steps, "train_s": result.seconds, "eval_ppl": last.get("eval_ppl"),
-                        "eval_reverse_kl": last.get("eval_kd"), "rollout_tokens_mean": _mean_of(
-                            result.history, "rollout_tokens_mean"), "main_eval_ppl_same_step": same_step.get("eval_ppl")}
-        self.say(f"on-policy preview: {steps} steps in {result.seconds:.0f} s ({result.seconds / steps:.1f} s/step, "
-                 f"rollouts of {self.preview['rollout_tokens_mean']:.0f} tokens on average); held-out perplexity "
-                 f"{last.get('eval_ppl', float('nan')):,.2f}" + (
-                     f" (the main training at step {steps}: {same_step['eval_ppl']:,.2f})"
-                     if same_step.get("eval_ppl") is not None else ""))
-        return self.preview
+        with self._timed("on_policy_preview"):
+            trained = self._need("trained", "distil")
+            steps = self.cfg.eval.on_policy_preview
+            if not steps or not self.shared:
+                self.preview = None
+                return None
+            student, result = train_student(preview_config(trained.cfg, steps), self.student_init, self.teacher,
+                                            self.splits, self.tokenizer, self.progress, self.cache)
+            last = result.history[-1]
+            same_step = next((h for h in trained.result.history if h["step"] == steps), {})
+            self.preview = {"steps": steps, "train_s": result.seconds, "eval_ppl": last.get("eval_ppl"),
+                            "eval_reverse_kl": last.get("eval_kd"), "rollout_tokens_mean": _mean_of(
+                                result.history, "rollout_tokens_mean"), "main_eval_ppl_same_step": same_step.get("eval_ppl")}
+            self.say(f"on-policy preview: {steps} steps in {result.seconds:.0f} s ({result.seconds / steps:.1f} s/step, "
+                     f"rollouts of {self.preview['rollout_tokens_mean']:.0f} tokens on average); held-out perplexity "
+                     f"{last.get('eval_ppl', float('nan')):,.2f}" + (
+                         f" (the main training at step {steps}: {same_step['eval_ppl']:,.2f})"
+                         if same_step.get("eval_ppl") is not None else ""))
+            return self.preview
 
-    @_section
     def evaluate_after(self) -> dict[str, dict]:
         """Results rows of the trained student and the baseline (main process only)."""
-        trained = self._need("trained", "distil")
-        if self.main:
-            self.results["student after"] = evaluate(trained.cfg, "student after", trained.student, self.tokenizer,
-                                                     self.splits, self.progress, self.agree_with)
-            if self.baseline is not None:
-                self.results[self.baseline_label] = evaluate(trained.cfg, self.baseline_label, self.baseline.student,
-                                                        self.tokenizer, self.splits, self.progress, self.agree_with)
-        return self.results
+        with self._timed("evaluate_after"):
+            trained = self._need("trained", "distil")
+            if self.main:
+                self.results["student after"] = evaluate(trained.cfg, "student after", trained.student, self.tokenizer,
+                                                         self.splits, self.progress, self.agree_with)
+                if self.baseline is not None:
+                    self.results[self.baseline_label] = evaluate(trained.cfg, self.baseline_label, self.baseline.student,
+                                                            self.tokenizer, self.splits, self.progress, self.agree_with)
+            return self.results
 
     def table(self):
         """The results so far as a DataFrame (one model per row)."""
         return results_table(self.results.values())
 
-    @_section
     def plots(self) -> dict[str, Any]:
-        trained = self._need("trained", "distil")
-        if self.main:
-            self.figures = make_figures(trained.cfg, list(self.results.values()), trained.result.history,
-                                        self.baseline.result.history if self.baseline else None, self.baseline_label)
-        return self.figures
+        with self._timed("plots"):
+            trained = self._need("trained", "distil")
+            if self.main:
+                self.figures = make_figures(trained.cfg, list(self.results.values()), trained.result.history,
+                                            self.baseline.result.history if self.baseline else None, self.baseline_label)
+            return self.figures
 
-    @_section
     def side_by_side(self):
         """Each model's answer to the first eval.side_by_side held-out questions (a DataFrame): the teacher, the
         student before and after, and the baseline (fine-tuned, or the same shape from random init) when trained."""
-        trained = self._need("trained", "distil")
-        if self.main and self.cfg.eval.side_by_side:
-            models = {"teacher": self.teacher, "student before": self.student_init, "student after": trained.student}
-            if self.baseline is not None:  # the fine-tuned or random-init student beside the distilled one
-                models[self.baseline_label] = self.baseline.student
-            k, ev = self.cfg.eval.side_by_side, self.cfg.eval
-            done = {name: [g["output"] for g in (self.results.get(name) or {}).get("generations", [])[:k]]
-                    for name in models}
-            if ev.gsm8k_shots == 0 and all(len(v) == min(k, len(self.splits.eval)) for v in done.values()):
-                # the accuracy runs already answered these questions, with the same prompt and greedy decoding
-                self.comparison = side_by_side(self.splits.eval.examples[:k], done)
-            else:
-                self.comparison = compare_generations(self.cfg, models, self.tokenizer, self.splits, self.progress)
-        return self.comparison
+        with self._timed("side_by_side"):
+            trained = self._need("trained", "distil")
+            if self.main and self.cfg.eval.side_by_side:
+                models = {"teacher": self.teacher, "student before": self.student_init, "student after": trained.student}
+                if self.baseline is not None:  # the fine-tuned or random-init student beside the distilled one
+                    models[self.baseline_label] = self.baseline.student
+                k, ev = self.cfg.eval.side_by_side, self.cfg.eval
+                done = {name: [g["output"] for g in (self.results.get(name) or {}).get("generations", [])[:k]]
+                        for name in models}
+                if ev.gsm8k_shots == 0 and all(len(v) == min(k, len(self.splits.eval)) for v in done.values()):
+                    # the accuracy runs already answered these questions, with the same prompt and greedy decoding
+                    self.comparison = side_by_side(self.splits.eval.examples[:k], done)
+                else:
+                    self.comparison = compare_generations(self.cfg, models, self.tokenizer, self.splits, self.progress)
+            return self.comparison
 
-    @_section
     def save(self) -> Path:
         """runs/<name>/: the config of the training (config.yaml), results.json / results.md, generations,
         side_by_side.jsonl, timings.json and the student (save_pretrained)."""
-        trained = self._need("trained", "distil")
-        if not self.main:
-            return self.out
-        trained.cfg.to_yaml(self.out / "config.yaml")
-        out = save_outputs(trained.cfg, trained.student, self.tokenizer, list(self.results.values()), trained.result,
-                           overrides=trained.overrides, preflight=self.checks, on_policy_preview=self.preview)
-        if self.comparison is not None:
-            self.comparison.to_json(out / "side_by_side.jsonl", orient="records", lines=True, force_ascii=False)
-        write_json(out / "timings.json", {"sections_s": {k: round(v, 2) for k, v in self.timings.items()}})
-        return out
+        with self._timed("save"):
+            trained = self._need("trained", "distil")
+            if not self.main:
+                return self.out
+            trained.cfg.to_yaml(self.out / "config.yaml")
+            out = save_outputs(trained.cfg, trained.student, self.tokenizer, list(self.results.values()), trained.result,
+                               overrides=trained.overrides, preflight=self.checks, on_policy_preview=self.preview)
+            if self.comparison is not None:
+                self.comparison.to_json(out / "side_by_side.jsonl", orient="records", lines=True, force_ascii=False)
+            write_json(out / "timings.json", {"sections_s": {k: round(v, 2) for k, v in self.timings.items()}})
+            return out
 
     def timing_table(self) -> str:
         """Seconds spent in each section so far, and their total."""

@@ -1,6 +1,6 @@
 """The distillation loop: AdamW with warm-up and cosine decay, clipping, accumulation, on accelerate.
 
-    result = distill(student, teacher, train_split, cfg, pad_token_id=tokenizer.pad_token_id)
+    result = distill(student, teacher, train_split, cfg, Vocab.of(tokenizer), folder="runs/NAME")
     result.history  # one dict per optimizer step: loss, ce, kd, lr, grad_norm, tokens/s ...
 
 The teacher is only read (eval mode, no gradients), so re-running training with other loss
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import signal
 import threading
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
 
 from . import checkpoints as ckpt
 from .data import PaddingCollator, TokenizedSplit
@@ -364,12 +367,36 @@ def held_out_losses(model: torch.nn.Module, teacher: Optional[torch.nn.Module], 
     return {"eval_ppl": math.exp(ce_sum / n), "eval_ce": ce_sum / n, "eval_kd": None if kd_sum is None else kd_sum / n}
 
 
-def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_split: TokenizedSplit, cfg, *,
-            pad_token_id: int, vocab_size: Optional[int] = None, teacher_cache=None,
-            eval_split: Optional[TokenizedSplit] = None, eval_cache=None,
-            checkpoint_dir: Optional[str | Path] = None, on_step: Optional[Callable[[dict], None]] = None,
-            progress: bool = True, eos_token_id=None, divergence: Optional[Divergence] = None) -> TrainResult:
-    """Train `student` in place to match `teacher` on `train_split` with `cfg.loss` and `cfg.train`.
+@dataclass(frozen=True)
+class Vocab:
+    """What training needs of the tokenizer: the padding id, its real size (output-layer rows beyond it, padding,
+    never take probability mass; None: compare the output layers' full widths) and where rollouts stop (None: the
+    student's generation config's)."""
+
+    pad_token_id: int
+    size: Optional[int] = None
+    eos_token_id: Optional[int] = None
+
+    @classmethod
+    def of(cls, tokenizer) -> "Vocab":
+        return cls(tokenizer.pad_token_id, len(tokenizer), getattr(tokenizer, "eos_token_id", None))
+
+
+@dataclass
+class HeldOut:
+    """The held-out split scored every train.eval_every steps (perplexity and KD term into the history as
+    eval_ppl / eval_kd), with its teacher cache when there is one (else the live teacher scores it)."""
+
+    split: TokenizedSplit
+    cache: Optional[object] = None
+
+
+def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_split: TokenizedSplit, cfg,
+            vocab: Vocab | int, *, teacher_cache=None, held_out: Optional[HeldOut] = None,
+            folder: Optional[str | Path] = None, progress: bool = True,
+            divergence: Optional[Divergence] = None) -> TrainResult:
+    """Train `student` in place to match `teacher` on `train_split` with `cfg.loss` and `cfg.train`: `Trainer(...)
+    .fit()`.
 
     Args:
         student: trainable causal LM (fp32 weights; bf16/fp16 autocast on GPU).
@@ -378,61 +405,53 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], train_
             generated answers with a student of another tokenizer).
         train_split: tokenized examples with prompt labels masked.
         cfg: the full Config (uses cfg.train and cfg.loss).
-        pad_token_id: id used to pad batches on the right.
-        vocab_size: the tokenizer's size (``len(tokenizer)``); logits beyond it (output-layer padding)
-            are ignored. Default: both output layers must have the same number of rows.
+        vocab: the tokenizer's padding id, size and end-of-sequence id (`Vocab.of(tokenizer)`), or the padding id
+            alone (then both output layers must have the same number of rows).
         teacher_cache: a `teacher_cache.TopKCache` of this split: the teacher's top-k log-probs are read
             from it instead of running the teacher (the top-k loss of `pocket_teacher.losses`).
-        eval_split, eval_cache: held-out split (and its teacher cache) scored every
-            ``train.eval_every`` steps: perplexity and KD term go into the history as eval_ppl / eval_kd.
-        checkpoint_dir: where checkpoints go (``train.checkpoint_every``; also on a non-finite loss). With
-            ``train.resume`` the run continues from the newest valid one there.
-        on_step: called with each history row (e.g. to stream it to a file); on resume, first with
-            the rows restored from the checkpoint.
+        held_out: a held-out split (and its teacher cache) scored every ``train.eval_every`` steps.
+        folder: the run folder: checkpoints go to folder/checkpoints (``train.checkpoint_every``; also on a
+            non-finite loss or a stop signal), and the history streams to folder/history.jsonl (main process).
+            With ``train.resume`` the run continues from the newest valid checkpoint there.
         progress: show a tqdm bar.
-        eos_token_id: where the student's rollouts stop (train.on_policy > 0); default: the student's generation
-            config's.
         divergence: D as a function of teacher and student log-probs ``(N, K) -> (N,)``, instead of the one
             loss.divergence names (e.g. defined in a notebook cell); the history's kd is its value.
 
     Raises:
         TrainingDiverged: the loss or the gradient norm became NaN or infinite; the optimizer step was not
-            taken and the weights of the last good step are saved first (when `checkpoint_dir` is given).
+            taken and the weights of the last good step are saved first (when `folder` is given).
         TrainingInterrupted: SIGTERM or SIGINT arrived; a checkpoint was saved at the step boundary.
         CheckpointError: resume found no checkpoint, or one written with other settings (see
             ``train.resume_allow``), or a checkpoint could not be written (disk full).
     """
-    loop = _Loop(student, teacher, train_split, cfg, pad_token_id=pad_token_id, vocab_size=vocab_size,
-                 teacher_cache=teacher_cache, eval_split=eval_split, eval_cache=eval_cache,
-                 checkpoint_dir=checkpoint_dir, on_step=on_step, progress=progress, eos_token_id=eos_token_id,
-                 divergence=divergence)
-    loop.start(cfg.train.resume)
-    return loop.run()
+    return Trainer(student, teacher, train_split, cfg, vocab, teacher_cache=teacher_cache, held_out=held_out,
+                   folder=folder, progress=progress, divergence=divergence).fit()
 
 
-class _Loop:
-    """One training run cut at its seams: setup, start or resume, micro-batches, forward and backward, the
-    optimizer step behind its guard, the history row, checkpoints. `distill` is `start()` then `run()`."""
+class Trainer:
+    """One training run cut at its seams: setup (here), start or resume, micro-batches, forward and backward, the
+    optimizer step behind its guard, the history row, checkpoints. `fit()` runs it; `distill` is the one-call
+    form. Arguments as in `distill`."""
 
-    def __init__(self, student, teacher, train_split, cfg, *, pad_token_id, vocab_size, teacher_cache, eval_split,
-                 eval_cache, checkpoint_dir, on_step, progress, eos_token_id=None, divergence=None):
-        from accelerate.utils import set_seed
-
+    def __init__(self, student, teacher, train_split, cfg, vocab: Vocab | int, *, teacher_cache=None,
+                 held_out: Optional[HeldOut] = None, folder=None, progress: bool = True,
+                 divergence: Optional[Divergence] = None):
         self.student, self.teacher, self.split, self.cfg = student, teacher, train_split, cfg
         self.tcfg, self.lcfg = cfg.train, cfg.loss
-        self.pad_token_id, self.vocab_size, self.cache = pad_token_id, vocab_size, teacher_cache
-        self.eval_split, self.eval_cache, self.on_step, self.progress = eval_split, eval_cache, on_step, progress
-        self.divergence = divergence
-        self.folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.accelerator, self.compute = _accelerator_for(self.tcfg, checkpoint_dir)
+        self.vocab = vocab if isinstance(vocab, Vocab) else Vocab(int(vocab))
+        self.vocab_size, self.cache, self.held_out = self.vocab.size, teacher_cache, held_out
+        self.progress, self.divergence = progress, divergence
+        self.run_folder = Path(folder) if folder is not None else None
+        self.folder = self.run_folder / "checkpoints" if folder is not None else None
+        self.accelerator, self.compute = _accelerator_for(self.tcfg, self.run_folder)
         set_seed(self.tcfg.seed)
         _check_inputs(teacher, teacher_cache, self.lcfg, train_split, self.tcfg.on_policy)
-        self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(
+        self.eos_token_id = self.vocab.eos_token_id if self.vocab.eos_token_id is not None else getattr(
             getattr(student, "generation_config", None), "eos_token_id", None)
         self.rollout_stats: Optional[dict] = None
         self.procs, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.batches = GlobalBatches(len(train_split), self.tcfg.batch_size * self.procs, self.tcfg.seed)
-        self.collate = PaddingCollator(pad_token_id, "right")
+        self.collate = PaddingCollator(self.vocab.pad_token_id, "right")
         if self.tcfg.gradient_checkpointing:
             enable_gradient_checkpointing(student)
         self.optimizer = make_optimizer(student, self.tcfg)
@@ -444,23 +463,24 @@ class _Loop:
         self.result = TrainResult(loss_implementation=self.implementation, mixed_precision=self.compute)
         self.say = tqdm.write if self.accelerator.is_main_process else (lambda *_: None)
         self.start_step, self.previous_seconds, self.resumed_diverged = 0, 0.0, False
-        self.began = time.perf_counter()
+        self.began, self.history_file = time.perf_counter(), None
 
-    def start(self, resume: bool) -> None:
-        """Resume this run's newest checkpoint, or start (moving an earlier run's checkpoints aside)."""
+    def start(self) -> None:
+        """Resume this run's newest checkpoint (train.resume), or start (moving an earlier run's checkpoints
+        aside)."""
         result, main = self.result, self.accelerator.is_main_process
         result.run_id = uuid.uuid4().hex[:12]
-        if resume:
+        if self.tcfg.resume:
             state = _resume(self.folder, self.cfg, self.student, self.optimizer, self.scheduler, self.say)
             self.start_step, self.previous_seconds = state["step"], state.get("seconds", 0.0)
             result.history, result.resumed_from, result.run_id = state["history"], state["path"], state["run_id"]
             self.resumed_diverged = bool(state.get("diverged_after"))
-            for row in result.history if main and self.on_step is not None else ():
-                self.on_step(row)
         elif self.folder is not None and main:
             moved = ckpt.move_aside(self.folder)  # an earlier run's checkpoints are never resumed or pruned here
             if moved is not None:
                 self.say(f"checkpoints: {self.folder} held an earlier run's checkpoints; moved them to {moved}")
+        for row in result.history:  # history.jsonl starts again from the rows restored on resume
+            self.stream(row)
         step_module = DistillStep(self.student.train(), self.lcfg, self.implementation, self.vocab_size,
                                   self.divergence)
         self.model, self.optimizer = self.accelerator.prepare(step_module, self.optimizer)
@@ -471,6 +491,17 @@ class _Loop:
                                            if hasattr(self.cfg, "to_dict") else {})
         if self.progress and main:
             self.say(self._describe())
+
+    def stream(self, row: dict) -> None:
+        """Append a history row to <folder>/history.jsonl (main process; the file is rewritten from a run's first
+        row, so a resumed run's file holds the restored rows and then its own)."""
+        if self.run_folder is None or not self.accelerator.is_main_process:
+            return
+        if self.history_file is None:
+            self.run_folder.mkdir(parents=True, exist_ok=True)
+            self.history_file = (self.run_folder / "history.jsonl").open("w")
+        self.history_file.write(json.dumps(row) + "\n")
+        self.history_file.flush()
 
     def _describe(self) -> str:
         t, lc, procs = self.tcfg, self.lcfg, self.procs
@@ -524,7 +555,7 @@ class _Loop:
         out, lengths, finished = [], [], 0
         for i, batch in enumerate(micro):
             seed = ((t.seed * 1_000_003 + step) * 64 + i) * 1024 + self.rank
-            r = sample_rollouts(student, batch, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+            r = sample_rollouts(student, batch, pad_token_id=self.vocab.pad_token_id, eos_token_id=self.eos_token_id,
                                 seed=seed, temperature=t.rollout_temperature, top_p=t.rollout_top_p,
                                 max_new_tokens=t.rollout_max_new_tokens)
             out.append(r.batch)
@@ -581,24 +612,26 @@ class _Loop:
                "tokens_per_s": seen_tokens * self.procs / elapsed, "elapsed_s": self.previous_seconds + elapsed}
         if t.on_policy > 0:
             row.update({"policy": "on" if on_policy else "off", **(self.rollout_stats or {})})
-        if (self.eval_split is not None and t.eval_every and acc.is_main_process
+        if (self.held_out is not None and t.eval_every and acc.is_main_process
                 and ((step + 1) % t.eval_every == 0 or step + 1 == t.max_steps)):
-            row.update(held_out_losses(acc.unwrap_model(self.model).model, self.teacher, self.eval_split, self.lcfg,
-                                       pad_token_id=self.pad_token_id, vocab_size=self.vocab_size,
-                                       teacher_cache=self.eval_cache, divergence=self.divergence))
+            row.update(held_out_losses(acc.unwrap_model(self.model).model, self.teacher, self.held_out.split,
+                                       self.lcfg, pad_token_id=self.vocab.pad_token_id, vocab_size=self.vocab_size,
+                                       teacher_cache=self.held_out.cache, divergence=self.divergence))
         self.result.history.append(row)
-        if self.on_step is not None and acc.is_main_process:
-            self.on_step(row)
+        self.stream(row)
         if t.log_with:
             acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step + 1)
         return row
 
-    def run(self) -> TrainResult:
+    def fit(self) -> TrainResult:
+        """Start or resume (`start`), then train to train.max_steps: one optimizer step per global batch, the
+        guard before each, a history row after, checkpoints every train.checkpoint_every and at a stop signal."""
         t = self.tcfg
+        self.start()
         bar = tqdm(total=t.max_steps, initial=self.start_step, desc="distill",
                    disable=not self.progress or not self.accelerator.is_main_process)
         self.began, seen_tokens = time.perf_counter(), 0
-        with StopSignals() as stop:
+        with StopSignals() as stop, contextlib.closing(bar), self._history_closed():
             for step in range(self.start_step, t.max_steps):
                 micro, on_policy = self.micro_batches(step), self.on_policy(step)
                 self.rollout_stats = None
@@ -614,7 +647,6 @@ class _Loop:
                     self.optimizer.zero_grad(set_to_none=True)
                     again = step == self.start_step and self.resumed_diverged  # no step worked since the last one
                     path = None if again else self.save(step, diverged=True)
-                    bar.close()
                     raise TrainingDiverged(_divergence_message(step, total, ce, kd, grad_norm, t, self.compute, path,
                                                                again))
                 lr = self.scheduler.get_last_lr()[0]
@@ -631,10 +663,17 @@ class _Loop:
                 path = self.save(step + 1) if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 else None
                 if _stop_requested(stop, self.accelerator):  # SIGTERM / SIGINT: keep this step, then stop cleanly
                     path = path or self.save(step + 1)
-                    bar.close()
                     raise TrainingInterrupted(stop.signum, _interrupted_message(stop.signum, step + 1, t, path))
-        bar.close()
         return self.finish()
+
+    @contextlib.contextmanager
+    def _history_closed(self):
+        try:
+            yield
+        finally:
+            if self.history_file is not None:
+                self.history_file.close()
+                self.history_file = None
 
     def finish(self) -> TrainResult:
         t, acc, result = self.tcfg, self.accelerator, self.result
@@ -654,10 +693,8 @@ class _Loop:
         return result
 
 
-def _accelerator_for(tcfg, checkpoint_dir) -> tuple:
+def _accelerator_for(tcfg, folder: Optional[Path]) -> tuple:
     """The Accelerator for train.device and train.mixed_precision (TF32 on sm80+), with trackers if asked."""
-    from accelerate import Accelerator
-
     device = resolve_device(tcfg.device)
     compute = resolve_mixed_precision(tcfg.mixed_precision, device.type, device_capability(device))
     if device.type == "cuda" and native_bf16(device_capability(device)):
@@ -665,9 +702,9 @@ def _accelerator_for(tcfg, checkpoint_dir) -> tuple:
         torch.backends.cudnn.allow_tf32 = True
     trackers = {}
     if tcfg.log_with:
-        if checkpoint_dir is None:
-            raise ValueError("train.log_with needs a run folder for the tracker's files (pass checkpoint_dir).")
-        trackers = {"log_with": tcfg.log_with, "project_dir": str(Path(checkpoint_dir).parent)}
+        if folder is None:
+            raise ValueError("train.log_with needs a run folder for the tracker's files (pass folder=).")
+        trackers = {"log_with": tcfg.log_with, "project_dir": str(folder)}
     accelerator = Accelerator(cpu=device.type == "cpu",
                               mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(compute, "no"), **trackers)
     return accelerator, compute
@@ -689,8 +726,6 @@ def whole_student(accelerator, prepared: torch.nn.Module, trained: torch.nn.Modu
     """The trained student as one ordinary model. Under FSDP the prepared model is sharded in place across the
     processes, so its full state is gathered (every process takes part) and loaded on process 0 into an
     unsharded copy; evaluation and save_pretrained then see every weight. Other processes get None."""
-    from accelerate.utils import DistributedType
-
     if accelerator.distributed_type != DistributedType.FSDP:
         return trained
     state = accelerator.get_state_dict(prepared)  # gathered to process 0 (full state dict, on the CPU)

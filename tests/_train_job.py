@@ -15,10 +15,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def train(overrides, checkpoint_dir=None, resume=False, step_delay=0.0):
+    """Train the tiny job; checkpoints go to `checkpoint_dir`, which must be <run folder>/checkpoints (the run
+    folder also gets history.jsonl)."""
     from pocket_teacher.config import apply_overrides, get_preset
     from pocket_teacher.data import load_gsm_symbolic, tokenize_examples
     from pocket_teacher.models import derive_student, load_teacher
-    from pocket_teacher.train import distill
+    from pocket_teacher.train import HeldOut, Trainer, Vocab
+
+    if checkpoint_dir is not None and Path(checkpoint_dir).name != "checkpoints":
+        raise ValueError(f"checkpoint_dir={checkpoint_dir}: name it <run folder>/checkpoints")
 
     cfg = apply_overrides(get_preset("tiny"), [*overrides, f"train.resume={str(resume).lower()}"])
     teacher, tok, _ = load_teacher(cfg.teacher, "cpu")
@@ -27,14 +32,15 @@ def train(overrides, checkpoint_dir=None, resume=False, step_delay=0.0):
     student = derive_student(teacher, num_layers=2)
     marker = os.environ.get("PROGRESS_FILE")
 
-    def on_step(row):
-        if marker:
-            Path(marker).write_text(str(row["step"]))
-        time.sleep(step_delay)
+    class Paced(Trainer):  # marks each finished step in PROGRESS_FILE and waits, so a test can kill it mid-run
+        def stream(self, row):
+            super().stream(row)
+            if marker:
+                Path(marker).write_text(str(row["step"]))
+            time.sleep(step_delay)
 
-    return distill(student, teacher, split, cfg, pad_token_id=tok.pad_token_id, vocab_size=len(tok),
-                   eval_split=held_out, checkpoint_dir=checkpoint_dir, progress=False,
-                   on_step=on_step if step_delay or marker else None)
+    return Paced(student, teacher, split, cfg, Vocab(tok.pad_token_id, len(tok)), held_out=HeldOut(held_out),
+                 folder=None if checkpoint_dir is None else Path(checkpoint_dir).parent, progress=False).fit()
 
 
 if __name__ == "__main__":

@@ -114,8 +114,8 @@ def test_on_policy_needs_a_teacher_that_scores_and_an_alpha_below_one():
 
 def test_an_on_policy_run_resumes_exactly(tmp_path):
     common = ON + ["train.max_steps=6", "train.on_policy=0.5", "train.checkpoint_every=2", "train.keep_checkpoints=5"]
-    whole = train(common, tmp_path / "a")
-    folder = tmp_path / "b"
+    whole = train(common, tmp_path / "a" / "checkpoints")
+    folder = tmp_path / "b" / "checkpoints"
     train(common, folder)
     for path in list_checkpoints(folder)[:2]:  # newest first: keep only the checkpoint after step 2
         import shutil
@@ -130,7 +130,7 @@ def test_an_on_policy_run_resumes_exactly(tmp_path):
 @pytest.mark.slow
 def test_an_on_policy_run_killed_mid_way_resumes_exactly(tmp_path):
     common = ON + ["train.max_steps=6", "train.on_policy=0.5", "train.checkpoint_every=2", "train.keep_checkpoints=5"]
-    whole = train(common, tmp_path / "whole")
+    whole = train(common, tmp_path / "whole" / "checkpoints")
     folder = tmp_path / "checkpoints"
     proc = subprocess.Popen([sys.executable, str(JOB), str(tmp_path / "h.json"), str(folder), *common],
                             env=dict(os.environ, STEP_DELAY="0.4"), stdout=subprocess.DEVNULL,

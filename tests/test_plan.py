@@ -132,10 +132,13 @@ def test_the_teacher_waits_on_the_host_while_training_does_not_run_it(monkeypatc
     monkeypatch.setattr(pipeline, "resolve_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(pipeline, "offload", lambda model, device: moves.append((model, str(device))) or model)
 
-    def fake_distill(student, teacher, split, cfg, **kw):
-        seen["teacher"], seen["moves_before"] = teacher, list(moves)
-        return TrainResult(student=student)
-    monkeypatch.setattr(pipeline, "distill", fake_distill)
+    class FakeTrainer:
+        def __init__(self, student, teacher, split, cfg, vocab, **kw):
+            seen["teacher"], seen["moves_before"], self.student = teacher, list(moves), student
+
+        def fit(self):
+            return TrainResult(student=self.student)
+    monkeypatch.setattr(pipeline, "Trainer", FakeTrainer)
     cfg = apply_overrides(get_preset("tiny"), [f"run.out_dir={tmp_path}", "train.eval_every=0"])
     splits = pipeline.Splits(train=[], eval=[])
     tok = type("Tok", (), {"pad_token_id": 0, "__len__": lambda self: 10})()

@@ -50,7 +50,7 @@ def test_the_divergence_advice_continues_from_the_last_good_weights(tmp_path, ti
     from pocket_teacher.config import apply_overrides, get_preset
     from pocket_teacher.data import load_gsm_symbolic, tokenize_examples
     from pocket_teacher.models import build_tiny_tokenizer, derive_student
-    from pocket_teacher.train import TrainingDiverged, distill
+    from pocket_teacher.train import TrainingDiverged, Vocab, distill
 
     tok = build_tiny_tokenizer(get_preset("tiny").teacher.tiny.vocab_size)
     split = tokenize_examples(load_gsm_symbolic(16, seed=3)[0], tok, max_length=384)
@@ -69,8 +69,8 @@ def test_the_divergence_advice_continues_from_the_last_good_weights(tmp_path, ti
                                                    *overrides])
         torch.manual_seed(0)
         student = derive_student(tiny_teacher, num_layers=2)
-        return distill(student, tiny_teacher, split, cfg, pad_token_id=tok.pad_token_id, vocab_size=len(tok),
-                       checkpoint_dir=folder, progress=False)
+        return distill(student, tiny_teacher, split, cfg, Vocab(tok.pad_token_id, len(tok)), folder=folder.parent,
+                       progress=False)
     with pytest.raises(TrainingDiverged, match=r"step 3.*checkpoint-000002") as info:
         run()
     handle.remove()
@@ -108,8 +108,8 @@ def test_a_full_disk_gives_a_clear_message_and_no_leftovers(tmp_path, monkeypatc
 
     monkeypatch.setattr(checkpoints.torch, "save", full)
     with pytest.raises(CheckpointError, match="No space left on device. The partial copy was removed"):
-        train(BASE, tmp_path / "other")
-    assert not list((tmp_path / "other").glob(".tmp-*"))
+        train(BASE, tmp_path / "other" / "checkpoints")
+    assert not list((tmp_path / "other" / "checkpoints").glob(".tmp-*"))
 
 
 def test_cache_build_checks_free_space(tmp_path, monkeypatch, tiny_teacher, tiny_tokenizer):

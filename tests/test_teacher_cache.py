@@ -12,7 +12,7 @@ from pocket_teacher.models import ModelLoadError, derive_student, load_teacher, 
 from pocket_teacher.generate import generate_answers
 from pocket_teacher.teacher_cache import (build_topk_cache, fingerprint, fingerprint_parts,
                                           validate_cache)
-from pocket_teacher.train import distill
+from pocket_teacher.train import HeldOut, Vocab, distill
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +137,7 @@ def test_training_from_a_full_vocabulary_cache_equals_the_live_teacher(tiny_teac
         student = derive_student(tiny_teacher, num_layers=2)
         counter = ForwardCounter(tiny_teacher)
         runs[name] = distill(student, tiny_teacher if name == "live" else None, split, cfg,
-                             pad_token_id=tiny_tokenizer.pad_token_id, vocab_size=len(tiny_tokenizer),
-                             progress=False, **kwargs)
+                             Vocab(tiny_tokenizer.pad_token_id, len(tiny_tokenizer)), progress=False, **kwargs)
         if name == "cache":
             assert counter.calls == 0
     for a, b in zip(runs["live"].history, runs["cache"].history):
@@ -155,8 +154,8 @@ def test_cache_training_with_held_out_evaluation(tiny_teacher, split, examples, 
     cache = _build(tiny_teacher, split, tmp_path / "train")
     eval_cache = _build(tiny_teacher, held_out, tmp_path / "eval")
     result = distill(derive_student(tiny_teacher, num_layers=2), None, split, cfg,
-                     pad_token_id=tiny_tokenizer.pad_token_id, teacher_cache=cache, eval_split=held_out,
-                     eval_cache=eval_cache, progress=False)
+                     tiny_tokenizer.pad_token_id, teacher_cache=cache, held_out=HeldOut(held_out, eval_cache),
+                     progress=False)
     assert all(h["eval_ppl"] > 1 and h["eval_kd"] >= 0 for h in result.history)
 
 
@@ -165,7 +164,7 @@ def test_cache_of_another_split_is_refused(tiny_teacher, split, examples, tiny_t
     other = tokenize_examples(examples[:5], tiny_tokenizer, 384)
     cfg = apply_overrides(get_preset("tiny"), {"train.max_steps": 1})
     with pytest.raises(ValueError, match="another split"):
-        distill(derive_student(tiny_teacher, num_layers=2), None, other, cfg, pad_token_id=0, teacher_cache=cache,
+        distill(derive_student(tiny_teacher, num_layers=2), None, other, cfg, 0, teacher_cache=cache,
                 progress=False)
 
 
@@ -203,9 +202,9 @@ def test_fine_tuning_without_a_teacher_needs_alpha_one(tiny_teacher, split, tiny
     cfg = apply_overrides(get_preset("tiny"), {"train.max_steps": 2})
     student = derive_student(tiny_teacher, num_layers=2)
     with pytest.raises(ValueError, match="loss.alpha=1"):
-        distill(student, None, split, cfg, pad_token_id=tiny_tokenizer.pad_token_id, progress=False)
+        distill(student, None, split, cfg, tiny_tokenizer.pad_token_id, progress=False)
     cfg = apply_overrides(cfg, {"loss.alpha": 1.0})
-    result = distill(student, None, split, cfg, pad_token_id=tiny_tokenizer.pad_token_id, progress=False)
+    result = distill(student, None, split, cfg, tiny_tokenizer.pad_token_id, progress=False)
     assert all(math.isfinite(h["ce"]) and h["kd"] is None for h in result.history)
 
 

@@ -32,7 +32,7 @@ def tiny_split():
 def _run(teacher, split, tok, **overrides):
     cfg = apply_overrides(get_preset("tiny"), overrides)
     student = derive_student(teacher, num_layers=2)
-    result = distill(student, teacher, split, cfg, pad_token_id=tok.pad_token_id, progress=False)
+    result = distill(student, teacher, split, cfg, tok.pad_token_id, progress=False)
     return student, result
 
 
@@ -96,7 +96,7 @@ def test_chunked_request_on_a_softcapped_student_is_refused(tiny_teacher, tiny_s
     student = derive_student(tiny_teacher, num_layers=2)
     student.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="loss.implementation=full"):
-        distill(student, tiny_teacher, split, cfg, pad_token_id=tok.pad_token_id, progress=False)
+        distill(student, tiny_teacher, split, cfg, tok.pad_token_id, progress=False)
 
 
 def test_gradient_checkpointing_gives_the_same_training(tiny_teacher, tiny_split):
