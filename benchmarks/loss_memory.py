@@ -38,9 +38,9 @@ def _rss_peak_bytes() -> int:
 
 def worker(path: str, vocab: int, tokens: int, hidden: int, dtype_name: str, device: str, repeats: int,
            chunk_size: int) -> dict:
+    from pocket_teacher.batches import auto_chunk_size
     from pocket_teacher.config import LossConfig
-    from pocket_teacher.losses import (TeacherHidden, TeacherLogits, auto_chunk_size, chunked_distillation_loss,
-                                       token_distillation_loss)
+    from pocket_teacher.losses import TeacherHidden, TeacherLogits, chunked_distillation_loss, token_distillation_loss
 
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]

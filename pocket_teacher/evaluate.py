@@ -21,29 +21,17 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .batches import answer_batches, answer_logit_chunks, answer_logits
 from .data import (IGNORE_INDEX, MMLU_LETTERS, Example, LoadReport, PaddingCollator, TokenizedSplit, answers_match,
                    extract_gsm8k_answer, format_prompt)
-from .generate import GREEDY, generate, overridden_generation_settings  # noqa: F401 (re-exported)
-from .models import answer_logit_chunks, answer_logits, answer_positions, count_parameters
+from .generate import GREEDY, generate, overridden_generation_settings, sample_rollouts  # noqa: F401 (re-exported)
+from .losses import kl
+from .models import count_parameters
 from .progress import tqdm
 
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def eval_batches(lengths: Sequence[int], batch_size: int, max_tokens: Optional[int] = None) -> list[list[int]]:
-    """Row indices in batches of similar length (sorted, so little padding): at most `batch_size` rows and, with
-    `max_tokens`, at most that many padded tokens per batch (a memory budget; a longer row goes alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches, current = [], []
-    for i in order:
-        longest = max([lengths[j] for j in current] + [lengths[i]])
-        if current and (len(current) >= batch_size or (max_tokens and longest * (len(current) + 1) > max_tokens)):
-            batches.append(current)
-            current = []
-        current.append(i)
-    return batches + ([current] if current else [])
 
 
 def batch_token_budget(model: torch.nn.Module, fraction: float = 0.5) -> Optional[int]:
@@ -75,26 +63,23 @@ def perplexity(model: torch.nn.Module, split: TokenizedSplit, *, pad_token_id: i
     NLL and answer-token count, in split order (for paired comparisons of two models on the same items).
     """
     model.eval()
-    collate = PaddingCollator(pad_token_id, "right")
     device = _device(model)
     total_nll = torch.zeros((), dtype=torch.float64, device=device)
     total_tokens = 0
     row_nll = torch.zeros(len(split), dtype=torch.float64, device=device)
     row_tokens = [0] * len(split)
-    batches = eval_batches([len(f["input_ids"]) for f in split.features], batch_size, batch_token_budget(model))
-    for rows in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        batch = {k: v.to(device) for k, v in collate([split[i] for i in rows]).items()}
-        select = answer_positions(batch["labels"])
-        targets = batch["labels"][:, 1:][select[:, :-1]]
-        owner = torch.tensor(rows, device=device)[select.nonzero()[:, 0]]  # the split row of each target
-        for i, logits in answer_logit_chunks(model, batch["input_ids"], batch["attention_mask"], select, vocab_size):
-            nll = F.cross_entropy(logits, targets[i:i + logits.shape[0]], reduction="none").double()
+    batches = answer_batches(split, pad_token_id, batch_size=batch_size, by_length=True,
+                             max_tokens=batch_token_budget(model), device=device)
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        owner = torch.tensor(batch.rows, device=device)[batch.select.nonzero()[:, 0]]  # the split row of each target
+        for i, logits in answer_logit_chunks(model, batch.input_ids, batch.attention_mask, batch.select, vocab_size):
+            nll = F.cross_entropy(logits, batch.targets[i:i + logits.shape[0]], reduction="none").double()
             total_nll += nll.sum()
             if per_row:
                 row_nll.index_add_(0, owner[i:i + logits.shape[0]], nll)
-        for r, n in zip(rows, select.sum(1).tolist()):
+        for r, n in zip(batch.rows, batch.answer_counts):
             row_tokens[r] = n
-        total_tokens += targets.numel()
+        total_tokens += batch.targets.numel()
     nll = float(total_nll) / max(total_tokens, 1)
     out = {"perplexity": math.exp(nll), "nll": nll, "tokens": total_tokens}
     if per_row:
@@ -412,7 +397,6 @@ def agreement(teacher: torch.nn.Module, student: torch.nn.Module, split: Tokeniz
     Returns {"top1_agreement": share of answer positions where both models' most likely next token is
     the same, "kl": mean KL(teacher || student) at T = 1 in nats/token, "tokens"}.
     """
-    collate = PaddingCollator(pad_token_id, "right")
     t_dev, s_dev = _device(teacher), _device(student)
     teacher.eval()
     student.eval()
@@ -420,20 +404,17 @@ def agreement(teacher: torch.nn.Module, student: torch.nn.Module, split: Tokeniz
     kl_sum = torch.zeros((), dtype=torch.float64, device=s_dev)
     total = 0
     budget = min((b for b in (batch_token_budget(teacher), batch_token_budget(student)) if b), default=None)
-    batches = eval_batches([len(f["input_ids"]) for f in split.features], batch_size, budget)
-    for rows in tqdm(batches, desc="agreement", disable=not progress, leave=False):
-        batch = collate([split[i] for i in rows])
-        select = answer_positions(batch["labels"])
-        t_chunks = answer_logit_chunks(teacher, batch["input_ids"].to(t_dev), batch["attention_mask"].to(t_dev),
-                                       select.to(t_dev), vocab_size)
-        s_chunks = answer_logit_chunks(student, batch["input_ids"].to(s_dev), batch["attention_mask"].to(s_dev),
-                                       select.to(s_dev), vocab_size)
+    batches = answer_batches(split, pad_token_id, batch_size=batch_size, by_length=True, max_tokens=budget)
+    for batch in tqdm(batches, desc="agreement", disable=not progress, leave=False):
+        on_t, on_s = batch.to(t_dev), batch.to(s_dev)
+        t_chunks = answer_logit_chunks(teacher, on_t.input_ids, on_t.attention_mask, on_t.select, vocab_size)
+        s_chunks = answer_logit_chunks(student, on_s.input_ids, on_s.attention_mask, on_s.select, vocab_size)
         for (_, t), (_, s) in zip(t_chunks, s_chunks):
             t = t.to(s_dev)
             agree += (t.argmax(-1) == s.argmax(-1)).sum()
             log_p = torch.log_softmax(t, -1)
             del t
-            kl_sum += (log_p.exp() * (log_p - torch.log_softmax(s, -1))).sum().double()
+            kl_sum += kl(log_p.reshape(1, -1), torch.log_softmax(s, -1).reshape(1, -1))[0].double()  # one sum
             total += s.shape[0]
     return {"top1_agreement": int(agree) / max(1, total), "kl": float(kl_sum) / max(1, total), "tokens": total}
 
@@ -578,23 +559,18 @@ def teacher_on_student_samples(teacher: torch.nn.Module, student: torch.nn.Modul
     held-out prompts (temperature 1), and both models score those tokens. Returns the mean log-likelihood per
     sampled token under the teacher and under the student, and the mean sample length. A teacher that finds
     the student's own samples about as likely as the student does has little to correct on-policy."""
-    from .generate import sample_rollouts
-
-    collate = PaddingCollator(pad_token_id, "right")
     device = next(student.parameters()).device
     totals, tokens = {"teacher": 0.0, "student": 0.0}, 0
     rows = list(range(min(questions, len(split))))
-    for lo in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate([split[i] for i in rows[lo:lo + batch_size]]).items()}
+    for lo, batch in zip(range(0, len(rows), batch_size), answer_batches(split, pad_token_id, batch_size=batch_size,
+                                                                          rows=rows, device=device)):
         rollout = sample_rollouts(student, batch, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                                   seed=seed + lo, max_new_tokens=max_new_tokens).batch
-        select = answer_positions(rollout["labels"])
-        targets = rollout["labels"][:, 1:][select[:, :-1]]
         for name, model in (("teacher", teacher), ("student", student)):
-            logits = answer_logits(model, rollout["input_ids"], rollout["attention_mask"], select)
+            logits = answer_logits(model, rollout.input_ids, rollout.attention_mask, rollout.select)
             logits = logits[..., :vocab_size] if vocab_size else logits
-            totals[name] += float(-F.cross_entropy(logits.float(), targets, reduction="sum"))
-        tokens += targets.numel()
+            totals[name] += float(-F.cross_entropy(logits.float(), rollout.targets, reduction="sum"))
+        tokens += rollout.targets.numel()
     n = max(tokens, 1)
     return {"samples": len(rows), "sample_tokens_mean": tokens / max(len(rows), 1),
             "teacher_logprob_per_token": totals["teacher"] / n, "student_logprob_per_token": totals["student"] / n}

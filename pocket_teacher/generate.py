@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from transformers import GenerationConfig, LogitsProcessorList
 
-from .data import Example, answers_match, extract_gsm8k_answer, format_prompt
+from .batches import AnswerBatch
+from .data import (DataError, Example, PaddingCollator, answers_match, extract_gsm8k_answer, format_prompt,
+                   text_example)
 from .files import digest, fingerprint, model_digest
 from .progress import tqdm
 
@@ -100,8 +103,6 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_n
     (nucleus `top_p`, no top-k), each batch from its own generator state seeded by `seed` and the batch's first
     prompt index (the global RNG is left as it was), so a run is reproducible.
     """
-    from transformers import GenerationConfig, LogitsProcessorList
-
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -261,8 +262,6 @@ def read_prompts(path: Optional[str]) -> list[str]:
     """Prompts for teacher-written text: one per non-empty line of `path`, or the built-in SEED_PROMPTS."""
     if path is None:
         return list(SEED_PROMPTS)
-    from .data import DataError
-
     p = Path(path)
     if not p.is_file():
         raise DataError(f"generate.prompts={path}: no such file; give a text file with one prompt per line, or "
@@ -282,8 +281,6 @@ def generate_texts(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str], 
     (``texts-<fingerprint>.jsonl``: prompt, text) under a fingerprint of the teacher, prompts and settings, and
     reused on a match. Empty texts are dropped and counted in the report. Each Example's question is its prompt
     and its target the continuation (trained on as one text)."""
-    from .data import text_example
-
     stops = default_stop(tokenizer, stop)
     parts = {"format": FORMAT, "teacher": {"weights": model_digest(teacher), **(teacher_key or {})},
              "prompts": digest(*(p.encode() for p in prompts)), "num_samples": num_samples,
@@ -323,7 +320,7 @@ class Rollouts:
     """The student's sampled answers to a batch's prompts, as a training batch (prompt labels -100, the sampled
     tokens as labels), with what was sampled."""
 
-    batch: dict  # input_ids, attention_mask, labels (right-padded), like PaddingCollator's output
+    batch: AnswerBatch  # the same rows, right-padded, the sampled tokens as answer tokens
     lengths: list[int]  # sampled tokens per row (the EOS included when it was reached)
     finished: int  # rows that reached EOS within the budget
 
@@ -336,7 +333,7 @@ def prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor) -> list[i
 
 
 @torch.no_grad()
-def sample_rollouts(model: torch.nn.Module, batch: dict, *, pad_token_id: int, eos_token_id, seed: int,
+def sample_rollouts(model: torch.nn.Module, batch: AnswerBatch, *, pad_token_id: int, eos_token_id, seed: int,
                     temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128) -> Rollouts:
     """Sample the model's answers to the prompts of a right-padded training `batch` (batched, KV cache, no
     gradient), stopping each at EOS or after `max_new_tokens`.
@@ -345,13 +342,9 @@ def sample_rollouts(model: torch.nn.Module, batch: dict, *, pad_token_id: int, e
     which is left untouched), so a run resumed from a checkpoint samples exactly what the uninterrupted run did.
     Sampling is plain ancestral sampling at `temperature` with nucleus `top_p`: no top-k, no repetition penalty,
     whatever the model's generation config says."""
-    from transformers import GenerationConfig
-
-    from .data import PaddingCollator
-
-    device = batch["input_ids"].device
-    starts = [max(n, 1) for n in prompt_lengths(batch["labels"], batch["attention_mask"])]  # free text: 1 token
-    prompts = [batch["input_ids"][i, :n].tolist() for i, n in enumerate(starts)]
+    device = batch.input_ids.device
+    starts = [max(n, 1) for n in prompt_lengths(batch.labels, batch.attention_mask)]  # free text: 1 token
+    prompts = [batch.input_ids[i, :n].tolist() for i, n in enumerate(starts)]
     left = PaddingCollator(pad_token_id, "left")([{"input_ids": p} for p in prompts])
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     config = GenerationConfig(**{**GREEDY, "do_sample": True, "temperature": temperature, "top_p": top_p,
@@ -376,4 +369,4 @@ def sample_rollouts(model: torch.nn.Module, batch: dict, *, pad_token_id: int, e
         lengths.append(len(tokens))
         features.append({"input_ids": prompt + tokens, "labels": [-100] * len(prompt) + tokens})
     right = PaddingCollator(pad_token_id, "right")(features)
-    return Rollouts({k: v.to(device) for k, v in right.items()}, lengths, finished)
+    return Rollouts(AnswerBatch.of(right, batch.rows).to(device), lengths, finished)

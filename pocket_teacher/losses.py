@@ -29,6 +29,7 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .batches import auto_chunk_size
 from .config import DIVERGENCES, LossConfig
 
 TAIL_FLOOR = 1e-10  # smallest teacher tail mass used when K < V
@@ -390,18 +391,6 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, teache
 
 
 # -- the memory-efficient path: from hidden states, chunk by chunk ------------------------------------
-
-def auto_chunk_size(vocab_size: int, device_type: str = "cpu") -> int:
-    """Tokens per chunk of the chunked loss, from the device and the vocabulary.
-
-    CPU: one chunk's (C, V) fp32 logits hold about 32 MiB (caches stay warm; measured fastest here).
-    CUDA: about 512 MiB of fp32 logits but at least 1,024 tokens, in multiples of 256, so the output-layer
-    matmuls keep the GPU busy (1,024 tokens at Qwen's 151,665-token vocabulary, 2,560 at SmolLM2's 49,152).
-    The loss's own memory is about six such (C, V) buffers; `pocket_teacher.plan` counts them."""
-    if device_type == "cuda":
-        return max(1024, ((1 << 27) // max(1, vocab_size)) // 256 * 256)
-    return max(8, (1 << 23) // max(1, vocab_size))
-
 
 class _StoredGradients(torch.autograd.Function):
     """Hands the loss computed chunk by chunk (`chunked_distillation_loss`) to autograd: the forward returns the

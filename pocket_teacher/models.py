@@ -559,29 +559,6 @@ def check_vocab_compatible(teacher_tokenizer, student_tokenizer, teacher: Option
     return VocabReport(size, rows[0], rows[1])
 
 
-# -- logits at answer positions only ---------------------------------------------------------------
-
-def answer_positions(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """(B, L) bool mask of the positions t whose next label (t + 1) is scored; the causal shift."""
-    select = torch.zeros_like(labels, dtype=torch.bool)
-    select[:, :-1] = labels[:, 1:] != ignore_index
-    return select
-
-
-def answer_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  select: torch.Tensor) -> torch.Tensor:
-    """``(N, V)`` logits at the N positions where `select` is True, without the full (B, L, V) tensor.
-
-    Runs the decoder, then the output layer only on the selected hidden states (prompt and padding
-    positions, often half the tokens, never reach the vocabulary projection). Models whose logits
-    are more than ``lm_head(hidden)`` (e.g. final soft-capping) take the full forward instead.
-    """
-    if getattr(model.config, "final_logit_softcapping", None):
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[select]
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return model.get_output_embeddings()(hidden[select])
-
-
 def output_layer(model: torch.nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """``(weight, bias)`` when the model's logits are exactly ``hidden @ weight.T + bias``, else None.
 
@@ -597,40 +574,6 @@ def output_layer(model: torch.nn.Module) -> Optional[tuple[torch.Tensor, Optiona
     if type(head) is not torch.nn.Linear or not head.weight.is_floating_point():
         return None
     return head.weight, head.bias
-
-
-def answer_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  select: torch.Tensor) -> torch.Tensor:
-    """``(N, H)`` final hidden states (after the final norm) at the N positions where `select` is True."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return hidden[select]
-
-
-def answer_logit_chunks(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        select: torch.Tensor, vocab_size: Optional[int] = None, chunk_size: Optional[int] = None):
-    """Yield ``(start, logits)``: fp32 logits of the selected positions ``start:start + C``, on the model's device.
-
-    The output layer runs a chunk of C tokens at a time (`losses.auto_chunk_size` by default), so at most a
-    (C, V) block of logits exists at once, never the (N, V) logits of the whole batch. `vocab_size` keeps the
-    first V logits (rows an output layer pads on are dropped). Models whose logits are more than
-    ``hidden @ W.T + b`` (soft-capping, scaling) fall back to `answer_logits`, sliced the same way."""
-    from .losses import auto_chunk_size
-
-    layer = output_layer(model)
-    if layer is None:
-        logits = answer_logits(model, input_ids, attention_mask, select)
-        vocab = vocab_size or logits.shape[-1]
-        chunk = chunk_size or auto_chunk_size(vocab, logits.device.type)
-        for i in range(0, logits.shape[0], chunk):
-            yield i, logits[i:i + chunk, :vocab].float()
-        return
-    hidden = answer_hidden(model, input_ids, attention_mask, select)
-    weight, bias = layer
-    vocab = vocab_size or weight.shape[0]
-    w, b = weight[:vocab], None if bias is None else bias[:vocab]
-    chunk = chunk_size or auto_chunk_size(vocab, hidden.device.type)
-    for i in range(0, hidden.shape[0], chunk):
-        yield i, torch.nn.functional.linear(hidden[i:i + chunk].to(w.dtype), w, b).float()
 
 
 def offload(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:

@@ -435,7 +435,7 @@ def _shapes(cfg) -> tuple[ModelShape, ModelShape]:
 
 
 def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
-    from .losses import auto_chunk_size
+    from .batches import auto_chunk_size
 
     lengths, eval_lengths, prompt_lengths = all_lengths
     (teacher, student), r = _shapes(cfg), _resolved(cfg, device)

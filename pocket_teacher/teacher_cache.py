@@ -30,9 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .batches import AnswerBatch, answer_batches, answer_logit_chunks
+from .data import IGNORE_INDEX, TokenizedSplit
 from .files import digest, file_hash, fingerprint, model_digest, require_free_space, write_json
-from .data import IGNORE_INDEX, PaddingCollator, TokenizedSplit
-from .losses import TeacherTopK
+from .losses import TeacherTopK, kl
 from .progress import tqdm
 
 FORMAT = 1  # bump when the on-disk layout changes: old caches then get new fingerprints
@@ -294,13 +295,13 @@ def _build_or_reuse(teacher, split, root: Path, fp: str, parts: dict, k: int, vo
         done = damaged
         status = f"resumed after {done} of {len(split)} rows (damaged rows recomputed)"
 
-    collate = PaddingCollator(pad_token_id, "right")
     teacher.eval()
     start = time.perf_counter()
     bar = tqdm(total=len(split), initial=done, desc="teacher cache", disable=not progress)
-    for lo in range(done, len(split), batch_size):
-        hi = min(len(split), lo + batch_size)
-        batch = collate([split.features[i] for i in range(lo, hi)])
+    device = next(teacher.parameters()).device
+    for batch in answer_batches(split, pad_token_id, batch_size=batch_size, rows=range(done, len(split)),
+                                device=device):
+        lo, hi = batch.rows[0], batch.rows[-1] + 1
         a, b = int(offsets[lo]), int(offsets[hi])
         if b > a:
             top_ids, top_lp, tail = _teacher_topk(teacher, batch, vocab, k, state if lo < kl_sample_rows else None)
@@ -323,17 +324,12 @@ def _build_or_reuse(teacher, split, root: Path, fp: str, parts: dict, k: int, vo
     return _publish(partial, final, parts, report)
 
 
-def _teacher_topk(teacher, batch: dict, vocab: int, k: int, kl_state: Optional[dict]):
+def _teacher_topk(teacher, batch: AnswerBatch, vocab: int, k: int, kl_state: Optional[dict]):
     """The teacher's top-k ids and log-probs and the leftover mass at a batch's answer positions, a chunk of
     tokens at a time (never the (N, V) logits of the whole batch); with `kl_state`, KL(full || top-k) is added."""
-    from .models import answer_logit_chunks, answer_positions
-
-    device = next(teacher.parameters()).device
-    select = answer_positions(batch["labels"])
     pieces = []
     with torch.no_grad():
-        for _, logits in answer_logit_chunks(teacher, batch["input_ids"].to(device),
-                                             batch["attention_mask"].to(device), select.to(device), vocab):
+        for _, logits in answer_logit_chunks(teacher, batch.input_ids, batch.attention_mask, batch.select, vocab):
             log_p = F.log_softmax(logits, dim=-1)
             del logits
             top_lp, top_ids = log_p.topk(k, dim=-1)
@@ -373,5 +369,4 @@ def _kl_to_topk(log_p: torch.Tensor, top_ids: torch.Tensor, top_lp: torch.Tensor
     else:
         approx = (tail.clamp_min(1e-30).log() - math.log(vocab - k)).unsqueeze(-1).expand_as(log_p).clone()
     approx.scatter_(-1, top_ids, top_lp)
-    p = log_p.exp()
-    return (p * (log_p - approx)).nan_to_num(0.0).sum(-1).clamp_min(0.0)
+    return kl(log_p, approx).clamp_min(0.0)

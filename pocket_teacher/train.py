@@ -29,12 +29,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from . import checkpoints as ckpt
-from .data import PaddingCollator, TokenizedSplit
+from .batches import AnswerBatch, answer_batch, answer_batches, answer_hidden, answer_logits
+from .data import TokenizedSplit
 from .generate import sample_rollouts
 from .losses import (DistillationLoss, Divergence, TeacherHidden, TeacherLogits, TeacherSignal, TeacherTopK,
                      auto_chunk_size, chunked_distillation_loss, sampled_token_loss, token_distillation_loss)
-from .models import (answer_hidden, answer_logits, answer_positions, device_capability, native_bf16, output_layer,
-                     resolve_device, resolve_mixed_precision)
+from .models import device_capability, native_bf16, output_layer, resolve_device, resolve_mixed_precision
 from .progress import tqdm
 
 
@@ -112,16 +112,15 @@ def resolve_loss_implementation(student: torch.nn.Module, requested: str = "auto
     return "full" if requested == "full" or not exact else "chunked"
 
 
-def live_teacher(teacher: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 select: torch.Tensor, implementation: str) -> TeacherSignal:
-    """The live teacher's signal at the answer positions: for the chunked loss its hidden states and output
-    layer (its logits are then also built a chunk at a time) when its output layer is exact; else its (N, V)
-    logits."""
+def live_teacher(teacher: torch.nn.Module, batch: AnswerBatch, implementation: str) -> TeacherSignal:
+    """The live teacher's signal at the batch's answer positions: for the chunked loss its hidden states and
+    output layer (its logits are then also built a chunk at a time) when its output layer is exact; else its
+    (N, V) logits."""
     with torch.no_grad():
         layer = output_layer(teacher) if implementation == "chunked" else None
         if layer is not None:
-            return TeacherHidden(answer_hidden(teacher, input_ids, attention_mask, select), *layer)
-        return TeacherLogits(answer_logits(teacher, input_ids, attention_mask, select))
+            return TeacherHidden(answer_hidden(teacher, batch.input_ids, batch.attention_mask, batch.select), *layer)
+        return TeacherLogits(answer_logits(teacher, batch.input_ids, batch.attention_mask, batch.select))
 
 
 class DistillStep(torch.nn.Module):
@@ -169,10 +168,7 @@ class OpenedStep:
     their padded ids and labels (prompt and padding -100), the answer positions, the targets, the untrained
     student's logits there and the teacher's signal, exactly as the training step receives them."""
 
-    rows: list[int]  # training rows of the batch
-    batch: dict  # input_ids, attention_mask, labels (B, L)
-    select: torch.Tensor  # (B, L) positions whose next token is an answer token
-    targets: torch.Tensor  # (N,) the answer tokens those positions predict
+    batch: AnswerBatch  # the rows, padded; their answer positions and targets
     student_logits: torch.Tensor  # (N, V) the student's logits there (no gradient)
     teacher: Optional[TeacherSignal]  # the teacher at the same N positions (cache top-k or live), None without one
     tokenizer: object
@@ -182,16 +178,16 @@ class OpenedStep:
         a target of the loss) and padding, as a DataFrame."""
         import pandas as pd
 
-        labels, mask = self.batch["labels"], self.batch["attention_mask"].bool()
+        labels, mask = self.batch.labels, self.batch.attention_mask.bool()
         answer = (labels != -100).sum(1)
-        return pd.DataFrame({"row": self.rows, "tokens": mask.sum(1).tolist(),
+        return pd.DataFrame({"row": self.batch.rows, "tokens": mask.sum(1).tolist(),
                              "prompt (masked)": (mask.sum(1) - answer).tolist(), "answer (targets)": answer.tolist(),
                              "padding": (~mask).sum(1).tolist()})
 
     def mask_text(self, row: int = 0) -> str:
         """Row `row`'s text cut where the mask changes: the prompt the loss never scores, then the answer tokens."""
-        ids, labels = self.batch["input_ids"][row], self.batch["labels"][row]
-        keep = self.batch["attention_mask"][row].bool()
+        ids, labels = self.batch.input_ids[row], self.batch.labels[row]
+        keep = self.batch.attention_mask[row].bool()
         prompt, answer = ids[keep & (labels == -100)], ids[keep & (labels != -100)]
         return (f"PROMPT, {len(prompt)} tokens, label -100 (never scored):\n{self.tokenizer.decode(prompt)}\n"
                 f"ANSWER, {len(answer)} tokens, each a target:\n{self.tokenizer.decode(answer)}")
@@ -215,7 +211,7 @@ class OpenedStep:
             probs, ids = torch.full((k,), float("nan")), student.topk(k).indices
         return pd.DataFrame({"token": [self.tokenizer.decode([int(i)]) for i in ids], "teacher": probs.tolist(),
                              "student": student[ids].tolist(),
-                             "target": ["<-" if int(i) == int(self.targets[position]) else "" for i in ids]})
+                             "target": ["<-" if int(i) == int(self.batch.targets[position]) else "" for i in ids]})
 
 
 @torch.no_grad()
@@ -226,18 +222,15 @@ def open_step(student: torch.nn.Module, train_split: TokenizedSplit, cfg, tokeni
     top-k when `teacher_cache` is given (as training reads it), else the live teacher's logits."""
     device = next(student.parameters()).device
     picked = GlobalBatches(len(train_split), min(rows, len(train_split)), cfg.train.seed)[0]
-    batch = {k: v.to(device) for k, v in PaddingCollator(tokenizer.pad_token_id, "right")(
-        [train_split[i] for i in picked]).items()}
-    select = answer_positions(batch["labels"])
-    targets = batch["labels"][:, 1:][select[:, :-1]]
+    batch = answer_batch(train_split, picked, tokenizer.pad_token_id, device)
     if teacher_cache is not None:
-        signal = teacher_cache.rows(picked, select.sum(1).tolist(), device)
+        signal = teacher_cache.rows(picked, batch.answer_counts, device)
     elif teacher is not None:
-        signal = TeacherLogits(answer_logits(teacher, batch["input_ids"], batch["attention_mask"], select))
+        signal = TeacherLogits(answer_logits(teacher, batch.input_ids, batch.attention_mask, batch.select))
     else:
         signal = None
-    logits = answer_logits(student, batch["input_ids"], batch["attention_mask"], select)
-    return OpenedStep(picked, batch, select, targets, logits, signal, tokenizer)
+    logits = answer_logits(student, batch.input_ids, batch.attention_mask, batch.select)
+    return OpenedStep(batch, logits, signal, tokenizer)
 
 
 class TrainingDiverged(RuntimeError):
@@ -337,25 +330,20 @@ def held_out_losses(model: torch.nn.Module, teacher: Optional[torch.nn.Module], 
                     teacher_cache=None, divergence: Optional[Divergence] = None) -> dict:
     """Held-out answer-token perplexity of `model` and, with a teacher (live or cached), its KD term (with
     `divergence` when given, else the one lcfg names)."""
-    collate = PaddingCollator(pad_token_id, "right")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     ce_sum, kd_sum = 0.0, 0.0
     tokens = 0
-    for lo in range(0, len(split), batch_size):
-        rows = list(range(lo, min(len(split), lo + batch_size)))
-        batch = collate([split[i] for i in rows])
-        select = answer_positions(batch["labels"]).to(device)
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        targets = batch["labels"].to(device)[:, 1:][select[:, :-1]]
+    for batch in answer_batches(split, pad_token_id, batch_size=batch_size, device=device):
         if teacher_cache is not None:
-            signal = teacher_cache.rows(rows, select.sum(1).tolist(), device)
+            signal = teacher_cache.rows(batch.rows, batch.answer_counts, device)
         elif teacher is not None:
-            signal = TeacherLogits(answer_logits(teacher, ids, mask, select))
+            signal = TeacherLogits(answer_logits(teacher, batch.input_ids, batch.attention_mask, batch.select))
         else:
             signal = None
-        logits = answer_logits(model, ids, mask, select)
+        logits = answer_logits(model, batch.input_ids, batch.attention_mask, batch.select)
+        targets = batch.targets
         spec = lcfg if signal is not None else dataclasses.replace(lcfg, alpha=1.0)
         out = token_distillation_loss(logits, targets, signal, spec, vocab_size=vocab_size, normalizer=1.0,
                                       divergence=divergence)
@@ -451,7 +439,6 @@ class Trainer:
         self.rollout_stats: Optional[dict] = None
         self.procs, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.batches = GlobalBatches(len(train_split), self.tcfg.batch_size * self.procs, self.tcfg.seed)
-        self.collate = PaddingCollator(self.vocab.pad_token_id, "right")
         if self.tcfg.gradient_checkpointing:
             enable_gradient_checkpointing(student)
         self.optimizer = make_optimizer(student, self.tcfg)
@@ -533,13 +520,12 @@ class Trainer:
         self.result.checkpoint_seconds.append(time.perf_counter() - began)
         return path
 
-    def micro_batches(self, step: int) -> list[dict]:
+    def micro_batches(self, step: int) -> list[AnswerBatch]:
         """This process's share of global batch `step`, cut into train.grad_accum micro-batches on the device."""
         t, micro = self.tcfg, []
         for i in range(t.grad_accum):
             rows = self.batches[step * t.grad_accum + i][self.rank * t.batch_size:(self.rank + 1) * t.batch_size]
-            batch = self.collate([self.split[j] for j in rows])
-            micro.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
+            micro.append(answer_batch(self.split, rows, self.vocab.pad_token_id, self.accelerator.device))
         return micro
 
     def on_policy(self, step: int) -> bool:
@@ -548,7 +534,7 @@ class Trainer:
         f = self.tcfg.on_policy
         return math.floor(round((step + 1) * f, 9)) > math.floor(round(step * f, 9))
 
-    def rollouts(self, micro: list[dict], step: int) -> list[dict]:
+    def rollouts(self, micro: list[AnswerBatch], step: int) -> list[AnswerBatch]:
         """Each micro-batch's prompts answered by the student's own samples (seeded by run seed, step,
         micro-batch and process, so resuming samples the same), with the sampling statistics kept for the row."""
         t, student = self.tcfg, self.accelerator.unwrap_model(self.model).model
@@ -565,39 +551,37 @@ class Trainer:
                               "rollouts_finished": finished}
         return out
 
-    def teacher_side(self, batch: dict, select: torch.Tensor, on_policy: bool = False) -> Optional[TeacherSignal]:
+    def teacher_side(self, batch: AnswerBatch, on_policy: bool = False) -> Optional[TeacherSignal]:
         """The teacher's signal for this micro-batch: the cache's top-k, the live teacher's, or None (no teacher).
         Sampled answers (on-policy steps) are scored by the live teacher: no cache can hold them."""
         if self.cache is not None and not on_policy:
-            return self.cache.rows(batch["index"].tolist(), select.sum(1).tolist(), self.accelerator.device)
+            return self.cache.rows(batch.rows, batch.answer_counts, self.accelerator.device)
         if self.teacher is None:
             return None
         full = on_policy and self.lcfg.on_policy_estimator == "sampled"  # the estimator reads the logits
-        return live_teacher(self.teacher, batch["input_ids"], batch["attention_mask"], select,
-                            "full" if full else self.implementation)
+        return live_teacher(self.teacher, batch, "full" if full else self.implementation)
 
-    def forward_backward(self, micro: list[dict], on_policy: bool = False) -> tuple[torch.Tensor, int, int]:
+    def forward_backward(self, micro: list[AnswerBatch], on_policy: bool = False) -> tuple[torch.Tensor, int, int]:
         """Loss and gradients of one optimizer step, token-weighted over every micro-batch and process.
         Returns the summed (total, ce, kd), the global answer-token count and the tokens this process saw.
         On an on-policy step the micro-batches hold the student's rollouts and ce is 0 (not measured)."""
-        acc, selects = self.accelerator, [answer_positions(b["labels"]) for b in micro]
-        answer_tokens = int(acc.reduce(torch.tensor(float(sum(int(s.sum()) for s in selects)), device=acc.device),
+        acc = self.accelerator
+        answer_tokens = int(acc.reduce(torch.tensor(float(sum(b.targets.numel() for b in micro)), device=acc.device),
                                        "sum"))
         normalizer = answer_tokens / self.procs  # DDP averages gradients: each process takes its share
         parts, seen = torch.zeros(3, device=acc.device), 0
-        for i, (batch, select) in enumerate(zip(micro, selects)):
+        for i, batch in enumerate(micro):
             with contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model):
-                targets = batch["labels"][:, 1:][select[:, :-1]]
-                side = self.teacher_side(batch, select, on_policy)
+                side = self.teacher_side(batch, on_policy)
                 with acc.autocast():
-                    loss = self.model(batch["input_ids"], batch["attention_mask"], select, targets, side, normalizer,
-                                      on_policy)
+                    loss = self.model(batch.input_ids, batch.attention_mask, batch.select, batch.targets, side,
+                                      normalizer, on_policy)
                 acc.backward(loss.total)
                 del side  # free the teacher's tensors before the next micro-batch
             kd = torch.zeros_like(loss.total) if loss.kd is None else loss.kd.detach()
             ce = torch.zeros_like(kd) if loss.ce is None or on_policy else loss.ce.detach()
             parts += torch.stack([loss.total.detach(), ce, kd])
-            seen += int(batch["attention_mask"].sum())
+            seen += int(batch.attention_mask.sum())
         return acc.reduce(parts, "sum") / self.procs, answer_tokens, seen
 
     def record(self, step: int, total: float, ce: float, kd: float, lr: float, grad_norm: float,

@@ -231,7 +231,8 @@ def test_greedy_ignores_the_models_sampling_and_repetition_settings(tiny_teacher
 
 def test_agreement_and_perplexity_slice_padded_rows_and_match_full_logits(tiny_teacher, tiny_tokenizer):
     """Chunked on the device: the same KL and agreement as the full (N, V) computation over the first V logits."""
-    from pocket_teacher.models import answer_logits, answer_positions, derive_student
+    from pocket_teacher.batches import answer_logits, answer_positions
+    from pocket_teacher.models import derive_student
 
     student = derive_student(tiny_teacher, num_layers=2).eval()
     examples, _ = load_gsm_symbolic(6, seed=5)
@@ -255,7 +256,7 @@ def test_agreement_and_perplexity_slice_padded_rows_and_match_full_logits(tiny_t
 
 
 def test_eval_batches_respect_a_token_budget():
-    from pocket_teacher.evaluate import eval_batches
+    from pocket_teacher.batches import length_batches as eval_batches
 
     lengths = [10, 50, 20, 40, 30, 60]
     batches = eval_batches(lengths, batch_size=4, max_tokens=100)

@@ -506,7 +506,7 @@ def test_chunked_gradients_follow_a_loss_scale():
 
 
 def test_auto_chunk_size_depends_on_the_device():
-    from pocket_teacher.losses import auto_chunk_size
+    from pocket_teacher.batches import auto_chunk_size
 
     assert auto_chunk_size(151665, "cuda") >= 1024 and auto_chunk_size(49152, "cuda") % 256 == 0
     assert auto_chunk_size(151665, "cpu") < 100  # CPU: ~32 MiB of logits per chunk, as before

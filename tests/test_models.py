@@ -8,9 +8,10 @@ import torch
 
 from pocket_teacher.config import TeacherConfig, get_preset
 from pocket_teacher.hub import HubUnavailableError
-from pocket_teacher.models import (ModelLoadError, VocabMismatchError, answer_hidden, answer_logits,
-                                   answer_positions, build_tiny_model, build_tiny_tokenizer, check_vocab_compatible,
-                                   derive_student, load_teacher, output_layer, resolve_precision, spread_layers)
+from pocket_teacher.batches import answer_hidden, answer_logits, answer_positions
+from pocket_teacher.models import (ModelLoadError, VocabMismatchError, build_tiny_model, build_tiny_tokenizer,
+                                   check_vocab_compatible, derive_student, load_teacher, output_layer,
+                                   resolve_precision, spread_layers)
 
 
 def test_spread_layers_keeps_first_and_last():
@@ -186,7 +187,7 @@ def test_a_rank_without_a_gpu_is_told():
 
 
 def test_logit_chunks_equal_the_full_logits(tiny_teacher):
-    from pocket_teacher.models import answer_logit_chunks
+    from pocket_teacher.batches import answer_logit_chunks
 
     ids = torch.randint(0, 300, (2, 12))
     mask = torch.ones_like(ids)

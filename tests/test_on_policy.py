@@ -50,11 +50,12 @@ def test_on_policy_zero_is_exactly_the_off_policy_run(monkeypatch):
 
 
 def test_rollouts_carry_no_gradient_and_leave_the_global_rng_alone(tiny_teacher, tiny_tokenizer):
-    from pocket_teacher.data import PaddingCollator, load_gsm_symbolic, tokenize_examples
+    from pocket_teacher.batches import answer_batch
+    from pocket_teacher.data import load_gsm_symbolic, tokenize_examples
     from pocket_teacher.generate import prompt_lengths, sample_rollouts
 
     split = tokenize_examples(load_gsm_symbolic(3, seed=3)[0], tiny_tokenizer, max_length=384)
-    batch = PaddingCollator(tiny_tokenizer.pad_token_id)([split[i] for i in range(3)])
+    batch = answer_batch(split, range(3), tiny_tokenizer.pad_token_id)
     tiny_teacher.train()
     for p in tiny_teacher.parameters():
         p.requires_grad_(True)
@@ -64,14 +65,16 @@ def test_rollouts_carry_no_gradient_and_leave_the_global_rng_alone(tiny_teacher,
     assert torch.equal(torch.get_rng_state(), state) and tiny_teacher.training
     again = sample_rollouts(tiny_teacher, batch, pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=0, seed=7,
                             max_new_tokens=5)
-    assert torch.equal(first.batch["input_ids"], again.batch["input_ids"])  # the seed decides
-    assert all(v.grad_fn is None and not v.requires_grad for v in first.batch.values())
-    starts = prompt_lengths(batch["labels"], batch["attention_mask"])
+    assert torch.equal(first.batch.input_ids, again.batch.input_ids)  # the seed decides
+    assert all(v.grad_fn is None and not v.requires_grad
+               for v in (first.batch.input_ids, first.batch.labels, first.batch.attention_mask))
+    assert first.batch.rows == [0, 1, 2]
+    starts = prompt_lengths(batch.labels, batch.attention_mask)
     for i, n in enumerate(starts):  # the prompt is kept, the answer replaced by the samples, labelled
-        assert first.batch["input_ids"][i, :n].tolist() == batch["input_ids"][i, :n].tolist()
-        assert (first.batch["labels"][i, :n] == -100).all()
-        sampled = first.batch["labels"][i, n:n + first.lengths[i]]
-        assert sampled.tolist() == first.batch["input_ids"][i, n:n + first.lengths[i]].tolist()
+        assert first.batch.input_ids[i, :n].tolist() == batch.input_ids[i, :n].tolist()
+        assert (first.batch.labels[i, :n] == -100).all()
+        sampled = first.batch.labels[i, n:n + first.lengths[i]]
+        assert sampled.tolist() == first.batch.input_ids[i, n:n + first.lengths[i]].tolist()
 
 
 def test_sampled_token_estimator_value_and_unbiased_gradient():

@@ -24,18 +24,18 @@ def exp(tmp_path_factory):
 
 def _notebook_loss(exp, step, divergence=None):
     """What the notebook cell computes: the package's loss on the opened step's full logits."""
-    return token_distillation_loss(step.student_logits, step.targets, step.teacher, exp.cfg.loss,
+    return token_distillation_loss(step.student_logits, step.batch.targets, step.teacher, exp.cfg.loss,
                                    vocab_size=len(exp.tokenizer), divergence=divergence)
 
 
 def test_opened_step_shows_the_batch_the_training_step_reads(exp):
     step = exp.open_step(rows=4)
     table = step.mask_table()
-    assert len(table) == 4 and list(table["row"]) == step.rows
-    assert (table["prompt (masked)"] + table["answer (targets)"] + table["padding"] == step.batch["input_ids"].shape[1]
+    assert len(table) == 4 and list(table["row"]) == step.batch.rows
+    assert (table["prompt (masked)"] + table["answer (targets)"] + table["padding"] == step.batch.input_ids.shape[1]
             ).all()
-    assert int(table["answer (targets)"].sum()) == len(step.targets) == int(step.select.sum())
-    assert step.student_logits.shape == (len(step.targets), len(exp.tokenizer))
+    assert int(table["answer (targets)"].sum()) == len(step.batch.targets) == int(step.batch.select.sum())
+    assert step.student_logits.shape == (len(step.batch.targets), len(exp.tokenizer))
     text = step.mask_text(0)
     assert text.startswith("PROMPT") and "ANSWER" in text
     top = step.distributions(position=0, k=5, temperature=exp.cfg.loss.temperature)
@@ -53,8 +53,7 @@ def test_opened_step_numbers_equal_the_training_step(exp):
     module = DistillStep(copy.deepcopy(exp.student_init), spec,
                          resolve_loss_implementation(exp.student_init, spec.implementation), len(exp.tokenizer))
     b = step.batch
-    trained = module(b["input_ids"], b["attention_mask"], step.select, step.targets, step.teacher,
-                     float(len(step.targets)))
+    trained = module(b.input_ids, b.attention_mask, b.select, b.targets, step.teacher, float(len(b.targets)))
     assert module.implementation == "chunked"
     for name in ("total", "ce", "kd"):
         torch.testing.assert_close(getattr(loss, name), getattr(trained, name).detach(), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,169 @@
+"""The answer batch: padded rows of a tokenized split, where their answer tokens are, and what a model says there.
+
+The one seam between tokenized data and the models. Training, perplexity, agreement, the teacher cache and
+on-policy scoring all walk a split through `answer_batches` (or build one `answer_batch`) and run a model on a
+batch with `answer_logits`, `answer_hidden` or `answer_logit_chunks`, never the full (B, L, V) logits.
+
+    for batch in answer_batches(split, tokenizer.pad_token_id, batch_size=8):
+        logits = answer_logits(model, batch.input_ids, batch.attention_mask, batch.select)  # (N, V)
+        nll = F.cross_entropy(logits, batch.targets)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX, PaddingCollator, TokenizedSplit
+from .models import output_layer
+
+
+def answer_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """(B, L) bool mask of the positions t whose next label (t + 1) is scored; the causal shift."""
+    select = torch.zeros_like(labels, dtype=torch.bool)
+    select[:, :-1] = labels[:, 1:] != ignore_index
+    return select
+
+
+@dataclass
+class AnswerBatch:
+    """Rows of a split padded on the right, with their answer positions and the tokens those predict."""
+
+    rows: list[int]  # the split rows, in batch order
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    labels: torch.Tensor  # (B, L), -100 on prompt and padding
+    select: torch.Tensor  # (B, L) bool: positions whose next token is an answer token (`answer_positions`)
+    targets: torch.Tensor  # (N,) the answer tokens the selected positions predict, in row order
+
+    @classmethod
+    def of(cls, padded: dict, rows: Sequence[int]) -> "AnswerBatch":
+        """From a collated dict (input_ids, attention_mask, labels), e.g. `PaddingCollator`'s output."""
+        labels = padded["labels"]
+        select = answer_positions(labels)
+        return cls(list(rows), padded["input_ids"], padded["attention_mask"], labels, select,
+                   labels[:, 1:][select[:, :-1]])
+
+    @property
+    def answer_counts(self) -> list[int]:
+        """Answer tokens per row."""
+        return self.select.sum(1).tolist()
+
+    def to(self, device: torch.device | str) -> "AnswerBatch":
+        return AnswerBatch(self.rows, *(x.to(device) for x in (self.input_ids, self.attention_mask, self.labels,
+                                                               self.select, self.targets)))
+
+
+def answer_batch(split: TokenizedSplit, rows: Sequence[int], pad_token_id: int,
+                 device: Optional[torch.device | str] = None) -> AnswerBatch:
+    """Split rows `rows`, padded on the right (as training pads them), on `device`."""
+    batch = AnswerBatch.of(PaddingCollator(pad_token_id, "right")([split[i] for i in rows]), rows)
+    return batch if device is None else batch.to(device)
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: Optional[int] = None) -> list[list[int]]:
+    """Row indices in batches of similar length (sorted, so little padding): at most `batch_size` rows and, with
+    `max_tokens`, at most that many padded tokens per batch (a memory budget; a longer row goes alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, current = [], []
+    for i in order:
+        longest = max([lengths[j] for j in current] + [lengths[i]])
+        if current and (len(current) >= batch_size or (max_tokens and longest * (len(current) + 1) > max_tokens)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + ([current] if current else [])
+
+
+class AnswerBatches:
+    """The batches of one pass over a split: iterate for `AnswerBatch`es (built one at a time), `len` for their
+    number (progress bars)."""
+
+    def __init__(self, split: TokenizedSplit, groups: list[list[int]], pad_token_id: int, device=None):
+        self.split, self.groups, self.pad_token_id, self.device = split, groups, pad_token_id, device
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self) -> Iterator[AnswerBatch]:
+        for group in self.groups:
+            yield answer_batch(self.split, group, self.pad_token_id, self.device)
+
+
+def answer_batches(split: TokenizedSplit, pad_token_id: int, *, batch_size: int, rows: Optional[Sequence[int]] = None,
+                   by_length: bool = False, max_tokens: Optional[int] = None,
+                   device: Optional[torch.device | str] = None) -> AnswerBatches:
+    """The one iterator over a split: its rows (or `rows`) as answer batches of at most `batch_size` rows on
+    `device`, consecutive rows in order or, `by_length`, rows of similar length together with at most
+    `max_tokens` padded tokens per batch (evaluation, where order does not matter and padding costs)."""
+    rows = list(range(len(split))) if rows is None else list(rows)
+    if by_length:
+        lengths = [len(split.features[r]["input_ids"]) for r in rows]
+        groups = [[rows[i] for i in group] for group in length_batches(lengths, batch_size, max_tokens)]
+    else:
+        groups = [rows[lo:lo + batch_size] for lo in range(0, len(rows), batch_size)]
+    return AnswerBatches(split, groups, pad_token_id, device)
+
+
+# -- what a model says at the answer positions, without the full (B, L, V) logits ---------------------------------
+
+def answer_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  select: torch.Tensor) -> torch.Tensor:
+    """``(N, V)`` logits at the N positions where `select` is True, without the full (B, L, V) tensor.
+
+    Runs the decoder, then the output layer only on the selected hidden states (prompt and padding
+    positions, often half the tokens, never reach the vocabulary projection). Models whose logits
+    are more than ``lm_head(hidden)`` (e.g. final soft-capping) take the full forward instead.
+    """
+    if getattr(model.config, "final_logit_softcapping", None):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[select]
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return model.get_output_embeddings()(hidden[select])
+
+
+def answer_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  select: torch.Tensor) -> torch.Tensor:
+    """``(N, H)`` final hidden states (after the final norm) at the N positions where `select` is True."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return hidden[select]
+
+
+def auto_chunk_size(vocab_size: int, device_type: str = "cpu") -> int:
+    """Tokens per chunk of logits (the chunked loss, perplexity, agreement, the cache), from the device and the
+    vocabulary.
+
+    CPU: one chunk's (C, V) fp32 logits hold about 32 MiB (caches stay warm; measured fastest here).
+    CUDA: about 512 MiB of fp32 logits but at least 1,024 tokens, in multiples of 256, so the output-layer
+    matmuls keep the GPU busy (1,024 tokens at Qwen's 151,665-token vocabulary, 2,560 at SmolLM2's 49,152).
+    The loss's own memory is about six such (C, V) buffers; `pocket_teacher.plan` counts them."""
+    if device_type == "cuda":
+        return max(1024, ((1 << 27) // max(1, vocab_size)) // 256 * 256)
+    return max(8, (1 << 23) // max(1, vocab_size))
+
+
+def answer_logit_chunks(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        select: torch.Tensor, vocab_size: Optional[int] = None, chunk_size: Optional[int] = None):
+    """Yield ``(start, logits)``: fp32 logits of the selected positions ``start:start + C``, on the model's device.
+
+    The output layer runs a chunk of C tokens at a time (`auto_chunk_size` by default), so at most a (C, V) block
+    of logits exists at once, never the (N, V) logits of the whole batch. `vocab_size` keeps the first V logits
+    (rows an output layer pads on are dropped). Models whose logits are more than ``hidden @ W.T + b``
+    (soft-capping, scaling) fall back to `answer_logits`, sliced the same way."""
+    layer = output_layer(model)
+    if layer is None:
+        logits = answer_logits(model, input_ids, attention_mask, select)
+        vocab = vocab_size or logits.shape[-1]
+        chunk = chunk_size or auto_chunk_size(vocab, logits.device.type)
+        for i in range(0, logits.shape[0], chunk):
+            yield i, logits[i:i + chunk, :vocab].float()
+        return
+    hidden = answer_hidden(model, input_ids, attention_mask, select)
+    weight, bias = layer
+    vocab = vocab_size or weight.shape[0]
+    w, b = weight[:vocab], None if bias is None else bias[:vocab]
+    chunk = chunk_size or auto_chunk_size(vocab, hidden.device.type)
+    for i in range(0, hidden.shape[0], chunk):
+        yield i, F.linear(hidden[i:i + chunk].to(w.dtype), w, b).float()
