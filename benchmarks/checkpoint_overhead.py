@@ -27,23 +27,24 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=3)
     args = parser.parse_args()
 
-    from pocket_teacher import pipeline
-    from pocket_teacher.models import load_student, load_teacher, resolve_device
+    from pocket_teacher import experiment
+    from pocket_teacher.models import load_teacher, resolve_device
+    from pocket_teacher.students import load_student
     from pocket_teacher.train import Vocab, distill
 
-    cfg = pipeline.configure(args.preset, [f"train.max_steps={args.steps}", "train.eval_every=0",
+    cfg = experiment.configure(args.preset, [f"train.max_steps={args.steps}", "train.eval_every=0",
                                            "train.checkpoint_every=0", "train.keep_checkpoints=100"])
-    print(f"hardware: {pipeline.hardware_line()}")
+    print(f"hardware: {experiment.hardware_line()}")
     device = resolve_device(cfg.train.device)
-    raw = pipeline.load_data(cfg)
+    raw = experiment.load_data(cfg)
     teacher, teacher_tok, info = load_teacher(cfg.teacher, device)
     student_init, tok, _ = load_student(cfg.student, teacher, teacher_tok, device)
-    splits = pipeline.tokenize(cfg, raw, tok)
-    cache = pipeline.teacher_cache(cfg, teacher, splits, tok, info)
+    splits = experiment.tokenize(cfg, raw, tok)
+    cache = experiment.teacher_cache(cfg, teacher, splits, tok, info)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, every in (("without", 0), ("with", args.every)):
-            run_cfg = pipeline.apply_overrides(cfg, {"train.checkpoint_every": every})
+            run_cfg = experiment.apply_overrides(cfg, {"train.checkpoint_every": every})
             result = distill(copy.deepcopy(student_init), None, splits.train, run_cfg, Vocab.of(tok),
                              teacher_cache=cache, folder=Path(tmp) / name, progress=False)
             runs[name] = result

@@ -60,7 +60,7 @@ def main() -> None:
 
     from pocket_teacher.config import apply_overrides, get_preset
     from pocket_teacher.models import freeze
-    from pocket_teacher.pipeline import hardware_line
+    from pocket_teacher.runfolder import hardware_line
     from pocket_teacher.plan import CUDA_CONTEXT, get_device, memory_plan, model_shape
     from pocket_teacher.train import Vocab, distill
 

@@ -101,7 +101,7 @@ def prepare(args):
     """The pocket experiment up to the teacher cache, the OOD split and the sequence-level KD split."""
     from pocket_teacher.data import LoadReport, load_gsm8k, tokenize_examples
     from pocket_teacher.generate import generate_answers
-    from pocket_teacher.pipeline import Experiment, cache_dir, configure
+    from pocket_teacher.experiment import Experiment, cache_dir, configure
 
     overrides = [f"train.max_steps={args.steps}", "train.eval_every=0", "train.checkpoint_every=0",
                  "eval.baseline=false", f"run.out_dir={args.out}", "run.name=prepare",
@@ -146,7 +146,7 @@ def prepare(args):
 def train_one(exp, method: str, overrides: dict, seed: int, steps: int, seq_split, args) -> dict:
     """Train one student (method, seed, steps) and evaluate it; cached in <out>/rows/."""
     from pocket_teacher.config import apply_overrides
-    from pocket_teacher.pipeline import Splits, train_student
+    from pocket_teacher.experiment import Splits, train_student
 
     tag = f"{method.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '')}-s{seed}-n{steps}"
     path = Path(args.out) / "rows" / f"{tag}.json"
@@ -325,7 +325,7 @@ def main() -> None:
         args.accuracy_questions, args.seq_questions, args.max_new_tokens = 4, 16, 64
         args.out, args.figure = args.out + "-quick", str(Path(args.out + "-quick") / "kd_vs_sft.png")
 
-    from pocket_teacher.pipeline import hardware_line
+    from pocket_teacher.runfolder import hardware_line
     from pocket_teacher.files import write_json
 
     began = time.perf_counter()

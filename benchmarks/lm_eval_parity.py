@@ -88,7 +88,7 @@ def main() -> None:
     from pocket_teacher.data import load_gsm8k, mmlu_example
     from pocket_teacher.evaluate import gsm8k_accuracy, mmlu_accuracy, mmlu_cloze_accuracy
     from pocket_teacher.models import load_teacher, materialize_gguf
-    from pocket_teacher.pipeline import hardware_line
+    from pocket_teacher.runfolder import hardware_line
 
     torch.manual_seed(0)
     print(hardware_line())

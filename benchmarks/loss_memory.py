@@ -105,7 +105,7 @@ def main() -> None:
         print("RESULT " + json.dumps(row))
         return
 
-    from pocket_teacher.pipeline import hardware_line
+    from pocket_teacher.runfolder import hardware_line
 
     print(f"hardware: {hardware_line()}")
     print(f"setting: {args.tokens} tokens, hidden {args.hidden}, {args.dtype} on {args.device}, forward KL, alpha 0.5, "

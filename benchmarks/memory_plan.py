@@ -76,25 +76,26 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
     """Run `stage` of `preset` in this process; return the plan's and the measured peak in bytes."""
     import torch
 
-    from pocket_teacher import pipeline
+    from pocket_teacher import experiment
     from pocket_teacher.data import TokenizedSplit, format_prompt
     from pocket_teacher.evaluate import GREEDY, agreement, perplexity
-    from pocket_teacher.models import load_student, load_teacher, offload, resolve_device
+    from pocket_teacher.models import load_teacher, offload, resolve_device
+    from pocket_teacher.students import load_student
     from pocket_teacher.plan import memory_plan
     from pocket_teacher.teacher_cache import build_topk_cache
     from pocket_teacher.train import Vocab, distill
 
-    base = pipeline.configure(preset)
+    base = experiment.configure(preset)
     rows = 4 * base.train.batch_size
     sets = [f"data.train_size={max(rows * 3, 48)}", "train.eval_every=0", "train.checkpoint_every=0",
             "train.max_steps=3", "train.warmup_steps=1"]
-    cfg = pipeline.configure(preset, sets + overrides)
+    cfg = experiment.configure(preset, sets + overrides)
     device = resolve_device(cfg.train.device)
-    raw = pipeline.load_data(cfg, verbose=False)
+    raw = experiment.load_data(cfg, verbose=False)
     teacher, teacher_tok, _ = load_teacher(cfg.teacher, device)
     student_init, tok, _ = load_student(cfg.student, teacher, teacher_tok, device)
     offload(student_init, "cpu")
-    splits = pipeline.tokenize(cfg, raw, tok, verbose=False)
+    splits = experiment.tokenize(cfg, raw, tok, verbose=False)
     train = _subset(splits.train, rows)
     lengths = [len(f["input_ids"]) for f in train.features]
     eval_split = splits.eval
@@ -122,7 +123,7 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
             build_topk_cache(teacher, train, root, k=cfg.teacher_cache.k, vocab_size=len(tok),
                              pad_token_id=tok.pad_token_id, batch_size=cfg.teacher_cache.batch_size, progress=False)
         elif stage == "evaluation":
-            with pipeline.visiting(student_init, device):
+            with experiment.visiting(student_init, device):
                 perplexity(teacher, eval_split, pad_token_id=tok.pad_token_id, batch_size=cfg.eval.batch_size,
                            vocab_size=len(tok), progress=False)
                 agreement(teacher, student_init, eval_split, pad_token_id=tok.pad_token_id, vocab_size=len(tok),
@@ -160,7 +161,7 @@ def main() -> None:
         print("RESULT " + json.dumps(one_stage(args.preset[0], args.stage[0], args.set, held)))
         return
 
-    from pocket_teacher.pipeline import hardware_line
+    from pocket_teacher.runfolder import hardware_line
 
     print(f"hardware: {hardware_line()}")
     presets = args.preset or ["tiny", "pocket"]

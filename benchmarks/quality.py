@@ -59,7 +59,8 @@ def main() -> None:
     from pocket_teacher.data import load_gsm8k, load_mmlu
     from pocket_teacher.evaluate import gsm8k_accuracy, mmlu_accuracy
     from pocket_teacher.models import load_teacher, resolve_device
-    from pocket_teacher.pipeline import hardware_line, write_json
+    from pocket_teacher.files import write_json
+    from pocket_teacher.runfolder import hardware_line
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

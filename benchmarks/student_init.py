@@ -37,7 +37,8 @@ def main() -> None:
     from pocket_teacher.config import apply_overrides
     from pocket_teacher.evaluate import perplexity
     from pocket_teacher.models import count_parameters
-    from pocket_teacher.pipeline import Experiment, configure, hardware_line
+    from pocket_teacher.experiment import Experiment, configure
+    from pocket_teacher.runfolder import hardware_line
 
     base = configure(args.preset, [f"student.calibration_rows={args.calibration}"])
     layers = args.layers or base.student.num_layers

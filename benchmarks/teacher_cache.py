@@ -42,20 +42,21 @@ def main() -> None:
     parser.add_argument("--gsm8k-rows", type=int, default=200)
     args = parser.parse_args()
 
-    from pocket_teacher import pipeline
+    from pocket_teacher import experiment
     from pocket_teacher.data import load_gsm8k, tokenize_examples
-    from pocket_teacher.models import load_student, load_teacher, resolve_device
+    from pocket_teacher.models import load_teacher, resolve_device
+    from pocket_teacher.students import load_student
     from pocket_teacher.teacher_cache import build_topk_cache
     from pocket_teacher.train import Vocab, distill
 
-    cfg = pipeline.configure(args.preset, [*args.set, f"train.max_steps={args.steps}"])
-    print(f"hardware: {pipeline.hardware_line()}")
+    cfg = experiment.configure(args.preset, [*args.set, f"train.max_steps={args.steps}"])
+    print(f"hardware: {experiment.hardware_line()}")
     device = resolve_device(cfg.train.device)
-    raw = pipeline.load_data(cfg)
+    raw = experiment.load_data(cfg)
     teacher, teacher_tok, teacher_info = load_teacher(cfg.teacher, device)
     print(teacher_info)
     student_init, tok, _ = load_student(cfg.student, teacher, teacher_tok, device)
-    splits = pipeline.tokenize(cfg, raw, tok)
+    splits = experiment.tokenize(cfg, raw, tok)
     k = cfg.teacher_cache.k
     with tempfile.TemporaryDirectory() as root:
         start = time.perf_counter()

@@ -27,7 +27,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from pocket_teacher.evaluate import perplexity
-    from pocket_teacher.pipeline import Experiment, configure, hardware_line
+    from pocket_teacher.experiment import Experiment, configure
+    from pocket_teacher.runfolder import hardware_line
 
     cfg = configure(args.preset, ["eval.baseline=false", *args.set])
     exp = Experiment(cfg, progress=False)

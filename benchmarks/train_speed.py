@@ -26,19 +26,20 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=96, help="training rows cached (the speed does not depend on it)")
     args = parser.parse_args()
 
-    from pocket_teacher import pipeline
-    from pocket_teacher.models import load_student, load_teacher, resolve_device
+    from pocket_teacher import experiment
+    from pocket_teacher.models import load_teacher, resolve_device
+    from pocket_teacher.students import load_student
     from pocket_teacher.teacher_cache import build_topk_cache
     from pocket_teacher.train import Vocab, distill
 
-    cfg = pipeline.configure(args.preset, [f"data.train_size={args.rows}", "train.eval_every=0",
+    cfg = experiment.configure(args.preset, [f"data.train_size={args.rows}", "train.eval_every=0",
                                            "train.checkpoint_every=0", *args.set, f"train.max_steps={args.steps}"])
-    print(f"hardware: {pipeline.hardware_line()}")
+    print(f"hardware: {experiment.hardware_line()}")
     device = resolve_device(cfg.train.device)
-    raw = pipeline.load_data(cfg, verbose=False)
+    raw = experiment.load_data(cfg, verbose=False)
     teacher, teacher_tok, _ = load_teacher(cfg.teacher, device)
     student, tok, _ = load_student(cfg.student, teacher, teacher_tok, device)
-    splits = pipeline.tokenize(cfg, raw, tok, verbose=False)
+    splits = experiment.tokenize(cfg, raw, tok, verbose=False)
     with tempfile.TemporaryDirectory() as root:
         cache = build_topk_cache(teacher, splits.train, root, k=cfg.teacher_cache.k, vocab_size=len(tok),
                                  pad_token_id=tok.pad_token_id, progress=False)

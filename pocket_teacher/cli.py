@@ -14,8 +14,16 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import experiment
+from .checkpoints import CheckpointError
 from .config import PRESETS, ConfigError
-from .plan import PlanError
+from .data import DataError
+from .hub import HubUnavailableError
+from .models import ModelLoadError, VocabMismatchError
+from .plan import GPUS, PlanError, memory_plan
+from .runfolder import RunFolderBusy
+from .teacher_cache import CacheError
+from .train import TrainingDiverged, TrainingInterrupted
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "Pocket_Teacher.ipynb"
 
@@ -64,8 +72,6 @@ def _parser() -> argparse.ArgumentParser:
                                       "generation, teacher answers, training), itemised, with a verdict and, when it "
                                       "does not fit, the overrides that would make it fit. Works offline.")
     common(plan)
-    from .plan import GPUS
-
     plan.add_argument("--gpu", default=None, choices=[*GPUS, "cpu"],
                       help="plan for this GPU (default: the GPU PyTorch sees here, else this CPU)")
     plan.add_argument("--host-gb", type=float, default=None, help="host RAM in GB (default: the GPU's usual host)")
@@ -106,14 +112,6 @@ def execute_notebook(notebook: str | Path, preset: str, overrides: Sequence[str]
 
 def user_errors() -> tuple[type, ...]:
     """Exceptions that mean "the input or the machine needs a change", printed as one line without a traceback."""
-    from .checkpoints import CheckpointError
-    from .data import DataError
-    from .hub import HubUnavailableError
-    from .models import ModelLoadError, VocabMismatchError
-    from .pipeline import RunFolderBusy
-    from .teacher_cache import CacheError
-    from .train import TrainingDiverged
-
     return (ConfigError, PlanError, DataError, HubUnavailableError, ModelLoadError, VocabMismatchError, CacheError,
             CheckpointError, TrainingDiverged, RunFolderBusy, OSError, ValueError, ImportError)
 
@@ -126,8 +124,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from .train import TrainingInterrupted
-
         if isinstance(exc, TrainingInterrupted):
             print(f"stopped: {exc}", file=sys.stderr)
             return 128 + exc.signum
@@ -142,24 +138,18 @@ def _main(args: argparse.Namespace) -> int:
         for name, make in PRESETS.items():
             print(f"{name:8s} {(make.__doc__ or '').strip() or make().teacher.source}")
         return 0
-    from .pipeline import configure
-
-    cfg = configure(args.preset, _overrides(args))
+    cfg = experiment.configure(args.preset, _overrides(args))
     if args.command == "config":
         print(cfg.to_yaml(), end="")
         return 0
     if args.command == "plan":
-        from .plan import memory_plan
-
         plan = memory_plan(cfg, args.gpu, host_gb=args.host_gb)
         print(plan)
         return 0 if plan.fits else 3
     if args.command == "run":
-        from .pipeline import PlanDoesNotFit, run
-
         try:
-            run(cfg, progress=not args.no_progress, force=args.force)
-        except PlanDoesNotFit as exc:
+            experiment.run(cfg, progress=not args.no_progress, force=args.force)
+        except experiment.PlanDoesNotFit as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 3
         return 0

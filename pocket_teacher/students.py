@@ -25,7 +25,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .models import ModelLoadError, decoder_layers
+from .models import (ModelInfo, ModelLoadError, count_parameters, decoder_layers, derive_student, ensure_pad,
+                     load_pretrained, memory_footprint, resolve_precision, spread_layers)
 
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
 
@@ -219,8 +220,6 @@ def check_prunable(teacher_config, config) -> None:
 
 
 def _even(total: int, keep: int) -> list[int]:
-    from .models import spread_layers
-
     return spread_layers(total, keep)
 
 
@@ -279,3 +278,50 @@ def _slice_layer(name: str, w: torch.Tensor, hc, q_rows, kv_rows, mc) -> torch.T
     if module == "down_proj":
         return (w[hc][:, mc] if kind == "weight" else w[hc]).clone()
     raise ModelLoadError(f"student.init=prune: no rule for the teacher weight {name}; use student.init=random.")
+
+
+def load_student(student_cfg, teacher: torch.nn.Module, teacher_tokenizer, device: torch.device | str = "cpu",
+                 calibration_texts: Optional[Sequence[str]] = None):
+    """(trainable fp32 model, tokenizer, ModelInfo): derived from the teacher, built from a config (random or
+    pruned), or loaded. Importance-based choices (layer_selection=importance, init=prune) read
+    `calibration_texts` (formatted training rows)."""
+    device = torch.device(device)
+    importance = ((student_cfg.source == "derive" and student_cfg.layer_selection == "importance"
+                   and student_cfg.layers is None)
+                  or (student_cfg.source == "config" and student_cfg.init == "prune"))
+    batches = None
+    if importance:
+        if not calibration_texts:
+            raise ModelLoadError("student.layer_selection=importance / student.init=prune need calibration text "
+                                 "(the training rows); none was given.")
+        batches = calibration_batches(teacher_tokenizer, calibration_texts)
+    if student_cfg.source == "derive":
+        layers = student_cfg.layers
+        if layers is None and student_cfg.layer_selection == "importance":
+            layers = select_layers(block_influence(teacher, batches), student_cfg.num_layers)
+        model = derive_student(teacher, layers, student_cfg.num_layers)
+        tokenizer = teacher_tokenizer
+        origin = f"teacher layers {model.config.derived_from_layers} ({student_cfg.layer_selection})"
+        name = f"{model.config.num_hidden_layers}-layer student"
+    elif student_cfg.source == "config":
+        shape = {k: getattr(student_cfg, k) for k in SHAPE_KEYS}
+        model = config_student(teacher, shape, student_cfg.init, batches, student_cfg.layer_selection)
+        tokenizer = teacher_tokenizer
+        c = model.config
+        origin = (f"{student_cfg.init} init" + (f" from teacher layers {c.pruned_from_layers} "
+                                                 f"({student_cfg.layer_selection})" if student_cfg.init == "prune"
+                                                 else ""))
+        mlp = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size
+        name = (f"{c.num_hidden_layers}-layer {type(model).__name__} (hidden {c.hidden_size}, {c.num_attention_heads} "
+                f"heads, MLP {mlp})")
+    else:
+        model, tokenizer, origin = load_pretrained(student_cfg.source, student_cfg.revision, "student", "fp32", device)
+        name = student_cfg.source
+        ensure_pad(tokenizer)
+    model = model.to(device=device, dtype=torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    precision = resolve_precision("auto", device, "student")
+    info = ModelInfo("student", name, origin, f"fp32 weights, {precision} compute", str(device),
+                     count_parameters(model), memory_footprint(model))
+    return model.train(), tokenizer, info

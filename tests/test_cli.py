@@ -40,10 +40,10 @@ def test_config_prints_yaml_that_reads_back_with_the_overrides(capsys):
 
 
 def test_resume_flag_is_the_config_setting(monkeypatch):
-    import pocket_teacher.pipeline as pipeline
+    import pocket_teacher.experiment as experiment
 
     seen = {}
-    monkeypatch.setattr(pipeline, "run", lambda cfg, **kw: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr(experiment, "run", lambda cfg, **kw: seen.setdefault("cfg", cfg))
     assert main(["run", "--preset", "tiny", "--resume", "--no-progress"]) == 0
     assert seen["cfg"].train.resume is True
 
@@ -62,13 +62,13 @@ def test_user_errors_are_one_line_without_a_traceback(tmp_path, capsys):
 
 
 def test_the_cli_maps_a_stop_signal_to_its_exit_code(monkeypatch, capsys):
-    import pocket_teacher.pipeline as pipeline
+    import pocket_teacher.experiment as experiment
     from pocket_teacher.cli import main
     from pocket_teacher.train import TrainingInterrupted
 
     def stopped(*a, **k):
         raise TrainingInterrupted(signal.SIGTERM, "SIGTERM after step 3 of 8; checkpoint saved in x")
-    monkeypatch.setattr(pipeline, "run", stopped)
+    monkeypatch.setattr(experiment, "run", stopped)
     assert main(["run", "--preset", "tiny"]) == 128 + signal.SIGTERM
     assert capsys.readouterr().err.strip() == "stopped: SIGTERM after step 3 of 8; checkpoint saved in x"
 
@@ -77,7 +77,7 @@ def test_the_cli_maps_a_stop_signal_to_its_exit_code(monkeypatch, capsys):
                                             ("teacher.precision=8bit", "8bit needs a CUDA GPU"),
                                             ("train.device=cuda", "no CUDA GPU is visible")])
 def test_gpu_only_settings_on_cpu_fail_before_anything_loads(monkeypatch, tmp_path, capsys, override, match):
-    import pocket_teacher.pipeline as pipeline
+    import pocket_teacher.experiment as experiment
     from pocket_teacher.cli import main
 
     if torch.cuda.is_available():
@@ -85,7 +85,7 @@ def test_gpu_only_settings_on_cpu_fail_before_anything_loads(monkeypatch, tmp_pa
 
     def boom(*a, **k):
         raise AssertionError("nothing may load")
-    monkeypatch.setattr(pipeline, "load_data", boom)
+    monkeypatch.setattr(experiment, "load_data", boom)
     assert main(["run", "--preset", "tiny", "--out", str(tmp_path / "r"), "--set", override]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err and "Traceback" not in err

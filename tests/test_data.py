@@ -108,7 +108,7 @@ def test_gsm_symbolic_is_seeded_and_disjoint():
 
 def test_held_out_questions_are_removed_from_training():
     from pocket_teacher.config import apply_overrides, get_preset
-    from pocket_teacher.pipeline import load_data
+    from pocket_teacher.experiment import load_data
 
     train, report = load_gsm_symbolic(600, seed=1)
     held, _ = load_gsm_symbolic(64, seed=2)

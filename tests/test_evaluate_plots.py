@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from pocket_teacher.data import Example, PaddingCollator, load_gsm_symbolic, tokenize_examples
-from pocket_teacher.evaluate import generate, gsm8k_accuracy, perplexity, results_table, wilson_interval
+from pocket_teacher.evaluate import generate, gsm8k_accuracy, perplexity, wilson_interval
+from pocket_teacher.report import results_markdown, results_table
 from pocket_teacher.plots import plot_quality, plot_training, save_figure
 
 
@@ -83,7 +84,7 @@ def test_results_table():
 
 from pocket_teacher.data import mmlu_example  # noqa: E402
 from pocket_teacher.evaluate import (PeakMemory, agreement, efficiency, letter_token_ids, mmlu_accuracy,  # noqa: E402
-                                     mmlu_prompt, results_markdown)
+                                     mmlu_prompt)
 from pocket_teacher.plots import plot_mmlu_subjects, plot_size_quality  # noqa: E402
 
 

@@ -12,7 +12,7 @@ def test_tiny_pipeline_with_an_8bit_teacher_and_16bit_training(tmp_path):
     """The whole experiment on the GPU: bitsandbytes 8-bit teacher, bf16 (sm80+) or fp16 (older) autocast,
     the teacher parked on the host while training reads its cache, the untrained student resting on the host."""
     pytest.importorskip("bitsandbytes")
-    from pocket_teacher.pipeline import Experiment, configure
+    from pocket_teacher.experiment import Experiment, configure
 
     cfg = configure("tiny", [f"run.out_dir={tmp_path}", "run.name=gpu", "train.device=cuda",
                              "teacher.precision=8bit", "train.max_steps=4", "eval.efficiency=true"])

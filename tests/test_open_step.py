@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from pocket_teacher import pipeline
+from pocket_teacher import experiment
 from pocket_teacher.losses import divergence_per_token, token_distillation_loss
 from pocket_teacher.train import DistillStep, resolve_loss_implementation
 
@@ -15,11 +15,11 @@ from pocket_teacher.train import DistillStep, resolve_loss_implementation
 def exp(tmp_path_factory):
     """The tiny experiment up to its teacher cache (what the notebook has built when it reaches section 4c)."""
     out = tmp_path_factory.mktemp("runs")
-    experiment = pipeline.Experiment(pipeline.configure("tiny", [f"run.out_dir={out}", "eval.baseline=false",
-                                                                 "eval.on_policy_preview=0"]), progress=False)
+    built = experiment.Experiment(experiment.configure("tiny", [f"run.out_dir={out}", "eval.baseline=false",
+                                                                   "eval.on_policy_preview=0"]), progress=False)
     for method in ("configure", "load_data", "load_teacher", "teacher_answers", "load_student", "build_cache"):
-        getattr(experiment, method)()
-    return experiment
+        getattr(built, method)()
+    return built
 
 
 def _notebook_loss(exp, step, divergence=None):

@@ -108,12 +108,12 @@ def test_checkpoint_cadence_of_the_colab_presets_loses_under_ten_minutes():
 
 
 def test_run_refuses_a_plan_that_does_not_fit_before_loading(monkeypatch, tmp_path, capsys):
-    import pocket_teacher.pipeline as pipeline
+    import pocket_teacher.experiment as experiment
 
     def boom(*a, **k):
         raise AssertionError("nothing may load when the plan does not fit")
 
-    monkeypatch.setattr(pipeline, "load_data", boom)
+    monkeypatch.setattr(experiment, "load_data", boom)
     tiny = get_preset("tiny").teacher.tiny
     huge = ["teacher.tiny.hidden_size=8192", "teacher.tiny.intermediate_size=32768", "teacher.tiny.num_layers=64",
             "teacher.tiny.num_heads=64", "teacher.tiny.num_kv_heads=8", f"teacher.tiny.vocab_size={tiny.vocab_size}"]
@@ -125,12 +125,12 @@ def test_run_refuses_a_plan_that_does_not_fit_before_loading(monkeypatch, tmp_pa
 def test_the_teacher_waits_on_the_host_while_training_does_not_run_it(monkeypatch, tiny_teacher, tmp_path):
     """On a GPU, training from the cache (and the baseline) moves the teacher to the host and back; a live
     teacher stays. Checked on CPU by recording the moves the pipeline asks for."""
-    import pocket_teacher.pipeline as pipeline
+    import pocket_teacher.experiment as experiment
     from pocket_teacher.train import TrainResult
 
     moves, seen = [], {}
-    monkeypatch.setattr(pipeline, "resolve_device", lambda name: torch.device("cuda"))
-    monkeypatch.setattr(pipeline, "offload", lambda model, device: moves.append((model, str(device))) or model)
+    monkeypatch.setattr(experiment, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(experiment, "offload", lambda model, device: moves.append((model, str(device))) or model)
 
     class FakeTrainer:
         def __init__(self, student, teacher, split, cfg, vocab, **kw):
@@ -138,18 +138,18 @@ def test_the_teacher_waits_on_the_host_while_training_does_not_run_it(monkeypatc
 
         def fit(self):
             return TrainResult(student=self.student)
-    monkeypatch.setattr(pipeline, "Trainer", FakeTrainer)
+    monkeypatch.setattr(experiment, "Trainer", FakeTrainer)
     cfg = apply_overrides(get_preset("tiny"), [f"run.out_dir={tmp_path}", "train.eval_every=0"])
-    splits = pipeline.Splits(train=[], eval=[])
+    splits = experiment.Splits(train=[], eval=[])
     tok = type("Tok", (), {"pad_token_id": 0, "__len__": lambda self: 10})()
     cache = object()
-    pipeline.train_student(cfg, tiny_teacher, tiny_teacher, splits, tok, cache=cache)
+    experiment.train_student(cfg, tiny_teacher, tiny_teacher, splits, tok, cache=cache)
     assert seen["teacher"] is None and seen["moves_before"] == [(tiny_teacher, "cpu")]
     home = str(next(tiny_teacher.parameters()).device)
     assert moves[1] == (tiny_teacher, home)  # and back where it was once training ended
     moves.clear()
-    pipeline.train_student(cfg, tiny_teacher, tiny_teacher, splits, tok, cache=None)  # live teacher: stays
+    experiment.train_student(cfg, tiny_teacher, tiny_teacher, splits, tok, cache=None)  # live teacher: stays
     assert seen["teacher"] is tiny_teacher and not [m for m in moves if m[0] is tiny_teacher]
     moves.clear()
-    pipeline.train_student(cfg, tiny_teacher, None, splits, tok, cache=None, park=tiny_teacher)  # the baseline
+    experiment.train_student(cfg, tiny_teacher, None, splits, tok, cache=None, park=tiny_teacher)  # the baseline
     assert seen["teacher"] is None and seen["moves_before"] == [(tiny_teacher, "cpu")]

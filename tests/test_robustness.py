@@ -1,5 +1,5 @@
 """A run that never lies: divergence, resume identity, locks, signals, full disks, bad bytes and messages
-(pocket_teacher.train, checkpoints, pipeline, teacher_cache, data, config, cli, losses)."""
+(pocket_teacher.train, checkpoints, experiment, runfolder, teacher_cache, data, config, cli, losses)."""
 
 import json
 import math
@@ -168,14 +168,14 @@ def test_a_truncated_answers_file_is_named_and_rebuilt(tmp_path, capsys, tiny_te
 
 
 def test_a_second_run_into_a_busy_folder_refuses_and_names_the_holder(tmp_path):
-    from pocket_teacher.pipeline import RunFolderBusy, lock_run_folder
+    from pocket_teacher.runfolder import RunFolderBusy, lock_run_folder
 
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from pathlib import Path
-from pocket_teacher.pipeline import lock_run_folder
+from pocket_teacher.runfolder import lock_run_folder
 lock_run_folder(Path({str(out)!r}))
 print("locked", flush=True)
 time.sleep(60)
@@ -266,7 +266,8 @@ def test_topk_larger_than_the_vocabulary_is_refused_before_loading():
 
 def test_a_missing_relative_model_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
     from pocket_teacher.config import StudentConfig
-    from pocket_teacher.models import ModelLoadError, load_student
+    from pocket_teacher.models import ModelLoadError
+    from pocket_teacher.students import load_student
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
@@ -277,7 +278,7 @@ def test_a_missing_relative_model_folder_is_not_taken_for_a_hub_id(tmp_path, mon
 def test_vocabulary_advice_fits_the_settings(tiny_tokenizer, tiny_teacher):
     from pocket_teacher.config import apply_overrides, get_preset
     from pocket_teacher.models import VocabMismatchError, build_tiny_tokenizer
-    from pocket_teacher.pipeline import vocabulary
+    from pocket_teacher.experiment import vocabulary
 
     other = build_tiny_tokenizer(512)
     cfg = apply_overrides(get_preset("tiny"), ["data.targets=teacher"])
@@ -306,7 +307,7 @@ def test_every_divergence_has_finite_gradients_where_both_sides_are_minus_infini
 def test_results_json_says_when_the_student_collapsed(tmp_path, tiny_teacher, tiny_tokenizer):
     """The notebook and `run` both end in save_outputs: a student no better than uniform is reported there."""
     from pocket_teacher.config import apply_overrides, get_preset
-    from pocket_teacher.pipeline import save_outputs
+    from pocket_teacher.runfolder import save_outputs
     from pocket_teacher.train import TrainResult
 
     cfg = apply_overrides(get_preset("tiny"), [f"run.out_dir={tmp_path}", "run.name=r"])

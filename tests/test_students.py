@@ -62,7 +62,7 @@ def test_random_init_has_the_shape_and_fresh_weights(tiny_teacher):
     ["student.layer_selection=importance"],
 ])
 def test_the_pipeline_builds_and_trains_each_kind_of_student(tmp_path, overrides):
-    from pocket_teacher.pipeline import Experiment, configure
+    from pocket_teacher.experiment import Experiment, configure
 
     cfg = configure("tiny", [f"run.out_dir={tmp_path}", "train.max_steps=2", "eval.generate_samples=0",
                              "eval.efficiency=false", "eval.baseline=false", "eval.on_policy_preview=0", *overrides])

@@ -10,15 +10,10 @@ The functions below the class are its stages, usable on their own (and in tests)
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import copy
 import dataclasses
-import functools
-import json
-import os
-import platform
-import sys
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,24 +21,24 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .checkpoints import list_checkpoints
 from .config import Config, ConfigError, apply_overrides, get_preset
 from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, handle_duplicates, load_examples,
                    load_mmlu, remove_overlap, tokenize_examples)
-from .checkpoints import list_checkpoints
+from .evaluate import evaluate_model, teacher_on_student_samples
 from .files import write_json
-from .evaluate import evaluate_model, results_markdown, results_table, side_by_side, teacher_on_student_samples
-from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, device_capability,
-                     load_student, load_teacher, offload, resolve_device, resolve_mixed_precision, resolve_precision)
-from .plan import MemoryPlan, PlanError, memory_plan
 from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
-from .teacher_cache import TopKCache, build_topk_cache
-from .plots import plot_mmlu_subjects, plot_quality, plot_size_quality, plot_training, save_figure
 from .losses import Divergence
+from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, device_capability,
+                     load_teacher, offload, resolve_device, resolve_mixed_precision, resolve_precision)
+from .plan import MemoryPlan, PlanError, memory_plan
+from .plots import plot_mmlu_subjects, plot_quality, plot_size_quality, plot_training, save_figure
+from .report import (BASELINE_LABEL, RANDOM_INIT_LABEL, preflight_warnings, results_table, side_by_side,
+                     summarize)
+from .runfolder import is_main_process, main_process_first, run_dir, save_outputs, start_run
+from .students import load_student
+from .teacher_cache import TopKCache, build_topk_cache
 from .train import HeldOut, OpenedStep, Trainer, TrainResult, Vocab, open_step
-
-
-BASELINE_LABEL = "fine-tuned (alpha=1)"
-RANDOM_INIT_LABEL = "random init (same shape)"
 
 
 def baseline_kind(cfg: Config) -> str:
@@ -106,97 +101,6 @@ def visiting(model: torch.nn.Module, device: torch.device):
         yield model
     finally:
         offload(model, home)
-
-
-def run_dir(cfg: Config) -> Path:
-    return Path(cfg.run.out_dir) / cfg.run.name
-
-
-def environment() -> dict[str, Any]:
-    """Versions and hardware, saved with every run."""
-    import accelerate
-    import transformers
-
-    info = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    info["cpu"] = _cpu_name()
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def hardware_line() -> str:
-    """One line naming the device the figures were measured on (printed by every benchmark)."""
-    cpu = f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return f"GPU {props.name} ({props.total_memory / 2**30:.0f} GiB); host CPU {cpu}; torch {torch.__version__}"
-    return f"CPU {cpu}; torch {torch.__version__}"
-
-
-class RunFolderBusy(RuntimeError):
-    """Another live process holds the run folder; the message names it."""
-
-
-_HELD_LOCKS: dict[str, Any] = {}  # run folders this process holds (a notebook re-running its cells keeps its own)
-
-
-def lock_run_folder(out: Path) -> None:
-    """Hold an exclusive lock on the run folder for the rest of this process (filelock; the OS releases it when
-    the process dies, so a lock left by a killed run is stale and taken over). A second run into the same folder
-    is refused at once with the holder's pid, host and start time."""
-    import socket
-    import time as _time
-
-    from filelock import FileLock, Timeout
-
-    key = str(out.resolve())
-    if key in _HELD_LOCKS:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    holder = out / ".lock.json"
-    lock = FileLock(str(out / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        try:
-            who = json.loads(holder.read_text())
-            text = f"pid {who['pid']} on {who['host']}, started {who['started']}"
-        except (OSError, ValueError, KeyError):
-            text = "another process"
-        raise RunFolderBusy(f"The run folder {out} is in use by {text}. Wait for that run to finish, or write this "
-                            f"one elsewhere (--out runs/NAME, or run.name=...).") from None
-    if holder.is_file():  # left by a run that died without cleaning up (kill -9, a crashed kernel)
-        try:
-            old = json.loads(holder.read_text())
-            print(f"run folder: the lock of a run that ended without releasing it (pid {old.get('pid')}) was stale; "
-                  f"taken over")
-        except (OSError, ValueError):
-            pass
-    write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(),
-                        "started": _time.strftime("%Y-%m-%d %H:%M:%S")})
-    _HELD_LOCKS[key] = lock
-    atexit.register(holder.unlink, missing_ok=True)  # a run that ends normally leaves no holder behind
-
-
-def start_run(cfg: Config) -> Path:
-    """Create runs/<name>/ with the resolved config and the environment, locked against a second run."""
-    out = run_dir(cfg)
-    lock_run_folder(out)
-    cfg.to_yaml(out / "config.yaml")
-    write_json(out / "environment.json", environment())
-    return out
 
 
 @dataclass
@@ -298,8 +202,6 @@ def teacher_answers(cfg: Config, raw: RawData, teacher: torch.nn.Module, teacher
 def teacher_texts(cfg: Config, teacher: torch.nn.Module, tokenizer, info: Optional[ModelInfo] = None,
                   progress: bool = True) -> RawData:
     """The teacher's free texts (data.source=teacher_text), split into training and held-out rows."""
-    import random
-
     g = cfg.generate
     texts, report = generate_texts(teacher, tokenizer, read_prompts(g.prompts), cache_dir(cfg),
                                    num_samples=g.num_samples, max_new_tokens=g.max_new_tokens,
@@ -406,11 +308,6 @@ def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[
     return trained_student(trainer, result, student_init), result
 
 
-def is_main_process() -> bool:
-    """True in a single process, and in process 0 of an `accelerate launch` / torchrun group."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def evaluate_teacher(cfg: Config, teacher: torch.nn.Module, teacher_tokenizer, raw: RawData, splits: Splits,
                      tokenizer, shared_vocab: bool = True, progress: bool = True) -> dict:
     """The teacher's results row: on the student's tokenization when they share a vocabulary, else on its own."""
@@ -501,40 +398,6 @@ def compare_generations(cfg: Config, models: dict[str, torch.nn.Module], tokeniz
     return side_by_side(examples, answers)
 
 
-def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequence[dict],
-                 train_result: Optional[TrainResult] = None, overrides: Sequence[str] = (),
-                 preflight: Optional[dict] = None, on_policy_preview: Optional[dict] = None) -> Path:
-    """Write results.json (with per-subject MMLU, and whether the student collapsed), results.md,
-    generations.jsonl (every GSM question, output, extracted and gold answer), mmlu.jsonl (every MMLU
-    question's letter scores) and the student (save_pretrained) into runs/<name>/."""
-    out = run_dir(cfg)
-    after = next((r for r in results if r["model"] == "student after"), None)
-    if train_result is not None and train_result.collapsed is None and after is not None \
-            and after["perplexity"] >= 0.5 * len(tokenizer):
-        train_result.collapsed = (f"the held-out perplexity {after['perplexity']:,.0f} is no better than guessing "
-                                  f"uniformly over {len(tokenizer):,} tokens (lower train.lr)")
-        print(f"WARNING: the student collapsed: {train_result.collapsed}.")
-    summary = [{k: v for k, v in r.items() if k not in ("generations", "mmlu_rows", "mmlu_cloze_rows")}
-               for r in results]
-    extra = {"train_seconds": train_result.seconds, "steps": train_result.steps,
-             "collapsed": train_result.collapsed} if train_result else {}
-    write_json(out / "results.json", {"preset": cfg.preset, "environment": hardware_line(), "results": summary,
-                                      "train_overrides": list(overrides), "preflight": preflight,
-                                      "on_policy_preview": on_policy_preview, **extra})
-    (out / "results.md").write_text(results_markdown(results) + "\n")
-    for name, key in (("generations.jsonl", "generations"), ("mmlu.jsonl", "mmlu_rows"),
-                      ("mmlu_cloze.jsonl", "mmlu_cloze_rows")):
-        if name != "generations.jsonl" and not any(r.get(key) for r in results):
-            continue
-        with (out / name).open("w") as handle:
-            for r in results:
-                for g in r.get(key) or []:
-                    handle.write(json.dumps({"model": r["model"], **g}) + "\n")
-    student.save_pretrained(out / "student")
-    tokenizer.save_pretrained(out / "student")
-    return out
-
-
 # The notebook's sections, in order: (method, title). `Experiment.run()` calls them in this order.
 SECTIONS = (("configure", "1. Configuration"), ("load_data", "2. Data"), ("load_teacher", "3. Teacher"),
             ("teacher_answers", "3b. Teacher answers"), ("load_student", "4. Student and tokenization"),
@@ -548,6 +411,45 @@ TRAINING_SECTIONS = ("loss", "train")  # what the training cell may override; th
 _FIXED_BY = {"data": "2. Data", "teacher": "3. Teacher", "student": "4. Student and tokenization",
              "teacher_cache": "4b. Teacher cache", "generate": "3b. Teacher answers", "eval": "5. Before training",
              "run": "1. Configuration", "preset": "1. Configuration"}
+
+
+@dataclass
+class TeacherStage:
+    """Section 3: the frozen teacher, its tokenizer and what was loaded."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    info: ModelInfo
+
+
+@dataclass
+class StudentStage:
+    """Section 4: the untrained student (resting on the host), its tokenizer, whether it shares the teacher's
+    vocabulary, and both splits tokenized with its tokenizer."""
+
+    init: torch.nn.Module
+    tokenizer: Any
+    info: ModelInfo
+    shared: bool
+    splits: Splits
+
+
+def _need(value: Any, method: str) -> Any:
+    """`value`, a stage's result, or a RuntimeError naming the section that builds it."""
+    if value is None:
+        raise RuntimeError(f"Run section {_TITLES[method]} first (Experiment.{method}()).")
+    return value
+
+
+class _Built:
+    """``exp.<name>``: a field of one of the experiment's stage results (``exp.splits`` is
+    ``exp.student_stage.splits``), or a RuntimeError naming the section to run first."""
+
+    def __init__(self, stage: str, field: str, method: str):
+        self.stage, self.field, self.method = stage, field, method
+
+    def __get__(self, exp, owner=None):
+        return self if exp is None else getattr(_need(getattr(exp, self.stage), self.method), self.field)
 
 
 @dataclass
@@ -582,7 +484,20 @@ class Experiment:
 
     Under ``accelerate launch`` / torchrun every process loads the data and models and trains its shard of
     each global batch; only the main process builds caches (the others wait and reuse them), evaluates, and
-    writes files."""
+    writes files.
+
+    Each section's result is one typed value (`raw`, `train_raw`, `teacher_stage`, `student_stage`, `cache`,
+    `trained`, `baseline`, `results`, ...); `teacher`, `tokenizer`, `splits` and the like read the stage that
+    built them."""
+
+    teacher = _Built("teacher_stage", "model", "load_teacher")
+    teacher_tokenizer = _Built("teacher_stage", "tokenizer", "load_teacher")
+    teacher_info = _Built("teacher_stage", "info", "load_teacher")
+    student_init = _Built("student_stage", "init", "load_student")
+    tokenizer = _Built("student_stage", "tokenizer", "load_student")
+    student_info = _Built("student_stage", "info", "load_student")
+    shared = _Built("student_stage", "shared", "load_student")
+    splits = _Built("student_stage", "splits", "load_student")
 
     def __init__(self, cfg: Config, *, progress: bool = True, force: bool = False, announce: bool = False):
         self.cfg = cfg
@@ -593,10 +508,11 @@ class Experiment:
         self.say = print if self.main else (lambda *a, **k: None)
         self.device = resolve_device(cfg.train.device)
         self.timings: dict[str, float] = {}
-        self.raw = self.train_raw = self.splits = self.cache = None
-        self.teacher = self.teacher_tokenizer = self.teacher_info = None
-        self.student_init = self.tokenizer = self.student_info = None
-        self.shared = False
+        self.raw: Optional[RawData] = None  # 2. Data
+        self.train_raw: Optional[RawData] = None  # 3b. the training rows (the teacher's answers, or the data's)
+        self.teacher_stage: Optional[TeacherStage] = None  # 3. Teacher
+        self.student_stage: Optional[StudentStage] = None  # 4. Student and tokenization
+        self.cache: Optional[TopKCache] = None  # 4b. Teacher cache (None also when teacher_cache.use is off)
         self.results: dict[str, dict] = {}
         self.trained: Optional[Trained] = None
         self.baseline: Optional[Trained] = None
@@ -620,12 +536,6 @@ class Experiment:
             if self.announce and self.main:
                 print(f"== {title}: {self.timings[title]:.1f} s", flush=True)
 
-    def _need(self, attr: str, method: str) -> Any:
-        value = getattr(self, attr)
-        if value is None:
-            raise RuntimeError(f"Run section {_TITLES[method]} first (Experiment.{method}()).")
-        return value
-
     def configure(self) -> Path:
         """Check the memory plan (refusing one that does not fit unless `force`) and open the run folder:
         config.yaml (with each knob's help) and environment.json; nothing already in the folder is deleted."""
@@ -643,44 +553,44 @@ class Experiment:
     def load_teacher(self):
         """The frozen teacher, loaded once per experiment (calling again reuses it)."""
         with self._timed("load_teacher"):
-            if self.teacher is None:
-                self.teacher, self.teacher_tokenizer, self.teacher_info = load_teacher(self.cfg.teacher, self.device)
+            if self.teacher_stage is None:
+                self.teacher_stage = TeacherStage(*load_teacher(self.cfg.teacher, self.device))
             self.say(self.teacher_info)
             return self.teacher
 
     def teacher_answers(self) -> RawData:
         """With data.targets=teacher*, the teacher's answers become the training targets (cached on disk)."""
         with self._timed("teacher_answers"):
-            raw = self._need("raw", "load_data")
+            raw = _need(self.raw, "load_data")
             with main_process_first():
-                self.train_raw = teacher_answers(self.cfg, raw, self._need("teacher", "load_teacher"),
-                                                 self.teacher_tokenizer, self.teacher_info, self.progress)
+                self.train_raw = teacher_answers(self.cfg, raw, self.teacher, self.teacher_tokenizer,
+                                                 self.teacher_info, self.progress)
             return self.train_raw
 
     def load_student(self) -> Splits:
         """The untrained student (resting on the host; it visits the GPU to be evaluated), the vocabulary
         report, and both splits tokenized with the student's tokenizer."""
         with self._timed("load_student"):
-            teacher = self._need("teacher", "load_teacher")
-            s, raw = self.cfg.student, self._need("train_raw", "load_data")
+            teacher = self.teacher
+            s, raw = self.cfg.student, _need(self.train_raw, "load_data")
             calibration = None
             if (s.source == "derive" and s.layer_selection == "importance") or (s.source == "config"
                                                                                   and s.init == "prune"):
                 calibration = [(format_prompt(self.teacher_tokenizer, e.question, self.cfg.data.system_prompt)
                                 if e.answer else e.question) + e.target  # free text has no prompt template
                                for e in raw.train[:s.calibration_rows]]  # what the importance measurements read
-            self.student_init, self.tokenizer, self.student_info = load_student(s, teacher, self.teacher_tokenizer,
-                                                                                self.device, calibration)
-            offload(self.student_init, "cpu")
-            self.say(self.student_info)
-            self.shared = vocabulary(self.cfg, self.teacher_tokenizer, self.tokenizer, teacher, self.student_init,
-                                     verbose=self.main) is not None
-            self.splits = tokenize(self.cfg, self._need("train_raw", "load_data"), self.tokenizer, verbose=self.main)
+            init, tokenizer, info = load_student(s, teacher, self.teacher_tokenizer, self.device, calibration)
+            offload(init, "cpu")
+            self.say(info)
+            shared = vocabulary(self.cfg, self.teacher_tokenizer, tokenizer, teacher, init,
+                                verbose=self.main) is not None
+            self.student_stage = StudentStage(init, tokenizer, info, shared,
+                                              tokenize(self.cfg, raw, tokenizer, verbose=self.main))
             return self.splits
 
     def build_cache(self) -> Optional[TopKCache]:
         with self._timed("build_cache"):
-            splits = self._need("splits", "load_student")
+            splits = self.splits
             with main_process_first():
                 self.cache = teacher_cache(self.cfg, self.teacher, splits, self.tokenizer, self.teacher_info,
                                            self.shared, self.progress, verbose=self.main)
@@ -694,7 +604,7 @@ class Experiment:
     def evaluate_before(self) -> dict[str, dict]:
         """Results rows of the teacher and the untrained student (main process only)."""
         with self._timed("evaluate_before"):
-            splits = self._need("splits", "load_student")
+            splits = self.splits
             if self.main:
                 self.results["teacher"] = evaluate_teacher(self.cfg, self.teacher, self.teacher_tokenizer,
                                                            self.train_raw, splits, self.tokenizer, self.shared,
@@ -737,7 +647,7 @@ class Experiment:
         mask, the untrained student's logits and the teacher's signal (the cache's top-k, or the live teacher's
         logits) at the answer positions, as training receives them. The loss functions of `pocket_teacher.losses`
         applied to it give the step's CE, distillation term and total."""
-        splits = self._need("splits", "load_student")
+        splits = self.splits
         with visiting(self.student_init, self.device):
             step = open_step(self.student_init, splits.train, self.cfg, self.tokenizer, rows=rows,
                              teacher=self.agree_with, teacher_cache=self.cache)
@@ -766,7 +676,7 @@ class Experiment:
         example written in a notebook cell. The loss is still ``alpha * CE + (1 - alpha) * T^2 * D``; the history's
         kd, the baseline's and the held-out KD are its values."""
         with self._timed("distil"):
-            splits = self._need("splits", "load_student")
+            splits = self.splits
             cfg = self.training_config(overrides)
             if divergence is not None and not callable(divergence):
                 raise TypeError(f"divergence={divergence!r}: give a function (log_p, log_q) -> per-token values, or set "
@@ -790,7 +700,7 @@ class Experiment:
         """Plain fine-tuning (loss.alpha=1) with the last training's steps, data and schedule, when
         eval.baseline is set: what distillation has to beat."""
         with self._timed("train_baseline"):
-            trained = self._need("trained", "distil")
+            trained = _need(self.trained, "distil")
             for label in (BASELINE_LABEL, RANDOM_INIT_LABEL):
                 self.results.pop(label, None)
             kind, cfg = baseline_kind(trained.cfg), trained.cfg
@@ -828,7 +738,7 @@ class Experiment:
         answers and the live teacher scores them (train.on_policy=1, reverse KL at T=1, the usual on-policy
         setting), beside the main training's history at the same step. Kept in results.json, not in the table."""
         with self._timed("on_policy_preview"):
-            trained = self._need("trained", "distil")
+            trained = _need(self.trained, "distil")
             steps = self.cfg.eval.on_policy_preview
             if not steps or not self.shared:
                 self.preview = None
@@ -850,7 +760,7 @@ class Experiment:
     def evaluate_after(self) -> dict[str, dict]:
         """Results rows of the trained student and the baseline (main process only)."""
         with self._timed("evaluate_after"):
-            trained = self._need("trained", "distil")
+            trained = _need(self.trained, "distil")
             if self.main:
                 self.results["student after"] = evaluate(trained.cfg, "student after", trained.student, self.tokenizer,
                                                          self.splits, self.progress, self.agree_with)
@@ -865,7 +775,7 @@ class Experiment:
 
     def plots(self) -> dict[str, Any]:
         with self._timed("plots"):
-            trained = self._need("trained", "distil")
+            trained = _need(self.trained, "distil")
             if self.main:
                 self.figures = make_figures(trained.cfg, list(self.results.values()), trained.result.history,
                                             self.baseline.result.history if self.baseline else None, self.baseline_label)
@@ -875,7 +785,7 @@ class Experiment:
         """Each model's answer to the first eval.side_by_side held-out questions (a DataFrame): the teacher, the
         student before and after, and the baseline (fine-tuned, or the same shape from random init) when trained."""
         with self._timed("side_by_side"):
-            trained = self._need("trained", "distil")
+            trained = _need(self.trained, "distil")
             if self.main and self.cfg.eval.side_by_side:
                 models = {"teacher": self.teacher, "student before": self.student_init, "student after": trained.student}
                 if self.baseline is not None:  # the fine-tuned or random-init student beside the distilled one
@@ -894,7 +804,7 @@ class Experiment:
         """runs/<name>/: the config of the training (config.yaml), results.json / results.md, generations,
         side_by_side.jsonl, timings.json and the student (save_pretrained)."""
         with self._timed("save"):
-            trained = self._need("trained", "distil")
+            trained = _need(self.trained, "distil")
             if not self.main:
                 return self.out
             trained.cfg.to_yaml(self.out / "config.yaml")
@@ -933,71 +843,6 @@ def _mean_of(history: Sequence[dict], key: str) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
-def preflight_warnings(results: dict[str, dict], gap: Optional[dict]) -> list[str]:
-    """Plain warnings when the teacher has little to give the student (from the rows of section 5)."""
-    teacher, before = results["teacher"], results["student before"]
-    warnings = []
-    if teacher["perplexity"] >= 0.9 * before["perplexity"]:
-        warnings.append(f"the teacher's held-out perplexity ({teacher['perplexity']:,.2f}) is not clearly below the "
-                        f"untrained student's ({before['perplexity']:,.2f}): there is little for it to transfer.")
-    if teacher.get("accuracy") is not None and teacher["ci95_high"] < 0.2:
-        warnings.append(f"the teacher solves {teacher['correct']}/{teacher['questions']} held-out problems (95% "
-                        f"interval up to {100 * teacher['ci95_high']:.0f}%): its distributions can transfer fluency "
-                        f"and style, not correct answers; expect fine-tuning on the reference answers to match it "
-                        f"on accuracy.")
-    if before.get("top1_agreement") is not None and before["top1_agreement"] > 0.9:
-        warnings.append(f"the untrained student already agrees with the teacher on "
-                        f"{100 * before['top1_agreement']:.0f}% of held-out tokens.")
-    # the on-policy reverse KL per token is E_q[log q - log p]: student log-likelihood minus the teacher's
-    if gap and gap["student_logprob_per_token"] - gap["teacher_logprob_per_token"] < 0.1:
-        warnings.append("the teacher finds the student's own samples about as likely as the student does: "
-                        "on-policy distillation has little to correct.")
-    return warnings
-
-
-def summarize(results: dict[str, dict], cfg: Config, train_result: Optional[TrainResult]) -> str:
-    """Plain sentences on what the results say: the student against the teacher, before and after, against
-    the fine-tuned baseline, with the intervals that decide whether an accuracy difference means anything."""
-    teacher, before, after = (results.get(k) for k in ("teacher", "student before", "student after"))
-    base = results.get(BASELINE_LABEL)
-    random_init = results.get(RANDOM_INIT_LABEL)
-    if not (teacher and before and after):
-        return "Run every section first: the summary compares the teacher and the student before and after."
-    lines = [f"Setting: {cfg.preset} preset, {cfg.train.max_steps} steps, loss.alpha={cfg.loss.alpha}, "
-             f"T={cfg.loss.temperature}, {cfg.loss.divergence}."]
-    ratio = after["parameters"] / teacher["parameters"]
-    lines.append(f"The student has {after['parameters'] / 1e6:.1f}M parameters, {100 * ratio:.0f}% of the teacher's "
-                 f"{teacher['parameters'] / 1e6:.1f}M.")
-    text = cfg.data.source in ("text", "teacher_text")
-    lines.append(f"Held-out {'text (every token)' if text else 'answer'} perplexity: teacher "
-                 f"{teacher['perplexity']:,.2f}; student {before['perplexity']:,.2f} before and "
-                 f"{after['perplexity']:,.2f} after training ({after['perplexity'] / teacher['perplexity']:.2f}x the "
-                 f"teacher's).")
-    if random_init:
-        better = "the pruned start" if after["perplexity"] < random_init["perplexity"] else "the random start"
-        lines.append(f"The same student from random init reaches {random_init['perplexity']:,.2f} with the same data "
-                     f"and steps: {better} ends lower (one seed).")
-    if base:
-        better = "distillation" if after["perplexity"] < base["perplexity"] else "plain fine-tuning"
-        lines.append(f"Plain fine-tuning with the same steps reaches {base['perplexity']:,.2f}: {better} is lower "
-                     f"on this metric (one seed; see benchmarks/ for several).")
-    if after.get("top1_agreement") is not None and before.get("top1_agreement") is not None:
-        text = (f"Top-1 agreement with the teacher: {100 * before['top1_agreement']:.1f}% before, "
-                f"{100 * after['top1_agreement']:.1f}% after")
-        if base and base.get("top1_agreement") is not None:
-            text += f", {100 * base['top1_agreement']:.1f}% for plain fine-tuning"
-        lines.append(text + ".")
-    if after.get("accuracy") is not None:
-        overlap = after["ci95_low"] <= teacher["ci95_high"] and teacher["ci95_low"] <= after["ci95_high"]
-        lines.append(f"GSM accuracy: teacher {100 * teacher['accuracy']:.1f}% ({teacher['correct']}/"
-                     f"{teacher['questions']}), student after {100 * after['accuracy']:.1f}% ({after['correct']}/"
-                     f"{after['questions']}); the 95% intervals "
-                     + ("overlap, so this sample cannot tell them apart." if overlap else "do not overlap."))
-    if train_result is not None and train_result.collapsed:
-        lines.append(f"WARNING: the student collapsed ({train_result.collapsed}).")
-    return "\n".join(lines)
-
-
 def run(cfg: Config, progress: bool = True, resume: Optional[bool] = None, force: bool = False) -> dict[str, Any]:
     """The whole pipeline headless: `Experiment(cfg).run()`, the notebook's sections in order.
 
@@ -1009,13 +854,3 @@ def run(cfg: Config, progress: bool = True, resume: Optional[bool] = None, force
     return Experiment(cfg, progress=progress, force=force, announce=True).run()
 
 
-@contextlib.contextmanager
-def main_process_first():
-    """Run the block in the main process first, then in the others (which then reuse its caches)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        yield
-        return
-    from accelerate import PartialState
-
-    with PartialState().main_process_first():
-        yield

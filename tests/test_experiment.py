@@ -114,7 +114,7 @@ def test_the_notebook_and_run_write_the_same_results(tmp_path):
 
 @pytest.fixture()
 def experiment(tmp_path):
-    from pocket_teacher.pipeline import Experiment, configure
+    from pocket_teacher.experiment import Experiment, configure
 
     cfg = configure("tiny", [f"run.out_dir={tmp_path}", "run.name=exp", "train.max_steps=2", "eval.efficiency=false",
                              "eval.generate_samples=0", "eval.side_by_side=1"])
@@ -145,7 +145,7 @@ def test_the_training_cell_never_rebinds_the_config(experiment):
                                            ("student.num_layers=1", "4. Student"), ("train.device=cpu", "1. Config"),
                                            ("generate.max_new_tokens=8", "3b. Teacher answers")])
 def test_the_training_cell_refuses_settings_of_stages_already_built(experiment, override, cell):
-    from pocket_teacher.pipeline import StageAlreadyBuilt
+    from pocket_teacher.experiment import StageAlreadyBuilt
 
     with pytest.raises(StageAlreadyBuilt, match=rf"{override.split('=')[0]} cannot change in the training cell: "
                                                 rf"section {cell}"):
@@ -173,7 +173,7 @@ def test_rerunning_cells_is_idempotent(experiment):
 
 
 def test_sections_need_their_inputs(tmp_path):
-    from pocket_teacher.pipeline import Experiment, configure
+    from pocket_teacher.experiment import Experiment, configure
 
     exp = Experiment(configure("tiny", [f"run.out_dir={tmp_path}"]), progress=False)
     with pytest.raises(RuntimeError, match=r"Run section 4\. Student and tokenization first"):
@@ -181,7 +181,7 @@ def test_sections_need_their_inputs(tmp_path):
 
 
 def test_the_summary_is_written_from_the_results():
-    from pocket_teacher.pipeline import BASELINE_LABEL, summarize
+    from pocket_teacher.report import BASELINE_LABEL, summarize
 
     cfg = get_preset("tiny")
     row = {"parameters": 100e6, "perplexity": 10.0, "top1_agreement": 0.4, "accuracy": 0.5, "correct": 16,
@@ -195,7 +195,7 @@ def test_the_summary_is_written_from_the_results():
 
 
 def test_preflight_warns_only_when_the_teacher_adds_little():
-    from pocket_teacher.pipeline import preflight_warnings
+    from pocket_teacher.report import preflight_warnings
 
     strong = {"perplexity": 3.5, "accuracy": 0.6, "correct": 19, "questions": 32, "ci95_low": 0.42, "ci95_high": 0.75}
     before = {"perplexity": 2e6, "top1_agreement": 0.0}

@@ -1,0 +1,159 @@
+"""The run folder, runs/<name>/: who holds it (a lock), what ran (the resolved config, the environment and
+hardware), and what a run leaves there (results.json / results.md, generations, the student), written by the main
+process of a run."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import accelerate
+import torch
+import transformers
+from accelerate import PartialState
+from filelock import FileLock, Timeout
+
+from .config import Config
+from .files import write_json
+from .report import results_markdown
+from .train import TrainResult
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.run.out_dir) / cfg.run.name
+
+
+def environment() -> dict[str, Any]:
+    """Versions and hardware, saved with every run."""
+    info = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    info["cpu"] = _cpu_name()
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_line() -> str:
+    """One line naming the device the figures were measured on (printed by every benchmark)."""
+    cpu = f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return f"GPU {props.name} ({props.total_memory / 2**30:.0f} GiB); host CPU {cpu}; torch {torch.__version__}"
+    return f"CPU {cpu}; torch {torch.__version__}"
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live process holds the run folder; the message names it."""
+
+
+_HELD_LOCKS: dict[str, Any] = {}  # run folders this process holds (a notebook re-running its cells keeps its own)
+
+
+def lock_run_folder(out: Path) -> None:
+    """Hold an exclusive lock on the run folder for the rest of this process (filelock; the OS releases it when
+    the process dies, so a lock left by a killed run is stale and taken over). A second run into the same folder
+    is refused at once with the holder's pid, host and start time."""
+    key = str(out.resolve())
+    if key in _HELD_LOCKS:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    holder = out / ".lock.json"
+    lock = FileLock(str(out / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            who = json.loads(holder.read_text())
+            text = f"pid {who['pid']} on {who['host']}, started {who['started']}"
+        except (OSError, ValueError, KeyError):
+            text = "another process"
+        raise RunFolderBusy(f"The run folder {out} is in use by {text}. Wait for that run to finish, or write this "
+                            f"one elsewhere (--out runs/NAME, or run.name=...).") from None
+    if holder.is_file():  # left by a run that died without cleaning up (kill -9, a crashed kernel)
+        try:
+            old = json.loads(holder.read_text())
+            print(f"run folder: the lock of a run that ended without releasing it (pid {old.get('pid')}) was stale; "
+                  f"taken over")
+        except (OSError, ValueError):
+            pass
+    write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    _HELD_LOCKS[key] = lock
+    atexit.register(holder.unlink, missing_ok=True)  # a run that ends normally leaves no holder behind
+
+
+def start_run(cfg: Config) -> Path:
+    """Create runs/<name>/ with the resolved config and the environment, locked against a second run."""
+    out = run_dir(cfg)
+    lock_run_folder(out)
+    cfg.to_yaml(out / "config.yaml")
+    write_json(out / "environment.json", environment())
+    return out
+
+
+def is_main_process() -> bool:
+    """True in a single process, and in process 0 of an `accelerate launch` / torchrun group."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Run the block in the main process first, then in the others (which then reuse its caches)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    with PartialState().main_process_first():
+        yield
+
+
+def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequence[dict],
+                 train_result: Optional[TrainResult] = None, overrides: Sequence[str] = (),
+                 preflight: Optional[dict] = None, on_policy_preview: Optional[dict] = None) -> Path:
+    """Write results.json (with per-subject MMLU, and whether the student collapsed), results.md,
+    generations.jsonl (every GSM question, output, extracted and gold answer), mmlu.jsonl (every MMLU
+    question's letter scores) and the student (save_pretrained) into runs/<name>/."""
+    out = run_dir(cfg)
+    after = next((r for r in results if r["model"] == "student after"), None)
+    if train_result is not None and train_result.collapsed is None and after is not None \
+            and after["perplexity"] >= 0.5 * len(tokenizer):
+        train_result.collapsed = (f"the held-out perplexity {after['perplexity']:,.0f} is no better than guessing "
+                                  f"uniformly over {len(tokenizer):,} tokens (lower train.lr)")
+        print(f"WARNING: the student collapsed: {train_result.collapsed}.")
+    summary = [{k: v for k, v in r.items() if k not in ("generations", "mmlu_rows", "mmlu_cloze_rows")}
+               for r in results]
+    extra = {"train_seconds": train_result.seconds, "steps": train_result.steps,
+             "collapsed": train_result.collapsed} if train_result else {}
+    write_json(out / "results.json", {"preset": cfg.preset, "environment": hardware_line(), "results": summary,
+                                      "train_overrides": list(overrides), "preflight": preflight,
+                                      "on_policy_preview": on_policy_preview, **extra})
+    (out / "results.md").write_text(results_markdown(results) + "\n")
+    for name, key in (("generations.jsonl", "generations"), ("mmlu.jsonl", "mmlu_rows"),
+                      ("mmlu_cloze.jsonl", "mmlu_cloze_rows")):
+        if name != "generations.jsonl" and not any(r.get(key) for r in results):
+            continue
+        with (out / name).open("w") as handle:
+            for r in results:
+                for g in r.get(key) or []:
+                    handle.write(json.dumps({"model": r["model"], **g}) + "\n")
+    student.save_pretrained(out / "student")
+    tokenizer.save_pretrained(out / "student")
+    return out
