@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-from pocket_teacher.config import TeacherConfig
+from pocket_teacher.config import GenerateConfig, TeacherConfig
 from pocket_teacher.data import load_gsm8k, tokenize_examples
 from pocket_teacher.evaluate import gsm8k_accuracy, perplexity
 from pocket_teacher.models import load_teacher
@@ -57,8 +57,8 @@ def main() -> None:
         ppl = perplexity(model, split, pad_token_id=tokenizer.pad_token_id, batch_size=args.batch_size)
         row = {"perplexity": ppl["perplexity"], "perplexity_s": time.perf_counter() - start}
         if args.generate:
-            acc = gsm8k_accuracy(model, tokenizer, split.examples[:args.generate], max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.batch_size)
+            acc = gsm8k_accuracy(model, tokenizer, split.examples[:args.generate],
+                                 GenerateConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size))
             row.update(accuracy=acc["accuracy"], correct=acc["correct"], questions=acc["total"],
                        ci95=acc["ci95"], generation_s=acc["seconds"])
         figures[name] = row

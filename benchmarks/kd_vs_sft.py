@@ -81,6 +81,7 @@ def paired_bootstrap(a: list[float], b: list[float], weights: list[float] | None
 
 
 def evaluate_run(model, tokenizer, teacher, splits: dict, args) -> dict:
+    from pocket_teacher.config import GenerateConfig
     from pocket_teacher.evaluate import agreement, gsm8k_accuracy, perplexity
 
     pad, vocab = tokenizer.pad_token_id, len(tokenizer)
@@ -92,13 +93,14 @@ def evaluate_run(model, tokenizer, teacher, splits: dict, args) -> dict:
     row.update(top1_agreement=agree["top1_agreement"], kl_to_teacher=agree["kl"])
     if args.accuracy_questions:
         acc = gsm8k_accuracy(model, tokenizer, splits["in distribution"].examples[:args.accuracy_questions],
-                             max_new_tokens=args.max_new_tokens, batch_size=16, progress=False)
+                             GenerateConfig(max_new_tokens=args.max_new_tokens, batch_size=16), progress=False)
         row.update(accuracy=acc["accuracy"], correct_rows=[int(r["correct"]) for r in acc["rows"]])
     return row
 
 
 def prepare(args):
     """The pocket experiment up to the teacher cache, the OOD split and the sequence-level KD split."""
+    from pocket_teacher.config import GenerateConfig
     from pocket_teacher.data import LoadReport, load_gsm8k, tokenize_examples
     from pocket_teacher.generate import generate_answers
     from pocket_teacher.experiment import Experiment, cache_dir, configure
@@ -122,12 +124,13 @@ def prepare(args):
     costs = {"cache_build_s": exp.cache.report.build_seconds if exp.cache else 0.0}
     start = time.perf_counter()
     questions = exp.raw.train[:args.seq_questions]
-    kept, report = generate_answers(exp.teacher, exp.teacher_tokenizer, questions, cache_dir(exp.cfg), keep="correct",
-                                    max_new_tokens=args.max_new_tokens, batch_size=8, progress=True)
+    greedy = GenerateConfig(max_new_tokens=args.max_new_tokens, batch_size=8)
+    kept, report = generate_answers(exp.teacher, exp.teacher_tokenizer, questions, cache_dir(exp.cfg), greedy,
+                                    keep="correct", progress=True)
     seq_note = f"the {report.kept} correct teacher answers of {report.rows}"
     if report.kept < exp.cfg.train.batch_size:
-        kept, report = generate_answers(exp.teacher, exp.teacher_tokenizer, questions, cache_dir(exp.cfg),
-                                        keep="all", max_new_tokens=args.max_new_tokens, batch_size=8, progress=False)
+        kept, report = generate_answers(exp.teacher, exp.teacher_tokenizer, questions, cache_dir(exp.cfg), greedy,
+                                        keep="all", progress=False)
         seq_note = (f"all {report.kept} non-empty teacher answers of {report.rows} (too few were correct to filter: "
                     f"fewer than one batch)")
     costs_file = Path(args.out) / "teacher_costs.json"

@@ -84,7 +84,7 @@ def main() -> None:
 
     import torch
 
-    from pocket_teacher.config import TeacherConfig
+    from pocket_teacher.config import GenerateConfig, TeacherConfig
     from pocket_teacher.data import load_gsm8k, mmlu_example
     from pocket_teacher.evaluate import gsm8k_accuracy, mmlu_accuracy, mmlu_cloze_accuracy
     from pocket_teacher.models import load_teacher, materialize_gguf
@@ -122,8 +122,8 @@ def main() -> None:
         train, _ = load_gsm8k("train", path=str(SHARED / "gsm8k" / "train.jsonl"))
         test, _ = load_gsm8k("test", path=str(SHARED / "gsm8k" / "test.jsonl"), limit=args.gsm8k)
         start = time.perf_counter()
-        gsm = gsm8k_accuracy(model, tok, test, shots=train, fewshot="lm_eval", num_fewshot=5, max_new_tokens=256,
-                             batch_size=args.batch_size, desc="ours: GSM8K 5-shot")
+        gsm = gsm8k_accuracy(model, tok, test, GenerateConfig(max_new_tokens=256, batch_size=args.batch_size),
+                             shots=train, fewshot="lm_eval", num_fewshot=5, desc="ours: GSM8K 5-shot")
         report["ours_gsm8k"] = {k: gsm[k] for k in ("accuracy", "strict_match", "flexible_extract")}
         report["ours_gsm8k_s"] = time.perf_counter() - start
         print(f"ours: GSM8K 5-shot (lm_eval mode) on {len(test)}: our extractor {100 * gsm['accuracy']:.1f}%, "

@@ -55,7 +55,7 @@ def main() -> None:
 
     import torch
 
-    from pocket_teacher.config import TeacherConfig
+    from pocket_teacher.config import GenerateConfig, TeacherConfig
     from pocket_teacher.data import load_gsm8k, load_mmlu
     from pocket_teacher.evaluate import gsm8k_accuracy, mmlu_accuracy
     from pocket_teacher.models import load_teacher, resolve_device
@@ -86,9 +86,10 @@ def main() -> None:
 
     if args.speed_check:
         questions, _ = load_gsm8k("test", path=args.gsm8k, limit=args.speed_check)
-        kw = dict(max_new_tokens=args.speed_tokens, progress=False)
-        batched = gsm8k_accuracy(model, tok, questions, batch_size=min(args.batch_size, len(questions)), **kw)
-        single = gsm8k_accuracy(model, tok, questions, batch_size=1, **kw)
+        batched = gsm8k_accuracy(model, tok, questions, GenerateConfig(
+            max_new_tokens=args.speed_tokens, batch_size=min(args.batch_size, len(questions))), progress=False)
+        single = gsm8k_accuracy(model, tok, questions, GenerateConfig(max_new_tokens=args.speed_tokens, batch_size=1),
+                                progress=False)
         agree = sum(a["output"] == b["output"] for a, b in zip(batched["rows"], single["rows"]))
         per_b, per_s = batched["seconds"] / len(questions), single["seconds"] / len(questions)
         summary["speed_check"] = {"questions": len(questions), "batched_s_per_question": per_b,
@@ -119,8 +120,8 @@ def main() -> None:
         questions, report = load_gsm8k("test", path=args.gsm8k, limit=args.gsm8k_rows or None)
         print(f"data: {report}", flush=True)
         shots = load_gsm8k("train", path=args.gsm8k_train, limit=args.gsm8k_shots)[0] if args.gsm8k_shots else ()
-        res = gsm8k_accuracy(model, tok, questions, shots=shots, max_new_tokens=args.max_new_tokens,
-                             batch_size=args.batch_size)
+        res = gsm8k_accuracy(model, tok, questions, GenerateConfig(max_new_tokens=args.max_new_tokens,
+                                                                  batch_size=args.batch_size), shots=shots)
         no_number = sum(r["extracted"] is None for r in res["rows"])
         record("gsm8k", res, f"GSM8K ({len(shots)}-shot, greedy, {args.max_new_tokens} new tokens):",
                f"; {no_number} outputs without a number", no_number=no_number)

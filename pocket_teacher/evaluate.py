@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .batches import answer_batches, answer_logit_chunks, answer_logits
+from .config import GenerateConfig
 from .data import (IGNORE_INDEX, MMLU_LETTERS, Example, LoadReport, PaddingCollator, TokenizedSplit, answers_match,
                    extract_gsm8k_answer, format_prompt)
 from .generate import GREEDY, generate, overridden_generation_settings, sample_rollouts  # noqa: F401 (re-exported)
@@ -140,11 +141,13 @@ def lm_eval_gsm8k_match(output: str, reference: str) -> dict:
             "flexible": flexible is not None and clean(flexible) == gold}
 
 
-def gsm8k_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *,
-                   system_prompt: Optional[str] = None, max_new_tokens: int = 192, batch_size: int = 16,
+def gsm8k_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example],
+                   settings: Optional[GenerateConfig] = None, *, system_prompt: Optional[str] = None,
                    shots: Sequence[Example] = (), fewshot: str = "first", num_fewshot: int = 5,
                    desc: str = "GSM8K", progress: bool = True) -> dict:
     """Exact-match accuracy of the final number, with a 95% interval and every row for inspection.
+
+    Greedy decoding with `settings`' budget and batch size (default: 192 new tokens, batches of 16).
 
     fewshot="first": `shots` (worked examples from the training split, never the questions scored) shown before
     each question as earlier conversation turns of the chat template. fewshot="lm_eval": lm-eval's ``gsm8k``
@@ -164,8 +167,10 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example
         prompts = [format_prompt(tokenizer, e.question, system_prompt, pairs) for e in examples]
         stop = () if getattr(tokenizer, "chat_template", None) else ("\nQuestion:",)
     start = time.perf_counter()
-    outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       stop=stop, desc=desc, progress=progress)
+    settings = settings or GenerateConfig(max_new_tokens=192, batch_size=16)
+    if settings.temperature:
+        raise ValueError(f"temperature={settings.temperature}: accuracy is measured greedily (temperature 0).")
+    outputs = generate(model, tokenizer, prompts, settings, stop=stop, desc=desc, progress=progress)
     seconds = time.perf_counter() - start
     rows = []
     for example, output in zip(examples, outputs):
@@ -228,8 +233,7 @@ def _mmlu_shots(example: Example, pool: dict[str, list[Example]], k: int) -> lis
 
 @torch.no_grad()
 def mmlu_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *, shots: int = 0,
-                  shot_pool: Optional[Sequence[Example]] = None, subjects: Optional[Sequence[str]] = None,
-                  limit: Optional[int] = None, batch_size: int = 16, max_length: int = 2048,
+                  shot_pool: Optional[Sequence[Example]] = None, batch_size: int = 16, max_length: int = 2048,
                   desc: str = "MMLU", progress: bool = True) -> dict:
     """MMLU accuracy by comparing the next-token log-probabilities of A, B, C and D (no generation).
 
@@ -238,7 +242,6 @@ def mmlu_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example]
         shots: solved questions of the same subject shown first (0 = zero-shot; 5 is the standard).
         shot_pool: where shots come from (the dev split); default: the other questions of `examples`
             in the same subject (never the question itself).
-        subjects, limit: score only these subjects / the first `limit` questions after that filter.
         max_length: prompts longer than this drop shots until they fit (counted in "shots_dropped").
 
     Returns {"accuracy" (micro), "macro" (mean over subjects), "correct", "total", "ci95",
@@ -246,8 +249,7 @@ def mmlu_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example]
     "predicted_letters" ({letter: count}), "favourite_letter" (the one predicted most) and
     "favourite_letter_accuracy" (what always answering it would score: the letter-bias floor), ...}.
     """
-    chosen = [e for e in examples if subjects is None or e.subject in set(subjects)]
-    chosen = chosen[:limit] if limit is not None else chosen
+    chosen = list(examples)
     pool: dict[str, list[Example]] = {}
     for e in (shot_pool if shot_pool is not None else examples):
         pool.setdefault(e.subject, []).append(e)
@@ -524,8 +526,8 @@ def evaluate_model(label: str, model: torch.nn.Module, tokenizer, eval_split: To
     if eval_cfg.generate_samples > 0 and eval_split.examples and eval_split.examples[0].answer:  # not free text
         mode = getattr(eval_cfg, "gsm8k_fewshot", "first")
         acc = gsm8k_accuracy(model, tokenizer, eval_split.examples[:eval_cfg.generate_samples],
-                             system_prompt=system_prompt, max_new_tokens=eval_cfg.max_new_tokens,
-                             batch_size=eval_cfg.batch_size, shots=gsm_shots, fewshot=mode,
+                             GenerateConfig(max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size),
+                             system_prompt=system_prompt, shots=gsm_shots, fewshot=mode,
                              num_fewshot=eval_cfg.gsm8k_shots, desc=f"{label}: GSM8K", progress=progress)
         row.update(accuracy=acc["accuracy"], correct=acc["correct"], questions=acc["total"],
                    ci95_low=acc["ci95"][0], ci95_high=acc["ci95"][1], generation_s=acc["seconds"],

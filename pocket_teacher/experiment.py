@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .checkpoints import list_checkpoints
-from .config import Config, ConfigError, apply_overrides, get_preset
+from .config import Config, ConfigError, GenerateConfig, apply_overrides, get_preset
 from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, handle_duplicates, load_examples,
                    load_mmlu, remove_overlap, tokenize_examples)
 from .evaluate import evaluate_model, teacher_on_student_samples
@@ -187,11 +187,9 @@ def teacher_answers(cfg: Config, raw: RawData, teacher: torch.nn.Module, teacher
     if cfg.data.targets == "reference":
         return raw
     keep = "correct" if cfg.data.targets == "teacher_correct" else "all"
-    train, report = generate_answers(teacher, teacher_tokenizer, raw.train, cache_dir(cfg), keep=keep,
-                                     max_new_tokens=cfg.generate.max_new_tokens, batch_size=cfg.generate.batch_size,
+    train, report = generate_answers(teacher, teacher_tokenizer, raw.train, cache_dir(cfg), cfg.generate, keep=keep,
                                      system_prompt=cfg.data.system_prompt, teacher_key=teacher_key(cfg, info),
-                                     progress=progress, temperature=cfg.generate.temperature,
-                                     top_p=cfg.generate.top_p, stop=cfg.generate.stop, seed=cfg.generate.seed)
+                                     progress=progress)
     print(report)
     if not train:
         raise DataError(f"data.targets={cfg.data.targets}: none of the teacher's {report.rows} answers was kept "
@@ -202,11 +200,8 @@ def teacher_answers(cfg: Config, raw: RawData, teacher: torch.nn.Module, teacher
 def teacher_texts(cfg: Config, teacher: torch.nn.Module, tokenizer, info: Optional[ModelInfo] = None,
                   progress: bool = True) -> RawData:
     """The teacher's free texts (data.source=teacher_text), split into training and held-out rows."""
-    g = cfg.generate
-    texts, report = generate_texts(teacher, tokenizer, read_prompts(g.prompts), cache_dir(cfg),
-                                   num_samples=g.num_samples, max_new_tokens=g.max_new_tokens,
-                                   batch_size=g.batch_size, temperature=g.temperature, top_p=g.top_p, stop=g.stop,
-                                   seed=g.seed, teacher_key=teacher_key(cfg, info), progress=progress)
+    texts, report = generate_texts(teacher, tokenizer, read_prompts(cfg.generate.prompts), cache_dir(cfg),
+                                   cfg.generate, teacher_key=teacher_key(cfg, info), progress=progress)
     print(report)
     if len(texts) <= cfg.data.eval_size:
         raise DataError(f"The teacher wrote {len(texts)} non-empty texts, not more than data.eval_size="
@@ -247,7 +242,8 @@ def teacher_cache(cfg: Config, teacher: torch.nn.Module, splits: Splits, tokeniz
     """Build or reuse the teacher's top-k cache of the training split (teacher_cache.use); prints its report."""
     if not cfg.teacher_cache.use or not shared_vocab:
         if verbose:
-            print("teacher cache: off" + ("" if shared_vocab else " (no shared vocabulary)") + "; the teacher runs live")
+            print("teacher cache: off" + ("" if shared_vocab else " (no shared vocabulary)")
+                  + "; the teacher runs live")
         return None
     tc = cfg.teacher_cache
     cache = build_topk_cache(teacher, splits.train, cache_dir(cfg), k=tc.k, vocab_size=len(tokenizer),
@@ -389,11 +385,11 @@ def compare_generations(cfg: Config, models: dict[str, torch.nn.Module], tokeniz
     prompts = [e.question if text else format_prompt(tokenizer, e.question, cfg.data.system_prompt)
                for e in examples]
     device = resolve_device(cfg.train.device)
+    greedy = GenerateConfig(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
     answers = {}
     for name, model in models.items():
         with visiting(model, device):
-            answers[name] = generate(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.eval.batch_size, desc=name, progress=progress,
+            answers[name] = generate(model, tokenizer, prompts, greedy, desc=name, progress=progress,
                                      stop=default_stop(tokenizer, cfg.generate.stop) if text else ())
     return side_by_side(examples, answers)
 
@@ -679,8 +675,8 @@ class Experiment:
             splits = self.splits
             cfg = self.training_config(overrides)
             if divergence is not None and not callable(divergence):
-                raise TypeError(f"divergence={divergence!r}: give a function (log_p, log_q) -> per-token values, or set "
-                                f"loss.divergence to one of the named divergences.")
+                raise TypeError(f"divergence={divergence!r}: give a function (log_p, log_q) -> per-token values, or "
+                                f"set loss.divergence to one of the named divergences.")
             with training(cfg, self.student_init, self.teacher if self.shared else None, splits, self.tokenizer,
                           self.progress, self.cache, divergence=divergence) as trainer:
                 result = trainer.fit()  # the training step, opened in section 4c
@@ -748,11 +744,12 @@ class Experiment:
             last = result.history[-1]
             same_step = next((h for h in trained.result.history if h["step"] == steps), {})
             self.preview = {"steps": steps, "train_s": result.seconds, "eval_ppl": last.get("eval_ppl"),
-                            "eval_reverse_kl": last.get("eval_kd"), "rollout_tokens_mean": _mean_of(
-                                result.history, "rollout_tokens_mean"), "main_eval_ppl_same_step": same_step.get("eval_ppl")}
-            self.say(f"on-policy preview: {steps} steps in {result.seconds:.0f} s ({result.seconds / steps:.1f} s/step, "
-                     f"rollouts of {self.preview['rollout_tokens_mean']:.0f} tokens on average); held-out perplexity "
-                     f"{last.get('eval_ppl', float('nan')):,.2f}" + (
+                            "eval_reverse_kl": last.get("eval_kd"),
+                            "rollout_tokens_mean": _mean_of(result.history, "rollout_tokens_mean"),
+                            "main_eval_ppl_same_step": same_step.get("eval_ppl")}
+            self.say(f"on-policy preview: {steps} steps in {result.seconds:.0f} s ({result.seconds / steps:.1f} "
+                     f"s/step, rollouts of {self.preview['rollout_tokens_mean']:.0f} tokens on average); held-out "
+                     f"perplexity {last.get('eval_ppl', float('nan')):,.2f}" + (
                          f" (the main training at step {steps}: {same_step['eval_ppl']:,.2f})"
                          if same_step.get("eval_ppl") is not None else ""))
             return self.preview
@@ -762,11 +759,12 @@ class Experiment:
         with self._timed("evaluate_after"):
             trained = _need(self.trained, "distil")
             if self.main:
-                self.results["student after"] = evaluate(trained.cfg, "student after", trained.student, self.tokenizer,
-                                                         self.splits, self.progress, self.agree_with)
+                rows = {"student after": trained.student}
                 if self.baseline is not None:
-                    self.results[self.baseline_label] = evaluate(trained.cfg, self.baseline_label, self.baseline.student,
-                                                            self.tokenizer, self.splits, self.progress, self.agree_with)
+                    rows[self.baseline_label] = self.baseline.student
+                for label, student in rows.items():
+                    self.results[label] = evaluate(trained.cfg, label, student, self.tokenizer, self.splits,
+                                                   self.progress, self.agree_with)
             return self.results
 
     def table(self):
@@ -777,8 +775,9 @@ class Experiment:
         with self._timed("plots"):
             trained = _need(self.trained, "distil")
             if self.main:
+                baseline = self.baseline.result.history if self.baseline else None
                 self.figures = make_figures(trained.cfg, list(self.results.values()), trained.result.history,
-                                            self.baseline.result.history if self.baseline else None, self.baseline_label)
+                                            baseline, self.baseline_label)
             return self.figures
 
     def side_by_side(self):
@@ -787,7 +786,8 @@ class Experiment:
         with self._timed("side_by_side"):
             trained = _need(self.trained, "distil")
             if self.main and self.cfg.eval.side_by_side:
-                models = {"teacher": self.teacher, "student before": self.student_init, "student after": trained.student}
+                models = {"teacher": self.teacher, "student before": self.student_init,
+                          "student after": trained.student}
                 if self.baseline is not None:  # the fine-tuned or random-init student beside the distilled one
                     models[self.baseline_label] = self.baseline.student
                 k, ev = self.cfg.eval.side_by_side, self.cfg.eval
@@ -808,8 +808,9 @@ class Experiment:
             if not self.main:
                 return self.out
             trained.cfg.to_yaml(self.out / "config.yaml")
-            out = save_outputs(trained.cfg, trained.student, self.tokenizer, list(self.results.values()), trained.result,
-                               overrides=trained.overrides, preflight=self.checks, on_policy_preview=self.preview)
+            out = save_outputs(trained.cfg, trained.student, self.tokenizer, list(self.results.values()),
+                               trained.result, overrides=trained.overrides, preflight=self.checks,
+                               on_policy_preview=self.preview)
             if self.comparison is not None:
                 self.comparison.to_json(out / "side_by_side.jsonl", orient="records", lines=True, force_ascii=False)
             write_json(out / "timings.json", {"sections_s": {k: round(v, 2) for k, v in self.timings.items()}})

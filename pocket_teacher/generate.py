@@ -1,8 +1,8 @@
 """Text the models write: batched greedy decoding, and the teacher's answers to the training questions
 (sequence-level distillation), cached as readable JSONL.
 
-    answers = generate(model, tokenizer, prompts, max_new_tokens=256)
-    kept, report = generate_answers(teacher, tokenizer, examples, "runs/teacher_cache", keep="correct")
+    answers = generate(model, tokenizer, prompts, GenerateConfig(max_new_tokens=256))
+    kept, report = generate_answers(teacher, tokenizer, examples, "runs/teacher_cache", cfg.generate, keep="correct")
 
 `generate_answers` is sequence-level distillation: the teacher answers the training questions, optionally keeping
 only answers whose final number is correct (rejection sampling); the answers are cached under a fingerprint of the
@@ -22,6 +22,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
 from .batches import AnswerBatch
+from .config import GenerateConfig
 from .data import (DataError, Example, PaddingCollator, answers_match, extract_gsm8k_answer, format_prompt,
                    text_example)
 from .files import digest, fingerprint, model_digest
@@ -90,10 +91,13 @@ class NucleusSampling:
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 192,
-             batch_size: int = 16, stop: Sequence[str] = (), desc: str = "generate",
-             progress: bool = True, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], settings: Optional[GenerateConfig] = None,
+             *, stop: Sequence[str] = (), desc: str = "generate", progress: bool = True) -> list[str]:
     """Greedy completions of `prompts` (already formatted), batched with left padding, in input order.
+
+    `settings` (a `GenerateConfig`; default: greedy, 256 new tokens, batches of 8) gives the budget
+    (max_new_tokens), the batch size and the sampling (temperature, top_p, seed); `stop` is given here as a list
+    (`default_stop` resolves generate.stop for a tokenizer).
 
     Greedy means greedy: no sampling, no repetition penalty, no n-gram blocking, whatever the model's own
     generation config says (`GREEDY`; `overridden_generation_settings` lists what was overridden).
@@ -103,6 +107,8 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_n
     (nucleus `top_p`, no top-k), each batch from its own generator state seeded by `seed` and the batch's first
     prompt index (the global RNG is left as it was), so a run is reproducible.
     """
+    g = settings or GenerateConfig()
+    temperature, top_p, batch_size = g.temperature, g.top_p, g.batch_size
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -111,7 +117,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_n
     # a third faster on CPU), so the generation config itself leaves the logits alone.
     sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0} if temperature > 0 else {}
     processors = [NucleusSampling(temperature, top_p)] if temperature > 0 else []
-    config = GenerationConfig(**{**GREEDY, **sampling}, max_new_tokens=max_new_tokens,
+    config = GenerationConfig(**{**GREEDY, **sampling}, max_new_tokens=g.max_new_tokens,
                               pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=tokenizer.eos_token_id,
                               **({"stop_strings": list(stop)} if stop else {}))
@@ -123,7 +129,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_n
             enc = tokenizer([prompts[i] for i in index], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(seed * 1_000_003 + index[0])
+                torch.manual_seed(g.seed * 1_000_003 + index[0])
                 out = model.generate(**enc, generation_config=config, logits_processor=LogitsProcessorList(processors),
                                      **({"tokenizer": tokenizer} if stop else {}))
             new = out[:, enc["input_ids"].shape[1]:]
@@ -183,12 +189,12 @@ def default_stop(tokenizer, stop: Optional[Sequence[str]] = None) -> list[str]:
     return [] if getattr(tokenizer, "chat_template", None) else ["\nQuestion:"]
 
 
-def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Example], root: str | Path, *,
-                     keep: str = "all", max_new_tokens: int = 256, batch_size: int = 16,
-                     system_prompt: Optional[str] = None, teacher_key: Optional[dict] = None,
-                     progress: bool = True, temperature: float = 0.0, top_p: float = 1.0,
-                     stop: Optional[Sequence[str]] = None, seed: int = 0) -> tuple[list[Example], GenerationReport]:
-    """The teacher answers every question (batched greedy decoding); its answers become the targets.
+def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Example], root: str | Path,
+                     settings: GenerateConfig, *, keep: str = "all", system_prompt: Optional[str] = None,
+                     teacher_key: Optional[dict] = None,
+                     progress: bool = True) -> tuple[list[Example], GenerationReport]:
+    """The teacher answers every question (batched, greedy or sampled as `settings` say: the generate.* knobs);
+    its answers become the targets.
 
     keep: "all" keeps every answer; "correct" keeps only answers whose extracted final number equals
     the example's gold answer (rejection sampling), counting the rest by reason. Works whatever the
@@ -200,10 +206,12 @@ def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Exa
     template = getattr(tokenizer, "chat_template", None) or ""
     parts = {"format": FORMAT, "teacher": {"weights": model_digest(teacher), **(teacher_key or {})},
              "data": digest(*(json.dumps([e.question, e.answer]).encode() for e in examples)),
-             "template": digest(template.encode()), "system_prompt": system_prompt, "max_new_tokens": max_new_tokens}
-    stops = default_stop(tokenizer, stop)
-    if temperature > 0:  # keys only when set, so greedy answers cached before keep their fingerprint
-        parts["sampling"] = {"temperature": temperature, "top_p": top_p, "seed": seed, "batch_size": batch_size}
+             "template": digest(template.encode()), "system_prompt": system_prompt,
+             "max_new_tokens": settings.max_new_tokens}
+    stops = default_stop(tokenizer, settings.stop)
+    if settings.temperature > 0:  # keys only when set, so greedy answers cached before keep their fingerprint
+        parts["sampling"] = {"temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed,
+                             "batch_size": settings.batch_size}
     if stops:
         parts["stop"] = stops
     path = Path(root) / f"answers-{fingerprint(parts)}.jsonl"
@@ -217,9 +225,8 @@ def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Exa
         status = "generated"
     if rows is None:
         prompts = [format_prompt(tokenizer, e.question, system_prompt) for e in examples]
-        outputs = generate(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           desc="teacher answers", progress=progress, temperature=temperature, top_p=top_p,
-                           seed=seed, stop=stops)
+        outputs = generate(teacher, tokenizer, prompts, settings, stop=stops, desc="teacher answers",
+                           progress=progress)
         rows = [{"question": e.question, "gold": e.answer, "teacher_answer": out,
                  "extracted": extract_gsm8k_answer(out), "where": e.where} for e, out in zip(examples, outputs)]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,22 +279,23 @@ def read_prompts(path: Optional[str]) -> list[str]:
     return prompts
 
 
-def generate_texts(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str], root: str | Path, *,
-                   num_samples: int, max_new_tokens: int = 128, batch_size: int = 8, temperature: float = 0.8,
-                   top_p: float = 0.95, stop: Optional[Sequence[str]] = None, seed: int = 0,
-                   teacher_key: Optional[dict] = None, progress: bool = True) -> tuple[list[Example], GenerationReport]:
-    """`num_samples` texts written by the teacher, continuing `prompts` in turn (raw text, no chat template),
-    sampled at `temperature` / `top_p` (greedy at 0), cut at EOS or a stop string. Cached as readable JSONL
+def generate_texts(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str], root: str | Path,
+                   settings: GenerateConfig, *, teacher_key: Optional[dict] = None,
+                   progress: bool = True) -> tuple[list[Example], GenerationReport]:
+    """`settings.num_samples` texts written by the teacher, continuing `prompts` in turn (raw text, no chat
+    template), sampled at `settings.temperature` / `top_p` (greedy at 0), cut at EOS or a stop string. Cached as
+    readable JSONL
     (``texts-<fingerprint>.jsonl``: prompt, text) under a fingerprint of the teacher, prompts and settings, and
     reused on a match. Empty texts are dropped and counted in the report. Each Example's question is its prompt
     and its target the continuation (trained on as one text)."""
-    stops = default_stop(tokenizer, stop)
+    g, stops = settings, default_stop(tokenizer, settings.stop)
+    num_samples = g.num_samples
     parts = {"format": FORMAT, "teacher": {"weights": model_digest(teacher), **(teacher_key or {})},
              "prompts": digest(*(p.encode() for p in prompts)), "num_samples": num_samples,
-             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "stop": stops,
-             "seed": seed}
-    if temperature > 0:  # each batch samples from its own seeded generator: the batching shapes the texts
-        parts["batch_size"] = batch_size
+             "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p, "stop": stops,
+             "seed": g.seed}
+    if g.temperature > 0:  # each batch samples from its own seeded generator: the batching shapes the texts
+        parts["batch_size"] = g.batch_size
     path = Path(root) / f"texts-{fingerprint(parts)}.jsonl"
     start, status = time.perf_counter(), "reused"
     rows = _read_rows(path, ("prompt", "text"), "teacher texts")
@@ -297,9 +305,7 @@ def generate_texts(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str], 
     if rows is None:
         status = "generated"
         chosen = [prompts[i % len(prompts)] for i in range(num_samples)]
-        outputs = generate(teacher, tokenizer, chosen, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           stop=stops, desc="teacher texts", progress=progress, temperature=temperature,
-                           top_p=top_p, seed=seed)
+        outputs = generate(teacher, tokenizer, chosen, settings, stop=stops, desc="teacher texts", progress=progress)
         rows = [{"prompt": p, "text": o} for p, o in zip(chosen, outputs)]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")

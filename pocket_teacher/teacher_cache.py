@@ -192,7 +192,7 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
     root = Path(root)
     lock = cache_lock(root, fp, progress)
     try:
-        return _build_or_reuse(teacher, split, root, fp, parts, k, vocab, pad_token_id, batch_size, kl_sample_rows,
+        return _build_or_reuse(teacher, split, root, parts, k, vocab, pad_token_id, batch_size, kl_sample_rows,
                                progress)
     finally:
         lock.release()
@@ -247,8 +247,9 @@ def _first_damaged(state: dict, mms, offsets: np.ndarray) -> Optional[int]:
     return None
 
 
-def _build_or_reuse(teacher, split, root: Path, fp: str, parts: dict, k: int, vocab: int, pad_token_id: int,
+def _build_or_reuse(teacher, split, root: Path, parts: dict, k: int, vocab: int, pad_token_id: int,
                     batch_size: int, kl_sample_rows: int, progress: bool) -> TopKCache:
+    fp = fingerprint(parts)
     final, partial = root / fp, root / f"{fp}.partial"
     problem = validate_cache(final, fp) if final.exists() else "absent"
     if problem is None:

@@ -280,7 +280,8 @@ NOT_FINGERPRINTED = {"train.resume", "train.resume_allow", "train.checkpoint_eve
 def training_fingerprint(cfg) -> dict:
     """Every setting that shapes training (models, data, loss, teacher signal, optimizer, schedule), flattened."""
     tree = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
-    flat = _flat({k: tree[k] for k in ("teacher", "student", "data", "generate", "loss", "teacher_cache", "train") if k in tree})
+    sections = ("teacher", "student", "data", "generate", "loss", "teacher_cache", "train")
+    flat = _flat({k: tree[k] for k in sections if k in tree})
     return {k: v for k, v in flat.items() if k not in NOT_FINGERPRINTED}
 
 

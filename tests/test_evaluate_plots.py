@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from pocket_teacher.data import Example, PaddingCollator, load_gsm_symbolic, tokenize_examples
+from pocket_teacher.config import GenerateConfig
 from pocket_teacher.evaluate import generate, gsm8k_accuracy, perplexity, wilson_interval
 from pocket_teacher.report import results_markdown, results_table
 from pocket_teacher.plots import plot_quality, plot_training, save_figure
@@ -40,8 +41,10 @@ def test_perplexity_matches_manual(tiny_teacher, tiny_tokenizer):
 def test_batched_generation_equals_one_by_one(tiny_teacher, tiny_tokenizer):
     prompts = ["Question: What is 2+2?\nAnswer: ", "Question: Tom has 3 apples and buys 12 more. How many?\nAnswer: ",
                "Question: x\nAnswer: "]
-    batched = generate(tiny_teacher, tiny_tokenizer, prompts, max_new_tokens=12, batch_size=3, progress=False)
-    single = [generate(tiny_teacher, tiny_tokenizer, [p], max_new_tokens=12, batch_size=1, progress=False)[0]
+    batched = generate(tiny_teacher, tiny_tokenizer, prompts, GenerateConfig(max_new_tokens=12, batch_size=3),
+                       progress=False)
+    single = [generate(tiny_teacher, tiny_tokenizer, [p], GenerateConfig(max_new_tokens=12, batch_size=1),
+                       progress=False)[0]
               for p in prompts]
     assert batched == single and any(batched)
     assert tiny_tokenizer.padding_side == "right"  # restored
@@ -131,7 +134,8 @@ def test_letter_scoring_picks_the_letter_the_model_prefers(tiny_teacher, tiny_to
 
 def test_mmlu_subsets_shots_and_length_limit(tiny_teacher, tiny_tokenizer):
     questions = _mmlu(12)
-    only = mmlu_accuracy(tiny_teacher, tiny_tokenizer, questions, subjects=["virology"], limit=4, progress=False)
+    only = mmlu_accuracy(tiny_teacher, tiny_tokenizer, [q for q in questions if q.subject == "virology"][:4],
+                         shot_pool=questions, progress=False)
     assert only["total"] == 4 and set(only["per_subject"]) == {"virology"}
     few = mmlu_accuracy(tiny_teacher, tiny_tokenizer, questions, shots=3, progress=False)
     assert few["shots"] == 3 and few["shots_dropped"] == 0
@@ -153,7 +157,7 @@ def test_gsm8k_few_shot_prompts_show_the_shots(monkeypatch, tiny_teacher, tiny_t
 
     seen = {}
 
-    def fake_generate(model, tokenizer, prompts, **kwargs):
+    def fake_generate(model, tokenizer, prompts, settings=None, **kwargs):
         seen["prompts"], seen["stop"] = prompts, kwargs.get("stop")
         return ["#### 1"] * len(prompts)
 
@@ -216,7 +220,7 @@ def test_greedy_ignores_the_models_sampling_and_repetition_settings(tiny_teacher
     config.no_repeat_ngram_size = 2
     prompt = "Question: What is 2+2?\nAnswer: "
     torch.manual_seed(123)
-    got = generate(tiny_teacher, tiny_tokenizer, [prompt], max_new_tokens=10, progress=False)[0]
+    got = generate(tiny_teacher, tiny_tokenizer, [prompt], GenerateConfig(max_new_tokens=10), progress=False)[0]
     ids = tiny_tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         for _ in range(10):

@@ -155,13 +155,15 @@ def test_a_flipped_byte_in_a_partial_cache_is_found_on_resume(tmp_path, monkeypa
 
 def test_a_truncated_answers_file_is_named_and_rebuilt(tmp_path, capsys, tiny_teacher, tiny_tokenizer):
     from pocket_teacher.data import load_gsm_symbolic
+    from pocket_teacher.config import GenerateConfig
     from pocket_teacher.generate import generate_answers
 
     examples = load_gsm_symbolic(3, seed=3)[0]
-    _, first = generate_answers(tiny_teacher, tiny_tokenizer, examples, tmp_path, max_new_tokens=4, progress=False)
+    _, first = generate_answers(tiny_teacher, tiny_tokenizer, examples, tmp_path, GenerateConfig(max_new_tokens=4),
+                                progress=False)
     path = Path(first.path)
     path.write_text(path.read_text()[:-20])  # cut mid-line
-    rows, again = generate_answers(tiny_teacher, tiny_tokenizer, examples, tmp_path, max_new_tokens=4,
+    rows, again = generate_answers(tiny_teacher, tiny_tokenizer, examples, tmp_path, GenerateConfig(max_new_tokens=4),
                                    progress=False)
     assert again.status == "generated" and again.rows == len(examples)
     assert f"{path} is damaged" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pocket_teacher.config import ConfigError, apply_overrides, get_preset
+from pocket_teacher.config import ConfigError, GenerateConfig, apply_overrides, get_preset
 from pocket_teacher.data import Example, load_gsm_symbolic, tokenize_examples
 from pocket_teacher.models import ModelLoadError, derive_student, load_teacher, resolve_precision
 from pocket_teacher.generate import generate_answers
@@ -180,22 +180,23 @@ def test_generated_answers_filter_by_correctness_and_are_cached(monkeypatch, tin
     canned = ["0 + 0 = 0\n#### 0", "1 + 1 = 3\n#### 3", "", "3 + 3 = 6. The answer is 6"]
     calls = []
 
-    def fake_generate(model, tokenizer, prompts, **kwargs):
+    def fake_generate(model, tokenizer, prompts, settings=None, **kwargs):
         calls.append(len(prompts))
         return canned[:len(prompts)]
 
     monkeypatch.setattr("pocket_teacher.generate.generate", fake_generate)
-    kept, report = generate_answers(tiny_teacher, tiny_tokenizer, _questions(), tmp_path, keep="correct",
-                                    progress=False)
+    kept, report = generate_answers(tiny_teacher, tiny_tokenizer, _questions(), tmp_path, GenerateConfig(),
+                                    keep="correct", progress=False)
     assert [e.answer for e in kept] == ["0", "6"] and kept[0].target == canned[0]
     assert report.rejected == {"wrong final number": 1, "empty answer": 1} and report.status == "generated"
     rows = [json.loads(line) for line in open(report.path)]
     assert [r["extracted"] for r in rows] == ["0", "3", None, "6"] and rows[1]["gold"] == "2"
-    everything, report2 = generate_answers(tiny_teacher, tiny_tokenizer, _questions(), tmp_path, keep="all",
-                                           progress=False)
+    everything, report2 = generate_answers(tiny_teacher, tiny_tokenizer, _questions(), tmp_path, GenerateConfig(),
+                                           keep="all", progress=False)
     assert len(everything) == 3 and report2.status == "reused" and calls == [4]  # reused: no second generation
     with pytest.raises(ValueError, match="keep="):
-        generate_answers(tiny_teacher, tiny_tokenizer, _questions(), tmp_path, keep="best", progress=False)
+        generate_answers(tiny_teacher, tiny_tokenizer, _questions(), tmp_path, GenerateConfig(), keep="best",
+                         progress=False)
 
 
 def test_fine_tuning_without_a_teacher_needs_alpha_one(tiny_teacher, split, tiny_tokenizer):

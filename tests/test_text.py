@@ -1,5 +1,6 @@
 """Free text (data.source=text / teacher_text): loading, all-token training targets, teacher-written texts."""
 
+import dataclasses
 import json
 
 import pytest
@@ -48,21 +49,27 @@ def test_free_text_trains_on_every_token(tiny_tokenizer):
 
 
 def test_teacher_texts_are_sampled_reproducibly_cached_and_stopped(tiny_teacher, tiny_tokenizer, tmp_path):
+    from pocket_teacher.config import GenerateConfig
     from pocket_teacher.generate import default_stop, generate_texts
 
     assert default_stop(tiny_tokenizer) == ["\nQuestion:"]  # a base model (no chat template) stops there
-    kw = dict(num_samples=6, max_new_tokens=8, temperature=0.9, top_p=0.9, seed=3, progress=False)
-    texts, report = generate_texts(tiny_teacher, tiny_tokenizer, ["Once", "The sea"], tmp_path, **kw)
-    again, second = generate_texts(tiny_teacher, tiny_tokenizer, ["Once", "The sea"], tmp_path / "other", **kw)
+    settings = GenerateConfig(num_samples=6, max_new_tokens=8, temperature=0.9, top_p=0.9, seed=3)
+    texts, report = generate_texts(tiny_teacher, tiny_tokenizer, ["Once", "The sea"], tmp_path, settings,
+                                   progress=False)
+    again, second = generate_texts(tiny_teacher, tiny_tokenizer, ["Once", "The sea"], tmp_path / "other", settings,
+                                   progress=False)
     assert report.status == "generated" and second.status == "generated"
     assert [t.target for t in texts] == [t.target for t in again]  # seeded
     assert [t.question for t in texts] == ["Once", "The sea"] * 3
-    cached, third = generate_texts(tiny_teacher, tiny_tokenizer, ["Once", "The sea"], tmp_path, **kw)
+    cached, third = generate_texts(tiny_teacher, tiny_tokenizer, ["Once", "The sea"], tmp_path, settings,
+                                   progress=False)
     assert third.status == "reused" and [t.target for t in cached] == [t.target for t in texts]
-    other, _ = generate_texts(tiny_teacher, tiny_tokenizer, ["Once", "The sea"], tmp_path, **{**kw, "seed": 4})
+    other, _ = generate_texts(tiny_teacher, tiny_tokenizer, ["Once", "The sea"], tmp_path,
+                              dataclasses.replace(settings, seed=4), progress=False)
     assert [t.target for t in other] != [t.target for t in texts]
     # each batch samples from its own seeded generator, so the batching is part of the cache's fingerprint
-    _, batched = generate_texts(tiny_teacher, tiny_tokenizer, ["Once", "The sea"], tmp_path, **kw, batch_size=4)
+    _, batched = generate_texts(tiny_teacher, tiny_tokenizer, ["Once", "The sea"], tmp_path,
+                                dataclasses.replace(settings, batch_size=4), progress=False)
     assert batched.status == "generated" and batched.path != report.path
 
 
@@ -108,15 +115,16 @@ def test_a_local_gpt2_teacher_writes_and_a_narrower_gpt2_student_learns(tmp_path
 
 def test_cached_texts_with_unicode_line_separators_are_reused_not_called_damaged(tiny_teacher, tiny_tokenizer,
                                                                                    tmp_path, capsys):
+    from pocket_teacher.config import GenerateConfig
     from pocket_teacher.generate import generate_texts
 
-    kw = dict(num_samples=2, max_new_tokens=4, temperature=0.9, seed=1, progress=False)
-    texts, _ = generate_texts(tiny_teacher, tiny_tokenizer, ["A"], tmp_path, **kw)
+    settings = GenerateConfig(num_samples=2, max_new_tokens=4, temperature=0.9, seed=1)
+    texts, _ = generate_texts(tiny_teacher, tiny_tokenizer, ["A"], tmp_path, settings, progress=False)
     path = next(tmp_path.glob("texts-*.jsonl"))
     rows = [json.loads(line) for line in path.read_text().split("\n") if line]
     rows[0]["text"] = "one\u2028two"  # json.dumps keeps U+2028 escaped; write it raw as other writers may
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    again, report = generate_texts(tiny_teacher, tiny_tokenizer, ["A"], tmp_path, **kw)
+    again, report = generate_texts(tiny_teacher, tiny_tokenizer, ["A"], tmp_path, settings, progress=False)
     assert report.status == "reused" and again[0].target == " one\u2028two" and "damaged" not in capsys.readouterr().out
 
 
