@@ -2,7 +2,7 @@
 
 On the `pocket` preset (embedded teacher, 10-layer student, teacher from the top-k cache, fp32 on
 CPU), in one run: train --steps steps without checkpoints, then the same steps with a checkpoint
-every --every steps (student weights, AdamW state, scheduler, RNG states, history; written to a
+every --every steps (student weights, AdamW state, RNG states, history; written to a
 temporary folder, checksummed, fsync'ed and renamed into place), and compare.
 
     python benchmarks/checkpoint_overhead.py --steps 12 --every 3

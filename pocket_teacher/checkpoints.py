@@ -1,7 +1,7 @@
 """Atomic, checksummed training checkpoints: save, find the newest valid one, prune.
 
 A checkpoint is a folder ``checkpoint-<step>/`` under ``runs/<name>/checkpoints/`` holding the
-student's weights, the optimizer and scheduler states, every RNG state, and ``trainer.json`` (step,
+student's weights, the optimizer state, every RNG state, and ``trainer.json`` (step,
 data position, history so far). It is written into a hidden temporary folder and renamed into place
 once ``complete.json`` (the files' checksums) is written, so a checkpoint killed mid-write is never
 seen; one whose files were damaged afterwards fails its checksums and is skipped, never loaded.
@@ -58,8 +58,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
-                    trainer_state: dict[str, Any]) -> Path:
+def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer, trainer_state: dict[str, Any]) -> Path:
     """Write ``folder/checkpoint-<step>`` atomically and return it (replacing one of that step).
 
     Refuses weights that are not finite (a checkpoint must always be a state worth resuming), checks the
@@ -80,7 +79,6 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer, 
         tmp.mkdir()
         torch.save(state, tmp / "model.pt")
         torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, default=str))
         files = sorted(p.name for p in tmp.iterdir())
@@ -152,12 +150,13 @@ def move_aside(folder: Path) -> Optional[Path]:
     return target
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG states from `path`; return its trainer state."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG states from `path`; return its trainer state. (The learning rate is a
+    function of the step, `pocket_teacher.train.lr_factor`: there is no scheduler state, and the scheduler.pt of
+    older checkpoints is not read.)"""
     device = next(model.parameters()).device
     model.load_state_dict(torch.load(path / "model.pt", map_location=device))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return json.loads((path / "trainer.json").read_text())
 

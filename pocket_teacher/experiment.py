@@ -304,14 +304,6 @@ def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[
     return trained_student(trainer, result, student_init), result
 
 
-def evaluate_teacher(cfg: Config, teacher: torch.nn.Module, teacher_tokenizer, raw: RawData, splits: Splits,
-                     tokenizer, shared_vocab: bool = True, progress: bool = True) -> dict:
-    """The teacher's results row: on the student's tokenization when they share a vocabulary, else on its own."""
-    if shared_vocab:
-        return evaluate(cfg, "teacher", teacher, tokenizer, splits, progress)
-    return evaluate(cfg, "teacher", teacher, teacher_tokenizer, tokenize(cfg, raw, teacher_tokenizer), progress)
-
-
 def evaluate(cfg: Config, label: str, model: torch.nn.Module, tokenizer, splits: Splits,
              progress: bool = True, teacher: Optional[torch.nn.Module] = None) -> dict:
     """One results row for `model`: held-out perplexity and GSM accuracy, MMLU (eval.mmlu_source),
@@ -598,15 +590,16 @@ class Experiment:
         return self.teacher if self.shared else None
 
     def evaluate_before(self) -> dict[str, dict]:
-        """Results rows of the teacher and the untrained student (main process only)."""
+        """Results rows of the teacher (on the student's tokenization when they share a vocabulary, else on its own)
+        and the untrained student (main process only)."""
         with self._timed("evaluate_before"):
             splits = self.splits
             if self.main:
-                self.results["teacher"] = evaluate_teacher(self.cfg, self.teacher, self.teacher_tokenizer,
-                                                           self.train_raw, splits, self.tokenizer, self.shared,
-                                                           self.progress)
-                self.results["student before"] = evaluate(self.cfg, "student before", self.student_init, self.tokenizer,
-                                                          splits, self.progress, self.agree_with)
+                own = (self.tokenizer, splits) if self.shared else (
+                    self.teacher_tokenizer, tokenize(self.cfg, self.train_raw, self.teacher_tokenizer))
+                self.results["teacher"] = evaluate(self.cfg, "teacher", self.teacher, *own, self.progress)
+                self.results["student before"] = evaluate(self.cfg, "student before", self.student_init,
+                                                          self.tokenizer, splits, self.progress, self.agree_with)
             return self.results
 
     def preflight(self) -> dict:

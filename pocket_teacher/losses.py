@@ -123,11 +123,6 @@ class TeacherTopK:
 TeacherSignal = Union[TeacherLogits, TeacherHidden, TeacherTopK]  # None: no teacher, no distillation term
 
 
-def signal_to(signal: Optional[TeacherSignal], device: torch.device | str) -> Optional[TeacherSignal]:
-    """The signal's per-position tensors on `device` (a cached top-k read on the host goes to the GPU)."""
-    return None if signal is None else signal.map(lambda x: x.to(device))
-
-
 # -- divergences between two distributions given as log-probabilities ---------------------------------
 
 def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:

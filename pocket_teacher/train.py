@@ -59,7 +59,14 @@ class TrainResult:
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Multiplier of the peak lr at `step`: linear warm-up, then cosine down to `min_lr_ratio`."""
+    """Multiplier of the peak lr at `step`: linear warm-up, then cosine down to `min_lr_ratio`.
+
+    The loop sets each step's lr from this pure function of the step and the current config, so there is no
+    scheduler state to checkpoint, and a resume with an allowed change of train.lr or the schedule needs no
+    surgery. Why not transformers' `get_cosine_with_min_lr_schedule_with_warmup`: it gives step 0 a learning rate
+    of 0 (a first step that changes nothing) and so starts its cosine one step later; switching would move every
+    published figure. torch's LinearLR + CosineAnnealingLR chain computes the cosine recursively (its last digits
+    drift from the closed form)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
@@ -443,9 +450,6 @@ class Trainer:
         if self.tcfg.gradient_checkpointing:
             enable_gradient_checkpointing(student)
         self.optimizer = make_optimizer(student, self.tcfg)
-        t = self.tcfg
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
         self.implementation = resolve_loss_implementation(student, self.lcfg.implementation)
         student.to(self.accelerator.device)
         self.result = TrainResult(loss_implementation=self.implementation, mixed_precision=self.compute)
@@ -459,7 +463,7 @@ class Trainer:
         result, main = self.result, self.accelerator.is_main_process
         result.run_id = uuid.uuid4().hex[:12]
         if self.tcfg.resume:
-            state = _resume(self.folder, self.cfg, self.student, self.optimizer, self.scheduler, self.say)
+            state = _resume(self.folder, self.cfg, self.student, self.optimizer, self.say)
             self.start_step, self.previous_seconds = state["step"], state.get("seconds", 0.0)
             result.history, result.resumed_from, result.run_id = state["history"], state["path"], state["run_id"]
             self.resumed_diverged = bool(state.get("diverged_after"))
@@ -514,8 +518,7 @@ class Trainer:
                      "seconds": self.previous_seconds + time.perf_counter() - self.began,
                      "batches_consumed": step * self.tcfg.grad_accum, "run_id": self.result.run_id,
                      "fingerprint": training_fingerprint(self.cfg), "diverged_after": diverged}
-            path = ckpt.save_checkpoint(self.folder, step, acc.unwrap_model(self.model).model, self.optimizer,
-                                        self.scheduler, state)
+            path = ckpt.save_checkpoint(self.folder, step, acc.unwrap_model(self.model).model, self.optimizer, state)
             ckpt.prune(self.folder, self.tcfg.keep_checkpoints)
         acc.wait_for_everyone()
         self.result.checkpoint_seconds.append(time.perf_counter() - began)
@@ -634,9 +637,10 @@ class Trainer:
                     path = None if again else self.save(step, diverged=True)
                     raise TrainingDiverged(_divergence_message(step, total, ce, kd, grad_norm, t, self.compute, path,
                                                                again))
-                lr = self.scheduler.get_last_lr()[0]
+                lr = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
                 self.optimizer.step()
-                self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 row = self.record(step, total, ce, kd, lr, grad_norm, answer_tokens, seen_tokens)
                 ce_text = "-" if row["ce"] is None else f"{ce:.3f}"
@@ -773,8 +777,8 @@ def _stop_requested(stop: StopSignals, accelerator) -> bool:
     return bool(stop.signum)
 
 
-def _resume(folder: Optional[Path], cfg, student, optimizer, scheduler, say) -> dict:
-    """Load the newest valid checkpoint of this run into the student, optimizer and scheduler.
+def _resume(folder: Optional[Path], cfg, student, optimizer, say) -> dict:
+    """Load the newest valid checkpoint of this run into the student and optimizer.
 
     Refuses a checkpoint written with other settings, naming each difference, unless the setting is listed
     in train.resume_allow; allowed changes of the optimizer and schedule take effect from here on."""
@@ -797,16 +801,11 @@ def _resume(folder: Optional[Path], cfg, student, optimizer, scheduler, say) -> 
             f"with --set 'train.resume_allow=[{', '.join(refused)}]'.")
     if "fingerprint" not in saved:
         say(f"resume: {path.name} predates configuration fingerprints; its settings cannot be checked")
-    state = ckpt.load_checkpoint(path, student, optimizer, scheduler)
-    if diff:
-        for group in optimizer.param_groups:  # the new lr / betas take over; the schedule restarts its formula
-            group["initial_lr"], group["betas"] = tcfg.lr, tuple(tcfg.betas)
-        optimizer.param_groups[0]["weight_decay"] = tcfg.weight_decay  # group 0 holds the decayed weights
-        scheduler.base_lrs = [tcfg.lr for _ in optimizer.param_groups]
-        factor = lr_factor(state["step"], tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio)
+    state = ckpt.load_checkpoint(path, student, optimizer)
+    if diff:  # the lr follows the current config at every step; the betas and weight decay are set here
         for group in optimizer.param_groups:
-            group["lr"] = tcfg.lr * factor
-        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+            group["betas"] = tuple(tcfg.betas)
+        optimizer.param_groups[0]["weight_decay"] = tcfg.weight_decay  # group 0 holds the decayed weights
         changes = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
         say(f"resume: continuing with changed settings: {changes}")
     say(f"resume: continuing from {path} (step {state['step']} of {tcfg.max_steps})")
