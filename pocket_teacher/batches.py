@@ -11,6 +11,7 @@ batch with `answer_logits`, `answer_hidden` or `answer_logit_chunks`, never the 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -60,7 +61,7 @@ class AnswerBatch:
 def answer_batch(split: TokenizedSplit, rows: Sequence[int], pad_token_id: int,
                  device: Optional[torch.device | str] = None) -> AnswerBatch:
     """Split rows `rows`, padded on the right (as training pads them), on `device`."""
-    batch = AnswerBatch.of(PaddingCollator(pad_token_id, "right")([split[i] for i in rows]), rows)
+    batch = AnswerBatch.of(PaddingCollator(pad_token_id, "right")(list(map(split.features.__getitem__, rows))), rows)
     return batch if device is None else batch.to(device)
 
 
@@ -88,9 +89,9 @@ class AnswerBatches:
     def __len__(self) -> int:
         return len(self.groups)
 
-    def __iter__(self) -> Iterator[AnswerBatch]:
-        for group in self.groups:
-            yield answer_batch(self.split, group, self.pad_token_id, self.device)
+    def __iter__(self) -> Iterator[AnswerBatch]:  # each batch built when it is reached
+        return map(functools.partial(answer_batch, self.split, pad_token_id=self.pad_token_id, device=self.device),
+                   self.groups)
 
 
 def answer_batches(split: TokenizedSplit, pad_token_id: int, *, batch_size: int, rows: Optional[Sequence[int]] = None,

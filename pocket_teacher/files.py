@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ def file_hash(path: Path) -> str:
     """blake2b (128-bit) of a file's bytes, read in 4 MiB blocks: the checksum of checkpoints and caches."""
     h = hashlib.blake2b(digest_size=16)
     with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
+        for block in iter(functools.partial(handle.read, 1 << 22), b""):
             h.update(block)
     return h.hexdigest()
 

@@ -352,7 +352,7 @@ def _publish(partial: Path, final: Path, parts: dict, report: CacheReport) -> To
                      + (partial / "offsets.npy").stat().st_size,
                      mass_mean=float(mass.mean()) if tokens else 1.0,
                      mass_p05=float(np.percentile(mass, 5)) if tokens else 1.0)
-    checksums = {n: file_hash(partial / f"{n}.bin") for n in FILES if tokens}
+    checksums = dict(zip(FILES, map(file_hash, (partial / f"{n}.bin" for n in FILES)))) if tokens else {}
     checksums["offsets"] = file_hash(partial / "offsets.npy")
     meta = {"complete": True, "fingerprint": report.fingerprint, "parts": parts, "k": k, "rows": report.rows,
             "tokens": tokens, "checksums": checksums, "report": asdict(report)}
