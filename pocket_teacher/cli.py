@@ -9,7 +9,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,7 +26,7 @@ from .models import ModelLoadError, VocabMismatchError
 from .plan import GPUS, PlanError, memory_plan
 from .runfolder import RunFolderBusy
 from .teacher_cache import CacheError
-from .train import TrainingDiverged, TrainingInterrupted
+from .train import NOTEBOOK_RESUME, TrainingDiverged, TrainingInterrupted
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "Pocket_Teacher.ipynb"
 
@@ -116,10 +119,27 @@ def user_errors() -> tuple[type, ...]:
             CheckpointError, TrainingDiverged, RunFolderBusy, OSError, ValueError, ImportError)
 
 
+@contextlib.contextmanager
+def _sigterm_stops():
+    """SIGTERM outside a training loop (which stops at its next step boundary by itself) ends the command with a
+    message and exit 143 instead of Python's silent default."""
+    def stop(signum, frame):
+        raise TrainingInterrupted(signum, "SIGTERM outside a training loop; each training that had finished is "
+                                          f"checkpointed in the run folder: continue with --resume ({NOTEBOOK_RESUME})")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    try:
+        yield
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _main(args)
+        with _sigterm_stops():
+            return _main(args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -240,6 +240,10 @@ def open_step(student: torch.nn.Module, train_split: TokenizedSplit, cfg, tokeni
     return OpenedStep(batch, logits, signal, tokenizer)
 
 
+# How the notebook resumes (the CLI's --resume is --set train.resume=true): the one way, named by every message
+NOTEBOOK_RESUME = "notebook: run the cells again with TRAIN_OVERRIDES = ['train.resume=true'] in the Distillation cell"
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient became NaN or infinite; the message names the step, the likely cause, the
     checkpoint of the last good weights and the command that continues from them."""
@@ -653,6 +657,8 @@ class Trainer:
                 if _stop_requested(stop, self.accelerator):  # SIGTERM / SIGINT: keep this step, then stop cleanly
                     path = path or self.save(step + 1)
                     raise TrainingInterrupted(stop.signum, _interrupted_message(stop.signum, step + 1, t, path))
+        if self.start_step < t.max_steps and not (t.checkpoint_every and t.max_steps % t.checkpoint_every == 0):
+            self.save(t.max_steps)  # the finished state: a run stopped in a later stage resumes past this training
         return self.finish()
 
     @contextlib.contextmanager
@@ -752,8 +758,8 @@ def _divergence_message(step: int, total: float, ce: float, kd: float, grad_norm
     elif path:
         where = (f"The weights after step {step} (all finite: the diverged step was never applied) are saved in "
                  f"{path}. Continue from them with a lower learning rate: --resume --set train.lr={lower} --set "
-                 f"'train.resume_allow=[train.lr]' (notebook: RESUME = True, TRAIN_OVERRIDES = ['train.lr={lower}', "
-                 f"'train.resume_allow=[train.lr]']).")
+                 f"'train.resume_allow=[train.lr]' (notebook: TRAIN_OVERRIDES = ['train.resume=true', "
+                 f"'train.lr={lower}', 'train.resume_allow=[train.lr]'] in the Distillation cell).")
     else:
         where = "Give a checkpoint folder to keep the last good weights."
     return (f"Non-finite {what} at step {step + 1} (loss {total}, ce {ce}, kd {kd}, gradient norm {grad_norm}); the "
@@ -763,7 +769,7 @@ def _divergence_message(step: int, total: float, ce: float, kd: float, grad_norm
 
 
 def _interrupted_message(signum: int, step: int, tcfg, path: Optional[Path]) -> str:
-    where = (f"checkpoint saved in {path}; continue with --resume (notebook: RESUME = True)" if path
+    where = (f"checkpoint saved in {path}; continue with --resume ({NOTEBOOK_RESUME})" if path
              else "no checkpoint folder was given, so nothing was saved")
     return f"{signal.Signals(signum).name} after step {step} of {tcfg.max_steps}; {where}."
 
