@@ -524,6 +524,11 @@ class Config:
         return cls.from_dict(load_yaml(text) or {})
 
 
+# Why this YAML handling is our own (compared in issue 21): ruamel.yaml reads YAML 1.2 and keeps comments, and
+# OmegaConf builds typed configs from dataclasses with `a.b=v` overrides; both are well kept, but each is one more
+# dependency (neither is in Colab's runtime), OmegaConf's errors name the key but not the fix, and its structured
+# configs do not take tuple fields (train.betas). What PyYAML lacks for us is YAML 1.2's number and boolean rules:
+# the loader below (a dozen lines) adds them; `_build` / `_coerce` check types and name the fix.
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2 floats: ``1e-5``, ``2E-4``, ``.5`` and ``1.0e+6`` are numbers.
 
