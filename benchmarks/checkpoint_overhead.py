@@ -28,13 +28,15 @@ def main() -> None:
     args = parser.parse_args()
 
     from pocket_teacher import experiment
+    from pocket_teacher.runfolder import hardware_line
     from pocket_teacher.models import load_teacher, resolve_device
     from pocket_teacher.students import load_student
     from pocket_teacher.train import Vocab, distill
 
     cfg = experiment.configure(args.preset, [f"train.max_steps={args.steps}", "train.eval_every=0",
-                                           "train.checkpoint_every=0", "train.keep_checkpoints=100"])
-    print(f"hardware: {experiment.hardware_line()}")
+                                           "train.checkpoint_every=0", "train.keep_checkpoints=100",
+                                           "train.save_final=false"])
+    print(f"hardware: {hardware_line()}")
     device = resolve_device(cfg.train.device)
     raw = experiment.load_data(cfg)
     teacher, teacher_tok, info = load_teacher(cfg.teacher, device)

@@ -106,7 +106,7 @@ def prepare(args):
     from pocket_teacher.experiment import Experiment, cache_dir, configure
 
     overrides = [f"train.max_steps={args.steps}", "train.eval_every=0", "train.checkpoint_every=0",
-                 "eval.baseline=false", f"run.out_dir={args.out}", "run.name=prepare",
+                 "train.save_final=false", "eval.baseline=false", f"run.out_dir={args.out}", "run.name=prepare",
                  f"teacher_cache.dir={args.cache}", f"data.eval_size={args.eval_rows}",
                  f"generate.max_new_tokens={args.max_new_tokens}"]
     exp = Experiment(configure("pocket", overrides), progress=True)

@@ -43,6 +43,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pocket_teacher import experiment
+    from pocket_teacher.runfolder import hardware_line
     from pocket_teacher.data import load_gsm8k, tokenize_examples
     from pocket_teacher.models import load_teacher, resolve_device
     from pocket_teacher.students import load_student
@@ -50,7 +51,7 @@ def main() -> None:
     from pocket_teacher.train import Vocab, distill
 
     cfg = experiment.configure(args.preset, [*args.set, f"train.max_steps={args.steps}"])
-    print(f"hardware: {experiment.hardware_line()}")
+    print(f"hardware: {hardware_line()}")
     device = resolve_device(cfg.train.device)
     raw = experiment.load_data(cfg)
     teacher, teacher_tok, teacher_info = load_teacher(cfg.teacher, device)

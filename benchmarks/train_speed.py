@@ -27,6 +27,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pocket_teacher import experiment
+    from pocket_teacher.runfolder import hardware_line
     from pocket_teacher.models import load_teacher, resolve_device
     from pocket_teacher.students import load_student
     from pocket_teacher.teacher_cache import build_topk_cache
@@ -34,7 +35,7 @@ def main() -> None:
 
     cfg = experiment.configure(args.preset, [f"data.train_size={args.rows}", "train.eval_every=0",
                                            "train.checkpoint_every=0", *args.set, f"train.max_steps={args.steps}"])
-    print(f"hardware: {experiment.hardware_line()}")
+    print(f"hardware: {hardware_line()}")
     device = resolve_device(cfg.train.device)
     raw = experiment.load_data(cfg, verbose=False)
     teacher, teacher_tok, _ = load_teacher(cfg.teacher, device)
@@ -46,7 +47,7 @@ def main() -> None:
         result = distill(student, None, splits.train, cfg, Vocab.of(tok), teacher_cache=cache, progress=False)
     h = result.history
     seconds = h[-1]["elapsed_s"] - h[0]["elapsed_s"]
-    tokens = sum(r.get("batch_tokens", 0) for r in h[1:])
+    tokens = sum(r.get("answer_tokens", 0) for r in h[1:])
     print(f"{cfg.preset}: {len(h) - 1} steps after a warm-up in {seconds:.1f} s = {(len(h) - 1) / seconds:.3f} steps/s "
           f"({seconds / (len(h) - 1):.2f} s/step), batch {cfg.train.batch_size} x {cfg.train.grad_accum}, "
           f"loss {result.loss_implementation}" + (f", {tokens / seconds:,.0f} tokens/s" if tokens else ""))

@@ -28,19 +28,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or resumed as asked; the message says why and what to do."""
 
 
-def _tensors(obj) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v)]
-    return []
-
-
 def state_bytes(*states) -> int:
-    """Bytes the tensors of these state dicts take when saved."""
-    return sum(t.numel() * t.element_size() for s in states for t in _tensors(s))
+    """Bytes the tensors of these (nested) state dicts take when saved."""
+    total, pending = 0, list(states)
+    while pending:  # a walk with a stack: state dicts nest (optimizer state per parameter), frames need not
+        obj = pending.pop()
+        if isinstance(obj, torch.Tensor):
+            total += obj.numel() * obj.element_size()
+        elif isinstance(obj, dict):
+            pending.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            pending.extend(obj)
+    return total
 
 
 def rng_state() -> dict[str, Any]:

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import experiment
-from .checkpoints import CheckpointError
+from .checkpoints import CheckpointError, list_checkpoints
 from .config import PRESETS, ConfigError
 from .data import DataError
 from .hub import HubUnavailableError
 from .models import ModelLoadError, VocabMismatchError
 from .plan import GPUS, PlanError, memory_plan
-from .runfolder import RunFolderBusy
+from .runfolder import RunFolderBusy, run_dir
 from .teacher_cache import CacheError
 from .train import NOTEBOOK_RESUME, TrainingDiverged, TrainingInterrupted
 
@@ -120,12 +120,16 @@ def user_errors() -> tuple[type, ...]:
 
 
 @contextlib.contextmanager
-def _sigterm_stops():
-    """SIGTERM outside a training loop (which stops at its next step boundary by itself) ends the command with a
-    message and exit 143 instead of Python's silent default."""
+def _sigterm_stops(out: Path):
+    """SIGTERM outside a training loop (which stops at its next step boundary by itself) ends the run in `out` with
+    a message and exit 143 instead of Python's silent default; the advice depends on whether training had begun."""
     def stop(signum, frame):
-        raise TrainingInterrupted(signum, "SIGTERM outside a training loop; each training that had finished is "
-                                          f"checkpointed in the run folder: continue with --resume ({NOTEBOOK_RESUME})")
+        if list_checkpoints(out / "checkpoints"):
+            advice = (f"each training that had finished is checkpointed in {out}: continue with --resume "
+                      f"({NOTEBOOK_RESUME})")
+        else:
+            advice = "no training had begun: run the same command again (the caches already on disk are reused)"
+        raise TrainingInterrupted(signum, f"SIGTERM outside a training loop; {advice}")
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
     try:
@@ -138,8 +142,7 @@ def _sigterm_stops():
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        with _sigterm_stops():
-            return _main(args)
+        return _main(args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
@@ -168,7 +171,8 @@ def _main(args: argparse.Namespace) -> int:
         return 0 if plan.fits else 3
     if args.command == "run":
         try:
-            experiment.run(cfg, progress=not args.no_progress, force=args.force)
+            with _sigterm_stops(run_dir(cfg)):
+                experiment.run(cfg, progress=not args.no_progress, force=args.force)
         except experiment.PlanDoesNotFit as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 3

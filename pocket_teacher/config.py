@@ -366,7 +366,11 @@ class TrainConfig:
     optimizer: str = knob("adamw",
         "adamw (fp32 states, 8 bytes/parameter) or adamw_8bit (bitsandbytes, ~2 bytes/parameter)")
     checkpoint_every: int = knob(0,
-        "save a resumable checkpoint every N steps (0 = only when the loss turns non-finite)")
+        "save a resumable checkpoint every N steps (0 = none on the way; a non-finite loss, a stop signal and, with "
+        "train.save_final, the end of training still save one)")
+    save_final: bool = knob(True,
+        "checkpoint the finished training (weights and optimizer): a run stopped in a later stage (the baseline, the "
+        "evaluation) resumes past it; false for throwaway runs")
     keep_checkpoints: int = knob(2, "newest checkpoints kept in runs/<name>/checkpoints; older ones are deleted")
     resume: bool = knob(False, "continue from the newest valid checkpoint of this run (CLI: --resume)")
     resume_allow: list[str] = knob(factory=list, help="settings allowed to differ from the checkpoint's on resume, "

@@ -28,7 +28,7 @@ from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt
 from .evaluate import evaluate_model, teacher_on_student_samples
 from .files import write_json
 from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
-from .losses import Divergence
+from .losses import Divergence, divergence_name
 from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, device_capability,
                      load_teacher, offload, resolve_device, resolve_mixed_precision, resolve_precision)
 from .plan import MemoryPlan, PlanError, memory_plan
@@ -347,12 +347,13 @@ def preview_config(cfg: Config, steps: int) -> Config:
 
 
 def make_figures(cfg: Config, results: Sequence[dict], history: Sequence[dict],
-                 baseline_history: Optional[Sequence[dict]] = None,
-                 baseline_label: str = BASELINE_LABEL) -> dict[str, Any]:
+                 baseline_history: Optional[Sequence[dict]] = None, baseline_label: str = BASELINE_LABEL,
+                 divergence: Optional[str] = None) -> dict[str, Any]:
     """Quality bars, training curves, quality vs size (and latency), per-subject MMLU when scored;
-    saved under runs/<name>/figures (and run.figures_dir)."""
-    what = (f"{cfg.preset} preset, {cfg.train.max_steps} steps, {cfg.loss.divergence}, alpha={cfg.loss.alpha}, "
-            f"T={cfg.loss.temperature}")
+    saved under runs/<name>/figures (and run.figures_dir). `divergence` names a function used in place of
+    loss.divergence."""
+    what = (f"{cfg.preset} preset, {cfg.train.max_steps} steps, {divergence or cfg.loss.divergence}, "
+            f"alpha={cfg.loss.alpha}, T={cfg.loss.temperature}")
     figures = {"quality": plot_quality(results, title=f"Teacher vs student ({what})"),
                "training": plot_training(history, title=f"Training curves ({what})", baseline=baseline_history,
                                          baseline_label=baseline_label),
@@ -450,6 +451,11 @@ class Trained:
     student: torch.nn.Module
     result: TrainResult
     divergence: Optional[Divergence] = None  # a divergence given to `distil` instead of loss.divergence
+
+    @property
+    def divergence_label(self) -> Optional[str]:
+        """The name of the divergence function the training used in place of loss.divergence, if any."""
+        return None if self.divergence is None else f"{divergence_name(self.divergence)} (custom)"
 
 
 class StageAlreadyBuilt(ConfigError):
@@ -680,7 +686,7 @@ class Experiment:
                     f"{k} {final[k]:.3f}" for k in ("loss", "ce", "kd") if final.get(k) is not None))
             named = [f"{k}={v}" for k, v in (overrides.items() if isinstance(overrides, dict)
                                              else (o.split("=", 1) for o in overrides))]
-            custom = [f"divergence={getattr(divergence, '__name__', 'custom')} (a function given to distil)"]
+            custom = [f"divergence={divergence_name(divergence) if divergence else ''} (a function given to distil)"]
             self.trained = Trained(cfg, named + (custom if divergence is not None else []), student, result, divergence)
             self.results.pop("student after", None)  # evaluated again by evaluate_after
             return self.trained
@@ -770,7 +776,7 @@ class Experiment:
             if self.main:
                 baseline = self.baseline.result.history if self.baseline else None
                 self.figures = make_figures(trained.cfg, list(self.results.values()), trained.result.history,
-                                            baseline, self.baseline_label)
+                                            baseline, self.baseline_label, trained.divergence_label)
             return self.figures
 
     def side_by_side(self):
@@ -817,8 +823,9 @@ class Experiment:
 
     def summary(self) -> str:
         """What this run showed, in sentences generated from its results (the notebook's closing cell)."""
-        return summarize(self.results, self.trained.cfg if self.trained else self.cfg,
-                         self.trained.result if self.trained else None)
+        trained = self.trained
+        return summarize(self.results, trained.cfg if trained else self.cfg, trained.result if trained else None,
+                         trained.divergence_label if trained else None)
 
     def run(self) -> dict[str, Any]:
         """Every section in order (what the notebook does top to bottom)."""

@@ -66,6 +66,9 @@ class TeacherLogits:
         """Positions i:j, over the first `vocab` logits."""
         return TeacherLogits(self.logits[i:j, :vocab])
 
+    def to(self, device: torch.device | str) -> "TeacherLogits":
+        return self.map(lambda x: x.to(device))
+
 
 @dataclass(frozen=True)
 class TeacherHidden:
@@ -82,6 +85,11 @@ class TeacherHidden:
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TeacherHidden":
         return TeacherHidden(fn(self.hidden), self.weight, self.bias)
+
+    def to(self, device: torch.device | str) -> "TeacherHidden":
+        """The hidden states and the output layer on `device`."""
+        return TeacherHidden(self.hidden.to(device), self.weight.to(device),
+                             None if self.bias is None else self.bias.to(device))
 
     @torch.no_grad()
     def chunk(self, i: int, j: int, vocab: int) -> TeacherLogits:
@@ -108,6 +116,9 @@ class TeacherTopK:
 
     def chunk(self, i: int, j: int, vocab: int) -> "TeacherTopK":
         return TeacherTopK(self.ids[i:j], self.logprobs[i:j], None if self.tail is None else self.tail[i:j])
+
+    def to(self, device: torch.device | str) -> "TeacherTopK":
+        return self.map(lambda x: x.to(device))
 
     def check(self, vocab: int) -> None:
         """Raise unless every id is in [0, vocab) (one host sync: once per batch, not per chunk)."""
@@ -226,6 +237,11 @@ def topk_buckets(student_logits: torch.Tensor, teacher: TeacherTopK, temperature
 
 
 # -- the hybrid loss over selected tokens -------------------------------------------------------------
+
+def divergence_name(divergence: Divergence) -> str:
+    """How a divergence function is named in logs, results and checkpoint fingerprints."""
+    return getattr(divergence, "__name__", None) or type(divergence).__name__
+
 
 def named_divergence(spec: LossConfig) -> Divergence:
     """The divergence `spec` names (loss.divergence with its beta / skew) as a function of (log_p, log_q)."""

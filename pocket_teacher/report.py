@@ -79,16 +79,18 @@ def preflight_warnings(results: dict[str, dict], gap: Optional[dict]) -> list[st
     return warnings
 
 
-def summarize(results: dict[str, dict], cfg: Config, train_result: Optional[TrainResult]) -> str:
+def summarize(results: dict[str, dict], cfg: Config, train_result: Optional[TrainResult],
+              divergence: Optional[str] = None) -> str:
     """Plain sentences on what the results say: the student against the teacher, before and after, against
-    the fine-tuned baseline, with the intervals that decide whether an accuracy difference means anything."""
+    the fine-tuned baseline, with the intervals that decide whether an accuracy difference means anything.
+    `divergence` names a divergence function the training used in place of loss.divergence."""
     teacher, before, after = (results.get(k) for k in ("teacher", "student before", "student after"))
     base = results.get(BASELINE_LABEL)
     random_init = results.get(RANDOM_INIT_LABEL)
     if not (teacher and before and after):
         return "Run every section first: the summary compares the teacher and the student before and after."
     lines = [f"Setting: {cfg.preset} preset, {cfg.train.max_steps} steps, loss.alpha={cfg.loss.alpha}, "
-             f"T={cfg.loss.temperature}, {cfg.loss.divergence}."]
+             f"T={cfg.loss.temperature}, {divergence or cfg.loss.divergence}."]
     ratio = after["parameters"] / teacher["parameters"]
     lines.append(f"The student has {after['parameters'] / 1e6:.1f}M parameters, {100 * ratio:.0f}% of the teacher's "
                  f"{teacher['parameters'] / 1e6:.1f}M.")

@@ -33,7 +33,8 @@ from .batches import AnswerBatch, answer_batch, answer_batches, answer_hidden, a
 from .data import TokenizedSplit
 from .generate import sample_rollouts
 from .losses import (DistillationLoss, Divergence, TeacherHidden, TeacherLogits, TeacherSignal, TeacherTopK,
-                     auto_chunk_size, chunked_distillation_loss, sampled_token_loss, token_distillation_loss)
+                     auto_chunk_size, chunked_distillation_loss, divergence_name, sampled_token_loss,
+                     token_distillation_loss)
 from .models import device_capability, native_bf16, output_layer, resolve_device, resolve_mixed_precision
 from .progress import tqdm
 
@@ -114,8 +115,6 @@ def resolve_loss_implementation(student: torch.nn.Module, requested: str = "auto
     if requested == "chunked" and not exact:
         raise ValueError("loss.implementation='chunked' needs a plain Linear output layer without logit soft-capping "
                          "or scaling; this student has neither, so use loss.implementation=full (or auto).")
-    if requested not in ("auto", "chunked", "full"):
-        raise ValueError(f"loss.implementation={requested!r}: use auto, chunked or full.")
     return "full" if requested == "full" or not exact else "chunked"
 
 
@@ -241,7 +240,8 @@ def open_step(student: torch.nn.Module, train_split: TokenizedSplit, cfg, tokeni
 
 
 # How the notebook resumes (the CLI's --resume is --set train.resume=true): the one way, named by every message
-NOTEBOOK_RESUME = "notebook: run the cells again with TRAIN_OVERRIDES = ['train.resume=true'] in the Distillation cell"
+NOTEBOOK_RESUME = ("notebook: run the cells again with TRAIN_OVERRIDES = ['train.resume=true'] in the training cell "
+                   "(exp.distil)")
 
 
 class TrainingDiverged(RuntimeError):
@@ -284,16 +284,19 @@ class StopSignals:
 
 # Settings that do not change what training computes: they may differ between a checkpoint and its resume.
 NOT_FINGERPRINTED = {"train.resume", "train.resume_allow", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.eval_every", "train.log_with", "train.device", "train.gradient_checkpointing",
-                     "teacher_cache.dir", "teacher_cache.batch_size", "generate.batch_size"}
+                     "train.save_final", "train.eval_every", "train.log_with", "train.device",
+                     "train.gradient_checkpointing", "teacher_cache.dir", "teacher_cache.batch_size",
+                     "generate.batch_size"}
 
 
-def training_fingerprint(cfg) -> dict:
-    """Every setting that shapes training (models, data, loss, teacher signal, optimizer, schedule), flattened."""
+def training_fingerprint(cfg, divergence: Optional[Divergence] = None) -> dict:
+    """Every setting that shapes training (models, data, loss, teacher signal, optimizer, schedule), flattened; a
+    divergence function given to training in place of loss.divergence is named too."""
     tree = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
     sections = ("teacher", "student", "data", "generate", "loss", "teacher_cache", "train")
     flat = _flat({k: tree[k] for k in sections if k in tree})
-    return {k: v for k, v in flat.items() if k not in NOT_FINGERPRINTED}
+    custom = {"loss.divergence_function": divergence_name(divergence)} if divergence is not None else {}
+    return {k: v for k, v in flat.items() if k not in NOT_FINGERPRINTED} | custom
 
 
 def fingerprint_differences(saved: dict, current: dict) -> dict[str, tuple]:
@@ -467,7 +470,7 @@ class Trainer:
         result, main = self.result, self.accelerator.is_main_process
         result.run_id = uuid.uuid4().hex[:12]
         if self.tcfg.resume:
-            state = _resume(self.folder, self.cfg, self.student, self.optimizer, self.say)
+            state = _resume(self.folder, self.cfg, self.student, self.optimizer, self.say, self.divergence)
             self.start_step, self.previous_seconds = state["step"], state.get("seconds", 0.0)
             result.history, result.resumed_from, result.run_id = state["history"], state["path"], state["run_id"]
             self.resumed_diverged = bool(state.get("diverged_after"))
@@ -506,7 +509,7 @@ class Trainer:
                  if self.implementation == "chunked" else "")
         source = ("top-k teacher cache" if self.cache is not None else "live teacher" if self.teacher is not None
                   else "no teacher (CE only)")
-        name = lc.divergence if self.divergence is None else f"custom divergence {self.divergence.__name__}"
+        name = lc.divergence if self.divergence is None else f"custom divergence {divergence_name(self.divergence)}"
         return (f"loss: {name}, alpha {lc.alpha}, T {lc.temperature}, {source}; {self.implementation} "
                 f"implementation{chunk}; {procs} process(es), global batch {t.batch_size * procs} x "
                 f"{t.grad_accum} accumulation; mixed precision {self.compute}, {t.optimizer}, gradient "
@@ -521,7 +524,7 @@ class Trainer:
             state = {"history": self.result.history,
                      "seconds": self.previous_seconds + time.perf_counter() - self.began,
                      "batches_consumed": step * self.tcfg.grad_accum, "run_id": self.result.run_id,
-                     "fingerprint": training_fingerprint(self.cfg), "diverged_after": diverged}
+                     "fingerprint": training_fingerprint(self.cfg, self.divergence), "diverged_after": diverged}
             path = ckpt.save_checkpoint(self.folder, step, acc.unwrap_model(self.model).model, self.optimizer, state)
             ckpt.prune(self.folder, self.tcfg.keep_checkpoints)
         acc.wait_for_everyone()
@@ -657,7 +660,8 @@ class Trainer:
                 if _stop_requested(stop, self.accelerator):  # SIGTERM / SIGINT: keep this step, then stop cleanly
                     path = path or self.save(step + 1)
                     raise TrainingInterrupted(stop.signum, _interrupted_message(stop.signum, step + 1, t, path))
-        if self.start_step < t.max_steps and not (t.checkpoint_every and t.max_steps % t.checkpoint_every == 0):
+        periodic = t.checkpoint_every and t.max_steps % t.checkpoint_every == 0
+        if t.save_final and self.start_step < t.max_steps and not periodic:
             self.save(t.max_steps)  # the finished state: a run stopped in a later stage resumes past this training
         return self.finish()
 
@@ -708,7 +712,7 @@ def _accelerator_for(tcfg, folder: Optional[Path]) -> tuple:
 def _check_inputs(teacher, teacher_cache, lcfg, train_split, on_policy: float = 0.0) -> None:
     if on_policy > 0 and teacher is None:
         raise ValueError(f"train.on_policy={on_policy}: the student's sampled answers are scored by the live teacher "
-                         f"(no cache can hold them); pass the teacher (the pipeline keeps it on the device).")
+                         f"(no cache can hold them); pass the teacher (the experiment keeps it on the device).")
     if teacher is None and teacher_cache is None and lcfg.alpha != 1.0:
         raise ValueError(f"No teacher and no teacher cache, but loss.alpha={lcfg.alpha}: the distillation term needs "
                          f"the teacher. Pass one, or set loss.alpha=1 to fine-tune on the targets alone.")
@@ -753,8 +757,8 @@ def _divergence_message(step: int, total: float, ce: float, kd: float, grad_norm
     if again:
         where = (f"This is the first step after resuming from a divergence checkpoint: the weights saved there were "
                  f"already damaged by the update before it (a learning rate this high breaks weights before the loss "
-                 f"shows it). Start again without --resume, with train.lr={lower} or lower (or resume from an earlier "
-                 f"checkpoint moved into place).")
+                 f"shows it). Start again without --resume (notebook: without 'train.resume=true' in TRAIN_OVERRIDES), "
+                 f"with train.lr={lower} or lower (or resume from an earlier checkpoint moved into place).")
     elif path:
         where = (f"The weights after step {step} (all finite: the diverged step was never applied) are saved in "
                  f"{path}. Continue from them with a lower learning rate: --resume --set train.lr={lower} --set "
@@ -783,20 +787,21 @@ def _stop_requested(stop: StopSignals, accelerator) -> bool:
     return bool(stop.signum)
 
 
-def _resume(folder: Optional[Path], cfg, student, optimizer, say) -> dict:
+def _resume(folder: Optional[Path], cfg, student, optimizer, say, divergence: Optional[Divergence] = None) -> dict:
     """Load the newest valid checkpoint of this run into the student and optimizer.
 
     Refuses a checkpoint written with other settings, naming each difference, unless the setting is listed
     in train.resume_allow; allowed changes of the optimizer and schedule take effect from here on."""
     tcfg = cfg.train
     if folder is None:
-        raise ValueError("Resuming needs the run's checkpoint folder (checkpoint_dir).")
+        raise ValueError("Resuming needs the run folder that holds the checkpoints (folder=).")
     path = ckpt.newest_valid(folder, log=say)
     if path is None:
         raise ckpt.CheckpointError(f"resume: no valid checkpoint in {folder}, so there is nothing to continue (the "
-                                   f"history there is left as it is). Run without --resume to start from step 0.")
+                                   f"history there is left as it is). Run without --resume (notebook: without "
+                                   f"'train.resume=true' in TRAIN_OVERRIDES) to start from step 0.")
     saved = ckpt.trainer_state(path)
-    current = training_fingerprint(cfg)
+    current = training_fingerprint(cfg, divergence)
     diff = fingerprint_differences(saved.get("fingerprint") or {}, current) if "fingerprint" in saved else {}
     refused = {k: v for k, v in diff.items() if k not in tcfg.resume_allow}
     if refused:
@@ -804,7 +809,8 @@ def _resume(folder: Optional[Path], cfg, student, optimizer, say) -> dict:
         raise ckpt.CheckpointError(
             f"resume: {path} was written with other settings ({listed}). Resume with the settings it was trained "
             f"with, start a new run without --resume (the old checkpoints are moved aside), or continue on purpose "
-            f"with --set 'train.resume_allow=[{', '.join(refused)}]'.")
+            f"with --set 'train.resume_allow=[{', '.join(refused)}]' (notebook: add 'train.resume_allow=["
+            f"{', '.join(refused)}]' to TRAIN_OVERRIDES).")
     if "fingerprint" not in saved:
         say(f"resume: {path.name} predates configuration fingerprints; its settings cannot be checked")
     state = ckpt.load_checkpoint(path, student, optimizer)
