@@ -34,7 +34,7 @@ from .data import TokenizedSplit
 from .generate import sample_rollouts
 from .losses import (DistillationLoss, Divergence, TeacherHidden, TeacherLogits, TeacherSignal, TeacherTopK,
                      auto_chunk_size, chunked_distillation_loss, divergence_name, sampled_token_loss,
-                     token_distillation_loss)
+                     token_distillation_loss, topk_buckets)
 from .models import device_capability, native_bf16, output_layer, resolve_device, resolve_mixed_precision
 from .progress import tqdm
 
@@ -205,9 +205,9 @@ class OpenedStep:
 
         student = torch.softmax(self.student_logits[position].float() / temperature, -1)
         if isinstance(self.teacher, TeacherTopK):  # the cache's top-k at T = 1, tempered over its K + 1 buckets
-            log_p = torch.log_softmax(torch.cat([self.teacher.logprobs[position].float(), self.teacher.tail[
-                position:position + 1].float().clamp_min(1e-10).log()]) / temperature, -1)
-            ids, probs = self.teacher.ids[position][:k].long(), log_p[:k].exp()
+            log_p, _ = topk_buckets(self.student_logits[position:position + 1].float(),
+                                    self.teacher.chunk(position, position + 1, student.shape[-1]), temperature)
+            ids, probs = self.teacher.ids[position][:k].long(), log_p[0, :k].exp()
         elif self.teacher is not None:
             width = self.student_logits.shape[-1]
             teacher = torch.softmax(self.teacher.chunk(position, position + 1, width).logits[0].float() / temperature,
