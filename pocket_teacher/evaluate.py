@@ -15,18 +15,19 @@ import math
 import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .batches import answer_batches, answer_logit_chunks, answer_logits
-from .config import GenerateConfig
+from .batches import AnswerBatch, answer_batches, answer_logit_chunks, answer_logits
+from .config import GenerateConfig, LossConfig
 from .data import (IGNORE_INDEX, MMLU_LETTERS, Example, LoadReport, PaddingCollator, TokenizedSplit, answers_match,
                    extract_gsm8k_answer, format_prompt)
 from .generate import GREEDY, generate, overridden_generation_settings, sample_rollouts  # noqa: F401 (re-exported)
-from .losses import kl
+from .losses import Divergence, TeacherSignal, kl, token_distillation_loss
 from .models import count_parameters, memory_footprint
 from .plan import PlanError, inference_bytes_per_token
 from .progress import tqdm
@@ -50,33 +51,50 @@ def batch_token_budget(model: torch.nn.Module, fraction: float = 0.5) -> Optiona
     return max(64, int(fraction * free / per_token))
 
 
+@dataclass(frozen=True)
+class HeldOutTeacher:
+    """What `perplexity` needs to measure the distillation term too: the teacher's signal for an answer batch
+    (live logits or cached top-k), the loss settings, and a divergence function instead of the one they name."""
+
+    signal: Callable[[AnswerBatch], TeacherSignal]
+    spec: LossConfig
+    divergence: Optional[Divergence] = None
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, split: TokenizedSplit, *, pad_token_id: int, batch_size: int = 16,
                vocab_size: Optional[int] = None, desc: str = "perplexity", progress: bool = True,
-               per_row: bool = False) -> dict:
+               per_row: bool = False, teacher: Optional[HeldOutTeacher] = None) -> dict:
     """exp(mean NLL) over answer tokens only (prompt and padding never count), over the first `vocab_size`
     logits (the tokenizer's; an output layer's padding rows never take probability, as in the losses).
 
     Runs on the model's device a chunk of tokens at a time (never the (N, V) logits of a batch, nothing of
     size V on the host); batches hold at most `batch_size` rows and, on a GPU, what its free memory allows.
     Returns {"perplexity", "nll", "tokens"}; with `per_row`, also "row_nll" and "row_tokens": each row's summed
-    NLL and answer-token count, in split order (for paired comparisons of two models on the same items).
+    NLL and answer-token count, in split order (for paired comparisons of two models on the same items); with a
+    `teacher`, also "kd": the mean per-token distillation term (T^2 * D, as in training) on the same tokens.
     """
     model.eval()
     device = _device(model)
     total_nll = torch.zeros((), dtype=torch.float64, device=device)
-    total_tokens = 0
+    total_tokens, total_kd = 0, 0.0
     row_nll = torch.zeros(len(split), dtype=torch.float64, device=device)
     row_tokens = [0] * len(split)
     batches = answer_batches(split, pad_token_id, batch_size=batch_size, by_length=True,
                              max_tokens=batch_token_budget(model), device=device)
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         owner = torch.tensor(batch.rows, device=device)[batch.select.nonzero()[:, 0]]  # the split row of each target
+        signal = None if teacher is None else teacher.signal(batch)
         for i, logits in answer_logit_chunks(model, batch.input_ids, batch.attention_mask, batch.select, vocab_size):
-            nll = F.cross_entropy(logits, batch.targets[i:i + logits.shape[0]], reduction="none").double()
+            j = i + logits.shape[0]
+            nll = F.cross_entropy(logits, batch.targets[i:j], reduction="none").double()
             total_nll += nll.sum()
             if per_row:
-                row_nll.index_add_(0, owner[i:i + logits.shape[0]], nll)
+                row_nll.index_add_(0, owner[i:j], nll)
+            if signal is not None:
+                total_kd += float(token_distillation_loss(
+                    logits, batch.targets[i:j], signal.chunk(i, j, logits.shape[-1]), teacher.spec,
+                    vocab_size=vocab_size, normalizer=1.0, divergence=teacher.divergence).kd)
         for r, n in zip(batch.rows, batch.answer_counts):
             row_tokens[r] = n
         total_tokens += batch.targets.numel()
@@ -84,6 +102,8 @@ def perplexity(model: torch.nn.Module, split: TokenizedSplit, *, pad_token_id: i
     out = {"perplexity": math.exp(nll), "nll": nll, "tokens": total_tokens}
     if per_row:
         out.update(row_nll=row_nll.tolist(), row_tokens=row_tokens)
+    if teacher is not None:
+        out["kd"] = total_kd / max(total_tokens, 1)
     return out
 
 

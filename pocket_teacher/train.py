@@ -29,8 +29,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from . import checkpoints as ckpt
-from .batches import AnswerBatch, answer_batch, answer_batches, answer_hidden, answer_logits
+from .batches import AnswerBatch, answer_batch, answer_hidden, answer_logits
 from .data import TokenizedSplit
+from .evaluate import HeldOutTeacher, perplexity
 from .generate import sample_rollouts
 from .losses import (DistillationLoss, Divergence, TeacherHidden, TeacherLogits, TeacherSignal, TeacherTopK,
                      auto_chunk_size, chunked_distillation_loss, divergence_name, sampled_token_loss,
@@ -339,37 +340,6 @@ class GlobalBatches:
         return self._perm[i * self.size:(i + 1) * self.size].tolist()
 
 
-@torch.no_grad()
-def held_out_losses(model: torch.nn.Module, teacher: Optional[torch.nn.Module], split: TokenizedSplit, lcfg, *,
-                    pad_token_id: int, vocab_size: Optional[int] = None, batch_size: int = 8,
-                    teacher_cache=None, divergence: Optional[Divergence] = None) -> dict:
-    """Held-out answer-token perplexity of `model` and, with a teacher (live or cached), its KD term (with
-    `divergence` when given, else the one lcfg names)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    ce_sum, kd_sum = 0.0, 0.0
-    tokens = 0
-    for batch in answer_batches(split, pad_token_id, batch_size=batch_size, device=device):
-        if teacher_cache is not None:
-            signal = teacher_cache.rows(batch.rows, batch.answer_counts, device)
-        elif teacher is not None:
-            signal = TeacherLogits(answer_logits(teacher, batch.input_ids, batch.attention_mask, batch.select))
-        else:
-            signal = None
-        logits = answer_logits(model, batch.input_ids, batch.attention_mask, batch.select)
-        targets = batch.targets
-        spec = lcfg if signal is not None else dataclasses.replace(lcfg, alpha=1.0)
-        out = token_distillation_loss(logits, targets, signal, spec, vocab_size=vocab_size, normalizer=1.0,
-                                      divergence=divergence)
-        ce_sum += float(out.ce)
-        kd_sum = None if out.kd is None or kd_sum is None else kd_sum + float(out.kd)
-        tokens += targets.numel()
-    model.train(was_training)
-    n = max(1, tokens)
-    return {"eval_ppl": math.exp(ce_sum / n), "eval_ce": ce_sum / n, "eval_kd": None if kd_sum is None else kd_sum / n}
-
-
 @dataclass(frozen=True)
 class Vocab:
     """What training needs of the tokenizer: the padding id, its real size (output-layer rows beyond it, padding,
@@ -443,6 +413,8 @@ class Trainer:
         self.tcfg, self.lcfg = cfg.train, cfg.loss
         self.vocab = vocab if isinstance(vocab, Vocab) else Vocab(int(vocab))
         self.vocab_size, self.cache, self.held_out = self.vocab.size, teacher_cache, held_out
+        scored = held_out is not None and (held_out.cache is not None or teacher is not None)
+        self.held_out_teacher = HeldOutTeacher(self.held_out_signal, self.lcfg, divergence) if scored else None
         self.progress, self.divergence = progress, divergence
         self.run_folder = Path(folder) if folder is not None else None
         self.folder = self.run_folder / "checkpoints" if folder is not None else None
@@ -562,6 +534,12 @@ class Trainer:
                               "rollouts_finished": finished}
         return out
 
+    def held_out_signal(self, batch: AnswerBatch) -> TeacherSignal:
+        """The teacher's signal for a held-out batch: its cache's top-k, else the live teacher's logits."""
+        if self.held_out.cache is not None:
+            return self.held_out.cache.rows(batch.rows, batch.answer_counts, batch.input_ids.device)
+        return TeacherLogits(answer_logits(self.teacher, batch.input_ids, batch.attention_mask, batch.select))
+
     def teacher_side(self, batch: AnswerBatch, on_policy: bool = False) -> Optional[TeacherSignal]:
         """The teacher's signal for this micro-batch: the cache's top-k, the live teacher's, or None (no teacher).
         Sampled answers (on-policy steps) are scored by the live teacher: no cache can hold them."""
@@ -609,9 +587,12 @@ class Trainer:
             row.update({"policy": "on" if on_policy else "off", **(self.rollout_stats or {})})
         if (self.held_out is not None and t.eval_every and acc.is_main_process
                 and ((step + 1) % t.eval_every == 0 or step + 1 == t.max_steps)):
-            row.update(held_out_losses(acc.unwrap_model(self.model).model, self.teacher, self.held_out.split,
-                                       self.lcfg, pad_token_id=self.vocab.pad_token_id, vocab_size=self.vocab_size,
-                                       teacher_cache=self.held_out.cache, divergence=self.divergence))
+            model = acc.unwrap_model(self.model).model
+            was_training = model.training
+            out = perplexity(model, self.held_out.split, pad_token_id=self.vocab.pad_token_id, batch_size=8,
+                             vocab_size=self.vocab_size, progress=False, teacher=self.held_out_teacher)
+            model.train(was_training)
+            row.update(eval_ppl=out["perplexity"], eval_ce=out["nll"], eval_kd=out.get("kd"))
         self.result.history.append(row)
         self.stream(row)
         if t.log_with:
