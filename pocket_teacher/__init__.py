@@ -1,7 +1,7 @@
 """Pocket-Teacher: distil a large language model into a small one, notebook-first.
 
 Stages, one module each, imported one way: config -> data -> models -> students -> batches -> plan -> losses ->
-teacher_cache / generate -> train -> evaluate -> report / plots -> runfolder -> experiment -> cli.
+teacher_cache / generate -> evaluate -> train -> report / plots -> runfolder -> experiment -> cli.
 """
 
 from .config import Config, ConfigError, apply_overrides, get_preset
