@@ -163,7 +163,6 @@ class TinyModelConfig:
                   "hidden_size must be divisible by num_heads, and num_heads by num_kv_heads.")
 
 
-
 @dataclass
 class TeacherConfig:
     """The frozen teacher."""
@@ -180,7 +179,6 @@ class TeacherConfig:
         if not self.source:
             _fail("teacher.source", self.source, 'name "embedded", "tiny", a Hub id, a folder or a .gguf file.')
         self.tiny.check("teacher.tiny")
-
 
 
 @dataclass
@@ -221,7 +219,6 @@ class StudentConfig:
                 _fail("student.layers", self.layers, "give a non-empty list of teacher layer indices (0-based).")
             if len(set(self.layers)) != len(self.layers):
                 _fail("student.layers", self.layers, "each teacher layer may be kept once; remove the repeats.")
-
 
 
 @dataclass
@@ -267,7 +264,6 @@ class DataConfig:
                   "new.")
 
 
-
 @dataclass
 class TeacherCacheConfig:
     """The teacher run once (pocket_teacher.teacher_cache): its top-k log-probs stored and reused."""
@@ -281,7 +277,6 @@ class TeacherCacheConfig:
     def check(self) -> None:
         _check_positive("teacher_cache.k", self.k)
         _check_positive("teacher_cache.batch_size", self.batch_size)
-
 
 
 @dataclass
@@ -341,7 +336,6 @@ class LossConfig:
         _check_choice("loss.on_policy_estimator", self.on_policy_estimator, ON_POLICY_ESTIMATORS)
 
     __post_init__ = check
-
 
 
 @dataclass
@@ -410,7 +404,6 @@ class TrainConfig:
         _check_positive("train.rollout_max_new_tokens", self.rollout_max_new_tokens)
 
 
-
 @dataclass
 class EvalConfig:
     """Evaluation of teacher, student before and student after."""
@@ -451,7 +444,6 @@ class EvalConfig:
                   'use null (skip MMLU), "hub" (cais/mmlu) or an existing JSONL file.')
 
 
-
 @dataclass
 class RunConfig:
     """Where outputs go."""
@@ -463,7 +455,6 @@ class RunConfig:
     def check(self) -> None:
         if not self.name or "/" in self.name:
             _fail("run.name", self.name, "use a non-empty folder name without '/'.")
-
 
 
 @dataclass
@@ -590,10 +581,6 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _coerce(path: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it converted where that is lossless."""
     origin = typing.get_origin(tp)
@@ -613,26 +600,18 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
         if origin is tuple:
             return tuple(_coerce(path, v, a) for v, a in zip(value, args))
         return [_coerce(path, v, args[0]) for v in value]
-    if tp is bool:
-        if not isinstance(value, bool):
-            _fail(path, value, "use true or false.")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            _fail(path, value, "use a whole number.")
-        return value
+    if tp in (bool, str) and not isinstance(value, tp):
+        _fail(path, value, "use true or false." if tp is bool else "use a string.")
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        _fail(path, value, "use a whole number.")
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, value, "use a number.")
         if not math.isfinite(value):
             _fail(path, value, "use a finite number (NaN and infinity are never valid settings).")
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            _fail(path, value, "use a string.")
-        return value
     return value
 
 
@@ -644,7 +623,7 @@ def _unknown_key(path: str, key: str, cls: type) -> ConfigError:
 
 
 def _build(cls: type, data: dict[str, Any], path: str) -> Any:
-    hints = _field_types(cls)
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
@@ -669,7 +648,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
 
 def _replaced(current: Any, owner: type, name: str, rest: list[str], value: Any, key: str, path: str = "") -> Any:
     """The new value of field `name` of `owner` (now `current`) with `value` set at the dotted path `rest`."""
-    tp = _field_types(owner)[name]
+    tp = typing.get_type_hints(owner)[name]
     if not rest:
         if dataclasses.is_dataclass(tp):
             _fail(path + name, value, f"set one of its fields, e.g. {path}{name}.{dataclasses.fields(tp)[0].name}=...")
@@ -697,8 +676,7 @@ def _split_override(text: str) -> tuple[str, Any]:
 
 def _pocket() -> Config:
     """Embedded SmolLM2-135M-Instruct teacher -> 10-layer derived student on offline GSM-style data (CPU)."""
-    # Embedded SmolLM2-135M-Instruct teacher -> 10-layer student derived from it, trained on
-    # offline GSM-style problems; sized to finish well inside 20 minutes on a 2-core CPU.
+    # sized to finish well inside 20 minutes on a 2-core CPU
     return Config(
         preset="pocket",
         teacher=TeacherConfig(source="embedded"),
@@ -763,12 +741,9 @@ def _tiny_text() -> Config:
     )
 
 
-# Colab disconnects lose what was not checkpointed: these keep it under about ten minutes at the memory plan's
-# step-time estimate (`python -m pocket_teacher plan --preset t4 --gpu t4` prints it), rounded down.
-CHECKPOINT_EVERY_T4 = 100
-CHECKPOINT_EVERY_A100 = 100
-
-
+# Colab disconnects lose what was not checkpointed: the GPU presets' checkpoint_every keeps that under about ten
+# minutes at the memory plan's step-time estimate (`python -m pocket_teacher plan --preset t4 --gpu t4` prints it),
+# rounded down.
 def _t4() -> Config:
     """Colab T4 (16 GB): Qwen2.5-1.5B-Instruct teacher in 8-bit -> Qwen2.5-0.5B-Instruct student (Hub)."""
     return Config(
@@ -778,7 +753,7 @@ def _t4() -> Config:
         data=DataConfig(source="gsm8k", train_size=7473, eval_size=256, max_length=512),
         loss=LossConfig(alpha=0.5, temperature=2.0),
         train=TrainConfig(max_steps=500, batch_size=4, grad_accum=4, lr=2e-5, warmup_steps=25, device="cuda",
-                          gradient_checkpointing=True, optimizer="adamw_8bit", checkpoint_every=CHECKPOINT_EVERY_T4),
+                          gradient_checkpointing=True, optimizer="adamw_8bit", checkpoint_every=100),
         eval=EvalConfig(batch_size=32, generate_samples=256, max_new_tokens=320),
         run=RunConfig(name="t4"),
     )
@@ -793,7 +768,7 @@ def _a100() -> Config:
         data=DataConfig(source="gsm8k", train_size=7473, eval_size=1319, max_length=768),
         loss=LossConfig(alpha=0.5, temperature=2.0),
         train=TrainConfig(max_steps=1000, batch_size=8, grad_accum=4, lr=1e-5, warmup_steps=50, device="cuda",
-                          gradient_checkpointing=True, optimizer="adamw_8bit", checkpoint_every=CHECKPOINT_EVERY_A100),
+                          gradient_checkpointing=True, optimizer="adamw_8bit", checkpoint_every=100),
         eval=EvalConfig(batch_size=64, generate_samples=1319, max_new_tokens=384),
         run=RunConfig(name="a100"),
     )
