@@ -13,6 +13,7 @@ none); prompt tokens get label -100 so only answer tokens are learned and scored
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -56,8 +57,8 @@ class LoadReport:
     skipped: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what else a reader should know (duplicates kept, ...)
 
-    def skip(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+    def skip(self, reason: str, count: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + count
 
     def __str__(self) -> str:
         skipped = ", ".join(f"{n} {why}" for why, n in self.skipped.items()) or "none"
@@ -89,12 +90,7 @@ def normalize_number(text: str) -> Optional[str]:
 
 
 def _numbers(text: str) -> list[str]:
-    found = []
-    for match in _SIGNED.finditer(text):
-        value = normalize_number(match.group(0))
-        if value is not None:
-            found.append(value)
-    return found
+    return [v for m in _SIGNED.finditer(text) if (v := normalize_number(m.group(0))) is not None]
 
 
 def extract_gsm8k_answer(text: str) -> Optional[str]:
@@ -107,8 +103,7 @@ def extract_gsm8k_answer(text: str) -> Optional[str]:
     if not text:
         return None
     for cue in _ANSWER_CUES:
-        matches = list(cue.finditer(text))
-        for match in reversed(matches):
+        for match in reversed(list(cue.finditer(text))):
             numbers = _numbers(match.group(1))
             if numbers:
                 return numbers[0]
@@ -340,7 +335,7 @@ def read_text_rows(path: str, column: str = "text", bad_rows: str = "error",
         try:
             raw = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
-            line = raw_line(p, exc.start)
+            line = p.read_bytes()[:exc.start].count(b"\n") + 1
             raise DataError(f"{p.name}:{line}: not valid UTF-8 (byte at offset {exc.start}); save the file as "
                             f"UTF-8.") from None
         out, lines, start = [], [], 1
@@ -370,10 +365,6 @@ def read_text_rows(path: str, column: str = "text", bad_rows: str = "error",
             raise DataError(f"{where}: field {column!r} is empty.")
         return text_example(value.strip(), where)
     return _validated(rows, make, report, bad_rows, None)
-
-
-def raw_line(path: Path, offset: int) -> int:
-    return path.read_bytes()[:offset].count(b"\n") + 1
 
 
 def _hub_text_rows(name: str):
@@ -409,9 +400,7 @@ def load_text_split(data_cfg, split: str) -> tuple[list[Example], LoadReport]:
     path = data_cfg.eval_path if split == "eval" and data_cfg.eval_path else data_cfg.train_path
     report = LoadReport(source=f"text ({split}) from {path}")
     rows = read_text_rows(path, data_cfg.text_column, data_cfg.bad_rows, report)
-    if not (split == "eval" and data_cfg.eval_path) and not (split == "train" and data_cfg.eval_path):
-        import random
-
+    if not data_cfg.eval_path:
         order = list(range(len(rows)))
         random.Random(data_cfg.train_seed).shuffle(order)
         if len(rows) <= data_cfg.eval_size:
@@ -444,8 +433,7 @@ def handle_duplicates(examples: list[Example], report: LoadReport, policy: str =
         report.notes.append(f"{repeats} duplicate row(s) " + ("dropped" if policy == "drop" else
                                                              "kept (data.duplicates=drop removes them)"))
         if policy == "drop":
-            for _ in range(repeats):
-                report.skip("duplicate")
+            report.skip("duplicate", repeats)
     report.kept = len(out) if policy == "drop" else report.kept
     return out
 
@@ -456,8 +444,8 @@ def remove_overlap(train: list[Example], held_out: Sequence[Example], report: Lo
     key = (lambda e: e.question or e.target)  # free text has no question: the text itself
     held = {key(e) for e in held_out}
     kept = [e for e in train if key(e) not in held]
-    for _ in range(len(train) - len(kept)):
-        report.skip("also in the held-out split")
+    if len(kept) < len(train):
+        report.skip("also in the held-out split", len(train) - len(kept))
     report.kept = len(kept)
     return kept
 
