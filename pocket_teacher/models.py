@@ -332,33 +332,20 @@ def _only(kwargs: dict, *keys: str) -> dict:
 
 def memory_footprint(model: torch.nn.Module) -> int:
     """Bytes taken by the model's parameters and buffers as stored (quantized weights at their packed size)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    seen, total = set(), 0
-    for t in tensors:
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
+    unique = {}  # tied weights share their storage: the first tensor at each address counts
+    for t in [*model.parameters(), *model.buffers()]:
+        unique.setdefault(t.data_ptr(), t.numel() * t.element_size())
+    return sum(unique.values())
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Number of (unique) parameters; tied weights count once."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) in seen or (trainable_only and not p.requires_grad):
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total
+    """Number of (unique) parameters; tied weights count once (`parameters()` yields each one once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """eval() mode and no gradients: the teacher is never trained."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return model.eval().requires_grad_(False)
 
 
 def load_teacher(teacher_cfg, device: torch.device | str = "cpu", precision: Optional[str] = None):

@@ -180,22 +180,20 @@ def config_student(teacher: torch.nn.Module, shape: dict, init: str = "random", 
     config = student_config(teacher.config, shape)
     torch.manual_seed(seed)
     student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if init == "random":
-        student.generation_config = copy.deepcopy(teacher.generation_config)
-        return student.to(next(teacher.parameters()).device).train()
-    if getattr(teacher, "is_loaded_in_8bit", False) or getattr(teacher, "is_loaded_in_4bit", False):
-        raise ModelLoadError("student.init=prune needs the teacher's dense weights; load the teacher in bf16/fp32.")
-    if batches is None:
-        raise ModelLoadError("student.init=prune needs calibration batches (calibration_batches of training text).")
-    check_prunable(teacher.config, config)
-    keep_layers = (select_layers(block_influence(teacher, batches), config.num_hidden_layers)
-                   if layer_selection == "importance" else _even(len(decoder_layers(teacher)[1]),
-                                                                 config.num_hidden_layers))
-    importance = activation_importance(teacher, batches)
-    state = pruned_state(teacher, config, keep_layers, importance)
-    student.load_state_dict(state, strict=True)
+    if init == "prune":
+        if getattr(teacher, "is_loaded_in_8bit", False) or getattr(teacher, "is_loaded_in_4bit", False):
+            raise ModelLoadError("student.init=prune needs the teacher's dense weights; load the teacher in bf16/fp32.")
+        if batches is None:
+            raise ModelLoadError("student.init=prune needs calibration batches (calibration_batches of training "
+                                 "text).")
+        check_prunable(teacher.config, config)
+        keep_layers = (select_layers(block_influence(teacher, batches), config.num_hidden_layers)
+                       if layer_selection == "importance"
+                       else spread_layers(len(decoder_layers(teacher)[1]), config.num_hidden_layers))
+        student.load_state_dict(pruned_state(teacher, config, keep_layers, activation_importance(teacher, batches)),
+                                strict=True)
+        student.config.pruned_from_layers = keep_layers
     student.generation_config = copy.deepcopy(teacher.generation_config)
-    student.config.pruned_from_layers = keep_layers
     return student.to(next(teacher.parameters()).device).train()
 
 
@@ -217,10 +215,6 @@ def check_prunable(teacher_config, config) -> None:
                 f"student.init=prune: student.{name} gives {student} {what}, more than the teacher's {teacher}; a "
                 f"pruned student keeps a subset of the teacher's units. Lower it to at most {teacher}, or use "
                 f"student.init=random.")
-
-
-def _even(total: int, keep: int) -> list[int]:
-    return spread_layers(total, keep)
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -266,6 +260,7 @@ def _rows(units: torch.Tensor, size: int) -> torch.Tensor:
 
 def _slice_layer(name: str, w: torch.Tensor, hc, q_rows, kv_rows, mc) -> torch.Tensor:
     rows = {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows, "gate_proj": mc, "up_proj": mc}
+    columns = {"o_proj": q_rows, "down_proj": mc}  # these write the residual stream: its kept rows
     module, kind = name.rsplit(".", 1)[0].split(".")[-1], name.rsplit(".", 1)[1]
     if module.endswith("layernorm"):  # input / post-attention norms act on the residual stream
         return w[hc].clone()
@@ -273,10 +268,8 @@ def _slice_layer(name: str, w: torch.Tensor, hc, q_rows, kv_rows, mc) -> torch.T
         return w.clone()
     if module in rows:
         return (w[rows[module]][:, hc] if kind == "weight" else w[rows[module]]).clone()
-    if module == "o_proj":
-        return (w[hc][:, q_rows] if kind == "weight" else w[hc]).clone()
-    if module == "down_proj":
-        return (w[hc][:, mc] if kind == "weight" else w[hc]).clone()
+    if module in columns:
+        return (w[hc][:, columns[module]] if kind == "weight" else w[hc]).clone()
     raise ModelLoadError(f"student.init=prune: no rule for the teacher weight {name}; use student.init=random.")
 
 
@@ -295,18 +288,17 @@ def load_student(student_cfg, teacher: torch.nn.Module, teacher_tokenizer, devic
             raise ModelLoadError("student.layer_selection=importance / student.init=prune need calibration text "
                                  "(the training rows); none was given.")
         batches = calibration_batches(teacher_tokenizer, calibration_texts)
+    tokenizer = teacher_tokenizer  # a derived or configured student shares the teacher's
     if student_cfg.source == "derive":
         layers = student_cfg.layers
         if layers is None and student_cfg.layer_selection == "importance":
             layers = select_layers(block_influence(teacher, batches), student_cfg.num_layers)
         model = derive_student(teacher, layers, student_cfg.num_layers)
-        tokenizer = teacher_tokenizer
         origin = f"teacher layers {model.config.derived_from_layers} ({student_cfg.layer_selection})"
         name = f"{model.config.num_hidden_layers}-layer student"
     elif student_cfg.source == "config":
         shape = {k: getattr(student_cfg, k) for k in SHAPE_KEYS}
         model = config_student(teacher, shape, student_cfg.init, batches, student_cfg.layer_selection)
-        tokenizer = teacher_tokenizer
         c = model.config
         origin = (f"{student_cfg.init} init" + (f" from teacher layers {c.pruned_from_layers} "
                                                  f"({student_cfg.layer_selection})" if student_cfg.init == "prune"
@@ -318,9 +310,7 @@ def load_student(student_cfg, teacher: torch.nn.Module, teacher_tokenizer, devic
         model, tokenizer, origin = load_pretrained(student_cfg.source, student_cfg.revision, "student", "fp32", device)
         name = student_cfg.source
         ensure_pad(tokenizer)
-    model = model.to(device=device, dtype=torch.float32)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model = model.to(device=device, dtype=torch.float32).requires_grad_(True)
     precision = resolve_precision("auto", device, "student")
     info = ModelInfo("student", name, origin, f"fp32 weights, {precision} compute", str(device),
                      count_parameters(model), memory_footprint(model))
