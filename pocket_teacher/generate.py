@@ -181,6 +181,14 @@ def _read_rows(path: Path, fields: Sequence[str], what: str) -> Optional[list[di
     return rows
 
 
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    """The rows as JSONL, renamed into place once whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
 def default_stop(tokenizer, stop: Optional[Sequence[str]] = None) -> list[str]:
     """The stop strings to use: `stop` when given; else, for a base model (no chat template), "\\nQuestion:", where
     such a model starts inventing the next question of its own training target."""
@@ -216,23 +224,19 @@ def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Exa
         parts["stop"] = stops
     path = Path(root) / f"answers-{fingerprint(parts)}.jsonl"
     start, status = time.perf_counter(), "reused"
-    rows, status = _read_rows(path, ("question", "teacher_answer", "extracted"), "teacher answers"), "reused"
+    rows = _read_rows(path, ("question", "teacher_answer", "extracted"), "teacher answers")
     if rows is not None and (len(rows) != len(examples)
                              or any(r["question"] != e.question for r, e in zip(rows, examples))):
         print(f"teacher answers: {path} does not match these questions; generating them again")
         rows = None
     if rows is None:
         status = "generated"
-    if rows is None:
         prompts = [format_prompt(tokenizer, e.question, system_prompt) for e in examples]
         outputs = generate(teacher, tokenizer, prompts, settings, stop=stops, desc="teacher answers",
                            progress=progress)
         rows = [{"question": e.question, "gold": e.answer, "teacher_answer": out,
                  "extracted": extract_gsm8k_answer(out), "where": e.where} for e, out in zip(examples, outputs)]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, path)
+        _write_rows(path, rows)
     kept, rejected = [], {}
     for e, r in zip(examples, rows):
         answer = r["teacher_answer"].strip()
@@ -284,10 +288,9 @@ def generate_texts(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str], 
                    progress: bool = True) -> tuple[list[Example], GenerationReport]:
     """`settings.num_samples` texts written by the teacher, continuing `prompts` in turn (raw text, no chat
     template), sampled at `settings.temperature` / `top_p` (greedy at 0), cut at EOS or a stop string. Cached as
-    readable JSONL
-    (``texts-<fingerprint>.jsonl``: prompt, text) under a fingerprint of the teacher, prompts and settings, and
-    reused on a match. Empty texts are dropped and counted in the report. Each Example's question is its prompt
-    and its target the continuation (trained on as one text)."""
+    readable JSONL (``texts-<fingerprint>.jsonl``: prompt, text) under a fingerprint of the teacher, prompts and
+    settings, and reused on a match. Empty texts are dropped and counted in the report. Each Example's question is
+    its prompt and its target the continuation (trained on as one text)."""
     g, stops = settings, default_stop(tokenizer, settings.stop)
     num_samples = g.num_samples
     parts = {"format": FORMAT, "teacher": {"weights": model_digest(teacher), **(teacher_key or {})},
@@ -307,10 +310,7 @@ def generate_texts(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str], 
         chosen = [prompts[i % len(prompts)] for i in range(num_samples)]
         outputs = generate(teacher, tokenizer, chosen, settings, stop=stops, desc="teacher texts", progress=progress)
         rows = [{"prompt": p, "text": o} for p, o in zip(chosen, outputs)]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, path)
+        _write_rows(path, rows)
     kept = [text_example(" " + r["text"], f"{path.name}:{i + 1}", prompt=r["prompt"])
             for i, r in enumerate(rows) if r["text"].strip()]
     rejected = {"empty text": len(rows) - len(kept)} if len(kept) < len(rows) else {}
