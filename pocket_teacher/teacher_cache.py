@@ -95,10 +95,7 @@ class TopKCache:
         self.path, self.meta, self.report = path, meta, report
         self.k = meta["k"]
         self.offsets = np.load(path / "offsets.npy")
-        tokens = int(self.offsets[-1])
-        self._ids = _open(path, "ids", tokens, self.k, "r")
-        self._logprobs = _open(path, "logprobs", tokens, self.k, "r")
-        self._tail = _open(path, "tail", tokens, None, "r")
+        self._files = [_open(path, name, int(self.offsets[-1]), self.k, "r") for name in FILES]  # ids, logprobs, tail
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -110,23 +107,24 @@ class TopKCache:
         `counts` (answer tokens per row in the batch) is checked against the cache, so a cache of
         another split or tokenization can never be paired with the wrong tokens.
         """
-        parts = {"ids": [], "logprobs": [], "tail": []}
+        spans = []
         for j, i in enumerate(int(x) for x in indices):
             a, b = int(self.offsets[i]), int(self.offsets[i + 1])
             if counts is not None and int(counts[j]) != b - a:
                 raise CacheError(f"teacher cache row {i} holds {b - a} answer tokens but the batch has "
                                  f"{int(counts[j])}: the cache belongs to another split; rebuild it.")
-            parts["ids"].append(self._ids[a:b])
-            parts["logprobs"].append(self._logprobs[a:b])
-            parts["tail"].append(self._tail[a:b])
-        ids = torch.from_numpy(np.concatenate(parts["ids"])).long()
-        lp = torch.from_numpy(np.concatenate(parts["logprobs"]).astype(np.float32))
-        tail = torch.from_numpy(np.concatenate(parts["tail"]).copy())
-        return TeacherTopK(ids.to(device), lp.to(device), tail.to(device))
+            spans.append((a, b))
+        ids, lp, tail = (np.concatenate([mm[a:b] for a, b in spans]) for mm in self._files)
+        return TeacherTopK(torch.from_numpy(ids).long().to(device), torch.from_numpy(lp.astype(np.float32)).to(device),
+                           torch.from_numpy(tail.copy()).to(device))
 
 
-def _open(folder: Path, name: str, tokens: int, k: Optional[int], mode: str) -> np.memmap:
-    shape = (tokens, k) if k else (tokens,)
+def _file_bytes(name: str, tokens: int, k: int) -> int:
+    return tokens * (1 if name == "tail" else k) * np.dtype(FILES[name]).itemsize
+
+
+def _open(folder: Path, name: str, tokens: int, k: int, mode: str) -> np.memmap:
+    shape = (tokens,) if name == "tail" else (tokens, k)
     if tokens == 0:
         return np.zeros(shape, FILES[name])
     return np.memmap(folder / f"{name}.bin", dtype=FILES[name], mode=mode, shape=shape)
@@ -146,9 +144,9 @@ def validate_cache(path: Path, expected_fingerprint: Optional[str] = None) -> Op
     if expected_fingerprint and meta.get("fingerprint") != expected_fingerprint:
         return "fingerprint differs"
     tokens, k = meta["tokens"], meta["k"]
-    for name, dtype in FILES.items():
+    for name in FILES:
         f = path / f"{name}.bin"
-        want = tokens * (k if name != "tail" else 1) * np.dtype(dtype).itemsize
+        want = _file_bytes(name, tokens, k)
         if tokens and (not f.is_file() or f.stat().st_size != want):
             return f"{f.name} has {f.stat().st_size if f.is_file() else 'no'} bytes, expected {want}"
         if tokens and file_hash(f) != meta["checksums"].get(name):
@@ -214,18 +212,13 @@ def cache_lock(root: Path, fp: str, progress: bool = True):
     return lock
 
 
-def _bytes_needed(tokens: int, k: int) -> int:
-    return tokens * (k * (np.dtype(FILES["ids"]).itemsize + np.dtype(FILES["logprobs"]).itemsize)
-                     + np.dtype(FILES["tail"]).itemsize)
-
-
 def _reserve(folder: Path, tokens: int, k: int) -> None:
     """Check the free space, then allocate the files' blocks for real (posix_fallocate): a memory-mapped file
     whose blocks the disk cannot supply kills the process with SIGBUS on first write, with no message."""
     fix = "Free space there, point teacher_cache.dir at a larger disk, or lower teacher_cache.k."
-    require_free_space(folder, _bytes_needed(tokens, k), "the teacher cache", fix, CacheError)
+    require_free_space(folder, sum(_file_bytes(n, tokens, k) for n in FILES), "the teacher cache", fix, CacheError)
     for name in FILES:
-        size = tokens * (1 if name == "tail" else k) * np.dtype(FILES[name]).itemsize
+        size = _file_bytes(name, tokens, k)
         with open(folder / f"{name}.bin", "r+b") as handle:
             try:
                 os.posix_fallocate(handle.fileno(), 0, size)
@@ -278,17 +271,14 @@ def _build_or_reuse(teacher, split, root: Path, parts: dict, k: int, vocab: int,
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         np.save(partial / "offsets.npy", offsets)
-        for name in FILES:  # preallocate the files at their final size
-            if tokens:
-                _open(partial, name, tokens, None if name == "tail" else k, "w+").flush()
         if tokens:
+            for name in FILES:  # preallocate the files at their final size
+                _open(partial, name, tokens, k, "w+").flush()
             _reserve(partial, tokens, k)
         state = {"fingerprint": fp, "rows_done": 0, "kl_sum": 0.0, "kl_tokens": 0, "seconds": 0.0, "batches": []}
         write_json(progress_file, state)
-    ids_mm = _open(partial, "ids", tokens, k, "r+")
-    lp_mm = _open(partial, "logprobs", tokens, k, "r+")
-    tail_mm = _open(partial, "tail", tokens, None, "r+")
-    damaged = _first_damaged(state, (ids_mm, lp_mm, tail_mm), offsets) if done else None
+    mms = [_open(partial, name, tokens, k, "r+") for name in FILES]  # ids, logprobs, tail
+    damaged = _first_damaged(state, mms, offsets) if done else None
     if damaged is not None:  # a byte changed after it was written: rebuild from that batch on
         tqdm.write(f"teacher cache: rows {damaged}- of the partial build in {partial} fail their checksum; "
                    f"computing them again")
@@ -305,19 +295,16 @@ def _build_or_reuse(teacher, split, root: Path, parts: dict, k: int, vocab: int,
         lo, hi = batch.rows[0], batch.rows[-1] + 1
         a, b = int(offsets[lo]), int(offsets[hi])
         if b > a:
-            top_ids, top_lp, tail = _teacher_topk(teacher, batch, vocab, k, state if lo < kl_sample_rows else None)
-            ids_mm[a:b] = top_ids.cpu().numpy().astype(np.int32)
-            lp_mm[a:b] = top_lp.cpu().numpy().astype(np.float16)
-            tail_mm[a:b] = tail.cpu().numpy()
-            for mm in (ids_mm, lp_mm, tail_mm):
+            for mm, values in zip(mms, _teacher_topk(teacher, batch, vocab, k, state if lo < kl_sample_rows else None)):
+                mm[a:b] = values.cpu().numpy().astype(mm.dtype)
                 mm.flush()
-        state.setdefault("batches", []).append([lo, hi, _batch_hash(ids_mm[a:b], lp_mm[a:b], tail_mm[a:b])])
+        state.setdefault("batches", []).append([lo, hi, _batch_hash(*(mm[a:b] for mm in mms))])
         state["rows_done"] = hi
         write_json(progress_file, {**state, "seconds": state["seconds"] + time.perf_counter() - start})
         bar.update(hi - lo)
     bar.close()
     seconds = state["seconds"] + time.perf_counter() - start
-    del ids_mm, lp_mm, tail_mm
+    del mms
 
     report = CacheReport(path=str(final), fingerprint=fp, status=status, rows=len(split), tokens=tokens, k=k,
                          bytes=0, mass_mean=1.0, mass_p05=1.0, kl_sample=state["kl_sum"] / max(1, state["kl_tokens"]),
@@ -347,7 +334,7 @@ def _publish(partial: Path, final: Path, parts: dict, report: CacheReport) -> To
     """Measure the finished partial build (top-k mass, size), checksum it and rename it into place (atomic:
     the cache appears only once it is whole)."""
     tokens, k = report.tokens, report.k
-    mass = 1.0 - np.asarray(_open(partial, "tail", tokens, None, "r"), np.float64)
+    mass = 1.0 - np.asarray(_open(partial, "tail", tokens, k, "r"), np.float64)
     report = replace(report, bytes=sum((partial / f"{n}.bin").stat().st_size for n in FILES if tokens)
                      + (partial / "offsets.npy").stat().st_size,
                      mass_mean=float(mass.mean()) if tokens else 1.0,
