@@ -162,10 +162,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict[str, 
 
 def prune(folder: Path, keep: int) -> list[Path]:
     """Delete all but the `keep` newest checkpoints (and stale temporary folders); return what was removed."""
-    removed = []
-    for path in list_checkpoints(folder)[max(1, keep):]:
+    removed = list_checkpoints(folder)[max(1, keep):]
+    for path in removed:
         shutil.rmtree(path)
-        removed.append(path)
     for tmp in folder.glob(f".tmp-{PREFIX}*"):
         shutil.rmtree(tmp, ignore_errors=True)
     return removed

@@ -51,8 +51,6 @@ def _parser() -> argparse.ArgumentParser:
                                      "shard of every global batch and only process 0 writes.")
     common(run)
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    run.add_argument("--force", action="store_true",
-                     help="start even when the memory plan says a stage does not fit this machine")
 
     nb = sub.add_parser("notebook", help="execute Pocket_Teacher.ipynb (or --notebook, e.g. Pocket_Teacher_Text.ipynb) "
                                          "headless on a preset")
@@ -62,9 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                                                     "(default <run folder>/<notebook's file name>)")
     nb.add_argument("--figures", default=None, help="also save the figures here (e.g. figures/)")
     nb.add_argument("--timeout", type=int, default=3600, help="per-cell timeout in seconds")
-    nb.add_argument("--force", action="store_true",
-                    help="start even when the memory plan says a stage does not fit this machine")
     for p in (run, nb):
+        p.add_argument("--force", action="store_true",
+                       help="start even when the memory plan says a stage does not fit this machine")
         p.add_argument("--resume", action="store_true",
                        help="continue from the newest valid checkpoint in <run folder>/checkpoints (same as "
                             "--set train.resume=true; torn or damaged checkpoints are skipped)")

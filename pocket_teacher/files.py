@@ -59,6 +59,15 @@ def fingerprint(parts: dict) -> str:
     return digest(json.dumps(parts, sort_keys=True, default=str).encode())
 
 
+def proc_value(path: str, key: str) -> str | None:
+    """The value of the first line of a /proc file (Linux) that starts with `key`, e.g. MemTotal:; else None."""
+    try:
+        with open(path) as handle:
+            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith(key)), None)
+    except OSError:
+        return None
+
+
 def write_json(path: Path, data: Any) -> Path:
     """Write JSON atomically (unique temp file beside it, then rename), creating the folder if needed."""
     path = Path(path)

@@ -118,8 +118,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], settings
     sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0} if temperature > 0 else {}
     processors = [NucleusSampling(temperature, top_p)] if temperature > 0 else []
     config = GenerationConfig(**{**GREEDY, **sampling}, max_new_tokens=g.max_new_tokens,
-                              pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                               **({"stop_strings": list(stop)} if stop else {}))
     saved_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -358,9 +357,8 @@ def sample_rollouts(model: torch.nn.Module, batch: AnswerBatch, *, pad_token_id:
                               eos_token_id=eos or None, use_cache=True)
     was_training = model.training
     model.eval()
-    devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             out = model.generate(input_ids=left["input_ids"].to(device),
                                  attention_mask=left["attention_mask"].to(device), generation_config=config)

@@ -51,12 +51,8 @@ def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
 def require_hub(what: str, fix: str) -> None:
     """Raise HubUnavailableError naming `what` needed the Hub and `fix`, unless the Hub is usable."""
     if hub_offline():
-        raise HubUnavailableError(
-            f"{what} needs the Hugging Face Hub, but offline mode is on (HF_HUB_OFFLINE or a sibling is set) "
-            f"and it is not in the local cache. {fix}"
-        )
+        raise HubUnavailableError(f"{what} needs the Hugging Face Hub, but offline mode is on (HF_HUB_OFFLINE or a "
+                                  f"sibling is set) and it is not in the local cache. {fix}")
     if not hub_reachable():
-        raise HubUnavailableError(
-            f"{what} needs the Hugging Face Hub, but {hub_endpoint()} did not answer within {HUB_TIMEOUT_S:g} s. "
-            f"{fix}"
-        )
+        raise HubUnavailableError(f"{what} needs the Hugging Face Hub, but {hub_endpoint()} did not answer within "
+                                  f"{HUB_TIMEOUT_S:g} s. {fix}")

@@ -106,9 +106,7 @@ def resolve_mixed_precision(setting: str, device_type: str, capability: Optional
     (T4, V100), no (fp32) on CPU, where bf16 is about ten times slower. Options the device cannot
     run well are refused with the fix, never changed silently."""
     if setting == "auto":
-        if device_type != "cuda":
-            return "no"
-        return "bf16" if native_bf16(capability) else "fp16"
+        return ("bf16" if native_bf16(capability) else "fp16") if device_type == "cuda" else "no"
     if setting not in ("bf16", "fp16", "no"):
         raise ModelLoadError(f"train.mixed_precision={setting!r}: use auto, bf16, fp16 or no.")
     if setting == "fp16" and device_type != "cuda":
@@ -145,11 +143,9 @@ def resolve_precision(precision: str, device: torch.device, role: str = "teacher
     """
     cuda = device.type == "cuda"
     if precision == "auto":
-        if not cuda:
-            return "fp32"
-        if role == "teacher" and _bitsandbytes_ok():
+        if cuda and role == "teacher" and _bitsandbytes_ok():
             return "8bit"
-        return "bf16" if native_bf16(device_capability(device)) else "fp16"
+        return ("bf16" if native_bf16(device_capability(device)) else "fp16") if cuda else "fp32"
     if precision in QUANTIZED:
         if role != "teacher":
             raise ModelLoadError(f"{role}.precision={precision}: only the frozen teacher can be quantized.")

@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 
 from .batches import auto_chunk_size
 from .config import KNOWN_MODELS, ModelShape, apply_overrides
+from .files import proc_value
 from .models import native_bf16
 
 GiB = 1 << 30
@@ -118,14 +119,8 @@ GPUS: dict[str, Device] = {
 
 def host_ram() -> Optional[int]:
     """This machine's total RAM in bytes (Linux), else None."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    total = proc_value("/proc/meminfo", "MemTotal:")  # in kB
+    return int(total.split()[0]) * 1024 if total else None
 
 
 def this_machine() -> Device:
@@ -344,14 +339,9 @@ def memory_plan(cfg, gpu: Optional[str] = None, *, host_gb: Optional[float] = No
 
 
 def _resolved(cfg, device: Device) -> dict:
-    tr = cfg.train
-    if device.cuda:
-        mixed = tr.mixed_precision if tr.mixed_precision != "auto" else (
-            "bf16" if native_bf16(device.capability) else "fp16")
-        teacher = cfg.teacher.precision if cfg.teacher.precision != "auto" else "8bit"
-    else:
-        mixed, teacher = ("no" if tr.mixed_precision == "auto" else tr.mixed_precision), (
-            "fp32" if cfg.teacher.precision == "auto" else cfg.teacher.precision)
+    auto_mixed = ("bf16" if native_bf16(device.capability) else "fp16") if device.cuda else "no"
+    mixed = auto_mixed if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
+    teacher = ("8bit" if device.cuda else "fp32") if cfg.teacher.precision == "auto" else cfg.teacher.precision
     return {"mixed_precision": mixed, "teacher_precision": teacher, "compute": dtype_bytes(mixed)}
 
 
@@ -485,7 +475,7 @@ def _candidate_fixes(cfg, device: Device) -> list[list[str]]:
         steps.append(["train.optimizer=adamw_8bit"])
     if not cfg.teacher_cache.use:
         steps.append(["teacher_cache.use=true"])
-    if device.cuda and cfg.teacher.precision in ("auto", "fp32", "bf16", "fp16") and cfg.teacher.precision != "8bit":
+    if device.cuda and cfg.teacher.precision in ("auto", "fp32", "bf16", "fp16"):
         steps.append(["teacher.precision=8bit"])
     if device.cuda:
         steps.append(["teacher.precision=4bit"])
@@ -508,13 +498,11 @@ def _search_fixes(cfg, device: Device, lengths: tuple) -> list[str]:
             current = after
             if after.fits:
                 return chosen
-    final = current
-    training = next(s for s in final.stages if s.name == "training")
-    limit = final.device_limit if device.cuda else device.host
-    student = final.student
-    fixed = (training.device_peak if device.cuda else training.host_peak) - _per_param_bytes(cfg, chosen) * \
-        student.params
-    room = max(0, (limit or 0) - fixed) // max(1, _per_param_bytes(cfg, chosen))
+    training = next(s for s in current.stages if s.name == "training")
+    limit = current.device_limit if device.cuda else device.host
+    per_param = _per_param_bytes(cfg, chosen)
+    fixed = (training.device_peak if device.cuda else training.host_peak) - per_param * current.student.params
+    room = max(0, (limit or 0) - fixed) // max(1, per_param)
     return chosen + [f"a smaller student: about {room / 1e6:,.0f}M parameters or fewer fit beside the rest"]
 
 
@@ -524,13 +512,9 @@ def _per_param_bytes(cfg, chosen: list[str]) -> int:
 
 
 def _overflow(plan: MemoryPlan) -> int:
-    total = 0
-    for s in plan.stages:
-        if plan.device_limit is not None:
-            total += max(0, s.device_peak - plan.device_limit)
-        if plan.device.host is not None:
-            total += max(0, s.host_peak - plan.device.host)
-    return total
+    """Bytes by which the stages overflow the accelerator and the host RAM, summed."""
+    limits = [(plan.device_limit, "device_peak"), (plan.device.host, "host_peak")]
+    return sum(max(0, getattr(s, peak) - limit) for s in plan.stages for limit, peak in limits if limit is not None)
 
 
 def inference_bytes_per_token(model) -> int:

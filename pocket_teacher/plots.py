@@ -91,12 +91,10 @@ def plot_training(history: Sequence[dict], title: str = "", baseline: Optional[S
 
 def save_figure(fig: Figure, *paths: str | Path, dpi: int = 120) -> list[Path]:
     """Save `fig` to each path (folders created); returns the paths written."""
-    written = []
-    for path in paths:
-        path = Path(path)
+    written = [Path(p) for p in paths]
+    for path in written:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=dpi)
-        written.append(path)
     return written
 
 

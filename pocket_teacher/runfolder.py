@@ -22,7 +22,7 @@ from accelerate import PartialState
 from filelock import FileLock, Timeout
 
 from .config import Config
-from .files import write_json
+from .files import proc_value, write_json
 from .report import results_markdown
 from .train import TrainResult
 
@@ -33,23 +33,14 @@ def run_dir(cfg: Config) -> Path:
 
 def environment() -> dict[str, Any]:
     """Versions and hardware, saved with every run."""
-    info = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
             "transformers": transformers.__version__, "accelerate": accelerate.__version__,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    info["cpu"] = _cpu_name()
-    return info
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "cpu": _cpu_name()}
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return proc_value("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
 
 
 def hardware_line() -> str:
@@ -148,12 +139,9 @@ def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequ
     (out / "results.md").write_text(results_markdown(results) + "\n")
     for name, key in (("generations.jsonl", "generations"), ("mmlu.jsonl", "mmlu_rows"),
                       ("mmlu_cloze.jsonl", "mmlu_cloze_rows")):
-        if name != "generations.jsonl" and not any(r.get(key) for r in results):
-            continue
-        with (out / name).open("w") as handle:
-            for r in results:
-                for g in r.get(key) or []:
-                    handle.write(json.dumps({"model": r["model"], **g}) + "\n")
+        if name == "generations.jsonl" or any(r.get(key) for r in results):
+            (out / name).write_text("".join(json.dumps({"model": r["model"], **g}) + "\n"
+                                            for r in results for g in r.get(key) or []))
     student.save_pretrained(out / "student")
     tokenizer.save_pretrained(out / "student")
     return out

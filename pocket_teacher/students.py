@@ -112,11 +112,8 @@ def activation_importance(model: torch.nn.Module, batches: Sequence[dict]) -> di
 
     def hook(kind: str, i: int):
         def record(module, args):
-            x = args[0].float()[state["mask"]]  # (tokens, features)
-            if kind == "mlp":
-                acc["mlp"][i] = acc["mlp"][i] + x.abs().sum(0)
-            else:
-                acc["heads"][i] = acc["heads"][i] + x.view(-1, heads, head_dim).norm(dim=-1).sum(0)
+            x = args[0].float()[state["mask"]]  # (tokens, features): MLP channels, or heads x head_dim
+            acc[kind][i] = acc[kind][i] + (x.abs() if kind == "mlp" else x.view(-1, heads, head_dim).norm(dim=-1)).sum(0)
         return record
 
     handles = []

@@ -95,7 +95,9 @@ class TopKCache:
         self.path, self.meta, self.report = path, meta, report
         self.k = meta["k"]
         self.offsets = np.load(path / "offsets.npy")
-        self._files = [_open(path, name, int(self.offsets[-1]), self.k, "r") for name in FILES]  # ids, logprobs, tail
+        self._files = []  # ids, logprobs, tail (a loop, not a comprehension: one frame fewer on the training path)
+        for name in FILES:
+            self._files.append(_open(path, name, int(self.offsets[-1]), self.k, "r"))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -265,9 +267,7 @@ def _build_or_reuse(teacher, split, root: Path, parts: dict, k: int, vocab: int,
         if same:
             done = int(state["rows_done"])
             status = f"resumed after {done} of {len(split)} rows"
-        else:
-            shutil.rmtree(partial)
-    if done == 0:
+    if done == 0:  # nothing to resume: start afresh
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         np.save(partial / "offsets.npy", offsets)
