@@ -21,6 +21,7 @@ SmolLM, Qwen2, Mistral); other families get random init or a clear error.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -48,36 +49,36 @@ def block_influence(model: torch.nn.Module, batches: Sequence[dict]) -> list[flo
     """ShortGPT's block influence of each decoder layer: 1 - mean cosine similarity between the hidden state
     entering and leaving it (read by hooks on the layer), over the real (unpadded) tokens of `batches`."""
     _, layers = decoder_layers(model)
-    device = next(model.parameters()).device
     sums = torch.zeros(len(layers), dtype=torch.float64)
     state = {"mask": None, "inputs": {}}
 
-    def before(i):
-        def record(module, args, kwargs):
-            state["inputs"][i] = args[0] if args else kwargs["hidden_states"]
-        return record
+    def before(i, module, args, kwargs):
+        state["inputs"][i] = args[0] if args else kwargs["hidden_states"]
 
-    def after(i):
-        def record(module, args, kwargs, output):
-            out = output[0] if isinstance(output, tuple) else output
-            cos = torch.nn.functional.cosine_similarity(state["inputs"].pop(i).float(), out.float(), dim=-1)
-            sums[i] += float(cos[state["mask"]].double().sum())
-        return record
+    def after(i, module, args, kwargs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        cos = torch.nn.functional.cosine_similarity(state["inputs"].pop(i).float(), out.float(), dim=-1)
+        sums[i] += float(cos[state["mask"]].double().sum())
 
     handles = [h for i, layer in enumerate(layers)
-               for h in (layer.register_forward_pre_hook(before(i), with_kwargs=True),
-                         layer.register_forward_hook(after(i), with_kwargs=True))]
-    count = 0
+               for h in (layer.register_forward_pre_hook(functools.partial(before, i), with_kwargs=True),
+                         layer.register_forward_hook(functools.partial(after, i), with_kwargs=True))]
+    count = sum(int(mask.sum()) for mask, _ in _hooked_passes(model, batches, handles, state))
+    return [1.0 - float(s) / max(count, 1) for s in sums]
+
+
+def _hooked_passes(model: torch.nn.Module, batches: Sequence[dict], handles: list, state: dict, **kwargs):
+    """Each calibration batch's (real-token mask, model output), in eval mode, with the mask in `state["mask"]` for
+    the hooks; the hooks' `handles` are removed at the end."""
+    device = next(model.parameters()).device
     model.eval()
     try:
         for batch in batches:
-            state["mask"] = batch["attention_mask"].to(device).bool()
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-            count += int(state["mask"].sum())
+            state["mask"] = mask = batch["attention_mask"].to(device).bool()
+            yield mask, model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long(), **kwargs)
     finally:
         for h in handles:
             h.remove()
-    return [1.0 - float(s) / max(count, 1) for s in sums]
 
 
 def select_layers(scores: Sequence[float], keep: int) -> list[int]:
@@ -106,33 +107,22 @@ def activation_importance(model: torch.nn.Module, batches: Sequence[dict]) -> di
     config = model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    device = next(model.parameters()).device
     acc = {"embedding": 0.0, "mlp": [0.0] * len(layers), "heads": [0.0] * len(layers)}
     state = {"mask": None}
 
-    def hook(kind: str, i: int):
-        def record(module, args):
-            x = args[0].float()[state["mask"]]  # (tokens, features): MLP channels, or heads x head_dim
-            acc[kind][i] = acc[kind][i] + (x.abs() if kind == "mlp" else x.view(-1, heads, head_dim).norm(dim=-1)).sum(0)
-        return record
+    def record(kind: str, i: int, module, args):
+        x = args[0].float()[state["mask"]]  # (tokens, features): MLP channels, or heads x head_dim
+        acc[kind][i] = acc[kind][i] + (x.abs() if kind == "mlp" else x.view(-1, heads, head_dim).norm(dim=-1)).sum(0)
 
     handles = []
     for i, layer in enumerate(layers):
         attn, mlp = _parts(layer)
-        handles += [mlp.down_proj.register_forward_pre_hook(hook("mlp", i)),
-                    attn.o_proj.register_forward_pre_hook(hook("heads", i))]
+        handles += [mlp.down_proj.register_forward_pre_hook(functools.partial(record, "mlp", i)),
+                    attn.o_proj.register_forward_pre_hook(functools.partial(record, "heads", i))]
     tokens = 0
-    model.eval()
-    try:
-        for batch in batches:
-            mask = batch["attention_mask"].to(device).bool()
-            state["mask"] = mask
-            out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long(), output_hidden_states=True)
-            acc["embedding"] = acc["embedding"] + sum(h.float()[mask].abs().sum(0) for h in out.hidden_states[:-1])
-            tokens += int(mask.sum())
-    finally:
-        for h in handles:
-            h.remove()
+    for mask, out in _hooked_passes(model, batches, handles, state, output_hidden_states=True):
+        acc["embedding"] = acc["embedding"] + sum(h.float()[mask].abs().sum(0) for h in out.hidden_states[:-1])
+        tokens += int(mask.sum())
     n = max(tokens, 1)
     return {"embedding": acc["embedding"] / (n * len(layers)), "mlp": [m / n for m in acc["mlp"]],
             "heads": [h / n for h in acc["heads"]]}
