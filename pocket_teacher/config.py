@@ -1,9 +1,8 @@
 """Typed configuration: one dataclass per stage, validated up front, with presets.
 
-Every knob is a typed field whose one-line help lives in the field's metadata (`knob`), printed as a YAML
-comment by ``python -m pocket_teacher config``, the notebook's configuration cell and runs/*/config.yaml.
-``Config.validate()`` runs on construction and on every override; its errors name the field, the value and
-the fix.
+Every knob is a typed field whose one-line help lives in the field's metadata (`knob`), printed as a YAML comment by
+``python -m pocket_teacher config``, the notebook's configuration cell and runs/*/config.yaml. ``Config.validate()``
+runs on construction and on every override; its errors name the field, the value and the fix.
 
     cfg = get_preset("pocket")
     cfg = apply_overrides(cfg, ["loss.alpha=0.3", "train.max_steps=50"])
@@ -565,8 +564,7 @@ def _commented_yaml(obj: Any, indent: str = "") -> str:
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             doc = (type(value).__doc__ or "").strip().splitlines()[0]
-            lines.append(f"{indent}{f.name}:  # {doc}")
-            lines.append(_commented_yaml(value, indent + "  ").rstrip("\n"))
+            lines += [f"{indent}{f.name}:  # {doc}", _commented_yaml(value, indent + "  ").rstrip("\n")]
         else:
             help_ = f.metadata.get("help", "")
             lines.append(f"{indent}{f.name}: {_scalar(value)}" + (f"  # {help_}" if help_ else ""))

@@ -98,8 +98,7 @@ def extract_gsm8k_answer(text: str) -> Optional[str]:
 
     Looks, in order, after the last ``####``, inside ``\\boxed{}``, after "answer is/:", then takes
     the last number in the text. Commas, currency signs and trailing zeros are removed:
-    ``"#### 72"`` -> ``"72"``, ``"The answer is 1,234."`` -> ``"1234"``, ``"$18"`` -> ``"18"``.
-    """
+    ``"#### 72"`` -> ``"72"``, ``"The answer is 1,234."`` -> ``"1234"``, ``"$18"`` -> ``"18"``."""
     if not text:
         return None
     for cue in _ANSWER_CUES:
@@ -138,8 +137,7 @@ def _require_str(row: dict, key: str, where: str, fix: str) -> str:
 def gsm8k_example(row: dict, where: str) -> Example:
     """Validate one GSM8K row (`question`, `answer` ending in `#### <number>`) into an Example.
 
-    The `<<48/2=24>>` calculator annotations of the original data are removed from the target.
-    """
+    The `<<48/2=24>>` calculator annotations of the original data are removed from the target."""
     fix = "GSM8K rows need {'question': str, 'answer': '... #### <number>'}."
     question = _require_str(row, "question", where, fix)
     reference = _require_str(row, "answer", where, fix)
@@ -290,8 +288,7 @@ def load_mmlu(split: str = "test", path: Optional[str] = None, subjects: Optiona
 def load_gsm_symbolic(size: int, seed: int) -> tuple[list[Example], LoadReport]:
     """GSM-Symbolic problems generated offline by reasoning-gym (`gsm_symbolic`), deterministic in `seed`.
 
-    The target is the generator's worked solution, ending with `#### <answer>`.
-    """
+    The target is the generator's worked solution, ending with `#### <answer>`."""
     try:
         import reasoning_gym
     except ImportError as exc:
@@ -392,8 +389,7 @@ def load_examples(data_cfg, split: str) -> tuple[list[Example], LoadReport]:
 
 def load_text_split(data_cfg, split: str) -> tuple[list[Example], LoadReport]:
     """Free text (data.source=text): data.train_path's paragraphs; the held-out split is data.eval_path's, or,
-    without one, the last data.eval_size paragraphs of data.train_path after a seeded shuffle (never in training).
-    """
+    without one, the last data.eval_size paragraphs of data.train_path after a seeded shuffle (never in training)."""
     if not data_cfg.train_path:
         raise DataError("data.source=text needs data.train_path: a .txt file, a JSONL file with a text field, or a "
                         "Hub dataset id.")
@@ -459,8 +455,7 @@ def format_prompt(tokenizer, question: str, system_prompt: Optional[str] = None,
     Uses the tokenizer's chat template with a generation prompt; a tokenizer without one gets
     ``PLAIN_TEMPLATE`` ("Question: ...\\nAnswer:", the space before the answer belonging to the answer, so the
     prompt never ends in a lone space token, as in lm-evaluation-harness). `shots` are (question, answer) pairs shown first
-    as earlier turns of the conversation (few-shot prompting).
-    """
+    as earlier turns of the conversation (few-shot prompting)."""
     if getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
         for q, a in shots:
@@ -517,8 +512,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int, o
     """Tokenize with the student's tokenizer, masking prompts; apply the over-long policy and count it.
 
     overlong: "skip" drops rows longer than `max_length` (counted in the report), "truncate" cuts
-    the answer to fit (counted; rows whose prompt alone is too long are skipped), "error" raises.
-    """
+    the answer to fit (counted; rows whose prompt alone is too long are skipped), "error" raises."""
     report = report or LoadReport(source="examples", rows=len(examples))
     features, kept = [], []
     for example in examples:

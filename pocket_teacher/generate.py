@@ -95,18 +95,17 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], settings
              *, stop: Sequence[str] = (), desc: str = "generate", progress: bool = True) -> list[str]:
     """Greedy completions of `prompts` (already formatted), batched with left padding, in input order.
 
-    `settings` (a `GenerateConfig`; default: greedy, 256 new tokens, batches of 8) gives the budget
-    (max_new_tokens), the batch size and the sampling (temperature, top_p, seed); `stop` is given here as a list
-    (`default_stop` resolves generate.stop for a tokenizer).
+    `settings` (a `GenerateConfig`; default: greedy, 256 new tokens, batches of 8) gives the budget (max_new_tokens),
+    the batch size and the sampling (temperature, top_p, seed); `stop` is given here as a list (`default_stop`
+    resolves generate.stop for a tokenizer).
 
-    Greedy means greedy: no sampling, no repetition penalty, no n-gram blocking, whatever the model's own
-    generation config says (`GREEDY`; `overridden_generation_settings` lists what was overridden).
-    Each sequence stops at the tokenizer's EOS (the end of the answer), at any of the `stop` strings
-    (e.g. "\\nQuestion:" for plain few-shot prompts; cut from the output), or after `max_new_tokens`.
-    Prompts are sorted by length so a batch carries little padding. With `temperature` > 0 it samples instead
-    (nucleus `top_p`, no top-k), each batch from its own generator state seeded by `seed` and the batch's first
-    prompt index (the global RNG is left as it was), so a run is reproducible.
-    """
+    Greedy means greedy: no sampling, no repetition penalty, no n-gram blocking, whatever the model's own generation
+    config says (`GREEDY`; `overridden_generation_settings` lists what was overridden). Each sequence stops at the
+    tokenizer's EOS (the end of the answer), at any of the `stop` strings (e.g. "\\nQuestion:" for plain few-shot
+    prompts; cut from the output), or after `max_new_tokens`. Prompts are sorted by length so a batch carries little
+    padding. With `temperature` > 0 it samples instead (nucleus `top_p`, no top-k), each batch from its own generator
+    state seeded by `seed` and the batch's first prompt index (the global RNG is left as it was), so a run is
+    reproducible."""
     g = settings or GenerateConfig()
     temperature, top_p, batch_size = g.temperature, g.top_p, g.batch_size
     model.eval()
@@ -206,8 +205,7 @@ def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Exa
     keep: "all" keeps every answer; "correct" keeps only answers whose extracted final number equals
     the example's gold answer (rejection sampling), counting the rest by reason. Works whatever the
     student's tokenizer, since the answers are text. Cached as ``<root>/answers-<fingerprint>.jsonl``
-    (one JSON object per question, the file renamed into place when whole) and reused on a match.
-    """
+    (one JSON object per question, the file renamed into place when whole) and reused on a match."""
     if keep not in ("all", "correct"):
         raise ValueError(f"keep={keep!r}: use 'all' or 'correct' (rejection sampling on the final answer).")
     template = getattr(tokenizer, "chat_template", None) or ""

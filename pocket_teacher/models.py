@@ -139,8 +139,7 @@ def resolve_precision(precision: str, device: torch.device, role: str = "teacher
     auto: the teacher loads in 8-bit on CUDA (bf16 where bitsandbytes is missing); the student
     computes in bf16 on GPUs that support it, else fp16; everything is fp32 on CPU. 8-bit and 4-bit
     (bitsandbytes) need a CUDA GPU; asking for them elsewhere raises, naming the fallback, and is
-    never silently changed. See `describe_precision` for the one-line reason.
-    """
+    never silently changed. See `describe_precision` for the one-line reason."""
     cuda = device.type == "cuda"
     if precision == "auto":
         if cuda and role == "teacher" and _bitsandbytes_ok():
@@ -201,8 +200,7 @@ def materialize_gguf(gguf_path: str | Path) -> Path:
     """Dequantize a GGUF once into a cached ``save_pretrained`` folder (model + tokenizer); return it.
 
     The folder is keyed by the file's SHA-256 and written atomically (temp folder, then rename),
-    so an interrupted conversion is never mistaken for a finished one.
-    """
+    so an interrupted conversion is never mistaken for a finished one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf_path = Path(gguf_path)
@@ -294,7 +292,8 @@ def load_pretrained(source: str, revision: Optional[str], role: str, precision: 
     else:
         raise ModelLoadError(f"{role}.source={source!r} is neither a folder, a .gguf file, nor a Hub id "
                              f"(org/name). Use {'embedded' if role == 'teacher' else 'derive'} for the offline default.")
-    kwargs: dict = {"revision": revision} if isinstance(folder, str) else {}
+    at_revision: dict = {"revision": revision} if isinstance(folder, str) else {}  # the tokenizer gets it too
+    kwargs: dict = dict(at_revision)
     if precision in QUANTIZED:
         # Each rank's teacher on its own GPU; the parts bitsandbytes does not quantize (embeddings, norms, output
         # layer) in the 16-bit type this GPU computes natively (fp16 on a T4, bf16 on sm80+).
@@ -307,7 +306,7 @@ def load_pretrained(source: str, revision: Optional[str], role: str, precision: 
         kwargs.update(dtype=torch_dtype(precision) if role == "teacher" else torch.float32)
     if isinstance(folder, str):  # Hub id: the local cache first, then a fast-failing download
         try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **_only(kwargs, "revision"))
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **at_revision)
             model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kwargs)
             return model, tokenizer, origin + " (local cache)"
         except OSError:
@@ -315,15 +314,11 @@ def load_pretrained(source: str, revision: Optional[str], role: str, precision: 
                    f"or use the offline preset: --preset pocket.")
             require_hub(f"{role}.source={source!r}", fix)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **_only(kwargs, "revision"))
+        tokenizer = AutoTokenizer.from_pretrained(folder, **at_revision)
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except OSError as exc:
         raise ModelLoadError(f"{role}.source={source!r}: could not load it ({exc}).") from exc
     return model, tokenizer, origin
-
-
-def _only(kwargs: dict, *keys: str) -> dict:
-    return {k: kwargs[k] for k in keys if k in kwargs}
 
 
 def memory_footprint(model: torch.nn.Module) -> int:
@@ -348,8 +343,7 @@ def load_teacher(teacher_cfg, device: torch.device | str = "cpu", precision: Opt
     """(frozen model, tokenizer, ModelInfo) for the TeacherConfig on `device`.
 
     `precision` (auto, 8bit, 4bit, bf16, fp16, fp32) overrides ``teacher_cfg.precision``; the
-    ModelInfo line says what was chosen and the memory the loaded weights take.
-    """
+    ModelInfo line says what was chosen and the memory the loaded weights take."""
     device = torch.device(device)
     requested = precision or teacher_cfg.precision
     precision = resolve_precision(requested, device, "teacher")
@@ -415,8 +409,7 @@ def derive_student(teacher: torch.nn.Module, layers: Optional[Sequence[int]] = N
 
     DistilBERT-style: embeddings, final norm and output layer are copied; decoder layer j of the
     student is the teacher's layer ``layers[j]``. Give `layers` explicitly or `num_layers` to
-    spread evenly (first and last kept). The result is an independent fp32 model, trainable.
-    """
+    spread evenly (first and last kept). The result is an independent fp32 model, trainable."""
     from transformers import AutoModelForCausalLM
 
     if getattr(teacher, "is_loaded_in_8bit", False) or getattr(teacher, "is_loaded_in_4bit", False):
@@ -469,8 +462,7 @@ def check_vocab_compatible(teacher_tokenizer, student_tokenizer, teacher: Option
     """Raise VocabMismatchError unless both tokenizers map every token to the same id.
 
     Output layers may be padded beyond the tokenizer (e.g. 151,936 vs 152,064 rows for Qwen2.5): the
-    losses compare the first ``tokenizer_size`` logits only, so padding may differ between the two.
-    """
+    losses compare the first ``tokenizer_size`` logits only, so padding may differ between the two."""
     t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
     if t_vocab != s_vocab:
         only_t = len(set(t_vocab) - set(s_vocab))
@@ -496,8 +488,7 @@ def output_layer(model: torch.nn.Module) -> Optional[tuple[torch.Tensor, Optiona
     """``(weight, bias)`` when the model's logits are exactly ``hidden @ weight.T + bias``, else None.
 
     None for output layers that are not a plain float Linear (e.g. quantized) and for models that
-    transform their logits afterwards (soft-capping, logit scaling); the chunked loss needs exactness.
-    """
+    transform their logits afterwards (soft-capping, logit scaling); the chunked loss needs exactness."""
     config = getattr(model, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
         value = getattr(config, attr, None)

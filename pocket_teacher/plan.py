@@ -4,13 +4,12 @@
     print(plan)            # itemised stages, a verdict, and the knobs that would make it fit
     plan.fits              # False -> `run` refuses to start (unless forced)
 
-Model shapes come from a small table of public facts for the presets' models (`KNOWN_MODELS`), from
-``config.json`` in a local folder or the Hub cache, or from the tiny preset's config, so the plan works
-offline. Every figure is a count of bytes: weights at their precision, gradients, optimizer states,
-activations saved for the backward pass (per token, with and without gradient checkpointing), the
-chunked loss's (C, V) buffers, the KV cache of generation, and the CUDA context. Token counts are the
-worst case (every row at the length limit) unless the real lengths of the tokenized split are given
-(`lengths=`), as the notebook and `run` do once the data are tokenized.
+Model shapes come from a small table of public facts for the presets' models (`KNOWN_MODELS`), from ``config.json`` in a
+local folder or the Hub cache, or from the tiny preset's config, so the plan works offline. Every figure is a count of
+bytes: weights at their precision, gradients, optimizer states, activations saved for the backward pass (per token, with
+and without gradient checkpointing), the chunked loss's (C, V) buffers, the KV cache of generation, and the CUDA
+context. Token counts are the worst case (every row at the length limit) unless the real lengths of the tokenized split
+are given (`lengths=`), as the notebook and `run` do once the data are tokenized.
 
 The per-token coefficients were derived from the tensors each layer keeps for backward and checked
 against measured peaks (``benchmarks/memory_plan.py``: peak RSS on CPU, the allocator's peak on CUDA).
@@ -296,9 +295,7 @@ class MemoryPlan:
                  f"{s['chunk']} tokens, gradient checkpointing {'on' if s['checkpointing'] else 'off'}, optimizer "
                  f"{s['optimizer']}; eval {s['eval_tokens']:,} tokens per batch"]
         for stage in self.stages:
-            where = [("GPU", stage.device)] if self.device.cuda else []
-            where.append(("host", stage.host))
-            for label, items in where:
+            for label, items in ([("GPU", stage.device)] if self.device.cuda else []) + [("host", stage.host)]:
                 total = sum(items.values())
                 parts = ", ".join(f"{k} {gib(v)}" for k, v in items.items() if v)
                 lines.append(f"  {stage.name:<16} {label:<4} {gib(total):>10} = {parts}")
@@ -326,10 +323,9 @@ def memory_plan(cfg, gpu: Optional[str] = None, *, host_gb: Optional[float] = No
                 device: Optional[Device] = None) -> MemoryPlan:
     """The memory plan of `cfg` on `gpu` (a `GPUS` name, "cpu", or None for this machine).
 
-    `lengths` / `eval_lengths` / `prompt_lengths`: token lengths of the tokenized training rows, held-out
-    rows and held-out prompts; without them every row is taken at its length limit (the worst case). When
-    the plan does not fit and `suggest` is set, the knobs that would make it fit are searched and listed in
-    `fixes`."""
+    `lengths` / `eval_lengths` / `prompt_lengths`: token lengths of the tokenized training rows, held-out rows and
+    held-out prompts; without them every row is taken at its length limit (the worst case). When the plan does not fit
+    and `suggest` is set, the knobs that would make it fit are searched and listed in `fixes`."""
     device = device or get_device(gpu, host_gb)
     lengths = (lengths, eval_lengths, prompt_lengths)
     plan = _plan(cfg, device, lengths)

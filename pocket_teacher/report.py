@@ -85,8 +85,7 @@ def summarize(results: dict[str, dict], cfg: Config, train_result: Optional[Trai
     the fine-tuned baseline, with the intervals that decide whether an accuracy difference means anything.
     `divergence` names a divergence function the training used in place of loss.divergence."""
     teacher, before, after = (results.get(k) for k in ("teacher", "student before", "student after"))
-    base = results.get(BASELINE_LABEL)
-    random_init = results.get(RANDOM_INIT_LABEL)
+    base, random_init = results.get(BASELINE_LABEL), results.get(RANDOM_INIT_LABEL)
     if not (teacher and before and after):
         return "Run every section first: the summary compares the teacher and the student before and after."
     lines = [f"Setting: {cfg.preset} preset, {cfg.train.max_steps} steps, loss.alpha={cfg.loss.alpha}, "

@@ -4,13 +4,12 @@
     print(cache.report)          # top-k mass captured, KL(full || top-k), size per token
     distill(student, None, train_split, cfg, teacher_cache=cache, ...)   # no teacher forward
 
-The top-k cache keeps, for every answer token of the split, the teacher's k most likely next tokens
-(int32 ids), their log-probs at T = 1 (fp16) and the leftover tail mass (fp32), in flat memory-mapped
-files. It lives in a folder named by a fingerprint of everything that determines its content
-(teacher weights and precision, data, chat template, max length, vocabulary, k): a matching cache is
-reused, any change builds a new one. It is written into ``<fingerprint>.partial/`` with a progress
-record after every batch, so a build killed midway resumes there, and only a finished, checksummed
-build is renamed into place; a cache whose files do not match their checksums is never read.
+The top-k cache keeps, for every answer token of the split, the teacher's k most likely next tokens (int32 ids), their
+log-probs at T = 1 (fp16) and the leftover tail mass (fp32), in flat memory-mapped files. It lives in a folder named by
+a fingerprint of everything that determines its content (teacher weights and precision, data, chat template, max length,
+vocabulary, k): a matching cache is reused, any change builds a new one. It is written into ``<fingerprint>.partial/``
+with a progress record after every batch, so a build killed midway resumes there, and only a finished, checksummed build
+is renamed into place; a cache whose files do not match their checksums is never read.
 
 The teacher's generated answers (sequence-level distillation) are a stage of their own: `generate.py`.
 """
@@ -107,8 +106,7 @@ class TopKCache:
         """The teacher's top-k signal for these split rows, concatenated in row order.
 
         `counts` (answer tokens per row in the batch) is checked against the cache, so a cache of
-        another split or tokenization can never be paired with the wrong tokens.
-        """
+        another split or tokenization can never be paired with the wrong tokens."""
         spans = []
         for j, i in enumerate(int(x) for x in indices):
             a, b = int(self.offsets[i]), int(self.offsets[i + 1])
@@ -181,8 +179,7 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
         k: log-probs kept per answer token (ids int32, log-probs fp16: 6k + 4 bytes per token).
         vocab_size: the tokenizer's size; logits beyond it (padding rows) are dropped first.
         teacher_key: identifies the teacher beyond its weights (source, revision, precision).
-        kl_sample_rows: rows on which KL(full teacher || top-k approximation) is measured.
-    """
+        kl_sample_rows: rows on which KL(full teacher || top-k approximation) is measured."""
     width = teacher.get_output_embeddings().weight.shape[0]
     vocab = vocab_size or width
     if not 1 <= k <= vocab:
