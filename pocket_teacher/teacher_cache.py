@@ -113,8 +113,8 @@ class TopKCache:
             if counts is not None and int(counts[j]) != b - a:
                 raise CacheError(f"teacher cache row {i} holds {b - a} answer tokens but the batch has "
                                  f"{int(counts[j])}: the cache belongs to another split; rebuild it.")
-            spans.append((a, b))
-        ids, lp, tail = (np.concatenate([mm[a:b] for a, b in spans]) for mm in self._files)
+            spans.append(slice(a, b))
+        ids, lp, tail = (np.concatenate(list(map(mm.__getitem__, spans))) for mm in self._files)  # no nested frame
         return TeacherTopK(torch.from_numpy(ids).long().to(device), torch.from_numpy(lp.astype(np.float32)).to(device),
                            torch.from_numpy(tail.copy()).to(device))
 
