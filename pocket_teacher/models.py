@@ -26,6 +26,7 @@ import torch
 from .data import load_gsm_symbolic
 from .files import file_hash
 from .hub import require_hub
+from .versions import require
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ def resolve_precision(precision: str, device: torch.device, role: str = "teacher
         if not _bitsandbytes_ok():
             raise ModelLoadError(f"{role}.precision={precision} needs the bitsandbytes package: pip install "
                                  f"bitsandbytes. Or use {role}.precision=bf16 (twice the memory of 8-bit).")
+        require("bitsandbytes", f"{role}.precision={precision}")
     elif precision == "bf16" and cuda and not native_bf16(device_capability(device)):
         raise ModelLoadError(f"{role}.precision=bf16: this GPU has no bf16 tensor cores (compute capability "
                              f"{device_capability(device)}); use {role}.precision=fp16, 8bit or auto.")
@@ -201,6 +203,8 @@ def materialize_gguf(gguf_path: str | Path) -> Path:
 
     The folder is keyed by the file's SHA-256 and written atomically (temp folder, then rename),
     so an interrupted conversion is never mistaken for a finished one."""
+    require("transformers", "reading a GGUF file (the embedded teacher)")
+    require("gguf", "reading a GGUF file (the embedded teacher)")
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf_path = Path(gguf_path)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
 from matplotlib.figure import Figure  # a bare Figure needs no backend and never pops up a window
 
-import math
+from .versions import require
 
 COLOURS = {"teacher": "#4C72B0", "student before": "#C44E52", "student after": "#55A868",
            "fine-tuned (alpha=1)": "#DD8452", "random init (same shape)": "#8172B3"}
+
+
+def _figure(width: float, height: float) -> Figure:
+    require("matplotlib", "the plots")
+    return Figure(figsize=(width, height), layout="constrained")
 
 
 def _colour(label: str) -> str:
@@ -19,7 +25,7 @@ def _colour(label: str) -> str:
 
 def plot_quality(results: Sequence[dict], title: str = "") -> Figure:
     """Perplexity (log scale) and GSM accuracy (with 95% intervals) bars, one bar per model."""
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    fig = _figure(10, 4)
     ax_ppl, ax_acc = fig.subplots(1, 2)
     labels = [r["model"] for r in results]
     colours = [_colour(label) for label in labels]
@@ -59,7 +65,7 @@ def plot_training(history: Sequence[dict], title: str = "", baseline: Optional[S
 
     `baseline`: the history of a plain fine-tuning run (alpha = 1), drawn in grey: its CE, and its KD
     (measured without gradient) when a teacher signal was available."""
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    fig = _figure(10, 4)
     ax, ax_lr = fig.subplots(1, 2, width_ratios=[3, 1])
     steps = [h["step"] for h in history]
     names = {"loss": "total", "ce": "CE (hard labels)", "kd": "KD (T² · D)"}
@@ -105,7 +111,7 @@ def plot_size_quality(results: Sequence[dict], x: str = "parameters", title: str
                    "latency": ("latency_ms_per_token", "generation latency (ms/token, batch 1)")}[x]
     rows = [r for r in results if r.get(key) is not None]
     scale = 1e-6 if key == "parameters" else 1.0
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    fig = _figure(10, 4)
     ax_ppl, ax_acc = fig.subplots(1, 2)
     for r in rows:
         xs = r[key] * scale
@@ -137,7 +143,7 @@ def plot_mmlu_subjects(results: Sequence[dict], title: str = "") -> Figure:
         raise ValueError("No results row has MMLU per-subject figures (set eval.mmlu_source).")
     subjects = sorted(rows[0]["mmlu_per_subject"], key=lambda s: rows[0]["mmlu_per_subject"][s]["accuracy"])
     height = max(3.0, 0.22 * len(subjects) * max(1, len(rows)) / 1.5)
-    fig = Figure(figsize=(8, height), layout="constrained")
+    fig = _figure(8, height)
     ax = fig.subplots()
     width = 0.8 / len(rows)
     for j, r in enumerate(rows):

@@ -24,7 +24,11 @@ def tqdm(*args, **kwargs):
         kwargs.setdefault("file", sys.stderr)
         kwargs.setdefault("ascii", True)
         return _text_bar(*args, **kwargs)
-    return _auto_bar(*args, **kwargs)
+    try:
+        return _auto_bar(*args, **kwargs)
+    except ImportError:  # a kernel whose ipywidgets tqdm cannot use ("IProgress not found"): text lines instead
+        text_bars(True)
+        return tqdm(*args, **kwargs)
 
 
 tqdm.write = _auto_bar.write

@@ -11,6 +11,7 @@ import pandas as pd
 from .config import Config
 from .data import Example
 from .train import TrainResult
+from .versions import require
 
 BASELINE_LABEL = "fine-tuned (alpha=1)"
 RANDOM_INIT_LABEL = "random init (same shape)"
@@ -20,6 +21,7 @@ DETAIL_KEYS = ("generations", "mmlu_rows", "mmlu_per_subject", "mmlu_cloze_rows"
 
 def results_table(rows: Sequence[dict]):
     """A pandas DataFrame of the results rows (per-question details left out), one model per row."""
+    require("pandas", "the results table")
     table = pd.DataFrame([{k: v for k, v in r.items() if k not in DETAIL_KEYS} for r in rows]).set_index("model")
     for column in ("parameters", "parameters_no_embeddings"):
         if column in table:
@@ -54,6 +56,7 @@ def side_by_side(examples: Sequence[Example], answers: dict[str, Sequence[str]])
     """A DataFrame with each question, its gold answer, and each model's answer."""
     data = {"question": [e.question for e in examples], "gold": [e.answer for e in examples]}
     data.update({name: list(texts) for name, texts in answers.items()})
+    require("pandas", "the side-by-side table")
     return pd.DataFrame(data)
 
 

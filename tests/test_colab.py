@@ -1,0 +1,235 @@
+"""Colab as it is: ranges tested at both ends, an install cell that replaces nothing Colab pins, and (under
+`make test-colab`) proof that the tier runs on Colab's own versions."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from pocket_teacher import versions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+installer = _load_tool("colab_install")
+
+
+def _pins(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            out[canonicalize_name(name)] = version.strip()
+    return out
+
+
+REQUIREMENTS = installer.read_requirements(str(ROOT / "requirements.txt"))
+COLAB = _pins(ROOT / "constraints-colab.txt")
+LOCK = _pins(ROOT / "constraints.txt")
+NOT_IN_COLAB = {"gguf", "reasoning-gym", "bitsandbytes"}
+ABOVE_COLAB = set(versions.ABOVE_COLAB)  # Colab's version is too old: the install cell upgrades these
+
+
+def test_every_range_admits_colabs_version_and_the_locked_one():
+    for req in REQUIREMENTS:
+        name = canonicalize_name(req.name)
+        assert not any(s.operator == "==" for s in req.specifier), f"{req}: a range, not a pin"
+        assert req.specifier.contains(LOCK[name]), f"{req} excludes the tested upper end {LOCK[name]}"
+        if name in NOT_IN_COLAB:
+            assert name not in COLAB
+            continue
+        assert req.specifier.contains(COLAB[name]) != (name in ABOVE_COLAB), f"{req} vs Colab's {COLAB[name]}"
+
+
+def test_the_floors_are_colabs_versions_or_the_locked_ones_and_match_versions_py():
+    floors = {}
+    for req in REQUIREMENTS:
+        lower = [s.version for s in req.specifier if s.operator == ">="]
+        assert len(lower) == 1, f"{req}: one lower end"
+        floors[canonicalize_name(req.name)] = lower[0]
+        name = canonicalize_name(req.name)
+        if name in NOT_IN_COLAB:
+            assert lower[0] == LOCK[name], req
+        elif name in ABOVE_COLAB:
+            assert Version(lower[0]) > Version(COLAB[name]), req
+        else:
+            assert lower[0] == COLAB[name], f"{req}: the lower end is Colab's {COLAB[name]}"
+    assert {canonicalize_name(k): v for k, v in versions.FLOORS.items()} == floors
+
+
+def test_pyproject_lists_the_same_ranges():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    listed = {canonicalize_name(Requirement(r).name): str(Requirement(r).specifier) for r in project["dependencies"]}
+    listed.pop("torch")
+    assert listed == {canonicalize_name(r.name): str(r.specifier) for r in REQUIREMENTS}
+
+
+def test_colab_constraints_leave_out_cuda_builds_and_urls():
+    text = (ROOT / "constraints-colab.txt").read_text()
+    assert "googlecolab/backend-info" in text
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            assert re.fullmatch(r"[A-Za-z0-9_.\-]+==[^\s+@]+", line), line
+    assert "torch" not in COLAB and COLAB["transformers"] == "5.15.0" and COLAB["pandas"] == "2.2.3"
+
+
+def test_constraints_generator_rebuilds_the_committed_file_from_its_own_lines():
+    generator = _load_tool("colab_constraints")
+    freeze = "\n".join(["# header", "torch==2.11.0+cu128", "google-colab @ file:///colabtools/x.tar.gz",
+                        "pandas==2.2.3", "Jinja2==3.1.6"])
+    out = generator.constraints(freeze, "pip-freeze.gpu.txt", "2026-08-19")
+    lines = [line for line in out.splitlines() if not line.startswith("#")]
+    assert lines == ["Jinja2==3.1.6", "pandas==2.2.3"]
+    assert "torch==2.11.0+cu128 (CUDA build" in out and "google-colab (not a PyPI release" in out
+
+
+# -- the install cell's plan, on Colab's own package list --------------------------------------------------------
+
+COLAB_PINNED_BY_GOOGLE_COLAB = {"pandas": "==2.2.3", "requests": "==2.32.4", "ipykernel": "==6.17.1"}
+
+
+def test_on_colabs_list_the_cell_installs_only_what_colab_lacks():
+    todo = installer.plan(REQUIREMENTS, dict(COLAB), COLAB_PINNED_BY_GOOGLE_COLAB, imported={"numpy", "ipywidgets"})
+    installed = {canonicalize_name(Requirement(r).name) for r in todo.install}
+    assert installed == NOT_IN_COLAB | ABOVE_COLAB
+    assert not todo.kept_outside
+    assert ({canonicalize_name(n) for n, _ in todo.kept}
+            == {canonicalize_name(r.name) for r in REQUIREMENTS} - NOT_IN_COLAB - ABOVE_COLAB)
+    for name in ("pandas", "numpy", "matplotlib", "ipywidgets", "torch", "requests"):
+        if name in COLAB:
+            assert todo.protected[name] == COLAB[name]  # held at Colab's version in pip's constraints
+
+
+def test_an_old_package_is_upgraded_unless_colab_pins_or_has_imported_it():
+    old = dict(COLAB, transformers="5.0.0", pandas="2.1.0", datasets="3.6.0")
+    todo = installer.plan(REQUIREMENTS, old, {"pandas": "==2.1.0"}, imported={"datasets"})
+    upgraded = {Requirement(r).name: Requirement(r).specifier for r in todo.install}
+    assert upgraded["transformers"].contains("5.17.0") and not upgraded["transformers"].contains("5.0.0")
+    kept = {Requirement(r).name: (have, why) for r, have, why, _ in todo.kept_outside}
+    assert kept["pandas"] == ("2.1.0", "google-colab pins it")
+    assert kept["datasets"] == ("3.6.0", "the running kernel has imported it")
+    assert not any(r.startswith(("pandas", "datasets")) for r in todo.install)
+    assert todo.protected["pandas"] == "2.1.0" and todo.protected["datasets"] == "3.6.0"
+
+
+def test_lowest_pins_a_range_to_its_lower_end():
+    assert installer.lowest("transformers<6,>=5.17.0") == "transformers==5.17.0"
+    assert installer.lowest("gguf") == "gguf"
+
+
+def test_imported_distributions_maps_modules_to_their_packages():
+    names = installer.imported_distributions({"yaml": None, "yaml.loader": None, "not_a_module_xyz": None})
+    assert "pyyaml" in names
+
+
+def test_the_notebook_install_cell_runs_the_installer_and_never_pip_installs_requirements():
+    for name in ("Pocket_Teacher.ipynb", "Pocket_Teacher_Text.ipynb"):
+        cells = json.loads((ROOT / name).read_text())["cells"]
+        install = next(c for c in cells if c["cell_type"] == "code" and "google.colab" in "".join(c["source"]))
+        source = "".join(install["source"])
+        assert "tools/colab_install.py" in source, name
+        assert "requirements.txt" not in source, name
+
+
+def test_a_feature_meeting_an_old_package_names_the_fix(monkeypatch):
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.0.0")
+    with pytest.raises(versions.VersionError, match=r"plots needs matplotlib>=3\.10\.0.*has 3\.0\.0.*"
+                                                    r"pip install 'matplotlib>=3\.10\.0'"):
+        versions.require("matplotlib", "plots")
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    with pytest.raises(versions.VersionError, match="not installed. Fix: pip install 'gguf>=0.19.0'"):
+        versions.require("gguf", "the embedded teacher")
+
+
+# -- Python 3.12 / 3.13: nothing removed is used ---------------------------------------------------------------
+
+REMOVED = {"modules": {"distutils", "imp", "asynchat", "asyncore", "smtpd", "cgi", "cgitb", "crypt", "telnetlib",
+                       "pipes", "audioop", "nntplib", "sndhdr", "uu", "xdrlib", "msilib", "chunk", "lib2to3",
+                       "aifc", "imghdr", "mailcap", "nis", "ossaudiodev", "spwd", "sunau"},
+           "attributes": {"utcnow", "utcfromtimestamp", "getdefaultlocale", "makeSuite", "findTestCases",
+                          "find_loader", "get_loader", "SafeConfigParser", "readfp", "assertEquals",
+                          "assertRegexpMatches"}}
+
+
+def test_no_module_or_function_removed_or_deprecated_by_python_3_12_or_3_13_is_used():
+    found = []
+    for path in [*ROOT.glob("pocket_teacher/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py"),
+                 *ROOT.glob("tools/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found += [(path.name, a.name) for a in node.names if a.name.split(".")[0] in REMOVED["modules"]]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module.split(".")[0] in REMOVED["modules"]:
+                    found.append((path.name, node.module))
+            elif isinstance(node, ast.Attribute) and node.attr in REMOVED["attributes"]:
+                found.append((path.name, node.attr))
+    assert not found
+
+
+# -- under `make test-colab`: the versions really are Colab's -----------------------------------------------------
+
+@pytest.mark.skipif(not os.environ.get("POCKET_TEACHER_COLAB_CONSTRAINTS"),
+                    reason="only under make test-colab (POCKET_TEACHER_COLAB_CONSTRAINTS names the constraints)")
+def test_this_environment_holds_colabs_versions():
+    colab = _pins(ROOT / os.environ["POCKET_TEACHER_COLAB_CONSTRAINTS"])
+    have = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    for req in REQUIREMENTS:  # each at its lower end: Colab's version, or what the install cell adds
+        floor = next(s.version for s in req.specifier if s.operator == ">=")
+        assert have.get(canonicalize_name(req.name)) == floor, f"{req.name}: {have.get(req.name)} here, floor {floor}"
+    for name in ("pandas", "numpy", "matplotlib", "ipywidgets", "ipykernel", "pyyaml", "tqdm", "filelock", "datasets",
+                 "accelerate", "safetensors", "nbformat", "nbclient", "pytest"):
+        assert have.get(name) == colab[name], f"{name}: {have.get(name)} here, Colab has {colab[name]}"
+
+
+# -- the notebook in a kernel: progress bars and inline plots (under test-colab: ipywidgets 7.7.1, Colab's) --------
+
+KERNEL_CELL = """%matplotlib inline
+import sys
+sys.path.insert(0, {root!r})
+from pocket_teacher import progress
+from pocket_teacher.plots import plot_quality
+for _ in progress.tqdm(range(3), desc="bar"):
+    pass
+display(plot_quality([{{"model": "teacher", "perplexity": 3.5}}, {{"model": "student after", "perplexity": 7.6}}]))
+"""
+
+
+def test_progress_bars_and_plots_render_in_a_kernel_with_these_widgets():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(KERNEL_CELL.format(root=str(ROOT)))])
+    nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = notebook.cells[0].outputs
+    kinds = {key for out in outputs for key in out.get("data", {})}
+    text = "".join(out.get("text", "") for out in outputs if out.get("output_type") == "stream")
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    ipywidgets = importlib.metadata.version("ipywidgets")
+    assert "application/vnd.jupyter.widget-view+json" in kinds or "bar" in text, (ipywidgets, outputs)
+    assert "image/png" in kinds, outputs
