@@ -9,6 +9,8 @@ import importlib.util
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -233,3 +235,25 @@ def test_progress_bars_and_plots_render_in_a_kernel_with_these_widgets():
     ipywidgets = importlib.metadata.version("ipywidgets")
     assert "application/vnd.jupyter.widget-view+json" in kinds or "bar" in text, (ipywidgets, outputs)
     assert "image/png" in kinds, outputs
+
+
+def _python313():
+    candidates = [*sorted(Path.home().glob(".pyenv/versions/3.13*/bin/python3.13")), shutil.which("python3.13")]
+    for candidate in filter(None, candidates):
+        done = subprocess.run([str(candidate), "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
+                              text=True)
+        if done.returncode == 0 and done.stdout.strip() == "(3, 13)":
+            return str(candidate)
+    pytest.skip("no Python 3.13 interpreter on this machine")
+
+
+def test_every_file_compiles_under_python_3_13_and_the_install_cell_plans_there():
+    python = _python313()
+    files = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    check = "import pathlib, sys\nfor f in sys.argv[1:]: compile(pathlib.Path(f).read_text(), f, 'exec')"
+    done = subprocess.run([python, "-W", "error", "-c", check, *files], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    # a bare 3.13 has none of the packages: the installer (its packaging import falls back to pip's) plans them all
+    done = subprocess.run([python, "tools/colab_install.py", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "installed  transformers (dry run) (asked: transformers" in done.stdout, done.stdout
