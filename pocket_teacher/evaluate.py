@@ -12,22 +12,24 @@
 from __future__ import annotations
 
 import math
+import random
 import re
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .batches import AnswerBatch, answer_batches, answer_logit_chunks, answer_logits
+from .batches import answer_batches, answer_logit_chunks, answer_logits
 from .config import GenerateConfig, LossConfig
 from .data import (IGNORE_INDEX, MMLU_LETTERS, Example, LoadReport, PaddingCollator, TokenizedSplit, answers_match,
                    extract_gsm8k_answer, format_prompt)
+from .files import proc_value
 from .generate import GREEDY, generate, overridden_generation_settings, sample_rollouts  # noqa: F401 (re-exported)
-from .losses import Divergence, TeacherSignal, kl, token_distillation_loss
+from .losses import Divergence, TeacherLogits, kl, token_distillation_loss
 from .models import count_parameters, memory_footprint
 from .plan import PlanError, inference_bytes_per_token
 from .progress import tqdm
@@ -53,12 +55,14 @@ def batch_token_budget(model: torch.nn.Module, fraction: float = 0.5) -> Optiona
 
 @dataclass(frozen=True)
 class HeldOutTeacher:
-    """What `perplexity` needs to measure the distillation term too: the teacher's signal for an answer batch
-    (live logits or cached top-k), the loss settings, and a divergence function instead of the one they name."""
+    """What `perplexity` needs to measure the distillation term too: the teacher's signal (the top-k `cache` of the
+    split scored, else the live `model`'s logits), the loss settings, and a divergence function instead of the one
+    they name."""
 
-    signal: Callable[[AnswerBatch], TeacherSignal]
     spec: LossConfig
     divergence: Optional[Divergence] = None
+    cache: Optional[object] = None  # a teacher_cache.TopKCache of the split
+    model: Optional[torch.nn.Module] = None
 
 
 @torch.no_grad()
@@ -84,7 +88,10 @@ def perplexity(model: torch.nn.Module, split: TokenizedSplit, *, pad_token_id: i
                              max_tokens=batch_token_budget(model), device=device)
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         owner = torch.tensor(batch.rows, device=device)[batch.select.nonzero()[:, 0]]  # the split row of each target
-        signal = None if teacher is None else teacher.signal(batch)
+        signal = None
+        if teacher is not None:  # the cache's top-k of these rows, else the live teacher's logits
+            signal = (teacher.cache.rows(batch.rows, batch.answer_counts, device) if teacher.cache is not None else
+                      TeacherLogits(answer_logits(teacher.model, batch.input_ids, batch.attention_mask, batch.select)))
         for i, logits in answer_logit_chunks(model, batch.input_ids, batch.attention_mask, batch.select, vocab_size):
             j = i + logits.shape[0]
             nll = F.cross_entropy(logits, batch.targets[i:j], reduction="none").double()
@@ -128,8 +135,6 @@ def lm_eval_gsm8k_prompts(examples: Sequence[Example], pool: Sequence[Example], 
     ``random.Random(seed)`` shared across questions (``rnd.sample(pool, k)``), each ``Question: q\nAnswer: a``
     with the published answer (calculator notes kept), joined by blank lines, then ``Question: q\nAnswer:``.
     Plain text, no chat template."""
-    import random
-
     rnd = random.Random(seed)
     out = []
     for e in examples:
@@ -217,17 +222,19 @@ def mmlu_prompt(example: Example, shots: Sequence[Example] = ()) -> str:
     ``The following are multiple choice questions (with answers) about <subject>.`` then, per
     question, the stem, the choices as ``A. ...`` lines and ``Answer:`` (followed by `` X`` for shots).
     """
+    def block(e: Example) -> str:
+        return "\n".join([e.stem] + [f"{MMLU_LETTERS[i]}. {c}" for i, c in enumerate(e.choices)]) + "\nAnswer:"
+
+    return _mmlu_text(example, shots, "multiple choice questions (with answers)", block, lambda s: s.answer)
+
+
+def _mmlu_text(example: Example, shots: Sequence[Example], kind: str, block, answer) -> str:
+    """The header naming `example`'s subject, each shot's `block` followed by its `answer`, then `example`'s block."""
     if example.choices is None or example.stem is None:
         raise ValueError(f"{example.where}: not an MMLU example (no stem / choices); load it with data.load_mmlu.")
     subject = (example.subject or "general knowledge").replace("_", " ")
-
-    def block(e: Example) -> str:
-        lines = [e.stem] + [f"{MMLU_LETTERS[i]}. {c}" for i, c in enumerate(e.choices)]
-        return "\n".join(lines) + "\nAnswer:"
-
-    text = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-    text += "".join(f"{block(s)} {s.answer}\n\n" for s in shots)
-    return text + block(example)
+    solved = "".join(f"{block(s)} {answer(s)}\n\n" for s in shots)
+    return f"The following are {kind} about {subject}.\n\n{solved}{block(example)}"
 
 
 def letter_token_ids(tokenizer) -> list[int]:
@@ -245,6 +252,13 @@ def letter_token_ids(tokenizer) -> list[int]:
     if len(set(ids)) != 4:
         raise ValueError(f"The answer letters map to repeated token ids {ids}; cannot score MMLU by letter.")
     return ids
+
+
+def _by_subject(examples: Sequence[Example]) -> dict[str, list[Example]]:
+    pool: dict[str, list[Example]] = {}
+    for e in examples:
+        pool.setdefault(e.subject, []).append(e)
+    return pool
 
 
 def _mmlu_shots(example: Example, pool: dict[str, list[Example]], k: int) -> list[Example]:
@@ -270,19 +284,15 @@ def mmlu_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example]
     "favourite_letter_accuracy" (what always answering it would score: the letter-bias floor), ...}.
     """
     chosen = list(examples)
-    pool: dict[str, list[Example]] = {}
-    for e in (shot_pool if shot_pool is not None else examples):
-        pool.setdefault(e.subject, []).append(e)
+    pool = _by_subject(shot_pool if shot_pool is not None else examples)
     letters = torch.tensor(letter_token_ids(tokenizer))
     device = _device(model)
     encoded, dropped = [], 0
     for e in chosen:
-        k = shots
-        while True:
+        for k in range(shots, -1, -1):  # drop shots until the prompt fits (or none is left)
             ids = tokenizer(mmlu_prompt(e, _mmlu_shots(e, pool, k)), add_special_tokens=True)["input_ids"]
-            if len(ids) <= max_length or k == 0:
+            if len(ids) <= max_length:
                 break
-            k -= 1
         dropped += shots - k
         encoded.append(ids[-max_length:])
     model.eval()
@@ -330,16 +340,8 @@ def mmlu_cloze_context(example: Example, shots: Sequence[Example] = ()) -> str:
     """lm-evaluation-harness's ``mmlu_continuation`` context: ``The following are questions (with answers) about
     <subject>.`` then, per question, ``Question: <stem>`` and ``Answer:`` (shots end with `` <answer text>``).
     No lettered choices: each choice's text is scored as the continuation."""
-    if example.choices is None or example.stem is None:
-        raise ValueError(f"{example.where}: not an MMLU example (no stem / choices); load it with data.load_mmlu.")
-    subject = (example.subject or "general knowledge").replace("_", " ")
-
-    def block(e: Example) -> str:
-        return f"Question: {e.stem.strip()}\nAnswer:"
-
-    text = f"The following are questions (with answers) about {subject}.\n\n"
-    text += "".join(f"{block(s)} {s.choices[MMLU_LETTERS.index(s.answer)]}\n\n" for s in shots)
-    return text + block(example)
+    return _mmlu_text(example, shots, "questions (with answers)", lambda e: f"Question: {e.stem.strip()}\nAnswer:",
+                      lambda s: s.choices[MMLU_LETTERS.index(s.answer)])
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -366,9 +368,7 @@ def mmlu_cloze_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Ex
 
     Returns {"accuracy", "accuracy_norm", "correct", "correct_norm", "total", "ci95", "ci95_norm",
     "per_subject": {subject: {"accuracy", "accuracy_norm", "total"}}, "rows", "seconds"}."""
-    pool: dict[str, list[Example]] = {}
-    for e in (shot_pool if shot_pool is not None else examples):
-        pool.setdefault(e.subject, []).append(e)
+    pool = _by_subject(shot_pool if shot_pool is not None else examples)
     features = []
     for e in examples:
         context = mmlu_cloze_context(e, _mmlu_shots(e, pool, shots))
@@ -443,14 +443,8 @@ def agreement(teacher: torch.nn.Module, student: torch.nn.Module, split: Tokeniz
 # -- efficiency -----------------------------------------------------------------------------------------------------
 
 def _rss_bytes(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    value = proc_value("/proc/self/status", field + ":")  # "1234 kB"
+    return None if value is None else int(value.split()[0]) * 1024
 
 
 class PeakMemory:
@@ -512,15 +506,13 @@ def efficiency(model: torch.nn.Module, tokenizer, prompt: str = "Question: What 
         kwargs = dict(GREEDY, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
         kwargs.pop("min_length")  # min_new_tokens decides; both set only draws a warning per call
         model.generate(**enc, **kwargs)  # warm-up
-        best = math.inf
+        best, sync = math.inf, torch.cuda.synchronize if device.type == "cuda" else lambda device: None
         with PeakMemory(device) as peak:
             for _ in range(repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                sync(device)
                 start = time.perf_counter()
                 model.generate(**enc, **kwargs)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                sync(device)
                 best = min(best, time.perf_counter() - start)
         out[f"tokens_per_s_batch{bs}"] = bs * new_tokens / best
         out[f"peak_memory_batch{bs}"] = peak.bytes
@@ -578,8 +570,7 @@ def teacher_on_student_samples(teacher: torch.nn.Module, student: torch.nn.Modul
     held-out prompts (temperature 1), and both models score those tokens. Returns the mean log-likelihood per
     sampled token under the teacher and under the student, and the mean sample length. A teacher that finds
     the student's own samples about as likely as the student does has little to correct on-policy."""
-    device = next(student.parameters()).device
-    totals, tokens = {"teacher": 0.0, "student": 0.0}, 0
+    device, totals, tokens = _device(student), {"teacher": 0.0, "student": 0.0}, 0
     rows = list(range(min(questions, len(split))))
     for lo, batch in zip(range(0, len(rows), batch_size), answer_batches(split, pad_token_id, batch_size=batch_size,
                                                                           rows=rows, device=device)):
@@ -623,7 +614,3 @@ def mmlu_scores(model: torch.nn.Module, tokenizer, examples: Sequence[Example], 
                    mmlu_cloze_ci95_high=cloze["ci95_norm"][1], mmlu_cloze_s=cloze["seconds"],
                    mmlu_cloze_per_subject=cloze["per_subject"], mmlu_cloze_rows=cloze["rows"])
     return row
-
-
-
-

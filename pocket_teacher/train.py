@@ -76,13 +76,9 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)  # no decay on norms and biases
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields a tied weight once
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms and biases
 
 
 def make_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
@@ -230,14 +226,10 @@ def open_step(student: torch.nn.Module, train_split: TokenizedSplit, cfg, tokeni
     device = next(student.parameters()).device
     picked = GlobalBatches(len(train_split), min(rows, len(train_split)), cfg.train.seed)[0]
     batch = answer_batch(train_split, picked, tokenizer.pad_token_id, device)
-    if teacher_cache is not None:
-        signal = teacher_cache.rows(picked, batch.answer_counts, device)
-    elif teacher is not None:
-        signal = TeacherLogits(answer_logits(teacher, batch.input_ids, batch.attention_mask, batch.select))
-    else:
-        signal = None
-    logits = answer_logits(student, batch.input_ids, batch.attention_mask, batch.select)
-    return OpenedStep(batch, logits, signal, tokenizer)
+    signal = (teacher_cache.rows(picked, batch.answer_counts, device) if teacher_cache is not None
+              else None if teacher is None else live_teacher(teacher, batch, "full"))
+    return OpenedStep(batch, answer_logits(student, batch.input_ids, batch.attention_mask, batch.select), signal,
+                      tokenizer)
 
 
 # How the notebook resumes (the CLI's --resume is --set train.resume=true): the one way, named by every message
@@ -414,7 +406,7 @@ class Trainer:
         self.vocab = vocab if isinstance(vocab, Vocab) else Vocab(int(vocab))
         self.vocab_size, self.cache, self.held_out = self.vocab.size, teacher_cache, held_out
         scored = held_out is not None and (held_out.cache is not None or teacher is not None)
-        self.held_out_teacher = HeldOutTeacher(self.held_out_signal, self.lcfg, divergence) if scored else None
+        self.held_out_teacher = HeldOutTeacher(self.lcfg, divergence, held_out.cache, teacher) if scored else None
         self.progress, self.divergence = progress, divergence
         self.run_folder = Path(folder) if folder is not None else None
         self.folder = self.run_folder / "checkpoints" if folder is not None else None
@@ -534,12 +526,6 @@ class Trainer:
                               "rollouts_finished": finished}
         return out
 
-    def held_out_signal(self, batch: AnswerBatch) -> TeacherSignal:
-        """The teacher's signal for a held-out batch: its cache's top-k, else the live teacher's logits."""
-        if self.held_out.cache is not None:
-            return self.held_out.cache.rows(batch.rows, batch.answer_counts, batch.input_ids.device)
-        return TeacherLogits(answer_logits(self.teacher, batch.input_ids, batch.attention_mask, batch.select))
-
     def teacher_side(self, batch: AnswerBatch, on_policy: bool = False) -> Optional[TeacherSignal]:
         """The teacher's signal for this micro-batch: the cache's top-k, the live teacher's, or None (no teacher).
         Sampled answers (on-policy steps) are scored by the live teacher: no cache can hold them."""
@@ -631,11 +617,9 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 row = self.record(step, total, ce, kd, lr, grad_norm, answer_tokens, seen_tokens)
-                ce_text = "-" if row["ce"] is None else f"{ce:.3f}"
-                kd_text = "-" if row["kd"] is None else f"{kd:.3f}"
-                bar.set_postfix_str(f"loss {total:.3f} | ce {ce_text} | kd {kd_text} | {row['tokens_per_s']:.0f} tok/s"
-                                    + (f" | eval ppl {row['eval_ppl']:.2f}" if "eval_ppl" in row else ""),
-                                    refresh=False)
+                terms = [f"{k} {'-' if row[k] is None else format(row[k], '.3f')}" for k in ("loss", "ce", "kd")]
+                bar.set_postfix_str(" | ".join(terms + [f"{row['tokens_per_s']:.0f} tok/s"]) + (
+                    f" | eval ppl {row['eval_ppl']:.2f}" if "eval_ppl" in row else ""), refresh=False)
                 bar.update(1)
                 path = self.save(step + 1) if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 else None
                 if _stop_requested(stop, self.accelerator):  # SIGTERM / SIGINT: keep this step, then stop cleanly
@@ -809,11 +793,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     """{"loss": {"alpha": 0.5}} -> {"loss.alpha": 0.5}, scalars only (what trackers accept)."""
     out = {}
     for key, value in tree.items():
-        name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flat(value, name + "."))
-        elif isinstance(value, (int, float, str, bool)) or value is None:
-            out[name] = value if value is not None else "None"
-        else:
-            out[name] = str(value)
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:  # None and lists as text
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return out
