@@ -70,9 +70,8 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: Optional
     `max_tokens`, at most that many padded tokens per batch (a memory budget; a longer row goes alone)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches, current = [], []
-    for i in order:
-        longest = max([lengths[j] for j in current] + [lengths[i]])
-        if current and (len(current) >= batch_size or (max_tokens and longest * (len(current) + 1) > max_tokens)):
+    for i in order:  # row i is the longest so far (ascending lengths)
+        if current and (len(current) >= batch_size or (max_tokens and lengths[i] * (len(current) + 1) > max_tokens)):
             batches.append(current)
             current = []
         current.append(i)
@@ -121,15 +120,13 @@ def answer_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     """
     if getattr(model.config, "final_logit_softcapping", None):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[select]
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return model.get_output_embeddings()(hidden[select])
+    return model.get_output_embeddings()(answer_hidden(model, input_ids, attention_mask, select))
 
 
 def answer_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   select: torch.Tensor) -> torch.Tensor:
     """``(N, H)`` final hidden states (after the final norm) at the N positions where `select` is True."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return hidden[select]
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[select]
 
 
 def auto_chunk_size(vocab_size: int, device_type: str = "cpu") -> int:
@@ -154,17 +151,13 @@ def answer_logit_chunks(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     (rows an output layer pads on are dropped). Models whose logits are more than ``hidden @ W.T + b``
     (soft-capping, scaling) fall back to `answer_logits`, sliced the same way."""
     layer = output_layer(model)
-    if layer is None:
-        logits = answer_logits(model, input_ids, attention_mask, select)
-        vocab = vocab_size or logits.shape[-1]
-        chunk = chunk_size or auto_chunk_size(vocab, logits.device.type)
-        for i in range(0, logits.shape[0], chunk):
-            yield i, logits[i:i + chunk, :vocab].float()
-        return
-    hidden = answer_hidden(model, input_ids, attention_mask, select)
-    weight, bias = layer
-    vocab = vocab_size or weight.shape[0]
-    w, b = weight[:vocab], None if bias is None else bias[:vocab]
-    chunk = chunk_size or auto_chunk_size(vocab, hidden.device.type)
-    for i in range(0, hidden.shape[0], chunk):
-        yield i, F.linear(hidden[i:i + chunk].to(w.dtype), w, b).float()
+    if layer is None:  # the full forward's logits, sliced
+        rows = answer_logits(model, input_ids, attention_mask, select)
+        vocab = vocab_size or rows.shape[-1]
+    else:  # the hidden states, through the output layer a chunk at a time
+        rows, (weight, bias) = answer_hidden(model, input_ids, attention_mask, select), layer
+        vocab = vocab_size or weight.shape[0]
+        w, b = weight[:vocab], None if bias is None else bias[:vocab]
+    chunk = chunk_size or auto_chunk_size(vocab, rows.device.type)
+    for i in range(0, rows.shape[0], chunk):
+        yield i, (rows[i:i + chunk, :vocab] if layer is None else F.linear(rows[i:i + chunk].to(w.dtype), w, b)).float()

@@ -420,9 +420,8 @@ class _StoredGradients(torch.autograd.Function):
         # multiplied by it first and cast to the parameters' dtypes after, so nothing underflows on the way.
         unit = bool(torch.equal(grad_total, torch.ones_like(grad_total)))
         stored = iter(ctx.saved_tensors)
-        grads = [(next(stored) if unit else next(stored) * grad_total) if n else None for n in ctx.need]
-        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
-        return grads[0], grads[1], grads[2], None, None
+        return (*((next(stored) if unit else next(stored) * grad_total).to(dtype) if n else None
+                  for n, dtype in zip(ctx.need, ctx.dtypes)), None, None)
 
 
 def chunked_distillation_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, targets: torch.Tensor,
@@ -465,9 +464,8 @@ def chunked_distillation_loss(student_hidden: torch.Tensor, student_weight: torc
         teacher.check(vocab)  # once here, not in every chunk (each check is a host sync)
     bias, dtype = student_bias, compute_dtype or student_hidden.dtype
     size = int(spec.chunk_size or auto_chunk_size(vocab, student_hidden.device.type))
-    need = (student_hidden.requires_grad and torch.is_grad_enabled(),
-            student_weight.requires_grad and torch.is_grad_enabled(),
-            bias is not None and bias.requires_grad and torch.is_grad_enabled())
+    grad = torch.is_grad_enabled()
+    need = tuple(grad and x is not None and x.requires_grad for x in (student_hidden, student_weight, bias))
     w = student_weight.detach()[:vocab].to(dtype)
     b = None if bias is None else bias.detach()[:vocab].to(dtype)
     acc = torch.promote_types(student_weight.dtype, torch.float32)  # every stored gradient is kept in >= fp32
