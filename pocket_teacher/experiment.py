@@ -72,9 +72,8 @@ def check_memory(cfg: Config, gpu: Optional[str] = None, force: bool = False, ve
         resolve_precision(cfg.teacher.precision, device, "teacher")
         resolve_mixed_precision(cfg.train.mixed_precision, device.type, device_capability(device))
     def lengths(split, prompt=False):
-        if not splits or not len(split):
-            return None
-        return [sum(t == -100 for t in f["labels"]) if prompt else len(f["input_ids"]) for f in split.features]
+        return [sum(t == -100 for t in f["labels"]) if prompt else len(f["input_ids"])
+                for f in split.features] if splits and len(split) else None
     try:
         plan = memory_plan(cfg, gpu, lengths=lengths(splits and splits.train), eval_lengths=lengths(
             splits and splits.eval), prompt_lengths=lengths(splits and splits.eval, prompt=True))
@@ -92,7 +91,7 @@ def check_memory(cfg: Config, gpu: Optional[str] = None, force: bool = False, ve
 
 
 @contextlib.contextmanager
-def visiting(model: torch.nn.Module, device: torch.device):
+def visiting(model: torch.nn.Module, device: torch.device | str):
     """Bring `model` to `device` for the block and back to where it was after (the untrained student rests on
     the host between its evaluations, so the accelerator holds only what the stage uses)."""
     home = next(model.parameters()).device
@@ -129,9 +128,9 @@ def load_data(cfg: Config, verbose: bool = True) -> RawData:
     reports = [train_report, eval_report]
     mmlu = None
     if cfg.eval.mmlu_source:
-        path = None if cfg.eval.mmlu_source == "hub" else cfg.eval.mmlu_source
-        mmlu, mmlu_report = load_mmlu("test", path=path, subjects=cfg.eval.mmlu_subjects,
-                                      limit=cfg.eval.mmlu_samples or None, bad_rows=cfg.data.bad_rows)
+        mmlu, mmlu_report = load_mmlu("test", path=None if cfg.eval.mmlu_source == "hub" else cfg.eval.mmlu_source,
+                                      subjects=cfg.eval.mmlu_subjects, limit=cfg.eval.mmlu_samples or None,
+                                      bad_rows=cfg.data.bad_rows)
         reports.append(mmlu_report)
     for report in reports if verbose else ():
         print(f"data: {report}")
@@ -186,8 +185,8 @@ def teacher_answers(cfg: Config, raw: RawData, teacher: torch.nn.Module, teacher
         return teacher_texts(cfg, teacher, teacher_tokenizer, info, progress)
     if cfg.data.targets == "reference":
         return raw
-    keep = "correct" if cfg.data.targets == "teacher_correct" else "all"
-    train, report = generate_answers(teacher, teacher_tokenizer, raw.train, cache_dir(cfg), cfg.generate, keep=keep,
+    train, report = generate_answers(teacher, teacher_tokenizer, raw.train, cache_dir(cfg), cfg.generate,
+                                     keep="correct" if cfg.data.targets == "teacher_correct" else "all",
                                      system_prompt=cfg.data.system_prompt, teacher_key=teacher_key(cfg, info),
                                      progress=progress)
     print(report)
@@ -265,25 +264,18 @@ def training(cfg: Config, student_init: torch.nn.Module, teacher: Optional[torch
 
     For the block, a teacher this training does not run (`teacher` when the cache serves it, or `park`) waits on
     the host when the run is on a GPU; on-policy steps need it live, so then it stays."""
-    device = resolve_device(cfg.train.device)
     eval_cache = None
     if cfg.train.eval_every and cache is not None and teacher is not None and is_main_process():
         eval_cache = build_topk_cache(teacher, splits.eval, cache_dir(cfg), k=cfg.teacher_cache.k,
                                       vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                       batch_size=cfg.teacher_cache.batch_size, progress=False)
     idle = park if cache is None or cfg.train.on_policy > 0 else teacher
-    parked = idle if device.type == "cuda" else None
-    teacher_home = next(parked.parameters()).device if parked is not None else None
-    if parked is not None:
-        offload(parked, "cpu")
-    try:
+    parked = idle if resolve_device(cfg.train.device).type == "cuda" else None
+    with visiting(parked, "cpu") if parked is not None else contextlib.nullcontext():
         yield Trainer(copy.deepcopy(student_init), None if parked is not None and parked is teacher else teacher,
                       splits.train, cfg, Vocab.of(tokenizer), teacher_cache=cache,
                       held_out=HeldOut(splits.eval, eval_cache), folder=run_dir(cfg), progress=progress,
                       divergence=divergence)
-    finally:
-        if parked is not None:
-            offload(parked, teacher_home)
 
 
 def trained_student(trainer: Trainer, result: TrainResult, student_init: torch.nn.Module) -> torch.nn.Module:
@@ -363,10 +355,7 @@ def make_figures(cfg: Config, results: Sequence[dict], history: Sequence[dict],
     if any(r.get("mmlu_per_subject") for r in results):
         figures["mmlu"] = plot_mmlu_subjects(results, title=f"MMLU by subject ({what})")
     for name, fig in figures.items():
-        paths = [run_dir(cfg) / "figures" / f"{name}.png"]
-        if cfg.run.figures_dir:
-            paths.append(Path(cfg.run.figures_dir) / f"{name}.png")
-        save_figure(fig, *paths)
+        save_figure(fig, *(Path(d) / f"{name}.png" for d in (run_dir(cfg) / "figures", cfg.run.figures_dir) if d))
     return figures
 
 
@@ -392,8 +381,7 @@ SECTIONS = (("configure", "1. Configuration"), ("load_data", "2. Data"), ("load_
             ("teacher_answers", "3b. Teacher answers"), ("load_student", "4. Student and tokenization"),
             ("build_cache", "4b. Teacher cache"), ("evaluate_before", "5. Before training"),
             ("preflight", "5b. Preflight"), ("distil", "6. Distillation"), ("train_baseline", "6b. Baseline"),
-            ("on_policy_preview", "6c. On-policy preview"),
-            ("evaluate_after", "7. Evaluation after"),
+            ("on_policy_preview", "6c. On-policy preview"), ("evaluate_after", "7. Evaluation after"),
             ("plots", "8. Plots"), ("side_by_side", "9. Side by side"), ("save", "10. Save"))
 _TITLES = dict(SECTIONS)
 TRAINING_SECTIONS = ("loss", "train")  # what the training cell may override; the rest is fixed by earlier cells
@@ -494,11 +482,9 @@ class Experiment:
     splits = _Built("student_stage", "splits", "load_student")
 
     def __init__(self, cfg: Config, *, progress: bool = True, force: bool = False, announce: bool = False):
-        self.cfg = cfg
-        self.force = force
+        self.cfg, self.force, self.announce = cfg, force, announce
         self.main = is_main_process()
         self.progress = progress and self.main
-        self.announce = announce
         self.say = print if self.main else (lambda *a, **k: None)
         self.device = resolve_device(cfg.train.device)
         self.timings: dict[str, float] = {}
@@ -511,9 +497,9 @@ class Experiment:
         self.trained: Optional[Trained] = None
         self.baseline: Optional[Trained] = None
         self.figures: dict[str, Any] = {}
-        self.checks: Optional[dict] = None
-        self.preview: Optional[dict] = None
-        self.comparison = None
+        self.checks: Optional[dict] = None  # 5b. Preflight
+        self.preview: Optional[dict] = None  # 6c. On-policy preview
+        self.comparison = None  # 9. Side by side (a DataFrame)
         self.out = run_dir(cfg)
 
     @contextlib.contextmanager
@@ -642,11 +628,9 @@ class Experiment:
         mask, the untrained student's logits and the teacher's signal (the cache's top-k, or the live teacher's
         logits) at the answer positions, as training receives them. The loss functions of `pocket_teacher.losses`
         applied to it give the step's CE, distillation term and total."""
-        splits = self.splits
         with visiting(self.student_init, self.device):
-            step = open_step(self.student_init, splits.train, self.cfg, self.tokenizer, rows=rows,
+            return open_step(self.student_init, self.splits.train, self.cfg, self.tokenizer, rows=rows,
                              teacher=self.agree_with, teacher_cache=self.cache)
-        return step
 
     def training_config(self, overrides: Sequence[str] | dict = ()) -> Config:
         """The experiment's config with the training cell's overrides: loss.* and train.* only (except
@@ -684,8 +668,7 @@ class Experiment:
                 final = result.final
                 self.say(f"{result.steps} steps in {result.seconds:.0f} s; last step: " + ", ".join(
                     f"{k} {final[k]:.3f}" for k in ("loss", "ce", "kd") if final.get(k) is not None))
-            named = [f"{k}={v}" for k, v in (overrides.items() if isinstance(overrides, dict)
-                                             else (o.split("=", 1) for o in overrides))]
+            named = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict) else list(overrides)
             custom = [f"divergence={divergence_name(divergence) if divergence else ''} (a function given to distil)"]
             self.trained = Trained(cfg, named + (custom if divergence is not None else []), student, result, divergence)
             self.results.pop("student after", None)  # evaluated again by evaluate_after
@@ -728,6 +711,11 @@ class Experiment:
     def baseline_label(self) -> str:
         return RANDOM_INIT_LABEL if self.trained and baseline_kind(self.trained.cfg) == "random" else BASELINE_LABEL
 
+    def _trained_students(self, trained: Trained) -> dict[str, torch.nn.Module]:
+        """The distilled student and the baseline (fine-tuned, or the same shape from random init) when trained."""
+        baseline = {self.baseline_label: self.baseline.student} if self.baseline is not None else {}
+        return {"student after": trained.student, **baseline}
+
     def on_policy_preview(self) -> Optional[dict]:
         """A short on-policy run (eval.on_policy_preview steps; 0 skips): the untrained student samples its own
         answers and the live teacher scores them (train.on_policy=1, reverse KL at T=1, the usual on-policy
@@ -741,10 +729,11 @@ class Experiment:
             student, result = train_student(preview_config(trained.cfg, steps), self.student_init, self.teacher,
                                             self.splits, self.tokenizer, self.progress, self.cache)
             last = result.history[-1]
+            rollouts = [h["rollout_tokens_mean"] for h in result.history if h.get("rollout_tokens_mean") is not None]
             same_step = next((h for h in trained.result.history if h["step"] == steps), {})
             self.preview = {"steps": steps, "train_s": result.seconds, "eval_ppl": last.get("eval_ppl"),
                             "eval_reverse_kl": last.get("eval_kd"),
-                            "rollout_tokens_mean": _mean_of(result.history, "rollout_tokens_mean"),
+                            "rollout_tokens_mean": sum(rollouts) / len(rollouts) if rollouts else None,
                             "main_eval_ppl_same_step": same_step.get("eval_ppl")}
             self.say(f"on-policy preview: {steps} steps in {result.seconds:.0f} s ({result.seconds / steps:.1f} "
                      f"s/step, rollouts of {self.preview['rollout_tokens_mean']:.0f} tokens on average); held-out "
@@ -758,10 +747,7 @@ class Experiment:
         with self._timed("evaluate_after"):
             trained = _need(self.trained, "distil")
             if self.main:
-                rows = {"student after": trained.student}
-                if self.baseline is not None:
-                    rows[self.baseline_label] = self.baseline.student
-                for label, student in rows.items():
+                for label, student in self._trained_students(trained).items():
                     self.results[label] = evaluate(trained.cfg, label, student, self.tokenizer, self.splits,
                                                    self.progress, self.agree_with)
             return self.results
@@ -786,9 +772,7 @@ class Experiment:
             trained = _need(self.trained, "distil")
             if self.main and self.cfg.eval.side_by_side:
                 models = {"teacher": self.teacher, "student before": self.student_init,
-                          "student after": trained.student}
-                if self.baseline is not None:  # the fine-tuned or random-init student beside the distilled one
-                    models[self.baseline_label] = self.baseline.student
+                          **self._trained_students(trained)}
                 k, ev = self.cfg.eval.side_by_side, self.cfg.eval
                 done = {name: [g["output"] for g in (self.results.get(name) or {}).get("generations", [])[:k]]
                         for name in models}
@@ -837,11 +821,6 @@ class Experiment:
             print(self.timing_table())
         return {"out": self.out, "results": list(self.results.values()),
                 "history": self.trained.result.history if self.trained else []}
-
-
-def _mean_of(history: Sequence[dict], key: str) -> Optional[float]:
-    values = [h[key] for h in history if h.get(key) is not None]
-    return sum(values) / len(values) if values else None
 
 
 def run(cfg: Config, progress: bool = True, resume: Optional[bool] = None, force: bool = False) -> dict[str, Any]:
