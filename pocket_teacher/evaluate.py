@@ -413,10 +413,9 @@ def agreement(teacher: torch.nn.Module, student: torch.nn.Module, split: Tokeniz
               vocab_size: Optional[int] = None, batch_size: int = 16, progress: bool = True) -> dict:
     """How closely the student follows the teacher on held-out answers (teacher-forced, answer tokens only).
 
-    Both models run on their own devices; their logits meet on the student's a chunk of tokens at a time,
-    so neither (N, V) logits nor anything of size V reach the host.
-    Returns {"top1_agreement": share of answer positions where both models' most likely next token is
-    the same, "kl": mean KL(teacher || student) at T = 1 in nats/token, "tokens"}.
+    Both models run on their own devices; their logits meet on the student's a chunk of tokens at a time, so neither
+    (N, V) logits nor anything of size V reach the host. Returns {"top1_agreement": share of answer positions where both
+    models' most likely next token is the same, "kl": mean KL(teacher || student) at T = 1 in nats/token, "tokens"}.
     """
     t_dev, s_dev = _device(teacher), _device(student)
     teacher.eval()

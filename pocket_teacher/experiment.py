@@ -177,10 +177,9 @@ def teacher_key(cfg: Config, info: Optional[ModelInfo] = None) -> dict:
 
 def teacher_answers(cfg: Config, raw: RawData, teacher: torch.nn.Module, teacher_tokenizer,
                     info: Optional[ModelInfo] = None, progress: bool = True) -> RawData:
-    """Sequence-level distillation (data.targets=teacher / teacher_correct): the teacher's generated
-    answers replace the training targets; the held-out split keeps its reference answers. With
-    data.source=teacher_text the teacher writes generate.num_samples texts, split into training and held-out
-    (data.eval_size, seeded by data.train_seed)."""
+    """Sequence-level distillation (data.targets=teacher / teacher_correct): the teacher's generated answers replace the
+    training targets; the held-out split keeps its reference answers. With data.source=teacher_text the teacher writes
+    generate.num_samples texts, split into training and held-out (data.eval_size, seeded by data.train_seed)."""
     if cfg.data.source == "teacher_text":
         return teacher_texts(cfg, teacher, teacher_tokenizer, info, progress)
     if cfg.data.targets == "reference":
@@ -341,9 +340,8 @@ def preview_config(cfg: Config, steps: int) -> Config:
 def make_figures(cfg: Config, results: Sequence[dict], history: Sequence[dict],
                  baseline_history: Optional[Sequence[dict]] = None, baseline_label: str = BASELINE_LABEL,
                  divergence: Optional[str] = None) -> dict[str, Any]:
-    """Quality bars, training curves, quality vs size (and latency), per-subject MMLU when scored;
-    saved under runs/<name>/figures (and run.figures_dir). `divergence` names a function used in place of
-    loss.divergence."""
+    """Quality bars, training curves, quality vs size (and latency), per-subject MMLU when scored; saved under
+    runs/<name>/figures (and run.figures_dir). `divergence` names a function used in place of loss.divergence."""
     what = (f"{cfg.preset} preset, {cfg.train.max_steps} steps, {divergence or cfg.loss.divergence}, "
             f"alpha={cfg.loss.alpha}, T={cfg.loss.temperature}")
     figures = {"quality": plot_quality(results, title=f"Teacher vs student ({what})"),
@@ -464,13 +462,11 @@ class Experiment:
     teacher is loaded once) and replaces only its own results. Resume and device are read from the config
     (`train.resume`, `train.device`) and nowhere else.
 
-    Under ``accelerate launch`` / torchrun every process loads the data and models and trains its shard of
-    each global batch; only the main process builds caches (the others wait and reuse them), evaluates, and
-    writes files.
+    Under ``accelerate launch`` / torchrun every process loads the data and models and trains its shard of each global
+    batch; only the main process builds caches (the others wait and reuse them), evaluates, and writes files.
 
-    Each section's result is one typed value (`raw`, `train_raw`, `teacher_stage`, `student_stage`, `cache`,
-    `trained`, `baseline`, `results`, ...); `teacher`, `tokenizer`, `splits` and the like read the stage that
-    built them."""
+    Each section's result is one typed value (`raw`, `train_raw`, `teacher_stage`, `student_stage`, `cache`, `trained`,
+    `baseline`, `results`, ...); `teacher`, `tokenizer`, `splits` and the like read the stage that built them."""
 
     teacher = _Built("teacher_stage", "model", "load_teacher")
     teacher_tokenizer = _Built("teacher_stage", "tokenizer", "load_teacher")
@@ -827,8 +823,7 @@ def run(cfg: Config, progress: bool = True, resume: Optional[bool] = None, force
     """The whole pipeline headless: `Experiment(cfg).run()`, the notebook's sections in order.
 
     The memory plan is checked first: a plan that does not fit this machine stops the run before anything
-    loads (PlanDoesNotFit, naming the knobs that would fit) unless `force`. `resume=True` is
-    train.resume=true."""
+    loads (PlanDoesNotFit, naming the knobs that would fit) unless `force`. `resume=True` is train.resume=true."""
     if resume is not None:
         cfg = apply_overrides(cfg, {"train.resume": resume})
     return Experiment(cfg, progress=progress, force=force, announce=True).run()

@@ -13,10 +13,9 @@ One convention everywhere (see DESIGN.md):
 - all arithmetic in at least float32, whatever the dtype of the logits.
 
 The teacher is a typed signal: `TeacherLogits` (full logits), `TeacherHidden` (hidden states and output layer,
-its logits built a chunk at a time), `TeacherTopK` (the cache's top-k log-probs and tail mass, see
-`topk_buckets`), or None (no teacher: CE alone, no distillation term). The loss settings are a `LossConfig`.
-`chunked_distillation_loss` never builds the (N, V) logits of the whole batch; it matches the plain path in
-value and gradients.
+its logits built a chunk at a time), `TeacherTopK` (the cache's top-k log-probs and tail mass, see `topk_buckets`), or
+None (no teacher: CE alone, no distillation term). The loss settings are a `LossConfig`. `chunked_distillation_loss`
+never builds the (N, V) logits of the whole batch; it matches the plain path in value and gradients.
 """
 
 from __future__ import annotations
@@ -159,8 +158,7 @@ def divergence_per_token(log_p: torch.Tensor, log_q: torch.Tensor, divergence: s
                          beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
     """``(N,)`` divergence D(p || q) between teacher log-probs `log_p` and student log-probs `log_q`.
 
-    Both are ``(N, K)`` normalised log-probabilities over the same K outcomes. P is the teacher, Q
-    the student:
+    Both are ``(N, K)`` normalised log-probabilities over the same K outcomes. P is the teacher, Q the student:
 
     - ``forward_kl``: KL(P || Q), mean-seeking (Hinton et al. 2015).
     - ``reverse_kl``: KL(Q || P), mode-seeking (MiniLLM).
@@ -278,8 +276,7 @@ def token_distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor,
         targets: ``(N,)`` token ids those positions predict.
         teacher: the teacher at the same N positions (`TeacherLogits`, `TeacherHidden` or `TeacherTopK`), or
             None: then only CE is measured (``kd`` is None), which `spec` must allow (alpha = 1).
-        spec: the loss settings (`LossConfig`: alpha, temperature, divergence, beta, skew); see
-            `distillation_loss`.
+        spec: the loss settings (`LossConfig`: alpha, temperature, divergence, beta, skew); see `distillation_loss`.
         vocab_size: compare over the first `vocab_size` logits only (the tokenizer's real vocabulary),
             so rows an output layer pads on (e.g. 151,936 vs 152,064) never take probability mass
             and student and teacher may differ in padding. Default: both must have the same width.
@@ -371,10 +368,9 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, teache
 
             - alpha: weight of the hard-label term. 1 = plain CE fine-tuning (D is still reported, without
               gradient), 0 = pure distillation.
-            - temperature: T > 0 divides both models' logits inside D only (CE uses T = 1). T -> 0
-              sharpens towards the argmax, T = 1 leaves the logits, large T flattens towards uniform.
-              D is multiplied by T^2 for every divergence, so the soft gradients keep the scale of the
-              hard ones as T grows (Hinton et al. 2015).
+            - temperature: T > 0 divides both models' logits inside D only (CE uses T = 1). T -> 0 sharpens towards the
+              argmax, T = 1 leaves the logits, large T flattens towards uniform. D is multiplied by T^2 for every
+              divergence, so the soft gradients keep the scale of the hard ones as T grows (Hinton et al. 2015).
             - divergence: ``forward_kl`` (default), ``reverse_kl``, ``jsd``, ``skew_kl``,
               ``skew_reverse_kl`` or ``tvd``; see `divergence_per_token` for each formula.
             - beta: jsd only. 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher),

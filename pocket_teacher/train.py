@@ -3,11 +3,10 @@
     result = distill(student, teacher, train_split, cfg, Vocab.of(tokenizer), folder="runs/NAME")
     result.history  # one dict per optimizer step: loss, ce, kd, lr, grad_norm, tokens/s ...
 
-The teacher is only read (eval mode, no gradients), so re-running training with other loss
-settings never reloads it. Both loss terms are token-weighted over the whole accumulated batch and
-over all processes, so one process with a global batch of 8 and two with 4 each give the same
-steps. The data order is a pure function of (seed, step), which makes checkpoints resumable exactly:
-a resumed run repeats the uninterrupted run's loss curve.
+The teacher is only read (eval mode, no gradients), so re-running training with other loss settings never reloads it.
+Both loss terms are token-weighted over the whole accumulated batch and over all processes, so one process with a global
+batch of 8 and two with 4 each give the same steps. The data order is a pure function of (seed, step), which makes
+checkpoints resumable exactly: a resumed run repeats the uninterrupted run's loss curve.
 """
 
 from __future__ import annotations
@@ -63,12 +62,11 @@ class TrainResult:
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
     """Multiplier of the peak lr at `step`: linear warm-up, then cosine down to `min_lr_ratio`.
 
-    The loop sets each step's lr from this pure function of the step and the current config, so there is no
-    scheduler state to checkpoint, and a resume with an allowed change of train.lr or the schedule needs no
-    surgery. Why not transformers' `get_cosine_with_min_lr_schedule_with_warmup`: it gives step 0 a learning rate
-    of 0 (a first step that changes nothing) and so starts its cosine one step later; switching would move every
-    published figure. torch's LinearLR + CosineAnnealingLR chain computes the cosine recursively (its last digits
-    drift from the closed form)."""
+    The loop sets each step's lr from this pure function of the step and the current config, so there is no scheduler
+    state to checkpoint, and a resume with an allowed change of train.lr or the schedule needs no surgery. Why not
+    transformers' `get_cosine_with_min_lr_schedule_with_warmup`: it gives step 0 a learning rate of 0 (a first step that
+    changes nothing) and so starts its cosine one step later; switching would move every published figure. torch's
+    LinearLR + CosineAnnealingLR chain computes the cosine recursively (its last digits drift from the closed form)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
@@ -116,9 +114,8 @@ def resolve_loss_implementation(student: torch.nn.Module, requested: str = "auto
 
 
 def live_teacher(teacher: torch.nn.Module, batch: AnswerBatch, implementation: str) -> TeacherSignal:
-    """The live teacher's signal at the batch's answer positions: for the chunked loss its hidden states and
-    output layer (its logits are then also built a chunk at a time) when its output layer is exact; else its
-    (N, V) logits."""
+    """The live teacher's signal at the batch's answer positions: for the chunked loss its hidden states and output
+    layer (its logits are then also built a chunk at a time) when its output layer is exact; else its (N, V) logits."""
     with torch.no_grad():
         layer = output_layer(teacher) if implementation == "chunked" else None
         if layer is not None:
@@ -429,8 +426,7 @@ class Trainer:
         self.began, self.history_file = time.perf_counter(), None
 
     def start(self) -> None:
-        """Resume this run's newest checkpoint (train.resume), or start (moving an earlier run's checkpoints
-        aside)."""
+        """Resume this run's newest checkpoint (train.resume), or start (moving an earlier run's checkpoints aside)."""
         result, main = self.result, self.accelerator.is_main_process
         result.run_id = uuid.uuid4().hex[:12]
         if self.tcfg.resume:
