@@ -205,7 +205,9 @@ def materialize_gguf(gguf_path: str | Path) -> Path:
     so an interrupted conversion is never mistaken for a finished one."""
     require("transformers", "reading a GGUF file (the embedded teacher)")
     require("gguf", "reading a GGUF file (the embedded teacher)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    import gguf
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
     target = cache_root() / f"{gguf_path.stem}-{file_hash(gguf_path)[:16]}"
@@ -214,8 +216,20 @@ def materialize_gguf(gguf_path: str | Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("Dequantizing %s once into %s", gguf_path.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # The special tokens as the GGUF names them: transformers 5.15 (Colab's) reads its end of text as <|im_start|>
+    # and sets no padding; the same text clean-up as newer releases. Encoding and decoding are the same in both.
+    fields = gguf.GGUFReader(gguf_path).fields
+    for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is not None:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(field.parts[field.data[0]][0])))
+    tokenizer.clean_up_tokenization_spaces = False
+    # transformers >= 5.17 keeps GGUF weights quantized unless told (GgufConfig); older releases always dequantize.
+    dense = {}
+    if hasattr(transformers, "GgufConfig"):
+        dense["quantization_config"] = transformers.GgufConfig(dequantize=True)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
-                                                  quantization_config=GgufConfig(dequantize=True))
+                                                  **dense)
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dense now

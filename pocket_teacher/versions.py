@@ -11,13 +11,13 @@ import importlib.metadata
 
 from packaging.version import Version
 
-FLOORS = {"transformers": "5.17.0", "accelerate": "1.14.0", "datasets": "4.0.0", "gguf": "0.19.0",
+FLOORS = {"transformers": "5.15.0", "accelerate": "1.14.0", "datasets": "4.0.0", "gguf": "0.19.0",
           "reasoning-gym": "0.1.25", "bitsandbytes": "0.50.2", "matplotlib": "3.10.0", "pandas": "2.2.3",
           "numpy": "2.1.3", "pyyaml": "6.0.3", "tqdm": "4.67.3", "filelock": "3.32.3"}
 
-# Where a floor is above Colab's version (constraints-colab.txt), why: the install cell then upgrades that package.
-ABOVE_COLAB = {"transformers": "GgufConfig (reading the embedded teacher's GGUF dense) arrived in 5.17.0; Colab's "
-                               "5.15.0 also reads the GGUF tokenizer's end of text as <|im_start|> instead of <|im_end|>"}
+# Where a floor is above Colab's version (constraints-colab.txt), why: the install cell would then upgrade that
+# package. None today: every floor is Colab's own version or, for what Colab lacks, the locked one.
+ABOVE_COLAB: dict[str, str] = {}
 
 
 class VersionError(RuntimeError):

@@ -112,7 +112,7 @@ def plan(requirements: list[Requirement], installed: dict[str, str], pins: dict[
 
 
 def lowest(requirement: str) -> str:
-    """The requirement pinned to its lower end (``transformers>=5.17.0,<6`` -> ``transformers==5.17.0``)."""
+    """The requirement pinned to its lower end (``transformers>=5.15.0,<6`` -> ``transformers==5.15.0``)."""
     req = Requirement(requirement)
     floors = [s.version for s in req.specifier if s.operator == ">="]
     return f"{req.name}=={floors[0]}" if floors else requirement
