@@ -54,6 +54,7 @@ $(COLAB_STAMP): requirements.txt constraints-colab.txt tools/colab_install.py
 
 test-colab: $(COLAB_STAMP)
 	POCKET_TEACHER_COLAB_CONSTRAINTS=constraints-colab.txt $(COLAB_PY) -m pytest -m "not slow and not gpu"
+	POCKET_TEACHER_COLAB_CONSTRAINTS=constraints-colab.txt $(COLAB_PY) -m pytest -m slow tests/test_colab.py
 
 test-all: $(STAMP)
 	$(PY) -m pytest

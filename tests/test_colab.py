@@ -257,3 +257,32 @@ def test_every_file_compiles_under_python_3_13_and_the_install_cell_plans_there(
     done = subprocess.run([python, "tools/colab_install.py", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "installed  transformers (dry run) (asked: transformers" in done.stdout, done.stdout
+
+
+def _freeze(python: str) -> str:
+    return subprocess.run([python, "-m", "pip", "freeze", "--all"], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.slow
+def test_in_colab_the_install_cell_changes_nothing_colab_has_and_the_notebook_runs_tiny(tmp_path):
+    """The notebook as Colab runs it, in this environment (under make test-colab: Colab's versions): `google.colab`
+    is imported, so the install cell runs tools/colab_install.py for real; then every cell on `tiny`."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    before = _freeze(sys.executable)
+    notebook = nbformat.read(ROOT / "Pocket_Teacher.ipynb", as_version=4)
+    fake_colab = "import sys, types\nsys.modules['google.colab'] = types.ModuleType('google.colab')"
+    notebook.cells.insert(0, nbformat.v4.new_code_cell(fake_colab))  # for the install cell only: other libraries
+    notebook.cells.insert(4, nbformat.v4.new_code_cell("del sys.modules['google.colab']"))  # would act on it
+    parameters = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+    parameters.source = (f"PRESET = 'tiny'\nOVERRIDES = ['run.out_dir={tmp_path.as_posix()}', 'run.name=tiny']\n"
+                         "FORCE = False\nHEADLESS = True")
+    nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT)}}).execute()
+    install = "".join(o.get("text", "") for o in notebook.cells[3].outputs)
+    assert "kept       transformers" in install and "installed  transformers" not in install, install
+    errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    assert (tmp_path / "tiny" / "results.json").is_file()
+    assert _freeze(sys.executable) == before  # nothing installed, upgraded or removed
