@@ -485,6 +485,13 @@ class Config:
         if self.train.on_policy > 0 and self.loss.alpha == 1.0:
             _fail("train.on_policy", self.train.on_policy, "on-policy steps train on the teacher's scores of the "
                   "student's samples, which loss.alpha=1 switches off: use loss.alpha < 1, or train.on_policy=0.")
+        t, rollout = self.loss.temperature, (self.train.rollout_temperature, self.train.rollout_top_p)
+        if self.train.on_policy > 0 and self.loss.on_policy_estimator == "sampled" and rollout != (t, 1.0):
+            _fail("loss.on_policy_estimator", "sampled", f"it estimates reverse KL at loss.temperature={t} without bias "
+                  f"only from rollouts drawn at that temperature, untruncated; these are drawn at "
+                  f"train.rollout_temperature={rollout[0]}, train.rollout_top_p={rollout[1]}. Set "
+                  f"train.rollout_temperature={t} and train.rollout_top_p=1, or use loss.on_policy_estimator=full "
+                  f"(the divergence over the whole vocabulary at each sampled position, exact for any rollouts).")
         for key in self.train.resume_allow:
             if key.count(".") != 1 or key.split(".")[0] not in {f.name for f in dataclasses.fields(self)}:
                 _fail("train.resume_allow", self.train.resume_allow, f"{key!r} is not a setting; name them as "

@@ -102,8 +102,42 @@ def test_sampled_token_estimator_value_and_unbiased_gradient():
 
 
 def test_sampled_estimator_trains():
-    result = train(ON + ["loss.on_policy_estimator=sampled", "loss.implementation=full"])
+    result = train(ON + ["loss.on_policy_estimator=sampled", "loss.implementation=full", "train.rollout_temperature=2"])
     assert all(h["policy"] == "on" and math.isfinite(h["loss"]) for h in result.history)
+
+
+def test_the_sampled_estimator_is_unbiased_only_from_rollouts_at_the_loss_temperature():
+    """E over y ~ q_tau of T^2 (log q_T(y) - log p_T(y)) is T^2 KL(q_T || p_T) only when tau = T: drawn at another
+    temperature (or truncated by top_p) the same estimator measures something else."""
+    from pocket_teacher.config import LossConfig
+    from pocket_teacher.losses import TeacherLogits, divergence_per_token, sampled_token_loss
+
+    torch.manual_seed(0)
+    student, teacher, t, n = torch.randn(1, 6) * 2, torch.randn(1, 6) * 2, 2.0, 400_000
+    exact = t * t * float(divergence_per_token(torch.log_softmax(teacher / t, -1), torch.log_softmax(student / t, -1),
+                                               "reverse_kl").sum())
+
+    def estimate(tau):
+        tokens = torch.multinomial(torch.softmax(student / tau, -1), n, replacement=True)[0]
+        return float(sampled_token_loss(student.expand(n, 6), tokens, TeacherLogits(teacher.expand(n, 6)),
+                                        LossConfig(temperature=t)).kd)
+
+    assert estimate(t) == pytest.approx(exact, abs=0.02)
+    assert abs(estimate(1.0) - exact) > 0.1  # the bias the configuration check refuses
+
+
+def test_the_sampled_estimator_refuses_rollouts_it_would_misestimate_and_its_advice_works():
+    from pocket_teacher.config import ConfigError, apply_overrides, get_preset
+
+    base = ["train.on_policy=1", "loss.on_policy_estimator=sampled", "loss.temperature=2"]
+    with pytest.raises(ConfigError, match=r"rollout_temperature=1\.0, train\.rollout_top_p=1\.0\. Set "
+                                          r"train\.rollout_temperature=2\.0 and train\.rollout_top_p=1"):
+        apply_overrides(get_preset("tiny"), base)
+    with pytest.raises(ConfigError, match=r"train\.rollout_top_p=0\.9"):
+        apply_overrides(get_preset("tiny"), base + ["train.rollout_temperature=2", "train.rollout_top_p=0.9"])
+    apply_overrides(get_preset("tiny"), base + ["train.rollout_temperature=2.0", "train.rollout_top_p=1"])  # advice
+    apply_overrides(get_preset("tiny"), base + ["loss.on_policy_estimator=full"])  # the other advice
+    apply_overrides(get_preset("tiny"), ["train.on_policy=0", "loss.on_policy_estimator=sampled"])  # no rollouts
 
 
 def test_on_policy_needs_a_teacher_that_scores_and_an_alpha_below_one():
