@@ -90,7 +90,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     if args.out:
         out = Path(args.out)
         overrides += [f"run.out_dir={out.parent.as_posix() or '.'}", f"run.name={out.name}"]
-    else:
+    elif not any(o.split("=", 1)[0].strip() == "run.name" for o in overrides):  # --set run.name=NAME is kept
         overrides += [f"run.name={args.preset}"]
     return overrides
 

@@ -244,7 +244,7 @@ class _BadJson(str):
 _HUB_FIX = "Pass a local JSONL of the same schema (data.train_path / data.eval_path) or use data.source=gsm_symbolic."
 
 
-def _hub_rows(repo: str, config: str, split: str) -> Iterator[tuple[str, Any]]:
+def _hub_rows(repo: str, config: str, split: str, fix: str = _HUB_FIX) -> Iterator[tuple[str, Any]]:
     name = f"Dataset {repo} ({config}, {split})"
     require("datasets", f"loading {name}")
     import datasets
@@ -253,19 +253,21 @@ def _hub_rows(repo: str, config: str, split: str) -> Iterator[tuple[str, Any]]:
         ds = datasets.load_dataset(repo, config, split=split)
     except Exception as exc:
         if hub_offline():  # offline mode and not in the datasets cache
-            raise HubUnavailableError(f"{name} is not in the local cache and offline mode is on. {_HUB_FIX}") from exc
-        raise DataError(f"Could not load {name} from the Hub: {exc}. {_HUB_FIX}") from exc
+            raise HubUnavailableError(f"{name} is not in the local cache and offline mode is on. {fix}") from exc
+        raise DataError(f"Could not load {name} from the Hub: {exc}. {fix}") from exc
     for index, row in enumerate(ds):
         yield f"{repo}[{split}]#{index}", row
 
 
-def _rows(path: Optional[str], repo: str, config: str, split: str) -> tuple[Iterator[tuple[str, Any]], str]:
-    """Rows from a local JSONL, or from the Hub (offline mode: the datasets cache only; else a fast probe first)."""
+def _rows(path: Optional[str], repo: str, config: str, split: str,
+          fix: str = _HUB_FIX) -> tuple[Iterator[tuple[str, Any]], str]:
+    """Rows from a local JSONL, or from the Hub (offline mode: the datasets cache only; else a fast probe first);
+    `fix` names the settings that give a local file instead."""
     if path:
         return read_jsonl(path), f"local file {path}"
     if not hub_offline():
-        require_hub(f"Dataset {repo} ({config}, {split})", _HUB_FIX)
-    return _hub_rows(repo, config, split), f"Hub dataset {repo} ({config}, {split})"
+        require_hub(f"Dataset {repo} ({config}, {split})", fix)
+    return _hub_rows(repo, config, split, fix), f"Hub dataset {repo} ({config}, {split})"
 
 
 def load_gsm8k(split: str = "test", path: Optional[str] = None, limit: Optional[int] = None,
@@ -277,9 +279,11 @@ def load_gsm8k(split: str = "test", path: Optional[str] = None, limit: Optional[
 
 
 def load_mmlu(split: str = "test", path: Optional[str] = None, subjects: Optional[Sequence[str]] = None,
-              limit: Optional[int] = None, bad_rows: str = "error") -> tuple[list[Example], LoadReport]:
-    """MMLU rows as Examples, from a local JSONL (`path`) or the Hub's cais/mmlu (config `all`)."""
-    rows, source = _rows(path, "cais/mmlu", "all", split)
+              limit: Optional[int] = None, bad_rows: str = "error",
+              fix: str = _HUB_FIX) -> tuple[list[Example], LoadReport]:
+    """MMLU rows as Examples, from a local JSONL (`path`) or the Hub's cais/mmlu (config `all`); `fix` is the
+    advice when the Hub cannot be read (the settings of the caller's own source)."""
+    rows, source = _rows(path, "cais/mmlu", "all", split, fix)
     if subjects is not None:
         wanted = set(subjects)
         rows = ((w, r) for w, r in rows if not isinstance(r, dict) or r.get("subject") in wanted)

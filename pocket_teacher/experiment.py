@@ -40,6 +40,9 @@ from .students import load_student
 from .teacher_cache import TopKCache, build_topk_cache
 from .train import HeldOut, OpenedStep, Trainer, TrainResult, Vocab, open_step
 
+MMLU_FIX = ("Set eval.mmlu_source to a local JSONL of cais/mmlu's schema (question, choices, answer, subject), or "
+            "eval.mmlu_source=null to skip MMLU.")
+
 
 def baseline_kind(cfg: Config) -> str:
     """What the baseline is: "random" (teacher-written free text with a pruned config student: the same student
@@ -130,7 +133,7 @@ def load_data(cfg: Config, verbose: bool = True) -> RawData:
     if cfg.eval.mmlu_source:
         mmlu, mmlu_report = load_mmlu("test", path=None if cfg.eval.mmlu_source == "hub" else cfg.eval.mmlu_source,
                                       subjects=cfg.eval.mmlu_subjects, limit=cfg.eval.mmlu_samples or None,
-                                      bad_rows=cfg.data.bad_rows)
+                                      bad_rows=cfg.data.bad_rows, fix=MMLU_FIX)
         reports.append(mmlu_report)
     for report in reports if verbose else ():
         print(f"data: {report}")

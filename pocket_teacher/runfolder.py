@@ -24,7 +24,7 @@ from filelock import FileLock, Timeout
 from .config import Config
 from .files import proc_value, write_json
 from .report import results_markdown
-from .train import TrainResult
+from .train import TrainResult, uniform_collapse
 
 
 def run_dir(cfg: Config) -> Path:
@@ -78,7 +78,8 @@ def lock_run_folder(out: Path) -> None:
         except (OSError, ValueError, KeyError):
             text = "another process"
         raise RunFolderBusy(f"The run folder {out} is in use by {text}. Wait for that run to finish, or write this "
-                            f"one elsewhere (--out runs/NAME, or run.name=...).") from None
+                            f"one elsewhere (--out runs/NAME or --set run.name=NAME; in the notebook, run.name=NAME in "
+                            f"OVERRIDES).") from None
     if holder.is_file():  # left by a run that died without cleaning up (kill -9, a crashed kernel)
         try:
             old = json.loads(holder.read_text())
@@ -123,12 +124,12 @@ def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequ
     generations.jsonl (every GSM question, output, extracted and gold answer), mmlu.jsonl (every MMLU
     question's letter scores) and the student (save_pretrained) into runs/<name>/."""
     out = run_dir(cfg)
-    after = next((r for r in results if r["model"] == "student after"), None)
-    if train_result is not None and train_result.collapsed is None and after is not None \
-            and after["perplexity"] >= 0.5 * len(tokenizer):
-        train_result.collapsed = (f"the held-out perplexity {after['perplexity']:,.0f} is no better than guessing "
-                                  f"uniformly over {len(tokenizer):,} tokens (lower train.lr)")
-        print(f"WARNING: the student collapsed: {train_result.collapsed}.")
+    after, before = ({r["model"]: r.get("perplexity") for r in results}.get(k) for k in ("student after",
+                                                                                          "student before"))
+    if train_result is not None and train_result.collapsed is None:
+        train_result.collapsed = uniform_collapse(after, len(tokenizer), before, cfg.train)
+        if train_result.collapsed:
+            print(f"WARNING: the student collapsed: {train_result.collapsed}.")
     summary = [{k: v for k, v in r.items() if k not in ("generations", "mmlu_rows", "mmlu_cloze_rows")}
                for r in results]
     extra = {"train_seconds": train_result.seconds, "steps": train_result.steps,

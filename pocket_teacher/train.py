@@ -294,19 +294,38 @@ def fingerprint_differences(saved: dict, current: dict) -> dict[str, tuple]:
     return {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
 
 
-def collapse_reason(history: list[dict], vocab_size: Optional[int], last: int = 5) -> Optional[str]:
+def collapse_advice(tcfg=None) -> str:
+    """What to change after a collapse: a warm-up as long as the run never reached train.lr, so the rate is not
+    the cause then; otherwise a lower rate than the one used."""
+    if tcfg is None:
+        return "lower train.lr"
+    if tcfg.warmup_steps >= tcfg.max_steps:
+        return (f"the warm-up ({tcfg.warmup_steps} steps) lasts the whole run ({tcfg.max_steps} steps), so the learning "
+                f"rate never reached train.lr: shorten train.warmup_steps or raise train.max_steps")
+    return f"lower train.lr (now {tcfg.lr:g})"
+
+
+def uniform_collapse(ppl: Optional[float], vocab_size: Optional[int], before: Optional[float] = None,
+                     tcfg=None) -> Optional[str]:
+    """A held-out perplexity within a factor 2 of guessing uniformly over the vocabulary that training did not
+    improve (`before`: the same measure before training, when known; a random tiny model starts there)."""
+    if ppl is None or not vocab_size or ppl < 0.5 * vocab_size or (before is not None and ppl < before):
+        return None
+    return (f"the held-out perplexity {ppl:,.0f} is no better than guessing uniformly over {vocab_size:,} tokens "
+            f"and no better than before training ({collapse_advice(tcfg)})")
+
+
+def collapse_reason(history: list[dict], vocab_size: Optional[int], last: int = 5, tcfg=None) -> Optional[str]:
     """Why the student looks dead after training, or None: zero gradients over the last steps, or a held-out
-    perplexity no better than guessing uniformly over the vocabulary."""
+    perplexity no better than guessing uniformly over the vocabulary that training did not improve (compared with
+    the first held-out score, when there are several)."""
     tail = history[-last:]
     norms = [r.get("grad_norm") for r in tail]
     if len(tail) == last and all(n is not None and math.isfinite(n) and n < 1e-12 for n in norms):
         return (f"the gradient norm was 0 over the last {last} steps: the student stopped learning (a learning rate "
-                f"far too high saturates it; lower train.lr)")
-    ppl = next((r["eval_ppl"] for r in reversed(history) if r.get("eval_ppl") is not None), None)
-    if ppl is not None and vocab_size and ppl >= 0.5 * vocab_size:
-        return (f"the held-out perplexity {ppl:,.0f} is no better than guessing uniformly over {vocab_size:,} tokens "
-                f"(lower train.lr)")
-    return None
+                f"far too high saturates it; {collapse_advice(tcfg)})")
+    scores = [r["eval_ppl"] for r in history if r.get("eval_ppl") is not None]
+    return uniform_collapse(scores[-1] if scores else None, vocab_size, scores[0] if len(scores) > 1 else None, tcfg)
 
 
 class GlobalBatches:
@@ -450,6 +469,10 @@ class Trainer:
                                            if hasattr(self.cfg, "to_dict") else {})
         if self.progress and main:
             self.say(self._describe())
+        if main and self.tcfg.warmup_steps > self.tcfg.max_steps:
+            print(f"WARNING: train.warmup_steps={self.tcfg.warmup_steps} is longer than train.max_steps="
+                  f"{self.tcfg.max_steps}: the learning rate ends at {self.tcfg.max_steps / self.tcfg.warmup_steps:.0%}"
+                  f" of train.lr; use train.warmup_steps <= {self.tcfg.max_steps}.")
 
     def stream(self, row: dict) -> None:
         """Append a history row to <folder>/history.jsonl (main process; the file is rewritten from a run's first
@@ -641,7 +664,7 @@ class Trainer:
             acc.end_training()
         result.seconds, result.steps = self.previous_seconds + time.perf_counter() - self.began, t.max_steps
         vocab = self.vocab_size or self.student.get_output_embeddings().weight.shape[0]
-        result.collapsed = collapse_reason(result.history, vocab)
+        result.collapsed = collapse_reason(result.history, vocab, tcfg=self.tcfg)
         if result.collapsed and acc.is_main_process:
             tqdm.write(f"WARNING: the student collapsed: {result.collapsed}.")
         trained = acc.unwrap_model(self.model).model

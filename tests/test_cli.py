@@ -89,3 +89,12 @@ def test_gpu_only_settings_on_cpu_fail_before_anything_loads(monkeypatch, tmp_pa
     assert main(["run", "--preset", "tiny", "--out", str(tmp_path / "r"), "--set", override]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err and "Traceback" not in err
+
+
+def test_the_busy_folder_advice_run_name_is_followed_by_the_cli():
+    from pocket_teacher.cli import _overrides, _parser
+
+    args = _parser().parse_args(["run", "--preset", "tiny", "--set", "run.name=other"])
+    assert _overrides(args)[-1] == "run.name=other"  # not replaced by the preset's name
+    args = _parser().parse_args(["run", "--preset", "tiny"])
+    assert _overrides(args)[-1] == "run.name=tiny"

@@ -174,3 +174,16 @@ def test_real_gsm8k_and_mmlu_files_load(shared_data):
     assert len(gsm) == 1319 and not report.skipped
     mmlu, _ = load_mmlu(path=str(shared_data / "mmlu" / "test.jsonl"), limit=500)
     assert len(mmlu) == 500 and all(e.answer in "ABCD" for e in mmlu)
+
+
+def test_mmlu_offline_names_the_setting_that_gives_it_and_that_advice_works(monkeypatch, tmp_path):
+    from pocket_teacher.experiment import configure, load_data
+    from pocket_teacher.hub import HubUnavailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))  # nothing cached
+    with pytest.raises(HubUnavailableError, match=r"Set eval\.mmlu_source to a local JSONL .* or "
+                                                  r"eval\.mmlu_source=null to skip MMLU") as error:
+        load_data(configure("tiny", ["eval.mmlu_source=hub"]), verbose=False)
+    assert "data.train_path" not in str(error.value)
+    assert load_data(configure("tiny", ["eval.mmlu_source=null"]), verbose=False).mmlu is None

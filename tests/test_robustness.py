@@ -198,6 +198,8 @@ def test_a_dead_student_is_reported(tmp_path):
     assert "gradient norm was 0" in collapse_reason(history, 1000)
     assert "no better than guessing uniformly" in collapse_reason([{"grad_norm": 1.0, "eval_ppl": 990.0}], 1000)
     assert collapse_reason([{"grad_norm": 1.0, "eval_ppl": 12.0}] * 5, 1000) is None
+    improving = [{"grad_norm": 1.0, "eval_ppl": 1000.0}, {"grad_norm": 1.0, "eval_ppl": 640.0}]
+    assert collapse_reason(improving, 1024) is None  # a random tiny model learning: not a collapse
     result = train(["train.max_steps=10", "train.warmup_steps=1", "train.batch_size=2", "train.lr=1.0e+6",
                     "train.eval_every=10"], None)
     assert result.collapsed is not None
@@ -319,4 +321,21 @@ def test_results_json_says_when_the_student_collapsed(tmp_path, tiny_teacher, ti
     rows[0]["perplexity"] = 12.0
     out = save_outputs(cfg, tiny_teacher, tiny_tokenizer, rows, TrainResult(history=[{"grad_norm": 1.0}]))
     assert json.loads((out / "results.json").read_text())["collapsed"] is None
+
+
+def test_a_collapse_is_reported_only_without_improvement_and_its_advice_fits_the_cause():
+    from pocket_teacher.config import TrainConfig
+    from pocket_teacher.train import uniform_collapse
+
+    assert uniform_collapse(640.0, 1024, before=1100.0) is None  # stock tiny: worse than 512, better than before
+    message = uniform_collapse(900.0, 1024, before=880.0, tcfg=TrainConfig(max_steps=100, warmup_steps=10, lr=1e-3))
+    assert "no better than before training (lower train.lr (now 0.001))" in message
+    message = uniform_collapse(900.0, 1024, before=880.0, tcfg=TrainConfig(max_steps=8, warmup_steps=8, lr=1e-3))
+    assert "the warm-up (8 steps) lasts the whole run (8 steps)" in message and "lower train.lr" not in message
+
+
+def test_a_warm_up_longer_than_the_run_is_said(capsys):
+    train(["train.max_steps=2", "train.warmup_steps=5", "train.batch_size=2"], None)
+    assert "train.warmup_steps=5 is longer than train.max_steps=2: the learning rate ends at 40% of train.lr; " \
+           "use train.warmup_steps <= 2." in capsys.readouterr().out
 
