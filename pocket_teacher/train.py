@@ -300,8 +300,9 @@ def collapse_advice(tcfg=None) -> str:
     if tcfg is None:
         return "lower train.lr"
     if tcfg.warmup_steps >= tcfg.max_steps:
-        return (f"the warm-up ({tcfg.warmup_steps} steps) lasts the whole run ({tcfg.max_steps} steps), so the learning "
-                f"rate never reached train.lr: shorten train.warmup_steps or raise train.max_steps")
+        until = "until the last step" if tcfg.warmup_steps == tcfg.max_steps else "throughout"
+        return (f"the warm-up ({tcfg.warmup_steps} steps) takes the whole run ({tcfg.max_steps} steps), so the learning "
+                f"rate stayed below train.lr {until}: shorten train.warmup_steps or raise train.max_steps")
     return f"lower train.lr (now {tcfg.lr:g})"
 
 
@@ -311,8 +312,9 @@ def uniform_collapse(ppl: Optional[float], vocab_size: Optional[int], before: Op
     improve (`before`: the same measure before training, when known; a random tiny model starts there)."""
     if ppl is None or not vocab_size or ppl < 0.5 * vocab_size or (before is not None and ppl < before):
         return None
-    return (f"the held-out perplexity {ppl:,.0f} is no better than guessing uniformly over {vocab_size:,} tokens "
-            f"and no better than before training ({collapse_advice(tcfg)})")
+    than = "" if before is None else f" and no better than before training ({before:,.0f})"
+    return (f"the held-out perplexity {ppl:,.0f} is no better than guessing uniformly over {vocab_size:,} "
+            f"tokens{than} ({collapse_advice(tcfg)})")
 
 
 def collapse_reason(history: list[dict], vocab_size: Optional[int], last: int = 5, tcfg=None) -> Optional[str]:

@@ -329,9 +329,9 @@ def test_a_collapse_is_reported_only_without_improvement_and_its_advice_fits_the
 
     assert uniform_collapse(640.0, 1024, before=1100.0) is None  # stock tiny: worse than 512, better than before
     message = uniform_collapse(900.0, 1024, before=880.0, tcfg=TrainConfig(max_steps=100, warmup_steps=10, lr=1e-3))
-    assert "no better than before training (lower train.lr (now 0.001))" in message
+    assert "no better than before training (880) (lower train.lr (now 0.001))" in message
     message = uniform_collapse(900.0, 1024, before=880.0, tcfg=TrainConfig(max_steps=8, warmup_steps=8, lr=1e-3))
-    assert "the warm-up (8 steps) lasts the whole run (8 steps)" in message and "lower train.lr" not in message
+    assert "the warm-up (8 steps) takes the whole run (8 steps)" in message and "lower train.lr" not in message
 
 
 def test_a_warm_up_longer_than_the_run_is_said(capsys):
