@@ -40,6 +40,7 @@ from .students import load_student
 from .teacher_cache import TopKCache, build_topk_cache
 from .train import HeldOut, OpenedStep, Trainer, TrainResult, Vocab, open_step
 
+OPENING_WORDS = 8  # side by side, a free text without a prompt is continued from this many of its first words
 MMLU_FIX = ("Set eval.mmlu_source to a local JSONL of cais/mmlu's schema (question, choices, answer, subject), or "
             "eval.mmlu_source=null to skip MMLU.")
 
@@ -365,6 +366,9 @@ def compare_generations(cfg: Config, models: dict[str, torch.nn.Module], tokeniz
     """Side-by-side answers of each model on the first `eval.side_by_side` held-out questions."""
     examples = splits.eval.examples[:cfg.eval.side_by_side]
     text = bool(examples) and not examples[0].answer  # free text: the models continue the raw prompt
+    if text:  # a text without its own prompt (data.source=text) is continued from its opening words
+        examples = [e if e.question else dataclasses.replace(e, question=" ".join(e.target.split()[:OPENING_WORDS]))
+                    for e in examples]
     prompts = [e.question if text else format_prompt(tokenizer, e.question, cfg.data.system_prompt)
                for e in examples]
     device = resolve_device(cfg.train.device)

@@ -108,6 +108,10 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], settings
     reproducible."""
     g = settings or GenerateConfig()
     temperature, top_p, batch_size = g.temperature, g.top_p, g.batch_size
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:
+        raise ValueError(f"generate: prompts {empty[:5]} are empty; a model continues at least one token of text, "
+                         f"so give each prompt some (free text: its opening words).")
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -183,3 +183,10 @@ def test_the_text_notebook_runs_on_tiny_text(tmp_path):
     assert any("image/png" in o.get("data", {}) for o in bars.outputs)
     results = json.loads((out / "results.json").read_text())["results"]
     assert [r["model"] for r in results] == ["teacher", "student before", "student after", "random init (same shape)"]
+
+
+def test_an_empty_prompt_is_refused_by_name_not_by_an_index_error(tiny_teacher, tiny_tokenizer):
+    from pocket_teacher.generate import generate
+
+    with pytest.raises(ValueError, match=r"prompts \[1\] are empty.*free text: its opening words"):
+        generate(tiny_teacher, tiny_tokenizer, ["Once upon", ""], progress=False)
