@@ -27,6 +27,7 @@ from .plan import GPUS, PlanError, memory_plan
 from .runfolder import RunFolderBusy, run_dir
 from .teacher_cache import CacheError
 from .train import NOTEBOOK_RESUME, TrainingDiverged, TrainingInterrupted
+from .versions import VersionError
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "Pocket_Teacher.ipynb"
 
@@ -114,7 +115,21 @@ def execute_notebook(notebook: str | Path, preset: str, overrides: Sequence[str]
 def user_errors() -> tuple[type, ...]:
     """Exceptions that mean "the input or the machine needs a change", printed as one line without a traceback."""
     return (ConfigError, PlanError, DataError, HubUnavailableError, ModelLoadError, VocabMismatchError, CacheError,
-            CheckpointError, TrainingDiverged, RunFolderBusy, OSError, ValueError, ImportError)
+            CheckpointError, TrainingDiverged, RunFolderBusy, VersionError)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """One of `user_errors`, or a ValueError, OSError or ImportError that this package raised itself (its message
+    names the fix; a full disk or a missing file is an OSError at one of its own lines). The same types raised
+    inside a library are programming errors until shown otherwise: they keep their traceback."""
+    if isinstance(exc, user_errors()):
+        return True
+    if not isinstance(exc, (ValueError, OSError, ImportError)) or exc.__traceback__ is None:
+        return False
+    last = exc.__traceback__
+    while last.tb_next is not None:
+        last = last.tb_next
+    return Path(last.tb_frame.f_code.co_filename).resolve().parent == Path(__file__).resolve().parent
 
 
 @contextlib.contextmanager
@@ -148,7 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if isinstance(exc, TrainingInterrupted):
             print(f"stopped: {exc}", file=sys.stderr)
             return 128 + exc.signum
-        if args.debug or not isinstance(exc, user_errors()):
+        if args.debug or not is_user_error(exc):
             raise
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2

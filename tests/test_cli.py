@@ -98,3 +98,27 @@ def test_the_busy_folder_advice_run_name_is_followed_by_the_cli():
     assert _overrides(args)[-1] == "run.name=other"  # not replaced by the preset's name
     args = _parser().parse_args(["run", "--preset", "tiny"])
     assert _overrides(args)[-1] == "run.name=tiny"
+
+
+def test_one_line_errors_for_the_users_input_a_traceback_for_a_library_failure():
+    import torch
+
+    from pocket_teacher.cli import is_user_error
+    from pocket_teacher.generate import generate
+
+    try:
+        generate(None, None, [""])  # our own check: names the fix
+    except ValueError as exc:
+        assert is_user_error(exc)
+    try:
+        torch.zeros(2).view(3)  # raised inside torch: a programming error, keeps its traceback
+    except RuntimeError as exc:
+        assert not is_user_error(exc)
+    try:
+        torch.nn.functional.cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+    except ValueError as exc:
+        assert not is_user_error(exc)
+    try:
+        open("/no/such/file/anywhere")
+    except OSError as exc:  # raised at a line of this test file, not of the package
+        assert not is_user_error(exc)
