@@ -1,4 +1,4 @@
-# Two commands do all the set-up on a fresh machine (Python 3.10+, no GPU needed):
+# Two commands do all the set-up on a fresh machine (Python 3.11+, no GPU needed):
 #   make demo   install, then execute Pocket_Teacher.ipynb headless on the embedded default (preset pocket)
 #   make test   install, then run the fast test suite (about 1 min on 2 cores)
 # make demo-text: the free-text experiment (Pocket_Teacher_Text.ipynb, preset pocket-text).
@@ -45,16 +45,18 @@ test-gpu: $(STAMP)
 # POCKET_TEACHER_COLAB_CONSTRAINTS makes the tier check that the versions are those (tests/test_colab.py).
 COLAB_HAS := transformers accelerate datasets matplotlib pandas numpy pyyaml tqdm filelock tokenizers huggingface-hub \
 	safetensors ipywidgets ipykernel nbclient nbformat pytest
-$(COLAB_STAMP): requirements.txt constraints-colab.txt tools/colab_install.py
+$(COLAB_STAMP): requirements.txt constraints-colab.txt tools/colab_install.py Makefile
 	$(PYTHON) -m venv $(COLAB_VENV)
 	$(COLAB_PY) -m pip install -q "$(TORCH)"
 	$(COLAB_PY) -m pip install -q $(COLAB_HAS) -c constraints-colab.txt
+	$(COLAB_PY) -m pip freeze --all > $(COLAB_VENV)/colab-before.txt
 	$(COLAB_PY) tools/colab_install.py --lowest
 	touch $(COLAB_STAMP)
 
 test-colab: $(COLAB_STAMP)
 	POCKET_TEACHER_COLAB_CONSTRAINTS=constraints-colab.txt $(COLAB_PY) -m pytest -m "not slow and not gpu"
-	POCKET_TEACHER_COLAB_CONSTRAINTS=constraints-colab.txt $(COLAB_PY) -m pytest -m slow tests/test_colab.py
+	POCKET_TEACHER_COLAB_CONSTRAINTS=constraints-colab.txt POCKET_TEACHER_COLAB_BEFORE=$(COLAB_VENV)/colab-before.txt \
+		$(COLAB_PY) -m pytest -m slow tests/test_colab.py
 
 test-all: $(STAMP)
 	$(PY) -m pytest

@@ -32,8 +32,8 @@ def require(package: str, feature: str) -> str:
     try:
         have = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
-        raise VersionError(f"{feature} needs {package}, which is not installed. Fix: {fix}") from None
+        raise VersionError(f"{feature}: needs {package}, which is not installed. Fix: {fix}") from None
     if Version(have) < Version(floor):
-        raise VersionError(f"{feature} needs {package}>={floor} (the oldest version tested); this environment has "
+        raise VersionError(f"{feature}: needs {package}>={floor} (the oldest version tested); this environment has "
                            f"{have}. Fix: {fix}, then restart the Python process (Colab: Runtime > Restart session).")
     return have

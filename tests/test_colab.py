@@ -152,11 +152,12 @@ def test_the_notebook_install_cell_runs_the_installer_and_never_pip_installs_req
         source = "".join(install["source"])
         assert "tools/colab_install.py" in source, name
         assert "requirements.txt" not in source, name
+        assert 'find_spec(m) is None for m in NEEDED' in source, name  # also where Colab's versions lack ours
 
 
 def test_a_feature_meeting_an_old_package_names_the_fix(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.0.0")
-    with pytest.raises(versions.VersionError, match=r"plots needs matplotlib>=3\.10\.0.*has 3\.0\.0.*"
+    with pytest.raises(versions.VersionError, match=r"plots: needs matplotlib>=3\.10\.0.*has 3\.0\.0.*"
                                                     r"pip install 'matplotlib>=3\.10\.0'"):
         versions.require("matplotlib", "plots")
 
@@ -164,7 +165,8 @@ def test_a_feature_meeting_an_old_package_names_the_fix(monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "version", missing)
-    with pytest.raises(versions.VersionError, match="not installed. Fix: pip install 'gguf>=0.19.0'"):
+    with pytest.raises(versions.VersionError, match="the embedded teacher: needs gguf, which is not installed. "
+                                                    "Fix: pip install 'gguf>=0.19.0'"):
         versions.require("gguf", "the embedded teacher")
 
 
@@ -257,7 +259,7 @@ def test_every_file_compiles_under_python_3_13_and_the_install_cell_plans_there(
     # a bare 3.13 has none of the packages: the installer (its packaging import falls back to pip's) plans them all
     done = subprocess.run([python, "tools/colab_install.py", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "installed  transformers (dry run) (asked: transformers" in done.stdout, done.stdout
+    assert "would install transformers (asked: transformers" in done.stdout, done.stdout
 
 
 def _freeze(python: str) -> str:
@@ -287,6 +289,10 @@ def test_in_colab_the_install_cell_changes_nothing_colab_has_and_the_notebook_ru
     assert not errors
     assert (tmp_path / "tiny" / "results.json").is_file()
     assert _freeze(sys.executable) == before  # nothing installed, upgraded or removed
+    colab_before = os.environ.get("POCKET_TEACHER_COLAB_BEFORE")  # under make test-colab: before the cell first ran
+    if colab_before:
+        kept = set(Path(colab_before).read_text().splitlines())
+        assert not kept - set(before.splitlines()), f"the install cell changed Colab's {kept - set(before.splitlines())}"
 
 
 @pytest.mark.slow
@@ -306,3 +312,18 @@ def test_the_embedded_gguf_is_read_with_its_own_special_tokens(tmp_path, monkeyp
         "<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>")
     assert (tok.eos_token_id, tok.pad_token_id) == (2, 2) and tok.clean_up_tokenization_spaces is False
     assert tok.decode(tok(" a , b . c").input_ids) == " a , b . c"
+
+
+def test_progress_falls_back_to_text_lines_where_widgets_cannot_load(monkeypatch):
+    import tqdm.notebook
+
+    from pocket_teacher import progress
+
+    monkeypatch.setattr(tqdm.notebook, "IProgress", None)  # what tqdm sees without a usable ipywidgets
+    monkeypatch.setattr(progress, "_auto_bar", tqdm.notebook.tqdm)  # as in a Jupyter kernel
+    monkeypatch.setitem(progress._STYLE, "text", False)
+    bar = progress.tqdm(range(2), desc="x", disable=False)
+    assert not isinstance(bar, tqdm.notebook.tqdm) and progress._STYLE["text"]
+    bar.close()
+    progress.text_bars(False)
+

