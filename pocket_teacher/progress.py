@@ -24,11 +24,11 @@ def tqdm(*args, **kwargs):
         kwargs.setdefault("file", sys.stderr)
         kwargs.setdefault("ascii", True)
         return _text_bar(*args, **kwargs)
-    try:
-        return _auto_bar(*args, **kwargs)
-    except ImportError:  # a kernel whose ipywidgets tqdm cannot use ("IProgress not found"): text lines instead
-        text_bars(True)
+    notebook = sys.modules.get("tqdm.notebook")
+    if notebook is not None and _auto_bar is notebook.tqdm and notebook.IProgress is None:
+        text_bars(True)  # a kernel whose ipywidgets tqdm cannot use ("IProgress not found"): text lines instead
         return tqdm(*args, **kwargs)
+    return _auto_bar(*args, **kwargs)
 
 
 tqdm.write = _auto_bar.write
