@@ -36,13 +36,7 @@ installer = _load_tool("colab_install")
 
 
 def _pins(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if "==" in line:
-            name, version = line.split("==", 1)
-            out[canonicalize_name(name)] = version.strip()
-    return out
+    return installer.read_pins(str(path))
 
 
 REQUIREMENTS = installer.read_requirements(str(ROOT / "requirements.txt"))

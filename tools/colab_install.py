@@ -66,6 +66,18 @@ def read_requirements(path: str) -> list[Requirement]:
     return out
 
 
+def read_pins(path: str) -> dict[str, str]:
+    """The ``name==version`` lines of a constraints file, by canonical name (comments and other lines skipped)."""
+    out = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.split("#", 1)[0].strip()
+            if "==" in line:
+                name, version = line.split("==", 1)
+                out[canonicalize_name(name)] = version.strip()
+    return out
+
+
 def colab_pins() -> dict[str, str]:
     """The packages google-colab's own metadata pins exactly (``pandas==2.2.2`` ...), by canonical name."""
     try:

@@ -12,20 +12,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from colab_install import canonicalize_name, read_pins, read_requirements  # tools/ is on sys.path when run
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pins(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if "==" in line:
-            name, version = line.split("==", 1)
-            out[name.lower().replace("_", "-")] = version
-    return out
-
-
-def has_wheel(name: str, version: str, folder: str) -> str:
+def has_wheel(name: str, version: str, root: str) -> str:
+    folder = tempfile.mkdtemp(dir=root)  # one folder per download: the wheel found is this one
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
            "3.13", "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_24_x86_64", "--platform",
            "manylinux_2_28_x86_64", "-d", folder,
@@ -38,9 +31,8 @@ def has_wheel(name: str, version: str, folder: str) -> str:
 
 
 def main() -> None:
-    names = [line.split(">=")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
-    colab, lock = pins(ROOT / "constraints-colab.txt"), pins(ROOT / "constraints.txt")
+    names = [canonicalize_name(r.name) for r in read_requirements(str(ROOT / "requirements.txt"))]
+    colab, lock = read_pins(str(ROOT / "constraints-colab.txt")), read_pins(str(ROOT / "constraints.txt"))
     with tempfile.TemporaryDirectory() as folder:
         for name in names:
             for where, table in (("Colab", colab), ("locked", lock)):
