@@ -65,10 +65,8 @@ class ModelShape:
         return self.kv_heads * self.head_dim
 
     @property
-    def layer_linear_params(self) -> int:
-        q = self.hidden * self.heads * self.head_dim
-        kv = 2 * self.hidden * self.kv_dim
-        return q + kv + q + 3 * self.hidden * self.intermediate
+    def layer_linear_params(self) -> int:  # q and o, k and v, then the MLP's gate, up and down
+        return self.hidden * (2 * self.heads * self.head_dim + 2 * self.kv_dim + 3 * self.intermediate)
 
     @property
     def layer_params(self) -> int:
@@ -93,7 +91,6 @@ def _shape(name, vocab_rows, hidden, intermediate, layers, heads, kv_heads, tied
                       qkv_bias, tokenizer)
 
 
-# Public config.json facts of the presets' models (and their neighbours), so the plan needs no download.
 KNOWN_MODELS: dict[str, ModelShape] = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": _shape("SmolLM2-135M-Instruct", 49152, 576, 1536, 30, 9, 3, True),
     "HuggingFaceTB/SmolLM2-360M-Instruct": _shape("SmolLM2-360M-Instruct", 49152, 960, 2560, 32, 15, 5, True),
@@ -118,14 +115,6 @@ def knob(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = N
     if factory is not None:
         return field(default_factory=factory, metadata={"help": help})
     return field(default=default, metadata={"help": help})
-
-
-def _known_vocab(teacher) -> Optional[int]:
-    """The teacher's vocabulary size when it is known without loading it (tiny, embedded, the plan's table)."""
-    if teacher.source == "tiny":
-        return teacher.tiny.vocab_size
-    shape = KNOWN_MODELS.get(teacher.source)
-    return shape.vocab if shape else None
 
 
 def _fail(path: str, value: Any, fix: str) -> None:
@@ -478,7 +467,8 @@ class Config:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.check()
-        vocab = _known_vocab(self.teacher)
+        shape = KNOWN_MODELS.get(self.teacher.source)  # the vocabulary when known without loading the teacher
+        vocab = self.teacher.tiny.vocab_size if self.teacher.source == "tiny" else shape and shape.vocab
         if vocab is not None and self.teacher_cache.k > vocab:
             _fail("teacher_cache.k", self.teacher_cache.k, f"the teacher's vocabulary has {vocab:,} tokens; keep at "
                   f"most that many (64 holds nearly all of the probability mass).")
@@ -508,7 +498,7 @@ class Config:
     def to_yaml(self, path: str | Path | None = None, comments: bool = True) -> str:
         """The configuration as YAML; with `comments`, each section's purpose and each field's help as ``#``
         comments (what `python -m pocket_teacher config` prints and runs/*/config.yaml holds)."""
-        text = _commented_yaml(self) if comments else yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+        text = _commented_yaml(self) if comments else yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text)
@@ -558,11 +548,6 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-def _scalar(value: Any) -> str:
-    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=1 << 30)
-    return text.removesuffix("\n").removesuffix("\n...").strip()
-
-
 def _commented_yaml(obj: Any, indent: str = "") -> str:
     """YAML of a config dataclass with the section docstrings and field help as comments; it reads back as
     the same configuration (comments are ignored)."""
@@ -574,16 +559,10 @@ def _commented_yaml(obj: Any, indent: str = "") -> str:
             lines += [f"{indent}{f.name}:  # {doc}", _commented_yaml(value, indent + "  ").rstrip("\n")]
         else:
             help_ = f.metadata.get("help", "")
-            lines.append(f"{indent}{f.name}: {_scalar(value)}" + (f"  # {help_}" if help_ else ""))
+            text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30)  # safe_dump writes tuples as lists
+            text = text.removesuffix("\n").removesuffix("\n...").strip()
+            lines.append(f"{indent}{f.name}: {text}" + (f"  # {help_}" if help_ else ""))
     return "\n".join(lines) + "\n"
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def _coerce(path: str, value: Any, tp: Any) -> Any:
@@ -645,14 +624,14 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
     changed: dict[str, Any] = {}
     for key, value in items:
         head, *rest = key.split(".")
-        if head not in {f.name for f in dataclasses.fields(Config)}:
-            raise _unknown_key("", head, Config)
-        changed[head] = _replaced(changed.get(head, getattr(cfg, head)), Config, head, rest, value, key)
+        changed[head] = _replaced(changed.get(head, getattr(cfg, head, None)), Config, head, rest, value, key)
     return dataclasses.replace(cfg, **changed)
 
 
 def _replaced(current: Any, owner: type, name: str, rest: list[str], value: Any, key: str, path: str = "") -> Any:
     """The new value of field `name` of `owner` (now `current`) with `value` set at the dotted path `rest`."""
+    if name not in {f.name for f in dataclasses.fields(owner)}:
+        raise _unknown_key(path, name, owner)
     tp = typing.get_type_hints(owner)[name]
     if not rest:
         if dataclasses.is_dataclass(tp):
@@ -660,9 +639,7 @@ def _replaced(current: Any, owner: type, name: str, rest: list[str], value: Any,
         return _coerce(path + name, value, tp)
     if not dataclasses.is_dataclass(tp):
         raise ConfigError(f"{path}{name} is a value, not a section: cannot set {key}.")
-    if rest[0] not in {f.name for f in dataclasses.fields(tp)}:
-        raise _unknown_key(f"{path}{name}.", rest[0], tp)
-    inner = _replaced(getattr(current, rest[0]), tp, rest[0], rest[1:], value, key, f"{path}{name}.")
+    inner = _replaced(getattr(current, rest[0], None), tp, rest[0], rest[1:], value, key, f"{path}{name}.")
     return dataclasses.replace(current, **{rest[0]: inner})
 
 
@@ -687,7 +664,6 @@ def _pocket() -> Config:
         teacher=TeacherConfig(source="embedded"),
         student=StudentConfig(source="derive", num_layers=10),
         data=DataConfig(source="gsm_symbolic", train_size=600, eval_size=64, max_length=256),
-        loss=LossConfig(alpha=0.5, temperature=2.0),
         train=TrainConfig(max_steps=100, batch_size=4, lr=1e-3, warmup_steps=10, checkpoint_every=50, eval_every=25),
         eval=EvalConfig(batch_size=16, generate_samples=32, max_new_tokens=192, side_by_side=3, baseline=True,
                         on_policy_preview=8),
@@ -702,7 +678,6 @@ def _tiny() -> Config:
         teacher=TeacherConfig(source="tiny"),
         student=StudentConfig(source="derive", num_layers=2),
         data=DataConfig(source="gsm_symbolic", train_size=64, eval_size=8, max_length=384),
-        loss=LossConfig(alpha=0.5, temperature=2.0),
         train=TrainConfig(max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2),
         generate=GenerateConfig(max_new_tokens=16),
         eval=EvalConfig(batch_size=8, generate_samples=4, max_new_tokens=16, side_by_side=2, baseline=True,
@@ -720,7 +695,6 @@ def _pocket_text() -> Config:
                               intermediate_size=1024, init="prune", layer_selection="importance"),
         data=DataConfig(source="teacher_text", train_size=450, eval_size=50, max_length=160),
         generate=GenerateConfig(num_samples=500, max_new_tokens=96, batch_size=64, temperature=0.8, top_p=0.95),
-        loss=LossConfig(alpha=0.5, temperature=2.0),
         teacher_cache=TeacherCacheConfig(use=True, batch_size=16),
         train=TrainConfig(max_steps=120, batch_size=8, lr=1e-3, warmup_steps=10),
         eval=EvalConfig(batch_size=16, generate_samples=0, max_new_tokens=64, side_by_side=3, baseline=True,
@@ -739,7 +713,6 @@ def _tiny_text() -> Config:
                               calibration_rows=16),
         data=DataConfig(source="teacher_text", train_size=64, eval_size=4, max_length=96),
         generate=GenerateConfig(num_samples=24, max_new_tokens=24, temperature=0.8, top_p=0.95),
-        loss=LossConfig(alpha=0.5, temperature=2.0),
         train=TrainConfig(max_steps=6, batch_size=4, lr=3e-3, warmup_steps=1),
         eval=EvalConfig(batch_size=8, generate_samples=0, max_new_tokens=12, side_by_side=2, baseline=True),
         run=RunConfig(name="tiny-text"),
@@ -756,7 +729,6 @@ def _t4() -> Config:
         teacher=TeacherConfig(source="Qwen/Qwen2.5-1.5B-Instruct", precision="8bit"),
         student=StudentConfig(source="Qwen/Qwen2.5-0.5B-Instruct"),
         data=DataConfig(source="gsm8k", train_size=7473, eval_size=256, max_length=512),
-        loss=LossConfig(alpha=0.5, temperature=2.0),
         train=TrainConfig(max_steps=500, batch_size=4, grad_accum=4, lr=2e-5, warmup_steps=25, device="cuda",
                           gradient_checkpointing=True, optimizer="adamw_8bit", checkpoint_every=100),
         eval=EvalConfig(batch_size=32, generate_samples=256, max_new_tokens=320),
@@ -771,7 +743,6 @@ def _a100() -> Config:
         teacher=TeacherConfig(source="Qwen/Qwen2.5-7B-Instruct", precision="8bit"),
         student=StudentConfig(source="Qwen/Qwen2.5-1.5B-Instruct"),
         data=DataConfig(source="gsm8k", train_size=7473, eval_size=1319, max_length=768),
-        loss=LossConfig(alpha=0.5, temperature=2.0),
         train=TrainConfig(max_steps=1000, batch_size=8, grad_accum=4, lr=1e-5, warmup_steps=50, device="cuda",
                           gradient_checkpointing=True, optimizer="adamw_8bit", checkpoint_every=100),
         eval=EvalConfig(batch_size=64, generate_samples=1319, max_new_tokens=384),
