@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 from .batches import auto_chunk_size
 from .config import KNOWN_MODELS, ModelShape, apply_overrides
 from .files import proc_value
@@ -35,9 +37,6 @@ MiB = 1 << 20
 
 class PlanError(ValueError):
     """The plan cannot be made as asked (unknown GPU, unknown model shape); the message says what to give."""
-
-
-# -- model shapes (ModelShape and KNOWN_MODELS, the presets' models, live in config) ---------------------------
 
 
 def shape_from_config(config: dict, name: str) -> ModelShape:
@@ -124,17 +123,11 @@ def host_ram() -> Optional[int]:
 
 def this_machine() -> Device:
     """The GPU PyTorch sees (device 0), or the CPU."""
-    import torch
-
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         cap = (props.major, props.minor)
         return Device(props.name, props.total_memory, cap, host_ram(), 312 if cap >= (8, 0) else 65, "this machine")
-    return _cpu_device()
-
-
-def _cpu_device() -> Device:
-    return Device(f"CPU ({os.cpu_count()} cores)", None, None, host_ram(), 0.2, "this machine")
+    return get_device("cpu")
 
 
 def get_device(name: Optional[str], host_gb: Optional[float] = None) -> Device:
@@ -142,7 +135,7 @@ def get_device(name: Optional[str], host_gb: Optional[float] = None) -> Device:
     if name is None:
         device = this_machine()
     elif name == "cpu":
-        device = _cpu_device()
+        device = Device(f"CPU ({os.cpu_count()} cores)", None, None, host_ram(), 0.2, "this machine")
     elif name in GPUS:
         device = GPUS[name]
     else:
@@ -431,16 +424,12 @@ def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
     step_seconds = _step_seconds(tr, teacher, student, device, tr.batch_size * tr.grad_accum * mean_len, live)
     settings = {"teacher_precision": r["teacher_precision"], "mixed_precision": r["mixed_precision"],
                 "chunk": chunk, "train_tokens": train_tokens, "eval_tokens": eval_tokens,
-                **_lengths_setting(cfg, lengths, train_len)}
+                "checkpointing": tr.gradient_checkpointing, "optimizer": tr.optimizer,
+                "lengths": (f"longest row {train_len} tokens of {len(lengths)}" if lengths
+                            else f"worst case: every row at data.max_length={cfg.data.max_length}")}
     emulated = device.cuda and r["mixed_precision"] == "bf16" and (device.capability or (0, 0)) < (8, 0)
     notes = ["bf16 is emulated on this GPU (no bf16 tensor cores): use fp16 or auto"] if emulated else []
     return MemoryPlan(device, teacher, student, stages, settings, step_seconds, notes=notes)
-
-
-def _lengths_setting(cfg, lengths, train_len: int) -> dict:
-    return {"checkpointing": cfg.train.gradient_checkpointing, "optimizer": cfg.train.optimizer,
-            "lengths": (f"longest row {train_len} tokens of {len(lengths)}" if lengths
-                        else f"worst case: every row at data.max_length={cfg.data.max_length}")}
 
 
 def _one_memory(stages: list[Stage], teacher_bytes: int, student_bytes: int) -> None:
@@ -461,8 +450,9 @@ def _step_seconds(tr, teacher: ModelShape, student: ModelShape, device: Device, 
     return flops / (device.tflops * 1e12 * (MFU if device.cuda else 1.0))
 
 
-# Knobs tried in order, each kept once it helps: they trade speed for memory, cheapest first.
-def _candidate_fixes(cfg, device: Device) -> list[list[str]]:
+def _search_fixes(cfg, device: Device, lengths: tuple) -> list[str]:
+    """What would make `cfg` fit: knobs tried in order, each kept once it helps (speed traded for memory, cheapest
+    first), then the student size that fits beside the rest."""
     tr = cfg.train
     steps = []
     if not tr.gradient_checkpointing:
@@ -481,13 +471,9 @@ def _candidate_fixes(cfg, device: Device) -> list[list[str]]:
         steps.append([f"train.batch_size={b}", f"train.grad_accum={tr.grad_accum * tr.batch_size // b}",
                       f"eval.batch_size={max(1, cfg.eval.batch_size * b // tr.batch_size)}",
                       f"teacher_cache.batch_size={max(1, cfg.teacher_cache.batch_size * b // tr.batch_size)}"])
-    return steps
-
-
-def _search_fixes(cfg, device: Device, lengths: tuple) -> list[str]:
     chosen: list[str] = []
     current = _plan(cfg, device, lengths)
-    for step in _candidate_fixes(cfg, device):
+    for step in steps:
         after = _plan(apply_overrides(cfg, chosen + step), device, lengths)
         if _overflow(after) < _overflow(current):
             chosen = [c for c in chosen if c.split("=")[0] not in {s.split("=")[0] for s in step}] + step
@@ -496,15 +482,11 @@ def _search_fixes(cfg, device: Device, lengths: tuple) -> list[str]:
                 return chosen
     training = next(s for s in current.stages if s.name == "training")
     limit = current.device_limit if device.cuda else device.host
-    per_param = _per_param_bytes(cfg, chosen)
+    optimizer = next((c.split("=")[1] for c in chosen if c.startswith("train.optimizer=")), tr.optimizer)
+    per_param = 4 + 4 + (8 if optimizer == "adamw" else 2)  # fp32 weights, gradients, optimizer states
     fixed = (training.device_peak if device.cuda else training.host_peak) - per_param * current.student.params
     room = max(0, (limit or 0) - fixed) // max(1, per_param)
     return chosen + [f"a smaller student: about {room / 1e6:,.0f}M parameters or fewer fit beside the rest"]
-
-
-def _per_param_bytes(cfg, chosen: list[str]) -> int:
-    optimizer = next((c.split("=")[1] for c in chosen if c.startswith("train.optimizer=")), cfg.train.optimizer)
-    return 4 + 4 + (8 if optimizer == "adamw" else 2)
 
 
 def _overflow(plan: MemoryPlan) -> int:
