@@ -244,8 +244,15 @@ class _BadJson(str):
 _HUB_FIX = "Pass a local JSONL of the same schema (data.train_path / data.eval_path) or use data.source=gsm_symbolic."
 
 
-def _hub_rows(repo: str, config: str, split: str, fix: str = _HUB_FIX) -> Iterator[tuple[str, Any]]:
+def _rows(path: Optional[str], repo: str, config: str, split: str,
+          fix: str = _HUB_FIX) -> tuple[Iterator[tuple[str, Any]], str]:
+    """Rows from a local JSONL, or from the Hub (offline mode: the datasets cache only; else a fast probe first);
+    `fix` names the settings that give a local file instead."""
+    if path:
+        return read_jsonl(path), f"local file {path}"
     name = f"Dataset {repo} ({config}, {split})"
+    if not hub_offline():
+        require_hub(name, fix)
     require("datasets", f"loading {name}")
     import datasets
 
@@ -255,19 +262,7 @@ def _hub_rows(repo: str, config: str, split: str, fix: str = _HUB_FIX) -> Iterat
         if hub_offline():  # offline mode and not in the datasets cache
             raise HubUnavailableError(f"{name} is not in the local cache and offline mode is on. {fix}") from exc
         raise DataError(f"Could not load {name} from the Hub: {exc}. {fix}") from exc
-    for index, row in enumerate(ds):
-        yield f"{repo}[{split}]#{index}", row
-
-
-def _rows(path: Optional[str], repo: str, config: str, split: str,
-          fix: str = _HUB_FIX) -> tuple[Iterator[tuple[str, Any]], str]:
-    """Rows from a local JSONL, or from the Hub (offline mode: the datasets cache only; else a fast probe first);
-    `fix` names the settings that give a local file instead."""
-    if path:
-        return read_jsonl(path), f"local file {path}"
-    if not hub_offline():
-        require_hub(f"Dataset {repo} ({config}, {split})", fix)
-    return _hub_rows(repo, config, split, fix), f"Hub dataset {repo} ({config}, {split})"
+    return ((f"{repo}[{split}]#{i}", row) for i, row in enumerate(ds)), f"Hub dataset {repo} ({config}, {split})"
 
 
 def load_gsm8k(split: str = "test", path: Optional[str] = None, limit: Optional[int] = None,
@@ -355,8 +350,14 @@ def read_text_rows(path: str, column: str = "text", bad_rows: str = "error",
         return out
     if p.suffix == ".jsonl" or p.exists():
         rows = read_jsonl(p)
-    else:
-        rows = _hub_text_rows(path)
+    else:  # a Hub dataset id: its train split
+        dataset, _, config = path.partition(":")
+        require_hub(f"the text dataset {dataset!r}", "give data.train_path as a local .txt or .jsonl file instead")
+        require("datasets", f"loading the text dataset {dataset!r}")
+        import datasets
+
+        data = datasets.load_dataset(dataset, config or None, split="train")
+        rows = ((f"{path}#{i}", dict(row)) for i, row in enumerate(data))
 
     def make(row: dict, where: str) -> Example:
         value = row.get(column)
@@ -367,16 +368,6 @@ def read_text_rows(path: str, column: str = "text", bad_rows: str = "error",
             raise DataError(f"{where}: field {column!r} is empty.")
         return text_example(value.strip(), where)
     return _validated(rows, make, report, bad_rows, None)
-
-
-def _hub_text_rows(name: str):
-    dataset, _, config = name.partition(":")
-    require_hub(f"the text dataset {dataset!r}", "give data.train_path as a local .txt or .jsonl file instead")
-    require("datasets", f"loading the text dataset {dataset!r}")
-    from datasets import load_dataset
-
-    data = load_dataset(dataset, config or None, split="train")
-    return ((f"{name}#{i}", dict(row)) for i, row in enumerate(data))
 
 
 def load_examples(data_cfg, split: str) -> tuple[list[Example], LoadReport]:
