@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .batches import answer_batches, answer_logit_chunks, answer_logits
+from .batches import answer_batches, answer_logit_chunks, answer_logits, length_batches
 from .config import GenerateConfig, LossConfig
 from .data import (IGNORE_INDEX, MMLU_LETTERS, Example, LoadReport, PaddingCollator, TokenizedSplit, answers_match,
                    extract_gsm8k_answer, format_prompt)
@@ -206,12 +206,11 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example
             match = lm_eval_gsm8k_match(output, example.reference or example.target)
             rows[-1].update(strict_match=match["strict"], flexible_extract=match["flexible"])
     correct = sum(r["correct"] for r in rows)
-    low, high = wilson_interval(correct, len(rows))
     extra = {key: sum(r[key] for r in rows) / max(len(rows), 1) for key in ("strict_match", "flexible_extract")
              if lm_eval}
-    return {"accuracy": correct / max(len(rows), 1), "correct": correct, "total": len(rows), "ci95": (low, high),
-            "seconds": seconds, "rows": rows, "decoding": "greedy", "fewshot": fewshot, **extra,
-            "overridden": overridden_generation_settings(model)}
+    return {"accuracy": correct / max(len(rows), 1), "correct": correct, "total": len(rows),
+            "ci95": wilson_interval(correct, len(rows)), "seconds": seconds, "rows": rows, "decoding": "greedy",
+            "fewshot": fewshot, **extra, "overridden": overridden_generation_settings(model)}
 
 
 # -- MMLU: letter scoring -----------------------------------------------------------------------------------
@@ -297,11 +296,10 @@ def mmlu_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example]
         encoded.append(ids[-max_length:])
     model.eval()
     start = time.perf_counter()
-    order = sorted(range(len(chosen)), key=lambda i: len(encoded[i]))
     scores = [None] * len(chosen)
     collate = PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, "right")
-    for lo in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        index = order[lo:lo + batch_size]
+    batches = length_batches([len(ids) for ids in encoded], batch_size)  # similar lengths together: little padding
+    for index in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = collate([{"input_ids": encoded[i]} for i in index])
         mask = batch["attention_mask"]
         select = torch.zeros_like(mask, dtype=torch.bool)

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
-from .batches import AnswerBatch
+from .batches import AnswerBatch, length_batches
 from .config import GenerateConfig
 from .data import (DataError, Example, PaddingCollator, answers_match, extract_gsm8k_answer, format_prompt,
                    text_example)
@@ -107,27 +107,25 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], settings
     state seeded by `seed` and the batch's first prompt index (the global RNG is left as it was), so a run is
     reproducible."""
     g = settings or GenerateConfig()
-    temperature, top_p, batch_size = g.temperature, g.top_p, g.batch_size
     empty = [i for i, p in enumerate(prompts) if not p]
     if empty:
         raise ValueError(f"generate: prompts {empty[:5]} are empty; a model continues at least one token of text, "
                          f"so give each prompt some (free text: its opening words).")
     model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[Optional[str]] = [None] * len(prompts)
     # Sampling: temperature and nucleus filtering by NucleusSampling (the same distribution as transformers' warpers,
     # a third faster on CPU), so the generation config itself leaves the logits alone.
-    sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0} if temperature > 0 else {}
-    processors = [NucleusSampling(temperature, top_p)] if temperature > 0 else []
+    sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0} if g.temperature > 0 else {}
+    processors = [NucleusSampling(g.temperature, g.top_p)] if g.temperature > 0 else []
     config = GenerationConfig(**{**GREEDY, **sampling}, max_new_tokens=g.max_new_tokens,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                               **({"stop_strings": list(stop)} if stop else {}))
+    batches = length_batches([len(p) for p in prompts], g.batch_size)  # similar lengths together: little padding
     saved_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-            index = order[start:start + batch_size]
+        for index in tqdm(batches, desc=desc, disable=not progress, leave=False):
             enc = tokenizer([prompts[i] for i in index], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -293,9 +291,8 @@ def generate_texts(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str], 
     settings, and reused on a match. Empty texts are dropped and counted in the report. Each Example's question is
     its prompt and its target the continuation (trained on as one text)."""
     g, stops = settings, default_stop(tokenizer, settings.stop)
-    num_samples = g.num_samples
     parts = {"format": FORMAT, "teacher": {"weights": model_digest(teacher), **(teacher_key or {})},
-             "prompts": digest(*(p.encode() for p in prompts)), "num_samples": num_samples,
+             "prompts": digest(*(p.encode() for p in prompts)), "num_samples": g.num_samples,
              "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p, "stop": stops,
              "seed": g.seed}
     if g.temperature > 0:  # each batch samples from its own seeded generator: the batching shapes the texts
@@ -303,12 +300,12 @@ def generate_texts(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str], 
     path = Path(root) / f"texts-{fingerprint(parts)}.jsonl"
     start, status = time.perf_counter(), "reused"
     rows = _read_rows(path, ("prompt", "text"), "teacher texts")
-    if rows is not None and len(rows) != num_samples:
-        print(f"teacher texts: {path} holds {len(rows)} texts, not {num_samples}; writing them again")
+    if rows is not None and len(rows) != g.num_samples:
+        print(f"teacher texts: {path} holds {len(rows)} texts, not {g.num_samples}; writing them again")
         rows = None
     if rows is None:
         status = "generated"
-        chosen = [prompts[i % len(prompts)] for i in range(num_samples)]
+        chosen = [prompts[i % len(prompts)] for i in range(g.num_samples)]
         outputs = generate(teacher, tokenizer, chosen, settings, stop=stops, desc="teacher texts", progress=progress)
         rows = [{"prompt": p, "text": o} for p, o in zip(chosen, outputs)]
         _write_rows(path, rows)
