@@ -88,15 +88,6 @@ def select_layers(scores: Sequence[float], keep: int) -> list[int]:
     return sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[:keep])
 
 
-def _parts(layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    needed = ("q_proj", "k_proj", "v_proj", "o_proj")
-    if attn is None or mlp is None or not all(hasattr(attn, n) for n in needed) or not hasattr(mlp, "down_proj"):
-        raise ModelLoadError(f"student.init=prune reads Llama-style layers (self_attn.q/k/v/o_proj, mlp.gate/up/"
-                             f"down_proj); {type(layer).__name__} has another layout. Use student.init=random.")
-    return attn, mlp
-
-
 @torch.no_grad()
 def activation_importance(model: torch.nn.Module, batches: Sequence[dict]) -> dict:
     """Minitron's activation-based importance on calibration tokens: "embedding" (hidden,) mean |x| of each
@@ -116,7 +107,11 @@ def activation_importance(model: torch.nn.Module, batches: Sequence[dict]) -> di
 
     handles = []
     for i, layer in enumerate(layers):
-        attn, mlp = _parts(layer)
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        needed = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if attn is None or mlp is None or not all(hasattr(attn, n) for n in needed) or not hasattr(mlp, "down_proj"):
+            raise ModelLoadError(f"student.init=prune reads Llama-style layers (self_attn.q/k/v/o_proj, mlp.gate/up/"
+                                 f"down_proj); {type(layer).__name__} has another layout. Use student.init=random.")
         handles += [mlp.down_proj.register_forward_pre_hook(functools.partial(record, "mlp", i)),
                     attn.o_proj.register_forward_pre_hook(functools.partial(record, "heads", i))]
     tokens = 0
