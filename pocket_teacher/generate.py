@@ -52,9 +52,7 @@ def overridden_generation_settings(model: torch.nn.Module) -> dict:
         value = getattr(config, key, None)
         sampling_only = key in ("temperature", "top_p", "top_k", "min_p", "typical_p")
         if value is not None and value != neutral and not (sampling_only and not config.do_sample):
-            out[key] = value
-    if getattr(config, "do_sample", False):
-        out["do_sample"] = True
+            out[key] = value  # do_sample=True included: its neutral value is False
     return out
 
 
