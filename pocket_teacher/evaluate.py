@@ -76,8 +76,7 @@ def perplexity(model: torch.nn.Module, split: TokenizedSplit, *, pad_token_id: i
     size V on the host); batches hold at most `batch_size` rows and, on a GPU, what its free memory allows.
     Returns {"perplexity", "nll", "tokens"}; with `per_row`, also "row_nll" and "row_tokens": each row's summed
     NLL and answer-token count, in split order (for paired comparisons of two models on the same items); with a
-    `teacher`, also "kd": the mean per-token distillation term (T^2 * D, as in training) on the same tokens.
-    """
+    `teacher`, also "kd": the mean per-token distillation term (T^2 * D, as in training) on the same tokens."""
     model.eval()
     device = _device(model)
     total_nll = torch.zeros((), dtype=torch.float64, device=device)
@@ -179,8 +178,7 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example
     protocol, `num_fewshot` rows drawn from `shots` (the training pool) with seed 1234, plain text, its stop
     strings; the rows and the result then also carry lm-eval's strict-match and flexible-extract scores.
     Returns {"accuracy", "correct", "total", "ci95", "seconds", "rows"} (+ "strict_match", "flexible_extract");
-    each row holds the question, the model's output, the extracted number and the gold one.
-    """
+    each row holds the question, the model's output, the extracted number and the gold one."""
     lm_eval = fewshot == "lm_eval"
     if fewshot not in ("first", "lm_eval"):
         raise ValueError(f"fewshot={fewshot!r}: use 'first' or 'lm_eval'.")
@@ -219,8 +217,7 @@ def mmlu_prompt(example: Example, shots: Sequence[Example] = ()) -> str:
     """The standard MMLU prompt (Hendrycks et al.): a subject header, k solved questions, the question.
 
     ``The following are multiple choice questions (with answers) about <subject>.`` then, per
-    question, the stem, the choices as ``A. ...`` lines and ``Answer:`` (followed by `` X`` for shots).
-    """
+    question, the stem, the choices as ``A. ...`` lines and ``Answer:`` (followed by `` X`` for shots)."""
     def block(e: Example) -> str:
         return "\n".join([e.stem] + [f"{MMLU_LETTERS[i]}. {c}" for i, c in enumerate(e.choices)]) + "\nAnswer:"
 
@@ -280,8 +277,7 @@ def mmlu_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example]
     Returns {"accuracy" (micro), "macro" (mean over subjects), "correct", "total", "ci95",
     "per_subject": {subject: {"correct", "total", "accuracy", "ci95"}}, "rows", "seconds",
     "predicted_letters" ({letter: count}), "favourite_letter" (the one predicted most) and
-    "favourite_letter_accuracy" (what always answering it would score: the letter-bias floor), ...}.
-    """
+    "favourite_letter_accuracy" (what always answering it would score: the letter-bias floor), ...}."""
     chosen = list(examples)
     pool = _by_subject(shot_pool if shot_pool is not None else examples)
     letters = torch.tensor(letter_token_ids(tokenizer))
@@ -413,8 +409,7 @@ def agreement(teacher: torch.nn.Module, student: torch.nn.Module, split: Tokeniz
 
     Both models run on their own devices; their logits meet on the student's a chunk of tokens at a time, so neither
     (N, V) logits nor anything of size V reach the host. Returns {"top1_agreement": share of answer positions where both
-    models' most likely next token is the same, "kl": mean KL(teacher || student) at T = 1 in nats/token, "tokens"}.
-    """
+    models' most likely next token is the same, "kl": mean KL(teacher || student) at T = 1 in nats/token, "tokens"}."""
     t_dev, s_dev = _device(teacher), _device(student)
     teacher.eval()
     student.eval()
@@ -489,8 +484,7 @@ def efficiency(model: torch.nn.Module, tokenizer, prompt: str = "Question: What 
     Greedy generation of exactly `new_tokens` tokens (EOS ignored) after `prompt`, at each batch size;
     the best of `repeats` timed runs after one warm-up. Reports parameters (total and without the
     input embeddings), size on disk, weights in memory, the peak memory of the batch-16 generation
-    above the weights, latency per generated token at batch 1 and tokens/s at each batch size.
-    """
+    above the weights, latency per generated token at batch 1 and tokens/s at each batch size."""
     device = _device(model)
     model.eval()
     embed = model.get_input_embeddings().weight.numel() if model.get_input_embeddings() is not None else 0
@@ -526,8 +520,7 @@ def evaluate_model(label: str, model: torch.nn.Module, tokenizer, eval_split: To
 
     What runs follows `eval_cfg` (generate_samples, agreement, efficiency) and the inputs given
     (`mmlu_examples`, `teacher`). Per-question rows are kept under "generations" and "mmlu_rows"
-    (left out of the table, saved by the pipeline).
-    """
+    (left out of the table, saved by the pipeline)."""
     ppl = perplexity(model, eval_split, pad_token_id=tokenizer.pad_token_id, batch_size=eval_cfg.batch_size,
                      vocab_size=len(tokenizer), desc=f"{label}: perplexity", progress=progress)
     row = {"model": label, "parameters": count_parameters(model), "perplexity": ppl["perplexity"],

@@ -154,8 +154,7 @@ class GenerationReport:
 
     def __str__(self) -> str:
         why = ", ".join(f"{n} {r}" for r, n in self.rejected.items()) or "none"
-        return (f"{self.what} {self.status}: kept {self.kept} of {self.rows} (rejected: {why}) "
-                f"in {self.path}")
+        return f"{self.what} {self.status}: kept {self.kept} of {self.rows} (rejected: {why}) in {self.path}"
 
 
 def _read_rows(path: Path, fields: Sequence[str], what: str) -> Optional[list[dict]]:

@@ -166,8 +166,7 @@ def config_student(teacher: torch.nn.Module, shape: dict, init: str = "random", 
         if getattr(teacher, "is_loaded_in_8bit", False) or getattr(teacher, "is_loaded_in_4bit", False):
             raise ModelLoadError("student.init=prune needs the teacher's dense weights; load the teacher in bf16/fp32.")
         if batches is None:
-            raise ModelLoadError("student.init=prune needs calibration batches (calibration_batches of training "
-                                 "text).")
+            raise ModelLoadError("student.init=prune needs calibration batches (calibration_batches of training text).")
         check_prunable(teacher.config, config)
         keep_layers = (select_layers(block_influence(teacher, batches), config.num_hidden_layers)
                        if layer_selection == "importance"
