@@ -516,11 +516,10 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int, o
         feature = encode_example(tokenizer, example, system_prompt)
         n = len(feature["input_ids"])
         if n > max_length:
-            prompt_len = sum(1 for t in feature["labels"] if t == IGNORE_INDEX)
             if overlong == "error":
                 raise DataError(f"{example.where}: {n} tokens is longer than data.max_length={max_length}. "
                                 f"Raise data.max_length, or set data.overlong=skip or truncate.")
-            if overlong == "truncate" and prompt_len < max_length - 1:
+            if overlong == "truncate" and feature["labels"].count(IGNORE_INDEX) < max_length - 1:  # the prompt fits
                 feature = {k: v[:max_length] for k, v in feature.items()}
                 report.skip(f"truncated to {max_length} tokens (kept)")
             else:

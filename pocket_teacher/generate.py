@@ -247,8 +247,7 @@ def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Exa
             rejected[reason] = rejected.get(reason, 0) + 1
             continue
         kept.append(replace(e, target=answer, where=f"{e.where} (teacher answer)"))
-    report = GenerationReport(str(path), status, len(examples), len(kept), rejected, time.perf_counter() - start)
-    return kept, report
+    return kept, GenerationReport(str(path), status, len(examples), len(kept), rejected, time.perf_counter() - start)
 
 
 # -- free text the teacher writes ------------------------------------------------------------------------------------
@@ -309,9 +308,8 @@ def generate_texts(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str], 
     kept = [text_example(" " + r["text"], f"{path.name}:{i + 1}", prompt=r["prompt"])
             for i, r in enumerate(rows) if r["text"].strip()]
     rejected = {"empty text": len(rows) - len(kept)} if len(kept) < len(rows) else {}
-    report = GenerationReport(str(path), status, len(rows), len(kept), rejected, time.perf_counter() - start,
-                              what="teacher texts")
-    return kept, report
+    return kept, GenerationReport(str(path), status, len(rows), len(kept), rejected, time.perf_counter() - start,
+                                  what="teacher texts")
 
 
 # -- on-policy distillation: the student's own answers ------------------------------------------------------------

@@ -59,8 +59,7 @@ def model_shape(source: str, revision: Optional[str] = None, tiny=None) -> Model
         t = tiny
         return ModelShape("tiny-llama", t.vocab_size, t.hidden_size, t.intermediate_size, t.num_layers, t.num_heads,
                           t.num_kv_heads, t.hidden_size // t.num_heads, True)
-    base = source.removesuffix("-Instruct")
-    for key in (source, base + "-Instruct"):
+    for key in (source, source.removesuffix("-Instruct") + "-Instruct"):
         if key in KNOWN_MODELS:
             return KNOWN_MODELS[key] if key == source else dataclasses.replace(KNOWN_MODELS[key], name=source)
     path = Path(source).expanduser()
@@ -321,7 +320,7 @@ def memory_plan(cfg, gpu: Optional[str] = None, *, host_gb: Optional[float] = No
     and `suggest` is set, the knobs that would make it fit are searched and listed in `fixes`."""
     device = device or get_device(gpu, host_gb)
     lengths = (lengths, eval_lengths, prompt_lengths)
-    plan = _plan(cfg, device, lengths)
+    plan = _plan(cfg, device, *lengths)
     if suggest and not plan.fits:
         plan.fixes = _search_fixes(cfg, device, lengths)
     return plan
@@ -350,8 +349,7 @@ def _shapes(cfg) -> tuple[ModelShape, ModelShape]:
     return teacher, student
 
 
-def _plan(cfg, device: Device, all_lengths: tuple) -> MemoryPlan:
-    lengths, eval_lengths, prompt_lengths = all_lengths
+def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryPlan:
     (teacher, student), r = _shapes(cfg), _resolved(cfg, device)
     tr, ev, tc, compute = cfg.train, cfg.eval, cfg.teacher_cache, r["compute"]
     t_bytes = dtype_bytes(r["teacher_precision"]) if r["teacher_precision"] in ("fp32", "bf16", "fp16") else 2
@@ -472,9 +470,9 @@ def _search_fixes(cfg, device: Device, lengths: tuple) -> list[str]:
                       f"eval.batch_size={max(1, cfg.eval.batch_size * b // tr.batch_size)}",
                       f"teacher_cache.batch_size={max(1, cfg.teacher_cache.batch_size * b // tr.batch_size)}"])
     chosen: list[str] = []
-    current = _plan(cfg, device, lengths)
+    current = _plan(cfg, device, *lengths)
     for step in steps:
-        after = _plan(apply_overrides(cfg, chosen + step), device, lengths)
+        after = _plan(apply_overrides(cfg, chosen + step), device, *lengths)
         if _overflow(after) < _overflow(current):
             chosen = [c for c in chosen if c.split("=")[0] not in {s.split("=")[0] for s in step}] + step
             current = after
