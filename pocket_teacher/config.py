@@ -572,8 +572,7 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(path, value, inner[0])
+        return _coerce(path, value, next(a for a in args if a is not type(None)))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             _fail(path, value, f"give a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}.")

@@ -404,8 +404,7 @@ def load_text_split(data_cfg, split: str) -> tuple[list[Example], LoadReport]:
         report.notes.append(f"{'held out' if split == 'eval' else 'kept for training'}: {len(chosen)} of "
                             f"{len(rows)} paragraphs (seeded split, data.train_seed)")
         rows = chosen
-    size = data_cfg.train_size if split == "train" else data_cfg.eval_size
-    rows = rows[:size]
+    rows = rows[:data_cfg.train_size if split == "train" else data_cfg.eval_size]
     report.kept = len(rows)
     return rows, report
 

@@ -327,8 +327,7 @@ class Rollouts:
 def prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor) -> list[int]:
     """Tokens before each row's first label (the prompt), from a right-padded training batch."""
     answer = (labels != -100) & attention_mask.bool()
-    firsts = torch.where(answer.any(1), answer.float().argmax(1), attention_mask.sum(1))
-    return firsts.tolist()
+    return torch.where(answer.any(1), answer.float().argmax(1), attention_mask.sum(1)).tolist()
 
 
 @torch.no_grad()
