@@ -28,7 +28,7 @@ from .config import GenerateConfig, LossConfig
 from .data import (IGNORE_INDEX, MMLU_LETTERS, Example, LoadReport, PaddingCollator, TokenizedSplit, answers_match,
                    extract_gsm8k_answer, format_prompt)
 from .files import proc_value
-from .generate import GREEDY, default_stop, generate, overridden_generation_settings, sample_rollouts
+from .generate import GREEDY, generate, overridden_generation_settings, sample_rollouts
 from .losses import Divergence, TeacherLogits, kl, token_distillation_loss
 from .models import count_parameters, memory_footprint
 from .plan import PlanError, inference_bytes_per_token
@@ -188,7 +188,7 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, examples: Sequence[Example
     else:
         pairs = [(e.question, e.target) for e in shots]
         prompts = [format_prompt(tokenizer, e.question, system_prompt, pairs) for e in examples]
-        stop = default_stop(tokenizer)
+        stop = () if getattr(tokenizer, "chat_template", None) else ("\nQuestion:",)
     start = time.perf_counter()
     settings = settings or GenerateConfig(max_new_tokens=192, batch_size=16)
     if settings.temperature:
