@@ -54,10 +54,9 @@ def results_markdown(rows: Sequence[dict]) -> str:
 
 def side_by_side(examples: Sequence[Example], answers: dict[str, Sequence[str]]):
     """A DataFrame with each question, its gold answer, and each model's answer."""
-    data = {"question": [e.question for e in examples], "gold": [e.answer for e in examples]}
-    data.update({name: list(texts) for name, texts in answers.items()})
     require("pandas", "the side-by-side table")
-    return pd.DataFrame(data)
+    return pd.DataFrame({"question": [e.question for e in examples], "gold": [e.answer for e in examples],
+                         **{name: list(texts) for name, texts in answers.items()}})
 
 
 def preflight_warnings(results: dict[str, dict], gap: Optional[dict]) -> list[str]:
