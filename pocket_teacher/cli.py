@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -126,10 +127,8 @@ def is_user_error(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, (ValueError, OSError, ImportError)) or exc.__traceback__ is None:
         return False
-    last = exc.__traceback__
-    while last.tb_next is not None:
-        last = last.tb_next
-    return Path(last.tb_frame.f_code.co_filename).resolve().parent == Path(__file__).resolve().parent
+    last = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)][-1]
+    return Path(last.f_code.co_filename).resolve().parent == Path(__file__).resolve().parent
 
 
 @contextlib.contextmanager
@@ -137,11 +136,9 @@ def _sigterm_stops(out: Path):
     """SIGTERM outside a training loop (which stops at its next step boundary by itself) ends the run in `out` with
     a message and exit 143 instead of Python's silent default; the advice depends on whether training had begun."""
     def stop(signum, frame):
-        if list_checkpoints(out / "checkpoints"):
-            advice = (f"each training that had finished is checkpointed in {out}: continue with --resume "
-                      f"({NOTEBOOK_RESUME})")
-        else:
-            advice = "no training had begun: run the same command again (the caches already on disk are reused)"
+        advice = (f"each training that had finished is checkpointed in {out}: continue with --resume "
+                  f"({NOTEBOOK_RESUME})" if list_checkpoints(out / "checkpoints") else
+                  "no training had begun: run the same command again (the caches already on disk are reused)")
         raise TrainingInterrupted(signum, f"SIGTERM outside a training loop; {advice}")
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
@@ -159,10 +156,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except TrainingInterrupted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except Exception as exc:
-        if isinstance(exc, TrainingInterrupted):
-            print(f"stopped: {exc}", file=sys.stderr)
-            return 128 + exc.signum
         if args.debug or not is_user_error(exc):
             raise
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
@@ -191,7 +188,7 @@ def _main(args: argparse.Namespace) -> int:
             return 3
         return 0
     overrides = _overrides(args) + ([f"run.figures_dir={args.figures}"] if args.figures else [])
-    executed = args.executed or Path(cfg.run.out_dir) / cfg.run.name / Path(args.notebook).name
+    executed = args.executed or run_dir(cfg) / Path(args.notebook).name
     start = time.perf_counter()
     path = execute_notebook(args.notebook, args.preset, overrides, executed, args.timeout, force=args.force)
     print(f"executed {args.notebook} on preset {args.preset} in {time.perf_counter() - start:.0f} s -> {path}")
