@@ -35,9 +35,7 @@ def results_markdown(rows: Sequence[dict]) -> str:
              "(95% CI) | top-1 agreement | latency ms/token | tokens/s (batch 16) |", "|" + " --- |" * 9]
 
     def pct(r: dict, key: str, low: str, high: str, extra: str = "") -> str:
-        if r.get(key) is None:
-            return "-"
-        return f"{100 * r[key]:.1f}% ({100 * r[low]:.1f}-{100 * r[high]:.1f}){extra}"
+        return "-" if r.get(key) is None else f"{100 * r[key]:.1f}% ({100 * r[low]:.1f}-{100 * r[high]:.1f}){extra}"
 
     for r in rows:
         gsm = pct(r, "accuracy", "ci95_low", "ci95_high", f", {r.get('correct')}/{r.get('questions')}")
