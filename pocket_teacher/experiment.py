@@ -753,18 +753,17 @@ class Experiment:
         """Each model's answer to the first eval.side_by_side held-out questions (a DataFrame): the teacher, the
         student before and after, and the baseline (fine-tuned, or the same shape from random init) when trained."""
         with self._timed("side_by_side"):
-            trained = _need(self.trained, "distil")
-            if self.main and self.cfg.eval.side_by_side:
-                models = {"teacher": self.teacher, "student before": self.student_init,
-                          **self._trained_students(trained)}
-                k, ev = self.cfg.eval.side_by_side, self.cfg.eval
-                done = {name: [g["output"] for g in (self.results.get(name) or {}).get("generations", [])[:k]]
-                        for name in models}
-                if ev.gsm8k_shots == 0 and all(len(v) == min(k, len(self.splits.eval)) for v in done.values()):
-                    # the accuracy runs already answered these questions, with the same prompt and greedy decoding
-                    self.comparison = side_by_side(self.splits.eval.examples[:k], done)
-                else:
-                    self.comparison = compare_generations(self.cfg, models, self.tokenizer, self.splits, self.progress)
+            trained, k = _need(self.trained, "distil"), self.cfg.eval.side_by_side
+            if not (self.main and k):
+                return self.comparison
+            models = {"teacher": self.teacher, "student before": self.student_init, **self._trained_students(trained)}
+            done = {name: [g["output"] for g in (self.results.get(name) or {}).get("generations", [])[:k]]
+                    for name in models}
+            if self.cfg.eval.gsm8k_shots == 0 and all(len(v) == min(k, len(self.splits.eval)) for v in done.values()):
+                # the accuracy runs already answered these questions, with the same prompt and greedy decoding
+                self.comparison = side_by_side(self.splits.eval.examples[:k], done)
+            else:
+                self.comparison = compare_generations(self.cfg, models, self.tokenizer, self.splits, self.progress)
             return self.comparison
 
     def save(self) -> Path:
