@@ -137,7 +137,7 @@ def plot_mmlu_subjects(results: Sequence[dict], title: str = "") -> Figure:
     if not rows:
         raise ValueError("No results row has MMLU per-subject figures (set eval.mmlu_source).")
     subjects = sorted(rows[0]["mmlu_per_subject"], key=lambda s: rows[0]["mmlu_per_subject"][s]["accuracy"])
-    height = max(3.0, 0.22 * len(subjects) * max(1, len(rows)) / 1.5)
+    height = max(3.0, 0.22 * len(subjects) * len(rows) / 1.5)
     fig = _figure(8, height)
     ax = fig.subplots()
     width = 0.8 / len(rows)
