@@ -799,7 +799,7 @@ class Experiment:
         for method, _ in SECTIONS:
             getattr(self, method)()
         if self.main:
-            print(results_table(self.results.values()).to_string())
+            print(self.table().to_string())
             print(self.summary())
             print(self.timing_table())
         return {"out": self.out, "results": list(self.results.values()),
