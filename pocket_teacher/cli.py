@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -38,28 +39,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--preset", default="pocket", help=f"starting configuration: {', '.join(PRESETS)}")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override one config field (repeatable), e.g. --set loss.alpha=0.3")
-        p.add_argument("--out", default=None, help="run folder (default runs/<preset>); sets run.out_dir/run.name")
+    common = argparse.ArgumentParser(add_help=False)  # the options every command that reads a preset takes
+    common.add_argument("--preset", default="pocket", help=f"starting configuration: {', '.join(PRESETS)}")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config field (repeatable), e.g. --set loss.alpha=0.3")
+    common.add_argument("--out", help="run folder (default runs/<preset>); sets run.out_dir/run.name")
 
-    run = sub.add_parser("run", help="run the whole pipeline headless and write runs/<name>/",
+    run = sub.add_parser("run", parents=[common], help="run the whole pipeline headless and write runs/<name>/",
                          description="Load data and models, build or reuse the teacher cache, evaluate, distil, "
                                      "evaluate again, and write runs/<name>/: config.yaml, environment.json, "
                                      "history.jsonl, results.json / results.md, generations, figures/, "
                                      "student/, checkpoints/. Under `accelerate launch` each process trains its "
                                      "shard of every global batch and only process 0 writes.")
-    common(run)
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     nb = sub.add_parser("notebook", help="execute Pocket_Teacher.ipynb (or --notebook, e.g. Pocket_Teacher_Text.ipynb) "
-                                         "headless on a preset")
-    common(nb)
+                                         "headless on a preset", parents=[common])
     nb.add_argument("--notebook", default=str(NOTEBOOK), help="notebook to execute")
-    nb.add_argument("--executed", default=None, help="where to write the executed notebook "
-                                                    "(default <run folder>/<notebook's file name>)")
-    nb.add_argument("--figures", default=None, help="also save the figures here (e.g. figures/)")
+    nb.add_argument("--executed",
+                    help="where to write the executed notebook (default <run folder>/<notebook's file name>)")
+    nb.add_argument("--figures", help="also save the figures here (e.g. figures/)")
     nb.add_argument("--timeout", type=int, default=3600, help="per-cell timeout in seconds")
     for p in (run, nb):
         p.add_argument("--force", action="store_true",
@@ -69,18 +68,16 @@ def _parser() -> argparse.ArgumentParser:
                             "--set train.resume=true; torn or damaged checkpoints are skipped)")
 
     plan = sub.add_parser("plan", help="print the memory plan (GPU memory and host RAM per stage); exit 0 when it "
-                                       "fits, 3 when it does not",
+                                       "fits, 3 when it does not", parents=[common],
                           description="Peak accelerator memory and host RAM of every stage (teacher cache, evaluation, "
                                       "generation, teacher answers, training), itemised, with a verdict and, when it "
                                       "does not fit, the overrides that would make it fit. Works offline.")
-    common(plan)
-    plan.add_argument("--gpu", default=None, choices=[*GPUS, "cpu"],
+    plan.add_argument("--gpu", choices=[*GPUS, "cpu"],
                       help="plan for this GPU (default: the GPU PyTorch sees here, else this CPU)")
-    plan.add_argument("--host-gb", type=float, default=None, help="host RAM in GB (default: the GPU's usual host)")
+    plan.add_argument("--host-gb", type=float, help="host RAM in GB (default: the GPU's usual host)")
 
     sub.add_parser("presets", help="list the presets")
-    show = sub.add_parser("config", help="print a preset's resolved configuration as YAML")
-    common(show)
+    sub.add_parser("config", parents=[common], help="print a preset's resolved configuration as YAML")
     return parser
 
 
@@ -126,10 +123,8 @@ def is_user_error(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, (ValueError, OSError, ImportError)) or exc.__traceback__ is None:
         return False
-    last = exc.__traceback__
-    while last.tb_next is not None:
-        last = last.tb_next
-    return Path(last.tb_frame.f_code.co_filename).resolve().parent == Path(__file__).resolve().parent
+    last = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)][-1]
+    return Path(last.f_code.co_filename).resolve().parent == Path(__file__).resolve().parent
 
 
 @contextlib.contextmanager
@@ -137,11 +132,9 @@ def _sigterm_stops(out: Path):
     """SIGTERM outside a training loop (which stops at its next step boundary by itself) ends the run in `out` with
     a message and exit 143 instead of Python's silent default; the advice depends on whether training had begun."""
     def stop(signum, frame):
-        if list_checkpoints(out / "checkpoints"):
-            advice = (f"each training that had finished is checkpointed in {out}: continue with --resume "
-                      f"({NOTEBOOK_RESUME})")
-        else:
-            advice = "no training had begun: run the same command again (the caches already on disk are reused)"
+        advice = (f"each training that had finished is checkpointed in {out}: continue with --resume "
+                  f"({NOTEBOOK_RESUME})" if list_checkpoints(out / "checkpoints") else
+                  "no training had begun: run the same command again (the caches already on disk are reused)")
         raise TrainingInterrupted(signum, f"SIGTERM outside a training loop; {advice}")
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
@@ -159,10 +152,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except TrainingInterrupted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except Exception as exc:
-        if isinstance(exc, TrainingInterrupted):
-            print(f"stopped: {exc}", file=sys.stderr)
-            return 128 + exc.signum
         if args.debug or not is_user_error(exc):
             raise
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
@@ -191,7 +184,7 @@ def _main(args: argparse.Namespace) -> int:
             return 3
         return 0
     overrides = _overrides(args) + ([f"run.figures_dir={args.figures}"] if args.figures else [])
-    executed = args.executed or Path(cfg.run.out_dir) / cfg.run.name / Path(args.notebook).name
+    executed = args.executed or run_dir(cfg) / Path(args.notebook).name
     start = time.perf_counter()
     path = execute_notebook(args.notebook, args.preset, overrides, executed, args.timeout, force=args.force)
     print(f"executed {args.notebook} on preset {args.preset} in {time.perf_counter() - start:.0f} s -> {path}")

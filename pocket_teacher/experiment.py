@@ -1,12 +1,6 @@
 """The experiment: one object whose methods are the notebook's sections, shared by the notebook (one call per
-cell) and the headless CLI (`run` is the methods in order).
-
-    exp = Experiment(configure("pocket", ["loss.alpha=0.3"]))
-    exp.run()                                   # or, cell by cell: exp.configure(), exp.load_data(), ...
-    exp.distil(["loss.temperature=4"])          # train again with other loss.* / train.* settings
-
-The functions below the class are its stages, usable on their own (and in tests).
-"""
+cell) and the headless CLI (`run` is the methods in order); `Experiment`'s docstring shows its use. The functions
+before the class are its stages, usable on their own (and in tests)."""
 
 from __future__ import annotations
 
@@ -185,7 +179,20 @@ def teacher_answers(cfg: Config, raw: RawData, teacher: torch.nn.Module, teacher
     training targets; the held-out split keeps its reference answers. With data.source=teacher_text the teacher writes
     generate.num_samples texts, split into training and held-out (data.eval_size, seeded by data.train_seed)."""
     if cfg.data.source == "teacher_text":
-        return teacher_texts(cfg, teacher, teacher_tokenizer, info, progress)
+        texts, report = generate_texts(teacher, teacher_tokenizer, read_prompts(cfg.generate.prompts), cache_dir(cfg),
+                                       cfg.generate, teacher_key=teacher_key(cfg, info), progress=progress)
+        print(report)
+        if len(texts) <= cfg.data.eval_size:
+            raise DataError(f"The teacher wrote {len(texts)} non-empty texts, not more than data.eval_size="
+                            f"{cfg.data.eval_size}: raise generate.num_samples or lower data.eval_size.")
+        order = list(range(len(texts)))
+        random.Random(cfg.data.train_seed).shuffle(order)
+        held = set(order[-cfg.data.eval_size:])
+        train = [texts[i] for i in order if i not in held][:cfg.data.train_size]
+        held_out = [texts[i] for i in sorted(held)]
+        reports = [LoadReport(source=f"teacher texts ({report.path})", rows=len(texts), kept=len(train),
+                              notes=[f"{len(held_out)} held out"])]
+        return RawData(train, held_out, reports)
     if cfg.data.targets == "reference":
         return raw
     train, report = generate_answers(teacher, teacher_tokenizer, raw.train, cache_dir(cfg), cfg.generate,
@@ -197,25 +204,6 @@ def teacher_answers(cfg: Config, raw: RawData, teacher: torch.nn.Module, teacher
         raise DataError(f"data.targets={cfg.data.targets}: none of the teacher's {report.rows} answers was kept "
                         f"({report.rejected}). Use data.targets=teacher (keep all) or a stronger teacher.")
     return RawData(train, raw.eval, raw.reports, raw.mmlu)
-
-
-def teacher_texts(cfg: Config, teacher: torch.nn.Module, tokenizer, info: Optional[ModelInfo] = None,
-                  progress: bool = True) -> RawData:
-    """The teacher's free texts (data.source=teacher_text), split into training and held-out rows."""
-    texts, report = generate_texts(teacher, tokenizer, read_prompts(cfg.generate.prompts), cache_dir(cfg),
-                                   cfg.generate, teacher_key=teacher_key(cfg, info), progress=progress)
-    print(report)
-    if len(texts) <= cfg.data.eval_size:
-        raise DataError(f"The teacher wrote {len(texts)} non-empty texts, not more than data.eval_size="
-                        f"{cfg.data.eval_size}: raise generate.num_samples or lower data.eval_size.")
-    order = list(range(len(texts)))
-    random.Random(cfg.data.train_seed).shuffle(order)
-    held = set(order[-cfg.data.eval_size:])
-    train = [texts[i] for i in order if i not in held][:cfg.data.train_size]
-    held_out = [texts[i] for i in sorted(held)]
-    reports = [LoadReport(source=f"teacher texts ({report.path})", rows=len(texts), kept=len(train),
-                          notes=[f"{len(held_out)} held out"])]
-    return RawData(train, held_out, reports)
 
 
 def vocabulary(cfg: Config, teacher_tokenizer, tokenizer, teacher: torch.nn.Module,
@@ -423,15 +411,10 @@ def _need(value: Any, method: str) -> Any:
     return value
 
 
-class _Built:
+def _built(stage: str, field: str, method: str) -> property:
     """``exp.<name>``: a field of one of the experiment's stage results (``exp.splits`` is
     ``exp.student_stage.splits``), or a RuntimeError naming the section to run first."""
-
-    def __init__(self, stage: str, field: str, method: str):
-        self.stage, self.field, self.method = stage, field, method
-
-    def __get__(self, exp, owner=None):
-        return self if exp is None else getattr(_need(getattr(exp, self.stage), self.method), self.field)
+    return property(lambda exp: getattr(_need(getattr(exp, stage), method), field))
 
 
 @dataclass
@@ -475,14 +458,14 @@ class Experiment:
     Each section's result is one typed value (`raw`, `train_raw`, `teacher_stage`, `student_stage`, `cache`, `trained`,
     `baseline`, `results`, ...); `teacher`, `tokenizer`, `splits` and the like read the stage that built them."""
 
-    teacher = _Built("teacher_stage", "model", "load_teacher")
-    teacher_tokenizer = _Built("teacher_stage", "tokenizer", "load_teacher")
-    teacher_info = _Built("teacher_stage", "info", "load_teacher")
-    student_init = _Built("student_stage", "init", "load_student")
-    tokenizer = _Built("student_stage", "tokenizer", "load_student")
-    student_info = _Built("student_stage", "info", "load_student")
-    shared = _Built("student_stage", "shared", "load_student")
-    splits = _Built("student_stage", "splits", "load_student")
+    teacher = _built("teacher_stage", "model", "load_teacher")
+    teacher_tokenizer = _built("teacher_stage", "tokenizer", "load_teacher")
+    teacher_info = _built("teacher_stage", "info", "load_teacher")
+    student_init = _built("student_stage", "init", "load_student")
+    tokenizer = _built("student_stage", "tokenizer", "load_student")
+    student_info = _built("student_stage", "info", "load_student")
+    shared = _built("student_stage", "shared", "load_student")
+    splits = _built("student_stage", "splits", "load_student")
 
     def __init__(self, cfg: Config, *, progress: bool = True, force: bool = False, announce: bool = False):
         self.cfg, self.force, self.announce = cfg, force, announce
@@ -604,8 +587,7 @@ class Experiment:
         with self._timed("preflight"):
             if not self.main:  # the main process evaluates; the others have nothing to compare
                 return self.checks
-            if not {"teacher", "student before"} <= set(self.results):
-                raise RuntimeError("Run section 5. Before training first (Experiment.evaluate_before()).")
+            _need({"teacher", "student before"} <= set(self.results) or None, "evaluate_before")
             gap = None
             if self.shared:
                 with visiting(self.student_init, self.device):
@@ -667,13 +649,12 @@ class Experiment:
                           self.progress, self.cache, divergence=divergence) as trainer:
                 result = trainer.fit()  # the training step, opened in section 4c
             student = trained_student(trainer, result, self.student_init)
-            if self.main:
-                final = result.final
-                self.say(f"{result.steps} steps in {result.seconds:.0f} s; last step: " + ", ".join(
-                    f"{k} {final[k]:.3f}" for k in ("loss", "ce", "kd") if final.get(k) is not None))
+            self.say(f"{result.steps} steps in {result.seconds:.0f} s; last step: " + ", ".join(
+                f"{k} {result.final[k]:.3f}" for k in ("loss", "ce", "kd") if result.final.get(k) is not None))
             named = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict) else list(overrides)
-            custom = [f"divergence={divergence_name(divergence) if divergence else ''} (a function given to distil)"]
-            self.trained = Trained(cfg, named + (custom if divergence is not None else []), student, result, divergence)
+            if divergence is not None:
+                named.append(f"divergence={divergence_name(divergence)} (a function given to distil)")
+            self.trained = Trained(cfg, named, student, result, divergence)
             self.results.pop("student after", None)  # evaluated again by evaluate_after
             return self.trained
 
@@ -772,18 +753,17 @@ class Experiment:
         """Each model's answer to the first eval.side_by_side held-out questions (a DataFrame): the teacher, the
         student before and after, and the baseline (fine-tuned, or the same shape from random init) when trained."""
         with self._timed("side_by_side"):
-            trained = _need(self.trained, "distil")
-            if self.main and self.cfg.eval.side_by_side:
-                models = {"teacher": self.teacher, "student before": self.student_init,
-                          **self._trained_students(trained)}
-                k, ev = self.cfg.eval.side_by_side, self.cfg.eval
-                done = {name: [g["output"] for g in (self.results.get(name) or {}).get("generations", [])[:k]]
-                        for name in models}
-                if ev.gsm8k_shots == 0 and all(len(v) == min(k, len(self.splits.eval)) for v in done.values()):
-                    # the accuracy runs already answered these questions, with the same prompt and greedy decoding
-                    self.comparison = side_by_side(self.splits.eval.examples[:k], done)
-                else:
-                    self.comparison = compare_generations(self.cfg, models, self.tokenizer, self.splits, self.progress)
+            trained, k = _need(self.trained, "distil"), self.cfg.eval.side_by_side
+            if not (self.main and k):
+                return self.comparison
+            models = {"teacher": self.teacher, "student before": self.student_init, **self._trained_students(trained)}
+            done = {name: [g["output"] for g in (self.results.get(name) or {}).get("generations", [])[:k]]
+                    for name in models}
+            if self.cfg.eval.gsm8k_shots == 0 and all(len(v) == min(k, len(self.splits.eval)) for v in done.values()):
+                # the accuracy runs already answered these questions, with the same prompt and greedy decoding
+                self.comparison = side_by_side(self.splits.eval.examples[:k], done)
+            else:
+                self.comparison = compare_generations(self.cfg, models, self.tokenizer, self.splits, self.progress)
             return self.comparison
 
     def save(self) -> Path:
@@ -819,7 +799,7 @@ class Experiment:
         for method, _ in SECTIONS:
             getattr(self, method)()
         if self.main:
-            print(results_table(self.results.values()).to_string())
+            print(self.table().to_string())
             print(self.summary())
             print(self.timing_table())
         return {"out": self.out, "results": list(self.results.values()),

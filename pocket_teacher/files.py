@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -13,12 +12,9 @@ from typing import Any, Type
 
 
 def file_hash(path: Path) -> str:
-    """blake2b (128-bit) of a file's bytes, read in 4 MiB blocks: the checksum of checkpoints and caches."""
-    h = hashlib.blake2b(digest_size=16)
+    """blake2b (128-bit) of a file's bytes, read block by block: the checksum of checkpoints and caches."""
     with Path(path).open("rb") as handle:
-        for block in iter(functools.partial(handle.read, 1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
 def digest(*chunks: bytes) -> str:

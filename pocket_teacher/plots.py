@@ -14,9 +14,12 @@ COLOURS = {"teacher": "#4C72B0", "student before": "#C44E52", "student after": "
            "fine-tuned (alpha=1)": "#DD8452", "random init (same shape)": "#8172B3"}
 
 
-def _figure(width: float, height: float) -> Figure:
+def _figure(width: float, height: float, title: str = "") -> Figure:
     require("matplotlib", "the plots")
-    return Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height), layout="constrained")
+    if title:
+        fig.suptitle(title)
+    return fig
 
 
 def _colour(label: str) -> str:
@@ -25,7 +28,7 @@ def _colour(label: str) -> str:
 
 def plot_quality(results: Sequence[dict], title: str = "") -> Figure:
     """Perplexity (log scale) and GSM accuracy (with 95% intervals) bars, one bar per model."""
-    fig = _figure(10, 4)
+    fig = _figure(10, 4, title)
     ax_ppl, ax_acc = fig.subplots(1, 2)
     labels = [r["model"] for r in results]
     colours = [_colour(label) for label in labels]
@@ -50,8 +53,6 @@ def plot_quality(results: Sequence[dict], title: str = "") -> Figure:
         ax_acc.text(0.5, 0.5, "accuracy not evaluated", ha="center", va="center")
     for ax in (ax_ppl, ax_acc):
         ax.tick_params(axis="x", labelrotation=10)
-    if title:
-        fig.suptitle(title)
     return fig
 
 
@@ -65,13 +66,12 @@ def plot_training(history: Sequence[dict], title: str = "", baseline: Optional[S
 
     `baseline`: the history of a plain fine-tuning run (alpha = 1), drawn in grey: its CE, and its KD
     (measured without gradient) when a teacher signal was available."""
-    fig = _figure(10, 4)
+    fig = _figure(10, 4, title)
     ax, ax_lr = fig.subplots(1, 2, width_ratios=[3, 1])
     steps = [h["step"] for h in history]
-    names = {"loss": "total", "ce": "CE (hard labels)", "kd": "KD (T² · D)"}
-    for key, style in (("loss", "-"), ("ce", "--"), ("kd", ":")):
+    for key, style, name in (("loss", "-", "total"), ("ce", "--", "CE (hard labels)"), ("kd", ":", "KD (T² · D)")):
         if any(h.get(key) is not None for h in history):
-            ax.plot(steps, _values(history, key), style, label=names[key])
+            ax.plot(steps, _values(history, key), style, label=name)
     evals = [h for h in history if h.get("eval_ce") is not None]
     if evals:
         ax.plot([h["step"] for h in evals], [h["eval_ce"] for h in evals], "o-", ms=4, label="held-out CE")
@@ -90,8 +90,6 @@ def plot_training(history: Sequence[dict], title: str = "", baseline: Optional[S
     ax_lr.plot(steps, [h["lr"] for h in history], color="grey")
     ax_lr.set_xlabel("optimizer step")
     ax_lr.set_title("learning rate")
-    if title:
-        fig.suptitle(title)
     return fig
 
 
@@ -111,7 +109,7 @@ def plot_size_quality(results: Sequence[dict], x: str = "parameters", title: str
                    "latency": ("latency_ms_per_token", "generation latency (ms/token, batch 1)")}[x]
     rows = [r for r in results if r.get(key) is not None]
     scale = 1e-6 if key == "parameters" else 1.0
-    fig = _figure(10, 4)
+    fig = _figure(10, 4, title)
     ax_ppl, ax_acc = fig.subplots(1, 2)
     for r in rows:
         xs = r[key] * scale
@@ -125,13 +123,10 @@ def plot_size_quality(results: Sequence[dict], x: str = "parameters", title: str
     ax_ppl.set_yscale("log")
     ax_ppl.set_ylabel("held-out answer perplexity (log, lower is better)")
     ax_acc.set_ylabel("GSM accuracy % (95% interval)")
-    for ax in (ax_ppl, ax_acc):
+    for ax, what in ((ax_ppl, "Perplexity"), (ax_acc, "Accuracy")):
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    ax_ppl.set_title("Perplexity vs size" if x == "parameters" else "Perplexity vs latency")
-    ax_acc.set_title("Accuracy vs size" if x == "parameters" else "Accuracy vs latency")
-    if title:
-        fig.suptitle(title)
+        ax.set_title(f"{what} vs {'size' if x == 'parameters' else 'latency'}")
     return fig
 
 
@@ -142,7 +137,7 @@ def plot_mmlu_subjects(results: Sequence[dict], title: str = "") -> Figure:
     if not rows:
         raise ValueError("No results row has MMLU per-subject figures (set eval.mmlu_source).")
     subjects = sorted(rows[0]["mmlu_per_subject"], key=lambda s: rows[0]["mmlu_per_subject"][s]["accuracy"])
-    height = max(3.0, 0.22 * len(subjects) * max(1, len(rows)) / 1.5)
+    height = max(3.0, 0.22 * len(subjects) * len(rows) / 1.5)
     fig = _figure(8, height)
     ax = fig.subplots()
     width = 0.8 / len(rows)

@@ -20,10 +20,7 @@ def text_bars(on: bool = True, interval: float = 10.0) -> None:
 def tqdm(*args, **kwargs):
     """A progress bar in the current style (same arguments as `tqdm.tqdm`)."""
     if _STYLE["text"]:
-        kwargs.setdefault("mininterval", _STYLE["interval"])
-        kwargs.setdefault("file", sys.stderr)
-        kwargs.setdefault("ascii", True)
-        return _text_bar(*args, **kwargs)
+        return _text_bar(*args, **{"mininterval": _STYLE["interval"], "file": sys.stderr, "ascii": True, **kwargs})
     notebook = sys.modules.get("tqdm.notebook")
     if notebook is not None and _auto_bar is notebook.tqdm and notebook.IProgress is None:
         text_bars(True)  # a kernel whose ipywidgets tqdm cannot use ("IProgress not found"): text lines instead

@@ -35,9 +35,7 @@ def results_markdown(rows: Sequence[dict]) -> str:
              "(95% CI) | top-1 agreement | latency ms/token | tokens/s (batch 16) |", "|" + " --- |" * 9]
 
     def pct(r: dict, key: str, low: str, high: str, extra: str = "") -> str:
-        if r.get(key) is None:
-            return "-"
-        return f"{100 * r[key]:.1f}% ({100 * r[low]:.1f}-{100 * r[high]:.1f}){extra}"
+        return "-" if r.get(key) is None else f"{100 * r[key]:.1f}% ({100 * r[low]:.1f}-{100 * r[high]:.1f}){extra}"
 
     for r in rows:
         gsm = pct(r, "accuracy", "ci95_low", "ci95_high", f", {r.get('correct')}/{r.get('questions')}")
@@ -54,10 +52,9 @@ def results_markdown(rows: Sequence[dict]) -> str:
 
 def side_by_side(examples: Sequence[Example], answers: dict[str, Sequence[str]]):
     """A DataFrame with each question, its gold answer, and each model's answer."""
-    data = {"question": [e.question for e in examples], "gold": [e.answer for e in examples]}
-    data.update({name: list(texts) for name, texts in answers.items()})
     require("pandas", "the side-by-side table")
-    return pd.DataFrame(data)
+    return pd.DataFrame({"question": [e.question for e in examples], "gold": [e.answer for e in examples],
+                         **{name: list(texts) for name, texts in answers.items()}})
 
 
 def preflight_warnings(results: dict[str, dict], gap: Optional[dict]) -> list[str]:

@@ -80,13 +80,10 @@ def lock_run_folder(out: Path) -> None:
         raise RunFolderBusy(f"The run folder {out} is in use by {text}. Wait for that run to finish, or write this "
                             f"one elsewhere (--out runs/NAME or --set run.name=NAME; in the notebook, run.name=NAME in "
                             f"OVERRIDES).") from None
-    if holder.is_file():  # left by a run that died without cleaning up (kill -9, a crashed kernel)
-        try:
-            old = json.loads(holder.read_text())
-            print(f"run folder: the lock of a run that ended without releasing it (pid {old.get('pid')}) was stale; "
-                  f"taken over")
-        except (OSError, ValueError):
-            pass
+    with contextlib.suppress(OSError, ValueError):  # a holder left by a run that died (kill -9, a crashed kernel)
+        old = json.loads(holder.read_text())
+        print(f"run folder: the lock of a run that ended without releasing it (pid {old.get('pid')}) was stale; "
+              f"taken over")
     write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(),
                         "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     _HELD_LOCKS[key] = lock
@@ -110,10 +107,8 @@ def is_main_process() -> bool:
 @contextlib.contextmanager
 def main_process_first():
     """Run the block in the main process first, then in the others (which then reuse its caches)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        yield
-        return
-    with PartialState().main_process_first():
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    with PartialState().main_process_first() if several else contextlib.nullcontext():
         yield
 
 
@@ -124,10 +119,10 @@ def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequ
     generations.jsonl (every GSM question, output, extracted and gold answer), mmlu.jsonl (every MMLU
     question's letter scores) and the student (save_pretrained) into runs/<name>/."""
     out = run_dir(cfg)
-    after, before = ({r["model"]: r.get("perplexity") for r in results}.get(k) for k in ("student after",
-                                                                                          "student before"))
+    ppl = {r["model"]: r.get("perplexity") for r in results}
     if train_result is not None and train_result.collapsed is None:
-        train_result.collapsed = uniform_collapse(after, len(tokenizer), before, cfg.train)
+        train_result.collapsed = uniform_collapse(ppl.get("student after"), len(tokenizer), ppl.get("student before"),
+                                                  cfg.train)
         if train_result.collapsed:
             print(f"WARNING: the student collapsed: {train_result.collapsed}.")
     summary = [{k: v for k, v in r.items() if k not in ("generations", "mmlu_rows", "mmlu_cloze_rows")}
