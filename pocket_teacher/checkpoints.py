@@ -65,8 +65,8 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer, 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise CheckpointError(f"Refusing to write checkpoint-{step:06d}: {len(bad)} of {len(state)} weight tensors hold "
-                              f"NaN or infinity (first: {bad[0]}).")
+        raise CheckpointError(f"Refusing to write checkpoint-{step:06d}: {len(bad)} of {len(state)} weight tensors "
+                              f"hold NaN or infinity (first: {bad[0]}).")
     optim_state = optimizer.state_dict()
     fix = "Free space there, or lower train.keep_checkpoints / raise train.checkpoint_every."
     require_free_space(folder, state_bytes(state, optim_state) + (1 << 20), f"checkpoint-{step:06d}", fix,
