@@ -73,16 +73,12 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields a tied weight once
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms and biases
-
-
 def make_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
     """AdamW with fp32 states (train.optimizer=adamw) or bitsandbytes' 8-bit AdamW (adamw_8bit: about 2 instead
     of 8 bytes of state per parameter; block-wise quantized states, as in Dettmers et al. 2022)."""
-    groups = _param_groups(model, tcfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields a tied weight once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms and biases
     if tcfg.optimizer == "adamw_8bit":
         try:
             import bitsandbytes as bnb
@@ -203,10 +199,8 @@ class OpenedStep:
                                     self.teacher.chunk(position, position + 1, student.shape[-1]), temperature)
             ids, probs = self.teacher.ids[position][:k].long(), log_p[0, :k].exp()
         elif self.teacher is not None:
-            width = self.student_logits.shape[-1]
-            teacher = torch.softmax(self.teacher.chunk(position, position + 1, width).logits[0].float() / temperature,
-                                    -1)
-            probs, ids = teacher.topk(k)
+            teacher = self.teacher.chunk(position, position + 1, student.shape[-1]).logits[0].float()
+            probs, ids = torch.softmax(teacher / temperature, -1).topk(k)
         else:
             probs, ids = torch.full((k,), float("nan")), student.topk(k).indices
         return pd.DataFrame({"token": [self.tokenizer.decode([int(i)]) for i in ids], "teacher": probs.tolist(),
@@ -301,8 +295,8 @@ def collapse_advice(tcfg=None) -> str:
         return "lower train.lr"
     if tcfg.warmup_steps >= tcfg.max_steps:
         until = "until the last step" if tcfg.warmup_steps == tcfg.max_steps else "throughout"
-        return (f"the warm-up ({tcfg.warmup_steps} steps) takes the whole run ({tcfg.max_steps} steps), so the learning "
-                f"rate stayed below train.lr {until}: shorten train.warmup_steps or raise train.max_steps")
+        return (f"the warm-up ({tcfg.warmup_steps} steps) takes the whole run ({tcfg.max_steps} steps), so the "
+                f"learning rate stayed below train.lr {until}: shorten train.warmup_steps or raise train.max_steps")
     return f"lower train.lr (now {tcfg.lr:g})"
 
 
@@ -609,12 +603,12 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Start or resume (`start`), then train to train.max_steps: one optimizer step per global batch, the
         guard before each, a history row after, checkpoints every train.checkpoint_every and at a stop signal."""
-        t = self.tcfg
+        t, acc = self.tcfg, self.accelerator
         self.start()
         bar = tqdm(total=t.max_steps, initial=self.start_step, desc="distill",
-                   disable=not self.progress or not self.accelerator.is_main_process)
+                   disable=not self.progress or not acc.is_main_process)
         self.began, seen_tokens = time.perf_counter(), 0
-        with StopSignals() as stop, contextlib.closing(bar), self._history_closed():
+        with StopSignals() as stop, contextlib.closing(bar), contextlib.closing(self):
             for step in range(self.start_step, t.max_steps):
                 micro, on_policy = self.micro_batches(step), self.on_policy(step)
                 self.rollout_stats = None
@@ -624,8 +618,7 @@ class Trainer:
                 seen_tokens += seen
                 total, ce, kd = parts.tolist()
                 # The guard looks before the optimizer step, so the weights stay those of the last good step.
-                grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(),
-                                                                   t.max_grad_norm or math.inf))
+                grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm or math.inf))
                 if not math.isfinite(total) or (self.compute != "fp16" and not math.isfinite(grad_norm)):
                     self.optimizer.zero_grad(set_to_none=True)
                     again = step == self.start_step and self.resumed_diverged  # no step worked since the last one
@@ -643,22 +636,25 @@ class Trainer:
                     f" | eval ppl {row['eval_ppl']:.2f}" if "eval_ppl" in row else ""), refresh=False)
                 bar.update(1)
                 path = self.save(step + 1) if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 else None
-                if _stop_requested(stop, self.accelerator):  # SIGTERM / SIGINT: keep this step, then stop cleanly
+                if self.procs > 1:  # a stop signal that reached any process stops them all
+                    flag = acc.reduce(torch.tensor(float(stop.signum), device=acc.device), "max")
+                    stop.signum = stop.signum or int(flag)
+                if stop.signum:  # SIGTERM / SIGINT: keep this step, then stop cleanly
                     path = path or self.save(step + 1)
-                    raise TrainingInterrupted(stop.signum, _interrupted_message(stop.signum, step + 1, t, path))
+                    where = (f"checkpoint saved in {path}; continue with --resume ({NOTEBOOK_RESUME})" if path
+                             else "no checkpoint folder was given, so nothing was saved")
+                    raise TrainingInterrupted(stop.signum, f"{signal.Signals(stop.signum).name} after step {step + 1} "
+                                                           f"of {t.max_steps}; {where}.")
         periodic = t.checkpoint_every and t.max_steps % t.checkpoint_every == 0
         if t.save_final and self.start_step < t.max_steps and not periodic:
             self.save(t.max_steps)  # the finished state: a run stopped in a later stage resumes past this training
         return self.finish()
 
-    @contextlib.contextmanager
-    def _history_closed(self):
-        try:
-            yield
-        finally:
-            if self.history_file is not None:
-                self.history_file.close()
-                self.history_file = None
+    def close(self) -> None:
+        """Close history.jsonl (`fit` does, however it ends)."""
+        if self.history_file is not None:
+            self.history_file.close()
+            self.history_file = None
 
     def finish(self) -> TrainResult:
         t, acc, result = self.tcfg, self.accelerator, self.result
@@ -758,21 +754,6 @@ def _divergence_message(step: int, total: float, ce: float, kd: float, grad_norm
             f"first; use bf16 or fp32). {where}")
 
 
-def _interrupted_message(signum: int, step: int, tcfg, path: Optional[Path]) -> str:
-    where = (f"checkpoint saved in {path}; continue with --resume ({NOTEBOOK_RESUME})" if path
-             else "no checkpoint folder was given, so nothing was saved")
-    return f"{signal.Signals(signum).name} after step {step} of {tcfg.max_steps}; {where}."
-
-
-def _stop_requested(stop: StopSignals, accelerator) -> bool:
-    """True once a stop signal reached this process (or, with several processes, any of them)."""
-    if accelerator.num_processes == 1:
-        return bool(stop.signum)
-    flag = accelerator.reduce(torch.tensor(float(stop.signum), device=accelerator.device), "max")
-    stop.signum = stop.signum or int(flag)
-    return bool(stop.signum)
-
-
 def _resume(folder: Optional[Path], cfg, student, optimizer, say, divergence: Optional[Divergence] = None) -> dict:
     """Load the newest valid checkpoint of this run into the student and optimizer.
 
@@ -791,7 +772,7 @@ def _resume(folder: Optional[Path], cfg, student, optimizer, say, divergence: Op
     diff = fingerprint_differences(saved.get("fingerprint") or {}, current) if "fingerprint" in saved else {}
     refused = {k: v for k, v in diff.items() if k not in tcfg.resume_allow}
     if refused:
-        listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in ((k, *v) for k, v in refused.items()))
+        listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in refused.items())
         raise ckpt.CheckpointError(
             f"resume: {path} was written with other settings ({listed}). Resume with the settings it was trained "
             f"with, start a new run without --resume (the old checkpoints are moved aside), or continue on purpose "
