@@ -242,15 +242,14 @@ def _build_or_reuse(teacher, split, root: Path, parts: dict, k: int, vocab: int,
     tokens = int(offsets[-1])
     done, status = 0, "built"
     progress_file = partial / "progress.json"
-    if partial.exists():
-        try:
-            state = json.loads(progress_file.read_text())
-            same = state["fingerprint"] == fp and np.array_equal(np.load(partial / "offsets.npy"), offsets)
-        except (OSError, ValueError, KeyError):
-            same = False
-        if same:
-            done = int(state["rows_done"])
-            status = f"resumed after {done} of {len(split)} rows"
+    try:  # a partial build of this very cache (none: FileNotFoundError) resumes where it stopped
+        state = json.loads(progress_file.read_text())
+        same = state["fingerprint"] == fp and np.array_equal(np.load(partial / "offsets.npy"), offsets)
+    except (OSError, ValueError, KeyError):
+        same = False
+    if same:
+        done = int(state["rows_done"])
+        status = f"resumed after {done} of {len(split)} rows"
     if done == 0:  # nothing to resume: start afresh
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -262,9 +261,8 @@ def _build_or_reuse(teacher, split, root: Path, parts: dict, k: int, vocab: int,
         state = {"fingerprint": fp, "rows_done": 0, "kl_sum": 0.0, "kl_tokens": 0, "seconds": 0.0, "batches": []}
         write_json(progress_file, state)
     mms = [_open(partial, name, tokens, k, "r+") for name in FILES]  # ids, logprobs, tail
-    for lo, hi, expected in state.get("batches", []):  # a fresh build has none
+    for lo, hi, expected in state.get("batches", []):  # a byte changed after it was written: redo from that batch
         if _batch_hash(*(mm[int(offsets[lo]):int(offsets[hi])] for mm in mms)) != expected:
-            # a byte changed after it was written: rebuild from that batch on
             tqdm.write(f"teacher cache: rows {lo}- of the partial build in {partial} fail their checksum; "
                        f"computing them again")
             state["batches"] = [b for b in state["batches"] if b[0] < lo]
