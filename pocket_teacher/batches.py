@@ -49,8 +49,7 @@ class AnswerBatch:
                    labels[:, 1:][select[:, :-1]])
 
     @property
-    def answer_counts(self) -> list[int]:
-        """Answer tokens per row."""
+    def answer_counts(self) -> list[int]:  # answer tokens per row
         return self.select.sum(1).tolist()
 
     def to(self, device: torch.device | str) -> "AnswerBatch":
@@ -130,8 +129,7 @@ def answer_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
 
 
 def auto_chunk_size(vocab_size: int, device_type: str = "cpu") -> int:
-    """Tokens per chunk of logits (the chunked loss, perplexity, agreement, the cache), from the device and the
-    vocabulary.
+    """Tokens per chunk of logits (the chunked loss, perplexity, agreement, the cache), by device and vocabulary.
 
     CPU: one chunk's (C, V) fp32 logits hold about 32 MiB (caches stay warm; measured fastest here).
     CUDA: about 512 MiB of fp32 logits but at least 1,024 tokens, in multiples of 256, so the output-layer

@@ -86,7 +86,6 @@ class TeacherHidden:
         return TeacherHidden(fn(self.hidden), self.weight, self.bias)
 
     def to(self, device: torch.device | str) -> "TeacherHidden":
-        """The hidden states and the output layer on `device`."""
         return TeacherHidden(self.hidden.to(device), self.weight.to(device),
                              None if self.bias is None else self.bias.to(device))
 
@@ -206,10 +205,9 @@ def topk_buckets(student_logits: torch.Tensor, teacher: TeacherTopK, temperature
             over every tail token (at T = 2 that can be most of it), so the two losses differ there.
 
     Returns:
-        ``(log_p, log_q)``, both ``(N, K + 1)`` log-probabilities; column K is the tail (``(N, V)``,
-        no tail column, when K = V). Any
-        divergence of these is the divergence between the bucketed distributions; at T = 1 forward
-        KL is ``sum_top p (log p - log q) + p_tail (log p_tail - log q_tail)``, the full KL when K = V.
+        ``(log_p, log_q)``, both ``(N, K + 1)`` log-probabilities; column K is the tail (``(N, V)``, no tail
+        column, when K = V). Any divergence of these is the divergence between the bucketed distributions; at
+        T = 1 forward KL is ``sum_top p (log p - log q) + p_tail (log p_tail - log q_tail)``, the full KL when K = V.
     """
     if teacher.ids.shape != teacher.logprobs.shape or teacher.ids.shape[0] != student_logits.shape[0]:
         raise ValueError(f"top-k ids {tuple(teacher.ids.shape)}, log-probs {tuple(teacher.logprobs.shape)} and "
@@ -378,10 +376,7 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, teache
             - skew: skew_kl / skew_reverse_kl only, in [0, 1). 0 = the plain KL; towards 1 the mixture
               approaches the first argument and the divergence shrinks to 0.
         ignore_index: label value of tokens that never count.
-        vocab_size: compare over the first `vocab_size` logits (the real tokenizer vocabulary).
-        normalizer: divide the summed per-token terms by this instead of the number of unmasked
-            tokens (gradient accumulation: pass the token count of the whole accumulated batch).
-        divergence: a function (log_p, log_q) -> (N,) used instead of spec.divergence.
+        vocab_size, normalizer, divergence: as in `token_distillation_loss` (N: the number of unmasked tokens).
 
     Returns:
         DistillationLoss(total, ce, kd): scalar means over the unmasked target tokens; all zero
