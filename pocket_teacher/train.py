@@ -422,9 +422,18 @@ class Trainer:
         self.progress, self.divergence = progress, divergence
         self.run_folder = Path(folder) if folder is not None else None
         self.folder = self.run_folder / "checkpoints" if folder is not None else None
-        self.accelerator, self.compute = _accelerator_for(self.tcfg, self.run_folder)
-        set_seed(self.tcfg.seed)
-        _check_inputs(teacher, teacher_cache, self.lcfg, train_split, self.tcfg.on_policy)
+        t, device = self.tcfg, resolve_device(self.tcfg.device)  # mixed precision as the device allows, TF32 on sm80+
+        self.compute = resolve_mixed_precision(t.mixed_precision, device.type, device_capability(device))
+        if device.type == "cuda" and native_bf16(device_capability(device)):
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the loss's weight gradient) on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
+        if t.log_with and folder is None:
+            raise ValueError("train.log_with needs a run folder for the tracker's files (pass folder=).")
+        trackers = {"log_with": t.log_with, "project_dir": str(self.run_folder)} if t.log_with else {}
+        self.accelerator = Accelerator(cpu=device.type == "cpu", **trackers,
+                                       mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(self.compute, "no"))
+        set_seed(t.seed)
+        _check_inputs(teacher, teacher_cache, self.lcfg, train_split, t.on_policy)
         self.eos_token_id = self.vocab.eos_token_id if self.vocab.eos_token_id is not None else getattr(
             getattr(student, "generation_config", None), "eos_token_id", None)
         self.rollout_stats: Optional[dict] = None
@@ -463,8 +472,18 @@ class Trainer:
         if self.tcfg.log_with:
             self.accelerator.init_trackers(self.cfg.run.name, config=_flat(self.cfg.to_dict())
                                            if hasattr(self.cfg, "to_dict") else {})
-        if self.progress and main:
-            self.say(self._describe())
+        if self.progress and main:  # the run's settings in one line
+            t, lc, procs = self.tcfg, self.lcfg, self.procs
+            width = self.vocab_size or self.student.get_output_embeddings().weight.shape[0]
+            chunk = (f", {lc.chunk_size or auto_chunk_size(width, self.accelerator.device.type)} tokens per chunk"
+                     if self.implementation == "chunked" else "")
+            source = ("top-k teacher cache" if self.cache is not None else "live teacher" if self.teacher is not None
+                      else "no teacher (CE only)")
+            name = lc.divergence if self.divergence is None else f"custom divergence {divergence_name(self.divergence)}"
+            self.say(f"loss: {name}, alpha {lc.alpha}, T {lc.temperature}, {source}; {self.implementation} "
+                     f"implementation{chunk}; {procs} process(es), global batch {t.batch_size * procs} x "
+                     f"{t.grad_accum} accumulation; mixed precision {self.compute}, {t.optimizer}, gradient "
+                     f"checkpointing {'on' if t.gradient_checkpointing else 'off'}")
         if main and self.tcfg.warmup_steps > self.tcfg.max_steps:
             print(f"WARNING: train.warmup_steps={self.tcfg.warmup_steps} is longer than train.max_steps="
                   f"{self.tcfg.max_steps}: the learning rate ends at {self.tcfg.max_steps / self.tcfg.warmup_steps:.0%}"
@@ -480,19 +499,6 @@ class Trainer:
             self.history_file = (self.run_folder / "history.jsonl").open("w")
         self.history_file.write(json.dumps(row) + "\n")
         self.history_file.flush()
-
-    def _describe(self) -> str:
-        t, lc, procs = self.tcfg, self.lcfg, self.procs
-        width = self.vocab_size or self.student.get_output_embeddings().weight.shape[0]
-        chunk = (f", {lc.chunk_size or auto_chunk_size(width, self.accelerator.device.type)} tokens per chunk"
-                 if self.implementation == "chunked" else "")
-        source = ("top-k teacher cache" if self.cache is not None else "live teacher" if self.teacher is not None
-                  else "no teacher (CE only)")
-        name = lc.divergence if self.divergence is None else f"custom divergence {divergence_name(self.divergence)}"
-        return (f"loss: {name}, alpha {lc.alpha}, T {lc.temperature}, {source}; {self.implementation} "
-                f"implementation{chunk}; {procs} process(es), global batch {t.batch_size * procs} x "
-                f"{t.grad_accum} accumulation; mixed precision {self.compute}, {t.optimizer}, gradient "
-                f"checkpointing {'on' if t.gradient_checkpointing else 'off'}")
 
     def save(self, step: int, diverged: bool = False) -> Optional[Path]:
         """A checkpoint of the weights after `step` steps (process 0 writes; all wait), pruned to keep_checkpoints."""
@@ -672,23 +678,6 @@ class Trainer:
         result.student = whole_student(acc, self.model, trained)
         trained.eval()
         return result
-
-
-def _accelerator_for(tcfg, folder: Optional[Path]) -> tuple:
-    """The Accelerator for train.device and train.mixed_precision (TF32 on sm80+), with trackers if asked."""
-    device = resolve_device(tcfg.device)
-    compute = resolve_mixed_precision(tcfg.mixed_precision, device.type, device_capability(device))
-    if device.type == "cuda" and native_bf16(device_capability(device)):
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the loss's weight gradient) on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
-    trackers = {}
-    if tcfg.log_with:
-        if folder is None:
-            raise ValueError("train.log_with needs a run folder for the tracker's files (pass folder=).")
-        trackers = {"log_with": tcfg.log_with, "project_dir": str(folder)}
-    accelerator = Accelerator(cpu=device.type == "cpu",
-                              mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(compute, "no"), **trackers)
-    return accelerator, compute
 
 
 def _check_inputs(teacher, teacher_cache, lcfg, train_split, on_policy: float = 0.0) -> None:
