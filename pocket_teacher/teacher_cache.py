@@ -175,8 +175,7 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
         vocab_size: the tokenizer's size; logits beyond it (padding rows) are dropped first.
         teacher_key: identifies the teacher beyond its weights (source, revision, precision).
         kl_sample_rows: rows on which KL(full teacher || top-k approximation) is measured."""
-    width = teacher.get_output_embeddings().weight.shape[0]
-    vocab = vocab_size or width
+    vocab = vocab_size or teacher.get_output_embeddings().weight.shape[0]
     if not 1 <= k <= vocab:
         raise ValueError(f"teacher_cache.k={k}: use a value in [1, {vocab}] (the vocabulary size).")
     parts = fingerprint_parts(teacher, split, k, vocab, teacher_key)
@@ -273,9 +272,8 @@ def _build_or_reuse(teacher, split, root: Path, parts: dict, k: int, vocab: int,
     teacher.eval()
     start = time.perf_counter()
     bar = tqdm(total=len(split), initial=done, desc="teacher cache", disable=not progress)
-    device = next(teacher.parameters()).device
     for batch in answer_batches(split, pad_token_id, batch_size=batch_size, rows=range(done, len(split)),
-                                device=device):
+                                device=next(teacher.parameters()).device):
         lo, hi = batch.rows[0], batch.rows[-1] + 1
         a, b = int(offsets[lo]), int(offsets[hi])
         if b > a:
