@@ -122,10 +122,8 @@ def live_teacher(teacher: torch.nn.Module, batch: AnswerBatch, implementation: s
 class DistillStep(torch.nn.Module):
     """The student plus its loss: one forward call returns the `DistillationLoss` of a micro-batch.
 
-    DDP and FSDP wrap this module, so every student parameter, the output layer included, is used
-    inside ``forward`` even though the chunked loss reads the output weight directly. `divergence` replaces the
-    one loss.divergence names (a function of teacher and student log-probs, e.g. written in a notebook cell).
-    """
+    DDP and FSDP wrap this module, so every student parameter, the output layer included, is used inside
+    ``forward`` even though the chunked loss reads the output weight directly. `divergence`: as in `distill`."""
 
     def __init__(self, model: torch.nn.Module, loss_cfg, implementation: str, vocab_size: Optional[int] = None,
                  divergence: Optional[Divergence] = None):
@@ -160,9 +158,8 @@ class DistillStep(torch.nn.Module):
 
 @dataclass
 class OpenedStep:
-    """One training step opened up on a visible batch (the notebook's "one step" cell): the rows the step reads,
-    their padded ids and labels (prompt and padding -100), the answer positions, the targets, the untrained
-    student's logits there and the teacher's signal, exactly as the training step receives them."""
+    """One training step opened up on a visible batch (the notebook's "one step" cell), exactly as the training
+    step receives it."""
 
     batch: AnswerBatch  # the rows, padded; their answer positions and targets
     student_logits: torch.Tensor  # (N, V) the student's logits there (no gradient)
@@ -433,7 +430,17 @@ class Trainer:
         self.accelerator = Accelerator(cpu=device.type == "cpu", **trackers,
                                        mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(self.compute, "no"))
         set_seed(t.seed)
-        _check_inputs(teacher, teacher_cache, self.lcfg, train_split, t.on_policy)
+        if t.on_policy > 0 and teacher is None:
+            raise ValueError(f"train.on_policy={t.on_policy}: the student's sampled answers are scored by the live "
+                             f"teacher (no cache can hold them); pass the teacher (the experiment keeps it on the "
+                             f"device).")
+        if teacher is None and teacher_cache is None and cfg.loss.alpha != 1.0:
+            raise ValueError(f"No teacher and no teacher cache, but loss.alpha={cfg.loss.alpha}: the distillation "
+                             f"term needs the teacher. Pass one, or set loss.alpha=1 to fine-tune on the targets "
+                             f"alone.")
+        if teacher_cache is not None and len(teacher_cache) != len(train_split):
+            raise ValueError(f"The teacher cache has {len(teacher_cache)} rows but the split {len(train_split)}: it "
+                             f"was built for another split; build it again for this one.")
         self.eos_token_id = self.vocab.eos_token_id if self.vocab.eos_token_id is not None else getattr(
             getattr(student, "generation_config", None), "eos_token_id", None)
         self.rollout_stats: Optional[dict] = None
@@ -680,18 +687,6 @@ class Trainer:
         return result
 
 
-def _check_inputs(teacher, teacher_cache, lcfg, train_split, on_policy: float = 0.0) -> None:
-    if on_policy > 0 and teacher is None:
-        raise ValueError(f"train.on_policy={on_policy}: the student's sampled answers are scored by the live teacher "
-                         f"(no cache can hold them); pass the teacher (the experiment keeps it on the device).")
-    if teacher is None and teacher_cache is None and lcfg.alpha != 1.0:
-        raise ValueError(f"No teacher and no teacher cache, but loss.alpha={lcfg.alpha}: the distillation term needs "
-                         f"the teacher. Pass one, or set loss.alpha=1 to fine-tune on the targets alone.")
-    if teacher_cache is not None and len(teacher_cache) != len(train_split):
-        raise ValueError(f"The teacher cache has {len(teacher_cache)} rows but the split {len(train_split)}: it was "
-                         f"built for another split; build it again for this one.")
-
-
 def whole_student(accelerator, prepared: torch.nn.Module, trained: torch.nn.Module) -> Optional[torch.nn.Module]:
     """The trained student as one ordinary model. Under FSDP the prepared model is sharded in place across the
     processes, so its full state is gathered (every process takes part) and loaded on process 0 into an
@@ -699,9 +694,7 @@ def whole_student(accelerator, prepared: torch.nn.Module, trained: torch.nn.Modu
     if accelerator.distributed_type != DistributedType.FSDP:
         return trained
     state = accelerator.get_state_dict(prepared)  # gathered to process 0 (full state dict, on the CPU)
-    if not accelerator.is_main_process:
-        return None
-    return unsharded_copy(trained, state)
+    return unsharded_copy(trained, state) if accelerator.is_main_process else None
 
 
 def unsharded_copy(model: torch.nn.Module, wrapped_state: dict) -> torch.nn.Module:
@@ -709,7 +702,7 @@ def unsharded_copy(model: torch.nn.Module, wrapped_state: dict) -> torch.nn.Modu
     "model." first, as the prepared module names them)."""
     from transformers import AutoModelForCausalLM
 
-    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in wrapped_state.items()}
+    state = {k.removeprefix("model."): v for k, v in wrapped_state.items()}
     fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
