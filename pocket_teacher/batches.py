@@ -67,9 +67,8 @@ def answer_batch(split: TokenizedSplit, rows: Sequence[int], pad_token_id: int,
 def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: Optional[int] = None) -> list[list[int]]:
     """Row indices in batches of similar length (sorted, so little padding): at most `batch_size` rows and, with
     `max_tokens`, at most that many padded tokens per batch (a memory budget; a longer row goes alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches, current = [], []
-    for i in order:  # row i is the longest so far (ascending lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):  # row i is the longest so far
         if current and (len(current) >= batch_size or (max_tokens and lengths[i] * (len(current) + 1) > max_tokens)):
             batches.append(current)
             current = []

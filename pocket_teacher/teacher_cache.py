@@ -91,8 +91,7 @@ class TopKCache:
     """Read access to a finished cache: the teacher's top-k for given rows of the split."""
 
     def __init__(self, path: Path, meta: dict, report: CacheReport):
-        self.path, self.meta, self.report = path, meta, report
-        self.k = meta["k"]
+        self.path, self.meta, self.report, self.k = path, meta, report, meta["k"]
         self.offsets = np.load(path / "offsets.npy")
         self._files = []  # ids, logprobs, tail (a loop, not a comprehension: one frame fewer on the training path)
         for name in FILES:
@@ -228,8 +227,7 @@ def _build_or_reuse(teacher, split, root: Path, parts: dict, k: int, vocab: int,
                     batch_size: int, kl_sample_rows: int, progress: bool) -> TopKCache:
     fp = fingerprint(parts)
     final, partial = root / fp, root / f"{fp}.partial"
-    problem = validate_cache(final, fp) if final.exists() else "absent"
-    if problem is None:
+    if final.exists() and validate_cache(final, fp) is None:
         meta = json.loads((final / "meta.json").read_text())
         return TopKCache(final, meta, CacheReport(**{**meta["report"], "status": "reused", "path": str(final)}))
     if final.exists():  # stale or damaged: never read, rebuilt from scratch
