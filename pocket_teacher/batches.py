@@ -49,8 +49,7 @@ class AnswerBatch:
                    labels[:, 1:][select[:, :-1]])
 
     @property
-    def answer_counts(self) -> list[int]:
-        """Answer tokens per row."""
+    def answer_counts(self) -> list[int]:  # answer tokens per row
         return self.select.sum(1).tolist()
 
     def to(self, device: torch.device | str) -> "AnswerBatch":
@@ -68,9 +67,8 @@ def answer_batch(split: TokenizedSplit, rows: Sequence[int], pad_token_id: int,
 def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: Optional[int] = None) -> list[list[int]]:
     """Row indices in batches of similar length (sorted, so little padding): at most `batch_size` rows and, with
     `max_tokens`, at most that many padded tokens per batch (a memory budget; a longer row goes alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches, current = [], []
-    for i in order:  # row i is the longest so far (ascending lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):  # row i is the longest so far
         if current and (len(current) >= batch_size or (max_tokens and lengths[i] * (len(current) + 1) > max_tokens)):
             batches.append(current)
             current = []
@@ -130,8 +128,7 @@ def answer_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
 
 
 def auto_chunk_size(vocab_size: int, device_type: str = "cpu") -> int:
-    """Tokens per chunk of logits (the chunked loss, perplexity, agreement, the cache), from the device and the
-    vocabulary.
+    """Tokens per chunk of logits (the chunked loss, perplexity, agreement, the cache), by device and vocabulary.
 
     CPU: one chunk's (C, V) fp32 logits hold about 32 MiB (caches stay warm; measured fastest here).
     CUDA: about 512 MiB of fp32 logits but at least 1,024 tokens, in multiples of 256, so the output-layer

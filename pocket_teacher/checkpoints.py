@@ -65,8 +65,8 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer, 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise CheckpointError(f"Refusing to write checkpoint-{step:06d}: {len(bad)} of {len(state)} weight tensors hold "
-                              f"NaN or infinity (first: {bad[0]}).")
+        raise CheckpointError(f"Refusing to write checkpoint-{step:06d}: {len(bad)} of {len(state)} weight tensors "
+                              f"hold NaN or infinity (first: {bad[0]}).")
     optim_state = optimizer.state_dict()
     fix = "Free space there, or lower train.keep_checkpoints / raise train.checkpoint_every."
     require_free_space(folder, state_bytes(state, optim_state) + (1 << 20), f"checkpoint-{step:06d}", fix,
@@ -76,13 +76,11 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer, 
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        torch.save(state, tmp / "model.pt")
-        torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        for name, obj in (("model.pt", state), ("optimizer.pt", optim_state), ("rng.pt", rng_state())):
+            torch.save(obj, tmp / name)
         (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, default=str))
-        files = sorted(p.name for p in tmp.iterdir())
-        (tmp / "complete.json").write_text(json.dumps({"step": step,
-                                                       "checksums": {f: file_hash(tmp / f) for f in files}}))
+        checksums = {p.name: file_hash(p) for p in sorted(tmp.iterdir())}
+        (tmp / "complete.json").write_text(json.dumps({"step": step, "checksums": checksums}))
         for path in tmp.iterdir():  # make the bytes durable before the rename publishes them
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
@@ -117,9 +115,7 @@ def checkpoint_problem(path: Path) -> Optional[str]:
 
 def list_checkpoints(folder: Path) -> list[Path]:
     """Published checkpoints, newest step first (valid or not)."""
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    found = [p for p in folder.glob(f"{PREFIX}*") if p.is_dir()]  # none when the folder does not exist
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
 
 
@@ -157,7 +153,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict[str, 
     model.load_state_dict(torch.load(path / "model.pt", map_location=device))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return json.loads((path / "trainer.json").read_text())
+    return trainer_state(path)
 
 
 def prune(folder: Path, keep: int) -> list[Path]:

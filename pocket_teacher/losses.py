@@ -62,7 +62,6 @@ class TeacherLogits:
         return TeacherLogits(fn(self.logits))
 
     def chunk(self, i: int, j: int, vocab: int) -> "TeacherLogits":
-        """Positions i:j, over the first `vocab` logits."""
         return TeacherLogits(self.logits[i:j, :vocab])
 
     def to(self, device: torch.device | str) -> "TeacherLogits":
@@ -86,7 +85,6 @@ class TeacherHidden:
         return TeacherHidden(fn(self.hidden), self.weight, self.bias)
 
     def to(self, device: torch.device | str) -> "TeacherHidden":
-        """The hidden states and the output layer on `device`."""
         return TeacherHidden(self.hidden.to(device), self.weight.to(device),
                              None if self.bias is None else self.bias.to(device))
 
@@ -206,10 +204,9 @@ def topk_buckets(student_logits: torch.Tensor, teacher: TeacherTopK, temperature
             over every tail token (at T = 2 that can be most of it), so the two losses differ there.
 
     Returns:
-        ``(log_p, log_q)``, both ``(N, K + 1)`` log-probabilities; column K is the tail (``(N, V)``,
-        no tail column, when K = V). Any
-        divergence of these is the divergence between the bucketed distributions; at T = 1 forward
-        KL is ``sum_top p (log p - log q) + p_tail (log p_tail - log q_tail)``, the full KL when K = V.
+        ``(log_p, log_q)``, both ``(N, K + 1)`` log-probabilities; column K is the tail (``(N, V)``, no tail
+        column, when K = V). Any divergence of these is the divergence between the bucketed distributions; at
+        T = 1 forward KL is ``sum_top p (log p - log q) + p_tail (log p_tail - log q_tail)``, the full KL when K = V.
     """
     if teacher.ids.shape != teacher.logprobs.shape or teacher.ids.shape[0] != student_logits.shape[0]:
         raise ValueError(f"top-k ids {tuple(teacher.ids.shape)}, log-probs {tuple(teacher.logprobs.shape)} and "
@@ -285,9 +282,6 @@ def token_distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor,
         divergence: D as a function of teacher and student log-probs ``(N, K)`` returning ``(N,)``, instead of
             the one `spec` names (a divergence written in a notebook cell).
         check_ids: validate top-k ids against the vocabulary (see `topk_buckets`).
-
-    Returns:
-        DistillationLoss of scalars in at least float32.
     """
     if teacher is None and spec.alpha != 1.0:
         raise ValueError(f"No teacher given but alpha={spec.alpha}: the divergence term needs the teacher's logits, "
@@ -371,17 +365,10 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, teache
             - temperature: T > 0 divides both models' logits inside D only (CE uses T = 1). T -> 0 sharpens towards the
               argmax, T = 1 leaves the logits, large T flattens towards uniform. D is multiplied by T^2 for every
               divergence, so the soft gradients keep the scale of the hard ones as T grows (Hinton et al. 2015).
-            - divergence: ``forward_kl`` (default), ``reverse_kl``, ``jsd``, ``skew_kl``,
-              ``skew_reverse_kl`` or ``tvd``; see `divergence_per_token` for each formula.
-            - beta: jsd only. 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher),
-              continuous in between (0.5 = 4 x Jensen-Shannon).
-            - skew: skew_kl / skew_reverse_kl only, in [0, 1). 0 = the plain KL; towards 1 the mixture
-              approaches the first argument and the divergence shrinks to 0.
+            - divergence, beta (jsd), skew (skew_kl, skew_reverse_kl): D, ``forward_kl`` by default, and its
+              parameters; see `divergence_per_token` for each formula and what beta and skew do.
         ignore_index: label value of tokens that never count.
-        vocab_size: compare over the first `vocab_size` logits (the real tokenizer vocabulary).
-        normalizer: divide the summed per-token terms by this instead of the number of unmasked
-            tokens (gradient accumulation: pass the token count of the whole accumulated batch).
-        divergence: a function (log_p, log_q) -> (N,) used instead of spec.divergence.
+        vocab_size, normalizer, divergence: as in `token_distillation_loss` (N: the number of unmasked tokens).
 
     Returns:
         DistillationLoss(total, ce, kd): scalar means over the unmasked target tokens; all zero
@@ -458,15 +445,14 @@ def chunked_distillation_loss(student_hidden: torch.Tensor, student_weight: torc
         return DistillationLoss(zero, zero.detach(), None if teacher is None else zero.detach())
     if isinstance(teacher, TeacherTopK):
         teacher.check(vocab)  # once here, not in every chunk (each check is a host sync)
-    bias, dtype = student_bias, compute_dtype or student_hidden.dtype
+    dtype = compute_dtype or student_hidden.dtype
     size = int(spec.chunk_size or auto_chunk_size(vocab, student_hidden.device.type))
-    grad = torch.is_grad_enabled()
-    need = tuple(grad and x is not None and x.requires_grad for x in (student_hidden, student_weight, bias))
+    inputs = (student_hidden, student_weight, student_bias)  # the tensors that get a stored gradient
+    need = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad for x in inputs)
     w = student_weight.detach()[:vocab].to(dtype)
-    b = None if bias is None else bias.detach()[:vocab].to(dtype)
+    b = None if student_bias is None else student_bias.detach()[:vocab].to(dtype)
     acc = torch.promote_types(student_weight.dtype, torch.float32)  # every stored gradient is kept in >= fp32
-    grads = [torch.zeros(x.shape, dtype=acc, device=x.device) if want else None
-             for x, want in zip((student_hidden, student_weight, bias), need)]
+    grads = [torch.zeros(x.shape, dtype=acc, device=x.device) if want else None for x, want in zip(inputs, need)]
     sums = torch.zeros(3, dtype=torch.promote_types(student_hidden.dtype, torch.float32), device=student_hidden.device)
     # The loss is a sum over tokens divided by the normalizer N, so each logit's gradient is about |p - q| / N: cast
     # to fp16 as it is, most of the soft (teacher-vs-student) part underflows to zero. It is multiplied by N (back
@@ -489,5 +475,5 @@ def chunked_distillation_loss(student_hidden: torch.Tensor, student_weight: torc
         if need[2]:
             grads[2][:vocab] += g.sum(0)
         del logits, part
-    total = _StoredGradients.apply(student_hidden, student_weight, bias, sums[0], grads) if any(need) else sums[0]
+    total = _StoredGradients.apply(*inputs, sums[0], grads) if any(need) else sums[0]
     return DistillationLoss(total, sums[1], None if teacher is None else sums[2])

@@ -91,8 +91,7 @@ class TopKCache:
     """Read access to a finished cache: the teacher's top-k for given rows of the split."""
 
     def __init__(self, path: Path, meta: dict, report: CacheReport):
-        self.path, self.meta, self.report = path, meta, report
-        self.k = meta["k"]
+        self.path, self.meta, self.report, self.k = path, meta, report, meta["k"]
         self.offsets = np.load(path / "offsets.npy")
         self._files = []  # ids, logprobs, tail (a loop, not a comprehension: one frame fewer on the training path)
         for name in FILES:
@@ -157,11 +156,6 @@ def validate_cache(path: Path, expected_fingerprint: Optional[str] = None) -> Op
     return None
 
 
-def _answer_counts(split: TokenizedSplit) -> np.ndarray:
-    # Positions t whose next label is scored: the labels from position 1 on that are not ignored.
-    return np.array([sum(1 for t in f["labels"][1:] if t != IGNORE_INDEX) for f in split.features], np.int64)
-
-
 def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str | Path, *, k: int = 64,
                      vocab_size: Optional[int] = None, pad_token_id: int = 0, batch_size: int = 8,
                      teacher_key: Optional[dict] = None, kl_sample_rows: int = 32,
@@ -180,8 +174,7 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
         vocab_size: the tokenizer's size; logits beyond it (padding rows) are dropped first.
         teacher_key: identifies the teacher beyond its weights (source, revision, precision).
         kl_sample_rows: rows on which KL(full teacher || top-k approximation) is measured."""
-    width = teacher.get_output_embeddings().weight.shape[0]
-    vocab = vocab_size or width
+    vocab = vocab_size or teacher.get_output_embeddings().weight.shape[0]
     if not 1 <= k <= vocab:
         raise ValueError(f"teacher_cache.k={k}: use a value in [1, {vocab}] (the vocabulary size).")
     parts = fingerprint_parts(teacher, split, k, vocab, teacher_key)
@@ -230,40 +223,30 @@ def _batch_hash(*arrays) -> str:
     return digest(*(np.ascontiguousarray(a).tobytes() for a in arrays))
 
 
-def _first_damaged(state: dict, mms, offsets: np.ndarray) -> Optional[int]:
-    """The first row of the first finished batch whose bytes no longer match their checksum, else None."""
-    for lo, hi, expected in state.get("batches", []):
-        a, b = int(offsets[lo]), int(offsets[hi])
-        if _batch_hash(*(mm[a:b] for mm in mms)) != expected:
-            return lo
-    return None
-
-
 def _build_or_reuse(teacher, split, root: Path, parts: dict, k: int, vocab: int, pad_token_id: int,
                     batch_size: int, kl_sample_rows: int, progress: bool) -> TopKCache:
     fp = fingerprint(parts)
     final, partial = root / fp, root / f"{fp}.partial"
-    problem = validate_cache(final, fp) if final.exists() else "absent"
-    if problem is None:
+    if final.exists() and validate_cache(final, fp) is None:
         meta = json.loads((final / "meta.json").read_text())
         return TopKCache(final, meta, CacheReport(**{**meta["report"], "status": "reused", "path": str(final)}))
     if final.exists():  # stale or damaged: never read, rebuilt from scratch
         shutil.rmtree(final)
 
-    counts = _answer_counts(split)
+    # Answer tokens per row: positions t whose next label is scored, the labels from position 1 on not ignored.
+    counts = np.array([sum(1 for t in f["labels"][1:] if t != IGNORE_INDEX) for f in split.features], np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     tokens = int(offsets[-1])
     done, status = 0, "built"
     progress_file = partial / "progress.json"
-    if partial.exists():
-        try:
-            state = json.loads(progress_file.read_text())
-            same = state["fingerprint"] == fp and np.array_equal(np.load(partial / "offsets.npy"), offsets)
-        except (OSError, ValueError, KeyError):
-            same = False
-        if same:
-            done = int(state["rows_done"])
-            status = f"resumed after {done} of {len(split)} rows"
+    try:  # a partial build of this very cache (none: FileNotFoundError) resumes where it stopped
+        state = json.loads(progress_file.read_text())
+        same = state["fingerprint"] == fp and np.array_equal(np.load(partial / "offsets.npy"), offsets)
+    except (OSError, ValueError, KeyError):
+        same = False
+    if same:
+        done = int(state["rows_done"])
+        status = f"resumed after {done} of {len(split)} rows"
     if done == 0:  # nothing to resume: start afresh
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -275,20 +258,20 @@ def _build_or_reuse(teacher, split, root: Path, parts: dict, k: int, vocab: int,
         state = {"fingerprint": fp, "rows_done": 0, "kl_sum": 0.0, "kl_tokens": 0, "seconds": 0.0, "batches": []}
         write_json(progress_file, state)
     mms = [_open(partial, name, tokens, k, "r+") for name in FILES]  # ids, logprobs, tail
-    damaged = _first_damaged(state, mms, offsets) if done else None
-    if damaged is not None:  # a byte changed after it was written: rebuild from that batch on
-        tqdm.write(f"teacher cache: rows {damaged}- of the partial build in {partial} fail their checksum; "
-                   f"computing them again")
-        state["batches"] = [b for b in state["batches"] if b[0] < damaged]
-        done = damaged
-        status = f"resumed after {done} of {len(split)} rows (damaged rows recomputed)"
+    for lo, hi, expected in state.get("batches", []):  # a byte changed after it was written: redo from that batch
+        if _batch_hash(*(mm[int(offsets[lo]):int(offsets[hi])] for mm in mms)) != expected:
+            tqdm.write(f"teacher cache: rows {lo}- of the partial build in {partial} fail their checksum; "
+                       f"computing them again")
+            state["batches"] = [b for b in state["batches"] if b[0] < lo]
+            done = lo
+            status = f"resumed after {done} of {len(split)} rows (damaged rows recomputed)"
+            break
 
     teacher.eval()
     start = time.perf_counter()
     bar = tqdm(total=len(split), initial=done, desc="teacher cache", disable=not progress)
-    device = next(teacher.parameters()).device
     for batch in answer_batches(split, pad_token_id, batch_size=batch_size, rows=range(done, len(split)),
-                                device=device):
+                                device=next(teacher.parameters()).device):
         lo, hi = batch.rows[0], batch.rows[-1] + 1
         a, b = int(offsets[lo]), int(offsets[hi])
         if b > a:
@@ -319,8 +302,12 @@ def _teacher_topk(teacher, batch: AnswerBatch, vocab: int, k: int, kl_state: Opt
             del logits
             top_lp, top_ids = log_p.topk(k, dim=-1)
             tail = (1.0 - top_lp.double().exp().sum(-1)).clamp_min(0.0).float()
-            if kl_state is not None:
-                kl_state["kl_sum"] += float(_kl_to_topk(log_p, top_ids, top_lp.half().float(), tail).sum())
+            if kl_state is not None:  # the approximation: the stored top-k, the tail spread uniformly
+                width = log_p.shape[-1]
+                approx = (torch.full_like(log_p, -math.inf) if k == width else
+                          (tail.clamp_min(1e-30).log() - math.log(width - k)).unsqueeze(-1).expand_as(log_p).clone())
+                approx.scatter_(-1, top_ids, top_lp.half().float())
+                kl_state["kl_sum"] += float(kl(log_p, approx).clamp_min(0.0).sum())
                 kl_state["kl_tokens"] += int(log_p.shape[0])
             del log_p
             pieces.append((top_ids, top_lp, tail))
@@ -344,14 +331,3 @@ def _publish(partial: Path, final: Path, parts: dict, report: CacheReport) -> To
     write_json(partial / "meta.json", meta)
     os.replace(partial, final)
     return TopKCache(final, meta, report)
-
-
-def _kl_to_topk(log_p: torch.Tensor, top_ids: torch.Tensor, top_lp: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(full teacher || approximation): stored top-k log-probs, the tail spread uniformly."""
-    vocab, k = log_p.shape[-1], top_ids.shape[-1]
-    if k == vocab:
-        approx = torch.full_like(log_p, -math.inf)
-    else:
-        approx = (tail.clamp_min(1e-30).log() - math.log(vocab - k)).unsqueeze(-1).expand_as(log_p).clone()
-    approx.scatter_(-1, top_ids, top_lp)
-    return kl(log_p, approx).clamp_min(0.0)

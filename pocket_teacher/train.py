@@ -73,16 +73,12 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields a tied weight once
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms and biases
-
-
 def make_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
     """AdamW with fp32 states (train.optimizer=adamw) or bitsandbytes' 8-bit AdamW (adamw_8bit: about 2 instead
     of 8 bytes of state per parameter; block-wise quantized states, as in Dettmers et al. 2022)."""
-    groups = _param_groups(model, tcfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields a tied weight once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms and biases
     if tcfg.optimizer == "adamw_8bit":
         try:
             import bitsandbytes as bnb
@@ -126,10 +122,8 @@ def live_teacher(teacher: torch.nn.Module, batch: AnswerBatch, implementation: s
 class DistillStep(torch.nn.Module):
     """The student plus its loss: one forward call returns the `DistillationLoss` of a micro-batch.
 
-    DDP and FSDP wrap this module, so every student parameter, the output layer included, is used
-    inside ``forward`` even though the chunked loss reads the output weight directly. `divergence` replaces the
-    one loss.divergence names (a function of teacher and student log-probs, e.g. written in a notebook cell).
-    """
+    DDP and FSDP wrap this module, so every student parameter, the output layer included, is used inside
+    ``forward`` even though the chunked loss reads the output weight directly. `divergence`: as in `distill`."""
 
     def __init__(self, model: torch.nn.Module, loss_cfg, implementation: str, vocab_size: Optional[int] = None,
                  divergence: Optional[Divergence] = None):
@@ -164,9 +158,8 @@ class DistillStep(torch.nn.Module):
 
 @dataclass
 class OpenedStep:
-    """One training step opened up on a visible batch (the notebook's "one step" cell): the rows the step reads,
-    their padded ids and labels (prompt and padding -100), the answer positions, the targets, the untrained
-    student's logits there and the teacher's signal, exactly as the training step receives them."""
+    """One training step opened up on a visible batch (the notebook's "one step" cell), exactly as the training
+    step receives it."""
 
     batch: AnswerBatch  # the rows, padded; their answer positions and targets
     student_logits: torch.Tensor  # (N, V) the student's logits there (no gradient)
@@ -203,10 +196,8 @@ class OpenedStep:
                                     self.teacher.chunk(position, position + 1, student.shape[-1]), temperature)
             ids, probs = self.teacher.ids[position][:k].long(), log_p[0, :k].exp()
         elif self.teacher is not None:
-            width = self.student_logits.shape[-1]
-            teacher = torch.softmax(self.teacher.chunk(position, position + 1, width).logits[0].float() / temperature,
-                                    -1)
-            probs, ids = teacher.topk(k)
+            teacher = self.teacher.chunk(position, position + 1, student.shape[-1]).logits[0].float()
+            probs, ids = torch.softmax(teacher / temperature, -1).topk(k)
         else:
             probs, ids = torch.full((k,), float("nan")), student.topk(k).indices
         return pd.DataFrame({"token": [self.tokenizer.decode([int(i)]) for i in ids], "teacher": probs.tolist(),
@@ -301,8 +292,8 @@ def collapse_advice(tcfg=None) -> str:
         return "lower train.lr"
     if tcfg.warmup_steps >= tcfg.max_steps:
         until = "until the last step" if tcfg.warmup_steps == tcfg.max_steps else "throughout"
-        return (f"the warm-up ({tcfg.warmup_steps} steps) takes the whole run ({tcfg.max_steps} steps), so the learning "
-                f"rate stayed below train.lr {until}: shorten train.warmup_steps or raise train.max_steps")
+        return (f"the warm-up ({tcfg.warmup_steps} steps) takes the whole run ({tcfg.max_steps} steps), so the "
+                f"learning rate stayed below train.lr {until}: shorten train.warmup_steps or raise train.max_steps")
     return f"lower train.lr (now {tcfg.lr:g})"
 
 
@@ -428,9 +419,28 @@ class Trainer:
         self.progress, self.divergence = progress, divergence
         self.run_folder = Path(folder) if folder is not None else None
         self.folder = self.run_folder / "checkpoints" if folder is not None else None
-        self.accelerator, self.compute = _accelerator_for(self.tcfg, self.run_folder)
-        set_seed(self.tcfg.seed)
-        _check_inputs(teacher, teacher_cache, self.lcfg, train_split, self.tcfg.on_policy)
+        t, device = self.tcfg, resolve_device(self.tcfg.device)  # mixed precision as the device allows, TF32 on sm80+
+        self.compute = resolve_mixed_precision(t.mixed_precision, device.type, device_capability(device))
+        if device.type == "cuda" and native_bf16(device_capability(device)):
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the loss's weight gradient) on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
+        if t.log_with and folder is None:
+            raise ValueError("train.log_with needs a run folder for the tracker's files (pass folder=).")
+        trackers = {"log_with": t.log_with, "project_dir": str(self.run_folder)} if t.log_with else {}
+        self.accelerator = Accelerator(cpu=device.type == "cpu", **trackers,
+                                       mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(self.compute, "no"))
+        set_seed(t.seed)
+        if t.on_policy > 0 and teacher is None:
+            raise ValueError(f"train.on_policy={t.on_policy}: the student's sampled answers are scored by the live "
+                             f"teacher (no cache can hold them); pass the teacher (the experiment keeps it on the "
+                             f"device).")
+        if teacher is None and teacher_cache is None and cfg.loss.alpha != 1.0:
+            raise ValueError(f"No teacher and no teacher cache, but loss.alpha={cfg.loss.alpha}: the distillation "
+                             f"term needs the teacher. Pass one, or set loss.alpha=1 to fine-tune on the targets "
+                             f"alone.")
+        if teacher_cache is not None and len(teacher_cache) != len(train_split):
+            raise ValueError(f"The teacher cache has {len(teacher_cache)} rows but the split {len(train_split)}: it "
+                             f"was built for another split; build it again for this one.")
         self.eos_token_id = self.vocab.eos_token_id if self.vocab.eos_token_id is not None else getattr(
             getattr(student, "generation_config", None), "eos_token_id", None)
         self.rollout_stats: Optional[dict] = None
@@ -469,8 +479,18 @@ class Trainer:
         if self.tcfg.log_with:
             self.accelerator.init_trackers(self.cfg.run.name, config=_flat(self.cfg.to_dict())
                                            if hasattr(self.cfg, "to_dict") else {})
-        if self.progress and main:
-            self.say(self._describe())
+        if self.progress and main:  # the run's settings in one line
+            t, lc, procs = self.tcfg, self.lcfg, self.procs
+            width = self.vocab_size or self.student.get_output_embeddings().weight.shape[0]
+            chunk = (f", {lc.chunk_size or auto_chunk_size(width, self.accelerator.device.type)} tokens per chunk"
+                     if self.implementation == "chunked" else "")
+            source = ("top-k teacher cache" if self.cache is not None else "live teacher" if self.teacher is not None
+                      else "no teacher (CE only)")
+            name = lc.divergence if self.divergence is None else f"custom divergence {divergence_name(self.divergence)}"
+            self.say(f"loss: {name}, alpha {lc.alpha}, T {lc.temperature}, {source}; {self.implementation} "
+                     f"implementation{chunk}; {procs} process(es), global batch {t.batch_size * procs} x "
+                     f"{t.grad_accum} accumulation; mixed precision {self.compute}, {t.optimizer}, gradient "
+                     f"checkpointing {'on' if t.gradient_checkpointing else 'off'}")
         if main and self.tcfg.warmup_steps > self.tcfg.max_steps:
             print(f"WARNING: train.warmup_steps={self.tcfg.warmup_steps} is longer than train.max_steps="
                   f"{self.tcfg.max_steps}: the learning rate ends at {self.tcfg.max_steps / self.tcfg.warmup_steps:.0%}"
@@ -486,19 +506,6 @@ class Trainer:
             self.history_file = (self.run_folder / "history.jsonl").open("w")
         self.history_file.write(json.dumps(row) + "\n")
         self.history_file.flush()
-
-    def _describe(self) -> str:
-        t, lc, procs = self.tcfg, self.lcfg, self.procs
-        width = self.vocab_size or self.student.get_output_embeddings().weight.shape[0]
-        chunk = (f", {lc.chunk_size or auto_chunk_size(width, self.accelerator.device.type)} tokens per chunk"
-                 if self.implementation == "chunked" else "")
-        source = ("top-k teacher cache" if self.cache is not None else "live teacher" if self.teacher is not None
-                  else "no teacher (CE only)")
-        name = lc.divergence if self.divergence is None else f"custom divergence {divergence_name(self.divergence)}"
-        return (f"loss: {name}, alpha {lc.alpha}, T {lc.temperature}, {source}; {self.implementation} "
-                f"implementation{chunk}; {procs} process(es), global batch {t.batch_size * procs} x "
-                f"{t.grad_accum} accumulation; mixed precision {self.compute}, {t.optimizer}, gradient "
-                f"checkpointing {'on' if t.gradient_checkpointing else 'off'}")
 
     def save(self, step: int, diverged: bool = False) -> Optional[Path]:
         """A checkpoint of the weights after `step` steps (process 0 writes; all wait), pruned to keep_checkpoints."""
@@ -609,12 +616,12 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Start or resume (`start`), then train to train.max_steps: one optimizer step per global batch, the
         guard before each, a history row after, checkpoints every train.checkpoint_every and at a stop signal."""
-        t = self.tcfg
+        t, acc = self.tcfg, self.accelerator
         self.start()
         bar = tqdm(total=t.max_steps, initial=self.start_step, desc="distill",
-                   disable=not self.progress or not self.accelerator.is_main_process)
+                   disable=not self.progress or not acc.is_main_process)
         self.began, seen_tokens = time.perf_counter(), 0
-        with StopSignals() as stop, contextlib.closing(bar), self._history_closed():
+        with StopSignals() as stop, contextlib.closing(bar), contextlib.closing(self):
             for step in range(self.start_step, t.max_steps):
                 micro, on_policy = self.micro_batches(step), self.on_policy(step)
                 self.rollout_stats = None
@@ -624,8 +631,7 @@ class Trainer:
                 seen_tokens += seen
                 total, ce, kd = parts.tolist()
                 # The guard looks before the optimizer step, so the weights stay those of the last good step.
-                grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(),
-                                                                   t.max_grad_norm or math.inf))
+                grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm or math.inf))
                 if not math.isfinite(total) or (self.compute != "fp16" and not math.isfinite(grad_norm)):
                     self.optimizer.zero_grad(set_to_none=True)
                     again = step == self.start_step and self.resumed_diverged  # no step worked since the last one
@@ -643,22 +649,25 @@ class Trainer:
                     f" | eval ppl {row['eval_ppl']:.2f}" if "eval_ppl" in row else ""), refresh=False)
                 bar.update(1)
                 path = self.save(step + 1) if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 else None
-                if _stop_requested(stop, self.accelerator):  # SIGTERM / SIGINT: keep this step, then stop cleanly
+                if self.procs > 1:  # a stop signal that reached any process stops them all
+                    flag = acc.reduce(torch.tensor(float(stop.signum), device=acc.device), "max")
+                    stop.signum = stop.signum or int(flag)
+                if stop.signum:  # SIGTERM / SIGINT: keep this step, then stop cleanly
                     path = path or self.save(step + 1)
-                    raise TrainingInterrupted(stop.signum, _interrupted_message(stop.signum, step + 1, t, path))
+                    where = (f"checkpoint saved in {path}; continue with --resume ({NOTEBOOK_RESUME})" if path
+                             else "no checkpoint folder was given, so nothing was saved")
+                    raise TrainingInterrupted(stop.signum, f"{signal.Signals(stop.signum).name} after step {step + 1} "
+                                                           f"of {t.max_steps}; {where}.")
         periodic = t.checkpoint_every and t.max_steps % t.checkpoint_every == 0
         if t.save_final and self.start_step < t.max_steps and not periodic:
             self.save(t.max_steps)  # the finished state: a run stopped in a later stage resumes past this training
         return self.finish()
 
-    @contextlib.contextmanager
-    def _history_closed(self):
-        try:
-            yield
-        finally:
-            if self.history_file is not None:
-                self.history_file.close()
-                self.history_file = None
+    def close(self) -> None:
+        """Close history.jsonl (`fit` does, however it ends)."""
+        if self.history_file is not None:
+            self.history_file.close()
+            self.history_file = None
 
     def finish(self) -> TrainResult:
         t, acc, result = self.tcfg, self.accelerator, self.result
@@ -678,35 +687,6 @@ class Trainer:
         return result
 
 
-def _accelerator_for(tcfg, folder: Optional[Path]) -> tuple:
-    """The Accelerator for train.device and train.mixed_precision (TF32 on sm80+), with trackers if asked."""
-    device = resolve_device(tcfg.device)
-    compute = resolve_mixed_precision(tcfg.mixed_precision, device.type, device_capability(device))
-    if device.type == "cuda" and native_bf16(device_capability(device)):
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the loss's weight gradient) on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
-    trackers = {}
-    if tcfg.log_with:
-        if folder is None:
-            raise ValueError("train.log_with needs a run folder for the tracker's files (pass folder=).")
-        trackers = {"log_with": tcfg.log_with, "project_dir": str(folder)}
-    accelerator = Accelerator(cpu=device.type == "cpu",
-                              mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(compute, "no"), **trackers)
-    return accelerator, compute
-
-
-def _check_inputs(teacher, teacher_cache, lcfg, train_split, on_policy: float = 0.0) -> None:
-    if on_policy > 0 and teacher is None:
-        raise ValueError(f"train.on_policy={on_policy}: the student's sampled answers are scored by the live teacher "
-                         f"(no cache can hold them); pass the teacher (the experiment keeps it on the device).")
-    if teacher is None and teacher_cache is None and lcfg.alpha != 1.0:
-        raise ValueError(f"No teacher and no teacher cache, but loss.alpha={lcfg.alpha}: the distillation term needs "
-                         f"the teacher. Pass one, or set loss.alpha=1 to fine-tune on the targets alone.")
-    if teacher_cache is not None and len(teacher_cache) != len(train_split):
-        raise ValueError(f"The teacher cache has {len(teacher_cache)} rows but the split {len(train_split)}: it was "
-                         f"built for another split; build it again for this one.")
-
-
 def whole_student(accelerator, prepared: torch.nn.Module, trained: torch.nn.Module) -> Optional[torch.nn.Module]:
     """The trained student as one ordinary model. Under FSDP the prepared model is sharded in place across the
     processes, so its full state is gathered (every process takes part) and loaded on process 0 into an
@@ -714,9 +694,7 @@ def whole_student(accelerator, prepared: torch.nn.Module, trained: torch.nn.Modu
     if accelerator.distributed_type != DistributedType.FSDP:
         return trained
     state = accelerator.get_state_dict(prepared)  # gathered to process 0 (full state dict, on the CPU)
-    if not accelerator.is_main_process:
-        return None
-    return unsharded_copy(trained, state)
+    return unsharded_copy(trained, state) if accelerator.is_main_process else None
 
 
 def unsharded_copy(model: torch.nn.Module, wrapped_state: dict) -> torch.nn.Module:
@@ -724,7 +702,7 @@ def unsharded_copy(model: torch.nn.Module, wrapped_state: dict) -> torch.nn.Modu
     "model." first, as the prepared module names them)."""
     from transformers import AutoModelForCausalLM
 
-    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in wrapped_state.items()}
+    state = {k.removeprefix("model."): v for k, v in wrapped_state.items()}
     fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
@@ -758,21 +736,6 @@ def _divergence_message(step: int, total: float, ce: float, kd: float, grad_norm
             f"first; use bf16 or fp32). {where}")
 
 
-def _interrupted_message(signum: int, step: int, tcfg, path: Optional[Path]) -> str:
-    where = (f"checkpoint saved in {path}; continue with --resume ({NOTEBOOK_RESUME})" if path
-             else "no checkpoint folder was given, so nothing was saved")
-    return f"{signal.Signals(signum).name} after step {step} of {tcfg.max_steps}; {where}."
-
-
-def _stop_requested(stop: StopSignals, accelerator) -> bool:
-    """True once a stop signal reached this process (or, with several processes, any of them)."""
-    if accelerator.num_processes == 1:
-        return bool(stop.signum)
-    flag = accelerator.reduce(torch.tensor(float(stop.signum), device=accelerator.device), "max")
-    stop.signum = stop.signum or int(flag)
-    return bool(stop.signum)
-
-
 def _resume(folder: Optional[Path], cfg, student, optimizer, say, divergence: Optional[Divergence] = None) -> dict:
     """Load the newest valid checkpoint of this run into the student and optimizer.
 
@@ -791,7 +754,7 @@ def _resume(folder: Optional[Path], cfg, student, optimizer, say, divergence: Op
     diff = fingerprint_differences(saved.get("fingerprint") or {}, current) if "fingerprint" in saved else {}
     refused = {k: v for k, v in diff.items() if k not in tcfg.resume_allow}
     if refused:
-        listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in ((k, *v) for k, v in refused.items()))
+        listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in refused.items())
         raise ckpt.CheckpointError(
             f"resume: {path} was written with other settings ({listed}). Resume with the settings it was trained "
             f"with, start a new run without --resume (the old checkpoints are moved aside), or continue on purpose "
