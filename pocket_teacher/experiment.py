@@ -59,22 +59,15 @@ class PlanDoesNotFit(RuntimeError):
     """The memory plan says a stage does not fit this machine; the message lists the knobs that would fit."""
 
 
-def check_memory(cfg: Config, gpu: Optional[str] = None, force: bool = False, verbose: bool = True,
-                 splits: Optional["Splits"] = None) -> Optional[MemoryPlan]:
-    """Print the memory plan of `cfg` on this machine (or on `gpu`) and refuse, before anything loads, a plan
-    that does not fit (unless `force`). With tokenized `splits` the plan uses their real lengths. On this
-    machine, device and precision settings it cannot run (train.device=cuda without a GPU, an 8-bit teacher or
-    fp16 training on CPU, bf16 on a T4) are refused here too, before anything loads."""
-    if gpu is None:
-        device = resolve_device(cfg.train.device)
-        resolve_precision(cfg.teacher.precision, device, "teacher")
-        resolve_mixed_precision(cfg.train.mixed_precision, device.type, device_capability(device))
-    def lengths(split, prompt=False):
-        return [sum(t == -100 for t in f["labels"]) if prompt else len(f["input_ids"])
-                for f in split.features] if splits and len(split) else None
+def check_memory(cfg: Config, force: bool = False, verbose: bool = True) -> Optional[MemoryPlan]:
+    """Print the memory plan of `cfg` on this machine and refuse, before anything loads, a plan that does not fit
+    (unless `force`). Device and precision settings this machine cannot run (train.device=cuda without a GPU, an
+    8-bit teacher or fp16 training on CPU, bf16 on a T4) are refused here too, before anything loads."""
+    device = resolve_device(cfg.train.device)
+    resolve_precision(cfg.teacher.precision, device, "teacher")
+    resolve_mixed_precision(cfg.train.mixed_precision, device.type, device_capability(device))
     try:
-        plan = memory_plan(cfg, gpu, lengths=lengths(splits and splits.train), eval_lengths=lengths(
-            splits and splits.eval), prompt_lengths=lengths(splits and splits.eval, prompt=True))
+        plan = memory_plan(cfg)
     except PlanError as exc:
         if verbose:
             print(f"memory plan: skipped ({exc})")
@@ -327,46 +320,6 @@ def preview_config(cfg: Config, steps: int) -> Config:
                     {"on_policy": 1.0, "max_steps": steps, "eval_every": steps, "checkpoint_every": 0},
                     loss=dataclasses.replace(cfg.loss, divergence="reverse_kl", temperature=1.0,
                                              alpha=min(cfg.loss.alpha, 0.5)))
-
-
-def make_figures(cfg: Config, results: Sequence[dict], history: Sequence[dict],
-                 baseline_history: Optional[Sequence[dict]] = None, baseline_label: str = BASELINE_LABEL,
-                 divergence: Optional[str] = None) -> dict[str, Any]:
-    """Quality bars, training curves, quality vs size (and latency), per-subject MMLU when scored; saved under
-    runs/<name>/figures (and run.figures_dir). `divergence` names a function used in place of loss.divergence."""
-    what = (f"{cfg.preset} preset, {cfg.train.max_steps} steps, {divergence or cfg.loss.divergence}, "
-            f"alpha={cfg.loss.alpha}, T={cfg.loss.temperature}")
-    figures = {"quality": plot_quality(results, title=f"Teacher vs student ({what})"),
-               "training": plot_training(history, title=f"Training curves ({what})", baseline=baseline_history,
-                                         baseline_label=baseline_label),
-               "size": plot_size_quality(results, title=f"Quality vs size ({what})")}
-    if any(r.get("latency_ms_per_token") for r in results):
-        figures["latency"] = plot_size_quality(results, x="latency", title=f"Quality vs latency ({what})")
-    if any(r.get("mmlu_per_subject") for r in results):
-        figures["mmlu"] = plot_mmlu_subjects(results, title=f"MMLU by subject ({what})")
-    for name, fig in figures.items():
-        save_figure(fig, *(Path(d) / f"{name}.png" for d in (run_dir(cfg) / "figures", cfg.run.figures_dir) if d))
-    return figures
-
-
-def compare_generations(cfg: Config, models: dict[str, torch.nn.Module], tokenizer, splits: Splits,
-                        progress: bool = True):
-    """Side-by-side answers of each model on the first `eval.side_by_side` held-out questions."""
-    examples = splits.eval.examples[:cfg.eval.side_by_side]
-    text = bool(examples) and not examples[0].answer  # free text: the models continue the raw prompt
-    if text:  # a text without its own prompt (data.source=text) is continued from its opening words
-        examples = [e if e.question else dataclasses.replace(e, question=" ".join(e.target.split()[:OPENING_WORDS]))
-                    for e in examples]
-    prompts = [e.question if text else format_prompt(tokenizer, e.question, cfg.data.system_prompt)
-               for e in examples]
-    device = resolve_device(cfg.train.device)
-    greedy = GenerateConfig(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
-    answers = {}
-    for name, model in models.items():
-        with visiting(model, device):
-            answers[name] = generate(model, tokenizer, prompts, greedy, desc=name, progress=progress,
-                                     stop=default_stop(tokenizer, cfg.generate.stop) if text else ())
-    return side_by_side(examples, answers)
 
 
 # The notebook's sections, in order: (method, title). `Experiment.run()` calls them in this order.
@@ -741,12 +694,28 @@ class Experiment:
         return results_table(self.results.values())
 
     def plots(self) -> dict[str, Any]:
+        """Quality bars, training curves, quality vs size (and latency), per-subject MMLU when scored; saved under
+        runs/<name>/figures (and run.figures_dir)."""
         with self._timed("plots"):
-            trained = _need(self.trained, "distil")
-            if self.main:
-                baseline = self.baseline.result.history if self.baseline else None
-                self.figures = make_figures(trained.cfg, list(self.results.values()), trained.result.history,
-                                            baseline, self.baseline_label, trained.divergence_label)
+            trained, results = _need(self.trained, "distil"), list(self.results.values())
+            if not self.main:
+                return self.figures
+            cfg, divergence = trained.cfg, trained.divergence_label or trained.cfg.loss.divergence
+            what = (f"{cfg.preset} preset, {cfg.train.max_steps} steps, {divergence}, alpha={cfg.loss.alpha}, "
+                    f"T={cfg.loss.temperature}")
+            self.figures = {
+                "quality": plot_quality(results, title=f"Teacher vs student ({what})"),
+                "training": plot_training(trained.result.history, title=f"Training curves ({what})",
+                                          baseline=self.baseline.result.history if self.baseline else None,
+                                          baseline_label=self.baseline_label),
+                "size": plot_size_quality(results, title=f"Quality vs size ({what})")}
+            if any(r.get("latency_ms_per_token") for r in results):
+                self.figures["latency"] = plot_size_quality(results, x="latency", title=f"Quality vs latency ({what})")
+            if any(r.get("mmlu_per_subject") for r in results):
+                self.figures["mmlu"] = plot_mmlu_subjects(results, title=f"MMLU by subject ({what})")
+            for name, fig in self.figures.items():
+                save_figure(fig, *(Path(d) / f"{name}.png" for d in (run_dir(cfg) / "figures", cfg.run.figures_dir)
+                                   if d))
             return self.figures
 
     def side_by_side(self):
@@ -759,11 +728,23 @@ class Experiment:
             models = {"teacher": self.teacher, "student before": self.student_init, **self._trained_students(trained)}
             done = {name: [g["output"] for g in (self.results.get(name) or {}).get("generations", [])[:k]]
                     for name in models}
-            if self.cfg.eval.gsm8k_shots == 0 and all(len(v) == min(k, len(self.splits.eval)) for v in done.values()):
-                # the accuracy runs already answered these questions, with the same prompt and greedy decoding
-                self.comparison = side_by_side(self.splits.eval.examples[:k], done)
-            else:
-                self.comparison = compare_generations(self.cfg, models, self.tokenizer, self.splits, self.progress)
+            examples = self.splits.eval.examples[:k]
+            if self.cfg.eval.gsm8k_shots == 0 and all(len(v) == len(examples) for v in done.values()):
+                self.comparison = side_by_side(examples, done)  # the accuracy runs answered these, greedy, same prompts
+                return self.comparison
+            text = bool(examples) and not examples[0].answer  # free text: the models continue the raw prompt
+            if text:  # a text without its own prompt (data.source=text) is continued from its opening words
+                examples = [e if e.question else dataclasses.replace(e, question=" ".join(e.target.split()[
+                    :OPENING_WORDS])) for e in examples]
+            prompts = [e.question if text else format_prompt(self.tokenizer, e.question, self.cfg.data.system_prompt)
+                       for e in examples]
+            greedy = GenerateConfig(max_new_tokens=self.cfg.eval.max_new_tokens, batch_size=self.cfg.eval.batch_size)
+            stop = default_stop(self.tokenizer, self.cfg.generate.stop) if text else ()
+            for name, model in models.items():
+                with visiting(model, self.device):
+                    done[name] = generate(model, self.tokenizer, prompts, greedy, desc=name, progress=self.progress,
+                                          stop=stop)
+            self.comparison = side_by_side(examples, done)
             return self.comparison
 
     def save(self) -> Path:

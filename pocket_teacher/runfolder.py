@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,11 +33,23 @@ def run_dir(cfg: Config) -> Path:
 
 
 def environment() -> dict[str, Any]:
-    """Versions and hardware, saved with every run."""
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+    """Versions, hardware, the command and the code's commit, saved with every run (results/ quotes them)."""
+    return {"command": os.environ.get("POCKET_TEACHER_COMMAND", "a Python session (notebook or import)"),
+            "commit": _commit(), "python": sys.version.split()[0], "platform": platform.platform(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "cpu": _cpu_name()}
+
+
+def _commit() -> Optional[str]:
+    """The git commit of the package's checkout ("-dirty" with uncommitted changes); None outside a checkout."""
+    git = ["git", "-C", str(Path(__file__).parent)]
+    try:
+        head, changes = (subprocess.run(git + args, capture_output=True, text=True, timeout=10, check=True).stdout
+                         for args in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.strip() + ("-dirty" if changes.strip() else "")
 
 
 def _cpu_name() -> str:
