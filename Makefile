@@ -13,7 +13,7 @@ COLAB_VENV ?= .venv-colab
 COLAB_PY := $(COLAB_VENV)/bin/python
 COLAB_STAMP := $(COLAB_VENV)/.installed
 
-.PHONY: install demo demo-text test test-slow test-gpu test-colab test-all clean
+.PHONY: install demo demo-text readme test test-slow test-gpu test-colab test-all clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(STAMP)
 
 demo-text: $(STAMP)
 	$(PY) -m pocket_teacher notebook --notebook Pocket_Teacher_Text.ipynb --preset pocket-text --figures figures/pocket-text
+
+# the README's measured sections, regenerated from the committed results files (make test checks them)
+readme: $(STAMP)
+	$(PY) tools/readme_numbers.py write
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu"

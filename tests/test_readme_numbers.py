@@ -1,0 +1,129 @@
+"""The README's measured figures come from committed results files (tools/readme_numbers.py): `make test` fails
+when a figure disagrees with its file, when a file changed and the README was not regenerated, and when a figure
+is typed by hand into a sourced section."""
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "tools" / "readme_numbers.py")
+numbers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(numbers)
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_figures_equal_their_results_files():
+    assert numbers.check() == []
+
+
+def test_every_block_names_a_committed_results_file_and_a_renderer():
+    blocks = list(numbers.BLOCK.finditer(README))
+    assert blocks, "the README has no generated blocks"
+    files = {m.group(1) for m in blocks}
+    assert {m.group(2) for m in blocks} <= set(numbers.RENDERERS)
+    listed = subprocess.run(["git", "ls-files", *files], cwd=ROOT, capture_output=True, text=True, check=False)
+    if listed.returncode:
+        pytest.skip("not a git checkout")
+    assert set(listed.stdout.split()) == files, "a results file the README quotes is not committed"
+    for file in files:
+        source = json.loads((ROOT / file).read_text())["source"]
+        assert source["commit"] and source["hardware"] and source["command"], file
+
+
+def _first_block_digit(text: str) -> int:
+    block = next(numbers.BLOCK.finditer(text))
+    return block.start(3) + re.search(r"\d", block.group(3)).start()
+
+
+def test_a_figure_edited_by_hand_fails_the_check(tmp_path):
+    at = _first_block_digit(README)
+    readme = tmp_path / "README.md"
+    readme.write_text(README[:at] + str((int(README[at]) + 1) % 10) + README[at + 1:])
+    problems = numbers.check(readme)
+    assert len(problems) == 1 and "differs from its file" in problems[0] and "readme_numbers.py write" in problems[0]
+
+
+def test_a_results_file_changed_without_regenerating_fails_the_check(tmp_path, monkeypatch):
+    block = next(numbers.BLOCK.finditer(README))
+    data = json.loads((ROOT / block.group(1)).read_text())
+    for row in data.get("results", []):
+        row["perplexity"] *= 1.5
+    data.setdefault("timings_s", {}).update({k: v * 2 for k, v in data.get("timings_s", {}).items()})
+    (tmp_path / "results").mkdir()
+    for file in {m.group(1) for m in numbers.BLOCK.finditer(README)}:
+        shutil.copy(ROOT / file, tmp_path / file)
+    (tmp_path / block.group(1)).write_text(json.dumps(data))
+    (tmp_path / "README.md").write_text(README)
+    monkeypatch.setattr(numbers, "ROOT", tmp_path)
+    assert any("differs from its file" in p for p in numbers.check(tmp_path / "README.md"))
+
+
+def test_a_figure_typed_outside_a_block_fails_the_check(tmp_path):
+    heading = f"## {numbers.SOURCED[0]}\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(README.replace(heading, heading + "\nThe student reached 7.31 in 12 s here.\n"))
+    problems = numbers.check(readme)
+    assert [p.split(": ", 1)[1] for p in problems] == [
+        f"'7.31' in '{numbers.SOURCED[0]}' is not in a generated block",
+        f"'12 s' in '{numbers.SOURCED[0]}' is not in a generated block"]
+    # code is not prose: commands and paths may hold figures
+    readme.write_text(README.replace(heading, heading + "\nRun `--set loss.alpha=0.3` first.\n"))
+    assert numbers.check(readme) == []
+
+
+def test_a_missing_file_or_renderer_is_named(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(README + "\n<!-- results/nowhere.json: demo-table -->\nx\n<!-- end -->\n"
+                      "<!-- results/pocket.json: no-such-renderer -->\nx\n<!-- end -->\n")
+    problems = numbers.check(readme)
+    assert "results/nowhere.json: demo-table: the results file does not exist" in problems
+    assert "results/pocket.json: no-such-renderer: no such renderer in tools/readme_numbers.py" in problems
+
+
+def _run_folder(tmp_path: Path, environment: dict) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"model": "teacher", "perplexity": 3.5, "generations": ["long text"], "mmlu_rows": [1, 2]}]
+    (run / "results.json").write_text(json.dumps({"preset": "tiny", "environment": "CPU X, 2 cores", "results": rows,
+                                                  "steps": 8}))
+    (run / "timings.json").write_text(json.dumps({"sections_s": {"6. Distillation": 12.5}}))
+    (run / "environment.json").write_text(json.dumps(environment))
+    (run / "config.yaml").write_text("train:\n  max_steps: 8  # optimizer steps\n")
+    return run
+
+
+def test_collect_keeps_the_figures_and_says_where_they_came_from(tmp_path, monkeypatch):
+    monkeypatch.setattr(numbers, "RESULTS", tmp_path / "results")
+    run = _run_folder(tmp_path, {"python": "3.11.7", "commit": "abc1234", "command": "python -m pocket_teacher run"})
+    data = json.loads(numbers.collect(run, "t").read_text())
+    assert data["results"] == [{"model": "teacher", "perplexity": 3.5}]  # per-question details left out
+    assert data["timings_s"] == {"6. Distillation": 12.5} and data["config"] == {"train": {"max_steps": 8}}
+    assert data["source"]["commit"] == "abc1234" and data["source"]["hardware"] == "CPU X, 2 cores"
+    assert data["source"]["command"] == "python -m pocket_teacher run" and data["steps"] == 8
+
+
+def test_collect_refuses_a_run_that_cannot_say_its_commit_or_is_unfinished(tmp_path, monkeypatch):
+    monkeypatch.setattr(numbers, "RESULTS", tmp_path / "results")
+    run = _run_folder(tmp_path, {"python": "3.11.7"})
+    with pytest.raises(SystemExit, match="--commit SHA --command"):
+        numbers.collect(run, "t")
+    assert numbers.collect(run, "t", commit="abc1234", command="make demo").is_file()
+    (run / "timings.json").unlink()
+    with pytest.raises(SystemExit, match="timings.json missing"):
+        numbers.collect(run, "t")
+
+
+def test_the_words_follow_the_numbers():
+    data = json.loads((ROOT / "results" / "pocket.json").read_text())
+    by_name = numbers.rows(data)
+    after, base = by_name["student after"], by_name["fine-tuned (alpha=1)"]
+    said = numbers.demo_findings(data)
+    assert ("did not beat" in said) == (after["perplexity"] >= base["perplexity"])
+    after["perplexity"], base["perplexity"] = base["perplexity"], after["perplexity"]
+    assert ("did not beat" in numbers.demo_findings(data)) != ("did not beat" in said)

