@@ -7,6 +7,7 @@ import pytest
 
 from pocket_teacher.cli import main
 from pocket_teacher.config import Config, get_preset
+from pocket_teacher.experiment import configure, preview_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,3 +206,13 @@ def test_preflight_warns_only_when_the_teacher_adds_little():
     weak = dict(strong, accuracy=1 / 32, correct=1, ci95_low=0.006, ci95_high=0.157)
     warnings = preflight_warnings({"teacher": weak, "student before": dict(before, perplexity=3.6)}, near)
     assert len(warnings) == 3 and "1/32" in warnings[1] and "as likely" in warnings[2]
+
+
+@pytest.mark.parametrize("preset", ["pocket", "tiny", "t4", "a100"])
+def test_the_preview_never_warms_up_longer_than_it_runs(preset):
+    """The preview inherits the warm-up only up to its own length: a default run prints no warm-up warning."""
+    cfg = configure(preset)
+    steps = cfg.eval.on_policy_preview or 8
+    preview = preview_config(cfg, steps).train
+    assert preview.max_steps == steps and preview.warmup_steps == min(cfg.train.warmup_steps, steps)
+    assert preview.checkpoint_every == 0 and not preview.resume
