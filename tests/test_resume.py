@@ -5,6 +5,9 @@ results, histories and student of an uninterrupted run (timings aside)."""
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -25,9 +28,9 @@ def _strip(value):
     return value
 
 
-def _outputs(out):
+def _outputs(out, stages=(".", "baseline", "on_policy_preview")):
     histories = {name: [_strip(json.loads(line)) for line in (out / name / "history.jsonl").read_text().splitlines()]
-                 for name in (".", "baseline", "on_policy_preview")}
+                 for name in stages}
     return _strip(json.loads((out / "results.json").read_text())), histories, load_file(out / "student" /
                                                                                           "model.safetensors")
 
@@ -90,3 +93,50 @@ def test_the_notebook_way_to_resume_continues_the_distillation(tmp_path):
     assert again.result.history == first.result.history
     assert all(torch.equal(a, b) for a, b in zip(first.student.state_dict().values(),
                                                   again.student.state_dict().values()))
+
+
+KILLED = {"tiny": (".", "baseline", "on_policy_preview"), "tiny-text": (".", "baseline")}
+# each stage lasts a second or two, so that a kill lands inside it; the preview has no checkpoints of its own
+SLOW_STEPS = {"tiny": ["--set", "train.max_steps=40", "--set", "train.checkpoint_every=4", "--set",
+                       "eval.on_policy_preview=16"],
+              "tiny-text": ["--set", "train.max_steps=40", "--set", "train.checkpoint_every=4"]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    done = {}
+    for preset in KILLED:
+        out = tmp_path_factory.mktemp("uninterrupted") / preset
+        assert cli.main(["run", "--preset", preset, "--out", str(out), "--no-progress", *SLOW_STEPS[preset]]) == 0
+        done[preset] = _outputs(out, stages=KILLED[preset])
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,where", [(p, w) for p, stages in KILLED.items() for w in stages])
+def test_a_run_killed_hard_resumes_to_the_uninterrupted_results(uninterrupted, tmp_path, preset, where):
+    """kill -9 (no handler runs, no checkpoint is written on the way out, the run folder's lock is left behind)
+    in the middle of a training stage of a separate process; `--resume` then finishes with the uninterrupted
+    results, histories and student."""
+    out = tmp_path / preset
+    command = [sys.executable, "-m", "pocket_teacher", "run", "--preset", preset, "--out", str(out), "--no-progress",
+               *SLOW_STEPS[preset]]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    history, killed_at = out / where / "history.jsonl", None
+    deadline = time.monotonic() + 300
+    while killed_at is None and process.poll() is None and time.monotonic() < deadline:
+        steps = [json.loads(line).get("step", 0) for line in
+                 (history.read_text().splitlines() if history.is_file() else []) if line.endswith("}")]
+        if steps and max(steps) >= 6:  # past the first checkpoint of this stage, before its end
+            process.send_signal(signal.SIGKILL)
+            killed_at = max(steps)
+        time.sleep(0.01)
+    process.wait(60)
+    assert killed_at is not None and process.returncode != 0, f"{where} of {preset} ended before it could be killed"
+    assert process.returncode == -signal.SIGKILL and not (out / "results.json").exists()
+    assert cli.main(["run", "--preset", preset, "--out", str(out), "--no-progress", *SLOW_STEPS[preset],
+                     "--resume"]) == 0
+    results, histories, student = _outputs(out, stages=KILLED[preset])
+    expected_results, expected_histories, expected_student = uninterrupted[preset]
+    assert results == expected_results and histories == expected_histories
+    assert all(torch.equal(student[k], expected_student[k]) for k in expected_student)
