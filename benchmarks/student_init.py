@@ -69,8 +69,7 @@ def main() -> None:
         cfg = apply_overrides(base, overrides)
         start = time.perf_counter()
         trial = Experiment(cfg, progress=False)
-        trial.raw, trial.train_raw, trial.teacher = exp.raw, exp.train_raw, exp.teacher
-        trial.teacher_tokenizer, trial.teacher_info = exp.teacher_tokenizer, exp.teacher_info
+        trial.raw, trial.train_raw, trial.teacher_stage = exp.raw, exp.train_raw, exp.teacher_stage
         trial.load_student()
         seconds = time.perf_counter() - start
         student = trial.student_init

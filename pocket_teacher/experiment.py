@@ -315,9 +315,9 @@ def random_init_config(cfg: Config) -> Config:
 def preview_config(cfg: Config, steps: int) -> Config:
     """The on-policy preview of `cfg`: every step on the student's own samples (train.on_policy=1), reverse KL at
     T=1, alpha at most 0.5, `steps` steps scored once at the end, no periodic checkpoints (a stop signal still
-    saves one); lr is `cfg`'s, warm-up too but at most `steps`. In runs/<name>/on_policy_preview."""
+    saves one); lr is `cfg`'s, warm-up too but at most a quarter of `steps`. In runs/<name>/on_policy_preview."""
     changes = {"on_policy": 1.0, "max_steps": steps, "eval_every": steps, "checkpoint_every": 0,
-               "warmup_steps": min(cfg.train.warmup_steps, steps)}
+               "warmup_steps": min(cfg.train.warmup_steps, steps // 4)}
     return _variant(cfg, "on_policy_preview", changes,
                     loss=dataclasses.replace(cfg.loss, divergence="reverse_kl", temperature=1.0,
                                              alpha=min(cfg.loss.alpha, 0.5)))

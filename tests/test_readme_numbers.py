@@ -67,11 +67,11 @@ def test_a_results_file_changed_without_regenerating_fails_the_check(tmp_path, m
 def test_a_figure_typed_outside_a_block_fails_the_check(tmp_path):
     heading = f"## {numbers.SOURCED[0]}\n"
     readme = tmp_path / "README.md"
-    readme.write_text(README.replace(heading, heading + "\nThe student reached 7.31 in 12 s here.\n"))
+    readme.write_text(README.replace(heading, heading + "\nThe 63.7M student reached 7.31 in 12 s.\nIt took 9.5.\n"))
     problems = numbers.check(readme)
     assert [p.split(": ", 1)[1] for p in problems] == [
-        f"'7.31' in '{numbers.SOURCED[0]}' is not in a generated block",
-        f"'12 s' in '{numbers.SOURCED[0]}' is not in a generated block"]
+        f"{figure!r} in '{numbers.SOURCED[0]}' is not in a generated block" for figure in ("63.7M", "7.31", "12 s",
+                                                                                           "9.5")]
     # code is not prose: commands and paths may hold figures
     readme.write_text(README.replace(heading, heading + "\nRun `--set loss.alpha=0.3` first.\n"))
     assert numbers.check(readme) == []
@@ -110,8 +110,9 @@ def test_collect_keeps_the_figures_and_says_where_they_came_from(tmp_path, monke
 
 def test_collect_refuses_a_run_that_cannot_say_its_commit_or_is_unfinished(tmp_path, monkeypatch):
     monkeypatch.setattr(numbers, "RESULTS", tmp_path / "results")
-    run = _run_folder(tmp_path, {"python": "3.11.7"})
-    with pytest.raises(SystemExit, match="--commit SHA --command"):
+    run = _run_folder(tmp_path, {"python": "3.11.7", "commit": "abc1234",
+                                 "command": "a Python session (notebook or import)"})
+    with pytest.raises(SystemExit, match="--commit SHA --command"):  # a session's placeholder is no command
         numbers.collect(run, "t")
     assert numbers.collect(run, "t", commit="abc1234", command="make demo").is_file()
     (run / "timings.json").unlink()
@@ -127,3 +128,31 @@ def test_the_words_follow_the_numbers():
     assert ("did not beat" in said) == (after["perplexity"] >= base["perplexity"])
     after["perplexity"], base["perplexity"] = base["perplexity"], after["perplexity"]
     assert ("did not beat" in numbers.demo_findings(data)) != ("did not beat" in said)
+
+
+def test_a_results_file_without_a_figure_is_named_not_a_traceback(tmp_path, monkeypatch):
+    """A run that did not measure accuracy (eval.generate_samples=0) cannot feed the demo table: the check names
+    the file and the renderer."""
+    block = next(m for m in numbers.BLOCK.finditer(README) if m.group(2) == "demo-table")
+    data = json.loads((ROOT / block.group(1)).read_text())
+    for row in data["results"]:
+        del row["correct"]
+    (tmp_path / "results").mkdir()
+    (tmp_path / block.group(1)).write_text(json.dumps(data))
+    monkeypatch.setattr(numbers, "ROOT", tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(block.group(0) + "\n")
+    assert numbers.check(readme) == [f"{block.group(1)}: demo-table: the file lacks what the renderer needs "
+                                     f"(KeyError: 'correct'); collect a run that measured it"]
+
+
+def test_a_note_with_figures_fails_the_check(tmp_path, monkeypatch):
+    block = next(numbers.BLOCK.finditer(README))
+    data = json.loads((ROOT / block.group(1)).read_text())
+    data["source"]["note"] = "the cores were shared, so timings are 3.5x slower"
+    (tmp_path / "results").mkdir()
+    (tmp_path / block.group(1)).write_text(json.dumps(data))
+    monkeypatch.setattr(numbers, "ROOT", tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(block.group(0) + "\n")
+    assert any("the note holds the figure '3.5x'" in p for p in numbers.check(readme))

@@ -36,15 +36,15 @@ BLOCK = re.compile(r"^<!-- (results/[\w.-]+\.json): ([\w-]+) -->\n(.*?)^<!-- end
 # sections whose every measured figure comes from results/ (level-2 headings; their subsections included)
 SOURCED = ("What the demo shows (measured)",)
 # a figure that looks measured: a decimal, a thousands separator, a percentage, a duration, a size, a ratio
-MEASURED = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+\.\d+|\d+(?:\.\d+)?\s?(?:%|ms|s|min|MB|GB|MiB|GiB|x))"
-                      r"(?![\w.])")
+MEASURED = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+\.\d+|\d+(?:\.\d+)?\s?(?:%|ms|s|min|MB|GB|MiB|GiB|x|M|k|B))"
+                      r"(?!\w|\.\d)")
 # per-question details and per-row timings of a run's results.json that the README never quotes
 RUN_DETAILS = ("generations", "mmlu_rows", "mmlu_per_subject", "mmlu_cloze_rows", "mmlu_cloze_per_subject")
 
 
 # ----------------------------------------------------------------------------------------------------------- collect
 def collect(run_dir: Path, name: str, commit: str | None = None, command: str | None = None,
-            note: str | None = None) -> Path:
+            note: str | None = None, shared_machine: bool = False) -> Path:
     """Write results/NAME.json from a finished run folder: its results.json (per-question details left out),
     timings.json, environment.json and config.yaml, with the commit and hardware it ran on."""
     import yaml
@@ -56,14 +56,17 @@ def collect(run_dir: Path, name: str, commit: str | None = None, command: str | 
                          f"(python -m pocket_teacher run --out {run_dir} ...) and collect again.")
     results = json.loads((run_dir / "results.json").read_text())
     environment = json.loads((run_dir / "environment.json").read_text())
-    commit, command = environment.get("commit") or commit, environment.get("command") or command
+    recorded = environment.get("command", "")
+    commit = environment.get("commit") or commit
+    command = recorded if recorded.startswith("python -m pocket_teacher") else command
     if not (commit and command):
         raise SystemExit(f"{run_dir}/environment.json does not name the commit and the command of the run; pass "
                          f"--commit SHA --command '...' (as checked out and typed when the run started).")
     results["results"] = [{k: v for k, v in row.items() if k not in RUN_DETAILS} for row in results["results"]]
     record = {"source": {"kind": "run", "command": command, "commit": commit,
                          "hardware": results.get("environment"), "environment": environment,
-                         "collected": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "note": note},
+                         "collected": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "note": note,
+                         "shared_machine": shared_machine},
               "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
               "timings_s": json.loads((run_dir / "timings.json").read_text())["sections_s"], **results}
     RESULTS.mkdir(exist_ok=True)
@@ -96,7 +99,7 @@ def rows(data: dict) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------------- the demo (pocket)
-SECTION_NAMES = {"3. Teacher": "teacher", "4b. Teacher cache": "teacher cache", "5. Evaluation before":
+SECTION_NAMES = {"3. Teacher": "teacher", "4b. Teacher cache": "teacher cache", "5. Before training":
                  "evaluation before", "5b. Preflight": "preflight", "6. Distillation": "distillation",
                  "6b. Baseline": "baseline", "6c. On-policy preview": "on-policy preview",
                  "7. Evaluation after": "evaluation after"}
@@ -108,13 +111,14 @@ def _accuracy(row: dict) -> str:
 
 
 def demo_timing(data: dict) -> str:
-    """The run's wall time and its slowest sections, with the machine and the command."""
+    """The run's wall time and its slowest sections, with the machine, the command and the commit."""
     source, timings = data["source"], data["timings_s"]
-    total = sum(timings.values())
+    total, commit = sum(timings.values()), source["commit"]
+    commit = commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
     parts = [f"{SECTION_NAMES.get(title, title.split('. ', 1)[-1].lower())} {seconds(s)}"
              for title, s in timings.items() if s >= 5]
     return (f"Measured with `{source['command']}` on {source['hardware']}, Python {source['environment']['python']}, "
-            f"fp32, commit {source['commit'][:7]}: the run took **{seconds(total)} ({total / 60:.1f} min)**"
+            f"fp32, commit {commit}: the run took **{seconds(total)} ({total / 60:.1f} min)**"
             + (f"; per section: {', '.join(parts)}." if parts else ".")
             + (f" {source['note']}" if source.get("note") else ""))
 
@@ -139,8 +143,10 @@ def demo_table(data: dict) -> str:
         agreement = "-" if row is teacher else f"{pct(row['top1_agreement'])} / {row['kl_to_teacher']:.2f}"
         if row is after:
             agreement = f"**{agreement}**"
+        speed = ("- | -" if data["source"].get("shared_machine") else
+                 f"{row['latency_ms_per_token']:.1f} | {row['tokens_per_s_b16']:.0f}")
         lines.append(f"| {label} | {params(row['parameters'])} | {perplexity} | {_accuracy(row)} | {agreement} | "
-                     f"{row['latency_ms_per_token']:.1f} | {row['tokens_per_s_b16']:.0f} |")
+                     f"{speed} |")
     return "\n".join(lines)
 
 
@@ -177,7 +183,7 @@ def demo_setup(data: dict) -> str:
         f"{train['warmup_steps']} warm-up steps and a cosine decay to {train['lr'] * train['min_lr_ratio']:g}, "
         f"alpha {loss['alpha']:g}, T {loss['temperature']:g}, {loss['divergence']}, clipping at "
         f"{train['max_grad_norm']:g};",
-        f"- **teacher signal**: {signal}; " + "; ".join(extras) + "."])
+        f"- **teacher signal**: {signal}" + "".join(f"; {extra}" for extra in extras) + "."])
 
 
 def demo_size(data: dict) -> str:
@@ -186,8 +192,10 @@ def demo_size(data: dict) -> str:
     peak = f"{peaks[0]} MB for every model" if len(peaks) == 1 else f"{peaks[0]} to {peaks[-1]} MB"
     on_cpu = data["source"]["environment"].get("cuda") is None
     return (f"Size on disk: teacher {by_name['teacher']['size_mb']:.0f} MB, students "
-            f"{by_name['student after']['size_mb']:.0f} MB (fp32 safetensors). Latency is the best of two runs of 32 "
-            f"greedy tokens. Peak memory of batch-16 generation above what the process already held: {peak}"
+            f"{by_name['student after']['size_mb']:.0f} MB (fp32 safetensors). "
+            + ("Latency and throughput are left out: the cores were shared while this run measured them. "
+               if data["source"].get("shared_machine") else "Latency is the best of two runs of 32 greedy tokens. ")
+            + f"Peak memory of batch-16 generation above what the process already held: {peak}"
             + (" (on CPU the process reuses memory freed earlier; the figure is meaningful on CUDA)." if on_cpu
                else "."))
 
@@ -248,7 +256,13 @@ def render(text: str) -> tuple[str, list[str]]:
             problems.append(f"{file}: {renderer}: the results file does not exist")
             return match.group(0)
         data = cache.setdefault(file, json.loads((ROOT / file).read_text()))
-        return f"<!-- {file}: {renderer} -->\n{RENDERERS[renderer](data).rstrip()}\n<!-- end -->"
+        try:
+            text = RENDERERS[renderer](data).rstrip()
+        except (KeyError, TypeError, ValueError) as exc:
+            problems.append(f"{file}: {renderer}: the file lacks what the renderer needs ({type(exc).__name__}: "
+                            f"{exc}); collect a run that measured it")
+            return match.group(0)
+        return f"<!-- {file}: {renderer} -->\n{text}\n<!-- end -->"
 
     return BLOCK.sub(one, text), problems
 
@@ -276,6 +290,10 @@ def check(readme: Path = README) -> list[str]:
                 line = text[:old.start()].count("\n") + 1
                 problems.append(f"README.md:{line}: the block {old.group(1)}: {old.group(2)} differs from its "
                                 f"file; run `python tools/readme_numbers.py write`")
+    for file in sorted({m.group(1) for m in BLOCK.finditer(text)}):
+        note = json.loads((ROOT / file).read_text())["source"].get("note") if (ROOT / file).is_file() else None
+        problems += [f"{file}: the note holds the figure {figure!r}: notes are quoted as typed, so say it without "
+                     f"figures" for figure in MEASURED.findall(note or "")]
     return problems + unsourced_figures(text)
 
 
@@ -287,12 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     take.add_argument("name")
     take.add_argument("--commit", help="the commit the run used, when its environment.json does not say")
     take.add_argument("--command", help="the command that ran it, when its environment.json does not say")
-    take.add_argument("--note", help="what a reader must know about the run's conditions (quoted with its timings)")
+    take.add_argument("--note", help="what a reader must know about the run's conditions (quoted with its timings; "
+                      "no figures: they would escape the check)")
+    take.add_argument("--shared-machine", action="store_true",
+                      help="the cores were shared during the run: its latency and throughput are not quoted")
     sub.add_parser("write", help="regenerate every block of README.md from its results file")
     sub.add_parser("check", help="exit 1 when a README figure disagrees with its results file")
     args = parser.parse_args(argv)
     if args.action == "collect":
-        print(f"wrote {collect(args.run_dir, args.name, args.commit, args.command, args.note).relative_to(ROOT)}")
+        path = collect(args.run_dir, args.name, args.commit, args.command, args.note, args.shared_machine)
+        print(f"wrote {path.relative_to(ROOT)}")
         return 0
     if args.action == "write":
         rendered, problems = render(README.read_text())
