@@ -123,7 +123,7 @@ def test_collect_refuses_a_run_that_cannot_say_its_commit_or_is_unfinished(tmp_p
 def test_the_words_follow_the_numbers():
     data = json.loads((ROOT / "results" / "pocket.json").read_text())
     by_name = numbers.rows(data)
-    after, base = by_name["student after"], by_name["fine-tuned (alpha=1)"]
+    after, base = by_name["student after"], by_name[numbers.BASELINE_LABEL]
     said = numbers.demo_findings(data)
     assert ("did not beat" in said) == (after["perplexity"] >= base["perplexity"])
     after["perplexity"], base["perplexity"] = base["perplexity"], after["perplexity"]

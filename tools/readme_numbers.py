@@ -13,7 +13,7 @@ Each measured figure of a sourced README section sits in a generated block that 
 `check` fails when a block differs from what its file renders (someone edited a figure by hand, or a results file
 changed and the README was not regenerated), when a block names a file or renderer that does not exist, and when a
 sourced section holds a measured-looking figure (a decimal, a thousands separator, a percentage, a duration, a size,
-a ratio) outside a block. Sections not yet sourced are listed in UNSOURCED and say so in the README itself.
+a ratio) outside a block. Sections not yet sourced are left out of SOURCED and the README's "Not yet" names them.
 
 Why not cog (cogapp): its blocks hold Python source inside the README; here a block names a data file and a
 renderer, the renderers are tested functions, and the check also scans the prose between blocks, which cog does not.
@@ -30,6 +30,9 @@ from pathlib import Path
 from collections.abc import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as `python tools/readme_numbers.py` from a checkout
+from pocket_teacher.report import BASELINE_LABEL, DETAIL_KEYS  # noqa: E402  (the run's own labels and details)
+
 README = ROOT / "README.md"
 RESULTS = ROOT / "results"
 BLOCK = re.compile(r"^<!-- (results/[\w.-]+\.json): ([\w-]+) -->\n(.*?)^<!-- end -->$", re.M | re.S)
@@ -38,8 +41,6 @@ SOURCED = ("What the demo shows (measured)",)
 # a figure that looks measured: a decimal, a thousands separator, a percentage, a duration, a size, a ratio
 MEASURED = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+\.\d+|\d+(?:\.\d+)?\s?(?:%|ms|s|min|MB|GB|MiB|GiB|x|M|k|B))"
                       r"(?!\w|\.\d)")
-# per-question details and per-row timings of a run's results.json that the README never quotes
-RUN_DETAILS = ("generations", "mmlu_rows", "mmlu_per_subject", "mmlu_cloze_rows", "mmlu_cloze_per_subject")
 
 
 # ----------------------------------------------------------------------------------------------------------- collect
@@ -62,7 +63,7 @@ def collect(run_dir: Path, name: str, commit: str | None = None, command: str | 
     if not (commit and command):
         raise SystemExit(f"{run_dir}/environment.json does not name the commit and the command of the run; pass "
                          f"--commit SHA --command '...' (as checked out and typed when the run started).")
-    results["results"] = [{k: v for k, v in row.items() if k not in RUN_DETAILS} for row in results["results"]]
+    results["results"] = [{k: v for k, v in row.items() if k not in DETAIL_KEYS} for row in results["results"]]
     record = {"source": {"kind": "run", "command": command, "commit": commit,
                          "hardware": results.get("environment"), "environment": environment,
                          "collected": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "note": note,
@@ -99,12 +100,6 @@ def rows(data: dict) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------------- the demo (pocket)
-SECTION_NAMES = {"3. Teacher": "teacher", "4b. Teacher cache": "teacher cache", "5. Before training":
-                 "evaluation before", "5b. Preflight": "preflight", "6. Distillation": "distillation",
-                 "6b. Baseline": "baseline", "6c. On-policy preview": "on-policy preview",
-                 "7. Evaluation after": "evaluation after"}
-
-
 def _accuracy(row: dict) -> str:
     return (f"{row['correct']}/{row['questions']} = {pct(row['accuracy'])} "
             f"({pct(row['ci95_low'])[:-1]}-{pct(row['ci95_high'])})")
@@ -115,7 +110,7 @@ def demo_timing(data: dict) -> str:
     source, timings = data["source"], data["timings_s"]
     total, commit = sum(timings.values()), source["commit"]
     commit = commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
-    parts = [f"{SECTION_NAMES.get(title, title.split('. ', 1)[-1].lower())} {seconds(s)}"
+    parts = [f"{title.split('. ', 1)[-1].lower()} {seconds(s)}"  # "6b. Baseline" -> "baseline"
              for title, s in timings.items() if s >= 5]
     return (f"Measured with `{source['command']}` on {source['hardware']}, Python {source['environment']['python']}, "
             f"fp32, commit {commit}: the run took **{seconds(total)} ({total / 60:.1f} min)**"
@@ -126,7 +121,7 @@ def demo_timing(data: dict) -> str:
 def demo_table(data: dict) -> str:
     by_name, cfg = rows(data), data["config"]
     teacher, before, after = by_name["teacher"], by_name["student before"], by_name["student after"]
-    base = by_name.get("fine-tuned (alpha=1)")
+    base = by_name.get(BASELINE_LABEL)
     embedded = cfg["teacher"]["source"] == "embedded"
     labels = [(teacher, "teacher (SmolLM2-135M-Instruct)" if embedded else "teacher"),
               (before, "student before distillation"),
@@ -204,7 +199,7 @@ def demo_findings(data: dict) -> str:
     """What the table says, in words that follow the numbers: each comparison's direction is computed."""
     by_name = rows(data)
     teacher, before, after = by_name["teacher"], by_name["student before"], by_name["student after"]
-    base = by_name.get("fine-tuned (alpha=1)")
+    base = by_name.get(BASELINE_LABEL)
     steps, questions = data["steps"], after["questions"]
     ratio = after["perplexity"] / teacher["perplexity"]
     lines = [f"- The distilled student reaches a held-out perplexity {ratio:.1f}x the teacher's, from "
