@@ -107,14 +107,17 @@ class ConfigError(ValueError):
     """A configuration value is out of range, of the wrong type, or unknown."""
 
 
-def knob(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:
+def knob(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, bookkeeping: bool = False) -> Any:
     """A config field with its one-line help in the field's metadata (shown by `python -m pocket_teacher config`,
-    in the notebook's configuration cell and as comments in runs/*/config.yaml). Lists get a fresh copy each."""
+    in the notebook's configuration cell and as comments in runs/*/config.yaml). Lists get a fresh copy each.
+    `bookkeeping`: a training setting that changes where and how training runs or what it records, never what it
+    optimises, so a resume may change it (train.fingerprint leaves it out)."""
     if factory is None and isinstance(default, list):
         factory, default = (lambda d=default: list(d)), dataclasses.MISSING
+    meta = {"help": help, "bookkeeping": bookkeeping}
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def _fail(path: str, value: Any, fix: str) -> None:
@@ -340,25 +343,27 @@ class TrainConfig:
     betas: tuple[float, float] = knob((0.9, 0.95), "AdamW betas")
     max_grad_norm: float = knob(1.0, "gradient clipping (0 disables)")
     seed: int = knob(0, "seed for data order and anything random in training")
-    device: str = knob("auto", "auto (cuda if available, else cpu), cpu or cuda")
+    device: str = knob("auto", "auto (cuda if available, else cpu), cpu or cuda", bookkeeping=True)
     mixed_precision: str = knob("auto",
         "auto (bf16 on sm80+ GPUs, fp16 + loss scaling on older GPUs such as the T4, no on CPU), bf16, fp16 or no")
     gradient_checkpointing: bool = knob(False,
-        "recompute each decoder layer in backward (non-reentrant): far less activation memory, ~30% more compute")
+        "recompute each decoder layer in backward (non-reentrant): far less activation memory, ~30% more compute",
+        bookkeeping=True)
     optimizer: str = knob("adamw",
         "adamw (fp32 states, 8 bytes/parameter) or adamw_8bit (bitsandbytes, ~2 bytes/parameter)")
     checkpoint_every: int = knob(0,
         "save a resumable checkpoint every N steps (0 = none on the way; a non-finite loss, a stop signal and, with "
-        "train.save_final, the end of training still save one)")
+        "train.save_final, the end of training still save one)", bookkeeping=True)
     save_final: bool = knob(True,
         "checkpoint the finished training (weights and optimizer): a run stopped in a later stage (the baseline, the "
-        "evaluation) resumes past it; false for throwaway runs")
-    keep_checkpoints: int = knob(2, "newest checkpoints kept in runs/<name>/checkpoints; older ones are deleted")
-    resume: bool = knob(False, "continue from the newest valid checkpoint of this run (CLI: --resume)")
+        "evaluation) resumes past it; false for throwaway runs", bookkeeping=True)
+    keep_checkpoints: int = knob(2, "newest checkpoints kept in runs/<name>/checkpoints; older ones are deleted",
+                                 bookkeeping=True)
+    resume: bool = knob(False, "continue from the newest valid checkpoint of this run (CLI: --resume)", bookkeeping=True)
     resume_allow: list[str] = knob(factory=list, help="settings allowed to differ from the checkpoint's on resume, "
-                                   "e.g. [train.lr]: optimizer and schedule take the new values")
+                                   "e.g. [train.lr]: optimizer and schedule take the new values", bookkeeping=True)
     eval_every: int = knob(0,
-        "held-out perplexity and KD term every N steps, into the history and the curves (0 = off)")
+        "held-out perplexity and KD term every N steps, into the history and the curves (0 = off)", bookkeeping=True)
     on_policy: float = knob(0.0,
         "fraction of optimizer steps trained on the student's own sampled answers, scored live by the teacher "
         "(on-policy KD / GKD); 0 = off-policy only, 1 = on-policy only")
@@ -366,7 +371,7 @@ class TrainConfig:
     rollout_top_p: float = knob(1.0, "nucleus sampling of the rollouts (1 = the full distribution)")
     rollout_max_new_tokens: int = knob(128, "longest rollout; a rollout stops earlier at the end of the answer (EOS)")
     log_with: Optional[str] = knob(None,
-        "also log to a tracker accelerate supports: tensorboard, wandb, mlflow, ... (None = off)")
+        "also log to a tracker accelerate supports: tensorboard, wandb, mlflow, ... (None = off)", bookkeeping=True)
 
     def check(self) -> None:
         for name in ("checkpoint_every", "eval_every", "warmup_steps", "weight_decay", "max_grad_norm"):

@@ -31,12 +31,14 @@ from . import checkpoints as ckpt
 from .batches import AnswerBatch, answer_batch, answer_hidden, answer_logits
 from .data import TokenizedSplit
 from .evaluate import HeldOutTeacher, perplexity
+from .files import model_digest
 from .generate import sample_rollouts
 from .losses import (DistillationLoss, Divergence, TeacherHidden, TeacherLogits, TeacherSignal, TeacherTopK,
                      auto_chunk_size, chunked_distillation_loss, divergence_name, sampled_token_loss,
                      token_distillation_loss, topk_buckets)
 from .models import device_capability, native_bf16, output_layer, resolve_device, resolve_mixed_precision
 from .progress import tqdm
+from .teacher_cache import splitdigest
 
 
 @dataclass
@@ -263,21 +265,34 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-# Settings that do not change what training computes: they may differ between a checkpoint and its resume.
-NOT_FINGERPRINTED = {"train.resume", "train.resume_allow", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.save_final", "train.eval_every", "train.log_with", "train.device",
-                     "train.gradient_checkpointing", "teacher_cache.dir", "teacher_cache.batch_size",
-                     "generate.batch_size"}
+# What resume compares: the settings training itself reads (the student, the loss, the loop; a train.* knob marked
+# bookkeeping only says where or how it runs or what it records), and the content of what it reads instead of the
+# settings that produced it: the training rows' tokens (the data file, the data and generate settings, the
+# teacher's answers or texts all end there) and the teacher signal (the cache's fingerprint, or the live teacher's
+# weights). Nothing upstream of training can change what it computes without changing one of these two.
+CONTENTS = {"data.contents": "the training rows' tokens and masks: the data file, a data.* or generate.* setting, or "
+                             "the teacher's answers changed",
+            "teacher.signal": "the teacher's signal: its weights or precision, or the top-k cache it was read from "
+                              "(teacher_cache.k, the split) changed"}
 
 
-def training_fingerprint(cfg, divergence: Optional[Divergence] = None) -> dict:
-    """Every setting that shapes training (models, data, loss, teacher signal, optimizer, schedule), flattened; a
-    divergence function given to training in place of loss.divergence is named too."""
-    tree = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
-    sections = ("teacher", "student", "data", "generate", "loss", "teacher_cache", "train")
-    flat = _flat({k: tree[k] for k in sections if k in tree})
+def content_fingerprint(split: TokenizedSplit, teacher: Optional[torch.nn.Module] = None, teacher_cache=None) -> dict:
+    """The CONTENTS entries of a training run: digests of the rows' tokens and of the teacher signal."""
+    if teacher_cache is not None:
+        signal_ = f"cache {teacher_cache.meta['fingerprint']}"
+    else:
+        signal_ = f"live {model_digest(teacher)}" if teacher is not None else "none"
+    return {"data.contents": splitdigest(split)["tokens"], "teacher.signal": signal_}
+
+
+def training_fingerprint(cfg, divergence: Optional[Divergence] = None, contents: Optional[dict] = None) -> dict:
+    """Every setting that shapes training (the student, the loss, the loop's non-bookkeeping knobs), flattened, with
+    the `contents` of `content_fingerprint`; a divergence function given in place of loss.divergence is named too."""
+    free = {f"train.{f.name}" for f in dataclasses.fields(cfg.train) if f.metadata.get("bookkeeping")}
+    tree = cfg.to_dict()
+    flat = _flat({k: tree[k] for k in ("student", "loss", "train")})
     custom = {"loss.divergence_function": divergence_name(divergence)} if divergence is not None else {}
-    return {k: v for k, v in flat.items() if k not in NOT_FINGERPRINTED} | custom
+    return {k: v for k, v in flat.items() if k not in free} | custom | (contents or {})
 
 
 def fingerprint_differences(saved: dict, current: dict) -> dict[str, tuple]:
@@ -455,13 +470,16 @@ class Trainer:
         self.say = tqdm.write if self.accelerator.is_main_process else (lambda *_: None)
         self.start_step, self.previous_seconds, self.resumed_diverged = 0, 0.0, False
         self.began, self.history_file = time.perf_counter(), None
+        # what the checkpoints' fingerprint holds besides settings (a digest of the live teacher's weights: once)
+        self.contents = content_fingerprint(train_split, teacher, teacher_cache) if self.folder is not None else None
 
     def start(self) -> None:
         """Resume this run's newest checkpoint (train.resume), or start (moving an earlier run's checkpoints aside)."""
         result, main = self.result, self.accelerator.is_main_process
         result.run_id = uuid.uuid4().hex[:12]
         if self.tcfg.resume:
-            state = _resume(self.folder, self.cfg, self.student, self.optimizer, self.say, self.divergence)
+            state = _resume(self.folder, self.cfg, self.student, self.optimizer, self.say, self.divergence,
+                            self.contents)
             self.start_step, self.previous_seconds = state["step"], state.get("seconds", 0.0)
             result.history, result.resumed_from, result.run_id = state["history"], state["path"], state["run_id"]
             self.resumed_diverged = bool(state.get("diverged_after"))
@@ -516,7 +534,8 @@ class Trainer:
             state = {"history": self.result.history,
                      "seconds": self.previous_seconds + time.perf_counter() - self.began,
                      "batches_consumed": step * self.tcfg.grad_accum, "run_id": self.result.run_id,
-                     "fingerprint": training_fingerprint(self.cfg, self.divergence), "diverged_after": diverged}
+                     "fingerprint": training_fingerprint(self.cfg, self.divergence, self.contents),
+                     "diverged_after": diverged}
             path = ckpt.save_checkpoint(self.folder, step, acc.unwrap_model(self.model).model, self.optimizer, state)
             ckpt.prune(self.folder, self.tcfg.keep_checkpoints)
         acc.wait_for_everyone()
@@ -736,7 +755,8 @@ def _divergence_message(step: int, total: float, ce: float, kd: float, grad_norm
             f"first; use bf16 or fp32). {where}")
 
 
-def _resume(folder: Optional[Path], cfg, student, optimizer, say, divergence: Optional[Divergence] = None) -> dict:
+def _resume(folder: Optional[Path], cfg, student, optimizer, say, divergence: Optional[Divergence] = None,
+            contents: Optional[dict] = None) -> dict:
     """Load the newest valid checkpoint of this run into the student and optimizer.
 
     Refuses a checkpoint written with other settings, naming each difference, unless the setting is listed
@@ -750,11 +770,16 @@ def _resume(folder: Optional[Path], cfg, student, optimizer, say, divergence: Op
                                    f"history there is left as it is). Run without --resume (notebook: without "
                                    f"'train.resume=true' in TRAIN_OVERRIDES) to start from step 0.")
     saved = ckpt.trainer_state(path)
-    current = training_fingerprint(cfg, divergence)
-    diff = fingerprint_differences(saved.get("fingerprint") or {}, current) if "fingerprint" in saved else {}
+    current, before = training_fingerprint(cfg, divergence, contents), saved.get("fingerprint") or {}
+    if "fingerprint" in saved and not set(CONTENTS) & set(before):  # written before contents were fingerprinted
+        say(f"resume: {path.name} predates content fingerprints; the data and teacher it read cannot be checked")
+        current = {k: v for k, v in current.items() if k not in CONTENTS}
+        before = {k: v for k, v in before.items() if k.split(".")[0] in ("student", "loss", "train")}
+    diff = fingerprint_differences(before, current) if "fingerprint" in saved else {}
     refused = {k: v for k, v in diff.items() if k not in tcfg.resume_allow}
     if refused:
-        listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in refused.items())
+        listed = "; ".join(f"{k} ({CONTENTS[k]}): checkpoint {a!r}, now {b!r}" if k in CONTENTS else
+                           f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in refused.items())
         raise ckpt.CheckpointError(
             f"resume: {path} was written with other settings ({listed}). Resume with the settings it was trained "
             f"with, start a new run without --resume (the old checkpoints are moved aside), or continue on purpose "

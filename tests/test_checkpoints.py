@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pocket_teacher.checkpoints import CheckpointError, checkpoint_problem, list_checkpoints, trainer_state
 
@@ -181,3 +182,63 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_continues(tmp_path):
     assert 1 <= stopped_at < 8
     resumed = train(common, folder, resume=True)
     assert len(resumed.history) == 8 and resumed.history[stopped_at - 1]["step"] == stopped_at
+
+
+def _fit(split, overrides, folder, teacher, tok):
+    from pocket_teacher.config import apply_overrides, get_preset
+    from pocket_teacher.models import derive_student
+    from pocket_teacher.train import Trainer, Vocab
+
+    cfg = apply_overrides(get_preset("tiny"), BASE + overrides)
+    torch.manual_seed(0)
+    return Trainer(derive_student(teacher, num_layers=2), teacher, split, cfg, Vocab(tok.pad_token_id, len(tok)),
+                   folder=folder, progress=False).fit()
+
+
+def test_resume_compares_what_training_reads_not_a_list_of_settings(tmp_path):
+    """An edited training row under the same settings is refused, named as data.contents; a setting upstream of
+    training that leaves the rows and the teacher as they were (generate.batch_size, data.max_length above every
+    row) is no reason to refuse; another teacher is refused as teacher.signal; resume_allow lets either through."""
+    import dataclasses
+
+    from pocket_teacher.config import get_preset
+    from pocket_teacher.data import load_gsm_symbolic, tokenize_examples
+    from pocket_teacher.models import load_teacher
+
+    teacher, tok, _ = load_teacher(get_preset("tiny").teacher, "cpu")
+    examples = load_gsm_symbolic(8, seed=3)[0]
+    split = tokenize_examples(examples, tok, max_length=384)
+    _fit(split, [], tmp_path, teacher, tok)
+    same = _fit(split, ["train.resume=true", "generate.batch_size=3", "data.max_length=999"], tmp_path, teacher, tok)
+    assert same.resumed_from.endswith("checkpoint-000006")
+    edited = [dataclasses.replace(examples[0], target=examples[0].target + " Checked twice."), *examples[1:]]
+    with pytest.raises(CheckpointError, match=r"data\.contents \(the training rows' tokens.*resume_allow=\[data\."
+                                              r"contents\]"):
+        _fit(tokenize_examples(edited, tok, max_length=384), ["train.resume=true"], tmp_path, teacher, tok)
+    other = load_teacher(get_preset("tiny").teacher, "cpu")[0]
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(CheckpointError, match=r"teacher\.signal \(the teacher's signal.*checkpoint 'live "):
+        _fit(split, ["train.resume=true"], tmp_path, other, tok)
+    allowed = _fit(tokenize_examples(edited, tok, max_length=384),
+                   ["train.resume=true", "train.resume_allow=[data.contents]"], tmp_path, teacher, tok)
+    assert allowed.resumed_from.endswith("checkpoint-000006")
+
+
+def test_only_bookkeeping_settings_are_left_out_of_the_fingerprint():
+    """The settings resume may change are marked at their definition (knob(bookkeeping=True)), each a train.*
+    setting of where or how training runs or what it records; every student, loss and other train setting is in."""
+    import dataclasses
+
+    from pocket_teacher.config import get_preset
+    from pocket_teacher.train import training_fingerprint
+
+    cfg = get_preset("tiny")
+    free = {f.name for f in dataclasses.fields(cfg.train) if f.metadata.get("bookkeeping")}
+    assert free == {"device", "gradient_checkpointing", "checkpoint_every", "save_final", "keep_checkpoints", "resume",
+                    "resume_allow", "eval_every", "log_with"}
+    keys = training_fingerprint(cfg, contents={"data.contents": "x", "teacher.signal": "y"})
+    assert {k for k in keys if k.startswith("train.")} == {f"train.{f.name}" for f in dataclasses.fields(cfg.train)
+                                                           if f.name not in free}
+    assert {"loss.temperature", "loss.alpha", "train.seed", "data.contents", "teacher.signal"} <= set(keys)
+    assert not any(k.startswith(("data.source", "generate.", "teacher_cache.", "eval.", "run.")) for k in keys)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -57,3 +58,24 @@ def test_every_data_source_runs_every_section(tmp_path, source):
     assert "9. Side by side" in json.loads((out / "timings.json").read_text())["sections_s"]
     rows = [json.loads(line) for line in (out / "side_by_side.jsonl").read_text().splitlines()]
     assert rows and all(r["question"] for r in rows)  # every side-by-side row had a prompt to continue
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_data_file_edited_under_the_same_path(tmp_path, capsys):
+    """The resume check covers what training reads: one answer edited in the training file (same path, same
+    settings) is refused with the difference named; the message's advice, followed literally, continues."""
+    args = _sources(tmp_path)["gsm8k"]
+    out = tmp_path / "run"
+    assert main(["run", *args, "--out", str(out), "--no-progress"]) == 0
+    path = tmp_path / "gsm_train.jsonl"
+    rows = path.read_text().splitlines()
+    row = json.loads(rows[20])  # rows 0-7 repeat the held-out questions and are skipped
+    row["answer"] = row["answer"].replace("apples.\n", "apples in all.\n")
+    path.write_text("\n".join([*rows[:20], json.dumps(row), *rows[21:]]) + "\n")
+    capsys.readouterr()
+    assert main(["run", *args, "--out", str(out), "--no-progress", "--resume"]) == 2
+    message = capsys.readouterr().err
+    assert "data.contents (the training rows' tokens" in message and "checkpoint '" in message
+    allow = re.search(r"--set '(train\.resume_allow=\[[^]]*\])'", message).group(1)
+    assert allow == "train.resume_allow=[data.contents, teacher.signal]"  # the cache of the edited rows is another
+    assert main(["run", *args, "--out", str(out), "--no-progress", "--resume", "--set", allow]) == 0
