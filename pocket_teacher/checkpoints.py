@@ -29,12 +29,15 @@ class CheckpointError(RuntimeError):
 
 
 def state_bytes(*states) -> int:
-    """Bytes the tensors of these (nested) state dicts take when saved."""
-    total, pending = 0, list(states)
+    """Bytes the tensors of these (nested) state dicts take when saved (a tensor shared by two names, such as tied
+    input and output embeddings, is saved and counted once)."""
+    total, pending, seen = 0, list(states), set()
     while pending:  # a walk with a stack: state dicts nest (optimizer state per parameter), frames need not
         obj = pending.pop()
         if isinstance(obj, torch.Tensor):
-            total += obj.numel() * obj.element_size()
+            key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.numel(), obj.dtype)
+            total += 0 if key in seen else obj.numel() * obj.element_size()
+            seen.add(key)
         elif isinstance(obj, dict):
             pending.extend(obj.values())
         elif isinstance(obj, (list, tuple)):
@@ -69,8 +72,10 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer, 
                               f"hold NaN or infinity (first: {bad[0]}).")
     optim_state = optimizer.state_dict()
     fix = "Free space there, or lower train.keep_checkpoints / raise train.checkpoint_every."
-    require_free_space(folder, state_bytes(state, optim_state) + (1 << 20), f"checkpoint-{step:06d}", fix,
-                       CheckpointError)
+    meta = json.dumps({"step": step, **trainer_state}, default=str)
+    # the tensors, the trainer state (its history grows with the run) and 64 KiB for pickle framing and the rest
+    need = state_bytes(state, optim_state) + len(meta.encode()) + (64 << 10)
+    require_free_space(folder, need, f"checkpoint-{step:06d}", fix, CheckpointError)
     final = folder / f"{PREFIX}{step:06d}"
     tmp = folder / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -78,7 +83,7 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer, 
         tmp.mkdir()
         for name, obj in (("model.pt", state), ("optimizer.pt", optim_state), ("rng.pt", rng_state())):
             torch.save(obj, tmp / name)
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, default=str))
+        (tmp / "trainer.json").write_text(meta)
         checksums = {p.name: file_hash(p) for p in sorted(tmp.iterdir())}
         (tmp / "complete.json").write_text(json.dumps({"step": step, "checksums": checksums}))
         for path in tmp.iterdir():  # make the bytes durable before the rename publishes them
@@ -87,8 +92,10 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer, 
     except (OSError, RuntimeError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise CheckpointError(f"Could not write checkpoint-{step:06d} in {folder}: {reason}. The partial copy was "
-                              f"removed. {fix}") from exc
+        free = shutil.disk_usage(folder).free / 2**20
+        raise CheckpointError(f"Could not write checkpoint-{step:06d} in {folder}: {reason} ({need / 2**20:,.1f} MiB "
+                              f"needed, {free:,.1f} MiB free). The partial copy was removed; earlier checkpoints are "
+                              f"intact. {fix}") from exc
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .files import write_text
+
 PRECISIONS = ("auto", "8bit", "4bit", "bf16", "fp16", "fp32")
 DATA_SOURCES = ("gsm_symbolic", "gsm8k", "mmlu", "text", "teacher_text")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")  # loss.divergence
@@ -359,7 +361,8 @@ class TrainConfig:
         "evaluation) resumes past it; false for throwaway runs", bookkeeping=True)
     keep_checkpoints: int = knob(2, "newest checkpoints kept in runs/<name>/checkpoints; older ones are deleted",
                                  bookkeeping=True)
-    resume: bool = knob(False, "continue from the newest valid checkpoint of this run (CLI: --resume)", bookkeeping=True)
+    resume: bool = knob(False, "continue from the newest valid checkpoint of this run (CLI: --resume)",
+                        bookkeeping=True)
     resume_allow: list[str] = knob(factory=list, help="settings allowed to differ from the checkpoint's on resume, "
                                    "e.g. [train.lr]: optimizer and schedule take the new values", bookkeeping=True)
     eval_every: int = knob(0,
@@ -505,8 +508,7 @@ class Config:
         comments (what `python -m pocket_teacher config` prints and runs/*/config.yaml holds)."""
         text = _commented_yaml(self) if comments else yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text)
+            write_text(Path(path), text)
         return text
 
     @classmethod

@@ -20,7 +20,7 @@ from .config import Config, ConfigError, GenerateConfig, apply_overrides, get_pr
 from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, handle_duplicates, load_examples,
                    load_mmlu, remove_overlap, tokenize_examples)
 from .evaluate import evaluate_model, teacher_on_student_samples
-from .files import write_json
+from .files import write_json, write_text
 from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
 from .losses import Divergence, divergence_name
 from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, device_capability,
@@ -760,7 +760,8 @@ class Experiment:
                                trained.result, overrides=trained.overrides, preflight=self.checks,
                                on_policy_preview=self.preview)
             if self.comparison is not None:
-                self.comparison.to_json(out / "side_by_side.jsonl", orient="records", lines=True, force_ascii=False)
+                write_text(out / "side_by_side.jsonl", self.comparison.to_json(orient="records", lines=True,
+                                                                               force_ascii=False))
             write_json(out / "timings.json", {"sections_s": {k: round(v, 2) for k, v in self.timings.items()}})
             return out
 

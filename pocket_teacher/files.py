@@ -64,23 +64,47 @@ def proc_value(path: str, key: str) -> str | None:
         return None
 
 
-def write_json(path: Path, data: Any) -> Path:
-    """Write JSON atomically (unique temp file beside it, then rename), creating the folder if needed."""
-    path = Path(path)
+def write_text(path: Path, text: str, after: str = "") -> Path:
+    """Write text atomically (a unique temp file beside it, then a rename), creating the folder if needed. A failed
+    write (a full disk) removes the temp file, leaves `path` as it was and raises `write_failure`'s OSError (with
+    `after`)."""
+    path, data = Path(path), text.encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, default=str)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_failure(path, len(data), exc, after) from exc
     return path
 
 
+def write_json(path: Path, data: Any) -> Path:
+    """Write JSON atomically (see write_text)."""
+    return write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def write_failure(path: Path, need: int, exc: OSError, after: str = "") -> OSError:
+    """The OSError of a write that failed: the path, the bytes it needed and had, the cause, then `after` (what is
+    intact and how to go on; by default: the file was left as it was)."""
+    where = next((p for p in (Path(path), *Path(path).parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(where).free
+    after = after or f"{Path(path).name} was left as it was; free space there and run it again."
+    error = OSError(f"Could not write {path}: {exc.strerror or exc} ({need / 2**20:,.1f} MiB needed, "
+                    f"{free / 2**20:,.1f} MiB free there). {after}")
+    error.errno = exc.errno  # one message, without the "[Errno 28]" prefix of OSError(errno, text)
+    return error
+
+
 def require_free_space(folder: Path, need: int, what: str, fix: str, error: Type[Exception] = OSError) -> None:
-    """Raise `error` naming both sizes and the fix unless `folder`'s file system has `need` bytes free (+5%)."""
+    """Raise `error` naming both sizes and the fix unless `folder`'s file system has `need` bytes free (the caller's
+    `need` includes any margin: the message states the figure compared)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
-    if free < need * 1.05:
+    if free < need:
         raise error(f"Not enough free space for {what} in {folder}: {need / 2**20:,.1f} MiB needed, "
                     f"{free / 2**20:,.1f} MiB free. {fix}")

@@ -12,7 +12,6 @@ teacher, the questions, the template and the generation settings, and reused on 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from .batches import AnswerBatch, length_batches
 from .config import GenerateConfig
 from .data import (DataError, Example, PaddingCollator, answers_match, extract_gsm8k_answer, format_prompt,
                    text_example)
-from .files import digest, fingerprint, model_digest
+from .files import digest, fingerprint, model_digest, write_text
 from .progress import tqdm
 
 FORMAT = 1  # bump when the answers file's layout changes
@@ -180,10 +179,8 @@ def _read_rows(path: Path, fields: Sequence[str], what: str) -> Optional[list[di
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
     """The rows as JSONL, renamed into place once whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows), after=f"{path.name} was not written; free space "
+               f"there and run again (the cache is written only when complete, so nothing half-done is reused).")
 
 
 def default_stop(tokenizer, stop: Optional[Sequence[str]] = None) -> list[str]:

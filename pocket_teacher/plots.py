@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 from matplotlib.figure import Figure  # a bare Figure needs no backend and never pops up a window
 
+from .files import write_failure
 from .versions import require
 
 COLOURS = {"teacher": "#4C72B0", "student before": "#C44E52", "student after": "#55A868",
@@ -94,11 +96,18 @@ def plot_training(history: Sequence[dict], title: str = "", baseline: Optional[S
 
 
 def save_figure(fig: Figure, *paths: str | Path, dpi: int = 120) -> list[Path]:
-    """Save `fig` to each path (folders created); returns the paths written."""
+    """Save `fig` to each path (folders created, each file written beside it and renamed into place, so a full disk
+    leaves an earlier figure whole); returns the paths written."""
     written = [Path(p) for p in paths]
     for path in written:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+        try:
+            fig.savefig(tmp, dpi=dpi)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise write_failure(path, 1 << 20, exc) from exc
     return written
 
 

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,7 +24,8 @@ from accelerate import PartialState
 from filelock import FileLock, Timeout
 
 from .config import Config
-from .files import proc_value, write_json
+from .files import proc_value, require_free_space, write_failure, write_json, write_text
+from .checkpoints import state_bytes
 from .report import results_markdown
 from .train import TrainResult, uniform_collapse
 
@@ -125,6 +127,37 @@ def main_process_first():
         yield
 
 
+SAVE_AGAIN = ("free space, then run exp.save() again in the notebook, or the same command with --resume (the "
+              "trainings resume from their final checkpoints and are not repeated; the evaluation runs again).")
+
+
+def save_student(out: Path, student: torch.nn.Module, tokenizer, also: int = 0) -> Path:
+    """save_pretrained into out/student without ever leaving a half-written student there: the free space is checked
+    first (the weights, the tokenizer and `also` bytes of results still to come), the files go to a temporary folder
+    that replaces out/student only when complete, and a failed write removes the temporary folder and says what is
+    still intact (the student in memory, an earlier out/student, the final checkpoint)."""
+    weights = state_bytes(student.state_dict())
+    need = weights + also + (32 << 20)  # tokenizer files, config and safetensors headers
+    after = (f"Nothing in {out} was replaced. The trained student is still in memory (exp.trained.student) and, "
+             f"with train.save_final, in the last checkpoint under {out / 'checkpoints'}: {SAVE_AGAIN}")
+    require_free_space(out, need, f"the trained student and the results ({weights / 2**20:,.1f} MiB of weights)",
+                       after)
+    final, tmp = out / "student", out / f".student.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except (OSError, RuntimeError) as exc:  # safetensors reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(final, need, exc if isinstance(exc, OSError) else OSError(28, str(exc)), after) from exc
+    old = out / f".student.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequence[dict],
                  train_result: Optional[TrainResult] = None, overrides: Sequence[str] = (),
                  preflight: Optional[dict] = None, on_policy_preview: Optional[dict] = None) -> Path:
@@ -142,15 +175,17 @@ def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequ
                for r in results]
     extra = {"train_seconds": train_result.seconds, "steps": train_result.steps,
              "collapsed": train_result.collapsed} if train_result else {}
-    write_json(out / "results.json", {"preset": cfg.preset, "environment": hardware_line(), "results": summary,
-                                      "train_overrides": list(overrides), "preflight": preflight,
-                                      "on_policy_preview": on_policy_preview, **extra})
-    (out / "results.md").write_text(results_markdown(results) + "\n")
+    texts = {"results.md": results_markdown(results) + "\n"}
     for name, key in (("generations.jsonl", "generations"), ("mmlu.jsonl", "mmlu_rows"),
                       ("mmlu_cloze.jsonl", "mmlu_cloze_rows")):
         if name == "generations.jsonl" or any(r.get(key) for r in results):
-            (out / name).write_text("".join(json.dumps({"model": r["model"], **g}) + "\n"
-                                            for r in results for g in r.get(key) or []))
-    student.save_pretrained(out / "student")
-    tokenizer.save_pretrained(out / "student")
+            texts[name] = "".join(json.dumps({"model": r["model"], **g}) + "\n"
+                                  for r in results for g in r.get(key) or [])
+    texts["results.json"] = json.dumps({"preset": cfg.preset, "environment": hardware_line(), "results": summary,
+                                        "train_overrides": list(overrides), "preflight": preflight,
+                                        "on_policy_preview": on_policy_preview, **extra}, indent=2, default=str)
+    save_student(out, student, tokenizer, sum(len(t.encode()) for t in texts.values()))
+    for name, text in texts.items():  # results.json last: a run folder with results.json is a finished run
+        write_text(out / name, text, after=f"The student is saved in {out / 'student'}; {name} and the files after it "
+                                           f"are not: {SAVE_AGAIN}")
     return out

@@ -31,7 +31,7 @@ from . import checkpoints as ckpt
 from .batches import AnswerBatch, answer_batch, answer_hidden, answer_logits
 from .data import TokenizedSplit
 from .evaluate import HeldOutTeacher, perplexity
-from .files import model_digest
+from .files import model_digest, write_failure
 from .generate import sample_rollouts
 from .losses import (DistillationLoss, Divergence, TeacherHidden, TeacherLogits, TeacherSignal, TeacherTopK,
                      auto_chunk_size, chunked_distillation_loss, divergence_name, sampled_token_loss,
@@ -519,11 +519,17 @@ class Trainer:
         row, so a resumed run's file holds the restored rows and then its own)."""
         if self.run_folder is None or not self.accelerator.is_main_process:
             return
-        if self.history_file is None:
-            self.run_folder.mkdir(parents=True, exist_ok=True)
-            self.history_file = (self.run_folder / "history.jsonl").open("w")
-        self.history_file.write(json.dumps(row) + "\n")
-        self.history_file.flush()
+        line, path = json.dumps(row) + "\n", self.run_folder / "history.jsonl"
+        try:
+            if self.history_file is None:
+                self.run_folder.mkdir(parents=True, exist_ok=True)
+                self.history_file = path.open("w")
+            self.history_file.write(line)
+            self.history_file.flush()
+        except OSError as exc:
+            raise write_failure(path, len(line) * max(1, self.tcfg.max_steps - row["step"]), exc, after=(
+                f"The checkpoints in {self.folder} are intact and hold the history up to each one; free space there "
+                f"and continue with --resume ({NOTEBOOK_RESUME}).")) from exc
 
     def save(self, step: int, diverged: bool = False) -> Optional[Path]:
         """A checkpoint of the weights after `step` steps (process 0 writes; all wait), pruned to keep_checkpoints."""
@@ -640,6 +646,8 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.start_step, desc="distill",
                    disable=not self.progress or not acc.is_main_process)
         self.began, seen_tokens = time.perf_counter(), 0
+        self.scale_at_start = max(float(p.detach().abs().max()) for p in self.student.parameters()
+                                  if p.is_floating_point())
         with StopSignals() as stop, contextlib.closing(bar), contextlib.closing(self):
             for step in range(self.start_step, t.max_steps):
                 micro, on_policy = self.micro_batches(step), self.on_policy(step)
@@ -654,9 +662,10 @@ class Trainer:
                 if not math.isfinite(total) or (self.compute != "fp16" and not math.isfinite(grad_norm)):
                     self.optimizer.zero_grad(set_to_none=True)
                     again = step == self.start_step and self.resumed_diverged  # no step worked since the last one
-                    path = None if again else self.save(step, diverged=True)
+                    damaged = self.damage()
+                    path = None if again or damaged else self.save(step, diverged=True)
                     raise TrainingDiverged(_divergence_message(step, total, ce, kd, grad_norm, t, self.compute, path,
-                                                               again))
+                                                               again, damaged))
                 lr = t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
@@ -681,6 +690,15 @@ class Trainer:
         if t.save_final and self.start_step < t.max_steps and not periodic:
             self.save(t.max_steps)  # the finished state: a run stopped in a later stage resumes past this training
         return self.finish()
+
+    def damage(self) -> Optional[str]:
+        """Why the current weights are not worth a resume though finite, or None: a learning rate far too high grows
+        them by orders of magnitude in the steps before the loss turns non-finite (lr=1e30: weights near 5e29)."""
+        now = max(float(p.detach().abs().max()) for p in self.student.parameters() if p.is_floating_point())
+        if now > 1e3 * max(self.scale_at_start, 1e-3) or now > 1e6:
+            return (f"the largest weight is {now:.3g}, against {self.scale_at_start:.3g} when this training started "
+                    f"at step {self.start_step}")
+        return None
 
     def close(self) -> None:
         """Close history.jsonl (`fit` does, however it ends)."""
@@ -733,11 +751,15 @@ def unsharded_copy(model: torch.nn.Module, wrapped_state: dict) -> torch.nn.Modu
 
 
 def _divergence_message(step: int, total: float, ce: float, kd: float, grad_norm: float, tcfg, compute: str,
-                        path: Optional[Path], again: bool = False) -> str:
+                        path: Optional[Path], again: bool = False, damaged: Optional[str] = None) -> str:
     precision = f"mixed precision {compute}" if compute in ("bf16", "fp16") else "fp32"
     what = "loss" if not math.isfinite(total) else "gradient norm"
     lower = f"{tcfg.lr / 10:g}"
-    if again:
+    if damaged and not again:
+        where = (f"The weights are finite but already damaged by the updates before ({damaged}), so they were not "
+                 f"saved: resuming from them cannot recover. Start again without --resume (notebook: without "
+                 f"'train.resume=true' in TRAIN_OVERRIDES) with train.lr={lower} or lower.")
+    elif again:
         where = (f"This is the first step after resuming from a divergence checkpoint: the weights saved there were "
                  f"already damaged by the update before it (a learning rate this high breaks weights before the loss "
                  f"shows it). Start again without --resume (notebook: without 'train.resume=true' in TRAIN_OVERRIDES), "

@@ -4,6 +4,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pocket_teacher.checkpoints import CheckpointError, list_checkpoints
+from pocket_teacher.checkpoints import CheckpointError, list_checkpoints, trainer_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _train_job import train  # noqa: E402
@@ -34,13 +35,17 @@ def test_a_huge_lr_never_leaves_non_finite_weights_and_says_how_to_recover(tmp_p
     with pytest.raises(TrainingDiverged) as info:
         train(BASE + ["train.lr=1.0e+30"], folder)
     assert "optimizer step was not taken" in str(info.value)
+    # lr=1e30 wrecks the weights in the steps before the loss shows it: the message says so at once, saves no
+    # "last good" checkpoint of them, and does not advise a resume that could not work
+    assert re.search(r"finite but already damaged .*largest weight is [\d.e+]+, against [\d.]+ when this training "
+                     r"started at step 0\).*Start again without --resume", str(info.value)), str(info.value)
+    assert "--resume --set" not in str(info.value)
     saved = list_checkpoints(folder)
-    assert saved and all(_finite(p) for p in saved)
-    # lr=1e30 wrecks the weights in the step before the loss shows it: resuming from them cannot work, and says so
-    with pytest.raises(TrainingDiverged, match="first step after resuming from a divergence checkpoint.*without --resume"):
-        train(BASE + ["train.lr=1e-3", "train.resume_allow=[train.lr]"], folder, resume=True)
-    assert list_checkpoints(folder) == saved and all(_finite(p) for p in saved)
-    result = train(BASE + ["train.lr=1e-3"], folder)  # the advice: start again with a sane lr
+    assert all(_finite(p) for p in saved) and not any(trainer_state(p).get("diverged_after") for p in saved)
+    if saved:  # a periodic checkpoint of damaged weights, resumed by hand, is caught at its first step
+        with pytest.raises(TrainingDiverged, match="already damaged|first step after resuming"):
+            train(BASE + ["train.lr=1e-3", "train.resume_allow=[train.lr]"], folder, resume=True)
+    result = train(BASE + ["train.lr=1e-3"], folder)  # the advice: start again with a lower lr
     assert len(result.history) == 6 and all(math.isfinite(h["loss"]) for h in result.history)
 
 
@@ -107,7 +112,7 @@ def test_a_full_disk_gives_a_clear_message_and_no_leftovers(tmp_path, monkeypatc
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoints.torch, "save", full)
-    with pytest.raises(CheckpointError, match="No space left on device. The partial copy was removed"):
+    with pytest.raises(CheckpointError, match=r"No space left on device \(1\.\d MiB needed, [\d,.]+ MiB free\)\. The partial copy was removed; earlier checkpoints are intact"):
         train(BASE, tmp_path / "other" / "checkpoints")
     assert not list((tmp_path / "other" / "checkpoints").glob(".tmp-*"))
 
@@ -339,3 +344,82 @@ def test_a_warm_up_longer_than_the_run_is_said(capsys):
     assert "train.warmup_steps=5 is longer than train.max_steps=2: the learning rate ends at 40% of train.lr; " \
            "use train.warmup_steps <= 2." in capsys.readouterr().out
 
+
+
+def test_a_checkpoints_free_space_check_asks_for_what_it_writes(tmp_path, monkeypatch):
+    """The figure the check compares is the one it names, and about the checkpoint's size (tied embeddings once):
+    a checkpoint fits on a disk with its own size plus a little free."""
+    import shutil
+
+    from pocket_teacher import checkpoints
+
+    whole = tmp_path / "whole" / "checkpoints"
+    train(BASE[:1] + ["train.max_steps=2", "train.checkpoint_every=2", "train.batch_size=2"], whole)
+    size = sum(p.stat().st_size for p in (whole / "checkpoint-000002").iterdir())
+    real = shutil.disk_usage
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: real(p)._replace(free=int(size * 1.1)))
+    train(BASE[:1] + ["train.max_steps=2", "train.checkpoint_every=2", "train.batch_size=2"], tmp_path / "fits" /
+          "checkpoints")
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: real(p)._replace(free=int(size * 0.9)))
+    with pytest.raises(CheckpointError) as info:
+        train(BASE[:1] + ["train.max_steps=2", "train.checkpoint_every=2", "train.batch_size=2"], tmp_path / "full" /
+              "checkpoints")
+    needed = float(re.search(r"([\d.]+) MiB needed", str(info.value)).group(1)) * 2**20
+    assert size <= needed <= size * 1.1 + 2**17, (size, needed)
+
+
+def test_write_text_on_a_full_disk_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    from pocket_teacher import files
+
+    path = files.write_text(tmp_path / "results.json", "old")
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, *a, **k: (_ for _ in ()).throw(OSError(28, "No space left "
+                                                                                             "on device")))
+    with pytest.raises(OSError, match=r"Could not write .*results\.json: No space left on device \(0\.0 MiB needed"):
+        files.write_text(path, "new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_final_save_keeps_the_student_and_the_advice_works(tmp_path, monkeypatch, capsys):
+    """The student's save fails as on a full disk: the error names the folder and the space, no results.json claims
+    a finished run, no half-written student is left (an earlier one stays whole); --resume, as the message says,
+    finishes without training again. Too little free space is refused before anything is written."""
+    import shutil
+    from safetensors.torch import load_file
+
+    from pocket_teacher import cli, files, runfolder
+
+    out = tmp_path / "t"
+    args = ["run", "--preset", "tiny", "--out", str(out), "--no-progress"]
+    assert cli.main(args) == 0
+    before = load_file(out / "student" / "model.safetensors")
+    (out / "results.json").unlink()
+    real_save = runfolder.save_student
+
+    def full(out_, student, tokenizer, also=0):
+        def fails(*a, **k):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(student, "save_pretrained", fails)
+        return real_save(out_, student, tokenizer, also)
+    monkeypatch.setattr(runfolder, "save_student", full)
+    capsys.readouterr()
+    assert cli.main([*args, "--resume"]) == 2
+    message = capsys.readouterr().err
+    assert f"Could not write {out / 'student'}: No space left on device (" in message and "MiB free there)" in message
+    assert "the same command with --resume" in message and "exp.save() again" in message
+    assert not (out / "results.json").exists() and not list(out.glob(".student.*"))
+    kept = load_file(out / "student" / "model.safetensors")
+    assert all(torch.equal(kept[k], before[k]) for k in before)
+
+    monkeypatch.setattr(runfolder, "save_student", real_save)
+    real = shutil.disk_usage
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 20))
+    assert cli.main([*args, "--resume"]) == 2
+    message = capsys.readouterr().err
+    assert re.search(r"Not enough free space for the trained student and the results .* [\d.]+ MiB needed, 1\.0 MiB "
+                     r"free", message)
+    monkeypatch.setattr(files.shutil, "disk_usage", real)
+
+    assert cli.main([*args, "--resume"]) == 0  # the advice, followed literally
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 8 and "resume: continuing from" in capsys.readouterr().out
