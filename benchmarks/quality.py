@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--gsm8k-shots", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--mmlu", default=_default(SHARED / "mmlu" / "test.jsonl"), help="MMLU test JSONL")
-    parser.add_argument("--mmlu-rows", type=int, default=0, help="first N test rows (0 = all 14,042)")
+    parser.add_argument("--mmlu-rows", type=int, default=0, help="N test rows, a sample stratified by subject (seed 0; 0 = all 14,042)")
     parser.add_argument("--mmlu-sample", type=int, default=0,
                         help="score an evenly spaced sample of about N questions (every subject represented)")
     parser.add_argument("--mmlu-shots", type=int, default=0)

@@ -415,7 +415,9 @@ class EvalConfig:
                                        "plain text), with its strict-match and flexible-extract scores too")
     mmlu_source: Optional[str] = knob(None,
         "MMLU questions: None (skip), \"hub\" (cais/mmlu test) or a local JSONL path")
-    mmlu_samples: int = knob(0, "MMLU questions scored, spread over subjects in file order (0 = all)")
+    mmlu_samples: int = knob(0, "MMLU questions scored: a sample stratified by subject, each subject in proportion "
+                                "to its rows (0 = all)")
+    mmlu_seed: int = knob(0, "seed of the MMLU sample's choice inside each subject")
     mmlu_shots: int = knob(0, "solved questions of the same subject shown first (5 is the standard)")
     mmlu_subjects: Optional[list[str]] = knob(None, "score only these subjects")
     mmlu_format: str = knob("auto", "letter (next-token A-D), cloze (likelihood of each choice's text, acc and "

@@ -274,16 +274,44 @@ def load_gsm8k(split: str = "test", path: Optional[str] = None, limit: Optional[
 
 
 def load_mmlu(split: str = "test", path: Optional[str] = None, subjects: Optional[Sequence[str]] = None,
-              limit: Optional[int] = None, bad_rows: str = "error",
-              fix: str = _HUB_FIX) -> tuple[list[Example], LoadReport]:
+              limit: Optional[int] = None, bad_rows: str = "error", fix: str = _HUB_FIX,
+              seed: int = 0) -> tuple[list[Example], LoadReport]:
     """MMLU rows as Examples, from a local JSONL (`path`) or the Hub's cais/mmlu (config `all`); `fix` is the
-    advice when the Hub cannot be read (the settings of the caller's own source)."""
+    advice when the Hub cannot be read (the settings of the caller's own source). `limit` rows are a sample
+    stratified by subject (`stratified_sample`, seeded), not the first rows: MMLU files are sorted by subject."""
     rows, source = _rows(path, "cais/mmlu", "all", split, fix)
     if subjects is not None:
         wanted = set(subjects)
         rows = ((w, r) for w, r in rows if not isinstance(r, dict) or r.get("subject") in wanted)
     report = LoadReport(source=f"MMLU {split} from {source}")
-    return _validated(rows, mmlu_example, report, bad_rows, limit), report
+    examples = _validated(rows, mmlu_example, report, bad_rows, None)
+    if limit is not None and limit < len(examples):
+        examples = stratified_sample(examples, limit, seed)
+        groups = len({e.subject for e in examples})
+        report.notes.append(f"{limit} of them scored: a sample stratified by subject ({groups} subjects, each in "
+                            f"proportion to its rows, seed {seed})")
+    return examples, report
+
+
+def stratified_sample(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
+    """`n` examples drawn in proportion to each subject's share (largest remainders; every subject gets one while
+    `n` allows), a seeded random choice inside each subject, returned in file order."""
+    groups: dict[Optional[str], list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(e.subject, []).append(i)
+    names = sorted(groups, key=str)
+    exact = {s: n * len(groups[s]) / len(examples) for s in names}
+    take = {s: min(len(groups[s]), max(int(exact[s]), 1 if n >= len(names) else 0)) for s in names}
+    order = sorted(names, key=lambda s: (int(exact[s]) - exact[s], str(s)))  # largest remainder first
+    while sum(take.values()) < n:  # n < len(examples), so room is left somewhere
+        for s in order:
+            if sum(take.values()) < n and take[s] < len(groups[s]):
+                take[s] += 1
+    while sum(take.values()) > n:  # the minimum of one per subject overshot: trim the largest
+        take[max(names, key=lambda s: (take[s] - exact[s], str(s)))] -= 1
+    rng = random.Random(seed)
+    picked = sorted(i for s in names for i in rng.sample(groups[s], take[s]))
+    return [examples[i] for i in picked]
 
 
 def load_gsm_symbolic(size: int, seed: int) -> tuple[list[Example], LoadReport]:

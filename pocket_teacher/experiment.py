@@ -121,7 +121,7 @@ def load_data(cfg: Config, verbose: bool = True) -> RawData:
     if cfg.eval.mmlu_source:
         mmlu, mmlu_report = load_mmlu("test", path=None if cfg.eval.mmlu_source == "hub" else cfg.eval.mmlu_source,
                                       subjects=cfg.eval.mmlu_subjects, limit=cfg.eval.mmlu_samples or None,
-                                      bad_rows=cfg.data.bad_rows, fix=MMLU_FIX)
+                                      bad_rows=cfg.data.bad_rows, fix=MMLU_FIX, seed=cfg.eval.mmlu_seed)
         reports.append(mmlu_report)
     for report in reports if verbose else ():
         print(f"data: {report}")

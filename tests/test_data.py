@@ -187,3 +187,26 @@ def test_mmlu_offline_names_the_setting_that_gives_it_and_that_advice_works(monk
         load_data(configure("tiny", ["eval.mmlu_source=hub"]), verbose=False)
     assert "data.train_path" not in str(error.value)
     assert load_data(configure("tiny", ["eval.mmlu_source=null"]), verbose=False).mmlu is None
+
+
+def test_an_mmlu_sample_is_stratified_by_subject_and_seeded(tmp_path):
+    """MMLU files are sorted by subject (the first 500 test rows are all moral_scenarios): a sample of N spreads over
+    the subjects in proportion to their rows, one at least each, chosen by the seed, in file order, and says so."""
+    sizes = {"anatomy": 30, "astronomy": 10, "moral_scenarios": 55, "virology": 5}
+    rows = [{"question": f"{s} question {i}?", "choices": ["a", "b", "c", "d"], "answer": i % 4, "subject": s}
+            for s, n in sizes.items() for i in range(n)]
+    path = tmp_path / "mmlu.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sample, report = load_mmlu(path=str(path), limit=20)
+    counts = {s: sum(e.subject == s for e in sample) for s in sizes}
+    assert counts == {"anatomy": 6, "astronomy": 2, "moral_scenarios": 11, "virology": 1}
+    assert [e.where for e in sample] == sorted((e.where for e in sample), key=lambda w: int(w.split(":")[1]))
+    assert "20 of them scored: a sample stratified by subject (4 subjects" in str(report) and "seed 0" in str(report)
+    assert report.rows == 100 and report.kept == 100
+    assert [e.where for e in load_mmlu(path=str(path), limit=20)[0]] == [e.where for e in sample]
+    other = load_mmlu(path=str(path), limit=20, seed=1)[0]
+    assert [e.where for e in other] != [e.where for e in sample]
+    assert {s: sum(e.subject == s for e in other) for s in sizes} == counts
+    tiny = load_mmlu(path=str(path), limit=3)[0]  # fewer than the subjects: largest remainders of 0.9 / 0.3 / 1.65
+    assert sorted(e.subject for e in tiny) == ["anatomy", "moral_scenarios", "moral_scenarios"]
+    assert len(load_mmlu(path=str(path), limit=99)[0]) == 99 and len(load_mmlu(path=str(path))[0]) == 100
