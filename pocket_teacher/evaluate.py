@@ -565,7 +565,7 @@ def teacher_on_student_samples(teacher: torch.nn.Module, student: torch.nn.Modul
     for lo, batch in zip(range(0, len(rows), batch_size), answer_batches(split, pad_token_id, batch_size=batch_size,
                                                                           rows=rows, device=device)):
         rollout = sample_rollouts(student, batch, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
-                                  seed=seed + lo, max_new_tokens=max_new_tokens).batch
+                                  seed=seed + lo, max_new_tokens=max_new_tokens, vocab_size=vocab_size).batch
         for name, model in (("teacher", teacher), ("student", student)):
             logits = answer_logits(model, rollout.input_ids, rollout.attention_mask, rollout.select)
             logits = logits[..., :vocab_size] if vocab_size else logits

@@ -55,6 +55,27 @@ def overridden_generation_settings(model: torch.nn.Module) -> dict:
     return out
 
 
+class RealVocabulary:
+    """Output-layer rows beyond the tokenizer's `size` (padding to a multiple of 64 or 128, as Qwen and Llama
+    checkpoints have) get -inf: neither greedy decoding nor sampling can pick an id the tokenizer does not have, and
+    sampled rollouts follow the distribution over the real vocabulary that the losses use."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[-1] > self.size:
+            scores = scores.clone()
+            scores[..., self.size:] = float("-inf")
+        return scores
+
+
+def real_vocabulary(model: torch.nn.Module, size: Optional[int]) -> list:
+    """[RealVocabulary(size)] when the model's output layer is wider than `size`, else []."""
+    rows = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    return [RealVocabulary(size)] if size and rows and rows > size else []
+
+
 class NucleusSampling:
     """Temperature, then nucleus (top-p) filtering: the distribution transformers' TemperatureLogitsWarper and
     TopPLogitsWarper give (a token is kept when the probability of the tokens more likely than it is under top_p;
@@ -114,7 +135,8 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], settings
     # Sampling: temperature and nucleus filtering by NucleusSampling (the same distribution as transformers' warpers,
     # a third faster on CPU), so the generation config itself leaves the logits alone.
     sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0} if g.temperature > 0 else {}
-    processors = [NucleusSampling(g.temperature, g.top_p)] if g.temperature > 0 else []
+    processors = real_vocabulary(model, len(tokenizer))
+    processors += [NucleusSampling(g.temperature, g.top_p)] if g.temperature > 0 else []
     config = GenerationConfig(**{**GREEDY, **sampling}, max_new_tokens=g.max_new_tokens,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                               **({"stop_strings": list(stop)} if stop else {}))
@@ -329,14 +351,16 @@ def prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor) -> list[i
 
 @torch.no_grad()
 def sample_rollouts(model: torch.nn.Module, batch: AnswerBatch, *, pad_token_id: int, eos_token_id, seed: int,
-                    temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128) -> Rollouts:
+                    temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128,
+                    vocab_size: Optional[int] = None) -> Rollouts:
     """Sample the model's answers to the prompts of a right-padded training `batch` (batched, KV cache, no
     gradient), stopping each at EOS or after `max_new_tokens`.
 
     The sampler's randomness is a pure function of `seed` (its own generator state, forked from the global one,
     which is left untouched), so a run resumed from a checkpoint samples exactly what the uninterrupted run did.
     Sampling is plain ancestral sampling at `temperature` with nucleus `top_p`: no top-k, no repetition penalty,
-    whatever the model's generation config says."""
+    whatever the model's generation config says; ids at or beyond `vocab_size` (a padded output layer) are never
+    drawn."""
     device = batch.input_ids.device
     starts = [max(n, 1) for n in prompt_lengths(batch.labels, batch.attention_mask)]  # free text: 1 token
     prompts = [batch.input_ids[i, :n].tolist() for i, n in enumerate(starts)]
@@ -351,7 +375,8 @@ def sample_rollouts(model: torch.nn.Module, batch: AnswerBatch, *, pad_token_id:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             out = model.generate(input_ids=left["input_ids"].to(device),
-                                 attention_mask=left["attention_mask"].to(device), generation_config=config)
+                                 attention_mask=left["attention_mask"].to(device), generation_config=config,
+                                 logits_processor=LogitsProcessorList(real_vocabulary(model, vocab_size)))
     finally:
         model.train(was_training)
     new = out[:, left["input_ids"].shape[1]:].tolist()

@@ -135,8 +135,9 @@ TeacherSignal = Union[TeacherLogits, TeacherHidden, TeacherTopK]  # None: no tea
 
 def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """Row-wise KL(a || b) = sum a (log a - log b) of two ``(N, K)`` log-probabilities, ``(N,)``; entries where
-    a = 0 contribute exactly 0. The package's one KL (the loss's forward KL, agreement, the cache's fidelity)."""
-    diff = torch.where(log_a > -math.inf, log_a - log_b, torch.zeros_like(log_a))  # no 0 * inf, no NaN grads
+    a = 0 contribute exactly 0; a NaN in either stays NaN (the training guard and the reports must see it). The
+    package's one KL (the loss's forward KL, agreement, the cache's fidelity)."""
+    diff = torch.where(log_a == -math.inf, torch.zeros_like(log_a), log_a - log_b)  # no 0 * inf, no NaN grads
     return (log_a.exp() * diff).sum(-1)
 
 

@@ -571,7 +571,7 @@ class Trainer:
             seed = ((t.seed * 1_000_003 + step) * 64 + i) * 1024 + self.rank
             r = sample_rollouts(student, batch, pad_token_id=self.vocab.pad_token_id, eos_token_id=self.eos_token_id,
                                 seed=seed, temperature=t.rollout_temperature, top_p=t.rollout_top_p,
-                                max_new_tokens=t.rollout_max_new_tokens)
+                                max_new_tokens=t.rollout_max_new_tokens, vocab_size=self.vocab.size)
             out.append(r.batch)
             lengths += r.lengths
             finished += r.finished

@@ -510,3 +510,20 @@ def test_auto_chunk_size_depends_on_the_device():
 
     assert auto_chunk_size(151665, "cuda") >= 1024 and auto_chunk_size(49152, "cuda") % 256 == 0
     assert auto_chunk_size(151665, "cpu") < 100  # CPU: ~32 MiB of logits per chunk, as before
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_a_nan_in_either_distribution_is_never_turned_into_a_zero(divergence):
+    """Exact zeros (-inf log-probabilities) contribute 0 with finite gradients; a NaN, in the teacher's or the
+    student's log-probabilities, comes out as NaN, so the training guard stops and reports it."""
+    log_p, log_q = torch.log_softmax(torch.randn(3, 6), -1), torch.log_softmax(torch.randn(3, 6), -1)
+    log_p[0, 2] = log_q[0, 2] = -math.inf  # a token neither can produce: finite for every divergence
+    log_q.requires_grad_()
+    clean = divergence_per_token(log_p, log_q, divergence)
+    clean.sum().backward()
+    assert torch.isfinite(clean).all() and torch.isfinite(log_q.grad).all()
+    for which in ("teacher", "student"):
+        p, q = log_p.clone(), log_q.detach().clone()
+        (p if which == "teacher" else q)[1, 4] = math.nan
+        out = divergence_per_token(p, q, divergence)
+        assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all(), (which, out)

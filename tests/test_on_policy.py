@@ -180,3 +180,39 @@ def test_an_on_policy_run_killed_mid_way_resumes_exactly(tmp_path):
     assert not (folder / "checkpoint-000006").exists()
     resumed = train(common, folder, resume=True)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+
+
+def test_no_padded_vocabulary_id_is_ever_generated_or_sampled(tiny_cfg, tiny_tokenizer):
+    """An output layer 64 rows wider than the tokenizer, with those rows made the likeliest by far: greedy decoding,
+    sampled generation and on-policy rollouts still only produce ids the tokenizer has."""
+    from pocket_teacher.batches import answer_batch
+    from pocket_teacher.config import GenerateConfig
+    from pocket_teacher.data import load_gsm_symbolic, tokenize_examples
+    from pocket_teacher.generate import generate, sample_rollouts
+    from pocket_teacher.models import build_tiny_model
+
+    size = len(tiny_tokenizer)
+    model = build_tiny_model(tiny_cfg.teacher.tiny, size + 64).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight[size:] = model.get_output_embeddings().weight[:size].abs().max() * 50
+    split = tokenize_examples(load_gsm_symbolic(4, seed=3)[0], tiny_tokenizer, max_length=384)
+    batch = answer_batch(split, range(4), tiny_tokenizer.pad_token_id)
+    for top_p in (1.0, 0.9):
+        rollouts = sample_rollouts(model, batch, pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=0, seed=1,
+                                   top_p=top_p, max_new_tokens=12, vocab_size=size)
+        assert int(rollouts.batch.input_ids.max()) < size
+    unguarded = sample_rollouts(model, batch, pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=0, seed=1,
+                                max_new_tokens=12)
+    assert int(unguarded.batch.input_ids.max()) >= size  # the test's model would pick them without the guard
+    for settings in (GenerateConfig(max_new_tokens=8), GenerateConfig(max_new_tokens=8, temperature=1.0)):
+        seen = []
+        real = model.generate
+
+        def spy(*a, **k):
+            out = real(*a, **k)
+            seen.append(int(out.max()))
+            return out
+        model.generate = spy
+        generate(model, tiny_tokenizer, ["Tom has 3 apples."], settings, progress=False)
+        del model.generate
+        assert seen and max(seen) < size
