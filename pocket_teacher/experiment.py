@@ -231,7 +231,8 @@ def teacher_cache(cfg: Config, teacher: torch.nn.Module, splits: Splits, tokeniz
     tc = cfg.teacher_cache
     cache = build_topk_cache(teacher, splits.train, cache_dir(cfg), k=tc.k, vocab_size=len(tokenizer),
                              pad_token_id=tokenizer.pad_token_id, batch_size=tc.batch_size,
-                             teacher_key=teacher_key(cfg, info), progress=progress)
+                             teacher_key=teacher_key(cfg, info), progress=progress,
+                             temperature=cfg.loss.temperature)
     if verbose:
         print(cache.report)
     return cache

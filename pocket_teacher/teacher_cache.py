@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .batches import AnswerBatch, answer_batches, answer_logit_chunks
 from .data import IGNORE_INDEX, TokenizedSplit
 from .files import digest, file_hash, fingerprint, model_digest, require_free_space, write_json
-from .losses import TeacherTopK, kl
+from .losses import TAIL_FLOOR, TeacherTopK, kl
 from .progress import tqdm
 
 FORMAT = 1  # bump when the on-disk layout changes: old caches then get new fingerprints
@@ -79,12 +79,37 @@ class CacheReport:
     kl_sample: float  # mean KL(full teacher || top-k + uniform tail) in nats/token, on the sampled rows
     kl_sample_tokens: int  # tokens that KL was measured on
     build_seconds: float
+    # The two objectives at temperature T, on the same sampled tokens: {"T": {"kl": KL(live || cached target) over
+    # the K + 1 buckets, "tail_live": the tail's mass in the full tempered distribution, "tail_cached": in the
+    # tempered buckets}} (means per token), for TEMPERATURES and the training temperature.
+    at_temperature: dict = field(default_factory=dict)
+    temperature: Optional[float] = None  # the training temperature the fidelity line reports
 
     def __str__(self) -> str:
-        return (f"teacher cache {self.status}: {self.rows} rows, {self.tokens:,} answer tokens, top-{self.k}, "
+        line = (f"teacher cache {self.status}: {self.rows} rows, {self.tokens:,} answer tokens, top-{self.k}, "
                 f"{self.bytes / 2**20:.1f} MiB ({self.bytes / max(1, self.tokens):.0f} B/token) in {self.path}\n"
                 f"fidelity: top-{self.k} mass mean {self.mass_mean:.4f} (5th percentile {self.mass_p05:.4f}); "
                 f"KL(full || top-{self.k}) {self.kl_sample:.4f} nats/token on {self.kl_sample_tokens:,} tokens")
+        t = self.temperature
+        if t is None or t == 1.0:
+            return line
+        got = self.at_temperature.get(_tkey(t))
+        if got is None:
+            measured = ", ".join(sorted(self.at_temperature, key=float))
+            return line + (f"\nat the training temperature T={t:g}: not measured (when this cache was built: "
+                           + (f"T = {measured})" if measured else "by an earlier version; delete the folder to "
+                              "measure it)"))
+        return line + (f"\nat the training temperature T={t:g} the two objectives differ: the live teacher's target "
+                       f"(the full vocabulary tempered) gives the tail {got['tail_live']:.1%} of the mass, the "
+                       f"cache's (K + 1 buckets tempered) {got['tail_cached']:.1%}; KL(live || cached target) over the "
+                       f"buckets {got['kl']:.4f} nats/token")
+
+
+TEMPERATURES = (1.0, 1.5, 2.0, 3.0, 4.0)  # where a build measures the two objectives, besides the training one
+
+
+def _tkey(t: float) -> str:
+    return f"{float(t):g}"
 
 
 class TopKCache:
@@ -159,7 +184,7 @@ def validate_cache(path: Path, expected_fingerprint: Optional[str] = None) -> Op
 def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str | Path, *, k: int = 64,
                      vocab_size: Optional[int] = None, pad_token_id: int = 0, batch_size: int = 8,
                      teacher_key: Optional[dict] = None, kl_sample_rows: int = 32,
-                     progress: bool = True) -> TopKCache:
+                     progress: bool = True, temperature: float = 1.0) -> TopKCache:
     """Reuse the matching cache under `root`, or run the teacher once over `split` and write it.
 
     One process builds a given cache at a time (a file lock; others wait, then reuse it). Free space is
@@ -173,7 +198,10 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
         k: log-probs kept per answer token (ids int32, log-probs fp16: 6k + 4 bytes per token).
         vocab_size: the tokenizer's size; logits beyond it (padding rows) are dropped first.
         teacher_key: identifies the teacher beyond its weights (source, revision, precision).
-        kl_sample_rows: rows on which KL(full teacher || top-k approximation) is measured."""
+        kl_sample_rows: rows on which KL(full teacher || top-k approximation) is measured, and the two objectives
+            compared at the temperatures of `TEMPERATURES` and `temperature`.
+        temperature: the training's loss.temperature, which the report's fidelity line speaks of (the cache itself
+            holds T = 1 log-probs and serves any temperature)."""
     vocab = vocab_size or teacher.get_output_embeddings().weight.shape[0]
     if not 1 <= k <= vocab:
         raise ValueError(f"teacher_cache.k={k}: use a value in [1, {vocab}] (the vocabulary size).")
@@ -182,10 +210,12 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
     root = Path(root)
     lock = cache_lock(root, fp, progress)
     try:
-        return _build_or_reuse(teacher, split, root, parts, k, vocab, pad_token_id, batch_size, kl_sample_rows,
-                               progress)
+        cache = _build_or_reuse(teacher, split, root, parts, k, vocab, pad_token_id, batch_size, kl_sample_rows,
+                                progress, sorted({*TEMPERATURES, float(temperature)}))
     finally:
         lock.release()
+    cache.report = replace(cache.report, temperature=float(temperature))
+    return cache
 
 
 def cache_lock(root: Path, fp: str, progress: bool = True):
@@ -224,7 +254,7 @@ def _batch_hash(*arrays) -> str:
 
 
 def _build_or_reuse(teacher, split, root: Path, parts: dict, k: int, vocab: int, pad_token_id: int,
-                    batch_size: int, kl_sample_rows: int, progress: bool) -> TopKCache:
+                    batch_size: int, kl_sample_rows: int, progress: bool, temperatures: list[float]) -> TopKCache:
     fp = fingerprint(parts)
     final, partial = root / fp, root / f"{fp}.partial"
     if final.exists() and validate_cache(final, fp) is None:
@@ -255,7 +285,8 @@ def _build_or_reuse(teacher, split, root: Path, parts: dict, k: int, vocab: int,
             for name in FILES:  # preallocate the files at their final size
                 _open(partial, name, tokens, k, "w+").flush()
             _reserve(partial, tokens, k)
-        state = {"fingerprint": fp, "rows_done": 0, "kl_sum": 0.0, "kl_tokens": 0, "seconds": 0.0, "batches": []}
+        state = {"fingerprint": fp, "rows_done": 0, "kl_sum": 0.0, "kl_tokens": 0, "seconds": 0.0, "batches": [],
+                 "temperatures": [_tkey(t) for t in temperatures], "at_temperature": {}}
         write_json(progress_file, state)
     mms = [_open(partial, name, tokens, k, "r+") for name in FILES]  # ids, logprobs, tail
     for lo, hi, expected in state.get("batches", []):  # a byte changed after it was written: redo from that batch
@@ -286,9 +317,11 @@ def _build_or_reuse(teacher, split, root: Path, parts: dict, k: int, vocab: int,
     seconds = state["seconds"] + time.perf_counter() - start
     del mms
 
+    n = max(1, state["kl_tokens"])
+    at_t = {t: {name: total / n for name, total in sums.items()} for t, sums in state.get("at_temperature", {}).items()}
     report = CacheReport(path=str(final), fingerprint=fp, status=status, rows=len(split), tokens=tokens, k=k,
-                         bytes=0, mass_mean=1.0, mass_p05=1.0, kl_sample=state["kl_sum"] / max(1, state["kl_tokens"]),
-                         kl_sample_tokens=state["kl_tokens"], build_seconds=seconds)
+                         bytes=0, mass_mean=1.0, mass_p05=1.0, kl_sample=state["kl_sum"] / n,
+                         kl_sample_tokens=state["kl_tokens"], build_seconds=seconds, at_temperature=at_t)
     return _publish(partial, final, parts, report)
 
 
@@ -309,9 +342,31 @@ def _teacher_topk(teacher, batch: AnswerBatch, vocab: int, k: int, kl_state: Opt
                 approx.scatter_(-1, top_ids, top_lp.half().float())
                 kl_state["kl_sum"] += float(kl(log_p, approx).clamp_min(0.0).sum())
                 kl_state["kl_tokens"] += int(log_p.shape[0])
+                for t in kl_state.get("temperatures", []):
+                    sums = kl_state["at_temperature"].setdefault(t, {"kl": 0.0, "tail_live": 0.0, "tail_cached": 0.0})
+                    for name, value in _objectives_at(log_p, top_ids, top_lp.half().float(), tail, float(t)).items():
+                        sums[name] += value
             del log_p
             pieces.append((top_ids, top_lp, tail))
     return tuple(torch.cat(p) for p in zip(*pieces))
+
+
+def _objectives_at(log_p: torch.Tensor, top_ids: torch.Tensor, top_lp: torch.Tensor, tail: torch.Tensor,
+                   t: float) -> dict[str, float]:
+    """Summed over the tokens: the live loss's target at temperature t (the full distribution tempered) seen on the
+    K + 1 buckets the cache's loss uses (the top-k, then the rest as one), against the cache's target (the stored
+    top-k log-probs and tail mass tempered as K + 1 buckets, what `losses.topk_buckets` builds): their KL and the
+    tail's mass in each. At t = 1 the two agree up to the fp16 rounding of the stored log-probs."""
+    live = F.log_softmax(log_p / t, dim=-1)
+    live_top = live.gather(-1, top_ids)
+    if top_ids.shape[-1] == log_p.shape[-1]:  # the whole vocabulary: no tail bucket
+        cached = F.log_softmax(top_lp / t, dim=-1)
+        return {"kl": float(kl(live_top, cached).clamp_min(0.0).sum()), "tail_live": 0.0, "tail_cached": 0.0}
+    live_tail = torch.logsumexp(live.scatter(-1, top_ids, -math.inf), -1, keepdim=True)
+    cached = F.log_softmax(torch.cat([top_lp, tail.clamp_min(TAIL_FLOOR).log().unsqueeze(-1)], -1) / t, dim=-1)
+    live_buckets = torch.cat([live_top, live_tail], -1)
+    return {"kl": float(kl(live_buckets, cached).clamp_min(0.0).sum()),
+            "tail_live": float(live_tail.exp().sum()), "tail_cached": float(cached[:, -1].exp().sum())}
 
 
 def _publish(partial: Path, final: Path, parts: dict, report: CacheReport) -> TopKCache:

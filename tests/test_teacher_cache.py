@@ -231,3 +231,40 @@ def test_teacher_info_reports_precision_choice_and_memory(tiny_cfg):
     assert expected <= info.memory_bytes < expected * 1.1 and "MiB in memory" in str(info)
     _, _, info16 = load_teacher(tiny_cfg.teacher, "cpu", precision="bf16")
     assert info16.precision == "bf16" and info16.memory_bytes < 0.6 * info.memory_bytes
+
+
+def test_the_fidelity_line_compares_the_two_objectives_at_the_training_temperature(tiny_teacher, split, tmp_path,
+                                                                                    tiny_tokenizer):
+    """The cached target at T is what the loss builds (topk_buckets), the live one the full distribution tempered:
+    at T = 1 they agree on the buckets (fp16 rounding aside), at T = 2 full tempering gives the tail more mass, and
+    the KL measured is the one between the two targets, recomputed here from the teacher's logits."""
+    import torch.nn.functional as F
+
+    from pocket_teacher.batches import answer_batch, answer_logits
+    from pocket_teacher.losses import TeacherTopK, kl, topk_buckets
+    from pocket_teacher.teacher_cache import build_topk_cache
+
+    cache = build_topk_cache(tiny_teacher, split, tmp_path, k=8, vocab_size=len(tiny_tokenizer), progress=False,
+                             temperature=2.0, kl_sample_rows=len(split))
+    at = cache.report.at_temperature
+    assert set(at) == {"1", "1.5", "2", "3", "4"}
+    assert at["1"]["kl"] < 1e-4 and at["1"]["tail_live"] == pytest.approx(at["1"]["tail_cached"], abs=1e-3)
+    assert at["2"]["tail_live"] > at["2"]["tail_cached"] and at["2"]["kl"] > at["1"]["kl"] + 1e-3
+    assert at["4"]["kl"] > at["2"]["kl"]
+    batch = answer_batch(split, range(len(split)), tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        log_p = F.log_softmax(answer_logits(tiny_teacher, batch.input_ids, batch.attention_mask, batch.select), -1)
+    signal = cache.rows(range(len(split)))
+    cached, _ = topk_buckets(torch.zeros_like(log_p), TeacherTopK(signal.ids, signal.logprobs, signal.tail),
+                             temperature=2.0)
+    live = F.log_softmax(log_p / 2.0, -1)
+    rest = torch.logsumexp(live.scatter(-1, signal.ids, float("-inf")), -1, keepdim=True)
+    expected = kl(torch.cat([live.gather(-1, signal.ids), rest], -1), cached).mean()
+    assert at["2"]["kl"] == pytest.approx(float(expected), rel=1e-3)
+    assert at["2"]["tail_cached"] == pytest.approx(float(cached[:, -1].exp().mean()), rel=1e-3)
+    line = str(cache.report)
+    assert "at the training temperature T=2 the two objectives differ" in line and "KL(live || cached target)" in line
+    again = build_topk_cache(tiny_teacher, split, tmp_path, k=8, vocab_size=len(tiny_tokenizer), progress=False,
+                             temperature=2.5, kl_sample_rows=len(split))
+    assert again.report.status == "reused" and "T=2.5: not measured (when this cache was built: T = 1, 1.5, 2, 3, 4)" \
+        in str(again.report)
