@@ -47,7 +47,7 @@ def main() -> None:
     from pocket_teacher.data import load_gsm8k, tokenize_examples
     from pocket_teacher.models import load_teacher, resolve_device
     from pocket_teacher.students import load_student
-    from pocket_teacher.teacher_cache import build_topk_cache
+    from pocket_teacher.teacher_cache import Fidelity, build_topk_cache
     from pocket_teacher.train import Vocab, distill
 
     cfg = experiment.configure(args.preset, [*args.set, f"train.max_steps={args.steps}"])
@@ -62,7 +62,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         start = time.perf_counter()
         cache = build_topk_cache(teacher, splits.train, root, k=k, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                 batch_size=cfg.teacher_cache.batch_size, progress=False)
+                                 batch_size=cfg.teacher_cache.batch_size, progress=False,
+                                 fidelity=Fidelity(temperature=cfg.loss.temperature))
         build_s = time.perf_counter() - start
         print(cache.report)
         print(f"cache build: {build_s:.1f} s for {cache.report.rows} rows ({cache.report.tokens / build_s:.0f} "
@@ -85,8 +86,8 @@ def main() -> None:
         split = tokenize_examples(examples, tok, max_length=cfg.data.max_length * 2)
         with tempfile.TemporaryDirectory() as root:
             real = build_topk_cache(teacher, split, root, k=k, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                    batch_size=cfg.teacher_cache.batch_size, kl_sample_rows=len(split),
-                                    progress=False)
+                                    batch_size=cfg.teacher_cache.batch_size, progress=False,
+                                    fidelity=Fidelity(rows=len(split), temperature=cfg.loss.temperature))
         print(f"GSM8K train answers ({real.report.rows} rows, {real.report.tokens:,} tokens, {args.gsm8k}): "
               f"top-{k} mass mean {real.report.mass_mean:.4f}, 5th percentile {real.report.mass_p05:.4f}, "
               f"KL(full || top-{k}) {real.report.kl_sample:.4f} nats/token")

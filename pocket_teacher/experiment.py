@@ -31,7 +31,7 @@ from .report import (BASELINE_LABEL, RANDOM_INIT_LABEL, preflight_warnings, resu
                      summarize)
 from .runfolder import is_main_process, main_process_first, run_dir, save_outputs, start_run
 from .students import load_student
-from .teacher_cache import TopKCache, build_topk_cache
+from .teacher_cache import Fidelity, TopKCache, build_topk_cache
 from .train import HeldOut, OpenedStep, Trainer, TrainResult, Vocab, open_step
 
 OPENING_WORDS = 8  # side by side, a free text without a prompt is continued from this many of its first words
@@ -232,7 +232,7 @@ def teacher_cache(cfg: Config, teacher: torch.nn.Module, splits: Splits, tokeniz
     cache = build_topk_cache(teacher, splits.train, cache_dir(cfg), k=tc.k, vocab_size=len(tokenizer),
                              pad_token_id=tokenizer.pad_token_id, batch_size=tc.batch_size,
                              teacher_key=teacher_key(cfg, info), progress=progress,
-                             temperature=cfg.loss.temperature)
+                             fidelity=Fidelity(temperature=cfg.loss.temperature))
     if verbose:
         print(cache.report)
     return cache

@@ -108,6 +108,15 @@ class CacheReport:
 TEMPERATURES = (1.0, 1.5, 2.0, 3.0, 4.0)  # where a build measures the two objectives, besides the training one
 
 
+@dataclass(frozen=True)
+class Fidelity:
+    """Where a cache build measures its fidelity: KL(full teacher || top-k) and the two objectives (`CacheReport`)
+    on the batches that start within the first `rows` rows, at `TEMPERATURES` and the training `temperature`."""
+
+    rows: int = 32
+    temperature: float = 1.0
+
+
 def _tkey(t: float) -> str:
     return f"{float(t):g}"
 
@@ -183,8 +192,8 @@ def validate_cache(path: Path, expected_fingerprint: Optional[str] = None) -> Op
 
 def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str | Path, *, k: int = 64,
                      vocab_size: Optional[int] = None, pad_token_id: int = 0, batch_size: int = 8,
-                     teacher_key: Optional[dict] = None, kl_sample_rows: int = 32,
-                     progress: bool = True, temperature: float = 1.0) -> TopKCache:
+                     teacher_key: Optional[dict] = None, fidelity: Optional[Fidelity] = None,
+                     progress: bool = True) -> TopKCache:
     """Reuse the matching cache under `root`, or run the teacher once over `split` and write it.
 
     One process builds a given cache at a time (a file lock; others wait, then reuse it). Free space is
@@ -198,10 +207,8 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
         k: log-probs kept per answer token (ids int32, log-probs fp16: 6k + 4 bytes per token).
         vocab_size: the tokenizer's size; logits beyond it (padding rows) are dropped first.
         teacher_key: identifies the teacher beyond its weights (source, revision, precision).
-        kl_sample_rows: rows on which KL(full teacher || top-k approximation) is measured, and the two objectives
-            compared at the temperatures of `TEMPERATURES` and `temperature`.
-        temperature: the training's loss.temperature, which the report's fidelity line speaks of (the cache itself
-            holds T = 1 log-probs and serves any temperature)."""
+        fidelity: where the report's fidelity is measured (`Fidelity`: the first 32 rows, the training temperature
+            1 unless given)."""
     vocab = vocab_size or teacher.get_output_embeddings().weight.shape[0]
     if not 1 <= k <= vocab:
         raise ValueError(f"teacher_cache.k={k}: use a value in [1, {vocab}] (the vocabulary size).")
@@ -210,11 +217,11 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
     root = Path(root)
     lock = cache_lock(root, fp, progress)
     try:
-        cache = _build_or_reuse(teacher, split, root, parts, k, vocab, pad_token_id, batch_size, kl_sample_rows,
-                                progress, sorted({*TEMPERATURES, float(temperature)}))
+        fidelity = fidelity or Fidelity()
+        cache = _build_or_reuse(teacher, split, root, parts, (k, vocab, pad_token_id, batch_size), fidelity, progress)
     finally:
         lock.release()
-    cache.report = replace(cache.report, temperature=float(temperature))
+    cache.report = replace(cache.report, temperature=float(fidelity.temperature))
     return cache
 
 
@@ -253,8 +260,9 @@ def _batch_hash(*arrays) -> str:
     return digest(*(np.ascontiguousarray(a).tobytes() for a in arrays))
 
 
-def _build_or_reuse(teacher, split, root: Path, parts: dict, k: int, vocab: int, pad_token_id: int,
-                    batch_size: int, kl_sample_rows: int, progress: bool, temperatures: list[float]) -> TopKCache:
+def _build_or_reuse(teacher, split, root: Path, parts: dict, shape: tuple[int, int, int, int], fidelity: Fidelity,
+                    progress: bool) -> TopKCache:
+    k, vocab, pad_token_id, batch_size = shape
     fp = fingerprint(parts)
     final, partial = root / fp, root / f"{fp}.partial"
     if final.exists() and validate_cache(final, fp) is None:
@@ -286,7 +294,8 @@ def _build_or_reuse(teacher, split, root: Path, parts: dict, k: int, vocab: int,
                 _open(partial, name, tokens, k, "w+").flush()
             _reserve(partial, tokens, k)
         state = {"fingerprint": fp, "rows_done": 0, "kl_sum": 0.0, "kl_tokens": 0, "seconds": 0.0, "batches": [],
-                 "temperatures": [_tkey(t) for t in temperatures], "at_temperature": {}}
+                 "temperatures": [_tkey(t) for t in sorted({*TEMPERATURES, float(fidelity.temperature)})],
+                 "at_temperature": {}}
         write_json(progress_file, state)
     mms = [_open(partial, name, tokens, k, "r+") for name in FILES]  # ids, logprobs, tail
     for lo, hi, expected in state.get("batches", []):  # a byte changed after it was written: redo from that batch
@@ -306,7 +315,7 @@ def _build_or_reuse(teacher, split, root: Path, parts: dict, k: int, vocab: int,
         lo, hi = batch.rows[0], batch.rows[-1] + 1
         a, b = int(offsets[lo]), int(offsets[hi])
         if b > a:
-            for mm, values in zip(mms, _teacher_topk(teacher, batch, vocab, k, state if lo < kl_sample_rows else None)):
+            for mm, values in zip(mms, _teacher_topk(teacher, batch, vocab, k, state if lo < fidelity.rows else None)):
                 mm[a:b] = values.cpu().numpy().astype(mm.dtype)
                 mm.flush()
         state.setdefault("batches", []).append([lo, hi, _batch_hash(*(mm[a:b] for mm in mms))])

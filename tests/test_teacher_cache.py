@@ -242,10 +242,10 @@ def test_the_fidelity_line_compares_the_two_objectives_at_the_training_temperatu
 
     from pocket_teacher.batches import answer_batch, answer_logits
     from pocket_teacher.losses import TeacherTopK, kl, topk_buckets
-    from pocket_teacher.teacher_cache import build_topk_cache
+    from pocket_teacher.teacher_cache import Fidelity, build_topk_cache
 
     cache = build_topk_cache(tiny_teacher, split, tmp_path, k=8, vocab_size=len(tiny_tokenizer), progress=False,
-                             temperature=2.0, kl_sample_rows=len(split))
+                             fidelity=Fidelity(len(split), 2.0))
     at = cache.report.at_temperature
     assert set(at) == {"1", "1.5", "2", "3", "4"}
     assert at["1"]["kl"] < 1e-4 and at["1"]["tail_live"] == pytest.approx(at["1"]["tail_cached"], abs=1e-3)
@@ -265,6 +265,6 @@ def test_the_fidelity_line_compares_the_two_objectives_at_the_training_temperatu
     line = str(cache.report)
     assert "at the training temperature T=2 the two objectives differ" in line and "KL(live || cached target)" in line
     again = build_topk_cache(tiny_teacher, split, tmp_path, k=8, vocab_size=len(tiny_tokenizer), progress=False,
-                             temperature=2.5, kl_sample_rows=len(split))
+                             fidelity=Fidelity(len(split), 2.5))
     assert again.report.status == "reused" and "T=2.5: not measured (when this cache was built: T = 1, 1.5, 2, 3, 4)" \
         in str(again.report)
