@@ -22,8 +22,10 @@ methods that read it, the answers' generation for sequence-level KD).
 Metrics per run: held-out answer perplexity in distribution (gsm_symbolic, --eval-rows) and out of distribution
 (real GSM8K test answers from ../shared/data, first --ood-rows; skipped without it), top-1 agreement and KL to the
 teacher on the in-distribution answers, GSM accuracy on the first --accuracy-questions held-out questions (greedy).
-Mean and 95% t-interval over seeds (perplexity: geometric mean, the interval taken in log space); a paired bootstrap over the same items of each method against SFT
-(per-item NLL averaged over seeds; the interval of the difference in log-perplexity, and of accuracy).
+Mean and 95% t-interval over seeds (perplexity: geometric mean, the interval taken in log space). Against SFT two
+intervals of the difference in log-perplexity: a paired bootstrap over the same items (per-item NLL averaged over
+seeds: how sure the difference is for these seeds) and a paired t-interval over seeds (each seed's difference: how
+sure it is across training runs, the unit a claim about the method needs). results.json keeps every run's row.
 Each run's figures are kept in <out>/rows/, so an interrupted benchmark continues where it stopped.
 """
 
@@ -122,6 +124,8 @@ def prepare(args):
     else:
         print("out of distribution: ../shared/data/gsm8k/test.jsonl is not here; skipped")
     costs = {"cache_build_s": exp.cache.report.build_seconds if exp.cache else 0.0}
+    if "sequence-level KD" not in args.methods:
+        return exp, splits, None, "not run", costs
     start = time.perf_counter()
     questions = exp.raw.train[:args.seq_questions]
     greedy = GenerateConfig(max_new_tokens=args.max_new_tokens, batch_size=8)
@@ -194,6 +198,11 @@ def summarize(rows: list[dict], split_names: list[str]) -> dict:
             if all(r.get(key) is not None for r in runs):
                 entry[key] = mean_ci([r[key] for r in runs])
         if sft and method != "SFT":
+            paired = {r["seed"]: r for r in sft}
+            same = [r for r in runs if r["seed"] in paired]  # the seed is the unit: one difference per seed
+            for name in split_names:
+                entry[f"{name}: delta log-ppl vs SFT, seeds"] = mean_ci(
+                    [math.log(r[name]["perplexity"]) - math.log(paired[r["seed"]][name]["perplexity"]) for r in same])
             for name in split_names:
                 a = [sum(r[name]["row_nll"][i] for r in runs) / len(runs) for i in range(len(runs[0][name]["row_nll"]))]
                 b = [sum(r[name]["row_nll"][i] for r in sft) / len(sft) for i in range(len(a))]
@@ -207,8 +216,8 @@ def summarize(rows: list[dict], split_names: list[str]) -> dict:
 
 
 def table(summary: dict, split_names: list[str]) -> str:
-    head = ["method", "steps", *[f"perplexity {n}" for n in split_names], "top-1 agreement", "KL to teacher",
-            "accuracy", *[f"Δ log-ppl vs SFT, {n}" for n in split_names], "train s"]
+    head = ["method", "seeds", "steps", *[f"perplexity {n}" for n in split_names], "top-1 agreement",
+            "KL to teacher", "accuracy", *[f"Δ log-ppl vs SFT, {n}: items / seeds" for n in split_names], "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
 
     def ci(t, pct=False, digits=2):
@@ -218,11 +227,20 @@ def table(summary: dict, split_names: list[str]) -> str:
         return f"{f(t[0])} ({f(t[1])} to {f(t[2])})"
 
     for method, e in summary.items():
-        cells = [method, str(e["steps"]), *[ci(e[n]) for n in split_names], ci(e.get("top1_agreement"), True),
-                 ci(e.get("kl_to_teacher")), ci(e.get("accuracy"), True),
-                 *[ci(e.get(f"{n}: delta log-ppl vs SFT"), digits=3) for n in split_names], f"{e['train_s'][0]:.0f}"]
+        deltas = [f"{ci(e.get(f'{n}: delta log-ppl vs SFT'), digits=3)} / "
+                  f"{ci(e.get(f'{n}: delta log-ppl vs SFT, seeds'), digits=3)}" if method != "SFT" else "-"
+                  for n in split_names]
+        cells = [method, str(e["seeds"]), str(e["steps"]), *[ci(e[n]) for n in split_names],
+                 ci(e.get("top1_agreement"), True), ci(e.get("kl_to_teacher")), ci(e.get("accuracy"), True),
+                 *deltas, f"{e['train_s'][0]:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def per_seed(rows: list[dict]) -> list[dict]:
+    """Each run's figures without its per-item lists: the rows the seed-level intervals are computed from."""
+    return [{k: ({"perplexity": v["perplexity"]} if isinstance(v, dict) else v) for k, v in r.items()
+             if k not in ("correct_rows",)} for r in rows]
 
 
 def figure(summary: dict, rows: list[dict], split_names: list[str], title: str):
@@ -296,7 +314,8 @@ def summarize_kept(args, hardware: str) -> None:
     Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.figure, dpi=110)
     write_json(Path(args.out) / "results.json", {"hardware": hardware, "steps": args.steps, "teacher_costs_s": costs,
-                                                 "equal_wall_time": equal_time, "summary": summary})
+                                                 "equal_wall_time": equal_time, "summary": summary,
+                                                 "per_seed": per_seed(rows)})
     print(text)
     if equal_time:
         print(f"equal wall time: best KD by in-distribution perplexity: {best}, {equal_time['kd_wall_s']:.0f} s with "
@@ -366,7 +385,7 @@ def main() -> None:
     write_json(Path(args.out) / "results.json", {
         "hardware": hardware, "settings": {k: v for k, v in vars(args).items() if k != "splits"},
         "sequence_level_data": seq_note, "teacher_costs_s": costs, "equal_wall_time": equal_time,
-        "summary": summary, "wall_s": wall})
+        "summary": summary, "per_seed": per_seed(rows), "wall_s": wall})
     print(f"\n{hardware}\npocket preset, {args.steps} optimizer steps per method, seeds {args.seeds}; "
           f"sequence-level KD on {seq_note}")
     print(text)
