@@ -293,6 +293,34 @@ def load_mmlu(split: str = "test", path: Optional[str] = None, subjects: Optiona
     return examples, report
 
 
+def hold_out_prompts(texts: Sequence[Example], eval_size: int,
+                     seed: int) -> tuple[list[Example], list[Example], str]:
+    """Teacher-written texts split so that no held-out text's prompt appears in training: whole prompts (drawn in a
+    seeded order) are held out until they hold at least `eval_size` texts. Held-out perplexity then scores only
+    tokens the student never trained on (free text scores every token, its prompt included); a random split of
+    texts would score prompts seen many times in training. Returns (train, held out, a note on the split)."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, text in enumerate(texts):
+        by_prompt.setdefault(text.question, []).append(i)
+    prompts = sorted(by_prompt)
+    random.Random(seed).shuffle(prompts)
+    held: list[str] = []
+    while prompts[len(held):] and sum(len(by_prompt[p]) for p in held) < eval_size:
+        held.append(prompts[len(held)])
+    if len(held) == len(prompts):
+        raise DataError(f"The teacher wrote {len(texts)} texts on {len(prompts)} prompt(s); holding out whole prompts "
+                        f"until data.eval_size={eval_size} texts are held out leaves none for training. Give more "
+                        f"prompts (generate.prompts), raise generate.num_samples, or lower data.eval_size.")
+    out = {i for p in held for i in by_prompt[p]}
+    order = [i for i in range(len(texts)) if i not in out]
+    random.Random(seed).shuffle(order)  # a data.train_size cut takes texts of every training prompt
+    train = [texts[i] for i in order]
+    held_out = [texts[i] for i in sorted(out)]
+    note = (f"{len(held_out)} held out: every text of {len(held)} of the {len(prompts)} prompts, none of them in "
+            f"training")
+    return train, held_out, note
+
+
 def stratified_sample(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
     """`n` examples drawn in proportion to each subject's share (largest remainders; every subject gets one while
     `n` allows), a seeded random choice inside each subject, returned in file order."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from .checkpoints import list_checkpoints
 from .config import Config, ConfigError, GenerateConfig, apply_overrides, get_preset
 from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, handle_duplicates, load_examples,
-                   load_mmlu, remove_overlap, tokenize_examples)
+                   hold_out_prompts, load_mmlu, remove_overlap, tokenize_examples)
 from .evaluate import evaluate_model, teacher_on_student_samples
 from .files import write_json, write_text
 from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
@@ -108,8 +107,8 @@ def load_data(cfg: Config, verbose: bool = True) -> RawData:
     both splits are empty here: the teacher writes them in `teacher_answers` (section 3b)."""
     if cfg.data.source == "teacher_text":
         if verbose:
-            print(f"data: the teacher will write {cfg.generate.num_samples} texts (section 3b), "
-                  f"{cfg.data.eval_size} of them held out")
+            print(f"data: the teacher will write {cfg.generate.num_samples} texts (section 3b); whole prompts are "
+                  f"held out until at least {cfg.data.eval_size} texts are")
         return RawData([], [], [])
     train, train_report = load_examples(cfg.data, "train")
     held_out, eval_report = load_examples(cfg.data, "eval")
@@ -170,21 +169,16 @@ def teacher_answers(cfg: Config, raw: RawData, teacher: torch.nn.Module, teacher
                     info: Optional[ModelInfo] = None, progress: bool = True) -> RawData:
     """Sequence-level distillation (data.targets=teacher / teacher_correct): the teacher's generated answers replace the
     training targets; the held-out split keeps its reference answers. With data.source=teacher_text the teacher writes
-    generate.num_samples texts, split into training and held-out (data.eval_size, seeded by data.train_seed)."""
+    generate.num_samples texts, split by prompt into training and held-out (`data.hold_out_prompts`)."""
     if cfg.data.source == "teacher_text":
         texts, report = generate_texts(teacher, teacher_tokenizer, read_prompts(cfg.generate.prompts), cache_dir(cfg),
                                        cfg.generate, teacher_key=teacher_key(cfg, info), progress=progress)
         print(report)
-        if len(texts) <= cfg.data.eval_size:
-            raise DataError(f"The teacher wrote {len(texts)} non-empty texts, not more than data.eval_size="
-                            f"{cfg.data.eval_size}: raise generate.num_samples or lower data.eval_size.")
-        order = list(range(len(texts)))
-        random.Random(cfg.data.train_seed).shuffle(order)
-        held = set(order[-cfg.data.eval_size:])
-        train = [texts[i] for i in order if i not in held][:cfg.data.train_size]
-        held_out = [texts[i] for i in sorted(held)]
+        train, held_out, note = hold_out_prompts(texts, cfg.data.eval_size, cfg.data.train_seed)
+        train = train[:cfg.data.train_size]
         reports = [LoadReport(source=f"teacher texts ({report.path})", rows=len(texts), kept=len(train),
-                              notes=[f"{len(held_out)} held out"])]
+                              notes=[note])]
+        print(f"data: {reports[0]}")
         return RawData(train, held_out, reports)
     if cfg.data.targets == "reference":
         return raw
@@ -759,7 +753,8 @@ class Experiment:
             trained.cfg.to_yaml(self.out / "config.yaml")
             out = save_outputs(trained.cfg, trained.student, self.tokenizer, list(self.results.values()),
                                trained.result, overrides=trained.overrides, preflight=self.checks,
-                               on_policy_preview=self.preview)
+                               on_policy_preview=self.preview,
+                               teacher_cache=dataclasses.asdict(self.cache.report) if self.cache else None)
             if self.comparison is not None:
                 write_text(out / "side_by_side.jsonl", self.comparison.to_json(orient="records", lines=True,
                                                                                force_ascii=False))

@@ -160,10 +160,12 @@ def save_student(out: Path, student: torch.nn.Module, tokenizer, also: int = 0) 
 
 def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequence[dict],
                  train_result: Optional[TrainResult] = None, overrides: Sequence[str] = (),
-                 preflight: Optional[dict] = None, on_policy_preview: Optional[dict] = None) -> Path:
+                 preflight: Optional[dict] = None, on_policy_preview: Optional[dict] = None,
+                 teacher_cache: Optional[dict] = None) -> Path:
     """Write results.json (with per-subject MMLU, and whether the student collapsed), results.md,
     generations.jsonl (every GSM question, output, extracted and gold answer), mmlu.jsonl (every MMLU
-    question's letter scores) and the student (save_pretrained) into runs/<name>/."""
+    question's letter scores) and the student (save_pretrained) into runs/<name>/; `teacher_cache` is the cache's
+    report (its fidelity at the training temperature included)."""
     out = run_dir(cfg)
     ppl = {r["model"]: r.get("perplexity") for r in results}
     if train_result is not None and train_result.collapsed is None:
@@ -183,7 +185,8 @@ def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequ
                                   for r in results for g in r.get(key) or [])
     texts["results.json"] = json.dumps({"preset": cfg.preset, "environment": hardware_line(), "results": summary,
                                         "train_overrides": list(overrides), "preflight": preflight,
-                                        "on_policy_preview": on_policy_preview, **extra}, indent=2, default=str)
+                                        "on_policy_preview": on_policy_preview, "teacher_cache": teacher_cache,
+                                        **extra}, indent=2, default=str)
     save_student(out, student, tokenizer, sum(len(t.encode()) for t in texts.values()))
     for name, text in texts.items():  # results.json last: a run folder with results.json is a finished run
         write_text(out / name, text, after=f"The student is saved in {out / 'student'}; {name} and the files after it "

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from pocket_teacher import cli, experiment, train
 
-TIMINGS = {"environment", "train_seconds", "train_s", "elapsed_s", "tokens_per_s"}
+TIMINGS = {"environment", "train_seconds", "train_s", "elapsed_s", "tokens_per_s", "build_seconds",
+           "status", "path"}  # the teacher cache's: "built" in one run, "reused" by the resumed one, in its folder
 
 
 def _strip(value):

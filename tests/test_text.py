@@ -190,3 +190,23 @@ def test_an_empty_prompt_is_refused_by_name_not_by_an_index_error(tiny_teacher, 
 
     with pytest.raises(ValueError, match=r"prompts \[1\] are empty.*free text: its opening words"):
         generate(tiny_teacher, tiny_tokenizer, ["Once upon", ""], progress=False)
+
+
+def test_held_out_teacher_texts_continue_prompts_training_never_sees():
+    """Free text scores every token, its prompt included: held-out texts must not share a prompt with training.
+    Whole prompts are held out (seeded) until data.eval_size texts are; too few prompts is an error with the fix."""
+    from pocket_teacher.data import DataError, Example, hold_out_prompts
+
+    texts = [Example(question=f"Prompt {p}.", target=f" text {i}", answer="", where=f"#{p}.{i}")
+             for p in range(6) for i in range(5 + p)]
+    train, held, note = hold_out_prompts(texts, eval_size=12, seed=1)
+    assert not {t.question for t in train} & {t.question for t in held}
+    assert len(held) >= 12 and len(train) + len(held) == len(texts)
+    assert {t.where for t in train} | {t.where for t in held} == {t.where for t in texts}
+    assert note.startswith(f"{len(held)} held out: every text of ") and "none of them in training" in note
+    again = hold_out_prompts(texts, eval_size=12, seed=1)
+    assert [t.where for t in again[1]] == [t.where for t in held] and [t.where for t in again[0]] == \
+        [t.where for t in train]
+    assert len({frozenset(t.question for t in hold_out_prompts(texts, 12, seed=s)[1]) for s in range(6)}) > 1
+    with pytest.raises(DataError, match="Give more prompts"):
+        hold_out_prompts([t for t in texts if t.question == "Prompt 0."], eval_size=2, seed=0)
