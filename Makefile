@@ -35,10 +35,13 @@ readme: $(STAMP)
 	$(PY) tools/readme_numbers.py write
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not gpu"
+	$(PY) -m pytest -m "not slow and not gpu and not pocket"
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -m "slow and not gpu"
+	$(PY) -m pytest -m "slow and not gpu and not pocket"
+
+test-pocket: $(STAMP)
+	$(PY) -m pytest -m pocket
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -m gpu
@@ -58,7 +61,7 @@ $(COLAB_STAMP): requirements.txt constraints-colab.txt tools/colab_install.py Ma
 	touch $(COLAB_STAMP)
 
 test-colab: $(COLAB_STAMP)
-	POCKET_TEACHER_COLAB_CONSTRAINTS=constraints-colab.txt $(COLAB_PY) -m pytest -m "not slow and not gpu"
+	POCKET_TEACHER_COLAB_CONSTRAINTS=constraints-colab.txt $(COLAB_PY) -m pytest -m "not slow and not gpu and not pocket"
 	POCKET_TEACHER_COLAB_CONSTRAINTS=constraints-colab.txt POCKET_TEACHER_COLAB_BEFORE=$(COLAB_VENV)/colab-before.txt \
 		$(COLAB_PY) -m pytest -m slow tests/test_colab.py
 

@@ -754,7 +754,8 @@ class Experiment:
             out = save_outputs(trained.cfg, trained.student, self.tokenizer, list(self.results.values()),
                                trained.result, overrides=trained.overrides, preflight=self.checks,
                                on_policy_preview=self.preview,
-                               teacher_cache=dataclasses.asdict(self.cache.report) if self.cache else None)
+                               teacher_cache=dataclasses.asdict(self.cache.report) if self.cache else None,
+                               data=[str(r) for r in (self.train_raw.reports if self.train_raw else [])])
             if self.comparison is not None:
                 write_text(out / "side_by_side.jsonl", self.comparison.to_json(orient="records", lines=True,
                                                                                force_ascii=False))

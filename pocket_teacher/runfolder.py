@@ -161,11 +161,12 @@ def save_student(out: Path, student: torch.nn.Module, tokenizer, also: int = 0) 
 def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequence[dict],
                  train_result: Optional[TrainResult] = None, overrides: Sequence[str] = (),
                  preflight: Optional[dict] = None, on_policy_preview: Optional[dict] = None,
-                 teacher_cache: Optional[dict] = None) -> Path:
+                 teacher_cache: Optional[dict] = None, data: Sequence[str] = ()) -> Path:
     """Write results.json (with per-subject MMLU, and whether the student collapsed), results.md,
     generations.jsonl (every GSM question, output, extracted and gold answer), mmlu.jsonl (every MMLU
     question's letter scores) and the student (save_pretrained) into runs/<name>/; `teacher_cache` is the cache's
-    report (its fidelity at the training temperature included)."""
+    report (its fidelity at the training temperature included), `data` the data lines (what was read, kept, held
+    out and skipped)."""
     out = run_dir(cfg)
     ppl = {r["model"]: r.get("perplexity") for r in results}
     if train_result is not None and train_result.collapsed is None:
@@ -186,6 +187,7 @@ def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequ
     texts["results.json"] = json.dumps({"preset": cfg.preset, "environment": hardware_line(), "results": summary,
                                         "train_overrides": list(overrides), "preflight": preflight,
                                         "on_policy_preview": on_policy_preview, "teacher_cache": teacher_cache,
+                                        "data": list(data),
                                         **extra}, indent=2, default=str)
     save_student(out, student, tokenizer, sum(len(t.encode()) for t in texts.values()))
     for name, text in texts.items():  # results.json last: a run folder with results.json is a finished run

@@ -142,3 +142,106 @@ def test_a_run_killed_hard_resumes_to_the_uninterrupted_results(uninterrupted, t
     expected_results, expected_histories, expected_student = uninterrupted[preset]
     assert results == expected_results and histories == expected_histories
     assert all(torch.equal(student[k], expected_student[k]) for k in expected_student)
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a process and every process under it (papermill's kernel runs in its own session)."""
+    import psutil
+
+    parent = psutil.Process(process.pid)
+    for p in [*parent.children(recursive=True), parent]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _notebook(out, *extra):
+    return [sys.executable, "-m", "pocket_teacher", "notebook", "--preset", "tiny", "--out", str(out),
+            *SLOW_STEPS["tiny"], *extra]
+
+
+@pytest.fixture(scope="module")
+def notebook_uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("notebook") / "tiny"
+    subprocess.run(_notebook(out), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
+    return _outputs(out, stages=KILLED["tiny"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", [".", "baseline"])
+def test_the_notebook_killed_hard_resumes_to_the_uninterrupted_results(notebook_uninterrupted, tmp_path, where):
+    """The notebook path (papermill and its kernel) killed with SIGKILL inside the distillation or the baseline;
+    executed again with --resume (the notebook's OVERRIDES get train.resume=true) it ends with the uninterrupted
+    notebook run's results, histories and student."""
+    out = tmp_path / "tiny"
+    process = subprocess.Popen(_notebook(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history, killed_at = out / where / "history.jsonl", None
+    deadline = time.monotonic() + 600
+    while killed_at is None and process.poll() is None and time.monotonic() < deadline:
+        steps = [json.loads(line).get("step", 0) for line in
+                 (history.read_text().splitlines() if history.is_file() else []) if line.endswith("}")]
+        if steps and max(steps) >= 6:
+            _kill_tree(process)
+            killed_at = max(steps)
+        time.sleep(0.01)
+    process.wait(60)
+    assert killed_at is not None and killed_at < 40, f"the {where} stage ended before it could be killed"
+    assert process.returncode == -signal.SIGKILL and not (out / "results.json").exists()
+    subprocess.run(_notebook(out, "--resume"), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=900)
+    results, histories, student = _outputs(out, stages=KILLED["tiny"])
+    expected_results, expected_histories, expected_student = notebook_uninterrupted
+    assert results == expected_results and histories == expected_histories
+    assert all(torch.equal(student[k], expected_student[k]) for k in expected_student)
+
+
+# The embedded pocket preset (SmolLM2 teacher from its GGUF, the 10-layer student, the top-64 cache), made small
+# enough to run three times: every stage still runs, on the real shapes (a 49,152-token vocabulary).
+POCKET_SMALL = ["--set", "data.train_size=32", "--set", "data.eval_size=8", "--set", "eval.generate_samples=2",
+                "--set", "eval.max_new_tokens=16", "--set", "eval.side_by_side=1", "--set", "train.max_steps=12",
+                "--set", "train.warmup_steps=2", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=6",
+                "--set", "eval.on_policy_preview=6", "--set", "train.rollout_max_new_tokens=24"]
+POCKET_STAGES = (".", "baseline", "on_policy_preview")
+
+
+def _pocket(out, *extra):
+    return [sys.executable, "-m", "pocket_teacher", "run", "--preset", "pocket", "--out", str(out), "--no-progress",
+            *POCKET_SMALL, *extra]
+
+
+def _kill_inside(command, history, after_step, timeout=1800):
+    """Start `command`, SIGKILL it (and its children) once `history` shows a step past `after_step`; the step."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at, deadline = None, time.monotonic() + timeout
+    while killed_at is None and process.poll() is None and time.monotonic() < deadline:
+        steps = [json.loads(line).get("step", 0) for line in
+                 (history.read_text().splitlines() if history.is_file() else []) if line.endswith("}")]
+        if steps and max(steps) > after_step:
+            _kill_tree(process)
+            killed_at = max(steps)
+        time.sleep(0.01)
+    process.wait(60)
+    return killed_at, process.returncode
+
+
+@pytest.mark.pocket
+def test_the_pocket_preset_killed_in_every_training_stage_resumes_to_the_uninterrupted_results(tmp_path):
+    """One pocket run killed with SIGKILL three times, inside the distillation, the baseline and the on-policy preview
+    (each time resumed with --resume until the next kill), then finished with --resume: its results, histories and
+    student equal an uninterrupted run's. `make test-pocket`; minutes on 2 cores."""
+    whole = tmp_path / "whole"
+    subprocess.run(_pocket(whole), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600)
+    out = tmp_path / "killed"
+    for stage, after in zip(POCKET_STAGES, (3, 5, 1)):
+        resume = [] if stage == "." else ["--resume"]
+        killed_at, rc = _kill_inside(_pocket(out, *resume), out / stage / "history.jsonl", after)
+        last = 6 if stage == "on_policy_preview" else 12
+        assert killed_at is not None and killed_at < last and rc == -signal.SIGKILL, (stage, killed_at, rc)
+        assert not (out / "results.json").exists()
+    subprocess.run(_pocket(out, "--resume"), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=3600)
+    results, histories, student = _outputs(out, stages=POCKET_STAGES)
+    expected_results, expected_histories, expected_student = _outputs(whole, stages=POCKET_STAGES)
+    assert results == expected_results and histories == expected_histories
+    assert all(torch.equal(student[k], expected_student[k]) for k in expected_student)

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as `python tools/readme_numbers.py` from a checkout
-from pocket_teacher.report import BASELINE_LABEL, DETAIL_KEYS  # noqa: E402  (the run's own labels and details)
+from pocket_teacher.report import BASELINE_LABEL, DETAIL_KEYS, RANDOM_INIT_LABEL  # noqa: E402  (the run's own labels and details)
 
 README = ROOT / "README.md"
 RESULTS = ROOT / "results"
@@ -73,6 +73,20 @@ def collect(run_dir: Path, name: str, commit: str | None = None, command: str | 
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
+    return path
+
+
+def collect_benchmark(results_file: Path, name: str, command: str, commit: str, note: str | None = None) -> Path:
+    """Write results/NAME.json from a benchmark's own results.json (e.g. runs/kd_vs_sft/results.json), with the
+    command and commit it ran with; the hardware is the benchmark's own line."""
+    data = json.loads(Path(results_file).read_text())
+    if "hardware" not in data:
+        raise SystemExit(f"{results_file} does not name its hardware: not a benchmark's results.json.")
+    record = {"source": {"kind": "benchmark", "command": command, "commit": commit, "hardware": data["hardware"],
+                         "collected": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "note": note}, **data}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
     return path
 
 
@@ -231,7 +245,133 @@ def demo_findings(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS: dict[str, Callable[[dict], str]] = {"demo-setup": demo_setup, "demo-timing": demo_timing,
+# ---------------------------------------------------------------------------------------- free text (pocket-text)
+def text_setup(data: dict) -> str:
+    """The texts, the held-out split and the training, from the run's config and data line."""
+    cfg, by_name = data["config"], rows(data)
+    gen, train, loss, student = cfg["generate"], cfg["train"], cfg["loss"], cfg["student"]
+    split = next((line for line in data.get("data", []) if line.startswith("teacher texts")), None)
+    if split is None:
+        raise KeyError("data: the run's data line (teacher texts ...)")
+    counts = re.search(r": (\d+) of (\d+) rows kept.*?; (\d+) held out: every text of (\d+) of the (\d+) prompts",
+                       split).group(1, 2, 3, 4, 5)
+    train_n, written, held_n, held_prompts, prompts = map(int, counts)
+    return "\n".join([
+        f"- **texts**: the embedded teacher samples {gen['num_samples']} continuations of {prompts} seed prompts "
+        f"(temperature {gen['temperature']:g}, nucleus {gen['top_p']:g}, at most {gen['max_new_tokens']} new tokens, "
+        f"seeded); {written} were kept. **Held out by prompt**: every text of {held_prompts} of the {prompts} "
+        f"prompts ({held_n} texts) is held out and none of those prompts appears in training, so the held-out "
+        f"perplexity, which scores every token of a free text, scores only tokens the students never trained on; "
+        f"{train_n} texts train;",
+        f"- **student**: a config of the teacher's family, {student['num_layers']} layers, width "
+        f"{student['hidden_size']}, {student['num_heads']} query / {student['num_kv_heads']} key-value heads, MLP "
+        f"{student['intermediate_size']}: **{params(by_name['student before']['parameters'])}** parameters against "
+        f"{params(by_name['teacher']['parameters'])}, pruned from the teacher (`student.init={student['init']}`, "
+        f"layers by {student['layer_selection']});",
+        "- **baseline**: the same shape from random init, the same loss, texts, order and steps;",
+        f"- **training**: {train['max_steps']} steps of {train['batch_size']} texts for each student, lr "
+        f"{train['lr']:g} ({train['warmup_steps']} warm-up steps, cosine to {train['lr'] * train['min_lr_ratio']:g}),"
+        f" alpha {loss['alpha']:g}, T {loss['temperature']:g}, {loss['divergence']} against the teacher's "
+        f"top-{cfg['teacher_cache']['k']} cache, every token a target."])
+
+
+def text_table(data: dict) -> str:
+    by_name = rows(data)
+    teacher = by_name["teacher"]
+    labels = [("teacher", "teacher (SmolLM2-135M-Instruct)"), ("student before", "student before (pruned init)"),
+              ("student after", f"student after {data['steps']} steps"),
+              (RANDOM_INIT_LABEL, f"same shape from random init, {data['steps']} steps")]
+    lines = ["| model | parameters | held-out perplexity (texts of unseen prompts) | x teacher | top-1 agreement / "
+             "KL to teacher |", "|" + " --- |" * 5]
+    for key, label in labels:
+        row = by_name[key]
+        ratio = row["perplexity"] / teacher["perplexity"]
+        agree = "-" if key == "teacher" else f"{pct(row['top1_agreement'])} / {row['kl_to_teacher']:.2f}"
+        bold = key == "student after"
+        cells = [label, params(row["parameters"]), f"**{ppl(row['perplexity'])}**" if bold else ppl(row["perplexity"]),
+                 "1" if key == "teacher" else (f"**{ratio:.1f}**" if bold else f"{ratio:.1f}" if ratio < 100
+                                               else f"{ratio:,.0f}"), agree]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def text_findings(data: dict) -> str:
+    by_name = rows(data)
+    teacher, before, after, scratch = (by_name[k] for k in ("teacher", "student before", "student after",
+                                                            RANDOM_INIT_LABEL))
+    ratio, steps = after["perplexity"] / teacher["perplexity"], data["steps"]
+    won = after["perplexity"] < scratch["perplexity"]
+    factor = scratch["perplexity"] / after["perplexity"]
+    lines = [f"- **Pruned init {'beats' if won else 'does not beat'} random init at equal steps**"
+             + (f" by a factor of {factor:.1f} in held-out perplexity" if won else "")
+             + f" ({ppl(after['perplexity'])} vs {ppl(scratch['perplexity'])} after {steps} steps; one seed each).",
+             f"- **The student ends at {ratio:.1f}x the teacher's held-out perplexity** "
+             f"({ppl(after['perplexity'])} vs {ppl(teacher['perplexity'])}), from {ppl(before['perplexity'])} "
+             f"before training; "
+             + ("within" if ratio <= 1.5 else "not within")
+             + " the 1.5x the reference system reached on a T4."]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- KD vs SFT (benchmarks/kd_vs_sft.py)
+def _ci(t, digits: int = 2, percent: bool = False) -> str:
+    f = (lambda x: pct(x)) if percent else (lambda x: f"{x:.{digits}f}")
+    return f"{f(t[0])} ({f(t[1])} to {f(t[2])})"
+
+
+def kd_setup(data: dict) -> str:
+    source, settings = data["source"], data["settings"]
+    seeds, methods = settings["seeds"], settings["methods"]
+    return (f"Measured with `{source['command']}` on {source['hardware']}, commit {source['commit'][:7]}: "
+            f"{', '.join(methods)}, {settings['steps']} optimizer steps each, {len(seeds)} seeds "
+            f"({', '.join(map(str, seeds))}); in distribution {settings['eval_rows']} held-out gsm_symbolic answers, "
+            f"out of distribution the first {settings['ood_rows']} real GSM8K test answers; the benchmark took "
+            f"{data['wall_s'] / 60:.0f} min." + (f" {source['note']}" if source.get("note") else ""))
+
+
+def kd_table(data: dict) -> str:
+    names = [k.removeprefix("perplexity ") for k in ("in distribution", "out of distribution (GSM8K test)")
+             if k in next(iter(data["summary"].values()))]
+    head = ["method", "seeds", *[f"perplexity, {n}" for n in names], "top-1 agreement", "KL to teacher",
+            *[f"Δ log-ppl vs SFT, {n}: over items / over seeds" for n in names], "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for method, e in data["summary"].items():
+        deltas = ["-" if method == "SFT" else f"{_ci(e[f'{n}: delta log-ppl vs SFT'], 3)} / "
+                  f"{_ci(e[f'{n}: delta log-ppl vs SFT, seeds'], 3)}" for n in names]
+        lines.append("| " + " | ".join([method, str(e["seeds"]), *[_ci(e[n]) for n in names],
+                                        _ci(e["top1_agreement"], percent=True), _ci(e["kl_to_teacher"]), *deltas,
+                                        f"{e['train_s'][0]:.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def kd_findings(data: dict) -> str:
+    """Each method against SFT in words that follow the intervals: over items (these seeds' students) and over
+    seeds (the training runs, the unit a claim about the method needs)."""
+    lines = []
+    for method, e in data["summary"].items():
+        if method == "SFT":
+            continue
+        for name in ("in distribution", "out of distribution (GSM8K test)"):
+            if f"{name}: delta log-ppl vs SFT" not in e:
+                continue
+            items, seeds = e[f"{name}: delta log-ppl vs SFT"], e[f"{name}: delta log-ppl vs SFT, seeds"]
+
+            def verdict(t):
+                return "lower" if t[2] < 0 else "higher" if t[1] > 0 else "not distinguishable"
+            said = (f"- **{method} vs SFT, {name}**: log-perplexity {items[0]:+.3f}; over the items "
+                    f"{verdict(items)} ({items[1]:+.3f} to {items[2]:+.3f}), over {e['seeds']} seeds "
+                    f"{verdict(seeds)} ({seeds[1]:+.3f} to {seeds[2]:+.3f}).")
+            if verdict(items) != verdict(seeds):
+                said += (" The seeds are the unit a claim about the method needs, so this run does not show a "
+                         "difference; the item interval only says these students differ.")
+            lines.append(said)
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {"text-setup": text_setup, "text-timing": demo_timing,
+                                                "text-table": text_table, "text-findings": text_findings,
+                                                "kd-setup": kd_setup, "kd-table": kd_table, "kd-findings": kd_findings,
+                                                "demo-setup": demo_setup, "demo-timing": demo_timing,
                                                 "demo-table": demo_table, "demo-size": demo_size,
                                                 "demo-findings": demo_findings}
 
@@ -304,11 +444,21 @@ def main(argv: list[str] | None = None) -> int:
                       "no figures: they would escape the check)")
     take.add_argument("--shared-machine", action="store_true",
                       help="the cores were shared during the run: its latency and throughput are not quoted")
+    bench = sub.add_parser("collect-benchmark", help="write results/NAME.json from a benchmark's results.json")
+    bench.add_argument("results_file", type=Path)
+    bench.add_argument("name")
+    bench.add_argument("--command", required=True, help="the benchmark's command line as typed")
+    bench.add_argument("--commit", required=True, help="the commit the benchmark ran")
+    bench.add_argument("--note", help="conditions a reader must know (no figures)")
     sub.add_parser("write", help="regenerate every block of README.md from its results file")
     sub.add_parser("check", help="exit 1 when a README figure disagrees with its results file")
     args = parser.parse_args(argv)
     if args.action == "collect":
         path = collect(args.run_dir, args.name, args.commit, args.command, args.note, args.shared_machine)
+        print(f"wrote {path.relative_to(ROOT)}")
+        return 0
+    if args.action == "collect-benchmark":
+        path = collect_benchmark(args.results_file, args.name, args.command, args.commit, args.note)
         print(f"wrote {path.relative_to(ROOT)}")
         return 0
     if args.action == "write":
