@@ -26,26 +26,30 @@ def digest(*chunks: bytes) -> str:
 
 
 def model_digest(model, sample: int = 4096) -> str:
-    """A fingerprint of a model's weights: every tensor's name, shape and dtype, its sum and sum of
-    absolute values (any changed weight moves them), and the exact bytes of a strided sample."""
+    """A fingerprint of a model's weights: every tensor's name, shape and dtype, two integer sums of its bit patterns
+    (plain and position-weighted: any changed weight moves them) and the exact bytes of a strided sample. Integer
+    sums are exact, so the digest is the same on any device and thread count (float sums are not: their last digits
+    depend on how the work is split)."""
     import torch
 
     h = hashlib.blake2b(digest_size=16)
     h.update(type(model).__name__.encode())
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     for name, tensor in model.state_dict().items():
         flat = tensor.detach().reshape(-1)
         if flat.dtype == torch.bool:
             flat = flat.to(torch.uint8)
+        bits = flat.view(as_int[flat.element_size()]) if flat.is_floating_point() else flat
         step = max(1, flat.numel() // sample)
         picked = flat[::step][:sample].contiguous().cpu()
-        # Summed in float64 a block at a time: a whole-tensor float64 copy of a large embedding would take 8 bytes
-        # per weight at once (1.9 GB for Qwen2.5-1.5B's) on the teacher's device.
-        acc = torch.zeros(2, dtype=torch.float64, device=flat.device)
-        for block in flat.split(1 << 20):
-            block = block.double()
-            acc += torch.stack([block.sum(), block.abs().sum()])
-        sums = tuple(acc.tolist())
-        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{sums[0]!r}|{sums[1]!r}|".encode())
+        # A block at a time in int64: an int64 copy of a large embedding at once would take 8 bytes per weight.
+        acc = torch.zeros(2, dtype=torch.int64, device=flat.device)
+        for start in range(0, bits.numel(), 1 << 20):
+            block = bits[start:start + (1 << 20)].long()
+            where = torch.arange(start, start + block.numel(), device=block.device) % 8191 + 1
+            acc += torch.stack([block.sum(), (block * where).sum()])
+        sums = acc.tolist()
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{sums[0]}|{sums[1]}|".encode())
         h.update(picked.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
