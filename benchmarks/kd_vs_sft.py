@@ -124,7 +124,10 @@ def prepare(args):
     else:
         print("out of distribution: ../shared/data/gsm8k/test.jsonl is not here; skipped")
     costs = {"cache_build_s": exp.cache.report.build_seconds if exp.cache else 0.0}
+    costs_file = Path(args.out) / "teacher_costs.json"
     if "sequence-level KD" not in args.methods:
+        costs_file.parent.mkdir(parents=True, exist_ok=True)
+        costs_file.write_text(json.dumps({**costs, "seq_answers_s": 0.0}))
         return exp, splits, None, "not run", costs
     start = time.perf_counter()
     questions = exp.raw.train[:args.seq_questions]
@@ -137,7 +140,6 @@ def prepare(args):
                                         keep="all", progress=False)
         seq_note = (f"all {report.kept} non-empty teacher answers of {report.rows} (too few were correct to filter: "
                     f"fewer than one batch)")
-    costs_file = Path(args.out) / "teacher_costs.json"
     if report.status == "generated" or not costs_file.is_file():
         costs["seq_answers_s"] = time.perf_counter() - start
     else:
@@ -200,7 +202,7 @@ def summarize(rows: list[dict], split_names: list[str]) -> dict:
         if sft and method != "SFT":
             paired = {r["seed"]: r for r in sft}
             same = [r for r in runs if r["seed"] in paired]  # the seed is the unit: one difference per seed
-            for name in split_names:
+            for name in split_names if len(same) >= 2 else ():  # one seed has no interval over seeds
                 entry[f"{name}: delta log-ppl vs SFT, seeds"] = mean_ci(
                     [math.log(r[name]["perplexity"]) - math.log(paired[r["seed"]][name]["perplexity"]) for r in same])
             for name in split_names:
@@ -229,7 +231,7 @@ def table(summary: dict, split_names: list[str]) -> str:
     for method, e in summary.items():
         deltas = [f"{ci(e.get(f'{n}: delta log-ppl vs SFT'), digits=3)} / "
                   f"{ci(e.get(f'{n}: delta log-ppl vs SFT, seeds'), digits=3)}" if method != "SFT" else "-"
-                  for n in split_names]
+                  for n in split_names]  # "-" after the slash: one seed, no interval over seeds
         cells = [method, str(e["seeds"]), str(e["steps"]), *[ci(e[n]) for n in split_names],
                  ci(e.get("top1_agreement"), True), ci(e.get("kl_to_teacher")), ci(e.get("accuracy"), True),
                  *deltas, f"{e['train_s'][0]:.0f}"]
@@ -313,9 +315,11 @@ def summarize_kept(args, hardware: str) -> None:
                                        f"per method; {hardware.split(';')[0]}")
     Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.figure, dpi=110)
-    write_json(Path(args.out) / "results.json", {"hardware": hardware, "steps": args.steps, "teacher_costs_s": costs,
-                                                 "equal_wall_time": equal_time, "summary": summary,
-                                                 "per_seed": per_seed(rows)})
+    settings = {k: v for k, v in vars(args).items() if k != "splits"}
+    settings.update(seeds=sorted({r["seed"] for r in rows}), methods=[m for m in METHODS if m in summary])
+    write_json(Path(args.out) / "results.json", {"hardware": hardware, "settings": settings, "steps": args.steps,
+                                                 "teacher_costs_s": costs, "equal_wall_time": equal_time,
+                                                 "summary": summary, "per_seed": per_seed(rows)})
     print(text)
     if equal_time:
         print(f"equal wall time: best KD by in-distribution perplexity: {best}, {equal_time['kd_wall_s']:.0f} s with "

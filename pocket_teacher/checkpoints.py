@@ -73,8 +73,10 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer, 
     optim_state = optimizer.state_dict()
     fix = "Free space there, or lower train.keep_checkpoints / raise train.checkpoint_every."
     meta = json.dumps({"step": step, **trainer_state}, default=str)
-    # the tensors, the trainer state (its history grows with the run) and 64 KiB for pickle framing and the rest
-    need = state_bytes(state, optim_state) + len(meta.encode()) + (64 << 10)
+    # the tensors, the trainer state (its history grows with the run), torch.save's framing (about 270 bytes per
+    # tensor: 512 counted) and 64 KiB for the rest
+    tensors = len(state) + sum(len(v) for v in optim_state.get("state", {}).values())
+    need = state_bytes(state, optim_state) + len(meta.encode()) + 512 * tensors + (64 << 10)
     require_free_space(folder, need, f"checkpoint-{step:06d}", fix, CheckpointError)
     final = folder / f"{PREFIX}{step:06d}"
     tmp = folder / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"

@@ -324,19 +324,17 @@ def hold_out_prompts(texts: Sequence[Example], eval_size: int,
 def stratified_sample(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
     """`n` examples drawn in proportion to each subject's share (largest remainders; every subject gets one while
     `n` allows), a seeded random choice inside each subject, returned in file order."""
+    n = min(n, len(examples))
     groups: dict[Optional[str], list[int]] = {}
     for i, e in enumerate(examples):
         groups.setdefault(e.subject, []).append(i)
     names = sorted(groups, key=str)
     exact = {s: n * len(groups[s]) / len(examples) for s in names}
     take = {s: min(len(groups[s]), max(int(exact[s]), 1 if n >= len(names) else 0)) for s in names}
-    order = sorted(names, key=lambda s: (int(exact[s]) - exact[s], str(s)))  # largest remainder first
-    while sum(take.values()) < n:  # n < len(examples), so room is left somewhere
-        for s in order:
-            if sum(take.values()) < n and take[s] < len(groups[s]):
-                take[s] += 1
-    while sum(take.values()) > n:  # the minimum of one per subject overshot: trim the largest
-        take[max(names, key=lambda s: (take[s] - exact[s], str(s)))] -= 1
+    while sum(take.values()) > n:  # the one per subject overshot: trim where the most was given beyond the share
+        take[max((s for s in names if take[s] > 1), key=lambda s: (take[s] - exact[s], str(s)))] -= 1
+    while sum(take.values()) < n:  # the largest remainder of the share not yet given, one row at a time
+        take[max((s for s in names if take[s] < len(groups[s])), key=lambda s: (exact[s] - take[s], str(s)))] += 1
     rng = random.Random(seed)
     picked = sorted(i for s in names for i in rng.sample(groups[s], take[s]))
     return [examples[i] for i in picked]

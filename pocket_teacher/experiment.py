@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,6 @@ from .config import Config, ConfigError, GenerateConfig, apply_overrides, get_pr
 from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, handle_duplicates, load_examples,
                    hold_out_prompts, load_mmlu, remove_overlap, tokenize_examples)
 from .evaluate import evaluate_model, teacher_on_student_samples
-from .files import write_json, write_text
 from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
 from .losses import Divergence, divergence_name
 from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, device_capability,
@@ -750,16 +750,16 @@ class Experiment:
             trained = _need(self.trained, "distil")
             if not self.main:
                 return self.out
-            trained.cfg.to_yaml(self.out / "config.yaml")
-            out = save_outputs(trained.cfg, trained.student, self.tokenizer, list(self.results.values()),
-                               trained.result, overrides=trained.overrides, preflight=self.checks,
-                               on_policy_preview=self.preview,
-                               teacher_cache=dataclasses.asdict(self.cache.report) if self.cache else None,
-                               data=[str(r) for r in (self.train_raw.reports if self.train_raw else [])])
+            files = {"config.yaml": trained.cfg.to_yaml()}
             if self.comparison is not None:
-                write_text(out / "side_by_side.jsonl", self.comparison.to_json(orient="records", lines=True,
-                                                                               force_ascii=False))
-            write_json(out / "timings.json", {"sections_s": {k: round(v, 2) for k, v in self.timings.items()}})
+                files["side_by_side.jsonl"] = self.comparison.to_json(orient="records", lines=True, force_ascii=False)
+            files["timings.json"] = json.dumps({"sections_s": {k: round(v, 2) for k, v in self.timings.items()}},
+                                               indent=2)
+            extra = {"preflight": self.checks, "on_policy_preview": self.preview,
+                     "teacher_cache": dataclasses.asdict(self.cache.report) if self.cache else None,
+                     "data": [str(r) for r in (self.train_raw.reports if self.train_raw else [])]}
+            out = save_outputs(trained.cfg, trained.student, self.tokenizer, list(self.results.values()),
+                               trained.result, overrides=trained.overrides, extra=extra, files=files)
             return out
 
     def timing_table(self) -> str:

@@ -127,30 +127,36 @@ def main_process_first():
         yield
 
 
-SAVE_AGAIN = ("free space, then run exp.save() again in the notebook, or the same command with --resume (the "
-              "trainings resume from their final checkpoints and are not repeated; the evaluation runs again).")
+def save_again(cfg: Config) -> str:
+    """How to finish a save that failed, as the run's settings allow."""
+    kept = ("the trainings resume from their final checkpoints and are not repeated; the evaluation runs again"
+            if cfg.train.save_final else "train.save_final is off, so the trainings run again")
+    return (f"free space, then run exp.save() again in the notebook (the trained student is still in memory), or the "
+            f"same command with --resume ({kept}).")
 
 
-def save_student(out: Path, student: torch.nn.Module, tokenizer, also: int = 0) -> Path:
-    """save_pretrained into out/student without ever leaving a half-written student there: the free space is checked
-    first (the weights, the tokenizer and `also` bytes of results still to come), the files go to a temporary folder
-    that replaces out/student only when complete, and a failed write removes the temporary folder and says what is
-    still intact (the student in memory, an earlier out/student, the final checkpoint)."""
-    weights = state_bytes(student.state_dict())
-    need = weights + also + (32 << 20)  # tokenizer files, config and safetensors headers
-    after = (f"Nothing in {out} was replaced. The trained student is still in memory (exp.trained.student) and, "
-             f"with train.save_final, in the last checkpoint under {out / 'checkpoints'}: {SAVE_AGAIN}")
-    require_free_space(out, need, f"the trained student and the results ({weights / 2**20:,.1f} MiB of weights)",
-                       after)
-    final, tmp = out / "student", out / f".student.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+def save_student(out: Path, student: torch.nn.Module, tokenizer, after: str) -> Path:
+    """save_pretrained into out/student without ever leaving a half-written student there: the files go to a
+    temporary folder that replaces out/student only when complete; a failed write removes it and raises an
+    OSError naming the folder, the space and `after`. Leftovers of an earlier save that died (kill -9) are cleared
+    first, and a student moved aside but never replaced is put back."""
+    final = out / "student"
+    for left in sorted(out.glob(".student.old-*")):
+        if not final.exists():
+            os.replace(left, final)  # died between the two renames below: the earlier student comes back
+        shutil.rmtree(left, ignore_errors=True)
+    for left in out.glob(".student.tmp-*"):
+        shutil.rmtree(left, ignore_errors=True)
+    tmp, old = out / f".student.tmp-{os.getpid()}", out / f".student.old-{os.getpid()}"
     try:
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     except (OSError, RuntimeError) as exc:  # safetensors reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failure(final, need, exc if isinstance(exc, OSError) else OSError(28, str(exc)), after) from exc
-    old = out / f".student.old-{os.getpid()}"
+        if isinstance(exc, RuntimeError) and "No space" not in str(exc):
+            raise
+        cause = exc if isinstance(exc, OSError) else OSError(28, str(exc).splitlines()[0])
+        raise write_failure(final, state_bytes(student.state_dict()), cause, after) from exc
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -160,13 +166,13 @@ def save_student(out: Path, student: torch.nn.Module, tokenizer, also: int = 0) 
 
 def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequence[dict],
                  train_result: Optional[TrainResult] = None, overrides: Sequence[str] = (),
-                 preflight: Optional[dict] = None, on_policy_preview: Optional[dict] = None,
-                 teacher_cache: Optional[dict] = None, data: Sequence[str] = ()) -> Path:
-    """Write results.json (with per-subject MMLU, and whether the student collapsed), results.md,
-    generations.jsonl (every GSM question, output, extracted and gold answer), mmlu.jsonl (every MMLU
-    question's letter scores) and the student (save_pretrained) into runs/<name>/; `teacher_cache` is the cache's
-    report (its fidelity at the training temperature included), `data` the data lines (what was read, kept, held
-    out and skipped)."""
+                 extra: Optional[dict] = None, files: Optional[dict[str, str]] = None) -> Path:
+    """Write the student (save_pretrained), results.md, generations.jsonl (every GSM question, output, extracted and
+    gold answer), mmlu.jsonl (every MMLU question's letter scores), the `files` given (name: text) and, last,
+    results.json (the table, per-subject MMLU, whether the student collapsed, and `extra`: the preflight, the
+    on-policy preview, the teacher cache's report, the data lines) into runs/<name>/. A folder with results.json is
+    a finished save. The free space is checked first; a full disk at any write leaves the earlier files whole and
+    says how to finish."""
     out = run_dir(cfg)
     ppl = {r["model"]: r.get("perplexity") for r in results}
     if train_result is not None and train_result.collapsed is None:
@@ -176,21 +182,29 @@ def save_outputs(cfg: Config, student: torch.nn.Module, tokenizer, results: Sequ
             print(f"WARNING: the student collapsed: {train_result.collapsed}.")
     summary = [{k: v for k, v in r.items() if k not in ("generations", "mmlu_rows", "mmlu_cloze_rows")}
                for r in results]
-    extra = {"train_seconds": train_result.seconds, "steps": train_result.steps,
-             "collapsed": train_result.collapsed} if train_result else {}
+    trained = {"train_seconds": train_result.seconds, "steps": train_result.steps,
+               "collapsed": train_result.collapsed} if train_result else {}
     texts = {"results.md": results_markdown(results) + "\n"}
     for name, key in (("generations.jsonl", "generations"), ("mmlu.jsonl", "mmlu_rows"),
                       ("mmlu_cloze.jsonl", "mmlu_cloze_rows")):
         if name == "generations.jsonl" or any(r.get(key) for r in results):
             texts[name] = "".join(json.dumps({"model": r["model"], **g}) + "\n"
                                   for r in results for g in r.get(key) or [])
+    texts.update(files or {})
     texts["results.json"] = json.dumps({"preset": cfg.preset, "environment": hardware_line(), "results": summary,
-                                        "train_overrides": list(overrides), "preflight": preflight,
-                                        "on_policy_preview": on_policy_preview, "teacher_cache": teacher_cache,
-                                        "data": list(data),
-                                        **extra}, indent=2, default=str)
-    save_student(out, student, tokenizer, sum(len(t.encode()) for t in texts.values()))
-    for name, text in texts.items():  # results.json last: a run folder with results.json is a finished run
-        write_text(out / name, text, after=f"The student is saved in {out / 'student'}; {name} and the files after it "
-                                           f"are not: {SAVE_AGAIN}")
+                                        "train_overrides": list(overrides), **(extra or {}), **trained},
+                                       indent=2, default=str)
+    weights = state_bytes(student.state_dict())
+    again = save_again(cfg)
+    after = (f"Nothing in {out} was replaced. The trained student is still in memory (exp.trained.student)"
+             + (f" and in the last checkpoint under {out / 'checkpoints'}" if cfg.train.save_final else "")
+             + f": {again}")
+    need = weights + sum(len(t.encode()) for t in texts.values()) + (32 << 20)  # tokenizer files, headers
+    require_free_space(out, need, f"the trained student and the results ({weights / 2**20:,.1f} MiB of weights)",
+                       after)
+    (out / "results.json").unlink(missing_ok=True)  # an earlier save's: until this one ends, no finished save
+    save_student(out, student, tokenizer, after)
+    for name, text in texts.items():  # results.json last
+        write_text(out / name, text, after=f"The student is saved in {out / 'student'}; {name} and the files after "
+                                           f"it are not: {again}")
     return out

@@ -527,9 +527,12 @@ class Trainer:
             self.history_file.write(line)
             self.history_file.flush()
         except OSError as exc:
-            raise write_failure(path, len(line) * max(1, self.tcfg.max_steps - row["step"]), exc, after=(
-                f"The checkpoints in {self.folder} are intact and hold the history up to each one; free space there "
-                f"and continue with --resume ({NOTEBOOK_RESUME}).")) from exc
+            kept = ckpt.list_checkpoints(self.folder) if self.folder is not None else []
+            after = (f"The checkpoints in {self.folder} are intact and hold the history up to each one; free space "
+                     f"there and continue with --resume ({NOTEBOOK_RESUME})." if kept else
+                     "No checkpoint was written yet (train.checkpoint_every sets how often), so nothing can be "
+                     "resumed: free space there and run again.")
+            raise write_failure(path, len(line) * max(1, self.tcfg.max_steps - row["step"]), exc, after) from exc
 
     def save(self, step: int, diverged: bool = False) -> Optional[Path]:
         """A checkpoint of the weights after `step` steps (process 0 writes; all wait), pruned to keep_checkpoints."""
@@ -646,8 +649,7 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.start_step, desc="distill",
                    disable=not self.progress or not acc.is_main_process)
         self.began, seen_tokens = time.perf_counter(), 0
-        self.scale_at_start = max(float(p.detach().abs().max()) for p in self.student.parameters()
-                                  if p.is_floating_point())
+        self.scale_at_start = self.largest_weight()
         with StopSignals() as stop, contextlib.closing(bar), contextlib.closing(self):
             for step in range(self.start_step, t.max_steps):
                 micro, on_policy = self.micro_batches(step), self.on_policy(step)
@@ -691,10 +693,18 @@ class Trainer:
             self.save(t.max_steps)  # the finished state: a run stopped in a later stage resumes past this training
         return self.finish()
 
+    def largest_weight(self) -> float:
+        """The largest |weight| of the student, over every process (each holds only its shard under FSDP)."""
+        local = max((float(p.detach().abs().max()) for p in self.student.parameters()
+                     if p.is_floating_point() and p.numel()), default=0.0)
+        if self.procs == 1:
+            return local
+        return float(self.accelerator.reduce(torch.tensor(local, device=self.accelerator.device), "max"))
+
     def damage(self) -> Optional[str]:
         """Why the current weights are not worth a resume though finite, or None: a learning rate far too high grows
         them by orders of magnitude in the steps before the loss turns non-finite (lr=1e30: weights near 5e29)."""
-        now = max(float(p.detach().abs().max()) for p in self.student.parameters() if p.is_floating_point())
+        now = self.largest_weight()
         if now > 1e3 * max(self.scale_at_start, 1e-3) or now > 1e6:
             return (f"the largest weight is {now:.3g}, against {self.scale_at_start:.3g} when this training started "
                     f"at step {self.start_step}")

@@ -396,11 +396,11 @@ def test_a_full_disk_at_the_final_save_keeps_the_student_and_the_advice_works(tm
     (out / "results.json").unlink()
     real_save = runfolder.save_student
 
-    def full(out_, student, tokenizer, also=0):
+    def full(out_, student, tokenizer, after):
         def fails(*a, **k):
             raise OSError(28, "No space left on device")
         monkeypatch.setattr(student, "save_pretrained", fails)
-        return real_save(out_, student, tokenizer, also)
+        return real_save(out_, student, tokenizer, after)
     monkeypatch.setattr(runfolder, "save_student", full)
     capsys.readouterr()
     assert cli.main([*args, "--resume"]) == 2
@@ -423,3 +423,26 @@ def test_a_full_disk_at_the_final_save_keeps_the_student_and_the_advice_works(tm
     assert cli.main([*args, "--resume"]) == 0  # the advice, followed literally
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 8 and "resume: continuing from" in capsys.readouterr().out
+
+
+def test_save_student_clears_what_a_killed_save_left_and_puts_back_a_student_moved_aside(tmp_path, tiny_teacher,
+                                                                                       tiny_tokenizer):
+    """A save killed while writing leaves .student.tmp-PID (cleared by the next save); one killed between its two
+    renames leaves the earlier student as .student.old-PID and no student/ (put back, then replaced)."""
+    from pocket_teacher.runfolder import save_student
+
+    first = save_student(tmp_path, tiny_teacher, tiny_tokenizer, "after")
+    (tmp_path / ".student.tmp-99999").mkdir()
+    (tmp_path / ".student.tmp-99999" / "model.safetensors").write_bytes(b"half")
+    os.replace(first, tmp_path / ".student.old-99998")
+    assert not first.exists()
+    class Broken:
+        def save_pretrained(self, path):
+            Path(path).mkdir()
+            raise RuntimeError("unexpected tensor layout")
+
+    with pytest.raises(RuntimeError, match="^unexpected tensor layout$"):  # not a full disk: not reported as one
+        save_student(tmp_path, Broken(), tiny_tokenizer, "after")
+    assert (tmp_path / "student" / "model.safetensors").is_file()  # put back before the failed write
+    save_student(tmp_path, tiny_teacher, tiny_tokenizer, "after")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]

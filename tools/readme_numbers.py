@@ -325,8 +325,9 @@ def kd_setup(data: dict) -> str:
     return (f"Measured with `{source['command']}` on {source['hardware']}, commit {source['commit'][:7]}: "
             f"{', '.join(methods)}, {settings['steps']} optimizer steps each, {len(seeds)} seeds "
             f"({', '.join(map(str, seeds))}); in distribution {settings['eval_rows']} held-out gsm_symbolic answers, "
-            f"out of distribution the first {settings['ood_rows']} real GSM8K test answers; the benchmark took "
-            f"{data['wall_s'] / 60:.0f} min." + (f" {source['note']}" if source.get("note") else ""))
+            f"out of distribution the first {settings['ood_rows']} real GSM8K test answers"
+            + (f"; the benchmark took {data['wall_s'] / 60:.0f} min." if data.get("wall_s") else ".")
+            + (f" {source['note']}" if source.get("note") else ""))
 
 
 def kd_table(data: dict) -> str:
@@ -354,17 +355,23 @@ def kd_findings(data: dict) -> str:
         for name in ("in distribution", "out of distribution (GSM8K test)"):
             if f"{name}: delta log-ppl vs SFT" not in e:
                 continue
-            items, seeds = e[f"{name}: delta log-ppl vs SFT"], e[f"{name}: delta log-ppl vs SFT, seeds"]
+            items, seeds = e[f"{name}: delta log-ppl vs SFT"], e.get(f"{name}: delta log-ppl vs SFT, seeds")
 
             def verdict(t):
                 return "lower" if t[2] < 0 else "higher" if t[1] > 0 else "not distinguishable"
             said = (f"- **{method} vs SFT, {name}**: log-perplexity {items[0]:+.3f}; over the items "
-                    f"{verdict(items)} ({items[1]:+.3f} to {items[2]:+.3f}), over {e['seeds']} seeds "
-                    f"{verdict(seeds)} ({seeds[1]:+.3f} to {seeds[2]:+.3f}).")
-            if verdict(items) != verdict(seeds):
-                said += (" The seeds are the unit a claim about the method needs, so this run does not show a "
-                         "difference; the item interval only says these students differ.")
-            lines.append(said)
+                    f"{verdict(items)} ({items[1]:+.3f} to {items[2]:+.3f}), ")
+            if seeds is None:
+                said += "one seed, so no interval over seeds: this run says nothing about the method in general."
+            else:
+                said += (f"over {e['seeds']} seeds {verdict(seeds)} ({seeds[1]:+.3f} to {seeds[2]:+.3f}). ")
+                if verdict(seeds) == "not distinguishable":
+                    said += ("Across training runs, the unit a claim about the method needs, this run shows no "
+                             "difference" + ("; the item interval only says these students differ." if
+                                             verdict(items) != verdict(seeds) else "."))
+                else:
+                    said += f"Across training runs the method gives a {verdict(seeds)} perplexity here."
+            lines.append(said.rstrip())
     return "\n".join(lines)
 
 
