@@ -156,3 +156,19 @@ def test_a_note_with_figures_fails_the_check(tmp_path, monkeypatch):
     readme = tmp_path / "README.md"
     readme.write_text(block.group(0) + "\n")
     assert any("the note holds the figure '3.5x'" in p for p in numbers.check(readme))
+
+
+def test_the_kd_words_follow_the_seed_level_interval():
+    """KD vs SFT: a difference over items but not over seeds is reported as no difference across training runs; one
+    over seeds as lower or higher; a single seed as no interval at all."""
+    data = json.loads((ROOT / "results" / "kd_vs_sft.json").read_text())
+    kd = data["summary"]["hybrid KD"]
+    key = "out of distribution (GSM8K test): delta log-ppl vs SFT"
+    kd[key], kd[f"{key}, seeds"] = [-0.09, -0.13, -0.05], [-0.09, -0.15, -0.02]
+    said = numbers.kd_findings(data).splitlines()[-1]
+    assert "over 5 seeds lower" in said and "Across training runs the method gives a lower perplexity" in said
+    kd[f"{key}, seeds"] = [-0.09, -0.2, 0.03]
+    said = numbers.kd_findings(data).splitlines()[-1]
+    assert "over 5 seeds not distinguishable" in said and "this run shows no difference; the item interval only" in said
+    del kd[f"{key}, seeds"]
+    assert "one seed, so no interval over seeds" in numbers.kd_findings(data).splitlines()[-1]
