@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from pocket_teacher import cli, experiment, train
 
 TIMINGS = {"environment", "train_seconds", "train_s", "elapsed_s", "tokens_per_s", "build_seconds",
-           "status", "path"}  # the teacher cache's: "built" in one run, "reused" by the resumed one, in its folder
+           "status", "path"}  # and the teacher cache's: "built" in one run, "reused" by the resumed one; its folder
 
 
 def _strip(value):
@@ -32,8 +32,10 @@ def _strip(value):
 def _outputs(out, stages=(".", "baseline", "on_policy_preview")):
     histories = {name: [_strip(json.loads(line)) for line in (out / name / "history.jsonl").read_text().splitlines()]
                  for name in stages}
-    return _strip(json.loads((out / "results.json").read_text())), histories, load_file(out / "student" /
-                                                                                          "model.safetensors")
+    results = _strip(json.loads((out / "results.json").read_text()))
+    # the data lines name the run's cache folder (beside the run folder, so each test has its own)
+    results["data"] = [line.replace(str(out.parent), "<runs>") for line in results.get("data", [])]
+    return results, histories, load_file(out / "student" / "model.safetensors")
 
 
 def _run(out, *extra):
@@ -161,20 +163,14 @@ def _notebook(out, *extra):
             *SLOW_STEPS["tiny"], *extra]
 
 
-@pytest.fixture(scope="module")
-def notebook_uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("notebook") / "tiny"
-    subprocess.run(_notebook(out), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
-    return _outputs(out, stages=KILLED["tiny"])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["baseline"])  # the distillation too: `-k notebook_killed` with "." added here
-def test_the_notebook_killed_hard_resumes_to_the_uninterrupted_results(notebook_uninterrupted, tmp_path, where):
+def test_the_notebook_killed_hard_resumes_to_the_uninterrupted_results(uninterrupted, tmp_path, where):
     """The notebook path (papermill and its kernel) killed with SIGKILL inside the baseline (the distillation has
     finished and resumes past its end, the baseline from its checkpoint); executed again with --resume (the
     notebook's OVERRIDES get train.resume=true) it ends with the uninterrupted notebook run's results, histories
-    and student. One kill point keeps CI's time: each notebook run starts a kernel."""
+    and student, which are those of the uninterrupted `run` (the notebook and `run` write the same results:
+    test_experiment). One kill point keeps CI's time: each notebook run starts a kernel."""
     out = tmp_path / "tiny"
     process = subprocess.Popen(_notebook(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     history, killed_at = out / where / "history.jsonl", None
@@ -192,7 +188,7 @@ def test_the_notebook_killed_hard_resumes_to_the_uninterrupted_results(notebook_
     subprocess.run(_notebook(out, "--resume"), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    timeout=900)
     results, histories, student = _outputs(out, stages=KILLED["tiny"])
-    expected_results, expected_histories, expected_student = notebook_uninterrupted
+    expected_results, expected_histories, expected_student = uninterrupted["tiny"]
     assert results == expected_results and histories == expected_histories
     assert all(torch.equal(student[k], expected_student[k]) for k in expected_student)
 
