@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -68,27 +69,38 @@ def proc_value(path: str, key: str) -> str | None:
         return None
 
 
-def write_text(path: Path, text: str, after: str = "") -> Path:
-    """Write text atomically (a unique temp file beside it, then a rename), creating the folder if needed. A failed
-    write (a full disk) removes the temp file, leaves `path` as it was and raises `write_failure`'s OSError (with
-    `after`)."""
-    path, data = Path(path), text.encode()
+@contextlib.contextmanager
+def replacing(path: Path, need: int, after: str = ""):
+    """Yield a unique temporary path beside `path` (same suffix) to write; when the block ends it is renamed onto
+    `path`. A failed write (a full disk) removes it, leaves `path` as it was and raises `write_failure`'s OSError
+    (`need`: the bytes the write needed, `after`: what is intact and how to go on)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise write_failure(path, len(data), exc, after) from exc
-    return path
+        raise write_failure(path, need, exc, after) from exc
+
+
+def write_text(path: Path, text: str, after: str = "") -> Path:
+    """Write text atomically (`replacing`), creating the folder if needed."""
+    data = text.encode()
+    with replacing(path, len(data), after) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def write_json(path: Path, data: Any) -> Path:
-    """Write JSON atomically (see write_text)."""
-    return write_text(path, json.dumps(data, indent=2, default=str))
+    """Write JSON atomically (`replacing`; not through write_text, which would nest one frame deeper)."""
+    text = json.dumps(data, indent=2, default=str).encode()
+    with replacing(path, len(text)) as tmp:
+        tmp.write_bytes(text)
+    return Path(path)
 
 
 def write_failure(path: Path, need: int, exc: OSError, after: str = "") -> OSError:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 from matplotlib.figure import Figure  # a bare Figure needs no backend and never pops up a window
 
-from .files import write_failure
+from .files import replacing
 from .versions import require
 
 COLOURS = {"teacher": "#4C72B0", "student before": "#C44E52", "student after": "#55A868",
@@ -100,14 +99,8 @@ def save_figure(fig: Figure, *paths: str | Path, dpi: int = 120) -> list[Path]:
     leaves an earlier figure whole); returns the paths written."""
     written = [Path(p) for p in paths]
     for path in written:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-        try:
+        with replacing(path, 1 << 20) as tmp:
             fig.savefig(tmp, dpi=dpi)
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise write_failure(path, 1 << 20, exc) from exc
     return written
 
 

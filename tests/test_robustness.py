@@ -372,8 +372,8 @@ def test_write_text_on_a_full_disk_leaves_the_file_as_it_was(tmp_path, monkeypat
     from pocket_teacher import files
 
     path = files.write_text(tmp_path / "results.json", "old")
-    monkeypatch.setattr(files.os, "fdopen", lambda fd, *a, **k: (_ for _ in ()).throw(OSError(28, "No space left "
-                                                                                             "on device")))
+    monkeypatch.setattr(files.Path, "write_bytes", lambda self, data: (_ for _ in ()).throw(
+        OSError(28, "No space left on device")))
     with pytest.raises(OSError, match=r"Could not write .*results\.json: No space left on device \(0\.0 MiB needed"):
         files.write_text(path, "new")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
