@@ -112,7 +112,8 @@ def test_a_full_disk_gives_a_clear_message_and_no_leftovers(tmp_path, monkeypatc
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoints.torch, "save", full)
-    with pytest.raises(CheckpointError, match=r"No space left on device \(1\.\d MiB needed, [\d,.]+ MiB free\)\. The partial copy was removed; earlier checkpoints are intact"):
+    with pytest.raises(CheckpointError, match=r"No space left on device \(1\.\d MiB needed, [\d,.]+ MiB free\)\. "
+                                               r"The partial copy was removed; earlier checkpoints are intact"):
         train(BASE, tmp_path / "other" / "checkpoints")
     assert not list((tmp_path / "other" / "checkpoints").glob(".tmp-*"))
 
