@@ -25,11 +25,12 @@ def main() -> None:
     parser.add_argument("--preset", default="pocket")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--every", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     from pocket_teacher import experiment
     from pocket_teacher.runfolder import hardware_line
-    from pocket_teacher.models import load_teacher, resolve_device
+    from pocket_teacher.models import count_parameters, load_teacher, resolve_device
     from pocket_teacher.students import load_student
     from pocket_teacher.train import Vocab, distill
 
@@ -62,6 +63,12 @@ def main() -> None:
           f"{size / 2**20:.0f} MiB each")
     print(f"share of training time: {per_ckpt / (args.every * step_s) * 100:.1f}% at one checkpoint every "
           f"{args.every} steps; {per_ckpt / step_s:.2f} steps' worth per checkpoint")
+    if args.json:
+        from pocket_teacher.files import write_json
+        write_json(Path(args.json), {
+            "hardware": hardware_line(), "settings": vars(args), "parameters": count_parameters(student_init),
+            "steps": args.steps, "every": args.every, "seconds_without": base.seconds, "seconds_with": ck.seconds,
+            "step_s": step_s, "checkpoint_seconds": ck.checkpoint_seconds, "checkpoint_bytes": size})
 
 
 if __name__ == "__main__":

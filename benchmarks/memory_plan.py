@@ -154,6 +154,7 @@ def main() -> None:
                         help="evaluation only, at these numbers of held-out rows (peak must not grow with them)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="fresh processes per stage and allocator setting; the median is reported")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -167,7 +168,7 @@ def main() -> None:
     presets = args.preset or ["tiny", "pocket"]
     jobs = ([(p, "evaluation", n) for p in presets for n in args.heldout] if args.heldout
             else [(p, s, None) for p in presets for s in (args.stage or STAGES)])
-    worst = 0.0
+    worst, rows = 0.0, []
     for preset, stage, held in jobs:
         cmd = [sys.executable, __file__, "--child", "--preset", preset, "--stage", stage,
                *[x for s in args.set for x in ("--set", s)], *(["--heldout", str(held)] if held else [])]
@@ -195,12 +196,19 @@ def main() -> None:
         held_text = f" held-out {r['heldout']:4d} rows / {r['eval_tokens']:6,d} tokens" if held else ""
         default = (f"; default glibc {medians['default'][0] / 2**20:7,.0f} MiB" if "default" in medians
                    and r["measure"] == "peak RSS" else "")
+        rows.append({"preset": preset, "stage": stage, "heldout": r.get("heldout") if held else None,
+                     "eval_tokens": r.get("eval_tokens") if held else None, "planned_bytes": r["planned"],
+                     "measured_bytes": median, "measure": r["measure"],
+                     "default_glibc_bytes": medians["default"][0] if "default" in medians else None})
         if os.environ.get("PLAN_DEBUG"):
             print("  plan items", {k: v >> 20 for k, v in r["items"].items()})
         print(f"{preset:7s} {stage:14s}{held_text} plan {r['planned'] / 2**20:7,.0f} MiB  measured "
               f"{median / 2**20:7,.0f} MiB ({r['measure']}){default}  plan/measured - 1 = {100 * error:+5.1f}%",
               flush=True)
     print(f"largest difference: {100 * worst:.1f}% (target: within 15%)")
+    if args.json:
+        from pocket_teacher.files import write_json
+        write_json(Path(args.json), {"hardware": hardware_line(), "settings": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

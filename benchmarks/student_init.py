@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=3)
     parser.add_argument("--mlp", type=int, default=1024)
     parser.add_argument("--calibration", type=int, default=64, help="training rows the importance reads")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     from pocket_teacher.config import apply_overrides
@@ -63,6 +64,9 @@ def main() -> None:
                              vocab_size=len(exp.tokenizer), progress=False)["perplexity"]
     print(f"\n{args.preset} preset, {len(exp.splits.eval)} held-out rows, {layers} student layers; teacher "
           f"{count_parameters(exp.teacher) / 1e6:.1f}M parameters, perplexity {teacher_ppl:,.2f}\n")
+    figures = {"hardware": hardware_line(), "settings": vars(args), "preset": args.preset, "layers": layers,
+               "eval_rows": len(exp.splits.eval), "teacher_parameters": count_parameters(exp.teacher),
+               "teacher_perplexity": teacher_ppl, "students": []}
     print("| student | parameters | layers kept | untrained held-out perplexity | build s |")
     print("| --- | --- | --- | --- | --- |")
     for name, overrides in kinds.items():
@@ -78,6 +82,12 @@ def main() -> None:
         ppl = perplexity(student, trial.splits.eval, pad_token_id=trial.tokenizer.pad_token_id,
                          vocab_size=len(trial.tokenizer), progress=False)["perplexity"]
         print(f"| {name} | {count_parameters(student) / 1e6:.1f}M | {kept} | {ppl:,.1f} | {seconds:.0f} |", flush=True)
+        figures["students"].append({"student": name, "overrides": overrides, "parameters": count_parameters(student),
+                                    "layers_kept": list(kept) if kept != "-" else None, "perplexity": ppl,
+                                    "build_s": seconds})
+    if args.json:
+        from pocket_teacher.files import write_json
+        write_json(Path(args.json), figures)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--gsm8k", default=str(SHARED) if SHARED.is_file() else None,
                         help="GSM8K JSONL for the top-k mass on real answers (skipped when absent)")
     parser.add_argument("--gsm8k-rows", type=int, default=200)
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     from pocket_teacher import experiment
@@ -77,6 +78,11 @@ def main() -> None:
             last = result.history[-1]
             print(f"train from {mode:>5}: {speed[mode]:.3f} steps/s ({1 / speed[mode]:.2f} s/step, batch "
                   f"{cfg.train.batch_size}), last loss {last['loss']:.3f} (ce {last['ce']:.3f}, kd {last['kd']:.3f})")
+        figures = {"hardware": hardware_line(), "settings": vars(args), "preset": args.preset, "k": k,
+                   "batch_size": cfg.train.batch_size, "build_s": build_s, "rows": cache.report.rows,
+                   "tokens": cache.report.tokens, "cache_bytes": cache.report.bytes,
+                   "mass_mean": cache.report.mass_mean, "mass_p05": cache.report.mass_p05,
+                   "kl_sample": cache.report.kl_sample, "steps_per_s": speed}
         print(f"speed-up from the cache: {speed['cache'] / speed['live']:.2f}x steps/s "
               f"(pays back its {build_s:.0f} s build after "
               f"{build_s / max(1e-9, 1 / speed['live'] - 1 / speed['cache']):.0f} steps)")
@@ -91,8 +97,13 @@ def main() -> None:
         print(f"GSM8K train answers ({real.report.rows} rows, {real.report.tokens:,} tokens, {args.gsm8k}): "
               f"top-{k} mass mean {real.report.mass_mean:.4f}, 5th percentile {real.report.mass_p05:.4f}, "
               f"KL(full || top-{k}) {real.report.kl_sample:.4f} nats/token")
+        figures["gsm8k"] = {"rows": real.report.rows, "tokens": real.report.tokens, "mass_mean": real.report.mass_mean,
+                            "mass_p05": real.report.mass_p05, "kl_sample": real.report.kl_sample}
     else:
         print("GSM8K: no file (pass --gsm8k PATH); top-k mass on real answers not measured")
+    if args.json:
+        from pocket_teacher.files import write_json
+        write_json(Path(args.json), figures)
 
 
 if __name__ == "__main__":
