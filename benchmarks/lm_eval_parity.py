@@ -105,7 +105,7 @@ def main() -> None:
     rows = mmlu_subset(SHARED / "mmlu" / "test.jsonl", args.per_subject)
     examples = [mmlu_example(r, f"test.jsonl#{i}") for i, r in enumerate(rows)]
     print(f"MMLU: {len(examples)} questions ({args.per_subject or 'all'} per subject, file order)")
-    report = {"hardware": hardware_line(), "model": str(model_dir), "questions": len(examples)}
+    report = {"hardware": hardware_line(), "model": str(model_dir), "questions": len(examples), "args": vars(args)}
     start = time.perf_counter()
     letter = mmlu_accuracy(model, tok, examples, batch_size=args.batch_size, desc="ours: letter")
     report["ours_letter_s"] = time.perf_counter() - start
