@@ -3,6 +3,7 @@
     python -m pocket_teacher run --preset pocket --set loss.alpha=0.3 --set train.max_steps=200 --out runs/a03
     python -m pocket_teacher run --preset pocket --out runs/a03 --resume      # continue a killed run
     python -m pocket_teacher plan --preset t4 --gpu t4                      # memory per stage; exit 3 if no fit
+    python -m pocket_teacher export --run runs/pocket --quant q8_0          # the student as a GGUF for llama.cpp
     accelerate launch --num_processes 2 -m pocket_teacher run --preset t4   # several GPUs (or CPU processes)
 """
 
@@ -22,6 +23,7 @@ from . import experiment
 from .checkpoints import CheckpointError, list_checkpoints
 from .config import PRESETS, ConfigError
 from .data import DataError
+from .export import QUANTS, ExportError, export_run
 from .hub import HubUnavailableError
 from .models import ModelLoadError, VocabMismatchError
 from .plan import GPUS, PlanError, memory_plan
@@ -76,6 +78,16 @@ def _parser() -> argparse.ArgumentParser:
                       help="plan for this GPU (default: the GPU PyTorch sees here, else this CPU)")
     plan.add_argument("--host-gb", type=float, help="host RAM in GB (default: the GPU's usual host)")
 
+    export = sub.add_parser("export", help="write a finished run's student as a GGUF file (llama.cpp, Ollama)",
+                            description="Write runs/NAME/student (or the baseline's final checkpoint) as one GGUF "
+                                        "file: Llama-family and Qwen2 metadata, the tokenizer (copied from the "
+                                        "teacher's GGUF when it is the same vocabulary), tensors quantized with the "
+                                        "GGUF block rules.")
+    export.add_argument("--run", required=True, help="a finished run folder (runs/NAME)")
+    export.add_argument("--model", choices=["student", "baseline"], default="student")
+    export.add_argument("--quant", choices=QUANTS, default="q8_0")
+    export.add_argument("--out", help="the .gguf file (default <run>/<model>-<quant>.gguf)")
+
     sub.add_parser("presets", help="list the presets")
     sub.add_parser("config", parents=[common], help="print a preset's resolved configuration as YAML")
     return parser
@@ -112,7 +124,7 @@ def execute_notebook(notebook: str | Path, preset: str, overrides: Sequence[str]
 def user_errors() -> tuple[type, ...]:
     """Exceptions that mean "the input or the machine needs a change", printed as one line without a traceback."""
     return (ConfigError, PlanError, DataError, HubUnavailableError, ModelLoadError, VocabMismatchError, CacheError,
-            CheckpointError, TrainingDiverged, RunFolderBusy, VersionError)
+            CheckpointError, TrainingDiverged, RunFolderBusy, VersionError, ExportError)
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -166,6 +178,9 @@ def _main(args: argparse.Namespace) -> int:
     if args.command == "presets":
         for name, make in PRESETS.items():
             print(f"{name:8s} {(make.__doc__ or '').strip() or make().teacher.source}")
+        return 0
+    if args.command == "export":
+        print(export_run(args.run, args.model, args.quant, args.out))
         return 0
     cfg = experiment.configure(args.preset, _overrides(args))
     if args.command == "config":

@@ -20,6 +20,7 @@ from .config import Config, ConfigError, GenerateConfig, apply_overrides, get_pr
 from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, handle_duplicates, load_examples,
                    hold_out_prompts, load_mmlu, remove_overlap, tokenize_examples)
 from .evaluate import evaluate_model, teacher_on_student_samples
+from .export import ExportReport, export_gguf, teacher_gguf
 from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
 from .losses import Divergence, divergence_name
 from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, device_capability,
@@ -761,6 +762,16 @@ class Experiment:
             out = save_outputs(trained.cfg, trained.student, self.tokenizer, list(self.results.values()),
                                trained.result, overrides=trained.overrides, extra=extra, files=files)
             return out
+
+    def export(self, quant: str = "q8_0", model: str = "student", out: Optional[str | Path] = None) -> ExportReport:
+        """The trained student (or, model="baseline", the baseline) as one GGUF file that llama.cpp and Ollama load
+        (default runs/<name>/<model>-<quant>.gguf): `python -m pocket_teacher export` does the same from a run
+        folder. The tokenizer is copied from the teacher's GGUF when it holds the same vocabulary."""
+        trained = _need(self.trained, "distil") if model == "student" else _need(self.baseline, "train_baseline")
+        path = Path(out) if out else self.out / f"{model}-{quant}.gguf"
+        return export_gguf(trained.student, self.tokenizer, path, quant,
+                           tokenizer_gguf=teacher_gguf(self.cfg.teacher.source, self.tokenizer),
+                           name=f"{self.cfg.run.name} {model}")
 
     def timing_table(self) -> str:
         """Seconds spent in each section so far, and their total."""

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from pocket_teacher.cli import main
 from pocket_teacher.config import Config, get_preset
@@ -144,6 +145,25 @@ def test_the_training_cell_never_rebinds_the_config(experiment):
     saved = json.loads((out / "results.json").read_text())
     assert saved["train_overrides"] == [] and saved["steps"] == 2
     assert "alpha: 0.5" in (out / "config.yaml").read_text()
+
+
+def test_the_trained_student_and_the_baseline_ship_as_gguf_files(experiment):
+    """Experiment.export: the student in memory, read back from the file, is the student after the same
+    quantization (the same path as `python -m pocket_teacher export`)."""
+    from pocket_teacher.export import fake_quantize, load_gguf
+
+    exp = experiment
+    with pytest.raises(RuntimeError, match="distil"):
+        exp.export()
+    trained = exp.distil()
+    report = exp.export("q8_0")
+    assert report.path == exp.out / "student-q8_0.gguf" and report.path.is_file()
+    back, _ = load_gguf(report.path)
+    ids = torch.tensor([exp.splits.eval[0]["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, fake_quantize(trained.student, "q8_0")(ids).logits)
+    exp.train_baseline()
+    assert exp.export("f16", model="baseline").path == exp.out / "baseline-f16.gguf"
 
 
 @pytest.mark.parametrize("override,cell", [("data.max_length=100", "2. Data"), ("teacher_cache.k=8", "4b. Teacher cache"),

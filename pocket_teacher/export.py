@@ -1,0 +1,369 @@
+"""Ship it: a student as one GGUF file that llama.cpp (and Ollama, LM Studio) load, written with the `gguf`
+package's own writer in pure Python (no llama.cpp build), and read back through transformers.
+
+    report = export_gguf(student, tokenizer, "runs/pocket/student-q8_0.gguf", quant="q8_0",
+                         tokenizer_gguf=embedded_gguf_path())   # tokenizer copied from the teacher's file
+    model, tok = load_gguf("runs/pocket/student-q8_0.gguf")     # dequantized, through transformers
+
+- Architectures: the Llama family (SmolLM2, its derived, pruned and config students) and Qwen2, with their metadata
+  as llama.cpp reads it (head size written explicitly, so pruned shapes whose heads are not hidden / heads load).
+  Llama's query and key rows are permuted the way llama.cpp's converter does (transformers undoes it on reading).
+- Types: f32, f16, q8_0, q4_0, q4_1 (the GGUF block rules of `gguf.quants`). Norms and biases stay f32, as
+  llama.cpp's converter keeps them; a matrix whose rows are not a multiple of the block size falls back to f16 and
+  the report names it. `fake_quantize` gives the student the exact weights a file holds, for checks and healing.
+- The tokenizer: copied field by field from a GGUF that holds the same vocabulary (the embedded teacher's), or
+  built from a Hugging Face BPE tokenizer (vocabulary, merges, token types, special tokens, chat template).
+- The file is written beside its place and renamed in when whole, after a free-space check: a failure leaves no
+  partial file.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .checkpoints import newest_valid
+from .files import replacing, require_free_space
+from .models import ModelLoadError, embedded_gguf_path
+
+QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1")
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # transformers model_type -> GGUF general.architecture
+_LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+          "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+          "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+          "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+          "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
+          "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight"}
+
+
+class ExportError(ValueError):
+    """A model, a type or a file that cannot be exported; the message names what and the fix."""
+
+
+def _gguf():
+    import gguf  # a run-time requirement (the embedded teacher is read through it)
+
+    return gguf
+
+
+def _qtype(quant: str):
+    if quant not in QUANTS:
+        raise ExportError(f"Unknown GGUF type {quant!r}: use one of {', '.join(QUANTS)} (q8_0 keeps quality; q4_0 "
+                          f"and q4_1 are about half its size).")
+    q = _gguf().GGMLQuantizationType
+    return {"f32": q.F32, "f16": q.F16, "q8_0": q.Q8_0, "q4_0": q.Q4_0, "q4_1": q.Q4_1}[quant]
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    quant: str
+    bytes: int
+    tensors: int
+    parameters: int
+    tokenizer: str
+    fallbacks: list = field(default_factory=list)  # [(tensor, type used, why)]
+
+    def __str__(self) -> str:
+        line = (f"GGUF {self.quant}: {self.path} ({self.bytes / 2**20:,.1f} MiB, {self.tensors} tensors, "
+                f"{self.parameters / 1e6:.1f}M parameters); tokenizer {self.tokenizer}")
+        if self.fallbacks:
+            line += "; kept in another type: " + ", ".join(f"{n} as {t} ({why})" for n, t, why in self.fallbacks)
+        return line
+
+
+# -------------------------------------------------------------------------------------------------- the shapes
+def check_exportable(config) -> None:
+    """Refuse, with the fix, a model llama.cpp cannot run from what this writer knows."""
+    kind = getattr(config, "model_type", None)
+    if kind not in ARCHITECTURES:
+        raise ExportError(f"GGUF export writes the Llama family (SmolLM2 and its students) and Qwen2; this model is "
+                          f"{kind!r}. Convert it with llama.cpp's convert_hf_to_gguf.py instead.")
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    problems = []
+    if heads % kv:
+        problems.append(f"{heads} query heads are not a multiple of {kv} key/value heads")
+    if head_dim % 2:
+        problems.append(f"head size {head_dim} is odd (rotary embeddings pair dimensions)")
+    if _rope(config).get("rope_type", "default") != "default":
+        problems.append(f"rope scaling {_rope(config)} is not written by this exporter")
+    if kind == "llama" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
+        problems.append("a Llama with attention or MLP biases is not written by this exporter")
+    if problems:
+        raise ExportError("llama.cpp cannot run this student as exported: " + "; ".join(problems) + ". Choose "
+                          "student.num_heads / student.num_kv_heads / student.hidden_size that avoid it.")
+
+
+def _rope(config) -> dict:
+    """The rotary settings (transformers 5 keeps them in rope_parameters / rope_scaling, with rope_theta)."""
+    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's order of a Llama query or key projection's rows (transformers' GGUF reader undoes it)."""
+    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(
+        weights.shape)
+
+
+def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, np.ndarray]]:
+    """(GGUF name, fp32 array) for every tensor of a Llama / Qwen2 causal LM, the output layer left out when tied
+    to the embeddings. A parameter this mapping does not know is an error, never dropped."""
+    config = model.config
+    check_exportable(config)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    out, unknown = [], []
+    for name, tensor in model.state_dict().items():
+        array = tensor.detach().to(torch.float32).cpu().numpy()
+        if name in _TOP:
+            if name == "lm_head.weight" and tied:
+                continue
+            out.append((_TOP[name], array))
+            continue
+        parts = name.split(".")
+        if parts[:2] != ["model", "layers"] or ".".join(parts[3:]) not in _LAYER:
+            unknown.append(name)
+            continue
+        target = _LAYER[".".join(parts[3:])]
+        if config.model_type == "llama" and target in ("attn_q.weight", "attn_k.weight"):
+            array = _permute(array, heads if target == "attn_q.weight" else kv)
+        out.append((f"blk.{parts[2]}.{target}", array))
+    if unknown:
+        raise ExportError(f"GGUF export does not know these parameters: {', '.join(unknown[:5])}"
+                          + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
+                          + ". Only Llama / Qwen2 causal LMs are written.")
+    return out
+
+
+def _encode(name: str, array: np.ndarray, quant: str) -> tuple[np.ndarray, object, Optional[tuple]]:
+    """(data to write, raw GGML type or None, fallback or None) for one tensor under the asked type."""
+    gguf = _gguf()
+    if array.ndim < 2 or quant == "f32":
+        return np.ascontiguousarray(array, dtype=np.float32), None, None
+    if quant == "f16":
+        return np.ascontiguousarray(array, dtype=np.float16), None, None
+    qtype = _qtype(quant)
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if array.shape[-1] % block:
+        why = f"rows of {array.shape[-1]} values are not a multiple of {quant}'s block of {block}"
+        return np.ascontiguousarray(array, dtype=np.float16), None, (name, "f16", why)
+    return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype), qtype, None
+
+
+def fake_quantize(model: torch.nn.Module, quant: str) -> torch.nn.Module:
+    """A copy of `model` whose weights are exactly what a `quant` file holds once read back (quantized, then
+    dequantized with the GGUF block rules; the same f16 fallback): the reference for the round trip."""
+    _qtype(quant)
+    gguf = _gguf()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in twin.named_parameters():
+            array = param.detach().to(torch.float32).cpu().numpy()
+            data, raw, fallback = _encode(name, array, quant)
+            if raw is not None:
+                back = gguf.quants.dequantize(data, raw)
+            else:
+                back = data.astype(np.float32)
+            param.copy_(torch.from_numpy(np.ascontiguousarray(back).reshape(array.shape)).to(param.dtype))
+    return twin
+
+
+# ------------------------------------------------------------------------------------------------ the tokenizer
+@functools.lru_cache(maxsize=2)
+def _fields(path: str, stamp: tuple) -> dict:
+    """A GGUF file's key/value fields (parsing a 49k-token vocabulary takes seconds: read once per file version)."""
+    return _gguf().GGUFReader(path).fields
+
+
+def gguf_fields(path: str | Path) -> dict:
+    stat = Path(path).stat()
+    return _fields(str(Path(path).resolve()), (stat.st_mtime_ns, stat.st_size))
+
+
+def vocabulary_mismatch(source: Path, tokenizer) -> Optional[str]:
+    """None when the GGUF file `source` holds exactly `tokenizer`'s vocabulary (same token at every id), else how
+    they differ."""
+    tokens = gguf_fields(source)["tokenizer.ggml.tokens"].contents()
+    vocab = tokenizer.get_vocab()
+    differ = sum(vocab.get(t) != i for i, t in enumerate(tokens))
+    if len(tokens) != len(vocab) or differ:
+        return f"{len(tokens)} tokens in the file, {len(vocab)} in the tokenizer, {differ} at other ids"
+    return None
+
+
+def _copy_tokenizer(writer, source: Path, tokenizer) -> str:
+    """Every tokenizer.* field of `source`, after checking it holds this tokenizer's vocabulary."""
+    gguf = _gguf()
+    problem = vocabulary_mismatch(source, tokenizer)
+    if problem:
+        raise ExportError(f"{source} holds another vocabulary than the student's tokenizer ({problem}): export "
+                          f"without tokenizer_gguf to build the tokenizer from the student's own.")
+    for name, f in gguf_fields(source).items():
+        if name.startswith("tokenizer."):
+            kinds = [gguf.GGUFValueType(t) for t in f.types]
+            writer.add_key_value(name, f.contents(), kinds[0], sub_type=kinds[1] if len(kinds) > 1 else None)
+    return f"copied from {Path(source).name}"
+
+
+def _build_tokenizer(writer, tokenizer, rows: int, arch: str) -> str:
+    """The tokenizer fields from a Hugging Face BPE tokenizer (tokenizer.json), padded to the model's rows."""
+    gguf = _gguf()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    if spec.get("model", {}).get("type") != "BPE":
+        raise ExportError("GGUF export builds BPE tokenizers only (a fast tokenizer with tokenizer.json); this one "
+                          "is not. Pass tokenizer_gguf= a GGUF file with the same vocabulary.")
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= rows:
+        raise ExportError(f"The tokenizer has ids up to {max(by_id)} but the model only {rows} output rows: they "
+                          f"do not belong together.")
+    special = set(tokenizer.all_special_ids)
+    added = {i for i in getattr(tokenizer, "added_tokens_decoder", {})}
+    t = gguf.TokenType
+    tokens, types = [], []
+    for i in range(rows):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(t.UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(t.CONTROL if i in special else t.USER_DEFINED if i in added else t.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre({"qwen2": "qwen2"}.get(arch, "default"))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for role, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                      ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+        token_id = getattr(tokenizer, f"{role}_token_id", None)
+        if token_id is not None:
+            add(int(token_id))
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        writer.add_chat_template(tokenizer.chat_template)
+    return f"built from the Hugging Face tokenizer ({len(by_id)} tokens, {len(merges)} merges)"
+
+
+# ------------------------------------------------------------------------------------------------ write and read
+def _metadata(writer, config, name: str, quant: str) -> None:
+    gguf = _gguf()
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+             "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[quant]
+    head_dim = _head_dim(config)
+    writer.add_name(name)
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(int(config.num_attention_heads))
+    writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads))
+    writer.add_key_length(int(head_dim))
+    writer.add_value_length(int(head_dim))
+    writer.add_rope_dimension_count(int(head_dim))
+    writer.add_rope_freq_base(float(_rope(config).get("rope_theta") or getattr(config, "rope_theta", None) or 1e4))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(config.vocab_size))
+    writer.add_file_type(ftype)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, quant: str = "q8_0", *,
+                tokenizer_gguf: Optional[str | Path] = None, name: str = "pocket-teacher student") -> ExportReport:
+    """Write `model` and its tokenizer to one GGUF file at `path` (see the module's docstring)."""
+    _qtype(quant)
+    gguf = _gguf()
+    path = Path(path)
+    if path.suffix != ".gguf":
+        raise ExportError(f"{path}: a GGUF file's name ends in .gguf (e.g. {path.with_suffix('.gguf')}).")
+    arch = ARCHITECTURES.get(getattr(model.config, "model_type", None), "?")
+    tensors = [(n, *_encode(n, a, quant)) for n, a in gguf_tensors(model)]
+    need = sum(data.nbytes for _, data, _, _ in tensors) + 64 * 2**20  # the tokenizer's fields and alignment
+    require_free_space(path.parent, need, f"the {quant} GGUF file", "Free space or choose another --out.")
+    with replacing(path, need, f"No partial {path.name} was left; free space and export again.") as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        _metadata(writer, model.config, name, quant)
+        source = (_copy_tokenizer(writer, Path(tokenizer_gguf), tokenizer) if tokenizer_gguf else
+                  _build_tokenizer(writer, tokenizer, int(model.config.vocab_size), arch))
+        for tensor_name, data, raw, _ in tensors:
+            writer.add_tensor(tensor_name, data, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return ExportReport(path=path, quant=quant, bytes=path.stat().st_size, tensors=len(tensors),
+                        parameters=sum(p.numel() for p in model.parameters()), tokenizer=source,
+                        fallbacks=[fb for _, _, _, fb in tensors if fb])
+
+
+def load_gguf(path: str | Path) -> tuple[torch.nn.Module, object]:
+    """A GGUF file read back through transformers, dequantized to fp32: (model, tokenizer)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path} does not exist: export it first (python -m pocket_teacher export --run ...).")
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    dense = {"quantization_config": gguf_config(dequantize=True)} if gguf_config else {}
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **dense)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model.eval(), tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ a run folder
+def teacher_gguf(teacher_source: str, tokenizer) -> Optional[Path]:
+    """The teacher's GGUF file when it holds the student's vocabulary (its tokenizer is then copied), else None."""
+    try:
+        path = embedded_gguf_path() if teacher_source == "embedded" else Path(teacher_source)
+    except ModelLoadError:
+        return None
+    if path.suffix != ".gguf" or not path.is_file():
+        return None
+    return None if vocabulary_mismatch(path, tokenizer) else path
+
+
+def export_run(run: str | Path, model: str = "student", quant: str = "q8_0",
+               out: Optional[str | Path] = None) -> ExportReport:
+    """Export a finished run's student (or its baseline: the newest valid checkpoint of `baseline/`) to
+    `out` (default <run>/<model>-<quant>.gguf)."""
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _qtype(quant)
+    run = Path(run)
+    folder = run / "student"
+    if not run.is_dir():
+        raise ExportError(f"{run} is not a run folder: give --run the folder a finished run wrote (runs/NAME).")
+    if not (folder / "config.json").is_file():
+        raise ExportError(f"{run} holds no trained student ({folder} is missing or incomplete): finish the run "
+                          f"first (the command that started it, with --resume), then export.")
+    if model not in ("student", "baseline"):
+        raise ExportError(f"--model {model!r}: use student (the distilled one) or baseline.")
+    student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if model == "baseline":
+        checkpoint = newest_valid(run / "baseline" / "checkpoints", log=lambda *_: None)
+        if checkpoint is None:
+            raise ExportError(f"{run} has no finished baseline ({run / 'baseline' / 'checkpoints'} holds no valid "
+                              f"checkpoint): run it with eval.baseline=true and train.save_final=true.")
+        student.load_state_dict(torch.load(checkpoint / "model.pt", map_location="cpu"))
+    config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    source = teacher_gguf(str((config.get("teacher") or {}).get("source", "")), tokenizer)
+    return export_gguf(student, tokenizer, Path(out) if out else run / f"{model}-{quant}.gguf", quant,
+                       tokenizer_gguf=source, name=f"{run.name} {model}")
