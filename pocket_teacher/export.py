@@ -248,11 +248,13 @@ def _build_tokenizer(writer, tokenizer, rows: int, arch: str) -> str:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
+    ids = {role: getattr(tokenizer, f"{role}_token_id", None) for role in ("bos", "eos", "unk", "pad")}
+    if ids["bos"] is None:  # readers expect one (transformers 5.15 fails without); add_bos_token stays as it is
+        ids["bos"] = ids["eos"]
     for role, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                       ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
-        token_id = getattr(tokenizer, f"{role}_token_id", None)
-        if token_id is not None:
-            add(int(token_id))
+        if ids[role] is not None:
+            add(int(ids[role]))
     writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
     if isinstance(getattr(tokenizer, "chat_template", None), str):
         writer.add_chat_template(tokenizer.chat_template)
