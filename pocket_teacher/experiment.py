@@ -767,10 +767,13 @@ class Experiment:
         """The trained student (or, model="baseline", the baseline) as one GGUF file that llama.cpp and Ollama load
         (default runs/<name>/<model>-<quant>.gguf): `python -m pocket_teacher export` does the same from a run
         folder. The tokenizer is copied from the teacher's GGUF when it holds the same vocabulary."""
+        if model not in ("student", "baseline"):
+            raise ValueError(f"export(model={model!r}): use 'student' (the distilled one) or 'baseline'.")
         trained = _need(self.trained, "distil") if model == "student" else _need(self.baseline, "train_baseline")
         path = Path(out) if out else self.out / f"{model}-{quant}.gguf"
+        rows = trained.student.config.vocab_size
         return export_gguf(trained.student, self.tokenizer, path, quant,
-                           tokenizer_gguf=teacher_gguf(self.cfg.teacher.source, self.tokenizer),
+                           tokenizer_gguf=teacher_gguf(self.cfg.teacher.source, self.tokenizer, rows),
                            name=f"{self.cfg.run.name} {model}")
 
     def timing_table(self) -> str:

@@ -90,18 +90,21 @@ def check_exportable(config) -> None:
                           f"{kind!r}. Convert it with llama.cpp's convert_hf_to_gguf.py instead.")
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    convert = "convert the saved student folder with llama.cpp's convert_hf_to_gguf.py instead"
     problems = []
     if heads % kv:
-        problems.append(f"{heads} query heads are not a multiple of {kv} key/value heads")
+        problems.append(f"{heads} query heads are not a multiple of {kv} key/value heads (choose student.num_heads "
+                        f"a multiple of student.num_kv_heads)")
     if head_dim % 2:
-        problems.append(f"head size {head_dim} is odd (rotary embeddings pair dimensions)")
-    if _rope(config).get("rope_type", "default") != "default":
-        problems.append(f"rope scaling {_rope(config)} is not written by this exporter")
+        problems.append(f"head size {head_dim} is odd: rotary embeddings pair dimensions, llama.cpp cannot run it "
+                        f"(build a config student whose student.hidden_size / student.num_heads is even)")
+    rope = _rope(config)
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        problems.append(f"rope scaling {rope} is not written by this exporter ({convert})")
     if kind == "llama" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
-        problems.append("a Llama with attention or MLP biases is not written by this exporter")
+        problems.append(f"a Llama with attention or MLP biases is not written by this exporter ({convert})")
     if problems:
-        raise ExportError("llama.cpp cannot run this student as exported: " + "; ".join(problems) + ". Choose "
-                          "student.num_heads / student.num_kv_heads / student.hidden_size that avoid it.")
+        raise ExportError("llama.cpp cannot run this model as exported: " + "; ".join(problems) + ".")
 
 
 def _rope(config) -> dict:
@@ -205,21 +208,50 @@ def vocabulary_mismatch(source: Path, tokenizer) -> Optional[str]:
     return None
 
 
-def _copy_tokenizer(writer, source: Path, tokenizer) -> str:
-    """Every tokenizer.* field of `source`, after checking it holds this tokenizer's vocabulary."""
+def _copied_tokenizer(source: Path, tokenizer, rows: int) -> tuple[list, str]:
+    """Every tokenizer.* field of `source`, after checking it holds this tokenizer's vocabulary, one token per row."""
     gguf = _gguf()
     problem = vocabulary_mismatch(source, tokenizer)
     if problem:
         raise ExportError(f"{source} holds another vocabulary than the student's tokenizer ({problem}): export "
                           f"without tokenizer_gguf to build the tokenizer from the student's own.")
-    for name, f in gguf_fields(source).items():
+    fields = gguf_fields(source)
+    tokens = len(fields["tokenizer.ggml.tokens"].contents())
+    if tokens != rows:
+        raise ExportError(f"{source} lists {tokens} tokens but the model has {rows} output rows: llama.cpp needs one "
+                          f"per row. Export without tokenizer_gguf (the built tokenizer pads the extra rows).")
+    out = []
+    for name, f in fields.items():
         if name.startswith("tokenizer."):
             kinds = [gguf.GGUFValueType(t) for t in f.types]
-            writer.add_key_value(name, f.contents(), kinds[0], sub_type=kinds[1] if len(kinds) > 1 else None)
-    return f"copied from {Path(source).name}"
+            out.append((name, f.contents(), kinds[0], kinds[1] if len(kinds) > 1 else None))
+    return out, f"copied from {Path(source).name}"
 
 
-def _build_tokenizer(writer, tokenizer, rows: int, arch: str) -> str:
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+                r"\s+(?!\S)|\s+")
+
+
+def _pre_tokenizer(spec: dict, arch: str) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenization (its split of text before BPE): plain byte-level is
+    GPT-2's, digits split one by one before it is SmolLM's, Qwen's own pattern is qwen2. Anything else is refused:
+    llama.cpp would split the text otherwise than the student was trained on."""
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [part.get("type") for part in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and (parts[0].get("pattern", {}).get("Regex") == _QWEN2_SPLIT or
+                                            arch == "qwen2"):
+        return "qwen2"
+    raise ExportError(f"GGUF export does not know this tokenizer's pre-tokenization ({kinds}): llama.cpp would split "
+                      f"text otherwise than the student was trained on. Pass tokenizer_gguf= a GGUF with the same "
+                      f"vocabulary, or convert the saved student with llama.cpp's convert_hf_to_gguf.py.")
+
+
+def _built_tokenizer(tokenizer, rows: int, arch: str) -> tuple[list, str]:
     """The tokenizer fields from a Hugging Face BPE tokenizer (tokenizer.json), padded to the model's rows."""
     gguf = _gguf()
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -229,36 +261,34 @@ def _build_tokenizer(writer, tokenizer, rows: int, arch: str) -> str:
                           "is not. Pass tokenizer_gguf= a GGUF file with the same vocabulary.")
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     if max(by_id) >= rows:
-        raise ExportError(f"The tokenizer has ids up to {max(by_id)} but the model only {rows} output rows: they "
-                          f"do not belong together.")
-    special = set(tokenizer.all_special_ids)
-    added = {i for i in getattr(tokenizer, "added_tokens_decoder", {})}
-    t = gguf.TokenType
+        raise ExportError(f"The tokenizer has ids up to {max(by_id)} but the model only {rows} output rows: export "
+                          f"the student with the tokenizer it was trained with (the one saved beside it).")
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    t, string, k = gguf.TokenType, gguf.GGUFValueType.STRING, gguf.Keys.Tokenizer
     tokens, types = [], []
     for i in range(rows):
         if i not in by_id:
             tokens.append(f"[PAD{i}]")
-            types.append(t.UNUSED)
+            types.append(int(t.UNUSED))
         else:
             tokens.append(by_id[i])
-            types.append(t.CONTROL if i in special else t.USER_DEFINED if i in added else t.NORMAL)
+            types.append(int(t.CONTROL if i in special else t.USER_DEFINED if i in added else t.NORMAL))
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre({"qwen2": "qwen2"}.get(arch, "default"))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    array, uint32 = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32
+    out = [(k.MODEL, "gpt2", string, None), (k.PRE, _pre_tokenizer(spec, arch), string, None),
+           (k.LIST, tokens, array, string), (k.TOKEN_TYPE, types, array, gguf.GGUFValueType.INT32),
+           (k.MERGES, merges, array, string)]
     ids = {role: getattr(tokenizer, f"{role}_token_id", None) for role in ("bos", "eos", "unk", "pad")}
     if ids["bos"] is None:  # readers expect one (transformers 5.15 fails without); add_bos_token stays as it is
         ids["bos"] = ids["eos"]
-    for role, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                      ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
-        if ids[role] is not None:
-            add(int(ids[role]))
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    out += [(key, int(ids[role]), uint32, None) for role, key in (("bos", k.BOS_ID), ("eos", k.EOS_ID),
+                                                                  ("unk", k.UNK_ID), ("pad", k.PAD_ID))
+            if ids[role] is not None]
+    out.append((k.ADD_BOS, bool(getattr(tokenizer, "add_bos_token", False)), gguf.GGUFValueType.BOOL, None))
     if isinstance(getattr(tokenizer, "chat_template", None), str):
-        writer.add_chat_template(tokenizer.chat_template)
-    return f"built from the Hugging Face tokenizer ({len(by_id)} tokens, {len(merges)} merges)"
+        out.append((k.CHAT_TEMPLATE, tokenizer.chat_template, string, None))
+    return out, f"built from the Hugging Face tokenizer ({len(by_id)} tokens, {len(merges)} merges)"
 
 
 # ------------------------------------------------------------------------------------------------ write and read
@@ -295,13 +325,16 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, quant: str 
         raise ExportError(f"{path}: a GGUF file's name ends in .gguf (e.g. {path.with_suffix('.gguf')}).")
     arch = ARCHITECTURES.get(getattr(model.config, "model_type", None), "?")
     tensors = [(n, *_encode(n, a, quant)) for n, a in gguf_tensors(model)]
+    rows = int(model.config.vocab_size)
+    fields, source = (_copied_tokenizer(Path(tokenizer_gguf), tokenizer, rows) if tokenizer_gguf else
+                      _built_tokenizer(tokenizer, rows, arch))  # checked before anything is written
     need = sum(data.nbytes for _, data, _, _ in tensors) + 64 * 2**20  # the tokenizer's fields and alignment
     require_free_space(path.parent, need, f"the {quant} GGUF file", "Free space or choose another --out.")
     with replacing(path, need, f"No partial {path.name} was left; free space and export again.") as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         _metadata(writer, model.config, name, quant)
-        source = (_copy_tokenizer(writer, Path(tokenizer_gguf), tokenizer) if tokenizer_gguf else
-                  _build_tokenizer(writer, tokenizer, int(model.config.vocab_size), arch))
+        for key, value, kind, sub in fields:
+            writer.add_key_value(key, value, kind, sub_type=sub)
         for tensor_name, data, raw, _ in tensors:
             writer.add_tensor(tensor_name, data, raw_dtype=raw)
         writer.write_header_to_file()
@@ -329,15 +362,20 @@ def load_gguf(path: str | Path) -> tuple[torch.nn.Module, object]:
 
 
 # ------------------------------------------------------------------------------------------------ a run folder
-def teacher_gguf(teacher_source: str, tokenizer) -> Optional[Path]:
-    """The teacher's GGUF file when it holds the student's vocabulary (its tokenizer is then copied), else None."""
+def teacher_gguf(teacher_source: str, tokenizer, rows: Optional[int] = None) -> Optional[Path]:
+    """The teacher's GGUF file when it holds the student's vocabulary, one token per output row (`rows`), so its
+    tokenizer can be copied; else None (the tokenizer is then built from the student's own)."""
     try:
         path = embedded_gguf_path() if teacher_source == "embedded" else Path(teacher_source)
     except ModelLoadError:
         return None
     if path.suffix != ".gguf" or not path.is_file():
         return None
-    return None if vocabulary_mismatch(path, tokenizer) else path
+    if vocabulary_mismatch(path, tokenizer):
+        return None
+    if rows is not None and len(gguf_fields(path)["tokenizer.ggml.tokens"].contents()) != rows:
+        return None
+    return path
 
 
 def export_run(run: str | Path, model: str = "student", quant: str = "q8_0",
@@ -352,7 +390,7 @@ def export_run(run: str | Path, model: str = "student", quant: str = "q8_0",
     folder = run / "student"
     if not run.is_dir():
         raise ExportError(f"{run} is not a run folder: give --run the folder a finished run wrote (runs/NAME).")
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         raise ExportError(f"{run} holds no trained student ({folder} is missing or incomplete): finish the run "
                           f"first (the command that started it, with --resume), then export.")
     if model not in ("student", "baseline"):
@@ -366,6 +404,6 @@ def export_run(run: str | Path, model: str = "student", quant: str = "q8_0",
                               f"checkpoint): run it with eval.baseline=true and train.save_final=true.")
         student.load_state_dict(torch.load(checkpoint / "model.pt", map_location="cpu"))
     config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-    source = teacher_gguf(str((config.get("teacher") or {}).get("source", "")), tokenizer)
+    source = teacher_gguf(str((config.get("teacher") or {}).get("source", "")), tokenizer, student.config.vocab_size)
     return export_gguf(student, tokenizer, Path(out) if out else run / f"{model}-{quant}.gguf", quant,
                        tokenizer_gguf=source, name=f"{run.name} {model}")

@@ -85,6 +85,9 @@ def replacing(path: Path, need: int, after: str = ""):
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise write_failure(path, need, exc, after) from exc
+    except BaseException:  # any other failure (or an interrupt) leaves no temporary behind either
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_text(path: Path, text: str, after: str = "") -> Path:

@@ -61,6 +61,11 @@ def test_the_file_read_back_equals_the_student_after_the_same_quantization(tiny_
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert report.fallbacks == [] and report.bytes == (tmp_path / f"m-{quant}.gguf").stat().st_size
     assert "built from the Hugging Face tokenizer" in report.tokenizer
+    from gguf import GGUFReader
+
+    fields = GGUFReader(tmp_path / f"m-{quant}.gguf").fields
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"  # the tiny BPE splits text as GPT-2 does
+    assert fields["tokenizer.ggml.token_type"].contents()[tiny_tokenizer.eos_token_id] == 3  # CONTROL
     with torch.no_grad():
         fp32 = model(torch.tensor([tiny_tokenizer(TEXT)["input_ids"]])).logits
     if quant.startswith("q"):  # the reference really is quantized (else the check above would prove nothing)
@@ -131,13 +136,28 @@ def test_the_tokenizer_is_copied_from_the_teachers_gguf_when_it_is_the_same(tmp_
     assert len(copied) >= 10 and all(ours[n].contents() == theirs[n].contents() for n in copied)
 
 
+def test_the_pre_tokenizer_is_named_as_llama_cpp_knows_it_or_refused():
+    split = {"type": "Split", "pattern": {"Regex": export._QWEN2_SPLIT}, "behavior": "Isolated"}
+    byte_level = {"type": "ByteLevel", "use_regex": False}
+    assert export._pre_tokenizer({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}, "llama") == "gpt-2"
+    assert export._pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, byte_level]}}, "llama") == "smollm"
+    assert export._pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, byte_level]}},
+                                 "llama") == "qwen2"
+    with pytest.raises(ExportError, match=r"does not know this tokenizer's pre-tokenization \(\['Whitespace'\]\)"):
+        export._pre_tokenizer({"pre_tokenizer": {"type": "Whitespace"}}, "llama")
+
+
 def test_another_vocabulary_is_never_copied(tiny_tokenizer, tmp_path):
     export_gguf(_llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "a.gguf", "f32")
     other = __import__("pocket_teacher.models", fromlist=["x"]).build_tiny_tokenizer(300)
     assert export.vocabulary_mismatch(tmp_path / "a.gguf", other)
     with pytest.raises(ExportError, match="another vocabulary"):
         export_gguf(_llama(len(other)), other, tmp_path / "b.gguf", "f32", tokenizer_gguf=tmp_path / "a.gguf")
-    assert not (tmp_path / "b.gguf").exists()
+    with pytest.raises(ExportError, match="lists 1024 tokens but the model has 1088 output rows"):
+        export_gguf(_llama(len(tiny_tokenizer) + 64), tiny_tokenizer, tmp_path / "c.gguf", "f32",
+                    tokenizer_gguf=tmp_path / "a.gguf")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.gguf"]  # nothing else, no temporary either
 
 
 def test_bad_input_is_one_error_naming_the_fix(tiny_tokenizer, tmp_path):
@@ -186,11 +206,19 @@ def test_the_cli_exports_a_run_and_names_what_is_missing(tmp_path, capsys):
     assert back.config.num_hidden_layers == 2
     assert cli.main(["export", "--run", str(out), "--model", "baseline", "--quant", "f32",
                      "--out", str(tmp_path / "b.gguf")]) == 0
-    baseline = export_run(out, "baseline", "f32", tmp_path / "b2.gguf")
-    assert baseline.bytes == (tmp_path / "b.gguf").stat().st_size
-    student, _ = load_gguf(out / "student-q4_1.gguf")
-    other, _ = load_gguf(tmp_path / "b.gguf")
-    assert not np.allclose(student.lm_head.weight.detach().numpy(), other.lm_head.weight.detach().numpy())
+    from transformers import AutoModelForCausalLM
+
+    from pocket_teacher.checkpoints import newest_valid
+
+    saved = AutoModelForCausalLM.from_pretrained(out / "student")
+    final = torch.load(newest_valid(out / "baseline" / "checkpoints") / "model.pt")
+    assert cli.main(["export", "--run", str(out), "--quant", "f32", "--out", str(tmp_path / "s.gguf")]) == 0
+    student, _ = load_gguf(tmp_path / "s.gguf")
+    baseline, _ = load_gguf(tmp_path / "b.gguf")
+    for name, weight in saved.state_dict().items():  # each file holds its own model's weights, exactly
+        torch.testing.assert_close(student.state_dict()[name], weight, rtol=0, atol=0)
+        torch.testing.assert_close(baseline.state_dict()[name], final[name], rtol=0, atol=0)
+    assert not np.allclose(saved.lm_head.weight.detach().numpy(), final["lm_head.weight"].numpy())
     capsys.readouterr()
     assert cli.main(["export", "--run", str(tmp_path / "nowhere")]) == 2
     assert "is not a run folder" in capsys.readouterr().err
