@@ -165,7 +165,9 @@ def main() -> None:
             res = run_lm_eval(model_dir, ["pocket_gsm8k"], tmp, args.batch_size, args.gsm8k)
             theirs = sorted(res["samples"]["pocket_gsm8k"], key=lambda s: s["doc_id"])
             outputs = [s["resps"][0][0] for s in theirs]
-            same = sum(a == b["output"] for a, b in zip(outputs, gsm["rows"])) / len(outputs)
+            # ours is stripped of surrounding whitespace (lm-eval keeps the space after "Answer:"): compare stripped
+            same = sum(a.strip() == b["output"].strip() for a, b in zip(outputs, gsm["rows"])) / len(outputs)
+            report["gsm8k_pairs"] = [{"ours": b["output"], "lm_eval": a} for a, b in zip(outputs, gsm["rows"])]
             m = res["results"]["pocket_gsm8k"]
             report["lm_eval_gsm8k"] = {"strict_match": m["exact_match,strict-match"],
                                        "flexible_extract": m["exact_match,flexible-extract"],
