@@ -1,6 +1,6 @@
 """The README's measured figures, generated from the results files committed under results/.
 
-Each measured figure of a sourced README section sits in a generated block that names its file and its renderer:
+Each measured figure of the README sits in a generated block that names its file and its renderer:
 
     <!-- results/pocket.json: demo-table -->
     | model | ... |
@@ -11,9 +11,11 @@ Each measured figure of a sourced README section sits in a generated block that 
     python tools/readme_numbers.py check                        # what `make test` checks (exit 1 on a mismatch)
 
 `check` fails when a block differs from what its file renders (someone edited a figure by hand, or a results file
-changed and the README was not regenerated), when a block names a file or renderer that does not exist, and when a
-sourced section holds a measured-looking figure (a decimal, a thousands separator, a percentage, a duration, a size,
-a ratio) outside a block. Sections not yet sourced are left out of SOURCED and the README's "Not yet" names them.
+changed and the README was not regenerated), when a block names a file or renderer that does not exist, and when
+the prose holds a measured-looking figure (a decimal, a thousands separator, a percentage, a duration, a size, a
+ratio) outside a block. Code (`...` and fenced blocks) is not prose: settings and commands may hold figures there.
+Figures that are facts rather than measurements (versions, published sizes, vocabulary sizes, targets) are listed
+in FACTS with the reason; anything else outside a block fails.
 
 Why not cog (cogapp): its blocks hold Python source inside the README; here a block names a data file and a
 renderer, the renderers are tested functions, and the check also scans the prose between blocks, which cog does not.
@@ -36,10 +38,10 @@ from pocket_teacher.report import BASELINE_LABEL, DETAIL_KEYS, RANDOM_INIT_LABEL
 README = ROOT / "README.md"
 RESULTS = ROOT / "results"
 BLOCK = re.compile(r"^<!-- (results/[\w.-]+\.json): ([\w-]+) -->\n(.*?)^<!-- end -->$", re.M | re.S)
-# sections whose every measured figure comes from results/ (level-2 headings; their subsections included)
-SOURCED = ("What the demo shows (measured)", "The free-text experiment (`make demo-text`, measured)")
-# a figure that looks measured: a decimal, a thousands separator, a percentage, a duration, a size, a ratio
-MEASURED = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+\.\d+|\d+(?:\.\d+)?\s?(?:%|ms|s|min|MB|GB|MiB|GiB|x|M|k|B))"
+# a figure that looks measured: a decimal, a thousands separator, a percentage, a duration, a size, a ratio (not
+# inside a name such as GPT-2s or A100-40GB)
+MEASURED = re.compile(r"(?<![\w.-])((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?\s?(?:%|ms|s|min|MB|GB|MiB|GiB|x|M|k|B)"
+                      r"|\d{1,3}(?:,\d{3})+|\d+\.\d+)"
                       r"(?!\w|\.\d)")
 
 
@@ -86,6 +88,48 @@ def collect_benchmark(results_file: Path, name: str, command: str, commit: str, 
                          "collected": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "note": note}, **data}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
+FACTS = {  # figures in the README's prose that nobody measured here, each with what it is
+    "3.11": "a Python version", "3.12": "a Python version", "3.13": "a Python version",
+    "5.15": "a transformers version", "0.48": "a bitsandbytes version",
+    "135M": "the teacher's published size, in its name (SmolLM2-135M)",
+    "1B": "a model-size threshold (auto MMLU format)",
+    "1,319": "the size of the GSM8K test set", "14,042": "the size of the MMLU test set",
+    "29.3%": "SmolLM2-135M-Instruct's published MMLU (cloze) figure", "1.4%": "its published GSM8K figure",
+    "1.5x": "issue 15's target ratio to the teacher's perplexity", "95%": "the confidence level of every interval",
+    "1.05": "the repetition penalty in Qwen2.5-Instruct's published generation config",
+    "151,936": "Qwen2.5's vocabulary (tokenizer)", "152,064": "Qwen2.5's embedding rows (published config)",
+    "513 MiB": "SmolLM2-135M's parameter count times 4 bytes (fp32), as the teacher line prints it",
+}
+
+PLAN_COMMANDS = (("t4", "t4"), ("a100", "a100-40"), ("a100", "t4"))  # (preset, --gpu) the README shows
+
+
+def compute_plans() -> list[dict]:
+    """The memory plan's output for PLAN_COMMANDS, as `python -m pocket_teacher plan` prints it."""
+    from pocket_teacher.experiment import configure
+    from pocket_teacher.plan import memory_plan
+
+    found = []
+    for preset, gpu in PLAN_COMMANDS:
+        plan = memory_plan(configure(preset), gpu)
+        found.append({"command": f"plan --preset {preset} --gpu {gpu}", "exit": 0 if plan.fits else 3,
+                      "output": str(plan)})
+    return found
+
+
+def collect_plans(commit: str) -> Path:
+    """Write results/plans.json: the plan is counted from the presets' shapes, not measured, so it names no
+    hardware; tests/test_readme_numbers.py keeps the file equal to what the code prints now."""
+    record = {"source": {"kind": "computed", "command": "python tools/readme_numbers.py collect-plans",
+                         "commit": commit, "hardware": "none: counted by pocket_teacher.plan, not measured",
+                         "collected": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "note": None},
+              "plans": compute_plans()}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "plans.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
 
@@ -392,13 +436,267 @@ def kd_findings(data: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------ the benchmarks
+def measured_with(data: dict) -> str:
+    """`command` on hardware, commit: the opening of every benchmark's block."""
+    source = data["source"]
+    return (f"Measured with `{source['command']}` on {source['hardware']}, commit {source['commit'][:7]}"
+            + (f" ({source['note']})" if source.get("note") else ""))
+
+
+def gib(value: float) -> str:
+    return f"{value / 2**30:.2f} GiB"
+
+
+def mib(value: float) -> str:
+    return f"{value / 2**20:,.0f} MiB"
+
+
+VOCABULARIES = {49152: "SmolLM2", 151936: "Qwen2.5"}
+
+
+def loss_memory(data: dict) -> str:
+    """benchmarks/loss_memory.py: naive full logits against the chunked loss, per vocabulary."""
+    args, by = data["args"], {}
+    for row in data["rows"]:
+        by.setdefault(row["vocab"], {})[row["path"]] = row
+    lines = [f"{measured_with(data)}: forward + backward of the loss over {args['tokens']:,} tokens, hidden "
+             f"{args['hidden']}, {args['dtype']} on {args['device']}. Peak is the loss's memory above its inputs (the "
+             "process's peak RSS in a fresh process); both paths include the output-layer gradient.", "",
+             "| vocabulary | naive: full logits, log_softmax on both | chunked | memory | time |",
+             "| --- | --- | --- | --- | --- |"]
+    same = True
+    for vocab, pair in sorted(by.items()):
+        naive, chunked = pair["naive"], pair["chunked"]
+        same &= abs(naive["loss"] - chunked["loss"]) <= 1e-4 * max(1.0, abs(naive["loss"]))
+        name = f" ({VOCABULARIES[vocab]})" if vocab in VOCABULARIES else ""
+        lines.append(f"| {vocab:,}{name} | {gib(naive['peak_bytes'])}, {naive['seconds']:.1f} s | "
+                     f"{gib(chunked['peak_bytes'])}, {chunked['seconds']:.1f} s ({chunked['chunk_size']}-token "
+                     f"chunks) | 1/{naive['peak_bytes'] / chunked['peak_bytes']:.1f} | "
+                     f"{chunked['seconds'] / naive['seconds']:.2f}x |")
+    lines += ["", "The two paths give the same loss value (to 1e-4)." if same else
+              "**The two paths' loss values differ by more than 1e-4**: see the file."]
+    return "\n".join(lines)
+
+
+def teacher_cache_bench(data: dict) -> str:
+    """benchmarks/teacher_cache.py: the cache's build, size and fidelity, and training speed live vs cached."""
+    live, cached = data["steps_per_s"]["live"], data["steps_per_s"]["cache"]
+    payback = data["build_s"] / max(1e-9, 1 / live - 1 / cached)
+    lines = [f"{measured_with(data)}; `{data['preset']}` preset, top-{data['k']}, batch {data['batch_size']}:", "",
+             "| | figure |", "| --- | --- |",
+             f"| cache build ({data['rows']} rows, {data['tokens']:,} answer tokens) | {seconds(data['build_s'])}, "
+             f"{data['cache_bytes'] / 2**20:.1f} MiB, {data['cache_bytes'] / data['tokens']:.0f} bytes/token |",
+             f"| top-{data['k']} mass on the training answers | mean {data['mass_mean']:.3f}, 5th percentile "
+             f"{data['mass_p05']:.3f}; KL(full ‖ top-{data['k']}) {data['kl_sample']:.3f} nats/token |"]
+    if data.get("gsm8k"):
+        g = data["gsm8k"]
+        lines.append(f"| top-{data['k']} mass on real GSM8K train answers ({g['rows']} rows, {g['tokens']:,} tokens) "
+                     f"| **mean {g['mass_mean']:.3f}**, 5th percentile {g['mass_p05']:.3f}; KL {g['kl_sample']:.3f} |")
+    lines += [f"| training, live teacher | {live:.3f} steps/s ({1 / live:.2f} s/step) |",
+              f"| training, from the cache | {cached:.3f} steps/s ({1 / cached:.2f} s/step): **{cached / live:.2f}x**"
+              + (f"; the build pays for itself after {payback:.0f} steps |" if cached > live else " |")]
+    return "\n".join(lines)
+
+
+def checkpoint_overhead(data: dict) -> str:
+    """benchmarks/checkpoint_overhead.py: seconds and bytes per checkpoint, and their share of training time."""
+    from pocket_teacher.config import PRESETS
+
+    each, step_s = data["checkpoint_seconds"], data["step_s"]
+    mean = sum(each) / len(each)
+    demo_every = PRESETS[data["settings"]["preset"]]().train.checkpoint_every
+    return (f"{measured_with(data)}: on the `{data['settings']['preset']}` preset, teacher from the cache, "
+            f"{data['steps']} steps: a checkpoint of the {params(data['parameters'])}-parameter student (weights, "
+            f"AdamW state, RNG, history) is **{mib(data['checkpoint_bytes'])} and takes {mean:.2f} s** "
+            f"({min(each):.2f}-{max(each):.2f} s), {mean / step_s:.2f} steps' worth at {step_s:.2f} s/step. At the "
+            f"preset's one checkpoint every {demo_every} steps that is **{pct(mean / (demo_every * step_s))} of "
+            f"training time**; at one every {data['every']} steps (the benchmark's setting) "
+            f"{pct(mean / (data['every'] * step_s), 0)}.")
+
+
+def _layers(kept) -> str:
+    if not kept:
+        return "-"
+    runs, start = [], kept[0]
+    for a, b in zip(kept, kept[1:] + [None]):
+        if b != a + 1:
+            runs.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(runs)
+
+
+STUDENT_LABELS = {"derive, even": "derive (full width), even", "derive, importance": "derive (full width), importance",
+                  "config, random init": "config, random init",
+                  "config, pruned init (importance)": "config, pruned init, importance layers",
+                  "config, pruned init (even layers)": "config, pruned init, even layers"}
+
+
+def student_init(data: dict) -> str:
+    """benchmarks/student_init.py: untrained students of each way to build one, and what the comparison says."""
+    settings = data["settings"]
+    by = {row["student"]: row for row in data["students"]}
+    preset = data["preset"]
+    shape = (f"{data['layers']} layers, hidden {settings['hidden']}, {settings['heads']} heads, "
+             f"{settings['kv_heads']} KV heads, MLP {settings['mlp']}")
+    lines = [f"{measured_with(data)}: held-out perplexity of untrained `{preset}` students over the "
+             f"{data['eval_rows']} held-out rows (the teacher, {params(data['teacher_parameters'])}, scores "
+             f"{ppl(data['teacher_perplexity'])}); config students: {shape}; calibration on "
+             f"{settings['calibration']} training rows.", "",
+             "| student | parameters | teacher layers kept | untrained perplexity | build s |",
+             "| --- | --- | --- | --- | --- |"]
+    best = min(row["perplexity"] for row in data["students"])
+    for row in data["students"]:
+        value = ppl(row["perplexity"])
+        lines.append(f"| {STUDENT_LABELS.get(row['student'], row['student'])} | {params(row['parameters'])} | "
+                     f"{_layers(row['layers_kept'])} | {f'**{value}**' if row['perplexity'] == best else value} | "
+                     f"{row['build_s']:.0f} |")
+
+    def compare(a: str, b: str) -> str:
+        x, y = by[a]["perplexity"], by[b]["perplexity"]
+        ratio = y / x if x < y else x / y
+        return (f"{ratio:,.1f}x" if ratio < 100 else f"{ratio:,.0f}x") + (" lower" if x < y else " higher") + \
+            f" ({ppl(x)} vs {ppl(y)})"
+
+    pruned = compare("config, pruned init (importance)", "config, random init")
+    lines += ["", f"- Pruned init (importance layers) starts {pruned} than random init at the same shape.",
+              f"- With width pruning, importance-chosen layers start "
+              f"{compare('config, pruned init (importance)', 'config, pruned init (even layers)')} than evenly spaced "
+              "ones.",
+              f"- For full-width layer subsets (derive), ShortGPT's choice starts "
+              f"{compare('derive, importance', 'derive, even')} than even spacing."]
+    return "\n".join(lines)
+
+
+def memory_plan_table(data: dict) -> str:
+    """benchmarks/memory_plan.py: the plan beside the measured live set of each stage in a fresh process."""
+    rows_ = [r for r in data["rows"] if r["heldout"] is None]
+    lines = [f"{measured_with(data)} (each stage in a fresh process; the plan for the same rows):", "",
+             "| preset | stage | plan | measured live set | plan vs measured | peak RSS, glibc default |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows_:
+        default = mib(r["default_glibc_bytes"]) if r.get("default_glibc_bytes") else "-"
+        lines.append(f"| {r['preset']} | {r['stage']} | {mib(r['planned_bytes'])} | {mib(r['measured_bytes'])} | "
+                     f"{100 * (r['planned_bytes'] / r['measured_bytes'] - 1):+.1f}% | {default} |")
+    worst = max(abs(r["planned_bytes"] / r["measured_bytes"] - 1) for r in rows_)
+    extra = [r["default_glibc_bytes"] / r["measured_bytes"] - 1 for r in rows_ if r.get("default_glibc_bytes")]
+    lines += ["", f"Every stage is within {100 * worst:.1f}% of the plan (target 15%)."
+              if worst <= 0.15 else f"**The largest difference is {100 * worst:.1f}%, beyond the target of 15%.**"]
+    if extra:
+        lines[-1] += (f" With glibc's default allocator the peak RSS differs from the live set by "
+                      f"{100 * min(extra):+.0f}% to {100 * max(extra):+.0f}% (last column).")
+    return "\n".join(lines)
+
+
+def plans(data: dict) -> str:
+    """The plan's own output for the GPU presets (counted, not measured: tests keep the file equal to the code)."""
+    parts = []
+    for plan in data["plans"]:
+        parts += [f"`{plan['command']}` (exit {plan['exit']}):", "", "```", plan["output"].rstrip("\n"), "```", ""]
+    return "\n".join(parts)
+
+
+def quality(data: dict) -> str:
+    """benchmarks/quality.py: GSM8K and MMLU of one model, with the letter-bias floor of MMLU letter scoring."""
+    args, notes = data["args"], []
+    lines = [f"{measured_with(data)}, batch {args['batch_size']}:", "",
+             "| benchmark | accuracy (95% Wilson interval) | time |", "| --- | --- | --- |"]
+    if "gsm8k" in data:
+        g = data["gsm8k"]
+        lines.append(f"| GSM8K test, first {g['total']:,} questions, zero-shot chat, greedy, {args['max_new_tokens']} "
+                     f"tokens | {g['correct']}/{g['total']:,} = **{pct(g['accuracy'], 2)}** "
+                     f"({pct(g['ci95'][0], 2)[:-1]}-{pct(g['ci95'][1], 2)}); {g['no_number']} "
+                     f"output{'' if g['no_number'] == 1 else 's'} without a number "
+                     f"| {seconds(g['seconds'])} ({g['seconds'] / g['total']:.2f} s/question) |")
+        published = 0.014  # SmolLM2-135M-Instruct's model card (lighteval, 5-shot)
+        if args["model"] == "embedded":
+            inside = g["ci95"][0] <= published <= g["ci95"][1]
+            notes.append(f"The published GSM8K figure, 1.4% (5-shot), lies {'inside' if inside else 'outside'} the "
+                         f"zero-shot interval here.")
+    if "mmlu" in data:
+        m = data["mmlu"]
+        lines.append(f"| MMLU test, {m['total']:,} questions stratified by subject ({len(m['per_subject'])} subjects), "
+                     f"zero-shot letter scoring | {m['correct']:,}/{m['total']:,} = **{pct(m['accuracy'], 2)}** "
+                     f"({pct(m['ci95'][0], 2)[:-1]}-{pct(m['ci95'][1], 2)}), macro {pct(m['macro'], 2)} | "
+                     f"{seconds(m['seconds'])} ({m['seconds'] / m['total']:.2f} s/question) |")
+        shares = sorted(m["predicted_letters"].items(), key=lambda kv: -kv[1])
+        said = ", ".join(f"{k} {pct(v / m['total'])}" for k, v in shares if v)
+        floor, (low, high) = m["favourite_letter_accuracy"], m["ci95"]
+        verdict = ("inside the model's interval, so in the letter format it shows no MMLU knowledge beyond its "
+                   "letter preference" if low <= floor <= high else
+                   "below the model's interval: some knowledge shows beyond the letter preference" if floor < low else
+                   "above the model's interval: the model does worse than its favourite letter would")
+        notes.append(f"Predicted letters on MMLU: {said}. Always answering {m['favourite_letter']} scores "
+                     f"{pct(floor, 2)} on these questions (the letter-bias floor), {verdict}.")
+    return "\n".join(lines + [""] + [" ".join(notes)])
+
+
+def memory_plan_heldout(data: dict) -> str:
+    """benchmarks/memory_plan.py --heldout: evaluation's peak at growing held-out sets."""
+    rows_ = [r for r in data["rows"] if r["heldout"] is not None]
+    peaks = ", ".join(mib(r["measured_bytes"]) for r in rows_)
+    tokens = ", ".join(f"{r['eval_tokens']:,}" for r in rows_)
+    growth = rows_[-1]["measured_bytes"] / rows_[0]["measured_bytes"] - 1
+    return (f"{measured_with(data)}: evaluation on the `{rows_[0]['preset']}` preset peaks at {peaks} (live set) for "
+            f"{tokens} held-out answer tokens (the same rows repeated): "
+            f"{pct(rows_[-1]['eval_tokens'] / rows_[0]['eval_tokens'] - 1, 0)} more tokens, {pct(growth)} more "
+            f"memory.")
+
+
+def lm_eval_parity(data: dict) -> str:
+    """benchmarks/lm_eval_parity.py: our evaluator and lm-evaluation-harness on the same weights and items."""
+    ours, theirs, agree, n = data["ours"], data.get("lm_eval"), data.get("per_item_agreement"), data["questions"]
+    if theirs is None:
+        raise KeyError("lm_eval: lm-eval was not installed when the benchmark ran")
+    lines = [f"{measured_with(data)}; the embedded SmolLM2-135M-Instruct in fp32:", "",
+             f"| MMLU, {n} questions | ours | lm-eval | same predicted answer |", "| --- | --- | --- | --- |"]
+    for key, label, agreement in (("letter_acc", "letter (`mmlu`), acc", "letter"),
+                                  ("cloze_acc", "cloze (`mmlu_continuation`), acc", "cloze acc"),
+                                  ("cloze_acc_norm", "cloze, acc_norm", "cloze acc_norm")):
+        same = round(agree[agreement] * n)
+        lines.append(f"| {label} | {pct(ours[key])} | {pct(theirs[key])} | {same}/{n} = {pct(agree[agreement])} |")
+    lines += ["", f"Our letter scoring predicts {ours['favourite_letter']} for {pct(ours['favourite_letter_share'])} of "
+                  f"the questions."]
+    if "lm_eval_gsm8k" in data:
+        g, o = data["lm_eval_gsm8k"], data["ours_gsm8k"]
+        same = (f"; identical generated text (surrounding whitespace aside) on {pct(g['identical_outputs'], 0)} of "
+                f"the questions" if "gsm8k_pairs" in data else "")  # earlier files compared unstripped texts
+        lines += ["", f"GSM8K 5-shot (`lm_eval` few-shot mode, `pocket_gsm8k`), the first {data['args']['gsm8k']} test "
+                      f"questions: strict-match {pct(o['strict_match'])} ours, {pct(g['strict_match'])} lm-eval; "
+                      f"flexible-extract {pct(o['flexible_extract'])} ours, {pct(g['flexible_extract'])} lm-eval{same}."]
+    return "\n".join(lines)
+
+
+def gguf_export(data: dict) -> str:
+    """benchmarks/gguf_export.py: each GGUF type of a run's student, read back and scored on its held-out split."""
+    rows_ = data["rows"]
+    fp32 = rows_[0]
+    lines = [f"{measured_with(data)}: the `{Path(data['run']).name}` student ({params(data['parameters'])} "
+             f"parameters) on the run's {data['eval_rows']} held-out rows (the run itself recorded "
+             f"{ppl(data['run_perplexity'])} for it; here {ppl(fp32['perplexity'])} from the saved fp32 weights).", "",
+             "| format | MB on disk | x fp32 size | held-out perplexity | change vs fp32 | top-1 agreement / KL to "
+             "teacher | kept in f16 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows_:
+        change = "-" if row is fp32 else f"{100 * row['perplexity_change']:+.2f}%"
+        ratio = "1" if row is fp32 else f"{row['size_vs_fp32']:.2f}"
+        kept = "-" if row is fp32 else (", ".join(f[0] for f in row["fallbacks"]) or "none")
+        lines.append(f"| {row['format']} | {row['bytes'] / 1e6:.1f} | {ratio} | {ppl(row['perplexity'])} | {change} | "
+                     f"{pct(row['top1_agreement'])} / {row['kl_to_teacher']:.3f} | {kept} |")
+    return "\n".join(lines)
+
 RENDERERS: dict[str, Callable[[dict], str]] = {"cache-objectives": cache_objectives,
                                                 "text-setup": text_setup, "text-timing": demo_timing,
                                                 "text-table": text_table, "text-findings": text_findings,
                                                 "kd-setup": kd_setup, "kd-table": kd_table, "kd-findings": kd_findings,
                                                 "demo-setup": demo_setup, "demo-timing": demo_timing,
                                                 "demo-table": demo_table, "demo-size": demo_size,
-                                                "demo-findings": demo_findings}
+                                                "demo-findings": demo_findings, "loss-memory": loss_memory,
+                                                "teacher-cache": teacher_cache_bench,
+                                                "checkpoint-overhead": checkpoint_overhead,
+                                                "student-init": student_init, "memory-plan": memory_plan_table,
+                                                "plans": plans, "quality": quality,
+                                                "memory-plan-heldout": memory_plan_heldout,
+                                                "lm-eval-parity": lm_eval_parity, "gguf-export": gguf_export}
 
 
 # ------------------------------------------------------------------------------------------------- write and check
@@ -428,15 +726,20 @@ def render(text: str) -> tuple[str, list[str]]:
 
 
 def unsourced_figures(text: str) -> list[str]:
-    """Measured-looking figures in a sourced section outside its generated blocks (code left out)."""
-    found, section = [], None
+    """Measured-looking figures in the prose outside the generated blocks (code and FACTS left out), from the first
+    level-2 section on (the title's lines hold none)."""
+    found, section, original_lines = [], None, text.splitlines()
     text = BLOCK.sub(lambda m: "\n" * m.group(0).count("\n"), text)
     text = re.sub(r"^```.*?^```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.M | re.S)
-    for number, line in enumerate(text.splitlines(), 1):
+    # inline code, also where a span wraps onto the next line (its words blanked, its line breaks kept)
+    text = re.sub(r"`[^`\n]*(?:\n[^`\n]+)?`", lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
+    for number, (line, original) in enumerate(zip(text.splitlines(), original_lines), 1):
         if line.startswith("## "):
-            section = line[3:].strip()
-        if section in SOURCED and not line.startswith("#"):
+            section = original[3:].strip()
+        if section is not None and not line.startswith("#"):
             for figure in MEASURED.findall(re.sub(r"`[^`]*`|\([^)]*\.(?:png|json|ipynb)\)", "", line)):
+                if figure in FACTS:
+                    continue
                 found.append(f"README.md:{number}: {figure!r} in '{section}' is not in a generated block")
     return found
 
@@ -475,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--command", required=True, help="the benchmark's command line as typed")
     bench.add_argument("--commit", required=True, help="the commit the benchmark ran")
     bench.add_argument("--note", help="conditions a reader must know (no figures)")
+    plan = sub.add_parser("collect-plans", help="write results/plans.json from the memory plan of the GPU presets")
+    plan.add_argument("--commit", required=True, help="the commit whose code counted it")
     sub.add_parser("write", help="regenerate every block of README.md from its results file")
     sub.add_parser("check", help="exit 1 when a README figure disagrees with its results file")
     args = parser.parse_args(argv)
@@ -486,12 +791,15 @@ def main(argv: list[str] | None = None) -> int:
         path = collect_benchmark(args.results_file, args.name, args.command, args.commit, args.note)
         print(f"wrote {path.relative_to(ROOT)}")
         return 0
+    if args.action == "collect-plans":
+        print(f"wrote {collect_plans(args.commit).relative_to(ROOT)}")
+        return 0
     if args.action == "write":
         rendered, problems = render(README.read_text())
         README.write_text(rendered)
         print("README.md regenerated from results/")
     problems = check()
-    print("\n".join(problems) or "every figure of the sourced README sections matches results/")
+    print("\n".join(problems) or "every measured figure of the README matches its results file")
     return 1 if problems else 0
 
 
