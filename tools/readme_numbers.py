@@ -639,8 +639,7 @@ def memory_plan_heldout(data: dict) -> str:
     growth = rows_[-1]["measured_bytes"] / rows_[0]["measured_bytes"] - 1
     return (f"{measured_with(data)}: evaluation on the `{rows_[0]['preset']}` preset peaks at {peaks} (live set) for "
             f"{tokens} held-out answer tokens (the same rows repeated): "
-            f"{pct(rows_[-1]['eval_tokens'] / rows_[0]['eval_tokens'] - 1, 0)} more tokens, {pct(growth)} more "
-            f"memory.")
+            f"{rows_[-1]['eval_tokens'] / rows_[0]['eval_tokens']:.0f}x the tokens, {pct(growth)} more memory.")
 
 
 def lm_eval_parity(data: dict) -> str:
@@ -655,15 +654,16 @@ def lm_eval_parity(data: dict) -> str:
                                   ("cloze_acc_norm", "cloze, acc_norm", "cloze acc_norm")):
         same = round(agree[agreement] * n)
         lines.append(f"| {label} | {pct(ours[key])} | {pct(theirs[key])} | {same}/{n} = {pct(agree[agreement])} |")
-    lines += ["", f"Our letter scoring predicts {ours['favourite_letter']} for {pct(ours['favourite_letter_share'])} of "
-                  f"the questions."]
+    share = pct(ours["favourite_letter_share"])
+    lines += ["", f"Our letter scoring predicts {ours['favourite_letter']} for {share} of the questions."]
     if "lm_eval_gsm8k" in data:
         g, o = data["lm_eval_gsm8k"], data["ours_gsm8k"]
         same = (f"; identical generated text (surrounding whitespace aside) on {pct(g['identical_outputs'], 0)} of "
                 f"the questions" if "gsm8k_pairs" in data else "")  # earlier files compared unstripped texts
         lines += ["", f"GSM8K 5-shot (`lm_eval` few-shot mode, `pocket_gsm8k`), the first {data['args']['gsm8k']} test "
                       f"questions: strict-match {pct(o['strict_match'])} ours, {pct(g['strict_match'])} lm-eval; "
-                      f"flexible-extract {pct(o['flexible_extract'])} ours, {pct(g['flexible_extract'])} lm-eval{same}."]
+                      f"flexible-extract {pct(o['flexible_extract'])} ours, {pct(g['flexible_extract'])} lm-eval"
+                      f"{same}."]
     return "\n".join(lines)
 
 
