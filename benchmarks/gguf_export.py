@@ -43,7 +43,9 @@ def main() -> None:
     run = Path(args.run)
     ran = yaml.safe_load((run / "config.yaml").read_text())
     with tempfile.TemporaryDirectory() as scratch:
-        cfg = configure(args.preset, [*args.set, f"run.out_dir={scratch}", "run.name=gguf-bench"])
+        shared = run.parent / "teacher_cache"  # the run's own texts and caches: reused, not written again
+        cfg = configure(args.preset, [*args.set, f"run.out_dir={scratch}", "run.name=gguf-bench",
+                                      *([f"teacher_cache.dir={shared}"] if shared.is_dir() else [])])
         if ran.get("data") != yaml.safe_load(cfg.to_yaml()).get("data"):
             raise SystemExit(f"{run}/config.yaml has other data settings than --preset {args.preset} "
                              f"{' '.join(args.set)}: pass the run's --set overrides so the held-out split is the same.")
