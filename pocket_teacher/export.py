@@ -31,7 +31,7 @@ import torch
 
 from .checkpoints import newest_valid
 from .files import replacing, require_free_space
-from .models import ModelLoadError, embedded_gguf_path
+from .models import ModelLoadError, embedded_gguf_path, gguf_dense
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # transformers model_type -> GGUF general.architecture
@@ -348,15 +348,13 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, quant: str 
 
 def load_gguf(path: str | Path) -> tuple[torch.nn.Module, object]:
     """A GGUF file read back through transformers, dequantized to fp32: (model, tokenizer)."""
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path} does not exist: export it first (python -m pocket_teacher export --run ...).")
-    gguf_config = getattr(transformers, "GgufConfig", None)
-    dense = {"quantization_config": gguf_config(dequantize=True)} if gguf_config else {}
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **dense)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                 **gguf_dense())
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model.eval(), tokenizer
 

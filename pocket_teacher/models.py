@@ -199,6 +199,15 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def gguf_dense() -> dict:
+    """from_pretrained's keywords that read a GGUF file's weights dense: transformers >= 5.17 keeps them quantized
+    unless told (GgufConfig); older releases always dequantize."""
+    import transformers
+
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    return {"quantization_config": gguf_config(dequantize=True)} if gguf_config else {}
+
+
 def materialize_gguf(gguf_path: str | Path) -> Path:
     """Dequantize a GGUF once into a cached ``save_pretrained`` folder (model + tokenizer); return it.
 
@@ -207,7 +216,6 @@ def materialize_gguf(gguf_path: str | Path) -> Path:
     require("transformers", "reading a GGUF file (the embedded teacher)")
     require("gguf", "reading a GGUF file (the embedded teacher)")
     import gguf
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
@@ -225,11 +233,8 @@ def materialize_gguf(gguf_path: str | Path) -> Path:
         if field is not None:
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(field.parts[field.data[0]][0])))
     tokenizer.clean_up_tokenization_spaces = False
-    # transformers >= 5.17 keeps GGUF weights quantized unless told (GgufConfig); older releases always dequantize.
-    gguf_config = getattr(transformers, "GgufConfig", None)
-    dense = {"quantization_config": gguf_config(dequantize=True)} if gguf_config else {}
     loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
-                                                  **dense)
+                                                  **gguf_dense())
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dense now
