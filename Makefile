@@ -13,7 +13,7 @@ COLAB_VENV ?= .venv-colab
 COLAB_PY := $(COLAB_VENV)/bin/python
 COLAB_STAMP := $(COLAB_VENV)/.installed
 
-.PHONY: install demo demo-text readme test test-slow test-gpu test-colab test-all clean
+.PHONY: install demo demo-text readme test test-slow test-gpu test-colab test-all llama-cpp clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ test-pocket: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -m gpu
+
+# llama.cpp's Python binding, for benchmarks/gguf_runtime.py and the llama.cpp tests of tests/test_export.py (skipped
+# without it). Kept out of the core install: there is no wheel on PyPI, pip builds llama.cpp from source (CMake and a
+# C++ compiler, about 10 minutes on 2 cores).
+llama-cpp: $(STAMP)
+	$(PY) -m pip install llama-cpp-python==0.3.36 -c constraints.txt
 
 # Colab's GPU runtime as published (constraints-colab.txt) for the packages it has and this project uses, then what
 # the notebook's install cell adds (tools/colab_install.py), at the lower end of each range. Colab's CUDA build of

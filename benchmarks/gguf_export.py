@@ -21,6 +21,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
 
+def heldout(run: Path, preset: str, sets: list):
+    """An experiment holding the run's data, teacher, tokenizer and held-out split, built from the preset and its
+    overrides exactly as the run built them (refused when the run's config.yaml has other data settings); the
+    run's own teacher texts and caches (runs/teacher_cache beside it) are reused, nothing is written in the run."""
+    import yaml
+
+    from pocket_teacher.experiment import Experiment, configure
+    from pocket_teacher.runfolder import hardware_line
+
+    ran = yaml.safe_load((run / "config.yaml").read_text())
+    with tempfile.TemporaryDirectory() as scratch:
+        shared = run.parent / "teacher_cache"  # the run's own texts and caches: reused, not written again
+        cfg = configure(preset, [*sets, f"run.out_dir={scratch}", "run.name=gguf-bench",
+                                 *([f"teacher_cache.dir={shared}"] if shared.is_dir() else [])])
+        if ran.get("data") != yaml.safe_load(cfg.to_yaml()).get("data"):
+            raise SystemExit(f"{run}/config.yaml has other data settings than --preset {preset} "
+                             f"{' '.join(sets)}: pass the run's --set overrides so the held-out split is the same.")
+        print(f"hardware: {hardware_line()}", flush=True)
+        exp = Experiment(cfg, progress=False)
+        for step in ("load_data", "load_teacher", "teacher_answers", "load_student"):
+            getattr(exp, step)()
+    return exp
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a finished run folder")
@@ -31,28 +55,15 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    import yaml
     from transformers import AutoModelForCausalLM
 
     from pocket_teacher.evaluate import agreement, perplexity
-    from pocket_teacher.experiment import Experiment, configure
     from pocket_teacher.export import export_run, load_gguf
     from pocket_teacher.files import write_json
     from pocket_teacher.runfolder import hardware_line
 
     run = Path(args.run)
-    ran = yaml.safe_load((run / "config.yaml").read_text())
-    with tempfile.TemporaryDirectory() as scratch:
-        shared = run.parent / "teacher_cache"  # the run's own texts and caches: reused, not written again
-        cfg = configure(args.preset, [*args.set, f"run.out_dir={scratch}", "run.name=gguf-bench",
-                                      *([f"teacher_cache.dir={shared}"] if shared.is_dir() else [])])
-        if ran.get("data") != yaml.safe_load(cfg.to_yaml()).get("data"):
-            raise SystemExit(f"{run}/config.yaml has other data settings than --preset {args.preset} "
-                             f"{' '.join(args.set)}: pass the run's --set overrides so the held-out split is the same.")
-        print(f"hardware: {hardware_line()}", flush=True)
-        exp = Experiment(cfg, progress=False)
-        for step in ("load_data", "load_teacher", "teacher_answers", "load_student"):
-            getattr(exp, step)()
+    exp = heldout(run, args.preset, args.set)
     split, tok = exp.splits.eval, exp.tokenizer
 
     def score(model) -> dict:

@@ -4,6 +4,7 @@
     python -m pocket_teacher run --preset pocket --out runs/a03 --resume      # continue a killed run
     python -m pocket_teacher plan --preset t4 --gpu t4                      # memory per stage; exit 3 if no fit
     python -m pocket_teacher export --run runs/pocket --quant q8_0          # the student as a GGUF for llama.cpp
+    python -m pocket_teacher export --run runs/pocket --quant q4_0 --heal-steps 50   # heal the q4_0 gap first
     accelerate launch --num_processes 2 -m pocket_teacher run --preset t4   # several GPUs (or CPU processes)
 """
 
@@ -87,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--model", choices=["student", "baseline"], default="student")
     export.add_argument("--quant", choices=QUANTS, default="q8_0")
     export.add_argument("--out", help="the .gguf file (default <run>/<model>-<quant>.gguf)")
+    export.add_argument("--heal-steps", type=int, default=0, metavar="N",
+                        help="first heal the quantization gap: N more distillation steps with the weights "
+                             "quantized in the forward pass, from the run's teacher cache; writes "
+                             "<run>/student-<quant>-healed.gguf and <run>/heal.json")
+    export.add_argument("--heal-alpha", type=float, help="alpha of the healing steps (default the run's; 1 is "
+                                                         "plain fine-tuning)")
 
     sub.add_parser("presets", help="list the presets")
     sub.add_parser("config", parents=[common], help="print a preset's resolved configuration as YAML")
@@ -180,6 +187,14 @@ def _main(args: argparse.Namespace) -> int:
             print(f"{name:8s} {(make.__doc__ or '').strip() or make().teacher.source}")
         return 0
     if args.command == "export":
+        if args.heal_steps:
+            if args.model != "student" or args.out:
+                raise ExportError("--heal-steps heals the distilled student and writes <run>/student-<quant>-"
+                                  "healed.gguf: drop --model baseline and --out.")
+            report = experiment.heal_run(args.run, args.quant, args.heal_steps, alpha=args.heal_alpha)
+            print(f"healed: {report['gguf']}; perplexity gap {report['gap_before']:+.3f} -> "
+                  f"{report['gap_after']:+.3f}")
+            return 0
         print(export_run(args.run, args.model, args.quant, args.out))
         return 0
     cfg = experiment.configure(args.preset, _overrides(args))

@@ -8,6 +8,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,10 @@ from .checkpoints import list_checkpoints
 from .config import Config, ConfigError, GenerateConfig, apply_overrides, get_preset
 from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, handle_duplicates, load_examples,
                    hold_out_prompts, load_mmlu, remove_overlap, tokenize_examples)
-from .evaluate import evaluate_model, teacher_on_student_samples
-from .export import ExportReport, export_gguf, teacher_gguf
+from .evaluate import evaluate_model, perplexity, teacher_on_student_samples
+from .export import (ExportError, ExportReport, attach_fake_quant, detach_fake_quant, export_gguf, fake_quantize,
+                     teacher_gguf)
+from .files import write_json
 from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
 from .losses import Divergence, divergence_name
 from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, device_capability,
@@ -32,7 +35,7 @@ from .report import (BASELINE_LABEL, RANDOM_INIT_LABEL, preflight_warnings, resu
 from .runfolder import is_main_process, main_process_first, run_dir, save_outputs, start_run
 from .students import load_student
 from .teacher_cache import Fidelity, TopKCache, build_topk_cache
-from .train import HeldOut, OpenedStep, Trainer, TrainResult, Vocab, open_step
+from .train import HeldOut, OpenedStep, Trainer, TrainingInterrupted, TrainResult, Vocab, open_step
 
 OPENING_WORDS = 8  # side by side, a free text without a prompt is continued from this many of its first words
 MMLU_FIX = ("Set eval.mmlu_source to a local JSONL of cais/mmlu's schema (question, choices, answer, subject), or "
@@ -326,7 +329,7 @@ SECTIONS = (("configure", "1. Configuration"), ("load_data", "2. Data"), ("load_
             ("preflight", "5b. Preflight"), ("distil", "6. Distillation"), ("train_baseline", "6b. Baseline"),
             ("on_policy_preview", "6c. On-policy preview"), ("evaluate_after", "7. Evaluation after"),
             ("plots", "8. Plots"), ("side_by_side", "9. Side by side"), ("save", "10. Save"))
-_TITLES = dict(SECTIONS)
+_TITLES = {**dict(SECTIONS), "heal": "11. Ship it: healing"}  # heal is called on its own, not by run()
 TRAINING_SECTIONS = ("loss", "train")  # what the training cell may override; the rest is fixed by earlier cells
 _FIXED_BY = {"data": "2. Data", "teacher": "3. Teacher", "student": "4. Student and tokenization",
              "teacher_cache": "4b. Teacher cache", "generate": "3b. Teacher answers", "eval": "5. Before training",
@@ -436,6 +439,7 @@ class Experiment:
         self.checks: Optional[dict] = None  # 5b. Preflight
         self.preview: Optional[dict] = None  # 6c. On-policy preview
         self.comparison = None  # 9. Side by side (a DataFrame)
+        self.healed: dict[str, dict] = {}  # heal(): each healing's figures and its student
         self.out = run_dir(cfg)
 
     @contextlib.contextmanager
@@ -776,6 +780,70 @@ class Experiment:
                            tokenizer_gguf=teacher_gguf(self.cfg.teacher.source, self.tokenizer, rows),
                            name=f"{self.cfg.run.name} {model}")
 
+    def heal(self, quant: str = "q4_0", steps: int = 50, alpha: Optional[float] = None, lr: Optional[float] = None,
+             export: bool = True) -> dict:
+        """Heal the quantization gap: distil the trained student `steps` more steps with its weights as a `quant`
+        file holds them in the forward pass (the exact GGUF block arithmetic; straight-through gradients to the
+        full-precision weights), from the same teacher cache, then (with `export`) write
+        runs/<name>/student-<quant>-healed.gguf. `alpha` (default the training's; 1 is plain fine-tuning, the
+        comparison) and `lr` (default a tenth of train.lr, with the training's schedule) set the extra steps; the
+        batches come in a new order (train.seed + 1); no checkpoint is kept: a stopped healing starts over.
+        Returns the held-out perplexities of the fp32 student and of its `quant` file before and after, the gap
+        (file minus fp32) each time and the share of it closed; kept in runs/<name>/heal.json under
+        heal-<quant>[-alpha<alpha>]."""
+        with self._timed("heal"):
+            trained = _need(self.trained, "distil")
+            cfg = trained.cfg
+            alpha = cfg.loss.alpha if alpha is None else float(alpha)
+            name = f"heal-{quant}" + ("" if alpha == cfg.loss.alpha else f"-alpha{alpha:g}")
+            variant = _variant(cfg, name, {"max_steps": int(steps), "lr": cfg.train.lr / 10 if lr is None else lr,
+                                           "warmup_steps": min(cfg.train.warmup_steps, int(steps) // 4),
+                                           "on_policy": 0.0, "eval_every": 0, "checkpoint_every": 0,
+                                           "save_final": False, "seed": cfg.train.seed + 1},
+                               loss=dataclasses.replace(cfg.loss, alpha=alpha))
+            fp32 = self._perplexity(trained.student)
+            before = self._perplexity(fake_quantize(trained.student, quant))
+            init = attach_fake_quant(copy.deepcopy(trained.student), quant)
+            self.say(f"healing the {quant} gap ({before - fp32:+.3f} perplexity): {steps} steps, alpha {alpha}, "
+                     f"lr {variant.train.lr:g}, quantization-aware forward")
+            try:
+                healed, result = train_student(variant, init, self.teacher if self.shared else None, self.splits,
+                                               self.tokenizer, self.progress, self.cache)
+            except TrainingInterrupted as exc:  # healing is short and never resumed: its advice is to start over
+                raise TrainingInterrupted(exc.signum, f"{signal.Signals(exc.signum).name} while healing the {quant} "
+                                          f"gap; no healed file was written. Healing starts over from the trained "
+                                          f"student: run the same heal again.") from None
+            healed = detach_fake_quant(healed)
+            after = self._perplexity(fake_quantize(healed, quant))
+            report = {"quant": quant, "steps": int(steps), "alpha": alpha, "lr": variant.train.lr,
+                      "seconds": result.seconds, "fp32_perplexity": fp32, "quantized_before": before,
+                      "quantized_after": after, "healed_fp32_perplexity": self._perplexity(healed),
+                      "gap_before": before - fp32, "gap_after": after - fp32,
+                      "gap_closed": 1 - (after - fp32) / (before - fp32) if before != fp32 else None}
+            if export and self.main:
+                path = self.out / f"student-{quant}-healed{name[len(f'heal-{quant}'):]}.gguf"
+                rows = healed.config.vocab_size
+                report["gguf"] = str(export_gguf(healed, self.tokenizer, path, quant, name=f"{cfg.run.name} healed",
+                                                 tokenizer_gguf=teacher_gguf(cfg.teacher.source, self.tokenizer,
+                                                                             rows)).path)
+            self.say(f"{quant} file: perplexity {before:,.3f} -> {after:,.3f} (fp32 {fp32:,.3f}); gap "
+                     f"{report['gap_before']:+.3f} -> {report['gap_after']:+.3f}" + (
+                         f", {report['gap_closed']:.0%} of it closed" if report["gap_closed"] is not None else ""))
+            if self.main:
+                self._record_heal(name, report)
+            self.healed[name] = {**report, "student": healed}
+            return report
+
+    def _perplexity(self, model: torch.nn.Module) -> float:
+        with visiting(model, self.device):
+            return perplexity(model, self.splits.eval, pad_token_id=self.tokenizer.pad_token_id,
+                              vocab_size=len(self.tokenizer), progress=False)["perplexity"]
+
+    def _record_heal(self, name: str, report: dict) -> None:
+        path = self.out / "heal.json"
+        kept = json.loads(path.read_text()) if path.is_file() else {}
+        write_json(path, {**kept, name: report})
+
     def timing_table(self) -> str:
         """Seconds spent in each section so far, and their total."""
         width = max((len(t) for t in self.timings), default=10)
@@ -798,6 +866,33 @@ class Experiment:
             print(self.timing_table())
         return {"out": self.out, "results": list(self.results.values()),
                 "history": self.trained.result.history if self.trained else []}
+
+
+def from_run(run: str | Path, progress: bool = True) -> Experiment:
+    """The experiment of a finished run folder, rebuilt from its config.yaml up to the teacher cache (the caches on
+    disk are reused; nothing in the folder is written), with its saved student as the trained one: what
+    `heal` and `export` need."""
+    from transformers import AutoModelForCausalLM
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file() or not any((run / "student").glob("*.safetensors")):
+        raise ExportError(f"{run} holds no finished run (config.yaml and student/ are needed): finish the run "
+                          f"first (the command that started it, with --resume), then heal.")
+    cfg = apply_overrides(Config.from_yaml(run / "config.yaml"),
+                          {"run.out_dir": str(run.parent), "run.name": run.name, "train.resume": False})
+    exp = Experiment(cfg, progress=progress)
+    for method in ("load_data", "load_teacher", "teacher_answers", "load_student", "build_cache"):
+        getattr(exp, method)()
+    student = AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32)
+    exp.trained = Trained(cfg, [], student, TrainResult())
+    return exp
+
+
+def heal_run(run: str | Path, quant: str = "q4_0", steps: int = 50, alpha: Optional[float] = None,
+             lr: Optional[float] = None, progress: bool = True) -> dict:
+    """`Experiment.heal` on a finished run folder (`from_run`): writes <run>/student-<quant>-healed.gguf and
+    <run>/heal.json; nothing else in the folder changes."""
+    return from_run(run, progress).heal(quant, steps, alpha=alpha, lr=lr)
 
 
 def run(cfg: Config, progress: bool = True, resume: Optional[bool] = None, force: bool = False) -> dict[str, Any]:

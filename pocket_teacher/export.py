@@ -185,6 +185,83 @@ def fake_quantize(model: torch.nn.Module, quant: str) -> torch.nn.Module:
     return twin
 
 
+# ------------------------------------------------------------------------------------------- quantization-aware
+def quantize_dequantize(weight: torch.Tensor, quant: str) -> torch.Tensor:
+    """`weight` as a `quant` GGUF file holds it once read back, computed in torch (differentiable inputs, on any
+    device): the block arithmetic of `gguf.quants` step for step (scales from fp32, stored as fp16; q8_0 rounds
+    half away from zero, q4_0 / q4_1 truncate after +8.5 / +0.5), the same f16 fallback for rows that are not a
+    multiple of the block, vectors (norms, biases) kept in f32. Equal to `fake_quantize`'s numpy reference bit for
+    bit (tests/test_export.py)."""
+    _qtype(quant)
+    w = weight.to(torch.float32)
+    if w.ndim < 2 or quant == "f32":
+        return w
+    if quant == "f16" or w.shape[-1] % 32:  # q8_0, q4_0 and q4_1 all have blocks of 32
+        return w.to(torch.float16).to(torch.float32)
+    blocks = w.reshape(-1, 32)
+
+    def inverse(d: torch.Tensor) -> torch.Tensor:
+        return torch.where(d == 0, torch.zeros_like(d), 1 / torch.where(d == 0, torch.ones_like(d), d))
+
+    def half(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float16).to(torch.float32)
+
+    if quant == "q8_0":
+        d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+        x = blocks * inverse(d)
+        q = torch.sign(x) * torch.floor(x.abs() + 0.5)
+        out = q * half(d)
+    elif quant == "q4_0":
+        largest = torch.gather(blocks, -1, blocks.abs().argmax(dim=-1, keepdim=True))
+        d = largest / -8
+        q = torch.trunc(blocks * inverse(d) + 8.5).clamp(0, 15) - 8
+        out = q * half(d)
+    else:  # q4_1
+        low, high = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)
+        d = (high - low) / 15
+        q = torch.trunc((blocks - low) * inverse(d) + 0.5).clamp(0, 15)
+        out = half(d) * q + half(low)
+    return out.reshape(w.shape)
+
+
+class StraightThrough(torch.nn.Module):
+    """A parametrization: the forward pass sees the weight as the `quant` file will hold it, the gradient flows to
+    the full-precision weight as if nothing had been rounded (the straight-through estimator)."""
+
+    def __init__(self, quant: str):
+        super().__init__()
+        _qtype(quant)
+        self.quant = quant
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (quantize_dequantize(weight.detach(), self.quant).to(weight.dtype) - weight).detach()
+
+
+def attach_fake_quant(model: torch.nn.Module, quant: str) -> torch.nn.Module:
+    """Make every matrix of `model` (the ones a GGUF file quantizes: projections, embeddings, output layer) pass
+    through `StraightThrough(quant)` in the forward pass; a tied output layer shares its embedding's latent weight.
+    Undo with `detach_fake_quant`. Returns `model`."""
+    from torch.nn.utils import parametrize
+
+    _qtype(quant)
+    for module in model.modules():
+        weight = module._parameters.get("weight") if not parametrize.is_parametrized(module) else None
+        if isinstance(weight, torch.nn.Parameter) and weight.ndim == 2:
+            parametrize.register_parametrization(module, "weight", StraightThrough(quant), unsafe=True)
+    return model
+
+
+def detach_fake_quant(model: torch.nn.Module) -> torch.nn.Module:
+    """Remove `attach_fake_quant`'s parametrizations, keeping the full-precision (latent) weights that training
+    updated: exporting them writes exactly the weights the quantization-aware forward pass used."""
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    return model
+
+
 # ------------------------------------------------------------------------------------------------ the tokenizer
 @functools.lru_cache(maxsize=2)
 def _fields(path: str, stamp: tuple) -> dict:
@@ -405,3 +482,57 @@ def export_run(run: str | Path, model: str = "student", quant: str = "q8_0",
     source = teacher_gguf(str((config.get("teacher") or {}).get("source", "")), tokenizer, student.config.vocab_size)
     return export_gguf(student, tokenizer, Path(out) if out else run / f"{model}-{quant}.gguf", quant,
                        tokenizer_gguf=source, name=f"{run.name} {model}")
+
+
+# ------------------------------------------------------------------------------------------- llama.cpp, optional
+LLAMA_CPP_INSTALL = ("pip install llama-cpp-python==0.3.36  (no wheel on PyPI: it builds llama.cpp from source with "
+                     "CMake and a C++ compiler, about 10 minutes on 2 cores)")
+
+
+def llama_cpp_version() -> Optional[str]:
+    """llama-cpp-python's version, or None when it is not installed (it is kept out of the core install)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("llama-cpp-python")
+    except PackageNotFoundError:
+        return None
+
+
+def llama_cpp_model(path: str | Path, n_ctx: int = 512, threads: Optional[int] = None, logits_all: bool = True):
+    """A GGUF file loaded by llama.cpp (llama-cpp-python), one sequence of up to `n_ctx` tokens, evaluated in one
+    batch; `logits_all` keeps every position's logits (for `llama_cpp_logits`)."""
+    import os
+
+    try:
+        from llama_cpp import Llama
+    except ImportError as exc:
+        raise ImportError(f"llama.cpp's Python binding is not installed: {LLAMA_CPP_INSTALL}") from exc
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads or os.cpu_count(),
+                 n_threads_batch=threads or os.cpu_count(), logits_all=logits_all, verbose=False)
+
+
+def llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:
+    """llama.cpp's next-token logits at every position of `ids`, teacher-forced from an empty context: (len, V)."""
+    llm.reset()
+    llm.eval(list(ids))
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def compare_next_token(reference: np.ndarray, other: np.ndarray, margin: float = 0.05) -> dict:
+    """Two runtimes' next-token logits on the same positions, (N, V) each: the share of positions whose top-1
+    token is the same ("top1"), the same share over the positions the reference decides by at least `margin` nats
+    between its first and second token ("top1_decided": a near-tie flips on any runtime's rounding, and says
+    nothing about the file), and the mean and largest KL(reference || other) in nats, computed in float64."""
+    if reference.shape != other.shape:
+        raise ValueError(f"logits of shape {reference.shape} and {other.shape}: the two files differ in vocabulary "
+                         f"or the positions differ.")
+    a = torch.log_softmax(torch.from_numpy(reference).double(), -1)
+    b = torch.log_softmax(torch.from_numpy(other).double(), -1)
+    kl = (a.exp() * (a - b)).sum(-1)
+    same = a.argmax(-1) == b.argmax(-1)
+    top2 = a.topk(2, dim=-1).values
+    decided = (top2[:, 0] - top2[:, 1]) >= margin
+    return {"top1": float(same.double().mean()), "kl": float(kl.mean()), "max_kl": float(kl.max()),
+            "top1_decided": float(same[decided].double().mean()) if bool(decided.any()) else None,
+            "decided": int(decided.sum()), "positions": int(a.shape[0])}

@@ -77,6 +77,8 @@ def test_notebook_runs_on_tiny_preset(tmp_path):
     assert sum("image/png" in o.get("data", {}) for o in plots.outputs) == 4  # quality, training, size, latency
     kd_cell = next(c for c in nb.cells if c.cell_type == "code" and "kd_vs_sft.png" in c.source)
     assert any("image/png" in o.get("data", {}) for o in kd_cell.outputs)  # the committed benchmark figure
+    assert f"GGUF q8_0: {out / 'student-q8_0.gguf'}" in text  # 11. Ship it
+    assert (out / "student-q8_0.gguf").stat().st_size > 0
 
 
 TIMING_KEYS = ("train_seconds", "generation_s", "mmlu_s", "latency_ms_per_token", "tokens_per_s_b1",

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pocket_teacher import cli, export
-from pocket_teacher.export import ExportError, export_gguf, export_run, fake_quantize, load_gguf
+from pocket_teacher.export import (ExportError, attach_fake_quant, detach_fake_quant, export_gguf, export_run,
+                                   fake_quantize, load_gguf, quantize_dequantize)
 
 TEXT = "Question: Tom has 12 apples and eats 5. How many are left?\nAnswer: 12 - 5 = 7 #### 7"
 
@@ -194,6 +195,44 @@ def test_a_full_disk_leaves_no_partial_file(tiny_tokenizer, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("quant", export.QUANTS)
+def test_the_torch_quantization_is_the_files_bit_for_bit(quant):
+    """Healing trains against `quantize_dequantize`; the file holds `gguf.quants`' arithmetic: they must agree
+    exactly, on zero blocks, rows off the block (f16 fallback), vectors and trained-size weights alike."""
+    torch.manual_seed(1)
+    for shape in [(64, 96), (8, 40), (3, 32), (96,)]:
+        weight = torch.randn(shape) * torch.rand(shape[0], *([1] * (len(shape) - 1))) * 0.3
+        weight.view(-1)[:32] = 0.0
+        model = torch.nn.Linear(1, 1)
+        model.weight = torch.nn.Parameter(weight.clone())
+        want = fake_quantize(model, quant).weight.detach()
+        torch.testing.assert_close(quantize_dequantize(weight, quant), want, rtol=0, atol=0)
+
+
+def test_fake_quant_training_sees_the_file_and_updates_the_full_precision_weights():
+    model = _llama(96)
+    reference = fake_quantize(model, "q4_0")
+    ids = torch.randint(0, 96, (2, 12))
+    attach_fake_quant(model, "q4_0")
+    latent = model.model.embed_tokens.parametrizations.weight.original
+    assert model.lm_head.parametrizations.weight.original is latent  # tied output: one latent weight
+    logits = model(ids).logits
+    torch.testing.assert_close(logits, reference(ids).logits, rtol=0, atol=1e-5)
+    reference.zero_grad()
+    logits.square().mean().backward()
+    reference(ids).logits.square().mean().backward()
+    # straight through: the latent weight's gradient is the quantized weights' gradient (embedding + output)
+    torch.testing.assert_close(latent.grad, reference.model.embed_tokens.weight.grad, rtol=1e-4, atol=1e-6)
+    q = model.model.layers[0].self_attn.q_proj.parametrizations.weight.original
+    torch.testing.assert_close(q.grad, reference.model.layers[0].self_attn.q_proj.weight.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        latent.add_(0.01)
+    detach_fake_quant(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied, the latent weight kept
+    assert "model.embed_tokens.weight" in model.state_dict()
+    torch.testing.assert_close(model.model.embed_tokens.weight, latent, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_the_cli_exports_a_run_and_names_what_is_missing(tmp_path, capsys):
     out = tmp_path / "run"
@@ -225,3 +264,86 @@ def test_the_cli_exports_a_run_and_names_what_is_missing(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["export", "--run", str(tmp_path / "empty")]) == 2
     assert "holds no trained student" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_healing_a_run_writes_the_healed_file_and_its_gap(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    assert cli.main(["run", "--preset", "tiny", "--out", str(out), "--no-progress", "--set", "train.max_steps=4",
+                     "--set", "eval.on_policy_preview=0", "--set", "eval.generate_samples=0",
+                     "--set", "eval.baseline=false"]) == 0
+    capsys.readouterr()
+    assert cli.main(["export", "--run", str(out), "--quant", "q4_0", "--heal-steps", "3"]) == 0
+    assert f"healed: {out / 'student-q4_0-healed.gguf'}; perplexity gap" in capsys.readouterr().out
+    assert cli.main(["export", "--run", str(out), "--quant", "q4_0", "--heal-steps", "3", "--heal-alpha", "1"]) == 0
+    kept = json.loads((out / "heal.json").read_text())
+    assert set(kept) == {"heal-q4_0", "heal-q4_0-alpha1"}
+    first = kept["heal-q4_0"]
+    assert first["steps"] == 3 and kept["heal-q4_0-alpha1"]["alpha"] == 1.0
+    assert first["gap_before"] == pytest.approx(first["quantized_before"] - first["fp32_perplexity"])
+    assert first["gap_closed"] == pytest.approx(1 - first["gap_after"] / first["gap_before"])
+    healed, _ = load_gguf(out / "student-q4_0-healed.gguf")
+    plain, _ = load_gguf(export_run(out, "student", "q4_0").path)
+    assert not torch.equal(healed.lm_head.weight, plain.lm_head.weight)  # the healed weights, not the run's
+    for bad in (["--model", "baseline"], ["--out", str(tmp_path / "x.gguf")]):
+        assert cli.main(["export", "--run", str(out), "--heal-steps", "2", *bad]) == 2
+        assert "drop --model baseline and --out" in capsys.readouterr().err
+    # stopped by SIGTERM inside the healing: one line of advice (start over), which the next command follows
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "pocket_teacher", "export", "--run", str(out), "--quant", "q4_1",
+               "--heal-steps", "400"]
+    history = out / "heal-q4_1" / "history.jsonl"
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while process.poll() is None and time.monotonic() < deadline and not (
+            history.is_file() and history.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "SIGTERM while healing the q4_1 gap; no healed file was written" in err
+    assert "run the same heal again" in err and not (out / "student-q4_1-healed.gguf").exists()
+    command[-1] = "3"  # the same heal (shorter, for the test's time) starts over and finishes
+    assert subprocess.run(command, capture_output=True, text=True, timeout=600).returncode == 0
+    assert (out / "student-q4_1-healed.gguf").is_file()
+
+
+def _llama_cpp_or_skip():
+    if export.llama_cpp_version() is None:
+        pytest.skip(f"llama-cpp-python is not installed (kept out of the core install): {export.LLAMA_CPP_INSTALL}")
+
+
+@pytest.mark.parametrize("quant,top1,kl", [("f32", 0.99, 1e-3), ("f16", 0.99, 1e-3), ("q8_0", 0.97, 0.02),
+                                           ("q4_0", 0.97, 0.02), ("q4_1", 0.97, 0.02)])
+@pytest.mark.parametrize("shape", ["llama", "pruned", "qwen2"])
+def test_llama_cpp_runs_the_file_as_transformers_reads_it(tiny_tokenizer, tmp_path, shape, quant, top1, kl):
+    """A runtime no one here wrote: llama.cpp's next-token distributions on the exported file against transformers'
+    on the same file (the same dequantized weights), teacher-forced over a text, and its tokenizer's ids. For the
+    quantized types top-1 is counted where transformers' first two tokens are at least 0.25 nats apart: llama.cpp
+    also rounds the activations to 8 bits there (logits move by up to about 0.2 on these random weights, and
+    near-ties flip); the benchmark reports plain top-1 on trained students."""
+    _llama_cpp_or_skip()
+    vocab = len(tiny_tokenizer)
+    model = {"llama": lambda: _llama(vocab, hidden=128, mlp=256),
+             "pruned": lambda: _llama(vocab, hidden=128, heads=4, kv=2, head_dim=48, mlp=160),  # heads * 48 != 128
+             "qwen2": lambda: _qwen2(vocab)}[shape]()
+    with torch.no_grad():  # a trained model's scales: norms near 1, a next-token top probability about 0.7 here
+        for name, p in model.named_parameters():  # (all at N(0, 0.2): chaotic layers; near-flat logits at init)
+            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0, 0.5 if "embed" in name or "lm_head" in name else 0.1)
+    path = export_gguf(model, tiny_tokenizer, tmp_path / f"{shape}-{quant}.gguf", quant).path
+    back, _ = load_gguf(path)
+    text = " ".join([TEXT] * 3)
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    llm = export.llama_cpp_model(path, n_ctx=len(ids) + 8, threads=2)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    with torch.no_grad():
+        ours = back(torch.tensor([ids])).logits[0].numpy()
+    exact = quant in ("f32", "f16")  # against quantized weights llama.cpp rounds its activations to 8 bits too
+    got = export.compare_next_token(ours, export.llama_cpp_logits(llm, ids), margin=0.0 if exact else 0.25)
+    assert got["top1_decided"] >= top1 and got["decided"] >= got["positions"] // 2 and got["kl"] <= kl, got

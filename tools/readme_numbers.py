@@ -684,6 +684,64 @@ def gguf_export(data: dict) -> str:
                      f"{pct(row['top1_agreement'])} / {row['kl_to_teacher']:.3f} | {kept} |")
     return "\n".join(lines)
 
+def gguf_runtime(data: dict) -> str:
+    """benchmarks/gguf_runtime.py: each exported file in llama.cpp against transformers on the same file, and the
+    runtimes' speed and memory at batch 1, each model in a fresh process."""
+    s, rows_ = data["settings"], data["rows"]
+    files = {name: row for name, row in rows_.items() if name.endswith(".gguf")}
+    first = next(iter(files.values()))
+    lines = [f"{measured_with(data)}, llama-cpp-python {data['llama_cpp_python']}, {s['threads']} threads: the "
+             f"`{Path(data['run']).name}` student's files, teacher-forced on {first['positions']:,} positions of "
+             f"{s['rows']} held-out rows and greedy on {s['prompts']} held-out prompts ({s['new_tokens']} tokens), "
+             f"llama.cpp against transformers reading the same file:", "",
+             "| file | MB | top-1 same | mean KL | perplexity llama.cpp / transformers | same tokens (text) | greedy "
+             "identical | llama.cpp decode tok/s | peak RSS |", "|" + " --- |" * 9]
+    for name, row in files.items():
+        run = row["llama_cpp"]
+        lines.append(f"| {name} | {row['bytes'] / 1e6:.1f} | {pct(row['top1_agreement'])} | {row['mean_kl']:.5f} | "
+                     f"{ppl(row['perplexity_llama_cpp'])} / {ppl(row['perplexity_transformers'])} | "
+                     f"{row['same_tokenization']} | {row['greedy_prompts_identical']}/{s['prompts']} | "
+                     f"{run['decode_tokens_per_s']:.1f} | {mib(run['peak_rss_mib'] * 2**20)} |")
+    lines += ["", "| model and runtime | load | prompt | decode tok/s | peak RSS |", "| --- | --- | --- | --- | --- |"]
+    for name, row in [*((n, {"runtime": r["llama_cpp"]}) for n, r in files.items()),
+                      *((n, r) for n, r in rows_.items() if n not in files)]:
+        run = row["runtime"]
+        label = f"student {name} (llama.cpp)" if name in files else name
+        lines.append(f"| {label} | {run['load_s']:.1f} s | {1000 * run['prefill_s']:.0f} ms | "
+                     f"{run['decode_tokens_per_s']:.1f} | {mib(run['peak_rss_mib'] * 2**20)} |")
+    torch_fp32 = rows_.get("student fp32 (PyTorch)", {}).get("runtime")
+    q4 = next((r["llama_cpp"] for n, r in files.items() if "q4_0" in n and "healed" not in n), None)
+    if torch_fp32 and q4:
+        lines += ["", f"The q4_0 file decodes {q4['decode_tokens_per_s'] / torch_fp32['decode_tokens_per_s']:.1f}x as "
+                      f"fast in llama.cpp as the fp32 student in PyTorch, batch 1, same machine and run."]
+    return "\n".join(lines)
+
+
+def gguf_heal(data: dict) -> str:
+    """benchmarks/gguf_heal.py: the quantization gap before and after healing, by distillation and by plain
+    fine-tuning at equal steps."""
+    rows_ = data["rows"]
+    lines = [f"{measured_with(data)}: {rows_[0]['steps']} extra steps each, lr {rows_[0]['lr']:g}, the weights "
+             f"quantized in the forward pass (the run's alpha {data['run_alpha']:g} for distillation):", "",
+             "| type | healed by | fp32 perplexity | file before | file after | gap before -> after | gap closed | "
+             "time |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows_:
+        closed = "-" if r["gap_closed"] is None else pct(r["gap_closed"])
+        lines.append(f"| {r['quant']} | {r['method']} | {ppl(r['fp32_perplexity'])} | {ppl(r['quantized_before'])} | "
+                     f"{ppl(r['quantized_after'])} | {r['gap_before']:+.3f} -> {r['gap_after']:+.3f} | {closed} | "
+                     f"{seconds(r['seconds'])} |")
+    by = {(r["quant"], r["method"].split()[0]): r for r in rows_}
+    for quant in dict.fromkeys(r["quant"] for r in rows_):
+        d, f = by.get((quant, "distillation")), by.get((quant, "fine-tuning"))
+        if d and f and d["gap_closed"] is not None:
+            better = ("closes more of it than plain fine-tuning" if d["gap_after"] < f["gap_after"] else
+                      "does not close more of it than plain fine-tuning")
+            half = "at least half" if d["gap_closed"] >= 0.5 else "less than half"
+            lines += ["", f"{quant}: healing by distillation closes {half} of the gap ({pct(d['gap_closed'])}) and "
+                          f"{better} at equal steps ({pct(f['gap_closed'])} closed)."]
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {"cache-objectives": cache_objectives,
                                                 "text-setup": text_setup, "text-timing": demo_timing,
                                                 "text-table": text_table, "text-findings": text_findings,
@@ -696,7 +754,8 @@ RENDERERS: dict[str, Callable[[dict], str]] = {"cache-objectives": cache_objecti
                                                 "student-init": student_init, "memory-plan": memory_plan_table,
                                                 "plans": plans, "quality": quality,
                                                 "memory-plan-heldout": memory_plan_heldout,
-                                                "lm-eval-parity": lm_eval_parity, "gguf-export": gguf_export}
+                                                "lm-eval-parity": lm_eval_parity, "gguf-export": gguf_export,
+                                                "gguf-runtime": gguf_runtime, "gguf-heal": gguf_heal}
 
 
 # ------------------------------------------------------------------------------------------------- write and check
