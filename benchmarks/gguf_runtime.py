@@ -178,6 +178,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts decoded greedily")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--no-speed", action="store_true", help="only the agreement (no speed or memory children: "
+                                                                 "for a machine whose cores are shared)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", choices=["llama", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -217,8 +219,9 @@ def main() -> None:
         prompts_file.write_text(json.dumps(prompts))
         for path in files:
             row = {"bytes": path.stat().st_size,
-                   **_compare(path, split, tok, min(args.rows, len(split)), prompts, args.new_tokens, args.threads),
-                   "llama_cpp": _measure("llama", str(path), prompts_file, args.new_tokens, args.threads)}
+                   **_compare(path, split, tok, min(args.rows, len(split)), prompts, args.new_tokens, args.threads)}
+            if not args.no_speed:
+                row["llama_cpp"] = _measure("llama", str(path), prompts_file, args.new_tokens, args.threads)
             rows[path.name] = row
             print(f"{path.name}: {json.dumps(row)}", flush=True)
         reference = {"student fp32 (PyTorch)": ("torch", str(run / "student"))}
@@ -227,7 +230,7 @@ def main() -> None:
         if teacher is not None:  # the teacher's own file in both runtimes (a Hub or tiny teacher has none)
             reference.update({"teacher GGUF (llama.cpp)": ("llama", str(teacher)),
                               "teacher fp32 (PyTorch)": ("torch", str(teacher))})
-        for name, (kind, model) in reference.items():
+        for name, (kind, model) in ({} if args.no_speed else reference).items():
             rows[name] = {"runtime": _measure(kind, model, prompts_file, args.new_tokens, args.threads)}
             print(f"{name}: {json.dumps(rows[name])}", flush=True)
     if args.json:

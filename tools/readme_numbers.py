@@ -697,11 +697,14 @@ def gguf_runtime(data: dict) -> str:
              "| file | MB | top-1 same | mean KL | perplexity llama.cpp / transformers | same tokens (text) | greedy "
              "identical | llama.cpp decode tok/s | peak RSS |", "|" + " --- |" * 9]
     for name, row in files.items():
-        run = row["llama_cpp"]
+        run = row.get("llama_cpp")
+        speed = (f"{run['decode_tokens_per_s']:.1f} | {mib(run['peak_rss_mib'] * 2**20)}" if run else "- | -")
         lines.append(f"| {name} | {row['bytes'] / 1e6:.1f} | {pct(row['top1_agreement'])} | {row['mean_kl']:.5f} | "
                      f"{ppl(row['perplexity_llama_cpp'])} / {ppl(row['perplexity_transformers'])} | "
-                     f"{row['same_tokenization']} | {row['greedy_prompts_identical']}/{s['prompts']} | "
-                     f"{run['decode_tokens_per_s']:.1f} | {mib(run['peak_rss_mib'] * 2**20)} |")
+                     f"{row['same_tokenization']} | {row['greedy_prompts_identical']}/{s['prompts']} | {speed} |")
+    if s.get("no_speed"):
+        return "\n".join(lines + ["", "Speed and memory were not measured in this run (`--no-speed`: the cores were "
+                                       "shared)."])
     lines += ["", "| model and runtime | load | prompt | decode tok/s | peak RSS |", "| --- | --- | --- | --- | --- |"]
     for name, row in [*((n, {"runtime": r["llama_cpp"]}) for n, r in files.items()),
                       *((n, r) for n, r in rows_.items() if n not in files)]:
@@ -724,12 +727,13 @@ def gguf_heal(data: dict) -> str:
     lines = [f"{measured_with(data)}: {rows_[0]['steps']} extra steps each, lr {rows_[0]['lr']:g}, the weights "
              f"quantized in the forward pass (the run's alpha {data['run_alpha']:g} for distillation):", "",
              "| type | healed by | fp32 perplexity | file before | file after | gap before -> after | gap closed | "
-             "time |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "healed fp32 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows_:
         closed = "-" if r["gap_closed"] is None else pct(r["gap_closed"])
         lines.append(f"| {r['quant']} | {r['method']} | {ppl(r['fp32_perplexity'])} | {ppl(r['quantized_before'])} | "
                      f"{ppl(r['quantized_after'])} | {r['gap_before']:+.3f} -> {r['gap_after']:+.3f} | {closed} | "
-                     f"{seconds(r['seconds'])} |")
+                     f"{ppl(r['healed_fp32_perplexity'])} |")
+    lines += ["", "Healed fp32: the healed full-precision weights, unquantized (what the extra steps did alone)."]
     by = {(r["quant"], r["method"].split()[0]): r for r in rows_}
     for quant in dict.fromkeys(r["quant"] for r in rows_):
         d, f = by.get((quant, "distillation")), by.get((quant, "fine-tuning"))
