@@ -439,7 +439,9 @@ class Experiment:
         self.checks: Optional[dict] = None  # 5b. Preflight
         self.preview: Optional[dict] = None  # 6c. On-policy preview
         self.comparison = None  # 9. Side by side (a DataFrame)
-        self.healed: dict[str, dict] = {}  # heal(): each healing's figures and its student
+        self.healed: dict[str, dict] = {}  # heal(): each healing's figures
+        self.healed_student: Optional[torch.nn.Module] = None  # the last healing's student (one kept, not each)
+        self._unhealed: dict[tuple, tuple[float, float]] = {}  # (student, quant) -> fp32 and file perplexity
         self.out = run_dir(cfg)
 
     @contextlib.contextmanager
@@ -774,11 +776,14 @@ class Experiment:
         if model not in ("student", "baseline"):
             raise ValueError(f"export(model={model!r}): use 'student' (the distilled one) or 'baseline'.")
         trained = _need(self.trained, "distil") if model == "student" else _need(self.baseline, "train_baseline")
-        path = Path(out) if out else self.out / f"{model}-{quant}.gguf"
-        rows = trained.student.config.vocab_size
-        return export_gguf(trained.student, self.tokenizer, path, quant,
-                           tokenizer_gguf=teacher_gguf(self.cfg.teacher.source, self.tokenizer, rows),
-                           name=f"{self.cfg.run.name} {model}")
+        return self._write_gguf(trained.student, Path(out) if out else self.out / f"{model}-{quant}.gguf", quant,
+                                f"{self.cfg.run.name} {model}")
+
+    def _write_gguf(self, student: torch.nn.Module, path: Path, quant: str, name: str) -> ExportReport:
+        """`student` as a GGUF file; its tokenizer copied from the teacher's GGUF when it is the same vocabulary."""
+        rows = student.config.vocab_size
+        return export_gguf(student, self.tokenizer, path, quant, name=name,
+                           tokenizer_gguf=teacher_gguf(self.cfg.teacher.source, self.tokenizer, rows))
 
     def heal(self, quant: str = "q4_0", steps: int = 50, alpha: Optional[float] = None, lr: Optional[float] = None,
              export: bool = True) -> dict:
@@ -795,14 +800,17 @@ class Experiment:
             trained = _need(self.trained, "distil")
             cfg = trained.cfg
             alpha = cfg.loss.alpha if alpha is None else float(alpha)
-            name = f"heal-{quant}" + ("" if alpha == cfg.loss.alpha else f"-alpha{alpha:g}")
+            suffix = "" if alpha == cfg.loss.alpha else f"-alpha{alpha:g}"
+            name = f"heal-{quant}{suffix}"
             variant = _variant(cfg, name, {"max_steps": int(steps), "lr": cfg.train.lr / 10 if lr is None else lr,
                                            "warmup_steps": min(cfg.train.warmup_steps, int(steps) // 4),
                                            "on_policy": 0.0, "eval_every": 0, "checkpoint_every": 0,
                                            "save_final": False, "seed": cfg.train.seed + 1},
                                loss=dataclasses.replace(cfg.loss, alpha=alpha))
-            fp32 = self._perplexity(trained.student)
-            before = self._perplexity(fake_quantize(trained.student, quant))
+            if (trained.student, quant) not in self._unhealed:  # healing again (another alpha) reuses them
+                self._unhealed[trained.student, quant] = (self._perplexity(trained.student),
+                                                          self._perplexity(fake_quantize(trained.student, quant)))
+            fp32, before = self._unhealed[trained.student, quant]
             init = attach_fake_quant(copy.deepcopy(trained.student), quant)
             self.say(f"healing the {quant} gap ({before - fp32:+.3f} perplexity): {steps} steps, alpha {alpha}, "
                      f"lr {variant.train.lr:g}, quantization-aware forward")
@@ -821,17 +829,14 @@ class Experiment:
                       "gap_before": before - fp32, "gap_after": after - fp32,
                       "gap_closed": 1 - (after - fp32) / (before - fp32) if before != fp32 else None}
             if export and self.main:
-                path = self.out / f"student-{quant}-healed{name[len(f'heal-{quant}'):]}.gguf"
-                rows = healed.config.vocab_size
-                report["gguf"] = str(export_gguf(healed, self.tokenizer, path, quant, name=f"{cfg.run.name} healed",
-                                                 tokenizer_gguf=teacher_gguf(cfg.teacher.source, self.tokenizer,
-                                                                             rows)).path)
+                report["gguf"] = str(self._write_gguf(healed, self.out / f"student-{quant}-healed{suffix}.gguf",
+                                                      quant, f"{cfg.run.name} healed").path)
             self.say(f"{quant} file: perplexity {before:,.3f} -> {after:,.3f} (fp32 {fp32:,.3f}); gap "
                      f"{report['gap_before']:+.3f} -> {report['gap_after']:+.3f}" + (
                          f", {report['gap_closed']:.0%} of it closed" if report["gap_closed"] is not None else ""))
             if self.main:
                 self._record_heal(name, report)
-            self.healed[name] = {**report, "student": healed}
+            self.healed[name], self.healed_student = report, healed
             return report
 
     def _perplexity(self, model: torch.nn.Module) -> float:
