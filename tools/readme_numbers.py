@@ -709,7 +709,7 @@ def gguf_runtime(data: dict) -> str:
     for name, row in [*((n, {"runtime": r["llama_cpp"]}) for n, r in files.items()),
                       *((n, r) for n, r in rows_.items() if n not in files)]:
         run = row["runtime"]
-        label = f"student {name} (llama.cpp)" if name in files else name
+        label = f"{name} (llama.cpp)" if name in files else name
         lines.append(f"| {label} | {run['load_s']:.1f} s | {1000 * run['prefill_s']:.0f} ms | "
                      f"{run['decode_tokens_per_s']:.1f} | {mib(run['peak_rss_mib'] * 2**20)} |")
     torch_fp32 = rows_.get("student fp32 (PyTorch)", {}).get("runtime")
