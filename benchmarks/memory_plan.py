@@ -121,7 +121,7 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
         _reset_peak(device)
         if stage == "teacher cache":
             build_topk_cache(teacher, train, root, k=cfg.teacher_cache.k, vocab_size=len(tok),
-                             pad_token_id=tok.pad_token_id, batch_size=cfg.teacher_cache.batch_size, progress=False)
+                             batch_size=cfg.teacher_cache.batch_size, progress=False)
         elif stage == "evaluation":
             with experiment.visiting(student_init, device):
                 perplexity(teacher, eval_split, pad_token_id=tok.pad_token_id, batch_size=cfg.eval.batch_size,

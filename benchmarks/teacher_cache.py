@@ -62,7 +62,7 @@ def main() -> None:
     k = cfg.teacher_cache.k
     with tempfile.TemporaryDirectory() as root:
         start = time.perf_counter()
-        cache = build_topk_cache(teacher, splits.train, root, k=k, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+        cache = build_topk_cache(teacher, splits.train, root, k=k, vocab_size=len(tok),
                                  batch_size=cfg.teacher_cache.batch_size, progress=False,
                                  fidelity=Fidelity(temperature=cfg.loss.temperature))
         build_s = time.perf_counter() - start
@@ -91,7 +91,7 @@ def main() -> None:
         examples, report = load_gsm8k("train", path=args.gsm8k, limit=args.gsm8k_rows)
         split = tokenize_examples(examples, tok, max_length=cfg.data.max_length * 2)
         with tempfile.TemporaryDirectory() as root:
-            real = build_topk_cache(teacher, split, root, k=k, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+            real = build_topk_cache(teacher, split, root, k=k, vocab_size=len(tok),
                                     batch_size=cfg.teacher_cache.batch_size, progress=False,
                                     fidelity=Fidelity(rows=len(split), temperature=cfg.loss.temperature))
         print(f"GSM8K train answers ({real.report.rows} rows, {real.report.tokens:,} tokens, {args.gsm8k}): "

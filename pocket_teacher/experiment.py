@@ -32,9 +32,9 @@ from .plan import MemoryPlan, PlanError, memory_plan
 from .plots import plot_mmlu_subjects, plot_quality, plot_size_quality, plot_training, save_figure
 from .report import (BASELINE_LABEL, RANDOM_INIT_LABEL, preflight_warnings, results_table, side_by_side,
                      summarize)
-from .runfolder import is_main_process, main_process_first, run_dir, save_outputs, start_run
+from .runfolder import is_main_process, join_process_group, main_process_first, run_dir, save_outputs, start_run
 from .students import load_student
-from .teacher_cache import Fidelity, TopKCache, build_topk_cache
+from .teacher_cache import Fidelity, Share, TopKCache, build_topk_cache
 from .train import HeldOut, OpenedStep, Trainer, TrainingInterrupted, TrainResult, Vocab, open_step
 
 OPENING_WORDS = 8  # side by side, a free text without a prompt is continued from this many of its first words
@@ -228,9 +228,8 @@ def teacher_cache(cfg: Config, teacher: torch.nn.Module, splits: Splits, tokeniz
         return None
     tc = cfg.teacher_cache
     cache = build_topk_cache(teacher, splits.train, cache_dir(cfg), k=tc.k, vocab_size=len(tokenizer),
-                             pad_token_id=tokenizer.pad_token_id, batch_size=tc.batch_size,
-                             teacher_key=teacher_key(cfg, info), progress=progress,
-                             fidelity=Fidelity(temperature=cfg.loss.temperature))
+                             batch_size=tc.batch_size, teacher_key=teacher_key(cfg, info), progress=progress,
+                             fidelity=Fidelity(temperature=cfg.loss.temperature), share=Share.current())
     if verbose:
         print(cache.report)
     return cache
@@ -250,8 +249,8 @@ def training(cfg: Config, student_init: torch.nn.Module, teacher: Optional[torch
     eval_cache = None
     if cfg.train.eval_every and cache is not None and teacher is not None and is_main_process():
         eval_cache = build_topk_cache(teacher, splits.eval, cache_dir(cfg), k=cfg.teacher_cache.k,
-                                      vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                      batch_size=cfg.teacher_cache.batch_size, progress=False)
+                                      vocab_size=len(tokenizer), batch_size=cfg.teacher_cache.batch_size,
+                                      progress=False)
     idle = park if cache is None or cfg.train.on_policy > 0 else teacher
     parked = idle if resolve_device(cfg.train.device).type == "cuda" else None
     with visiting(parked, "cpu") if parked is not None else contextlib.nullcontext():
@@ -513,9 +512,9 @@ class Experiment:
     def build_cache(self) -> Optional[TopKCache]:
         with self._timed("build_cache"):
             splits = self.splits
-            with main_process_first():
-                self.cache = teacher_cache(self.cfg, self.teacher, splits, self.tokenizer, self.teacher_info,
-                                           self.shared, self.progress, verbose=self.main)
+            join_process_group()  # every process builds its share of the cache
+            self.cache = teacher_cache(self.cfg, self.teacher, splits, self.tokenizer, self.teacher_info,
+                                       self.shared, self.progress, verbose=self.main)
             return self.cache
 
     @property

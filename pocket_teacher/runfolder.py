@@ -119,6 +119,13 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def join_process_group() -> None:
+    """Under `accelerate launch` / torchrun, make sure the process group exists (accelerate's `PartialState`
+    creates it: NCCL on GPUs, gloo on CPU), so that the processes can work on one job together."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        PartialState()
+
+
 @contextlib.contextmanager
 def main_process_first():
     """Run the block in the main process first, then in the others (which then reuse its caches)."""

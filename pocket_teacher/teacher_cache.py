@@ -9,7 +9,9 @@ log-probs at T = 1 (fp16) and the leftover tail mass (fp32), in flat memory-mapp
 a fingerprint of everything that determines its content (teacher weights and precision, data, chat template, max length,
 vocabulary, k): a matching cache is reused, any change builds a new one. It is written into ``<fingerprint>.partial/``
 with a progress record after every batch, so a build killed midway resumes there, and only a finished, checksummed build
-is renamed into place; a cache whose files do not match their checksums is never read.
+is renamed into place; a cache whose files do not match their checksums is never read. Under torchrun / accelerate
+launch (``share=Share.current()``) every process computes a share of the batches into the same files and process 0
+publishes the joined cache: the bytes of a one-process build.
 
 The teacher's generated answers (sequence-level distillation) are a stage of their own: `generate.py`.
 """
@@ -23,13 +25,13 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .batches import AnswerBatch, answer_batches, answer_logit_chunks
+from .batches import AnswerBatch, AnswerBatches, answer_logit_chunks
 from .data import IGNORE_INDEX, TokenizedSplit
 from .files import digest, file_hash, fingerprint, model_digest, require_free_space, write_json
 from .losses import TAIL_FLOOR, TeacherTopK, kl
@@ -131,6 +133,12 @@ class TopKCache:
         for name in FILES:
             self._files.append(_open(path, name, int(self.offsets[-1]), self.k, "r"))
 
+    @classmethod
+    def open(cls, path: Path) -> "TopKCache":
+        """A finished cache folder, with the report written when it was built."""
+        meta = json.loads((path / "meta.json").read_text())
+        return cls(path, meta, CacheReport(**{**meta["report"], "path": str(path)}))
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
@@ -190,43 +198,114 @@ def validate_cache(path: Path, expected_fingerprint: Optional[str] = None) -> Op
     return None
 
 
+@dataclass(frozen=True)
+class Share:
+    """The processes building one cache together: this one's `rank` of `size`, and how they wait for each other.
+
+    Under `accelerate launch` / torchrun, `Share.current()` is the initialised process group: each process runs the
+    teacher over its share of the batches, written into the same files, and process 0 joins the shares and
+    publishes the cache, byte for byte the one a single process builds (the same batches, the same arithmetic).
+    The default, one process alone, is what a caller that runs in one process only (e.g. on process 0) needs."""
+
+    rank: int = 0
+    size: int = 1
+    barrier: Callable[[], None] = field(default=lambda: None, compare=False)
+
+    @classmethod
+    def current(cls) -> "Share":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return cls(dist.get_rank(), dist.get_world_size(), dist.barrier)
+        return cls()
+
+
+def shares(groups: Sequence[tuple[int, int]], cost: Sequence[int], size: int) -> list[list[tuple[int, int]]]:
+    """`groups` (batches, in order) cut into `size` consecutive runs of about equal summed `cost` (padded tokens):
+    the same cut in every process."""
+    total, out, acc = sum(cost), [[] for _ in range(size)], 0
+    for group, c in zip(groups, cost):
+        rank = min(size - 1, int(size * (acc + c / 2) / max(1, total)))
+        out[rank].append(group)
+        acc += c
+    return out
+
+
 def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str | Path, *, k: int = 64,
-                     vocab_size: Optional[int] = None, pad_token_id: int = 0, batch_size: int = 8,
-                     teacher_key: Optional[dict] = None, fidelity: Optional[Fidelity] = None,
-                     progress: bool = True) -> TopKCache:
+                     vocab_size: Optional[int] = None, batch_size: int = 8, teacher_key: Optional[dict] = None,
+                     fidelity: Optional[Fidelity] = None, progress: bool = True,
+                     share: Optional[Share] = None) -> TopKCache:
     """Reuse the matching cache under `root`, or run the teacher once over `split` and write it.
 
-    One process builds a given cache at a time (a file lock; others wait, then reuse it). Free space is
+    One run builds a given cache at a time (a file lock; another run waits, then reuses it). Free space is
     checked and the files' blocks reserved before the teacher runs; every finished batch is checksummed, so
-    a resumed build finds a damaged byte and rebuilds from that batch.
+    a resumed build finds a damaged byte and computes that batch again. With `share` (`Share.current()` under
+    torchrun / accelerate launch, every process calling), the processes build the batches between them, and the
+    cache is byte for byte the one process's; a stopped build resumes with any number of processes.
 
     Args:
         teacher: the frozen teacher (any precision), on its device.
-        split: the tokenized training split; row i of the cache is ``split[i]``.
+        split: the tokenized training split; row i of the cache is ``split[i]``. Rows are padded on the right,
+            and causal attention never lets a padding token reach an answer position, so the pad id cannot change
+            the cache (id 0 is used).
         root: folder holding caches, one sub-folder per fingerprint.
         k: log-probs kept per answer token (ids int32, log-probs fp16: 6k + 4 bytes per token).
         vocab_size: the tokenizer's size; logits beyond it (padding rows) are dropped first.
+        batch_size: rows per teacher forward (part of no fingerprint: each row's values do not depend on it beyond
+            float rounding, and a build with a different batch size is a different build, not a resume).
         teacher_key: identifies the teacher beyond its weights (source, revision, precision).
         fidelity: where the report's fidelity is measured (`Fidelity`: the first 32 rows, the training temperature
-            1 unless given)."""
+            1 unless given).
+        share: the processes building together (default: this one alone)."""
     vocab = vocab_size or teacher.get_output_embeddings().weight.shape[0]
     if not 1 <= k <= vocab:
         raise ValueError(f"teacher_cache.k={k}: use a value in [1, {vocab}] (the vocabulary size).")
+    share, fidelity = share or Share(), fidelity or Fidelity()
     parts = fingerprint_parts(teacher, split, k, vocab, teacher_key)
     fp = fingerprint(parts)
     root = Path(root)
-    lock = cache_lock(root, fp, progress)
-    try:
-        fidelity = fidelity or Fidelity()
-        cache = _build_or_reuse(teacher, split, root, parts, (k, vocab, pad_token_id, batch_size), fidelity, progress)
+    build = _Build(root / f"{fp}.partial", root / fp, parts, k, vocab, batch_size, fidelity, fp)
+    offsets, groups = _layout(split, batch_size)
+    lock = cache_lock(root, fp, progress) if share.rank == 0 else None
+    try:  # process 0 reuses a finished cache or prepares the partial build (joining what earlier processes did)
+        if share.rank == 0:
+            _prepare(build, offsets, split)
+        share.barrier()
+        if build.final.exists():  # prepared as reusable by process 0
+            return _reused(build.final, fidelity)
+        state = json.loads((build.partial / "progress.json").read_text())
+        done = {tuple(r["rows"]) for r in state["batches"]}
+        todo = [g for g in groups if g not in done]
+        lengths = [len(f["input_ids"]) for f in split.features]
+        mine = shares(todo, [(hi - lo) * max(lengths[lo:hi]) for lo, hi in todo], share.size)[share.rank]
+        start = time.perf_counter()
+        _compute(teacher, split, build, offsets, mine, share, progress=progress and share.rank == 0,
+                 done_rows=sum(hi - lo for lo, hi in done))
+        share.barrier()
+        if share.rank == 0:  # process 0 joins the shares and publishes the cache
+            state = _join(build, offsets)
+            missing = [g for g in groups if g not in {tuple(r["rows"]) for r in state["batches"]}]
+            if missing:
+                raise CacheError(f"teacher cache: {len(missing)} batches of {build.partial} are missing after the "
+                                 f"build (rows {missing[0][0]}- first); run again to compute them.")
+            _publish(build, state, offsets, len(split), time.perf_counter() - start, share.size)
+        share.barrier()
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
+    cache = TopKCache.open(build.final)
     cache.report = replace(cache.report, temperature=float(fidelity.temperature))
     return cache
 
 
+def _reused(path: Path, fidelity: Fidelity) -> TopKCache:
+    cache = TopKCache.open(path)
+    cache.report = replace(cache.report, status="reused", temperature=float(fidelity.temperature))
+    return cache
+
+
 def cache_lock(root: Path, fp: str, progress: bool = True):
-    """Hold ``<root>/<fingerprint>.lock`` (filelock) while one process builds a cache: a second run needing the
+    """Hold ``<root>/<fingerprint>.lock`` (filelock) while one run builds a cache: a second run needing the
     same cache waits for it and then reuses it, instead of deleting the first one's partial files."""
     from filelock import FileLock, Timeout
 
@@ -260,78 +339,132 @@ def _batch_hash(*arrays) -> str:
     return digest(*(np.ascontiguousarray(a).tobytes() for a in arrays))
 
 
-def _build_or_reuse(teacher, split, root: Path, parts: dict, shape: tuple[int, int, int, int], fidelity: Fidelity,
-                    progress: bool) -> TopKCache:
-    k, vocab, pad_token_id, batch_size = shape
-    fp = fingerprint(parts)
-    final, partial = root / fp, root / f"{fp}.partial"
-    if final.exists() and validate_cache(final, fp) is None:
-        meta = json.loads((final / "meta.json").read_text())
-        return TopKCache(final, meta, CacheReport(**{**meta["report"], "status": "reused", "path": str(final)}))
-    if final.exists():  # stale or damaged: never read, rebuilt from scratch
-        shutil.rmtree(final)
+@dataclass(frozen=True)
+class _Build:
+    """One cache build: where it is written and published, and what it computes."""
 
-    # Answer tokens per row: positions t whose next label is scored, the labels from position 1 on not ignored.
+    partial: Path
+    final: Path
+    parts: dict
+    k: int
+    vocab: int
+    batch_size: int
+    fidelity: Fidelity
+    fingerprint: str
+
+
+def _layout(split: TokenizedSplit, batch_size: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Answer tokens' offsets per row (positions t whose next label is scored: labels from position 1 on that are
+    not ignored), and the batches as (first row, end row): consecutive rows, the same in every process."""
     counts = np.array([sum(1 for t in f["labels"][1:] if t != IGNORE_INDEX) for f in split.features], np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return offsets, [(lo, min(lo + batch_size, len(split))) for lo in range(0, len(split), batch_size)]
+
+
+def _prepare(build: _Build, offsets: np.ndarray, split) -> None:
+    """Process 0, before anyone computes: a valid finished cache stays (to be reused); a stale one is removed; a
+    partial build of this very cache keeps its intact batches (joined from every process's progress file),
+    anything else starts afresh with preallocated files."""
+    final, partial, fp = build.final, build.partial, build.fingerprint
+    if final.exists() and validate_cache(final, fp) is None:
+        return
+    if final.exists():  # stale or damaged: never read, rebuilt from scratch
+        shutil.rmtree(final)
     tokens = int(offsets[-1])
-    done, status = 0, "built"
-    progress_file = partial / "progress.json"
     try:  # a partial build of this very cache (none: FileNotFoundError) resumes where it stopped
-        state = json.loads(progress_file.read_text())
-        same = state["fingerprint"] == fp and np.array_equal(np.load(partial / "offsets.npy"), offsets)
+        old = json.loads((partial / "progress.json").read_text())
+        same = (old["fingerprint"] == fp and old.get("format") == _PROGRESS
+                and np.array_equal(np.load(partial / "offsets.npy"), offsets))
     except (OSError, ValueError, KeyError):
         same = False
     if same:
-        done = int(state["rows_done"])
-        status = f"resumed after {done} of {len(split)} rows"
-    if done == 0:  # nothing to resume: start afresh
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        np.save(partial / "offsets.npy", offsets)
-        if tokens:
-            for name in FILES:  # preallocate the files at their final size
-                _open(partial, name, tokens, k, "w+").flush()
-            _reserve(partial, tokens, k)
-        state = {"fingerprint": fp, "rows_done": 0, "kl_sum": 0.0, "kl_tokens": 0, "seconds": 0.0, "batches": [],
-                 "temperatures": [_tkey(t) for t in sorted({*TEMPERATURES, float(fidelity.temperature)})],
-                 "at_temperature": {}}
-        write_json(progress_file, state)
-    mms = [_open(partial, name, tokens, k, "r+") for name in FILES]  # ids, logprobs, tail
-    for lo, hi, expected in state.get("batches", []):  # a byte changed after it was written: redo from that batch
-        if _batch_hash(*(mm[int(offsets[lo]):int(offsets[hi])] for mm in mms)) != expected:
-            tqdm.write(f"teacher cache: rows {lo}- of the partial build in {partial} fail their checksum; "
-                       f"computing them again")
-            state["batches"] = [b for b in state["batches"] if b[0] < lo]
-            done = lo
-            status = f"resumed after {done} of {len(split)} rows (damaged rows recomputed)"
-            break
+        state = _join(build, offsets, rows=len(split))
+        if state["batches"]:
+            return
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    np.save(partial / "offsets.npy", offsets)
+    if tokens:
+        for name in FILES:  # preallocate the files at their final size
+            _open(partial, name, tokens, build.k, "w+").flush()
+        _reserve(partial, tokens, build.k)
+    write_json(partial / "progress.json", {"fingerprint": fp, "format": _PROGRESS, "batches": [], "seconds": 0.0,
+                                           "status": "built"})
 
+
+_PROGRESS = 2  # the partial build's progress records: one per batch, from any process
+
+
+def _join(build: _Build, offsets: np.ndarray, rows: Optional[int] = None) -> dict:
+    """Process 0: every process's progress records joined into progress.json, each batch checked against its
+    checksum (a damaged batch is dropped, to be computed again). With `rows` (at a resume) the status says how
+    far the build had come."""
+    partial, tokens = build.partial, int(offsets[-1])
+    state = json.loads((partial / "progress.json").read_text())
+    records = {tuple(r["rows"]): r for r in state["batches"]}
+    extra = sorted(partial.glob("progress.*.json"))
+    ran = 0.0  # the stopped build's wall time: its processes ran side by side
+    for f in extra:
+        try:
+            got = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue  # a process killed while replacing its file: its batches are computed again
+        records.update({tuple(r["rows"]): r for r in got["batches"]})
+        ran = max(ran, got["seconds"])
+    mms = [_open(partial, name, tokens, build.k, "r") for name in FILES]
+    good = []
+    for (lo, hi), r in sorted(records.items()):
+        a, b = int(offsets[lo]), int(offsets[hi])
+        if _batch_hash(mms[0][a:b], mms[1][a:b], mms[2][a:b]) == r["hash"]:
+            good.append(r)
+    state["batches"] = good
+    if rows is not None:  # at a resume: the stopped build's time counts; at the end, the caller's clock does
+        state["seconds"] += ran
+        status = f"resumed after {sum(r['rows'][1] - r['rows'][0] for r in good)} of {rows} rows"
+        damaged = len(good) < len(records)
+        state["status"] = status + (" (damaged rows recomputed)" if damaged else "")
+        if damaged:
+            tqdm.write(f"teacher cache: {len(records) - len(good)} batches of the partial build in {partial} fail "
+                       f"their checksum; computing them again")
+    write_json(partial / "progress.json", state)
+    for f in extra:
+        f.unlink()
+    return state
+
+
+def _compute(teacher, split, build: _Build, offsets: np.ndarray, groups: list[tuple[int, int]], share: Share,
+             progress: bool, done_rows: int) -> None:
+    """This process's batches: the teacher's top-k written into the shared files, each batch recorded with its
+    checksum (and, within the fidelity rows, its fidelity sums) in progress.<rank>.json."""
+    partial, k = build.partial, build.k
+    mms = [_open(partial, name, int(offsets[-1]), k, "r+") for name in FILES]  # ids, logprobs, tail
+    temperatures = [_tkey(t) for t in sorted({*TEMPERATURES, float(build.fidelity.temperature)})]
+    mine = {"rank": share.rank, "batches": [], "seconds": 0.0, "rows_done": done_rows}
     teacher.eval()
     start = time.perf_counter()
-    bar = tqdm(total=len(split), initial=done, desc="teacher cache", disable=not progress)
-    for batch in answer_batches(split, pad_token_id, batch_size=batch_size, rows=range(done, len(split)),
-                                device=next(teacher.parameters()).device):
+    desc = "teacher cache" + (f" (share {share.rank + 1} of {share.size})" if share.size > 1 else "")
+    bar = tqdm(total=done_rows + sum(hi - lo for lo, hi in groups), initial=done_rows, desc=desc,
+               disable=not progress)
+    batches = AnswerBatches(split, [list(range(lo, hi)) for lo, hi in groups], 0, next(teacher.parameters()).device)
+    for batch in batches:
         lo, hi = batch.rows[0], batch.rows[-1] + 1
         a, b = int(offsets[lo]), int(offsets[hi])
+        record = {"rows": [lo, hi]}
+        if lo < build.fidelity.rows:
+            record.update(kl_sum=0.0, kl_tokens=0, temperatures=temperatures, at_temperature={})
         if b > a:
-            for mm, values in zip(mms, _teacher_topk(teacher, batch, vocab, k, state if lo < fidelity.rows else None)):
+            for mm, values in zip(mms, _teacher_topk(teacher, batch, build.vocab, k, record if "kl_sum" in record
+                                                     else None)):
                 mm[a:b] = values.cpu().numpy().astype(mm.dtype)
                 mm.flush()
-        state.setdefault("batches", []).append([lo, hi, _batch_hash(*(mm[a:b] for mm in mms))])
-        state["rows_done"] = hi
-        write_json(progress_file, {**state, "seconds": state["seconds"] + time.perf_counter() - start})
+        record.pop("temperatures", None)
+        record["hash"] = _batch_hash(*(mm[a:b] for mm in mms))
+        mine["batches"].append(record)
+        mine["rows_done"] += hi - lo
+        write_json(partial / f"progress.{share.rank}.json", {**mine, "seconds": time.perf_counter() - start})
         bar.update(hi - lo)
     bar.close()
-    seconds = state["seconds"] + time.perf_counter() - start
     del mms
-
-    n = max(1, state["kl_tokens"])
-    at_t = {t: {name: total / n for name, total in sums.items()} for t, sums in state.get("at_temperature", {}).items()}
-    report = CacheReport(path=str(final), fingerprint=fp, status=status, rows=len(split), tokens=tokens, k=k,
-                         bytes=0, mass_mean=1.0, mass_p05=1.0, kl_sample=state["kl_sum"] / n,
-                         kl_sample_tokens=state["kl_tokens"], build_seconds=seconds, at_temperature=at_t)
-    return _publish(partial, final, parts, report)
 
 
 def _teacher_topk(teacher, batch: AnswerBatch, vocab: int, k: int, kl_state: Optional[dict]):
@@ -378,20 +511,31 @@ def _objectives_at(log_p: torch.Tensor, top_ids: torch.Tensor, top_lp: torch.Ten
             "tail_live": float(live_tail.exp().sum()), "tail_cached": float(cached[:, -1].exp().sum())}
 
 
-def _publish(partial: Path, final: Path, parts: dict, report: CacheReport) -> TopKCache:
-    """Measure the finished partial build (top-k mass, size), checksum it and rename it into place (atomic:
-    the cache appears only once it is whole)."""
-    tokens, k = report.tokens, report.k
+def _publish(build: _Build, state: dict, offsets: np.ndarray, rows: int, seconds: float, processes: int) -> None:
+    """Measure the finished partial build (fidelity sums in batch order, top-k mass, size), checksum it and rename
+    it into place (atomic: the cache appears only once it is whole)."""
+    partial, k, tokens = build.partial, build.k, int(offsets[-1])
+    kl_sum, kl_tokens, sums = 0.0, 0, {}
+    for r in state["batches"]:  # in batch order, whichever process computed them: the same float sums
+        kl_sum, kl_tokens = kl_sum + r.get("kl_sum", 0.0), kl_tokens + r.get("kl_tokens", 0)
+        for t, values in r.get("at_temperature", {}).items():
+            total = sums.setdefault(t, dict.fromkeys(values, 0.0))
+            for name, value in values.items():
+                total[name] += value
+    n = max(1, kl_tokens)
     mass = 1.0 - np.asarray(_open(partial, "tail", tokens, k, "r"), np.float64)
-    report = replace(report, bytes=sum((partial / f"{n}.bin").stat().st_size for n in FILES if tokens)
-                     + (partial / "offsets.npy").stat().st_size,
-                     mass_mean=float(mass.mean()) if tokens else 1.0,
-                     mass_p05=float(np.percentile(mass, 5)) if tokens else 1.0)
+    status = state["status"] + (f" by {processes} processes" if processes > 1 else "")
+    report = CacheReport(path=str(build.final), fingerprint=build.fingerprint, status=status, rows=rows,
+                         tokens=tokens, k=k, bytes=sum((partial / f"{n}.bin").stat().st_size for n in FILES if tokens)
+                         + (partial / "offsets.npy").stat().st_size,
+                         mass_mean=float(mass.mean()) if tokens else 1.0,
+                         mass_p05=float(np.percentile(mass, 5)) if tokens else 1.0, kl_sample=kl_sum / n,
+                         kl_sample_tokens=kl_tokens, build_seconds=state["seconds"] + seconds,
+                         at_temperature={t: {name: v / n for name, v in d.items()} for t, d in sums.items()})
     checksums = dict(zip(FILES, map(file_hash, (partial / f"{n}.bin" for n in FILES)))) if tokens else {}
     checksums["offsets"] = file_hash(partial / "offsets.npy")
-    meta = {"complete": True, "fingerprint": report.fingerprint, "parts": parts, "k": k, "rows": report.rows,
+    meta = {"complete": True, "fingerprint": build.fingerprint, "parts": build.parts, "k": k, "rows": rows,
             "tokens": tokens, "checksums": checksums, "report": asdict(report)}
     (partial / "progress.json").unlink()
     write_json(partial / "meta.json", meta)
-    os.replace(partial, final)
-    return TopKCache(final, meta, report)
+    os.replace(partial, build.final)

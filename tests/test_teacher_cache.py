@@ -2,6 +2,11 @@
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,3 +273,77 @@ def test_the_fidelity_line_compares_the_two_objectives_at_the_training_temperatu
                              fidelity=Fidelity(len(split), 2.5))
     assert again.report.status == "reused" and "T=2.5: not measured (when this cache was built: T = 1, 1.5, 2, 3, 4)" \
         in str(again.report)
+
+
+# -- several processes build one cache ------------------------------------------------------------------------
+
+CACHE_JOB = Path(__file__).with_name("_cache_job.py")
+CACHE_FILES = ("ids.bin", "logprobs.bin", "tail.bin", "offsets.npy")
+
+
+def _run_cache_job(root: Path, processes: int) -> list[str]:
+    """tests/_cache_job.py in `processes` processes (torchrun, gloo), one thread each: its cache folder and status."""
+    cmd = [sys.executable, str(CACHE_JOB), str(root)]
+    if processes > 1:
+        with socket.socket() as probe:  # a free port for the rendezvous
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        cmd[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-2:]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_build_the_same_bytes_as_one(tmp_path):
+    one_path, one_status = _run_cache_job(tmp_path / "one", 1)
+    two_path, two_status = _run_cache_job(tmp_path / "two", 2)
+    assert one_status == "built" and two_status == "built by 2 processes"
+    assert Path(one_path).name == Path(two_path).name  # the same fingerprint: the same teacher, data and settings
+    for name in CACHE_FILES:
+        assert (Path(one_path) / name).read_bytes() == (Path(two_path) / name).read_bytes(), name
+    one, two = (json.loads((Path(p) / "meta.json").read_text()) for p in (one_path, two_path))
+    assert one["checksums"] == two["checksums"]
+    for key in ("kl_sample", "kl_sample_tokens", "at_temperature", "mass_mean", "mass_p05", "tokens", "bytes"):
+        assert one["report"][key] == two["report"][key], key  # fidelity sums in batch order: equal, not close
+    assert not list(Path(two_path).parent.glob("*.partial"))
+
+
+def test_shares_cut_the_batches_in_order_by_their_cost():
+    from pocket_teacher.teacher_cache import shares
+
+    groups = [(0, 2), (2, 4), (4, 6), (6, 8), (8, 9)]
+    assert shares(groups, [1, 1, 1, 1, 1], 1) == [groups]
+    two = shares(groups, [10, 1, 1, 1, 7], 2)
+    assert two == [[(0, 2)], [(2, 4), (4, 6), (6, 8), (8, 9)]]  # the costly first batch alone
+    three = shares(groups, [1, 1, 1, 1, 1], 3)
+    assert [g for part in three for g in part] == groups and all(three)
+    assert shares([], [], 2) == [[], []]
+
+
+def test_a_share_left_by_a_stopped_group_is_joined_by_one_process(tiny_teacher, split, tmp_path):
+    """Process 0 of 2 computes its share, then the group stops (its partner died): one process alone resumes,
+    computes only the other share, and the cache equals a one-process build byte for byte."""
+    from pocket_teacher.teacher_cache import Share
+
+    waits = {"n": 0}
+
+    def partner_died():
+        waits["n"] += 1
+        if waits["n"] == 2:  # the barrier after the shares
+            raise KeyboardInterrupt("the other process was killed")
+
+    counter = ForwardCounter(tiny_teacher)
+    with pytest.raises(KeyboardInterrupt):
+        _build(tiny_teacher, split, tmp_path / "a", share=Share(0, 2, partner_died))
+    first_share = counter.calls
+    assert 0 < first_share < 3  # 10 rows in batches of 4: process 0 had part of them
+    resumed = _build(tiny_teacher, split, tmp_path / "a")
+    assert counter.calls == 3  # the missing batches only
+    assert resumed.report.status.startswith("resumed after") and "of 10 rows" in resumed.report.status
+    clean = _build(tiny_teacher, split, tmp_path / "b")
+    for name in CACHE_FILES:
+        assert (resumed.path / name).read_bytes() == (clean.path / name).read_bytes(), name
+    assert resumed.report.kl_sample == clean.report.kl_sample
+    assert resumed.report.at_temperature == clean.report.at_temperature
