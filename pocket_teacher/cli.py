@@ -2,7 +2,7 @@
 
     python -m pocket_teacher run --preset pocket --set loss.alpha=0.3 --set train.max_steps=200 --out runs/a03
     python -m pocket_teacher run --preset pocket --out runs/a03 --resume      # continue a killed run
-    python -m pocket_teacher plan --preset t4 --gpu t4                      # memory per stage; exit 3 if no fit
+    python -m pocket_teacher plan --preset t4 --gpu t4                # memory and time per stage; exit 3 if no fit
     python -m pocket_teacher export --run runs/pocket --quant q8_0          # the student as a GGUF for llama.cpp
     python -m pocket_teacher export --run runs/pocket --quant q4_0 --heal-steps 50   # heal the q4_0 gap first
     accelerate launch --num_processes 2 -m pocket_teacher run --preset t4   # several GPUs (or CPU processes)
@@ -28,6 +28,7 @@ from .export import QUANTS, ExportError, export_run
 from .hub import HubUnavailableError
 from .models import ModelLoadError, VocabMismatchError
 from .plan import GPUS, PlanError, memory_plan
+from .timeplan import local_throughput, time_plan
 from .runfolder import RunFolderBusy, run_dir
 from .teacher_cache import CacheError
 from .train import NOTEBOOK_RESUME, TrainingDiverged, TrainingInterrupted
@@ -70,14 +71,22 @@ def _parser() -> argparse.ArgumentParser:
                        help="continue from the newest valid checkpoint in <run folder>/checkpoints (same as "
                             "--set train.resume=true; torn or damaged checkpoints are skipped)")
 
-    plan = sub.add_parser("plan", help="print the memory plan (GPU memory and host RAM per stage); exit 0 when it "
-                                       "fits, 3 when it does not", parents=[common],
+    plan = sub.add_parser("plan", help="print the memory plan (GPU memory and host RAM per stage) and the time plan "
+                                       "(seconds per section); exit 0 when it fits, 3 when it does not",
+                          parents=[common],
                           description="Peak accelerator memory and host RAM of every stage (teacher cache, evaluation, "
                                       "generation, teacher answers, training), itemised, with a verdict and, when it "
-                                      "does not fit, the overrides that would make it fit. Works offline.")
+                                      "does not fit, the overrides that would make it fit; then the time plan: each "
+                                      "section's wall time from its FLOPs, bytes and ops and the device's throughput "
+                                      "(probed here once and cached, or a named GPU's public figures). Works "
+                                      "offline.")
     plan.add_argument("--gpu", choices=[*GPUS, "cpu"],
                       help="plan for this GPU (default: the GPU PyTorch sees here, else this CPU)")
     plan.add_argument("--host-gb", type=float, help="host RAM in GB (default: the GPU's usual host)")
+    plan.add_argument("--processes", type=int, default=1,
+                      help="data-parallel processes (accelerate launch / torchrun) the time plan shares work among")
+    plan.add_argument("--probe", action="store_true",
+                      help="measure this machine's throughput again (e.g. the cached probe ran on a busy machine)")
 
     export = sub.add_parser("export", help="write a finished run's student as a GGUF file (llama.cpp, Ollama)",
                             description="Write runs/NAME/student (or the baseline's final checkpoint) as one GGUF "
@@ -204,6 +213,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.command == "plan":
         plan = memory_plan(cfg, args.gpu, host_gb=args.host_gb)
         print(plan)
+        throughput = local_throughput(args.gpu, refresh=True) if args.probe and args.gpu in (None, "cpu") else None
+        print(time_plan(cfg, args.gpu, throughput=throughput, processes=args.processes))
         return 0 if plan.fits else 3
     if args.command == "run":
         try:

@@ -8,6 +8,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from .losses import Divergence, divergence_name
 from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, device_capability,
                      load_teacher, offload, resolve_device, resolve_mixed_precision, resolve_precision)
 from .plan import MemoryPlan, PlanError, memory_plan
+from .timeplan import Lengths, TimePlan, TimePlanError, compared, time_plan
 from .plots import plot_mmlu_subjects, plot_quality, plot_size_quality, plot_training, save_figure
 from .report import (BASELINE_LABEL, RANDOM_INIT_LABEL, preflight_warnings, results_table, side_by_side,
                      summarize)
@@ -81,6 +83,20 @@ def check_memory(cfg: Config, force: bool = False, verbose: bool = True) -> Opti
         fixes = " ".join(f"--set {f}" for f in plan.fixes if "=" in f)
         raise PlanDoesNotFit(f"{plan.verdict}. " + (f"Try: {fixes}. " if fixes else "")
                              + "Or force the run (CLI --force, run(..., force=True)) to try anyway.")
+    return plan
+
+
+def plan_time(cfg: Config, lengths: Optional[Lengths] = None, verbose: bool = True) -> Optional[TimePlan]:
+    """Print the time plan of `cfg` on this machine (per section; with `lengths`, the tokenized splits'), or why
+    there is none. The processes of `accelerate launch` / torchrun share the cache and the training steps."""
+    try:
+        plan = time_plan(cfg, lengths=lengths, processes=int(os.environ.get("WORLD_SIZE", "1")))
+    except (PlanError, TimePlanError) as exc:
+        if verbose:
+            print(f"time plan: skipped ({exc})")
+        return None
+    if verbose:
+        print(plan)
     return plan
 
 
@@ -426,6 +442,7 @@ class Experiment:
         self.say = print if self.main else (lambda *a, **k: None)
         self.device = resolve_device(cfg.train.device)
         self.timings: dict[str, float] = {}
+        self.time_plan: Optional[TimePlan] = None  # planned seconds per section (made again once data are tokenized)
         self.raw: Optional[RawData] = None  # 2. Data
         self.train_raw: Optional[RawData] = None  # 3b. the training rows (the teacher's answers, or the data's)
         self.teacher_stage: Optional[TeacherStage] = None  # 3. Teacher
@@ -462,6 +479,9 @@ class Experiment:
         config.yaml (with each knob's help) and environment.json; nothing already in the folder is deleted."""
         with self._timed("configure"):
             check_memory(self.cfg, force=self.force, verbose=self.main)
+            tokenized = self.student_stage is not None  # a re-run of this cell keeps the real lengths
+            lengths = Lengths.of(self.splits.train, self.splits.eval) if tokenized else None
+            self.time_plan = plan_time(self.cfg, lengths, verbose=self.main)
             self.out = start_run(self.cfg) if self.main else run_dir(self.cfg)
             self.say(f"preset {self.cfg.preset}, run folder {self.out}")
             return self.out
@@ -507,6 +527,7 @@ class Experiment:
                                 verbose=self.main) is not None
             self.student_stage = StudentStage(init, tokenizer, info, shared,
                                               tokenize(self.cfg, raw, tokenizer, verbose=self.main))
+            self.time_plan = plan_time(self.cfg, Lengths.of(self.splits.train, self.splits.eval), self.main)
             return self.splits
 
     def build_cache(self) -> Optional[TopKCache]:
@@ -759,8 +780,7 @@ class Experiment:
             files = {"config.yaml": trained.cfg.to_yaml()}
             if self.comparison is not None:
                 files["side_by_side.jsonl"] = self.comparison.to_json(orient="records", lines=True, force_ascii=False)
-            files["timings.json"] = json.dumps({"sections_s": {k: round(v, 2) for k, v in self.timings.items()}},
-                                               indent=2)
+            files["timings.json"] = json.dumps(self.timings_record(), indent=2)
             extra = {"preflight": self.checks, "on_policy_preview": self.preview,
                      "teacher_cache": dataclasses.asdict(self.cache.report) if self.cache else None,
                      "data": [str(r) for r in (self.train_raw.reports if self.train_raw else [])]}
@@ -848,11 +868,28 @@ class Experiment:
         kept = json.loads(path.read_text()) if path.is_file() else {}
         write_json(path, {**kept, name: report})
 
+    def timings_record(self) -> dict:
+        """timings.json: measured seconds per section, and the time plan's beside them (its machine figures and
+        whether it had the tokenized lengths)."""
+        record: dict[str, Any] = {"sections_s": {k: round(v, 2) for k, v in self.timings.items()}}
+        if self.time_plan is not None:
+            record.update(planned_s=self.time_plan.seconds(), plan={
+                "throughput": dataclasses.asdict(self.time_plan.throughput), "processes": self.time_plan.processes,
+                "lengths": "typical" if self.time_plan.typical_lengths else "tokenized"},
+                compared=compared(self.time_plan.seconds(), self.timings))
+        return record
+
     def timing_table(self) -> str:
-        """Seconds spent in each section so far, and their total."""
+        """Seconds spent in each section so far and their total, beside the time plan's where it has one."""
+        planned = self.time_plan.seconds() if self.time_plan is not None else {}
         width = max((len(t) for t in self.timings), default=10)
-        lines = [f"{t:<{width}}  {s:8.1f} s" for t, s in self.timings.items()]
-        return "\n".join(lines + [f"{'total':<{width}}  {sum(self.timings.values()):8.1f} s"])
+        lines = [f"{'section':<{width}}  {'measured':>10}  {'planned':>10}"]
+        for title, seconds in self.timings.items():
+            plan = f"{planned[title]:8.1f} s" if title in planned else f"{'-':>10}"
+            lines.append(f"{title:<{width}}  {seconds:8.1f} s  {plan}")
+        total = sum(planned.get(t, 0.0) for t in self.timings)
+        return "\n".join(lines + [f"{'total':<{width}}  {sum(self.timings.values()):8.1f} s  "
+                                  + (f"{total:8.1f} s" if planned else f"{'-':>10}")])
 
     def summary(self) -> str:
         """What this run showed, in sentences generated from its results (the notebook's closing cell)."""

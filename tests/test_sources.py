@@ -55,7 +55,10 @@ def test_every_data_source_runs_every_section(tmp_path, source):
     assert main(["run", *args, "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert {r["model"] for r in results["results"]} >= {"teacher", "student before", "student after"}
-    assert "9. Side by side" in json.loads((out / "timings.json").read_text())["sections_s"]
+    timings = json.loads((out / "timings.json").read_text())
+    assert "9. Side by side" in timings["sections_s"]
+    assert timings["plan"]["lengths"] == "tokenized" and timings["compared"][-1]["section"] == "total"
+    assert set(timings["planned_s"]) <= set(timings["sections_s"])  # the plan's sections are the run's
     rows = [json.loads(line) for line in (out / "side_by_side.jsonl").read_text().splitlines()]
     assert rows and all(r["question"] for r in rows)  # every side-by-side row had a prompt to continue
 

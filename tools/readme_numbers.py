@@ -746,7 +746,24 @@ def gguf_heal(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS: dict[str, Callable[[dict], str]] = {"cache-objectives": cache_objectives,
+def time_plan(data: dict) -> str:
+    """benchmarks/time_plan.py: each section's planned seconds beside the clock, and the bounds they meet."""
+    rows_ = data["rows"]
+    tput = data["throughput"]
+    if isinstance(tput, dict):
+        tput = (f"{tput['device']}: matmul {tput['flops'] / 1e9:,.0f} GFLOP/s, memory {tput['bandwidth'] / 1e9:,.1f} "
+                f"GB/s, {tput['op_seconds'] * 1e6:.0f} us per small op ({tput['source']})")
+    lines = [f"{measured_with(data)}; preset `{data['preset']}`, the plan made on {tput}:", "",
+             "| section | planned | measured | measured / planned | within bounds |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for r in rows_:
+        within = "-" if r.get("within") is None else ("yes" if r["within"] else "**no**")
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {r['section']} | {r['planned_s']:,.1f} s | {r['measured_s']:,.1f} s | {ratio} | {within} |")
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {"time-plan": time_plan, "cache-objectives": cache_objectives,
                                                 "text-setup": text_setup, "text-timing": demo_timing,
                                                 "text-table": text_table, "text-findings": text_findings,
                                                 "kd-setup": kd_setup, "kd-table": kd_table, "kd-findings": kd_findings,

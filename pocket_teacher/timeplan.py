@@ -1,0 +1,465 @@
+"""The time plan: each stage's wall time, estimated before anything loads, from the work it does.
+
+    plan = time_plan(get_preset("pocket"))       # this machine, its throughput probed once and cached
+    print(plan)                                  # seconds per notebook section and in total
+    time_plan(cfg, gpu="t4")                     # a GPU named in plan.GPUS: public peaks at a stated efficiency
+
+The work is counted from the shapes the memory plan knows and the token counts of the splits (the real ones once the
+data are tokenized, `Lengths.of`; before, typical lengths of the data source): matmul FLOPs of every forward and
+backward pass (the body on every padded token, the output layer on answer tokens only, attention on the padded
+square), the weight and KV-cache bytes each decode step reads, and the small operations each layer launches. The
+machine's side is `Throughput`: a few seconds of probes on the device the run will use (a matmul, a streaming read,
+a small op), cached per machine, or for `gpu=` the public peak figures times `GPU_EFFICIENCY`. A stage's time is
+then, pass by pass, max(FLOPs / matmul rate, bytes / bandwidth) + ops x the cost of one op.
+
+`benchmarks/time_plan.py` compares the plan with the clock of finished runs (`timings.json` keeps both).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .config import ModelShape
+from .data import IGNORE_INDEX
+from .plan import GPUS, _shapes, dtype_bytes, get_device
+
+# Typical token lengths per row under the SmolLM2 chat template, before the data are tokenized (measured on the
+# presets' data: `Lengths.of` on their tokenized splits): (mean row, mean answer tokens, mean prompt) as fractions of
+# data.max_length are not stable, so absolute means are kept, capped at the length limit.
+TYPICAL = {"gsm_symbolic": (180, 84, 96), "gsm8k": (200, 120, 80), "teacher_text": (110, 100, 10),
+           "text": (200, 190, 10)}
+
+# GPU memory bandwidth (public figures, bytes/s), beside plan.GPUS' 16-bit tensor-core peaks.
+GPU_BANDWIDTH = {"t4": 320e9, "l4": 300e9, "a10": 600e9, "a100-40": 1555e9, "a100-80": 2039e9, "h100": 3350e9,
+                 "h200": 4800e9}
+GPU_EFFICIENCY = 0.35  # the share of the peak matmul rate and bandwidth a run of these sizes reaches (stated, not
+# measured: no GPU has run this project yet)
+GPU_OP_SECONDS = 20e-6  # one small op on a GPU: Python dispatch and a kernel launch
+
+# Small operations one decoder layer launches per forward (norms, projections, rotary, attention, MLP, residuals),
+# the model's own per forward (embedding, final norm, masks), and a generation step's (logits processors, stopping
+# criteria, concatenations); the backward pass launches about twice the forward's.
+OPS_PER_LAYER = 40
+OPS_PER_FORWARD = 60
+OPS_PER_DECODE_STEP = 120
+MATMUL_EFFICIENCY = 0.8  # a model's matmuls against the probe's (smaller and oddly shaped ones run slower)
+CPU_ATTENTION_SQUARE = True  # on CPU with a padding mask SDPA takes the math path: the full (L, L) scores
+
+
+class TimePlanError(ValueError):
+    """The time plan cannot be made as asked; the message says what to give."""
+
+
+# -- the machine ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Throughput:
+    """What one device does per second: dense matmul FLOPs (in the compute dtype), bytes streamed from memory, and
+    the seconds one small op costs (dispatch included)."""
+
+    device: str
+    flops: float
+    bandwidth: float
+    op_seconds: float
+    source: str  # "probed <date>", "cached probe of <date>", or the GPU figures used
+
+    def __str__(self) -> str:
+        return (f"{self.device}: matmul {self.flops / 1e9:,.0f} GFLOP/s, memory {self.bandwidth / 1e9:,.1f} GB/s, "
+                f"{self.op_seconds * 1e6:.0f} us per small op ({self.source})")
+
+
+def machine_name(device: torch.device) -> str:
+    """The device as a timing should name it: the GPU, or the CPU model and the torch threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def _timed_rate(fn, work: float, seconds: float, sync) -> float:
+    """`work` per call of `fn`, per second: calls repeated for about `seconds` after one warm-up, best of three."""
+    fn()
+    sync()
+    best = math.inf
+    for _ in range(3):
+        n, start = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed > seconds / 3:
+                break
+        best = min(best, elapsed / n)
+    return work / best
+
+
+def probe(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seconds: float = 3.0) -> Throughput:
+    """Measure this device: a (512 x 1024) @ (1024 x 1536) matmul, a 256 MiB streaming read, a small linear layer.
+    About `seconds` in all."""
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    a, b = torch.randn(512, 1024, device=device, dtype=dtype), torch.randn(1024, 1536, device=device, dtype=dtype)
+    flops = _timed_rate(lambda: a @ b, 2 * 512 * 1024 * 1536, seconds * 0.5, sync)
+    big = torch.ones(64 << 20, device=device, dtype=torch.float32)
+    bandwidth = _timed_rate(big.sum, big.numel() * 4, seconds * 0.3, sync)
+    x, w = torch.randn(8, 64, device=device, dtype=dtype), torch.randn(64, 64, device=device, dtype=dtype)
+    per_op = 1 / _timed_rate(lambda: torch.nn.functional.linear(x, w), 1.0, seconds * 0.2, sync)
+    return Throughput(machine_name(device), flops, bandwidth, per_op, f"probed {time.strftime('%Y-%m-%d')}")
+
+
+def cache_file() -> Path:
+    return Path(os.environ.get("POCKET_TEACHER_CACHE", Path.home() / ".cache" / "pocket_teacher")) / "throughput.json"
+
+
+def measured(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+             refresh: bool = False) -> Throughput:
+    """This device's `probe`, cached per machine (device name, threads, torch version, dtype) in `cache_file()`."""
+    device = torch.device(device)
+    key = f"{machine_name(device)} | torch {torch.__version__} | {str(dtype).removeprefix('torch.')}"
+    path = cache_file()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known and not refresh:
+        got = known[key]
+        return Throughput(**{**got, "source": f"cached probe ({got['source']}, {path})"})
+    result = probe(device, dtype)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**known, key: asdict(result)}, indent=1))
+    except OSError:
+        pass  # a read-only home: the probe runs again next time
+    return result
+
+
+def local_throughput(gpu: Optional[str] = None, refresh: bool = False) -> Throughput:
+    """This machine's `measured` throughput: its GPU in bf16 (gpu=None and one is there), else its CPU in fp32."""
+    here = "cuda" if gpu is None and torch.cuda.is_available() else "cpu"
+    return measured(here, torch.bfloat16 if here == "cuda" else torch.float32, refresh=refresh)
+
+
+def gpu_throughput(name: str) -> Throughput:
+    """A GPU of `plan.GPUS` from its public figures: 16-bit tensor-core peak and memory bandwidth, each at
+    `GPU_EFFICIENCY`."""
+    if name not in GPUS:
+        raise TimePlanError(f"Unknown GPU {name!r}: use one of {', '.join(GPUS)}.")
+    gpu = GPUS[name]
+    return Throughput(gpu.name, gpu.tflops * 1e12 * GPU_EFFICIENCY, GPU_BANDWIDTH[name] * GPU_EFFICIENCY,
+                      GPU_OP_SECONDS, f"public peaks x {GPU_EFFICIENCY:.0%}, not measured")
+
+
+# -- the work ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Lengths:
+    """Token lengths of the rows of the splits a run reads: whole rows and their answer tokens (the scored ones),
+    training and held-out; `typical` when the data are not tokenized yet."""
+
+    train: tuple[int, ...]
+    train_answers: tuple[int, ...]
+    eval: tuple[int, ...]
+    eval_answers: tuple[int, ...]
+    typical: bool = False
+
+    @classmethod
+    def of(cls, train, held_out) -> "Lengths":
+        """From tokenized splits (`data.TokenizedSplit`)."""
+        def answers(split):
+            return tuple(sum(1 for t in f["labels"][1:] if t != IGNORE_INDEX) for f in split.features)
+        return cls(tuple(len(f["input_ids"]) for f in train.features), answers(train),
+                   tuple(len(f["input_ids"]) for f in held_out.features), answers(held_out))
+
+    @classmethod
+    def guess(cls, cfg) -> "Lengths":
+        """Before the data are tokenized: every row at the data source's typical length (capped by the limits)."""
+        row, answer, _ = TYPICAL.get(cfg.data.source, TYPICAL["text"])
+        n_train = cfg.data.train_size if cfg.data.source != "teacher_text" else cfg.generate.num_samples
+        n_eval = cfg.data.eval_size
+        train, held = min(row, cfg.data.max_length), min(row, cfg.eval.max_length)
+        return cls((train,) * n_train, (min(answer, train),) * n_train, (held,) * n_eval,
+                   (min(answer, held),) * n_eval, typical=True)
+
+
+LOAD_BYTES_PER_S = 200e6  # reading and building a model's weights (safetensors, the dequantized GGUF cache)
+DISK_BYTES_PER_S = 300e6  # writing checkpoints
+ELEMENTWISE_PASSES = 10  # fp32 passes over an (N, V) block in a loss or a log-softmax with top-k (read and write)
+
+
+class Coster:
+    """Seconds of model passes on a `Throughput`: FLOPs at the matmul rate (times `MATMUL_EFFICIENCY`), plus each
+    op's cost; decode steps take the longer of their FLOPs and the bytes they read (weights, KV cache)."""
+
+    def __init__(self, throughput: Throughput, cpu: bool):
+        self.t, self.cpu = throughput, cpu
+
+    def matmul(self, flops: float) -> float:
+        return flops / (self.t.flops * MATMUL_EFFICIENCY)
+
+    def ops(self, n: float) -> float:
+        return n * self.t.op_seconds
+
+    def streamed(self, nbytes: float) -> float:
+        return nbytes / self.t.bandwidth
+
+    def forward(self, shape: ModelShape, batches: Sequence[tuple[int, int]], answers: int) -> float:
+        """Forward passes over `batches` of (rows, padded length), the output layer on `answers` tokens only (a
+        log-softmax and top-k or loss over each of their (N, V) rows)."""
+        d, seconds = shape.heads * shape.head_dim, 0.0
+        for rows, length in batches:
+            square = length * length if self.cpu and CPU_ATTENTION_SQUARE else length * (length + 1) / 2
+            flops = 2 * rows * length * shape.layers * shape.layer_linear_params + 4 * rows * square * d * shape.layers
+            seconds += self.matmul(flops) + self.ops(OPS_PER_FORWARD + OPS_PER_LAYER * shape.layers)
+        return seconds + self.output(shape, answers)
+
+    def output(self, shape: ModelShape, answers: int) -> float:
+        return (self.matmul(2 * answers * shape.vocab * shape.hidden)
+                + self.streamed(ELEMENTWISE_PASSES * 4 * answers * shape.vocab))
+
+    def decode(self, shape: ModelShape, batches: Sequence[tuple[int, int]], steps: float, weight_bytes: float) -> float:
+        """Generation: each batch of (rows, prompt length) prefilled, then `steps` decode steps, each the longer of
+        its FLOPs and the bytes it reads (every weight and the KV cache), plus its ops."""
+        seconds = self.forward(shape, batches, 0)
+        per_step_ops = OPS_PER_DECODE_STEP + OPS_PER_FORWARD + OPS_PER_LAYER * shape.layers
+        for rows, prompt in batches:
+            flops = 2 * rows * (shape.layers * shape.layer_linear_params + shape.vocab_rows * shape.hidden)
+            flops += 4 * rows * (prompt + steps / 2) * shape.heads * shape.head_dim * shape.layers
+            kv = 2 * shape.layers * shape.kv_dim * rows * (prompt + steps / 2) * 4
+            seconds += steps * (max(self.matmul(flops), self.streamed(weight_bytes + kv)) + self.ops(per_step_ops))
+        return seconds
+
+    def train_step(self, shape: ModelShape, batches: Sequence[tuple[int, int]], answers: int) -> float:
+        """Forward and backward (twice the forward's FLOPs and ops) and an AdamW update (about 16 bytes read and
+        written per parameter, a few ops per tensor)."""
+        tensors = 9 * shape.layers + 3
+        return (3 * self.forward(shape, batches, answers) + self.streamed(32 * shape.params)
+                + self.ops(12 * tensors))
+
+
+def batched(lengths: Sequence[int], batch_size: int, by_length: bool = False) -> list[tuple[int, int]]:
+    """(rows, padded length) of each batch of consecutive (or, `by_length`, sorted) rows."""
+    ordered = sorted(lengths) if by_length else list(lengths)
+    return [(len(ordered[i:i + batch_size]), max(ordered[i:i + batch_size])) for i in range(0, len(ordered),
+                                                                                          batch_size)]
+
+
+# -- the plan ------------------------------------------------------------------------------------------------
+
+@dataclass
+class StagePlan:
+    """One notebook section's planned seconds and what they are made of."""
+
+    title: str
+    seconds: float
+    detail: str
+
+
+@dataclass
+class TimePlan:
+    """Planned seconds per section (titles as in timings.json), the machine and the lengths it assumed."""
+
+    throughput: Throughput
+    stages: list[StagePlan]
+    typical_lengths: bool
+    processes: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(s.seconds for s in self.stages)
+
+    def seconds(self) -> dict[str, float]:
+        return {s.title: round(s.seconds, 1) for s in self.stages}
+
+    def __str__(self) -> str:
+        lengths = ("typical lengths of the data source (the data are not tokenized yet)" if self.typical_lengths
+                   else "the tokenized splits' lengths")
+        lines = [f"time plan on {self.throughput}; {lengths}"
+                 + (f"; {self.processes} processes" if self.processes > 1 else "")]
+        width = max(len(s.title) for s in self.stages)
+        lines += [f"  {s.title:<{width}}  {_clock(s.seconds):>8}  {s.detail}" for s in self.stages]
+        lines.append(f"  {'total':<{width}}  {_clock(self.total):>8}  (an estimate: `timings.json` keeps it beside the "
+                     f"clock)")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _clock(seconds: float) -> str:
+    return f"{seconds:,.0f} s" if seconds < 120 else f"{seconds / 60:,.1f} min"
+
+
+def compared(planned: dict[str, float], measured: dict[str, float]) -> list[dict]:
+    """Rows of planned against measured seconds per section (those both have) and the total."""
+    rows = [{"section": k, "planned_s": planned[k], "measured_s": round(measured[k], 1),
+             "ratio": round(measured[k] / planned[k], 2) if planned[k] else None}
+            for k in planned if k in measured]
+    p, m = sum(r["planned_s"] for r in rows), sum(r["measured_s"] for r in rows)
+    return rows + [{"section": "total", "planned_s": round(p, 1), "measured_s": round(m, 1),
+                    "ratio": round(m / p, 2) if p else None}]
+
+
+def padded_batches(lengths: Sequence[int], batch_size: int, count: int, seed: int = 0) -> list[tuple[int, int]]:
+    """`count` training batches of `batch_size` rows drawn in a seeded shuffled order (as training draws them):
+    (rows, padded length) each."""
+    rng, order, out = random.Random(seed), [], []
+    while len(out) < count and lengths:
+        if len(order) < batch_size:
+            order += rng.sample(list(lengths), len(lengths))
+        rows, order = order[:batch_size], order[batch_size:]
+        out.append((len(rows), max(rows)))
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / max(1, len(values))
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every stage's estimate needs: the config, shapes, lengths, a `Coster`, the weights' bytes."""
+
+    cfg: object
+    teacher: ModelShape
+    student: ModelShape
+    lengths: Lengths
+    cost: Coster
+    teacher_bytes: float
+    student_bytes: float
+
+    @property
+    def prompts(self) -> list[int]:
+        return [max(1, n - a) for n, a in zip(self.lengths.eval, self.lengths.eval_answers)]
+
+    def evaluation(self, shape: ModelShape, weight_bytes: float, trained: bool, agreement: bool) -> float:
+        """One results row (`evaluate.evaluate_model`): perplexity, GSM generation, agreement, efficiency. A trained
+        model or the teacher stops near the reference answers' length; an untrained one runs to the budget."""
+        ev, lengths, cost = self.cfg.eval, self.lengths, self.cost
+        held = batched(lengths.eval, ev.batch_size, by_length=True)
+        seconds = cost.forward(shape, held, sum(lengths.eval_answers))
+        questions = min(ev.generate_samples, len(lengths.eval)) if self.cfg.data.source != "teacher_text" else 0
+        if questions:
+            longest = max(lengths.eval_answers[:questions])
+            steps = min(ev.max_new_tokens, longest) if trained else ev.max_new_tokens
+            seconds += cost.decode(shape, batched(self.prompts[:questions], ev.batch_size), steps, weight_bytes)
+        if agreement:
+            seconds += cost.forward(self.teacher, held, sum(lengths.eval_answers))
+            seconds += cost.forward(shape, held, sum(lengths.eval_answers))
+        if ev.efficiency:  # a warm-up and two timed runs of 32 tokens, at batch 1 and 16
+            seconds += 3 * (cost.decode(shape, [(1, 12)], 32, weight_bytes)
+                            + cost.decode(shape, [(16, 12)], 32, weight_bytes))
+        return seconds
+
+    def training(self, steps: int, live_teacher: bool, held_out_scores: int, checkpoints: int) -> float:
+        tr, cost, lengths = self.cfg.train, self.cost, self.lengths
+        rows = tr.batch_size * tr.grad_accum
+        answers = round(_mean(lengths.train_answers) * rows)
+        seconds = 0.0
+        for batch in padded_batches(lengths.train, rows, steps, tr.seed):
+            seconds += cost.train_step(self.student, [batch], answers)
+            if live_teacher:
+                seconds += cost.forward(self.teacher, [batch], answers)
+        held = batched(lengths.eval, self.cfg.eval.batch_size, by_length=True)
+        seconds += held_out_scores * cost.forward(self.student, held, sum(lengths.eval_answers))
+        return seconds + checkpoints * 16 * self.student.params / DISK_BYTES_PER_S
+
+
+def time_plan(cfg, gpu: Optional[str] = None, *, lengths: Optional[Lengths] = None,
+              throughput: Optional[Throughput] = None, processes: int = 1) -> TimePlan:
+    """The time plan of `cfg` on `gpu` (a `plan.GPUS` name, "cpu", or None for this machine), per notebook section.
+
+    `lengths`: the tokenized splits' (`Lengths.of`); without them the data source's typical lengths. `throughput`:
+    the device's figures (default: probed on this machine and cached, or the named GPU's public figures).
+    `processes`: the data-parallel processes of `accelerate launch` / torchrun (the cache and the training steps
+    are shared among them; evaluation runs on process 0)."""
+    device = get_device(gpu)
+    cpu = not device.cuda
+    if throughput is None:
+        throughput = gpu_throughput(gpu) if gpu not in (None, "cpu") else local_throughput(gpu)
+    teacher, student = _shapes(cfg)
+    precision = cfg.teacher.precision if cfg.teacher.precision != "auto" else ("fp32" if cpu else "8bit")
+    run = _Run(cfg, teacher, student, lengths or Lengths.guess(cfg), Coster(throughput, cpu),
+               teacher.params * dtype_bytes(precision), student.params * (4 if cpu else 2))
+    stages = _stages(run, max(1, processes))
+    notes = [] if not run.lengths.typical else [
+        "the data are not tokenized yet: typical lengths of the source; the plan is made again with the real ones"]
+    return TimePlan(throughput, stages, run.lengths.typical, max(1, processes), notes)
+
+
+def _stages(run: _Run, processes: int) -> list[StagePlan]:
+    cfg, cost, lengths, teacher, student = run.cfg, run.cost, run.lengths, run.teacher, run.student
+    tr, ev, tc = cfg.train, cfg.eval, cfg.teacher_cache
+    out = [StagePlan("3. Teacher", 1 + run.teacher_bytes / LOAD_BYTES_PER_S, "load the weights")]
+    if cfg.data.source == "teacher_text" or cfg.data.targets != "reference":
+        g = cfg.generate
+        n = g.num_samples if cfg.data.source == "teacher_text" else len(lengths.train)
+        prompt = TYPICAL["teacher_text"][2] if cfg.data.source == "teacher_text" else int(_mean(run.prompts))
+        seconds = cost.decode(teacher, batched([prompt] * n, g.batch_size), g.max_new_tokens, run.teacher_bytes)
+        out.append(StagePlan("3b. Teacher answers", seconds, f"{n} answers of up to {g.max_new_tokens} tokens, "
+                                                             f"batches of {g.batch_size}"))
+    out.append(StagePlan("4. Student and tokenization", 1 + run.student_bytes / LOAD_BYTES_PER_S, "build, tokenize"))
+    if tc.use:
+        seconds = cost.forward(teacher, batched(lengths.train, tc.batch_size), sum(lengths.train_answers))
+        out.append(StagePlan("4b. Teacher cache", seconds / processes,
+                             f"the teacher over {len(lengths.train)} rows, {sum(lengths.train_answers):,} answer tokens"
+                             + (f", shared by {processes} processes" if processes > 1 else "")))
+    before = run.evaluation(teacher, run.teacher_bytes, True, False)
+    before += run.evaluation(student, run.student_bytes, False, ev.agreement)
+    out.append(StagePlan("5. Before training", before, "teacher and untrained student: perplexity, generation, "
+                                                       "agreement, speed"))
+    rows, steps = min(8, len(lengths.eval)), min(64, ev.max_new_tokens)  # as Experiment.preflight samples
+    batch = batched(run.prompts[:rows], ev.batch_size)
+    rollouts = [(r, p + steps) for r, p in batch]
+    seconds = cost.decode(student, batch, steps, run.student_bytes)
+    seconds += sum(cost.forward(m, rollouts, rows * steps) for m in (teacher, student))
+    out.append(StagePlan("5b. Preflight", seconds, f"{rows} samples of {steps} tokens scored by both"))
+    live = not tc.use
+    evals = (tr.max_steps // tr.eval_every + (tr.max_steps % tr.eval_every > 0)) if tr.eval_every else 0
+    checkpoints = (tr.max_steps // tr.checkpoint_every if tr.checkpoint_every else 0) + tr.save_final
+    distil = run.training(tr.max_steps, live, evals, checkpoints) / processes
+    if evals and tc.use:  # the held-out split's own cache, built once
+        distil += cost.forward(teacher, batched(lengths.eval, tc.batch_size), sum(lengths.eval_answers))
+    out.append(StagePlan("6. Distillation", distil, f"{tr.max_steps} steps of {tr.batch_size * tr.grad_accum} rows"
+                                                    + (f", held-out scores x{evals}" if evals else "")))
+    if ev.baseline:
+        out.append(StagePlan("6b. Baseline", run.training(tr.max_steps, False, evals, checkpoints) / processes,
+                             f"plain fine-tuning, {tr.max_steps} steps"))
+    if ev.on_policy_preview:
+        out.append(StagePlan("6c. On-policy preview", _preview(run, ev.on_policy_preview),
+                             f"{ev.on_policy_preview} on-policy steps"))
+    after = run.evaluation(student, run.student_bytes, True, ev.agreement) * (2 if ev.baseline else 1)
+    out.append(StagePlan("7. Evaluation after", after, "the distilled student" + (" and the baseline"
+                                                                                 if ev.baseline else "")))
+    return out
+
+
+def _preview(run: _Run, steps: int) -> float:
+    """On-policy steps: the student samples rollouts, the live teacher scores them, the student trains on them."""
+    tr, cost = run.cfg.train, run.cost
+    rows = tr.batch_size * tr.grad_accum
+    prompts = [max(1, n - a) for n, a in zip(run.lengths.train, run.lengths.train_answers)]
+    seconds = 0.0
+    for batch_rows, prompt in padded_batches(prompts, rows, steps, tr.seed):
+        new = tr.rollout_max_new_tokens
+        seconds += cost.decode(run.student, [(batch_rows, prompt)], new, run.student_bytes)
+        seconds += cost.forward(run.teacher, [(batch_rows, prompt + new)], batch_rows * new)
+        seconds += cost.train_step(run.student, [(batch_rows, prompt + new)], batch_rows * new)
+    held = batched(run.lengths.eval, run.cfg.eval.batch_size, by_length=True)
+    return seconds + cost.forward(run.student, held, sum(run.lengths.eval_answers))

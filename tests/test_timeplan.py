@@ -1,0 +1,103 @@
+"""pocket_teacher.timeplan: the work counted per section, the throughput probe and its cache, and the plan beside
+the clock in timings.json. No timing is asserted: the plan's accuracy is measured by benchmarks/time_plan.py."""
+
+import dataclasses
+import json
+
+import pytest
+
+from pocket_teacher import timeplan
+from pocket_teacher.cli import main
+from pocket_teacher.config import apply_overrides, get_preset
+from pocket_teacher.data import load_gsm_symbolic, tokenize_examples
+from pocket_teacher.experiment import SECTIONS
+from pocket_teacher.timeplan import Lengths, Throughput, TimePlanError, compared, time_plan
+
+FIXED = Throughput("test machine", 100e9, 10e9, 10e-6, "given")
+
+
+def _plan(preset="pocket", overrides=(), **kw):
+    return time_plan(apply_overrides(get_preset(preset), list(overrides)), "cpu", throughput=FIXED, **kw)
+
+
+def test_every_planned_section_is_a_notebook_section_and_the_total_adds_up():
+    titles = {title for _, title in SECTIONS}
+    for preset in ("tiny", "pocket", "pocket-text", "tiny-text"):
+        plan = _plan(preset)
+        assert {s.title for s in plan.stages} <= titles, preset
+        assert plan.total == pytest.approx(sum(plan.seconds().values()), abs=1.0)
+        assert all(s.seconds >= 0 for s in plan.stages)
+    text = {s.title for s in _plan("pocket-text").stages}
+    assert "3b. Teacher answers" in text and "6c. On-policy preview" not in text  # what the preset runs
+
+
+def test_more_work_takes_longer_and_processes_share_the_cache_and_the_steps():
+    base = _plan().seconds()
+    longer = _plan(overrides=["train.max_steps=200", "train.eval_every=50"]).seconds()
+    assert longer["6. Distillation"] == pytest.approx(2 * base["6. Distillation"], rel=0.15)
+    assert longer["4b. Teacher cache"] == base["4b. Teacher cache"]
+    two = _plan(processes=2).seconds()
+    assert two["4b. Teacher cache"] == pytest.approx(base["4b. Teacher cache"] / 2, abs=0.1)
+    assert two["6. Distillation"] < base["6. Distillation"]
+    assert two["5. Before training"] == base["5. Before training"]  # evaluation runs on process 0
+    assert "shared by 2 processes" in str(_plan(processes=2))
+    slower = time_plan(get_preset("pocket"), "cpu", throughput=dataclasses.replace(FIXED, flops=50e9))
+    assert slower.seconds()["4b. Teacher cache"] > 1.8 * base["4b. Teacher cache"]
+    assert "6b. Baseline" not in _plan(overrides=["eval.baseline=false"]).seconds()
+
+
+def test_real_lengths_replace_the_typical_ones(tiny_tokenizer):
+    train = tokenize_examples(load_gsm_symbolic(12, seed=3)[0], tiny_tokenizer, max_length=384)
+    held = tokenize_examples(load_gsm_symbolic(4, seed=4)[0], tiny_tokenizer, max_length=384)
+    lengths = Lengths.of(train, held)
+    assert len(lengths.train) == 12 and len(lengths.eval_answers) == 4 and not lengths.typical
+    assert all(0 < a < n for a, n in zip(lengths.train_answers, lengths.train))
+    plan = _plan("tiny", lengths=lengths)
+    assert not plan.typical_lengths and "tokenized splits' lengths" in str(plan)
+    guessed = _plan("tiny")
+    assert guessed.typical_lengths and "not tokenized yet" in str(guessed)
+    assert len(Lengths.guess(get_preset("pocket-text")).train) == get_preset("pocket-text").generate.num_samples
+
+
+def test_gpu_plans_use_the_public_figures_and_name_them():
+    plan = time_plan(get_preset("t4"), "t4")
+    assert "public peaks" in plan.throughput.source and "not measured" in plan.throughput.source
+    assert plan.throughput.flops == pytest.approx(65e12 * timeplan.GPU_EFFICIENCY)
+    with pytest.raises(TimePlanError, match="Unknown GPU 'v100'"):
+        timeplan.gpu_throughput("v100")
+
+
+def test_the_probe_runs_once_per_machine_then_is_read_from_its_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("POCKET_TEACHER_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_probe(device, dtype):
+        calls.append(str(device))
+        return dataclasses.replace(FIXED, source="probed today")
+    monkeypatch.setattr(timeplan, "probe", fake_probe)
+    first = timeplan.measured("cpu")
+    again = timeplan.measured("cpu")
+    assert calls == ["cpu"] and first.flops == again.flops and again.source.startswith("cached probe")
+    assert timeplan.measured("cpu", refresh=True).source == "probed today" and len(calls) == 2
+    assert json.loads((tmp_path / "throughput.json").read_text())  # keyed by machine, threads, torch, dtype
+
+
+def test_a_short_real_probe_gives_positive_figures_naming_the_cpu():
+    got = timeplan.probe("cpu", seconds=0.3)
+    assert got.flops > 1e8 and got.bandwidth > 1e7 and 0 < got.op_seconds < 0.01
+    assert got.device.startswith("CPU") and "torch threads" in got.device
+
+
+def test_compared_rows_and_total():
+    rows = compared({"a": 10.0, "b": 20.0, "c": 5.0}, {"a": 12.0, "b": 18.0})
+    assert rows[:2] == [{"section": "a", "planned_s": 10.0, "measured_s": 12.0, "ratio": 1.2},
+                        {"section": "b", "planned_s": 20.0, "measured_s": 18.0, "ratio": 0.9}]
+    assert rows[-1] == {"section": "total", "planned_s": 30.0, "measured_s": 30.0, "ratio": 1.0}
+
+
+def test_plan_command_prints_the_time_plan(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(timeplan, "local_throughput", lambda gpu=None, refresh=False: FIXED)
+    assert main(["plan", "--preset", "pocket", "--gpu", "cpu", "--processes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan" in out and "time plan on test machine" in out and "4b. Teacher cache" in out
+    assert "2 processes" in out
