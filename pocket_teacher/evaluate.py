@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -512,15 +513,28 @@ def efficiency(model: torch.nn.Module, tokenizer, prompt: str = "Question: What 
     return out
 
 
+def architecture_key(model: torch.nn.Module) -> str:
+    """What a model's size and speed depend on: its class, its config without names and paths, its parameters'
+    dtypes and its device. Two models with equal keys (a student before and after training) generate equally fast
+    and take equal memory; only their weights' values differ."""
+    config = getattr(model, "config", None)
+    shape = {k: v for k, v in (config.to_dict() if config is not None else {}).items()
+             if k not in ("_name_or_path", "name_or_path", "transformers_version", "architectures")}
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    return json.dumps([type(model).__name__, shape, dtypes, str(_device(model))], sort_keys=True, default=str)
+
+
 def evaluate_model(label: str, model: torch.nn.Module, tokenizer, eval_split: TokenizedSplit, eval_cfg, *,
                    system_prompt: Optional[str] = None, teacher: Optional[torch.nn.Module] = None,
                    gsm_shots: Sequence[Example] = (), mmlu_examples: Optional[Sequence[Example]] = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, measured: Optional[dict] = None) -> dict:
     """One results row: perplexity, GSM accuracy, MMLU, agreement with `teacher`, efficiency.
 
     What runs follows `eval_cfg` (generate_samples, agreement, efficiency) and the inputs given
     (`mmlu_examples`, `teacher`). Per-question rows are kept under "generations" and "mmlu_rows"
-    (left out of the table, saved by the pipeline)."""
+    (left out of the table, saved by the pipeline). `measured`: efficiency already measured in this run, by
+    `architecture_key` (label and figures); a model of the same architecture reuses them (the row names the model
+    measured in "efficiency_of") instead of timing the same shapes again, and a new measurement is added."""
     ppl = perplexity(model, eval_split, pad_token_id=tokenizer.pad_token_id, batch_size=eval_cfg.batch_size,
                      vocab_size=len(tokenizer), desc=f"{label}: perplexity", progress=progress)
     row = {"model": label, "parameters": count_parameters(model), "perplexity": ppl["perplexity"],
@@ -544,7 +558,13 @@ def evaluate_model(label: str, model: torch.nn.Module, tokenizer, eval_split: To
                           batch_size=eval_cfg.batch_size, progress=progress)
         row.update(top1_agreement=agree["top1_agreement"], kl_to_teacher=agree["kl"])
     if getattr(eval_cfg, "efficiency", False):
-        eff = efficiency(model, tokenizer)
+        key = architecture_key(model)
+        if measured is not None and key in measured:
+            row["efficiency_of"], eff = measured[key]
+        else:
+            eff = efficiency(model, tokenizer)
+            if measured is not None:
+                measured[key] = (label, eff)
         row.update(parameters_no_embeddings=eff["parameters_no_embeddings"], size_mb=eff["size_on_disk"] / 1e6,
                    latency_ms_per_token=eff["latency_ms_per_token"], tokens_per_s_b1=eff["tokens_per_s_batch1"],
                    tokens_per_s_b16=eff["tokens_per_s_batch16"],

@@ -295,13 +295,14 @@ def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[
 
 
 def evaluate(cfg: Config, label: str, model: torch.nn.Module, tokenizer, splits: Splits,
-             progress: bool = True, teacher: Optional[torch.nn.Module] = None) -> dict:
+             progress: bool = True, teacher: Optional[torch.nn.Module] = None, measured: Optional[dict] = None) -> dict:
     """One results row for `model`: held-out perplexity and GSM accuracy, MMLU (eval.mmlu_source),
-    agreement with `teacher` (students only), size and speed (eval.efficiency)."""
+    agreement with `teacher` (students only), size and speed (eval.efficiency; `measured` holds the run's speed
+    figures by architecture, so a trained student reuses its untrained copy's)."""
     with visiting(model, resolve_device(cfg.train.device)):
         return evaluate_model(label, model, tokenizer, splits.eval, cfg.eval, system_prompt=cfg.data.system_prompt,
                               teacher=teacher, gsm_shots=splits.gsm_shots, mmlu_examples=splits.mmlu,
-                              progress=progress)
+                              progress=progress, measured=measured)
 
 
 def _variant(cfg: Config, name: str, train: dict, **sections) -> Config:
@@ -442,6 +443,7 @@ class Experiment:
         self.say = print if self.main else (lambda *a, **k: None)
         self.device = resolve_device(cfg.train.device)
         self.timings: dict[str, float] = {}
+        self.measured: dict = {}  # speed and size figures by architecture (evaluate.architecture_key)
         self.time_plan: Optional[TimePlan] = None  # planned seconds per section (made again once data are tokenized)
         self.raw: Optional[RawData] = None  # 2. Data
         self.train_raw: Optional[RawData] = None  # 3b. the training rows (the teacher's answers, or the data's)
@@ -553,7 +555,8 @@ class Experiment:
                     self.teacher_tokenizer, tokenize(self.cfg, self.train_raw, self.teacher_tokenizer))
                 self.results["teacher"] = evaluate(self.cfg, "teacher", self.teacher, *own, self.progress)
                 self.results["student before"] = evaluate(self.cfg, "student before", self.student_init,
-                                                          self.tokenizer, splits, self.progress, self.agree_with)
+                                                          self.tokenizer, splits, self.progress, self.agree_with,
+                                                          self.measured)
             return self.results
 
     def preflight(self) -> dict:
@@ -685,6 +688,9 @@ class Experiment:
             steps = self.cfg.eval.on_policy_preview
             if not steps or not self.shared:
                 self.preview = None
+                self.say("on-policy preview: off (eval.on_policy_preview=0); run it with eval.on_policy_preview=8"
+                         if self.shared else "on-policy preview: skipped (the teacher and the student do not share "
+                                             "a tokenizer, so the teacher cannot score the student's samples)")
                 return None
             student, result = train_student(preview_config(trained.cfg, steps), self.student_init, self.teacher,
                                             self.splits, self.tokenizer, self.progress, self.cache)
@@ -709,7 +715,7 @@ class Experiment:
             if self.main:
                 for label, student in self._trained_students(trained).items():
                     self.results[label] = evaluate(trained.cfg, label, student, self.tokenizer, self.splits,
-                                                   self.progress, self.agree_with)
+                                                   self.progress, self.agree_with, self.measured)
             return self.results
 
     def table(self):

@@ -56,6 +56,9 @@ MATMUL_EFFICIENCY = 0.8  # a model's matmuls against the probe's (smaller and od
 CPU_ATTENTION_SQUARE = True  # on CPU with a padding mask SDPA takes the math path: the full (L, L) scores
 
 
+PROBE = 3  # the probe's version: a cached probe of another version is measured again
+
+
 class TimePlanError(ValueError):
     """The time plan cannot be made as asked; the message says what to give."""
 
@@ -72,10 +75,32 @@ class Throughput:
     bandwidth: float
     op_seconds: float
     source: str  # "probed <date>", "cached probe of <date>", or the GPU figures used
+    weight_stream: float = 0.0  # weight bytes per second through a one-row matmul (a decode step's reads)
+    elementwise: float = 0.0  # fp32 elements per second through a log-softmax into fresh memory (a loss's passes)
+    stream_rows: tuple = ()  # ((rows, weight bytes per second), ...) through matmuls of that many rows
+
+    def stream_at(self, rows: int) -> float:
+        """Weight bytes per second a decode step of `rows` rows reads (interpolated between the probed row counts;
+        beyond the last, the matmul is compute-bound and `Coster.decode` takes the FLOPs instead)."""
+        points = [(1, self.stream)] + [tuple(p) for p in self.stream_rows]
+        for (r0, s0), (r1, s1) in zip(points, points[1:]):
+            if rows <= r1:
+                return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
+        return points[-1][1]
 
     def __str__(self) -> str:
         return (f"{self.device}: matmul {self.flops / 1e9:,.0f} GFLOP/s, memory {self.bandwidth / 1e9:,.1f} GB/s, "
-                f"{self.op_seconds * 1e6:.0f} us per small op ({self.source})")
+                f"weights through matmuls of 1/16/32 rows "
+                f"{'/'.join(f'{self.stream_at(r) / 1e9:,.1f}' for r in (1, 16, 32))} GB/s, log-softmax "
+                f"{self.softmax / 1e6:,.0f} M elements/s, {self.op_seconds * 1e6:.0f} us per small op ({self.source})")
+
+    @property
+    def stream(self) -> float:
+        return self.weight_stream or self.bandwidth
+
+    @property
+    def softmax(self) -> float:
+        return self.elementwise or self.bandwidth / 8
 
 
 def machine_name(device: torch.device) -> str:
@@ -112,17 +137,34 @@ def _timed_rate(fn, work: float, seconds: float, sync) -> float:
 
 
 def probe(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seconds: float = 3.0) -> Throughput:
-    """Measure this device: a (512 x 1024) @ (1024 x 1536) matmul, a 256 MiB streaming read, a small linear layer.
-    About `seconds` in all."""
+    """Measure this device: a (512 x 1024) @ (1024 x 1536) matmul; a 256 MiB streaming read; one row through 64 MiB
+    of weights (a decode step is bound by reading them); a log-softmax of a (256 x 32768) block into fresh memory
+    (the loss's elementwise passes); a small linear layer (one op's dispatch). About `seconds` in all."""
     device = torch.device(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     a, b = torch.randn(512, 1024, device=device, dtype=dtype), torch.randn(1024, 1536, device=device, dtype=dtype)
-    flops = _timed_rate(lambda: a @ b, 2 * 512 * 1024 * 1536, seconds * 0.5, sync)
+    flops = _timed_rate(lambda: a @ b, 2 * 512 * 1024 * 1536, seconds * 0.35, sync)
     big = torch.ones(64 << 20, device=device, dtype=torch.float32)
-    bandwidth = _timed_rate(big.sum, big.numel() * 4, seconds * 0.3, sync)
+    bandwidth = _timed_rate(big.sum, big.numel() * 4, seconds * 0.15, sync)
+    del big
+    # a decoder's weights, as nn.Linear holds them (out x in), 576 wide as SmolLM2's (128 MiB in fp32: more than
+    # a CPU's last cache), through matmuls of 1, 16 and 32 rows (a decode step of that many sequences)
+    layers = [torch.randn(*shape, device=device, dtype=dtype) for _ in range(24) for shape in ((1536, 576),
+                                                                                              (576, 1536))]
+    nbytes = sum(w.numel() * w.element_size() for w in layers)
+    streams = []
+    for rows in (1, 16, 32):
+        x, h = torch.randn(rows, 576, device=device, dtype=dtype), torch.randn(rows, 1536, device=device, dtype=dtype)
+        streams.append((rows, _timed_rate(lambda: [torch.nn.functional.linear(x if w.shape[1] == 576 else h, w)
+                                                   for w in layers], nbytes, seconds * 0.1, sync)))
+    stream = streams[0][1]
+    del layers
+    block = torch.randn(256, 32768, device=device, dtype=torch.float32)
+    softmax = _timed_rate(lambda: torch.log_softmax(block, dim=-1), block.numel(), seconds * 0.15, sync)
     x, w = torch.randn(8, 64, device=device, dtype=dtype), torch.randn(64, 64, device=device, dtype=dtype)
-    per_op = 1 / _timed_rate(lambda: torch.nn.functional.linear(x, w), 1.0, seconds * 0.2, sync)
-    return Throughput(machine_name(device), flops, bandwidth, per_op, f"probed {time.strftime('%Y-%m-%d')}")
+    per_op = 1 / _timed_rate(lambda: torch.nn.functional.linear(x, w), 1.0, seconds * 0.15, sync)
+    return Throughput(machine_name(device), flops, bandwidth, per_op, f"probed {time.strftime('%Y-%m-%d')}",
+                      stream, softmax, tuple(streams[1:]))
 
 
 def cache_file() -> Path:
@@ -133,7 +175,7 @@ def measured(device: torch.device | str = "cpu", dtype: torch.dtype = torch.floa
              refresh: bool = False) -> Throughput:
     """This device's `probe`, cached per machine (device name, threads, torch version, dtype) in `cache_file()`."""
     device = torch.device(device)
-    key = f"{machine_name(device)} | torch {torch.__version__} | {str(dtype).removeprefix('torch.')}"
+    key = f"{machine_name(device)} | torch {torch.__version__} | {str(dtype).removeprefix('torch.')} | probe {PROBE}"
     path = cache_file()
     try:
         known = json.loads(path.read_text())
@@ -141,7 +183,8 @@ def measured(device: torch.device | str = "cpu", dtype: torch.dtype = torch.floa
         known = {}
     if key in known and not refresh:
         got = known[key]
-        return Throughput(**{**got, "source": f"cached probe ({got['source']}, {path})"})
+        return Throughput(**{**got, "stream_rows": tuple(tuple(p) for p in got.get("stream_rows", ())),
+                             "source": f"cached probe ({got['source']}, {path})"})
     result = probe(device, dtype)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,12 +244,19 @@ class Lengths:
 
 LOAD_BYTES_PER_S = 200e6  # reading and building a model's weights (safetensors, the dequantized GGUF cache)
 DISK_BYTES_PER_S = 300e6  # writing checkpoints
-ELEMENTWISE_PASSES = 10  # fp32 passes over an (N, V) block in a loss or a log-softmax with top-k (read and write)
+ELEMENTWISE_PASSES = 4  # log-softmax-sized passes over an (N, V) block in evaluation (perplexity, top-k, agreement)
+TRAIN_PASSES = 28  # the same in a training step's loss, forward and backward
+DECODE_OVERHEAD = 1.5  # transformers' generate reads the weights in more, smaller matmuls than the probe (q, k, v
+# apart; the (rows, V) output layer) and builds masks and positions each step: fitted on the pocket preset (CPU)
+FIDELITY_ROWS, FIDELITY_PASSES = 32, 40  # the cache's fidelity rows (teacher_cache.Fidelity) and their passes
+DECODE_PASSES = 2  # the same over a decode step's (rows, V) logits (logits processors, argmax)
 
 
 class Coster:
-    """Seconds of model passes on a `Throughput`: FLOPs at the matmul rate (times `MATMUL_EFFICIENCY`), plus each
-    op's cost; decode steps take the longer of their FLOPs and the bytes they read (weights, KV cache)."""
+    """Seconds of model passes on a `Throughput`: FLOPs at the matmul rate (times `MATMUL_EFFICIENCY`), the (N, V)
+    blocks of the output layer at the log-softmax rate (`ELEMENTWISE_PASSES` of them in evaluation,
+    `TRAIN_PASSES` in a training step's loss and its backward), plus each op's cost; a decode step reads every
+    weight through one-row matmuls (`weight_stream`) and copies its growing KV cache."""
 
     def __init__(self, throughput: Throughput, cpu: bool):
         self.t, self.cpu = throughput, cpu
@@ -220,37 +270,44 @@ class Coster:
     def streamed(self, nbytes: float) -> float:
         return nbytes / self.t.bandwidth
 
-    def forward(self, shape: ModelShape, batches: Sequence[tuple[int, int]], answers: int) -> float:
-        """Forward passes over `batches` of (rows, padded length), the output layer on `answers` tokens only (a
-        log-softmax and top-k or loss over each of their (N, V) rows)."""
+    def body(self, shape: ModelShape, batches: Sequence[tuple[int, int]]) -> float:
+        """The decoder layers' forward over `batches` of (rows, padded length)."""
         d, seconds = shape.heads * shape.head_dim, 0.0
         for rows, length in batches:
             square = length * length if self.cpu and CPU_ATTENTION_SQUARE else length * (length + 1) / 2
             flops = 2 * rows * length * shape.layers * shape.layer_linear_params + 4 * rows * square * d * shape.layers
             seconds += self.matmul(flops) + self.ops(OPS_PER_FORWARD + OPS_PER_LAYER * shape.layers)
-        return seconds + self.output(shape, answers)
+        return seconds
 
-    def output(self, shape: ModelShape, answers: int) -> float:
-        return (self.matmul(2 * answers * shape.vocab * shape.hidden)
-                + self.streamed(ELEMENTWISE_PASSES * 4 * answers * shape.vocab))
+    def forward(self, shape: ModelShape, batches: Sequence[tuple[int, int]], answers: int) -> float:
+        """Forward passes over `batches`, the output layer on `answers` tokens only (a log-softmax and top-k or
+        loss over each of their (N, V) rows)."""
+        return self.body(shape, batches) + self.output(shape, answers)
+
+    def output(self, shape: ModelShape, answers: int, passes: float = ELEMENTWISE_PASSES) -> float:
+        return self.matmul(2 * answers * shape.vocab * shape.hidden) + passes * answers * shape.vocab / self.t.softmax
 
     def decode(self, shape: ModelShape, batches: Sequence[tuple[int, int]], steps: float, weight_bytes: float) -> float:
-        """Generation: each batch of (rows, prompt length) prefilled, then `steps` decode steps, each the longer of
-        its FLOPs and the bytes it reads (every weight and the KV cache), plus its ops."""
+        """Generation: each batch of (rows, prompt length) prefilled, then `steps` decode steps, each reading every
+        weight once, its matmul FLOPs, copying the KV cache (it grows by concatenation), its logits and its ops."""
         seconds = self.forward(shape, batches, 0)
         per_step_ops = OPS_PER_DECODE_STEP + OPS_PER_FORWARD + OPS_PER_LAYER * shape.layers
         for rows, prompt in batches:
             flops = 2 * rows * (shape.layers * shape.layer_linear_params + shape.vocab_rows * shape.hidden)
             flops += 4 * rows * (prompt + steps / 2) * shape.heads * shape.head_dim * shape.layers
             kv = 2 * shape.layers * shape.kv_dim * rows * (prompt + steps / 2) * 4
-            seconds += steps * (max(self.matmul(flops), self.streamed(weight_bytes + kv)) + self.ops(per_step_ops))
+            reads = weight_bytes / self.t.stream_at(rows)
+            step = (DECODE_OVERHEAD * max(reads, self.matmul(flops)) + 2 * self.streamed(kv)
+                    + DECODE_PASSES * rows * shape.vocab / self.t.softmax + self.ops(per_step_ops))
+            seconds += steps * step
         return seconds
 
     def train_step(self, shape: ModelShape, batches: Sequence[tuple[int, int]], answers: int) -> float:
-        """Forward and backward (twice the forward's FLOPs and ops) and an AdamW update (about 16 bytes read and
-        written per parameter, a few ops per tensor)."""
+        """Forward and backward (twice the forward's FLOPs and ops; the loss's `TRAIN_PASSES` over the (N, V)
+        logits) and an AdamW update (about 16 bytes read and written per parameter, a few ops per tensor)."""
         tensors = 9 * shape.layers + 3
-        return (3 * self.forward(shape, batches, answers) + self.streamed(32 * shape.params)
+        return (3 * self.body(shape, batches) + 3 * self.matmul(2 * answers * shape.vocab * shape.hidden)
+                + TRAIN_PASSES * answers * shape.vocab / self.t.softmax + self.streamed(32 * shape.params)
                 + self.ops(12 * tensors))
 
 
@@ -348,21 +405,24 @@ class _Run:
     def prompts(self) -> list[int]:
         return [max(1, n - a) for n, a in zip(self.lengths.eval, self.lengths.eval_answers)]
 
-    def evaluation(self, shape: ModelShape, weight_bytes: float, trained: bool, agreement: bool) -> float:
-        """One results row (`evaluate.evaluate_model`): perplexity, GSM generation, agreement, efficiency. A trained
-        model or the teacher stops near the reference answers' length; an untrained one runs to the budget."""
+    def evaluation(self, shape: ModelShape, weight_bytes: float, trained: bool, agreement: bool,
+                   speed: bool = True) -> float:
+        """One results row (`evaluate.evaluate_model`): perplexity, GSM generation, agreement, efficiency (`speed`:
+        measured, not reused from the same architecture). A trained model or the teacher stops near the reference
+        answers' length; an untrained one runs to the budget."""
         ev, lengths, cost = self.cfg.eval, self.lengths, self.cost
         held = batched(lengths.eval, ev.batch_size, by_length=True)
         seconds = cost.forward(shape, held, sum(lengths.eval_answers))
         questions = min(ev.generate_samples, len(lengths.eval)) if self.cfg.data.source != "teacher_text" else 0
         if questions:
-            longest = max(lengths.eval_answers[:questions])
-            steps = min(ev.max_new_tokens, longest) if trained else ev.max_new_tokens
+            # a batch decodes until its last row stops: one rambling answer in it (an untrained student's, or a
+            # small model's loop) keeps it to the budget, as it does on the presets' data
+            steps = ev.max_new_tokens
             seconds += cost.decode(shape, batched(self.prompts[:questions], ev.batch_size), steps, weight_bytes)
         if agreement:
             seconds += cost.forward(self.teacher, held, sum(lengths.eval_answers))
             seconds += cost.forward(shape, held, sum(lengths.eval_answers))
-        if ev.efficiency:  # a warm-up and two timed runs of 32 tokens, at batch 1 and 16
+        if ev.efficiency and speed:  # a warm-up and two timed runs of 32 tokens, at batch 1 and 16
             seconds += 3 * (cost.decode(shape, [(1, 12)], 32, weight_bytes)
                             + cost.decode(shape, [(16, 12)], 32, weight_bytes))
         return seconds
@@ -417,6 +477,8 @@ def _stages(run: _Run, processes: int) -> list[StagePlan]:
     out.append(StagePlan("4. Student and tokenization", 1 + run.student_bytes / LOAD_BYTES_PER_S, "build, tokenize"))
     if tc.use:
         seconds = cost.forward(teacher, batched(lengths.train, tc.batch_size), sum(lengths.train_answers))
+        fidelity = sum(lengths.train_answers[:FIDELITY_ROWS])  # KL and the objectives at several temperatures
+        seconds += FIDELITY_PASSES * fidelity * teacher.vocab / cost.t.softmax
         out.append(StagePlan("4b. Teacher cache", seconds / processes,
                              f"the teacher over {len(lengths.train)} rows, {sum(lengths.train_answers):,} answer tokens"
                              + (f", shared by {processes} processes" if processes > 1 else "")))
@@ -444,7 +506,7 @@ def _stages(run: _Run, processes: int) -> list[StagePlan]:
     if ev.on_policy_preview:
         out.append(StagePlan("6c. On-policy preview", _preview(run, ev.on_policy_preview),
                              f"{ev.on_policy_preview} on-policy steps"))
-    after = run.evaluation(student, run.student_bytes, True, ev.agreement) * (2 if ev.baseline else 1)
+    after = run.evaluation(student, run.student_bytes, True, ev.agreement, speed=False) * (2 if ev.baseline else 1)
     out.append(StagePlan("7. Evaluation after", after, "the distilled student" + (" and the baseline"
                                                                                  if ev.baseline else "")))
     return out

@@ -33,8 +33,11 @@ def test_every_planned_section_is_a_notebook_section_and_the_total_adds_up():
 
 def test_more_work_takes_longer_and_processes_share_the_cache_and_the_steps():
     base = _plan().seconds()
-    longer = _plan(overrides=["train.max_steps=200", "train.eval_every=50"]).seconds()
-    assert longer["6. Distillation"] == pytest.approx(2 * base["6. Distillation"], rel=0.15)
+    train = get_preset("pocket").train
+    longer = _plan(overrides=[f"train.max_steps={2 * train.max_steps}", f"train.eval_every={2 * train.eval_every}",
+                              f"train.checkpoint_every={2 * train.checkpoint_every}"]).seconds()
+    # twice the steps and held-out scores; the held-out split's own cache is built once either way
+    assert 1.5 * base["6. Distillation"] < longer["6. Distillation"] < 2 * base["6. Distillation"]
     assert longer["4b. Teacher cache"] == base["4b. Teacher cache"]
     two = _plan(processes=2).seconds()
     assert two["4b. Teacher cache"] == pytest.approx(base["4b. Teacher cache"] / 2, abs=0.1)
@@ -42,7 +45,7 @@ def test_more_work_takes_longer_and_processes_share_the_cache_and_the_steps():
     assert two["5. Before training"] == base["5. Before training"]  # evaluation runs on process 0
     assert "shared by 2 processes" in str(_plan(processes=2))
     slower = time_plan(get_preset("pocket"), "cpu", throughput=dataclasses.replace(FIXED, flops=50e9))
-    assert slower.seconds()["4b. Teacher cache"] > 1.8 * base["4b. Teacher cache"]
+    assert slower.seconds()["4b. Teacher cache"] > 1.5 * base["4b. Teacher cache"]  # the matmuls dominate
     assert "6b. Baseline" not in _plan(overrides=["eval.baseline=false"]).seconds()
 
 
