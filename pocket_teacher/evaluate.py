@@ -17,14 +17,14 @@ import random
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .batches import answer_batches, answer_logit_chunks, answer_logits, length_batches
+from .batches import answer_batches, answer_logit_chunks, answer_logits, auto_chunk_size, length_batches
 from .config import GenerateConfig, LossConfig
 from .data import (IGNORE_INDEX, MMLU_LETTERS, Example, LoadReport, PaddingCollator, TokenizedSplit, answers_match,
                    extract_gsm8k_answer, format_prompt)
@@ -411,26 +411,61 @@ def agreement(teacher: torch.nn.Module, student: torch.nn.Module, split: Tokeniz
     Both models run on their own devices; their logits meet on the student's a chunk of tokens at a time, so neither
     (N, V) logits nor anything of size V reach the host. Returns {"top1_agreement": share of answer positions where both
     models' most likely next token is the same, "kl": mean KL(teacher || student) at T = 1 in nats/token, "tokens"}."""
-    t_dev, s_dev = _device(teacher), _device(student)
+    return agreements(teacher, {"student": student}, split, pad_token_id=pad_token_id, vocab_size=vocab_size,
+                      batch_size=batch_size, progress=progress).students["student"]
+
+
+@dataclass
+class Agreements:
+    """`agreements`' result: each student's {"top1_agreement", "kl", "tokens"} by label, and the teacher's own
+    {"perplexity", "nll", "tokens"} on the same answer tokens (what `perplexity` gives, from the same pass)."""
+
+    students: dict
+    teacher: dict
+
+
+def agreements(teacher: torch.nn.Module, students: dict[str, torch.nn.Module], split: TokenizedSplit, *,
+               pad_token_id: int, vocab_size: Optional[int] = None, batch_size: int = 16,
+               progress: bool = True) -> Agreements:
+    """`agreement` of several students (label -> model) with one pass of the teacher: each batch's teacher logits
+    meet every student's in turn, and score the teacher's own perplexity on the way (`Agreements`)."""
+    t_dev = _device(teacher)
     teacher.eval()
-    student.eval()
-    agree = torch.zeros((), dtype=torch.int64, device=s_dev)
-    kl_sum = torch.zeros((), dtype=torch.float64, device=s_dev)
-    total = 0
-    budget = min((b for b in (batch_token_budget(teacher), batch_token_budget(student)) if b), default=None)
+    teacher_nll = torch.zeros((), dtype=torch.float64, device=t_dev)
+    sums = {}
+    for label, student in students.items():
+        student.eval()
+        dev = _device(student)
+        sums[label] = [torch.zeros((), dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.float64, device=dev),
+                       0]
+    rows = vocab_size or teacher.get_output_embeddings().weight.shape[0]
+    chunk = auto_chunk_size(rows, t_dev.type)
+    budgets = [batch_token_budget(m) for m in (teacher, *students.values())]
+    budget = min((b for b in budgets if b), default=None)
     batches = answer_batches(split, pad_token_id, batch_size=batch_size, by_length=True, max_tokens=budget)
     for batch in tqdm(batches, desc="agreement", disable=not progress, leave=False):
-        on_t, on_s = batch.to(t_dev), batch.to(s_dev)
-        t_chunks = answer_logit_chunks(teacher, on_t.input_ids, on_t.attention_mask, on_t.select, vocab_size)
-        s_chunks = answer_logit_chunks(student, on_s.input_ids, on_s.attention_mask, on_s.select, vocab_size)
-        for (_, t), (_, s) in zip(t_chunks, s_chunks):
-            t = t.to(s_dev)
-            agree += (t.argmax(-1) == s.argmax(-1)).sum()
-            log_p = torch.log_softmax(t, -1)
-            del t
-            kl_sum += kl(log_p.reshape(1, -1), torch.log_softmax(s, -1).reshape(1, -1))[0].double()  # one sum
-            total += s.shape[0]
-    return {"top1_agreement": int(agree) / max(1, total), "kl": float(kl_sum) / max(1, total), "tokens": total}
+        on_t = batch.to(t_dev)
+        t_chunks = answer_logit_chunks(teacher, on_t.input_ids, on_t.attention_mask, on_t.select, vocab_size, chunk)
+        s_chunks = {}
+        for label, student in students.items():  # the same chunks of positions, whatever each model's device
+            on_s = batch.to(_device(student))
+            s_chunks[label] = answer_logit_chunks(student, on_s.input_ids, on_s.attention_mask, on_s.select,
+                                                  vocab_size, chunk)
+        for start, t in t_chunks:
+            teacher_nll += F.cross_entropy(t, on_t.targets[start:start + t.shape[0]], reduction="sum").double()
+            for label, chunks in s_chunks.items():
+                _, s = next(chunks)
+                t_here = t.to(s.device)
+                counts = sums[label]
+                counts[0] += (t_here.argmax(-1) == s.argmax(-1)).sum()
+                log_p = torch.log_softmax(t_here, -1)
+                del t_here
+                counts[1] += kl(log_p.reshape(1, -1), torch.log_softmax(s, -1).reshape(1, -1))[0].double()  # one sum
+                counts[2] += s.shape[0]
+    tokens = split.answer_tokens
+    nll = float(teacher_nll) / max(1, tokens)
+    return Agreements({label: {"top1_agreement": int(a) / max(1, n), "kl": float(k) / max(1, n), "tokens": n}
+                       for label, (a, k, n) in sums.items()}, {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens})
 
 
 # -- efficiency -----------------------------------------------------------------------------------------------------
@@ -524,21 +559,38 @@ def architecture_key(model: torch.nn.Module) -> str:
     return json.dumps([type(model).__name__, shape, dtypes, str(_device(model))], sort_keys=True, default=str)
 
 
+@dataclass
+class Known:
+    """What a run measured already and an evaluation reuses instead of measuring again: speed and size figures by
+    `architecture_key` ((label, figures); a new measurement is added), this model's held-out perplexity (the
+    training's last held-out score, taken on these very weights and the same split) and its agreement with the
+    teacher (`agreements`: one teacher pass for several students)."""
+
+    speed: dict = field(default_factory=dict)
+    perplexity: Optional[dict] = None  # {"perplexity", "tokens", "from"}
+    agreement: Optional[dict] = None  # this model's `agreement` with the teacher, from a pass shared with others
+    teacher: Optional[torch.nn.Module] = None  # else agreement is measured with this teacher (eval.agreement)
+
+
 def evaluate_model(label: str, model: torch.nn.Module, tokenizer, eval_split: TokenizedSplit, eval_cfg, *,
-                   system_prompt: Optional[str] = None, teacher: Optional[torch.nn.Module] = None,
-                   gsm_shots: Sequence[Example] = (), mmlu_examples: Optional[Sequence[Example]] = None,
-                   progress: bool = True, measured: Optional[dict] = None) -> dict:
+                   system_prompt: Optional[str] = None, gsm_shots: Sequence[Example] = (),
+                   mmlu_examples: Optional[Sequence[Example]] = None, progress: bool = True,
+                   known: Optional[Known] = None) -> dict:
     """One results row: perplexity, GSM accuracy, MMLU, agreement with `teacher`, efficiency.
 
     What runs follows `eval_cfg` (generate_samples, agreement, efficiency) and the inputs given
-    (`mmlu_examples`, `teacher`). Per-question rows are kept under "generations" and "mmlu_rows"
-    (left out of the table, saved by the pipeline). `measured`: efficiency already measured in this run, by
-    `architecture_key` (label and figures); a model of the same architecture reuses them (the row names the model
-    measured in "efficiency_of") instead of timing the same shapes again, and a new measurement is added."""
-    ppl = perplexity(model, eval_split, pad_token_id=tokenizer.pad_token_id, batch_size=eval_cfg.batch_size,
-                     vocab_size=len(tokenizer), desc=f"{label}: perplexity", progress=progress)
+    (`mmlu_examples`, `known.teacher`). Per-question rows are kept under "generations" and "mmlu_rows"
+    (left out of the table, saved by the pipeline). `known`: what the run measured already (`Known`): a model of
+    an architecture already timed reuses those speed figures (the row names that model in "efficiency_of"), and a
+    perplexity already taken on these weights is reused (the row says where from in "perplexity_of")."""
+    known = known or Known()
+    if known.perplexity is not None:
+        ppl = known.perplexity
+    else:
+        ppl = perplexity(model, eval_split, pad_token_id=tokenizer.pad_token_id, batch_size=eval_cfg.batch_size,
+                         vocab_size=len(tokenizer), desc=f"{label}: perplexity", progress=progress)
     row = {"model": label, "parameters": count_parameters(model), "perplexity": ppl["perplexity"],
-           "answer_tokens": ppl["tokens"]}
+           "answer_tokens": ppl["tokens"], **({"perplexity_of": ppl["from"]} if "from" in ppl else {})}
     if eval_cfg.generate_samples > 0 and eval_split.examples and eval_split.examples[0].answer:  # not free text
         mode = getattr(eval_cfg, "gsm8k_fewshot", "first")
         acc = gsm8k_accuracy(model, tokenizer, eval_split.examples[:eval_cfg.generate_samples],
@@ -553,18 +605,19 @@ def evaluate_model(label: str, model: torch.nn.Module, tokenizer, eval_split: To
         row.update({k: acc[k] for k in ("strict_match", "flexible_extract") if k in acc})
     if mmlu_examples:
         row.update(mmlu_scores(model, tokenizer, mmlu_examples, eval_cfg, label, progress))
-    if teacher is not None and teacher is not model and getattr(eval_cfg, "agreement", False):
-        agree = agreement(teacher, model, eval_split, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
-                          batch_size=eval_cfg.batch_size, progress=progress)
+    if known.agreement is not None:
+        row.update(top1_agreement=known.agreement["top1_agreement"], kl_to_teacher=known.agreement["kl"])
+    elif known.teacher is not None and known.teacher is not model and getattr(eval_cfg, "agreement", False):
+        agree = agreement(known.teacher, model, eval_split, pad_token_id=tokenizer.pad_token_id,
+                          vocab_size=len(tokenizer), batch_size=eval_cfg.batch_size, progress=progress)
         row.update(top1_agreement=agree["top1_agreement"], kl_to_teacher=agree["kl"])
     if getattr(eval_cfg, "efficiency", False):
         key = architecture_key(model)
-        if measured is not None and key in measured:
-            row["efficiency_of"], eff = measured[key]
+        if key in known.speed:
+            row["efficiency_of"], eff = known.speed[key]
         else:
             eff = efficiency(model, tokenizer)
-            if measured is not None:
-                measured[key] = (label, eff)
+            known.speed[key] = (label, eff)
         row.update(parameters_no_embeddings=eff["parameters_no_embeddings"], size_mb=eff["size_on_disk"] / 1e6,
                    latency_ms_per_token=eff["latency_ms_per_token"], tokens_per_s_b1=eff["tokens_per_s_batch1"],
                    tokens_per_s_b16=eff["tokens_per_s_batch16"],

@@ -19,9 +19,9 @@ import torch
 
 from .checkpoints import list_checkpoints
 from .config import Config, ConfigError, GenerateConfig, apply_overrides, get_preset
-from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, handle_duplicates, load_examples,
-                   hold_out_prompts, load_mmlu, remove_overlap, tokenize_examples)
-from .evaluate import evaluate_model, perplexity, teacher_on_student_samples
+from .data import (IGNORE_INDEX, DataError, Example, LoadReport, TokenizedSplit, format_prompt, handle_duplicates,
+                   hold_out_prompts, load_examples, load_mmlu, remove_overlap, tokenize_examples)
+from .evaluate import Agreements, Known, agreements, evaluate_model, perplexity, teacher_on_student_samples
 from .export import (ExportError, ExportReport, attach_fake_quant, detach_fake_quant, export_gguf, fake_quantize,
                      teacher_gguf)
 from .files import write_json
@@ -295,14 +295,15 @@ def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[
 
 
 def evaluate(cfg: Config, label: str, model: torch.nn.Module, tokenizer, splits: Splits,
-             progress: bool = True, teacher: Optional[torch.nn.Module] = None, measured: Optional[dict] = None) -> dict:
+             progress: bool = True, teacher: Optional[torch.nn.Module] = None, known: Optional[Known] = None) -> dict:
     """One results row for `model`: held-out perplexity and GSM accuracy, MMLU (eval.mmlu_source),
-    agreement with `teacher` (students only), size and speed (eval.efficiency; `measured` holds the run's speed
-    figures by architecture, so a trained student reuses its untrained copy's)."""
+    agreement with `teacher` (students only), size and speed (eval.efficiency); `known`: what the run measured
+    already (`evaluate.Known`: a trained student reuses its untrained copy's speed, and its training's last
+    held-out perplexity)."""
     with visiting(model, resolve_device(cfg.train.device)):
+        known = dataclasses.replace(known or Known(), teacher=teacher)
         return evaluate_model(label, model, tokenizer, splits.eval, cfg.eval, system_prompt=cfg.data.system_prompt,
-                              teacher=teacher, gsm_shots=splits.gsm_shots, mmlu_examples=splits.mmlu,
-                              progress=progress, measured=measured)
+                              gsm_shots=splits.gsm_shots, mmlu_examples=splits.mmlu, progress=progress, known=known)
 
 
 def _variant(cfg: Config, name: str, train: dict, **sections) -> Config:
@@ -443,7 +444,7 @@ class Experiment:
         self.say = print if self.main else (lambda *a, **k: None)
         self.device = resolve_device(cfg.train.device)
         self.timings: dict[str, float] = {}
-        self.measured: dict = {}  # speed and size figures by architecture (evaluate.architecture_key)
+        self.speed: dict = {}  # speed and size figures by architecture (evaluate.architecture_key, evaluate.Known)
         self.time_plan: Optional[TimePlan] = None  # planned seconds per section (made again once data are tokenized)
         self.raw: Optional[RawData] = None  # 2. Data
         self.train_raw: Optional[RawData] = None  # 3b. the training rows (the teacher's answers, or the data's)
@@ -553,10 +554,15 @@ class Experiment:
             if self.main:
                 own = (self.tokenizer, splits) if self.shared else (
                     self.teacher_tokenizer, tokenize(self.cfg, self.train_raw, self.teacher_tokenizer))
-                self.results["teacher"] = evaluate(self.cfg, "teacher", self.teacher, *own, self.progress)
+                shared = self._agreements(self.cfg, {"student before": self.student_init}, teacher_too=True)
+                teacher = Known(self.speed, {**shared.teacher, "from": "the pass that measured the untrained "
+                                                                      "student's agreement"} if shared else None)
+                self.results["teacher"] = evaluate(self.cfg, "teacher", self.teacher, *own, self.progress,
+                                                   known=teacher)
+                student = Known(self.speed, agreement=shared.students["student before"] if shared else None)
                 self.results["student before"] = evaluate(self.cfg, "student before", self.student_init,
                                                           self.tokenizer, splits, self.progress, self.agree_with,
-                                                          self.measured)
+                                                          student)
             return self.results
 
     def preflight(self) -> dict:
@@ -674,6 +680,31 @@ class Experiment:
     def baseline_label(self) -> str:
         return RANDOM_INIT_LABEL if self.trained and baseline_kind(self.trained.cfg) == "random" else BASELINE_LABEL
 
+    def _agreements(self, cfg: Config, students: dict[str, torch.nn.Module],
+                    teacher_too: bool = False) -> Optional[Agreements]:
+        """The students' agreement with the teacher from one pass of the teacher (evaluate.agreements), which also
+        scores the teacher's own perplexity; None when evaluation measures no agreement, or when one pass would
+        save nothing (a single student, and the teacher's perplexity not wanted). The students visit the device
+        together."""
+        if not (cfg.eval.agreement and self.agree_with is not None and (len(students) > 1 or teacher_too)):
+            return None
+        with contextlib.ExitStack() as stack:
+            for student in students.values():
+                stack.enter_context(visiting(student, resolve_device(cfg.train.device)))
+            return agreements(self.agree_with, students, self.splits.eval, pad_token_id=self.tokenizer.pad_token_id,
+                              vocab_size=len(self.tokenizer), batch_size=cfg.eval.batch_size, progress=self.progress)
+
+    def _final_held_out(self, label: str, trained: Trained) -> Optional[dict]:
+        """The held-out perplexity a training scored on its final weights (train.eval_every reaching the last
+        step), to reuse in evaluation: the same weights, split, vocabulary and answer tokens."""
+        result = trained.result if label == "student after" else self.baseline.result if self.baseline else None
+        last = result.history[-1] if result is not None and result.history else {}
+        if last.get("step") != trained.cfg.train.max_steps or last.get("eval_ppl") is None:
+            return None
+        tokens = sum(t != IGNORE_INDEX for f in self.splits.eval.features for t in f["labels"][1:])
+        return {"perplexity": last["eval_ppl"], "tokens": tokens, "from": f"training's held-out score at step "
+                                                                          f"{last['step']}"}
+
     def _trained_students(self, trained: Trained) -> dict[str, torch.nn.Module]:
         """The distilled student and the baseline (fine-tuned, or the same shape from random init) when trained."""
         baseline = {self.baseline_label: self.baseline.student} if self.baseline is not None else {}
@@ -713,9 +744,13 @@ class Experiment:
         with self._timed("evaluate_after"):
             trained = _need(self.trained, "distil")
             if self.main:
-                for label, student in self._trained_students(trained).items():
+                students = self._trained_students(trained)
+                agreed = self._agreements(trained.cfg, students)
+                for label, student in students.items():
+                    known = Known(self.speed, self._final_held_out(label, trained),
+                                  agreed.students[label] if agreed else None)
                     self.results[label] = evaluate(trained.cfg, label, student, self.tokenizer, self.splits,
-                                                   self.progress, self.agree_with, self.measured)
+                                                   self.progress, self.agree_with, known)
             return self.results
 
     def table(self):

@@ -405,14 +405,14 @@ class _Run:
     def prompts(self) -> list[int]:
         return [max(1, n - a) for n, a in zip(self.lengths.eval, self.lengths.eval_answers)]
 
-    def evaluation(self, shape: ModelShape, weight_bytes: float, trained: bool, agreement: bool,
-                   speed: bool = True) -> float:
-        """One results row (`evaluate.evaluate_model`): perplexity, GSM generation, agreement, efficiency (`speed`:
-        measured, not reused from the same architecture). A trained model or the teacher stops near the reference
-        answers' length; an untrained one runs to the budget."""
+    def evaluation(self, shape: ModelShape, weight_bytes: float, agreement: bool, speed: bool = True,
+                   scored: bool = False, shared_teacher: bool = False) -> float:
+        """One results row (`evaluate.evaluate_model`): perplexity (unless `scored`: the training's last held-out
+        score is reused), GSM generation, agreement (the teacher's pass not counted when `shared_teacher`: one pass
+        serves every trained student), efficiency (`speed`: measured, not reused from the same architecture)."""
         ev, lengths, cost = self.cfg.eval, self.lengths, self.cost
         held = batched(lengths.eval, ev.batch_size, by_length=True)
-        seconds = cost.forward(shape, held, sum(lengths.eval_answers))
+        seconds = 0.0 if scored else cost.forward(shape, held, sum(lengths.eval_answers))
         questions = min(ev.generate_samples, len(lengths.eval)) if self.cfg.data.source != "teacher_text" else 0
         if questions:
             # a batch decodes until its last row stops: one rambling answer in it (an untrained student's, or a
@@ -420,7 +420,7 @@ class _Run:
             steps = ev.max_new_tokens
             seconds += cost.decode(shape, batched(self.prompts[:questions], ev.batch_size), steps, weight_bytes)
         if agreement:
-            seconds += cost.forward(self.teacher, held, sum(lengths.eval_answers))
+            seconds += 0.0 if shared_teacher else cost.forward(self.teacher, held, sum(lengths.eval_answers))
             seconds += cost.forward(shape, held, sum(lengths.eval_answers))
         if ev.efficiency and speed:  # a warm-up and two timed runs of 32 tokens, at batch 1 and 16
             seconds += 3 * (cost.decode(shape, [(1, 12)], 32, weight_bytes)
@@ -482,8 +482,9 @@ def _stages(run: _Run, processes: int) -> list[StagePlan]:
         out.append(StagePlan("4b. Teacher cache", seconds / processes,
                              f"the teacher over {len(lengths.train)} rows, {sum(lengths.train_answers):,} answer tokens"
                              + (f", shared by {processes} processes" if processes > 1 else "")))
-    before = run.evaluation(teacher, run.teacher_bytes, True, False)
-    before += run.evaluation(student, run.student_bytes, False, ev.agreement)
+    before = run.evaluation(teacher, run.teacher_bytes, False)
+    # the teacher's perplexity pass also serves the untrained student's agreement (evaluate.agreements)
+    before += run.evaluation(student, run.student_bytes, ev.agreement, shared_teacher=True)
     out.append(StagePlan("5. Before training", before, "teacher and untrained student: perplexity, generation, "
                                                        "agreement, speed"))
     rows, steps = min(8, len(lengths.eval)), min(64, ev.max_new_tokens)  # as Experiment.preflight samples
@@ -506,7 +507,11 @@ def _stages(run: _Run, processes: int) -> list[StagePlan]:
     if ev.on_policy_preview:
         out.append(StagePlan("6c. On-policy preview", _preview(run, ev.on_policy_preview),
                              f"{ev.on_policy_preview} on-policy steps"))
-    after = run.evaluation(student, run.student_bytes, True, ev.agreement, speed=False) * (2 if ev.baseline else 1)
+    trained = 2 if ev.baseline else 1
+    scored = bool(tr.eval_every)  # the training scores the held-out split at its last step: reused
+    after = trained * run.evaluation(student, run.student_bytes, ev.agreement, False, scored, trained > 1)
+    if ev.agreement and trained > 1:  # one teacher pass for both students' agreement
+        after += cost.forward(teacher, batched(lengths.eval, ev.batch_size, by_length=True), sum(lengths.eval_answers))
     out.append(StagePlan("7. Evaluation after", after, "the distilled student" + (" and the baseline"
                                                                                  if ev.baseline else "")))
     return out

@@ -1,5 +1,6 @@
 """pocket_teacher.evaluate and pocket_teacher.plots."""
 
+import dataclasses
 import math
 
 import pytest
@@ -308,3 +309,57 @@ def test_mmlu_format_auto_reports_both_for_small_models(tiny_teacher, tiny_token
     assert {"mmlu", "mmlu_cloze", "mmlu_cloze_norm"} <= set(row)
     cloze_only = apply_overrides(tiny_cfg, ["eval.mmlu_format=cloze"]).eval
     assert "mmlu" not in mmlu_scores(tiny_teacher, tiny_tokenizer, examples, cloze_only, "m", progress=False)
+
+
+def test_one_teacher_pass_gives_each_students_agreement(tiny_teacher, tiny_tokenizer):
+    """evaluate.agreements: the teacher runs once per batch for several students; each student's figures equal its
+    own `agreement`, a student equal to the teacher agrees fully, and the teacher's perplexity comes with them."""
+    from pocket_teacher.evaluate import agreements
+    from pocket_teacher.models import derive_student
+
+    examples, _ = load_gsm_symbolic(6, seed=5)
+    split = tokenize_examples(examples, tiny_tokenizer, max_length=384)
+    students = {"two": derive_student(tiny_teacher, num_layers=2).eval(),
+                "one": derive_student(tiny_teacher, num_layers=1).eval(), "same": tiny_teacher}
+    pad, vocab = tiny_tokenizer.pad_token_id, len(tiny_tokenizer) - 7
+    got = agreements(tiny_teacher, students, split, pad_token_id=pad, vocab_size=vocab, batch_size=4, progress=False)
+    for label, student in students.items():
+        alone = agreement(tiny_teacher, student, split, pad_token_id=pad, vocab_size=vocab, batch_size=4,
+                          progress=False)
+        assert got.students[label]["tokens"] == alone["tokens"] == split.answer_tokens
+        assert got.students[label]["top1_agreement"] == alone["top1_agreement"]
+        assert got.students[label]["kl"] == pytest.approx(alone["kl"], rel=1e-6, abs=1e-9)
+    assert got.students["same"]["top1_agreement"] == 1.0 and got.students["two"]["kl"] > 0
+    alone = perplexity(tiny_teacher, split, pad_token_id=pad, vocab_size=vocab, progress=False)
+    assert got.teacher["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-6)  # scored on the same pass
+    assert got.teacher["tokens"] == alone["tokens"]
+
+
+def test_an_evaluation_reuses_what_the_run_measured(monkeypatch, tiny_teacher, tiny_tokenizer, tiny_cfg):
+    """evaluate.Known: a model of an architecture already timed takes those speed figures (and names whose), a
+    perplexity already taken is not taken again, and a known agreement is used as given."""
+    import pocket_teacher.evaluate as ev
+    from pocket_teacher.models import derive_student
+
+    split = tokenize_examples(load_gsm_symbolic(4, seed=4)[0], tiny_tokenizer, max_length=384)
+    cfg = dataclasses.replace(tiny_cfg.eval, generate_samples=0, efficiency=True, agreement=True)
+    before, after = derive_student(tiny_teacher, num_layers=2), derive_student(tiny_teacher, num_layers=2)
+    other = derive_student(tiny_teacher, num_layers=1)
+    timed = []
+    real = ev.efficiency
+    monkeypatch.setattr(ev, "efficiency", lambda model, tok: timed.append(model) or real(
+        model, tok, new_tokens=2, batch_sizes=(1, 16), repeats=1))
+    known = ev.Known(teacher=tiny_teacher)
+    first = ev.evaluate_model("student before", before, tiny_tokenizer, split, cfg, progress=False, known=known)
+    second = ev.evaluate_model("student after", after, tiny_tokenizer, split, cfg, progress=False, known=known)
+    third = ev.evaluate_model("smaller", other, tiny_tokenizer, split, cfg, progress=False, known=known)
+    assert timed == [before, other]  # the same architecture is timed once
+    assert second["efficiency_of"] == "student before" and "efficiency_of" not in third
+    assert second["latency_ms_per_token"] == first["latency_ms_per_token"]
+    scored = {"perplexity": 12.5, "tokens": split.answer_tokens, "from": "training's held-out score at step 8"}
+    monkeypatch.setattr(ev, "perplexity", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(ev, "agreement", lambda *a, **k: pytest.fail("measured again"))
+    row = ev.evaluate_model("student after", after, tiny_tokenizer, split, cfg, progress=False,
+                            known=ev.Known(known.speed, scored, {"top1_agreement": 0.5, "kl": 1.25}))
+    assert (row["perplexity"], row["perplexity_of"], row["top1_agreement"], row["kl_to_teacher"]) == (
+        12.5, "training's held-out score at step 8", 0.5, 1.25)

@@ -246,3 +246,33 @@ def test_the_preview_never_warms_up_longer_than_it_runs(preset):
     assert preview.max_steps == steps and 4 * preview.warmup_steps <= steps
     assert preview.warmup_steps <= cfg.train.warmup_steps
     assert preview.checkpoint_every == 0 and not preview.resume
+
+
+def test_evaluation_after_training_reuses_the_last_held_out_score_and_one_teacher_pass(experiment):
+    """The trained students' perplexity is the training's held-out score at its last step (the same weights and
+    split, not scored again) and equals a fresh one; their agreement comes from one teacher pass and equals
+    `agreement` run alone; without a held-out score at the last step, evaluation scores the student itself."""
+    from pocket_teacher.evaluate import agreement, perplexity
+
+    exp = experiment
+    trained = exp.distil(["train.eval_every=1"])
+    exp.train_baseline()
+    exp.evaluate_before()
+    rows = exp.evaluate_after()
+    pad, vocab = exp.tokenizer.pad_token_id, len(exp.tokenizer)
+    for label, student in (("student after", trained.student), (exp.baseline_label, exp.baseline.student)):
+        row = rows[label]
+        assert row["perplexity_of"] == "training's held-out score at step 2"
+        fresh = perplexity(student, exp.splits.eval, pad_token_id=pad, vocab_size=vocab, progress=False)
+        assert row["perplexity"] == pytest.approx(fresh["perplexity"], rel=1e-5)
+        assert row["answer_tokens"] == fresh["tokens"]
+        alone = agreement(exp.teacher, student, exp.splits.eval, pad_token_id=pad, vocab_size=vocab, progress=False)
+        assert row["top1_agreement"] == alone["top1_agreement"]
+        assert row["kl_to_teacher"] == pytest.approx(alone["kl"], rel=1e-5)
+    teacher = rows["teacher"]
+    alone = perplexity(exp.teacher, exp.splits.eval, pad_token_id=pad, vocab_size=vocab, progress=False)
+    assert teacher["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-5) and "agreement" in teacher[
+        "perplexity_of"]  # scored on the pass that measured the untrained student's agreement
+    exp.distil()  # eval_every=0: no held-out score to reuse
+    exp.train_baseline()
+    assert "perplexity_of" not in exp.evaluate_after()["student after"]

@@ -71,11 +71,20 @@ def collect(run_dir: Path, name: str, commit: str | None = None, command: str | 
                          "collected": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "note": note,
                          "shared_machine": shared_machine},
               "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
-              "timings_s": json.loads((run_dir / "timings.json").read_text())["sections_s"], **results}
+              **_timings(json.loads((run_dir / "timings.json").read_text())), **results}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
     return path
+
+
+def _timings(timings: dict) -> dict:
+    """What a run's timings.json gives results/: the measured seconds per section, and the time plan's (planned
+    seconds, the machine figures it used) where the run made one."""
+    out = {"timings_s": timings["sections_s"]}
+    if timings.get("planned_s"):
+        out.update(planned_s=timings["planned_s"], plan=timings.get("plan"))
+    return out
 
 
 def collect_benchmark(results_file: Path, name: str, command: str, commit: str, note: str | None = None) -> Path:
@@ -170,10 +179,28 @@ def demo_timing(data: dict) -> str:
     commit = commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
     parts = [f"{title.split('. ', 1)[-1].lower()} {seconds(s)}"  # "6b. Baseline" -> "baseline"
              for title, s in timings.items() if s >= 5]
+    planned = data.get("planned_s") or {}
+    plan = ""
+    if planned:
+        total_planned = sum(planned.get(title, 0.0) for title in timings)
+        plan = (f" The time plan, made on this machine before the run from its probe "
+                f"({throughput_line(data['plan']['throughput'])}) and the tokenized lengths, said "
+                f"**{seconds(total_planned)} ({total_planned / 60:.1f} min)** for the same sections.")
     return (f"Measured with `{source['command']}` on {source['hardware']}, Python {source['environment']['python']}, "
             f"fp32, commit {commit}: the run took **{seconds(total)} ({total / 60:.1f} min)**"
-            + (f"; per section: {', '.join(parts)}." if parts else ".")
+            + (f"; per section: {', '.join(parts)}." if parts else ".") + plan
             + (f" {source['note']}" if source.get("note") else ""))
+
+
+def throughput_line(tput) -> str:
+    """A `timeplan.Throughput` as saved in JSON, in words (the probe's figures and where they came from)."""
+    if not isinstance(tput, dict):
+        return str(tput)
+    streams = [r for _, r in tput.get("stream_rows") or []]
+    stream = ("/".join(f"{r / 1e9:,.1f}" for r in [tput.get("weight_stream") or tput["bandwidth"], *streams]))
+    return (f"{tput['device']}: matmul {tput['flops'] / 1e9:,.0f} GFLOP/s, weights through 1/16/32-row matmuls "
+            f"{stream} GB/s, log-softmax {(tput.get('elementwise') or 0) / 1e6:,.0f} M elements/s, "
+            f"{tput['op_seconds'] * 1e6:.0f} us per small op")
 
 
 def demo_table(data: dict) -> str:
@@ -220,6 +247,8 @@ def demo_setup(data: dict) -> str:
     extras += [f"held-out evaluation every {train['eval_every']} steps"] if train["eval_every"] else []
     if cfg["eval"]["baseline"]:
         extras.append("a plain fine-tuning baseline (alpha = 1, same student, data, steps and schedule)")
+    if not cfg["eval"]["on_policy_preview"]:
+        extras.append("the on-policy preview off (`eval.on_policy_preview=8` runs it)")
     if cfg["eval"]["on_policy_preview"]:
         steps = cfg["eval"]["on_policy_preview"]
         article = "an" if str(steps).startswith("8") or steps in (11, 18) else "a"
@@ -750,9 +779,7 @@ def time_plan(data: dict) -> str:
     """benchmarks/time_plan.py: each section's planned seconds beside the clock, and the bounds they meet."""
     rows_ = data["rows"]
     tput = data["throughput"]
-    if isinstance(tput, dict):
-        tput = (f"{tput['device']}: matmul {tput['flops'] / 1e9:,.0f} GFLOP/s, memory {tput['bandwidth'] / 1e9:,.1f} "
-                f"GB/s, {tput['op_seconds'] * 1e6:.0f} us per small op ({tput['source']})")
+    tput = throughput_line(tput)
     lines = [f"{measured_with(data)}; preset `{data['preset']}`, the plan made on {tput}:", "",
              "| section | planned | measured | measured / planned | within bounds |",
              "| --- | ---: | ---: | ---: | --- |"]
