@@ -424,6 +424,7 @@ class Agreements:
     teacher: dict
 
 
+@torch.no_grad()
 def agreements(teacher: torch.nn.Module, students: dict[str, torch.nn.Module], split: TokenizedSplit, *,
                pad_token_id: int, vocab_size: Optional[int] = None, batch_size: int = 16,
                progress: bool = True) -> Agreements:
@@ -452,16 +453,20 @@ def agreements(teacher: torch.nn.Module, students: dict[str, torch.nn.Module], s
             s_chunks[label] = answer_logit_chunks(student, on_s.input_ids, on_s.attention_mask, on_s.select,
                                                   vocab_size, chunk)
         for start, t in t_chunks:
-            teacher_nll += F.cross_entropy(t, on_t.targets[start:start + t.shape[0]], reduction="sum").double()
+            log_p = torch.log_softmax(t, -1)
+            teacher_nll -= log_p.gather(-1, on_t.targets[start:start + t.shape[0]].unsqueeze(-1)).sum().double()
+            top, here = t.argmax(-1), {}  # the teacher's log-probs, once per device a student is on
+            del t
             for label, chunks in s_chunks.items():
                 _, s = next(chunks)
-                t_here = t.to(s.device)
+                if s.device not in here:
+                    here[s.device] = (log_p.to(s.device), top.to(s.device))
+                log_p_here, top_here = here[s.device]
                 counts = sums[label]
-                counts[0] += (t_here.argmax(-1) == s.argmax(-1)).sum()
-                log_p = torch.log_softmax(t_here, -1)
-                del t_here
-                counts[1] += kl(log_p.reshape(1, -1), torch.log_softmax(s, -1).reshape(1, -1))[0].double()  # one sum
+                counts[0] += (top_here == s.argmax(-1)).sum()
+                counts[1] += kl(log_p_here.reshape(1, -1), torch.log_softmax(s, -1).reshape(1, -1))[0].double()
                 counts[2] += s.shape[0]
+            del log_p, here
     tokens = split.answer_tokens
     nll = float(teacher_nll) / max(1, tokens)
     return Agreements({label: {"top1_agreement": int(a) / max(1, n), "kl": float(k) / max(1, n), "tokens": n}
@@ -594,7 +599,8 @@ def evaluate_model(label: str, model: torch.nn.Module, tokenizer, eval_split: To
     if eval_cfg.generate_samples > 0 and eval_split.examples and eval_split.examples[0].answer:  # not free text
         mode = getattr(eval_cfg, "gsm8k_fewshot", "first")
         acc = gsm8k_accuracy(model, tokenizer, eval_split.examples[:eval_cfg.generate_samples],
-                             GenerateConfig(max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size),
+                             GenerateConfig(max_new_tokens=eval_cfg.max_new_tokens,
+                                            batch_size=eval_cfg.generate_batch_size or eval_cfg.batch_size),
                              system_prompt=system_prompt, shots=gsm_shots, fewshot=mode,
                              num_fewshot=eval_cfg.gsm8k_shots, desc=f"{label}: GSM8K", progress=progress)
         row.update(accuracy=acc["accuracy"], correct=acc["correct"], questions=acc["total"],

@@ -359,6 +359,7 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
     mean_len = (sum(lengths) / len(lengths)) if lengths else 0.6 * cfg.data.max_length
     train_tokens = tr.batch_size * train_len
     eval_tokens = ev.batch_size * eval_len
+    gen_rows = ev.generate_batch_size or ev.batch_size  # questions per generation batch
     # Only answer tokens reach the output layer; without real lengths every token is taken as one (worst case).
     share = 1 - sum(prompt_lengths) / sum(eval_lengths) if prompt_lengths and eval_lengths else 1.0
     train_answers, eval_answers = int(share * train_tokens), int(share * eval_tokens)
@@ -389,8 +390,8 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
     gen_len = (max(prompt_lengths) if prompt_lengths else eval_len) + ev.max_new_tokens
     gen_model = teacher if teacher.params >= student.params else student
     stages.append(stage("generation", {
-        "teacher weights": tw, "KV cache": kv_cache_bytes(gen_model, ev.batch_size, gen_len, max(compute, t_bytes)),
-        "step logits": 3 * 4 * ev.batch_size * gen_model.vocab_rows}, resting))
+        "teacher weights": tw, "KV cache": kv_cache_bytes(gen_model, gen_rows, gen_len, max(compute, t_bytes)),
+        "step logits": 3 * 4 * gen_rows * gen_model.vocab_rows}, resting))
     if cfg.data.targets != "reference":
         gb = cfg.generate.batch_size
         stages.append(stage("teacher answers", {

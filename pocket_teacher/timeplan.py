@@ -56,7 +56,7 @@ MATMUL_EFFICIENCY = 0.8  # a model's matmuls against the probe's (smaller and od
 CPU_ATTENTION_SQUARE = True  # on CPU with a padding mask SDPA takes the math path: the full (L, L) scores
 
 
-PROBE = 3  # the probe's version: a cached probe of another version is measured again
+PROBE = 4  # the probe's version: a cached probe of another version is measured again
 
 
 class TimePlanError(ValueError):
@@ -80,18 +80,19 @@ class Throughput:
     stream_rows: tuple = ()  # ((rows, weight bytes per second), ...) through matmuls of that many rows
 
     def stream_at(self, rows: int) -> float:
-        """Weight bytes per second a decode step of `rows` rows reads (interpolated between the probed row counts;
-        beyond the last, the matmul is compute-bound and `Coster.decode` takes the FLOPs instead)."""
+        """Weight bytes per second a decode step of `rows` rows reads: interpolated between the probed row counts;
+        beyond the last, the step is compute-bound (its time grows with the rows)."""
         points = [(1, self.stream)] + [tuple(p) for p in self.stream_rows]
         for (r0, s0), (r1, s1) in zip(points, points[1:]):
             if rows <= r1:
                 return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
-        return points[-1][1]
+        last_rows, last = points[-1]
+        return last * last_rows / rows
 
     def __str__(self) -> str:
         return (f"{self.device}: matmul {self.flops / 1e9:,.0f} GFLOP/s, memory {self.bandwidth / 1e9:,.1f} GB/s, "
-                f"weights through matmuls of 1/16/32 rows "
-                f"{'/'.join(f'{self.stream_at(r) / 1e9:,.1f}' for r in (1, 16, 32))} GB/s, log-softmax "
+                f"weights through matmuls of 1/16/32/64 rows "
+                f"{'/'.join(f'{self.stream_at(r) / 1e9:,.1f}' for r in (1, 16, 32, 64))} GB/s, log-softmax "
                 f"{self.softmax / 1e6:,.0f} M elements/s, {self.op_seconds * 1e6:.0f} us per small op ({self.source})")
 
     @property
@@ -148,12 +149,12 @@ def probe(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     bandwidth = _timed_rate(big.sum, big.numel() * 4, seconds * 0.15, sync)
     del big
     # a decoder's weights, as nn.Linear holds them (out x in), 576 wide as SmolLM2's (128 MiB in fp32: more than
-    # a CPU's last cache), through matmuls of 1, 16 and 32 rows (a decode step of that many sequences)
+    # a CPU's last cache), through matmuls of 1, 16, 32 and 64 rows (a decode step of that many sequences)
     layers = [torch.randn(*shape, device=device, dtype=dtype) for _ in range(24) for shape in ((1536, 576),
                                                                                               (576, 1536))]
     nbytes = sum(w.numel() * w.element_size() for w in layers)
     streams = []
-    for rows in (1, 16, 32):
+    for rows in (1, 16, 32, 64):
         x, h = torch.randn(rows, 576, device=device, dtype=dtype), torch.randn(rows, 1536, device=device, dtype=dtype)
         streams.append((rows, _timed_rate(lambda: [torch.nn.functional.linear(x if w.shape[1] == 576 else h, w)
                                                    for w in layers], nbytes, seconds * 0.1, sync)))
@@ -418,7 +419,8 @@ class _Run:
             # a batch decodes until its last row stops: one rambling answer in it (an untrained student's, or a
             # small model's loop) keeps it to the budget, as it does on the presets' data
             steps = ev.max_new_tokens
-            seconds += cost.decode(shape, batched(self.prompts[:questions], ev.batch_size), steps, weight_bytes)
+            rows = ev.generate_batch_size or ev.batch_size
+            seconds += cost.decode(shape, batched(sorted(self.prompts[:questions]), rows), steps, weight_bytes)
         if agreement:
             seconds += 0.0 if shared_teacher else cost.forward(self.teacher, held, sum(lengths.eval_answers))
             seconds += cost.forward(shape, held, sum(lengths.eval_answers))

@@ -198,7 +198,8 @@ def throughput_line(tput) -> str:
         return str(tput)
     streams = [r for _, r in tput.get("stream_rows") or []]
     stream = ("/".join(f"{r / 1e9:,.1f}" for r in [tput.get("weight_stream") or tput["bandwidth"], *streams]))
-    return (f"{tput['device']}: matmul {tput['flops'] / 1e9:,.0f} GFLOP/s, weights through 1/16/32-row matmuls "
+    return (f"{tput['device']}: matmul {tput['flops'] / 1e9:,.0f} GFLOP/s, weights through "
+            f"{'/'.join(['1'] + [str(r) for r, _ in tput.get('stream_rows') or []])}-row matmuls "
             f"{stream} GB/s, log-softmax {(tput.get('elementwise') or 0) / 1e6:,.0f} M elements/s, "
             f"{tput['op_seconds'] * 1e6:.0f} us per small op")
 
@@ -790,7 +791,24 @@ def time_plan(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS: dict[str, Callable[[dict], str]] = {"time-plan": time_plan, "cache-objectives": cache_objectives,
+def machine_ratio(data: dict) -> str:
+    """The two machine kinds on the same run: the slower one's clock over the faster one's, per section and in all,
+    and what that makes of the demo's clock on the faster machine (an estimate, said to be one)."""
+    slow, fast, demo = data["slow"], data["fast"], data["demo"]
+    shared = [t for t in slow["sections_s"] if t in fast["sections_s"] and fast["sections_s"][t] >= 5]
+    total_slow = sum(slow["sections_s"][t] for t in shared)
+    total_fast = sum(fast["sections_s"][t] for t in shared)
+    ratios = [slow["sections_s"][t] / fast["sections_s"][t] for t in shared]
+    ratio = total_slow / total_fast
+    estimate = demo["total_s"] * ratio
+    return (f"The same run ({data['run']}) took {seconds(total_slow)} on the {slow['machine']} ({slow['source']}) and "
+            f"{seconds(total_fast)} on the {fast['machine']} ({fast['source']}), sections of at least 5 s: "
+            f"**{ratio:.2f}x**, {min(ratios):.2f}x to {max(ratios):.2f}x section by section. The demo's clock on the "
+            f"{fast['machine']}, {seconds(demo['total_s'])} ({demo['source']}), times {ratio:.2f} is **{seconds(estimate)} "
+            f"({estimate / 60:.1f} min)** on the {slow['machine']}: an estimate from two clocks, not a run there.")
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {"machine-ratio": machine_ratio, "time-plan": time_plan, "cache-objectives": cache_objectives,
                                                 "text-setup": text_setup, "text-timing": demo_timing,
                                                 "text-table": text_table, "text-findings": text_findings,
                                                 "kd-setup": kd_setup, "kd-table": kd_table, "kd-findings": kd_findings,
