@@ -31,6 +31,7 @@ import torch
 
 from .config import ModelShape
 from .data import IGNORE_INDEX
+from .models import cache_root, embedded_gguf_path
 from .plan import GPUS, _shapes, dtype_bytes, get_device
 
 # Typical token lengths per row under the SmolLM2 chat template, before the data are tokenized (measured on the
@@ -243,6 +244,7 @@ class Lengths:
                    (min(answer, held),) * n_eval, typical=True)
 
 
+DEQUANTIZE_PARAMS_PER_S = 5e6  # the embedded GGUF read and dequantized into fp32 the first time (Xeon, 2 cores)
 LOAD_BYTES_PER_S = 200e6  # reading and building a model's weights (safetensors, the dequantized GGUF cache)
 DISK_BYTES_PER_S = 300e6  # writing checkpoints
 ELEMENTWISE_PASSES = 4  # log-softmax-sized passes over an (N, V) block in evaluation (perplexity, top-k, agreement)
@@ -468,7 +470,10 @@ def time_plan(cfg, gpu: Optional[str] = None, *, lengths: Optional[Lengths] = No
 def _stages(run: _Run, processes: int) -> list[StagePlan]:
     cfg, cost, lengths, teacher, student = run.cfg, run.cost, run.lengths, run.teacher, run.student
     tr, ev, tc = cfg.train, cfg.eval, cfg.teacher_cache
-    out = [StagePlan("3. Teacher", 1 + run.teacher_bytes / LOAD_BYTES_PER_S, "load the weights")]
+    load = 1 + run.teacher_bytes / LOAD_BYTES_PER_S
+    first = cfg.teacher.source == "embedded" and not _dequantized_already()
+    out = [StagePlan("3. Teacher", load + (teacher.params / DEQUANTIZE_PARAMS_PER_S if first else 0.0),
+                     "dequantize the GGUF once, then load the weights" if first else "load the weights")]
     if cfg.data.source == "teacher_text" or cfg.data.targets != "reference":
         g = cfg.generate
         n = g.num_samples if cfg.data.source == "teacher_text" else len(lengths.train)
@@ -517,6 +522,15 @@ def _stages(run: _Run, processes: int) -> list[StagePlan]:
     out.append(StagePlan("7. Evaluation after", after, "the distilled student" + (" and the baseline"
                                                                                  if ev.baseline else "")))
     return out
+
+
+def _dequantized_already() -> bool:
+    """Whether the embedded teacher's GGUF was dequantized on this machine before (`models.materialize_gguf`)."""
+    try:
+        gguf = embedded_gguf_path()
+    except Exception:  # the package is missing: loading will say so; the plan assumes nothing to do
+        return True
+    return any((folder / ".complete").is_file() for folder in cache_root().glob(f"{gguf.stem}-*"))
 
 
 def _preview(run: _Run, steps: int) -> float:
