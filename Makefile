@@ -38,7 +38,7 @@ test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu and not pocket"
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -m "slow and not gpu and not pocket"
+	$(PY) -m pytest -m "slow and not gpu and not pocket" --durations=15
 
 test-pocket: $(STAMP)
 	$(PY) -m pytest -m pocket

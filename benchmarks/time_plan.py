@@ -4,9 +4,10 @@
     python benchmarks/time_plan.py --preset pocket --run runs/pocket --json runs/bench/time_plan_pocket.json
 
 With --run, the measured seconds are a finished run's `timings.json` (run on this machine, alone, for a fair
-comparison) and the plan is made again here with that run's tokenized lengths (the data loaded and tokenized again,
-the teacher's generated answers reused from the run's cache) and this machine's throughput (its cached probe, or
-`--probe` to measure again). Without --run, the preset runs now into a temporary folder, and its own timings.json
+comparison), and so is the plan: the one the run printed once its data were tokenized, before the work began. With
+--replan, or for a run that kept no plan, the plan is made again here with that run's tokenized lengths (the data
+loaded and tokenized again, the teacher's generated answers reused from the run's cache) and this machine's
+throughput (its cached probe, or `--probe` to measure again). Without --run, the preset runs now into a temporary folder, and its own timings.json
 (plan and clock) is read. Prints and writes each section's planned and measured seconds, their ratio, and whether
 it is within the issue's bounds: 25% per section and 15% in total (a factor of 2 in total for `tiny`, where
 start-up dominates).
@@ -47,6 +48,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--run", default=None, help="a finished run folder of this preset (else: run it now)")
     parser.add_argument("--probe", action="store_true", help="measure this machine's throughput again first")
+    parser.add_argument("--replan", action="store_true", help="with --run: plan again here (this code, this probe) "
+                        "instead of reading the plan the run made before it ran")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -56,19 +59,20 @@ def main() -> None:
     from pocket_teacher.timeplan import compared
 
     print(f"hardware: {hardware_line()}", flush=True)
+    planned = throughput = None
     if args.run:
         run = Path(args.run)
-        plan = replan(args.preset, args.set, run, args.probe)
-        planned, throughput = plan.seconds(), str(plan.throughput)
+        if args.replan or "planned_s" not in json.loads((run / "timings.json").read_text()):
+            plan = replan(args.preset, args.set, run, args.probe)
+            planned, throughput = plan.seconds(), str(plan.throughput)
     else:
         run = Path(tempfile.mkdtemp()) / args.preset
         argv = ["run", "--preset", args.preset, "--out", str(run), "--no-progress"]
         if cli([*argv, *(x for kv in args.set for x in ("--set", kv))]) != 0:
             sys.exit("the run failed")
     timings = json.loads((run / "timings.json").read_text())
-    if not args.run:
-        planned = timings["planned_s"]
-        throughput = timings["plan"]["throughput"]
+    if planned is None:  # the plan the run itself printed, once its data were tokenized
+        planned, throughput = timings["planned_s"], timings["plan"]["throughput"]
     measured = timings["sections_s"]
     rows = compared(planned, measured)
     bound = 2.0 if args.preset.startswith("tiny") else 0.15

@@ -470,7 +470,8 @@ def agreements(teacher: torch.nn.Module, students: dict[str, torch.nn.Module], s
     tokens = split.answer_tokens
     nll = float(teacher_nll) / max(1, tokens)
     return Agreements({label: {"top1_agreement": int(a) / max(1, n), "kl": float(k) / max(1, n), "tokens": n}
-                       for label, (a, k, n) in sums.items()}, {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens})
+                       for label, (a, k, n) in sums.items()},
+                      {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens})
 
 
 # -- efficiency -----------------------------------------------------------------------------------------------------

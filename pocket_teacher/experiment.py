@@ -530,7 +530,10 @@ class Experiment:
                                 verbose=self.main) is not None
             self.student_stage = StudentStage(init, tokenizer, info, shared,
                                               tokenize(self.cfg, raw, tokenizer, verbose=self.main))
+            earlier = self.time_plan
             self.time_plan = plan_time(self.cfg, Lengths.of(self.splits.train, self.splits.eval), self.main)
+            if earlier is not None and self.time_plan is not None:  # sections already run keep what was planned
+                self.time_plan.keep(earlier, self.timings)
             return self.splits
 
     def build_cache(self) -> Optional[TopKCache]:

@@ -160,7 +160,6 @@ def probe(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
         streams.append((rows, _timed_rate(lambda: [torch.nn.functional.linear(x if w.shape[1] == 576 else h, w)
                                                    for w in layers], nbytes, seconds * 0.1, sync)))
     stream = streams[0][1]
-    del layers
     block = torch.randn(256, 32768, device=device, dtype=torch.float32)
     softmax = _timed_rate(lambda: torch.log_softmax(block, dim=-1), block.numel(), seconds * 0.15, sync)
     x, w = torch.randn(8, 64, device=device, dtype=dtype), torch.randn(64, 64, device=device, dtype=dtype)
@@ -251,6 +250,8 @@ ELEMENTWISE_PASSES = 4  # log-softmax-sized passes over an (N, V) block in evalu
 TRAIN_PASSES = 28  # the same in a training step's loss, forward and backward
 DECODE_OVERHEAD = 1.5  # transformers' generate reads the weights in more, smaller matmuls than the probe (q, k, v
 # apart; the (rows, V) output layer) and builds masks and positions each step: fitted on the pocket preset (CPU)
+SAMPLING_OVERHEAD = 2.0  # sampled rollouts (preflight, on-policy steps): a softmax and a draw over the vocabulary each
+# step and a generate call per small batch, fitted on the pocket preset's preflight (CPU)
 FIDELITY_ROWS, FIDELITY_PASSES = 32, 40  # the cache's fidelity rows (teacher_cache.Fidelity) and their passes
 DECODE_PASSES = 2  # the same over a decode step's (rows, V) logits (logits processors, argmax)
 
@@ -345,6 +346,12 @@ class TimePlan:
     @property
     def total(self) -> float:
         return sum(s.seconds for s in self.stages)
+
+    def keep(self, earlier: "TimePlan", done) -> None:
+        """Take `earlier`'s estimates for the sections in `done` (already run when this plan was made: the plan
+        before a section ran is the one to hold against its clock, e.g. a first dequantization it counted)."""
+        before = {s.title: s for s in earlier.stages}
+        self.stages = [before[s.title] if s.title in done and s.title in before else s for s in self.stages]
 
     def seconds(self) -> dict[str, float]:
         return {s.title: round(s.seconds, 1) for s in self.stages}
@@ -497,7 +504,7 @@ def _stages(run: _Run, processes: int) -> list[StagePlan]:
     rows, steps = min(8, len(lengths.eval)), min(64, ev.max_new_tokens)  # as Experiment.preflight samples
     batch = batched(run.prompts[:rows], ev.batch_size)
     rollouts = [(r, p + steps) for r, p in batch]
-    seconds = cost.decode(student, batch, steps, run.student_bytes)
+    seconds = SAMPLING_OVERHEAD * cost.decode(student, batch, steps, run.student_bytes)
     seconds += sum(cost.forward(m, rollouts, rows * steps) for m in (teacher, student))
     out.append(StagePlan("5b. Preflight", seconds, f"{rows} samples of {steps} tokens scored by both"))
     live = not tc.use
@@ -541,7 +548,7 @@ def _preview(run: _Run, steps: int) -> float:
     seconds = 0.0
     for batch_rows, prompt in padded_batches(prompts, rows, steps, tr.seed):
         new = tr.rollout_max_new_tokens
-        seconds += cost.decode(run.student, [(batch_rows, prompt)], new, run.student_bytes)
+        seconds += SAMPLING_OVERHEAD * cost.decode(run.student, [(batch_rows, prompt)], new, run.student_bytes)
         seconds += cost.forward(run.teacher, [(batch_rows, prompt + new)], batch_rows * new)
         seconds += cost.train_step(run.student, [(batch_rows, prompt + new)], batch_rows * new)
     held = batched(run.lengths.eval, run.cfg.eval.batch_size, by_length=True)

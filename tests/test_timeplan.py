@@ -104,3 +104,13 @@ def test_plan_command_prints_the_time_plan(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     assert "memory plan" in out and "time plan on test machine" in out and "4b. Teacher cache" in out
     assert "2 processes" in out
+
+
+def test_a_plan_made_again_keeps_the_estimates_of_sections_already_run():
+    first = _plan()
+    again = _plan(overrides=["train.max_steps=80"])
+    changed = dataclasses.replace(first.stages[0], seconds=first.stages[0].seconds + 25.0)  # e.g. a dequantization
+    first.stages[0] = changed
+    again.keep(first, {changed.title: 30.0})
+    assert again.stages[0] == changed
+    assert again.seconds()["6. Distillation"] > first.seconds()["6. Distillation"]  # not run yet: the new estimate

@@ -804,11 +804,13 @@ def machine_ratio(data: dict) -> str:
     return (f"The same run ({data['run']}) took {seconds(total_slow)} on the {slow['machine']} ({slow['source']}) and "
             f"{seconds(total_fast)} on the {fast['machine']} ({fast['source']}), sections of at least 5 s: "
             f"**{ratio:.2f}x**, {min(ratios):.2f}x to {max(ratios):.2f}x section by section. The demo's clock on the "
-            f"{fast['machine']}, {seconds(demo['total_s'])} ({demo['source']}), times {ratio:.2f} is **{seconds(estimate)} "
-            f"({estimate / 60:.1f} min)** on the {slow['machine']}: an estimate from two clocks, not a run there.")
+            f"{fast['machine']}, {seconds(demo['total_s'])} ({demo['source']}), times {ratio:.2f} is "
+            f"**{seconds(estimate)} ({estimate / 60:.1f} min)** on the {slow['machine']}: an estimate from two clocks, "
+            f"not a run there.")
 
 
-RENDERERS: dict[str, Callable[[dict], str]] = {"machine-ratio": machine_ratio, "time-plan": time_plan, "cache-objectives": cache_objectives,
+RENDERERS: dict[str, Callable[[dict], str]] = {"machine-ratio": machine_ratio, "time-plan": time_plan,
+                                                "cache-objectives": cache_objectives,
                                                 "text-setup": text_setup, "text-timing": demo_timing,
                                                 "text-table": text_table, "text-findings": text_findings,
                                                 "kd-setup": kd_setup, "kd-table": kd_table, "kd-findings": kd_findings,
