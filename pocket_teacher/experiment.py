@@ -19,7 +19,7 @@ import torch
 
 from .checkpoints import list_checkpoints
 from .config import Config, ConfigError, GenerateConfig, apply_overrides, get_preset
-from .data import (IGNORE_INDEX, DataError, Example, LoadReport, TokenizedSplit, format_prompt, handle_duplicates,
+from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, handle_duplicates,
                    hold_out_prompts, load_examples, load_mmlu, remove_overlap, tokenize_examples)
 from .evaluate import Agreements, Known, agreements, evaluate_model, perplexity, teacher_on_student_samples
 from .export import (ExportError, ExportReport, attach_fake_quant, detach_fake_quant, export_gguf, fake_quantize,
@@ -704,9 +704,8 @@ class Experiment:
         last = result.history[-1] if result is not None and result.history else {}
         if last.get("step") != trained.cfg.train.max_steps or last.get("eval_ppl") is None:
             return None
-        tokens = sum(t != IGNORE_INDEX for f in self.splits.eval.features for t in f["labels"][1:])
-        return {"perplexity": last["eval_ppl"], "tokens": tokens, "from": f"training's held-out score at step "
-                                                                          f"{last['step']}"}
+        return {"perplexity": last["eval_ppl"], "tokens": self.splits.eval.answer_tokens,
+                "from": f"training's held-out score at step {last['step']}"}
 
     def _trained_students(self, trained: Trained) -> dict[str, torch.nn.Module]:
         """The distilled student and the baseline (fine-tuned, or the same shape from random init) when trained."""
