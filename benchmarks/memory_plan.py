@@ -114,8 +114,7 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
     with tempfile.TemporaryDirectory() as root:
         cache = None
         if stage == "training":
-            cache = build_topk_cache(teacher, train, root, k=cfg.teacher_cache.k, vocab_size=len(tok),
-                                     pad_token_id=tok.pad_token_id, progress=False)
+            cache = build_topk_cache(teacher, train, root, k=cfg.teacher_cache.k, vocab_size=len(tok), progress=False)
             if device.type == "cuda":
                 offload(teacher, "cpu")
         _reset_peak(device)

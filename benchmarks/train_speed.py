@@ -42,8 +42,7 @@ def main() -> None:
     student, tok, _ = load_student(cfg.student, teacher, teacher_tok, device)
     splits = experiment.tokenize(cfg, raw, tok, verbose=False)
     with tempfile.TemporaryDirectory() as root:
-        cache = build_topk_cache(teacher, splits.train, root, k=cfg.teacher_cache.k, vocab_size=len(tok),
-                                 pad_token_id=tok.pad_token_id, progress=False)
+        cache = build_topk_cache(teacher, splits.train, root, k=cfg.teacher_cache.k, vocab_size=len(tok), progress=False)
         result = distill(student, None, splits.train, cfg, Vocab.of(tok), teacher_cache=cache, progress=False)
     h = result.history
     seconds = h[-1]["elapsed_s"] - h[0]["elapsed_s"]
