@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 from typing import Optional, Sequence
 
 import torch
@@ -71,6 +72,9 @@ def _hooked_passes(model: torch.nn.Module, batches: Sequence[dict], handles: lis
     """Each calibration batch's (real-token mask, model output), in eval mode, with the mask in `state["mask"]` for
     the hooks; the hooks' `handles` are removed at the end."""
     device = next(model.parameters()).device
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs = {"logits_to_keep": 1, **kwargs}  # the hooks read hidden states: the output layer over every
+        # position would be (tokens, V) of needless work (about a fifth of a pocket-text student's pruning on CPU)
     model.eval()
     try:
         for batch in batches:
