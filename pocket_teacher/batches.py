@@ -158,3 +158,23 @@ def answer_logit_chunks(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     chunk = chunk_size or auto_chunk_size(vocab, rows.device.type)
     for i in range(0, rows.shape[0], chunk):
         yield i, (rows[i:i + chunk, :vocab] if layer is None else F.linear(rows[i:i + chunk].to(w.dtype), w, b)).float()
+
+
+class GlobalBatches:
+    """Deterministic global batches: epoch e is a permutation seeded by (seed, e), cut into full
+    batches of `size` rows (the last partial batch of an epoch is left out). Batch k depends only
+    on k, so a resumed run sees exactly the batches the uninterrupted one would have."""
+
+    def __init__(self, rows: int, size: int, seed: int):
+        if rows < size:
+            raise ValueError(f"The training split has {rows} rows, fewer than one global batch of {size} "
+                             f"(train.batch_size x processes): use a smaller train.batch_size or more data.")
+        self.rows, self.size, self.seed, self.per_epoch = rows, size, seed, rows // size
+        self._epoch, self._perm = -1, None
+
+    def __getitem__(self, k: int) -> list[int]:
+        epoch, i = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.rows, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        return self._perm[i * self.size:(i + 1) * self.size].tolist()

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import platform
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .batches import GlobalBatches
 from .config import ModelShape
 from .data import IGNORE_INDEX
 from .models import cache_root, embedded_gguf_path
@@ -57,7 +57,7 @@ MATMUL_EFFICIENCY = 0.8  # a model's matmuls against the probe's (smaller and od
 CPU_ATTENTION_SQUARE = True  # on CPU with a padding mask SDPA takes the math path: the full (L, L) scores
 
 
-PROBE = 4  # the probe's version: a cached probe of another version is measured again
+PROBE = 5  # the probe's version: a cached probe of another version is measured again
 
 
 class TimePlanError(ValueError):
@@ -79,6 +79,7 @@ class Throughput:
     weight_stream: float = 0.0  # weight bytes per second through a one-row matmul (a decode step's reads)
     elementwise: float = 0.0  # fp32 elements per second through a log-softmax into fresh memory (a loss's passes)
     stream_rows: tuple = ()  # ((rows, weight bytes per second), ...) through matmuls of that many rows
+    sampling: float = 0.0  # vocabulary entries per second through a sampled decode step's softmax and draw
 
     def stream_at(self, rows: int) -> float:
         """Weight bytes per second a decode step of `rows` rows reads: interpolated between the probed row counts;
@@ -94,7 +95,8 @@ class Throughput:
         return (f"{self.device}: matmul {self.flops / 1e9:,.0f} GFLOP/s, memory {self.bandwidth / 1e9:,.1f} GB/s, "
                 f"weights through matmuls of 1/16/32/64 rows "
                 f"{'/'.join(f'{self.stream_at(r) / 1e9:,.1f}' for r in (1, 16, 32, 64))} GB/s, log-softmax "
-                f"{self.softmax / 1e6:,.0f} M elements/s, {self.op_seconds * 1e6:.0f} us per small op ({self.source})")
+                f"{self.softmax / 1e6:,.0f} M elements/s, sampling {self.sample_rate / 1e6:,.0f} M entries/s, "
+                f"{self.op_seconds * 1e6:.0f} us per small op ({self.source})")
 
     @property
     def stream(self) -> float:
@@ -103,6 +105,10 @@ class Throughput:
     @property
     def softmax(self) -> float:
         return self.elementwise or self.bandwidth / 8
+
+    @property
+    def sample_rate(self) -> float:
+        return self.sampling or self.softmax / 12  # unprobed (a GPU's public figures): about a dozen passes
 
 
 def machine_name(device: torch.device) -> str:
@@ -141,7 +147,9 @@ def _timed_rate(fn, work: float, seconds: float, sync) -> float:
 def probe(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seconds: float = 3.0) -> Throughput:
     """Measure this device: a (512 x 1024) @ (1024 x 1536) matmul; a 256 MiB streaming read; one row through 64 MiB
     of weights (a decode step is bound by reading them); a log-softmax of a (256 x 32768) block into fresh memory
-    (the loss's elementwise passes); a small linear layer (one op's dispatch). About `seconds` in all."""
+    (the loss's elementwise passes); a softmax and one draw per row over a (16 x 32768) block (a sampled decode
+    step: torch.multinomial, the cost of sampling on CPU); a small linear layer (one op's dispatch). About
+    `seconds` in all."""
     device = torch.device(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     a, b = torch.randn(512, 1024, device=device, dtype=dtype), torch.randn(1024, 1536, device=device, dtype=dtype)
@@ -162,10 +170,13 @@ def probe(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     stream = streams[0][1]
     block = torch.randn(256, 32768, device=device, dtype=torch.float32)
     softmax = _timed_rate(lambda: torch.log_softmax(block, dim=-1), block.numel(), seconds * 0.15, sync)
+    logits = torch.randn(16, 32768, device=device, dtype=torch.float32) * 8  # peaked, as a model's are
+    sampling = _timed_rate(lambda: torch.multinomial(torch.softmax(logits, dim=-1), 1), logits.numel(),
+                           seconds * 0.1, sync)
     x, w = torch.randn(8, 64, device=device, dtype=dtype), torch.randn(64, 64, device=device, dtype=dtype)
     per_op = 1 / _timed_rate(lambda: torch.nn.functional.linear(x, w), 1.0, seconds * 0.15, sync)
     return Throughput(machine_name(device), flops, bandwidth, per_op, f"probed {time.strftime('%Y-%m-%d')}",
-                      stream, softmax, tuple(streams[1:]))
+                      stream, softmax, tuple(streams[1:]), sampling)
 
 
 def cache_file() -> Path:
@@ -247,20 +258,30 @@ DEQUANTIZE_PARAMS_PER_S = 5e6  # the embedded GGUF read and dequantized into fp3
 LOAD_BYTES_PER_S = 200e6  # reading and building a model's weights (safetensors, the dequantized GGUF cache)
 DISK_BYTES_PER_S = 300e6  # writing checkpoints
 ELEMENTWISE_PASSES = 4  # log-softmax-sized passes over an (N, V) block in evaluation (perplexity, top-k, agreement)
-TRAIN_PASSES = 28  # the same in a training step's loss, forward and backward
+# A training step, measured with torch.profiler on the pocket and pocket-text students (CPU, fp32): the linear
+# layers' matmuls run at the probe's rate; attention (forward and backward) at about half of it; the loss makes a few
+# log-softmax-sized passes over its (answers, V) logits; the activations' elementwise ops (norms, rotary, SiLU,
+# residuals: forward and backward) about 4.5 passes over (tokens, layers x (hidden + intermediate)); AdamW, the
+# gradient norm and zeroing the gradients read and write about 92 bytes per parameter. The notebook's steps then run
+# TRAIN_OVERHEAD times that (batching, the history, the optimizer loop's bookkeeping): 1.17-1.22, the same on both.
+TRAIN_ATTENTION_EFFICIENCY = 0.5
+LOSS_PASSES = 4
+ACTIVATION_PASSES = 4.5
+OPTIMIZER_BYTES = 92
+TRAIN_OVERHEAD = 1.2
 DECODE_OVERHEAD = 1.5  # transformers' generate reads the weights in more, smaller matmuls than the probe (q, k, v
 # apart; the (rows, V) output layer) and builds masks and positions each step: fitted on the pocket preset (CPU)
-SAMPLING_OVERHEAD = 2.0  # sampled rollouts (preflight, on-policy steps): a softmax and a draw over the vocabulary each
-# step and a generate call per small batch, fitted on the pocket preset's preflight (CPU)
+SAMPLING_FACTOR = 2.1  # a sampled decode step's draw (temperature, nucleus, softmax, multinomial over the vocabulary)
+# against the probe's softmax and multinomial: measured on the pocket student and teacher at 8, 32 and 64 rows (CPU)
 FIDELITY_ROWS, FIDELITY_PASSES = 32, 40  # the cache's fidelity rows (teacher_cache.Fidelity) and their passes
 DECODE_PASSES = 2  # the same over a decode step's (rows, V) logits (logits processors, argmax)
 
 
 class Coster:
     """Seconds of model passes on a `Throughput`: FLOPs at the matmul rate (times `MATMUL_EFFICIENCY`), the (N, V)
-    blocks of the output layer at the log-softmax rate (`ELEMENTWISE_PASSES` of them in evaluation,
-    `TRAIN_PASSES` in a training step's loss and its backward), plus each op's cost; a decode step reads every
-    weight through one-row matmuls (`weight_stream`) and copies its growing KV cache."""
+    blocks of the output layer at the log-softmax rate (`ELEMENTWISE_PASSES` of them in evaluation), plus each op's
+    cost; a decode step reads every weight through matmuls of its rows (`stream_at`) and copies its growing KV
+    cache; a training step is costed as `train_step` says."""
 
     def __init__(self, throughput: Throughput, cpu: bool):
         self.t, self.cpu = throughput, cpu
@@ -291,9 +312,11 @@ class Coster:
     def output(self, shape: ModelShape, answers: int, passes: float = ELEMENTWISE_PASSES) -> float:
         return self.matmul(2 * answers * shape.vocab * shape.hidden) + passes * answers * shape.vocab / self.t.softmax
 
-    def decode(self, shape: ModelShape, batches: Sequence[tuple[int, int]], steps: float, weight_bytes: float) -> float:
+    def decode(self, shape: ModelShape, batches: Sequence[tuple[int, int]], steps: float, weight_bytes: float,
+               sampled: bool = False) -> float:
         """Generation: each batch of (rows, prompt length) prefilled, then `steps` decode steps, each reading every
-        weight once, its matmul FLOPs, copying the KV cache (it grows by concatenation), its logits and its ops."""
+        weight once, its matmul FLOPs, copying the KV cache (it grows by concatenation), its logits and its ops;
+        `sampled`: each step also draws a token per row from the whole vocabulary."""
         seconds = self.forward(shape, batches, 0)
         per_step_ops = OPS_PER_DECODE_STEP + OPS_PER_FORWARD + OPS_PER_LAYER * shape.layers
         for rows, prompt in batches:
@@ -303,16 +326,28 @@ class Coster:
             reads = weight_bytes / self.t.stream_at(rows)
             step = (DECODE_OVERHEAD * max(reads, self.matmul(flops)) + 2 * self.streamed(kv)
                     + DECODE_PASSES * rows * shape.vocab / self.t.softmax + self.ops(per_step_ops))
+            if sampled:
+                step += SAMPLING_FACTOR * rows * shape.vocab / self.t.sample_rate
             seconds += steps * step
         return seconds
 
     def train_step(self, shape: ModelShape, batches: Sequence[tuple[int, int]], answers: int) -> float:
-        """Forward and backward (twice the forward's FLOPs and ops; the loss's `TRAIN_PASSES` over the (N, V)
-        logits) and an AdamW update (about 16 bytes read and written per parameter, a few ops per tensor)."""
-        tensors = 9 * shape.layers + 3
-        return (3 * self.body(shape, batches) + 3 * self.matmul(2 * answers * shape.vocab * shape.hidden)
-                + TRAIN_PASSES * answers * shape.vocab / self.t.softmax + self.streamed(32 * shape.params)
-                + self.ops(12 * tensors))
+        """One optimizer step over micro-`batches` of (rows, padded length) with `answers` scored tokens in all:
+        forward and backward (three times the forward's matmul FLOPs: the linear layers at the probe's rate,
+        attention at `TRAIN_ATTENTION_EFFICIENCY` of it; the activations' `ACTIVATION_PASSES`), the loss's
+        `LOSS_PASSES` over the (answers, V) logits and the output layer's matmuls, and the AdamW update
+        (`OPTIMIZER_BYTES` per parameter), all times `TRAIN_OVERHEAD`; a few ops per tensor."""
+        d, seconds = shape.heads * shape.head_dim, 0.0
+        for rows, length in batches:
+            tokens = rows * length
+            seconds += 3 * 2 * tokens * shape.layers * shape.layer_linear_params / self.t.flops
+            seconds += 3 * 4 * rows * length * length * d * shape.layers / (self.t.flops * TRAIN_ATTENTION_EFFICIENCY)
+            seconds += ACTIVATION_PASSES * tokens * shape.layers * (shape.hidden + shape.intermediate) / self.t.softmax
+            seconds += self.ops(3 * (OPS_PER_FORWARD + OPS_PER_LAYER * shape.layers))
+        seconds += 3 * 2 * answers * shape.vocab * shape.hidden / self.t.flops
+        seconds += LOSS_PASSES * answers * shape.vocab / self.t.softmax
+        seconds += self.streamed(OPTIMIZER_BYTES * shape.params) + self.ops(12 * (9 * shape.layers + 3))
+        return TRAIN_OVERHEAD * seconds
 
 
 def batched(lengths: Sequence[int], batch_size: int, by_length: bool = False) -> list[tuple[int, int]]:
@@ -383,15 +418,21 @@ def compared(planned: dict[str, float], measured: dict[str, float]) -> list[dict
                     "ratio": round(m / p, 2) if p else None}]
 
 
-def padded_batches(lengths: Sequence[int], batch_size: int, count: int, seed: int = 0) -> list[tuple[int, int]]:
-    """`count` training batches of `batch_size` rows drawn in a seeded shuffled order (as training draws them):
-    (rows, padded length) each."""
-    rng, order, out = random.Random(seed), [], []
-    while len(out) < count and lengths:
-        if len(order) < batch_size:
-            order += rng.sample(list(lengths), len(lengths))
-        rows, order = order[:batch_size], order[batch_size:]
-        out.append((len(rows), max(rows)))
+def training_steps(lengths: Sequence[int], answers: Sequence[int], tcfg, steps: int,
+                   processes: int = 1) -> list[tuple[list[tuple[int, int]], int]]:
+    """The first process's share of each of `steps` optimizer steps, drawn as training draws them (the trainer's own
+    `batches.GlobalBatches`: global batches of train.batch_size x processes rows, train.grad_accum per step): its
+    micro-batches as (rows, padded length) and their answer tokens."""
+    if len(lengths) < tcfg.batch_size * processes:
+        return []
+    draw, out = GlobalBatches(len(lengths), tcfg.batch_size * processes, tcfg.seed), []
+    for step in range(steps):
+        micro, tokens = [], 0
+        for i in range(tcfg.grad_accum):
+            rows = draw[step * tcfg.grad_accum + i][:tcfg.batch_size]
+            micro.append((len(rows), max(lengths[r] for r in rows)))
+            tokens += sum(answers[r] for r in rows)
+        out.append((micro, tokens))
     return out
 
 
@@ -438,15 +479,16 @@ class _Run:
                             + cost.decode(shape, [(16, 12)], 32, weight_bytes))
         return seconds
 
-    def training(self, steps: int, live_teacher: bool, held_out_scores: int, checkpoints: int) -> float:
+    def training(self, steps: int, live_teacher: bool, held_out_scores: int, checkpoints: int,
+                 processes: int = 1) -> float:
+        """One process's training: each process takes train.batch_size rows of every global batch (the global
+        batch grows with the processes; the steps do not shrink)."""
         tr, cost, lengths = self.cfg.train, self.cost, self.lengths
-        rows = tr.batch_size * tr.grad_accum
-        answers = round(_mean(lengths.train_answers) * rows)
         seconds = 0.0
-        for batch in padded_batches(lengths.train, rows, steps, tr.seed):
-            seconds += cost.train_step(self.student, [batch], answers)
+        for micro, answers in training_steps(lengths.train, lengths.train_answers, tr, steps, processes):
+            seconds += cost.train_step(self.student, micro, answers)
             if live_teacher:
-                seconds += cost.forward(self.teacher, [batch], answers)
+                seconds += cost.forward(self.teacher, micro, answers)
         held = batched(lengths.eval, self.cfg.eval.batch_size, by_length=True)
         seconds += held_out_scores * cost.forward(self.student, held, sum(lengths.eval_answers))
         return seconds + checkpoints * 16 * self.student.params / DISK_BYTES_PER_S
@@ -458,8 +500,9 @@ def time_plan(cfg, gpu: Optional[str] = None, *, lengths: Optional[Lengths] = No
 
     `lengths`: the tokenized splits' (`Lengths.of`); without them the data source's typical lengths. `throughput`:
     the device's figures (default: probed on this machine and cached, or the named GPU's public figures).
-    `processes`: the data-parallel processes of `accelerate launch` / torchrun (the cache and the training steps
-    are shared among them; evaluation runs on process 0)."""
+    `processes`: the data-parallel processes of `accelerate launch` / torchrun (the cache's rows are shared among
+    them; each training step gives each process train.batch_size rows of a global batch that grows with them, so
+    the steps take as long; evaluation runs on process 0)."""
     device = get_device(gpu)
     cpu = not device.cuda
     if throughput is None:
@@ -485,10 +528,11 @@ def _stages(run: _Run, processes: int) -> list[StagePlan]:
         g = cfg.generate
         n = g.num_samples if cfg.data.source == "teacher_text" else len(lengths.train)
         prompt = TYPICAL["teacher_text"][2] if cfg.data.source == "teacher_text" else int(_mean(run.prompts))
-        seconds = cost.decode(teacher, batched([prompt] * n, g.batch_size), g.max_new_tokens, run.teacher_bytes)
+        seconds = cost.decode(teacher, batched([prompt] * n, g.batch_size), g.max_new_tokens, run.teacher_bytes,
+                              sampled=g.temperature > 0)
         out.append(StagePlan("3b. Teacher answers", seconds, f"{n} answers of up to {g.max_new_tokens} tokens, "
                                                              f"batches of {g.batch_size}"))
-    out.append(StagePlan("4. Student and tokenization", 1 + run.student_bytes / LOAD_BYTES_PER_S, "build, tokenize"))
+    out.append(_student_stage(run))
     if tc.use:
         seconds = cost.forward(teacher, batched(lengths.train, tc.batch_size), sum(lengths.train_answers))
         fidelity = sum(lengths.train_answers[:FIDELITY_ROWS])  # KL and the objectives at several temperatures
@@ -504,19 +548,21 @@ def _stages(run: _Run, processes: int) -> list[StagePlan]:
     rows, steps = min(8, len(lengths.eval)), min(64, ev.max_new_tokens)  # as Experiment.preflight samples
     batch = batched(run.prompts[:rows], ev.batch_size)
     rollouts = [(r, p + steps) for r, p in batch]
-    seconds = SAMPLING_OVERHEAD * cost.decode(student, batch, steps, run.student_bytes)
+    seconds = cost.decode(student, batch, steps, run.student_bytes, sampled=True)
     seconds += sum(cost.forward(m, rollouts, rows * steps) for m in (teacher, student))
     out.append(StagePlan("5b. Preflight", seconds, f"{rows} samples of {steps} tokens scored by both"))
     live = not tc.use
     evals = (tr.max_steps // tr.eval_every + (tr.max_steps % tr.eval_every > 0)) if tr.eval_every else 0
     checkpoints = (tr.max_steps // tr.checkpoint_every if tr.checkpoint_every else 0) + tr.save_final
-    distil = run.training(tr.max_steps, live, evals, checkpoints) / processes
+    distil = run.training(tr.max_steps, live, evals, checkpoints, processes)
     if evals and tc.use:  # the held-out split's own cache, built once
         distil += cost.forward(teacher, batched(lengths.eval, tc.batch_size), sum(lengths.eval_answers))
-    out.append(StagePlan("6. Distillation", distil, f"{tr.max_steps} steps of {tr.batch_size * tr.grad_accum} rows"
-                                                    + (f", held-out scores x{evals}" if evals else "")))
+    per_process = f" per process ({processes} in all)" if processes > 1 else ""
+    held_out = f", held-out scores x{evals}" if evals else ""
+    out.append(StagePlan("6. Distillation", distil,
+                         f"{tr.max_steps} steps of {tr.batch_size * tr.grad_accum} rows{per_process}{held_out}"))
     if ev.baseline:
-        out.append(StagePlan("6b. Baseline", run.training(tr.max_steps, False, evals, checkpoints) / processes,
+        out.append(StagePlan("6b. Baseline", run.training(tr.max_steps, False, evals, checkpoints, processes),
                              f"plain fine-tuning, {tr.max_steps} steps"))
     if ev.on_policy_preview:
         out.append(StagePlan("6c. On-policy preview", _preview(run, ev.on_policy_preview),
@@ -531,6 +577,24 @@ def _stages(run: _Run, processes: int) -> list[StagePlan]:
     return out
 
 
+def _student_stage(run: _Run) -> StagePlan:
+    """Build the student (and tokenize): importance-based choices first run the teacher over the calibration rows
+    (`students.load_student`: block influence when layers are chosen by importance, activation importance when
+    pruning), one forward each, batches of 8, the output layer at one position."""
+    s, seconds = run.cfg.student, 1 + run.student_bytes / LOAD_BYTES_PER_S
+    passes = 0
+    if s.source == "derive" and s.layers is None and s.layer_selection == "importance":
+        passes = 1
+    elif s.source == "config" and s.init == "prune":
+        passes = 1 + (s.layer_selection == "importance")
+    if not passes:
+        return StagePlan("4. Student and tokenization", seconds, "build, tokenize")
+    rows = [min(n, 256) for n in run.lengths.train[:s.calibration_rows]]
+    seconds += passes * run.cost.forward(run.teacher, batched(rows, 8), len(rows))
+    return StagePlan("4. Student and tokenization", seconds,
+                     f"the teacher over {len(rows)} calibration rows x{passes} (importance), build, tokenize")
+
+
 def _dequantized_already() -> bool:
     """Whether the embedded teacher's GGUF was dequantized on this machine before (`models.materialize_gguf`)."""
     try:
@@ -543,13 +607,12 @@ def _dequantized_already() -> bool:
 def _preview(run: _Run, steps: int) -> float:
     """On-policy steps: the student samples rollouts, the live teacher scores them, the student trains on them."""
     tr, cost = run.cfg.train, run.cost
-    rows = tr.batch_size * tr.grad_accum
     prompts = [max(1, n - a) for n, a in zip(run.lengths.train, run.lengths.train_answers)]
-    seconds = 0.0
-    for batch_rows, prompt in padded_batches(prompts, rows, steps, tr.seed):
-        new = tr.rollout_max_new_tokens
-        seconds += SAMPLING_OVERHEAD * cost.decode(run.student, [(batch_rows, prompt)], new, run.student_bytes)
-        seconds += cost.forward(run.teacher, [(batch_rows, prompt + new)], batch_rows * new)
-        seconds += cost.train_step(run.student, [(batch_rows, prompt + new)], batch_rows * new)
+    new, seconds = tr.rollout_max_new_tokens, 0.0
+    for micro, _ in training_steps(prompts, prompts, tr, steps):
+        for batch_rows, prompt in micro:
+            seconds += cost.decode(run.student, [(batch_rows, prompt)], new, run.student_bytes, sampled=True)
+            seconds += cost.forward(run.teacher, [(batch_rows, prompt + new)], batch_rows * new)
+        seconds += cost.train_step(run.student, [(r, p + new) for r, p in micro], sum(r for r, _ in micro) * new)
     held = batched(run.lengths.eval, run.cfg.eval.batch_size, by_length=True)
     return seconds + cost.forward(run.student, held, sum(run.lengths.eval_answers))

@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from . import checkpoints as ckpt
-from .batches import AnswerBatch, answer_batch, answer_hidden, answer_logits
+from .batches import AnswerBatch, GlobalBatches, answer_batch, answer_hidden, answer_logits
 from .data import TokenizedSplit
 from .evaluate import HeldOutTeacher, perplexity
 from .files import model_digest, write_failure
@@ -334,26 +334,6 @@ def collapse_reason(history: list[dict], vocab_size: Optional[int], last: int = 
                 f"far too high saturates it; {collapse_advice(tcfg)})")
     scores = [r["eval_ppl"] for r in history if r.get("eval_ppl") is not None]
     return uniform_collapse(scores[-1] if scores else None, vocab_size, scores[0] if len(scores) > 1 else None, tcfg)
-
-
-class GlobalBatches:
-    """Deterministic global batches: epoch e is a permutation seeded by (seed, e), cut into full
-    batches of `size` rows (the last partial batch of an epoch is left out). Batch k depends only
-    on k, so a resumed run sees exactly the batches the uninterrupted one would have."""
-
-    def __init__(self, rows: int, size: int, seed: int):
-        if rows < size:
-            raise ValueError(f"The training split has {rows} rows, fewer than one global batch of {size} "
-                             f"(train.batch_size x processes): use a smaller train.batch_size or more data.")
-        self.rows, self.size, self.seed, self.per_epoch = rows, size, seed, rows // size
-        self._epoch, self._perm = -1, None
-
-    def __getitem__(self, k: int) -> list[int]:
-        epoch, i = divmod(k, self.per_epoch)
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = torch.randperm(self.rows, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-        return self._perm[i * self.size:(i + 1) * self.size].tolist()
 
 
 @dataclass(frozen=True)
