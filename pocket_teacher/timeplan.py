@@ -57,7 +57,7 @@ MATMUL_EFFICIENCY = 0.8  # a model's matmuls against the probe's (smaller and od
 CPU_ATTENTION_SQUARE = True  # on CPU with a padding mask SDPA takes the math path: the full (L, L) scores
 
 
-PROBE = 6  # the probe's version: a cached probe of another version is measured again
+PROBE = 7  # the probe's version: a cached probe of another version is measured again
 
 
 class TimePlanError(ValueError):
@@ -80,6 +80,7 @@ class Throughput:
     elementwise: float = 0.0  # fp32 elements per second through a log-softmax into fresh memory (a loss's passes)
     stream_rows: tuple = ()  # ((rows, weight bytes per second), ...) through matmuls of that many rows
     sampling: float = 0.0  # vocabulary entries per second through a sampled decode step's softmax and draw
+    cold: bool = False  # the probe found memory the host had not backed yet (`fresh_memory_rate`): not cached
 
     def stream_at(self, rows: int) -> float:
         """Weight bytes per second a decode step of `rows` rows reads: interpolated between the probed row counts;
@@ -151,7 +152,8 @@ def probe(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     of weights (a decode step is bound by reading them); a log-softmax of a (256 x 32768) block into fresh memory
     (the loss's elementwise passes); a softmax and one draw per row over a (16 x 32768) block (a sampled decode
     step: torch.multinomial, the cost of sampling on CPU); a small linear layer (one op's dispatch). About
-    `seconds` x 1.5 in all (each rate the median of five rounds)."""
+    `seconds` x 1.5 in all (each rate the median of five rounds; a fresh VM's cold memory is caught and said, see
+    `fresh_memory_rate`)."""
     device = torch.device(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     a, b = torch.randn(512, 1024, device=device, dtype=dtype), torch.randn(1024, 1536, device=device, dtype=dtype)
@@ -171,14 +173,55 @@ def probe(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
                                                    for w in layers], nbytes, seconds * 0.1, sync)))
     stream = streams[0][1]
     block = torch.randn(256, 32768, device=device, dtype=torch.float32)
-    softmax = _timed_rate(lambda: torch.log_softmax(block, dim=-1), block.numel(), seconds * 0.15, sync)
+    softmax, reused, fault = fresh_memory_rate(block, seconds * 0.15, sync)
     logits = torch.randn(16, 32768, device=device, dtype=torch.float32) * 8  # peaked, as a model's are
     sampling = _timed_rate(lambda: torch.multinomial(torch.softmax(logits, dim=-1), 1), logits.numel(),
                            seconds * 0.1, sync)
     x, w = torch.randn(8, 64, device=device, dtype=dtype), torch.randn(64, 64, device=device, dtype=dtype)
     per_op = 1 / _timed_rate(lambda: torch.nn.functional.linear(x, w), 1.0, seconds * 0.15, sync)
-    return Throughput(machine_name(device), flops, bandwidth, per_op, f"probed {time.strftime('%Y-%m-%d')}",
-                      stream, softmax, tuple(streams[1:]), sampling)
+    cold = fault is not None and fault > COLD_FAULT_SECONDS
+    source = f"probed {time.strftime('%Y-%m-%d')}"
+    if cold:
+        warm = 1 / (1 / reused + WARM_FAULT_SECONDS * block.element_size() / 4096)
+        source += (f"; memory still cold ({fault * 1e6:.1f} us per page fault): the log-softmax rate "
+                   f"{softmax / 1e6:,.0f} M/s taken as {warm / 1e6:,.0f} M/s, a warm machine's "
+                   f"{WARM_FAULT_SECONDS * 1e6:.1f} us per fault; not cached, probed again next run")
+        softmax = warm
+    return Throughput(machine_name(device), flops, bandwidth, per_op, source, stream, softmax, tuple(streams[1:]),
+                      sampling, cold)
+
+
+# A page fault slower than COLD_FAULT_SECONDS is the host backing a page for the first time, not the guest mapping a
+# page it already had: on the 2-core VMs here a fresh machine's first minutes faulted at about 6 us a page (a
+# log-softmax into fresh memory probed at 154 M elements/s) where the same machine, warm, faults at 0.75 us
+# (WARM_FAULT_SECONDS; 940 M/s), and the run itself went at the warm rate (its sections matched the warm probe's plan
+# within 15%, the cold probe's at 0.37-0.66).
+COLD_FAULT_SECONDS = 3e-6
+WARM_FAULT_SECONDS = 0.75e-6
+
+
+def fresh_memory_rate(block: torch.Tensor, seconds: float, sync,
+                      attempts: int = 3) -> tuple[float, float, Optional[float]]:
+    """Elements per second of a log-softmax of `block` into fresh memory (as a loss makes its (N, V) blocks) and
+    into a buffer it reuses, and the seconds per 4 KiB page that fresh memory cost (None on a GPU, whose allocator
+    caches). Memory the host has not backed yet (a fresh VM) makes every fault several times dearer for a while:
+    then the probe touches and frees 1 GiB, to warm the pages the allocator hands out next, and measures again,
+    `attempts` times at most; the last figures are returned either way."""
+    fresh = lambda: torch.log_softmax(block, dim=-1)
+    if block.device.type != "cpu":
+        rate = _timed_rate(fresh, block.numel(), seconds, sync)
+        return rate, rate, None
+    out = torch.empty_like(block)
+    pages = block.numel() * block.element_size() / 4096
+    for attempt in range(attempts):
+        rate = _timed_rate(fresh, block.numel(), seconds, sync)
+        reused = _timed_rate(lambda: torch.log_softmax(block, dim=-1, out=out), block.numel(), seconds / 3, sync)
+        fault = max(0.0, block.numel() / rate - block.numel() / reused) / pages
+        if fault <= COLD_FAULT_SECONDS:
+            break
+        if attempt + 1 < attempts:
+            torch.ones(256 << 20, dtype=torch.float32).fill_(2.0)  # 1 GiB touched and freed
+    return rate, reused, fault
 
 
 def cache_file() -> Path:
@@ -200,6 +243,8 @@ def measured(device: torch.device | str = "cpu", dtype: torch.dtype = torch.floa
         return Throughput(**{**got, "stream_rows": tuple(tuple(p) for p in got.get("stream_rows", ())),
                              "source": f"cached probe ({got['source']}, {path})"})
     result = probe(device, dtype)
+    if result.cold:
+        return result  # a fresh VM's first minutes: the next run probes the warm machine instead
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**known, key: asdict(result)}, indent=1))

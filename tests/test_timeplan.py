@@ -5,6 +5,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from pocket_teacher import timeplan
 from pocket_teacher.cli import main
@@ -117,3 +118,31 @@ def test_a_plan_made_again_keeps_the_estimates_of_sections_already_run():
     again.keep(first, {changed.title: 30.0})
     assert again.stages[0] == changed
     assert again.seconds()["6. Distillation"] > first.seconds()["6. Distillation"]  # not run yet: the new estimate
+
+
+def test_a_probe_on_cold_memory_says_so_takes_a_warm_fault_and_is_not_cached(tmp_path, monkeypatch):
+    """A fresh VM's first minutes: fresh memory faults at ~6 us a page instead of ~0.75; the probe warms memory and
+    measures again, and if it stays cold it plans with a warm machine's fault and is measured again next run."""
+    monkeypatch.setenv("POCKET_TEACHER_CACHE", str(tmp_path))
+    block = torch.zeros(256, 32768)
+    pages = block.numel() * 4 / 4096
+    reused_s = block.numel() / 3e9
+    for fault_s, want_cold in ((6e-6, True), (0.8e-6, False)):
+        rates = iter([block.numel() / (reused_s + pages * fault_s), 3e9] * 3)
+        monkeypatch.setattr(timeplan, "_timed_rate", lambda *a, rates=rates, **k: next(rates))
+        _, reused, fault = timeplan.fresh_memory_rate(block, 0.1, lambda: None)
+        assert fault == pytest.approx(fault_s) and reused == 3e9
+        assert (next(rates, None) is None) == want_cold  # cold: measured three times; warm: once
+    monkeypatch.undo()
+    monkeypatch.setenv("POCKET_TEACHER_CACHE", str(tmp_path))
+    cold = block.numel() / (reused_s + pages * 6e-6)
+    monkeypatch.setattr(timeplan, "_timed_rate", lambda *a, **k: 1e9)  # the probe's other rates: not the point
+    monkeypatch.setattr(timeplan, "fresh_memory_rate", lambda *a, **k: (cold, 3e9, 6e-6))
+    got = timeplan.measured("cpu")
+    warm = 1 / (1 / 3e9 + timeplan.WARM_FAULT_SECONDS * 4 / 4096)
+    assert got.cold and got.softmax == pytest.approx(warm) and got.softmax > 4 * cold
+    assert "memory still cold (6.0 us per page fault)" in got.source and "not cached" in got.source
+    assert not (tmp_path / "throughput.json").exists()
+    monkeypatch.setattr(timeplan, "fresh_memory_rate", lambda *a, **k: (9e8, 3e9, 0.8e-6))
+    warm_probe = timeplan.measured("cpu")
+    assert not warm_probe.cold and warm_probe.softmax == 9e8 and (tmp_path / "throughput.json").exists()
