@@ -381,11 +381,11 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
         "forward activations": forward_activation_bytes(teacher, t_bytes, tc.batch_size * train_len, train_len, flash),
         "logit chunks": 3 * 4 * min(chunk, int(share * tc.batch_size * train_len)) * teacher.vocab}, resting)
               ] if tc.use else []  # without the cache the teacher runs inside training (counted there)
+    eval_activations = forward_activation_bytes(teacher if teacher.params > student.params else student,
+                                                max(t_bytes, 4 if not device.cuda else 2), eval_tokens, eval_len, flash)
     stages.append(stage("evaluation", {
         "teacher weights": tw, "student weights": sw,
-        "forward activations": forward_activation_bytes(teacher if teacher.params > student.params else student,
-                                                        max(t_bytes, 4 if not device.cuda else 2), eval_tokens,
-                                                        eval_len, flash),
+        "forward activations": eval_activations,
         "logit chunks (both models)": 2 * 3 * 4 * min(chunk, eval_answers) * student.vocab}, {}))
     gen_len = (max(prompt_lengths) if prompt_lengths else eval_len) + ev.max_new_tokens
     gen_model = teacher if teacher.params >= student.params else student
@@ -418,6 +418,11 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
     if ev.baseline:  # the same training again, while the distilled student waits on the host
         stages.append(stage("baseline", {k: v for k, v in train_device.items() if k != "teacher weights"},
                             {**train_host, "distilled student (on host)": sw}))
+        if ev.agreement:  # one teacher pass scores both trained students: they visit the device together
+            stages.append(stage("evaluation after", {
+                "teacher weights": tw, "distilled student weights": sw, "baseline weights": sw,
+                "forward activations": eval_activations,
+                "logit chunks (three models)": 3 * 3 * 4 * min(chunk, eval_answers) * student.vocab}, resting))
     if not device.cuda:
         _one_memory(stages, tw, sw)
     step_seconds = _step_seconds(tr, teacher, student, device, tr.batch_size * tr.grad_accum * mean_len, live)

@@ -153,3 +153,22 @@ def test_the_teacher_waits_on_the_host_while_training_does_not_run_it(monkeypatc
     moves.clear()
     experiment.train_student(cfg, tiny_teacher, None, splits, tok, cache=None, park=tiny_teacher)  # the baseline
     assert seen["teacher"] is None and seen["moves_before"] == [(tiny_teacher, "cpu")]
+
+
+def test_evaluation_after_training_counts_both_trained_students_beside_the_teacher():
+    """evaluate_after scores the distilled student and the baseline against one teacher pass: both visit the
+    device together, so the plan counts them there; without the baseline or agreement there is no such stage."""
+    cfg = apply_overrides(get_preset("t4"), ["eval.baseline=true"])
+    plan = memory_plan(cfg, "t4")
+    after = next(s for s in plan.stages if s.name == "evaluation after")
+    alone = next(s for s in plan.stages if s.name == "evaluation")
+    sw = alone.device["student weights"]
+    assert after.device["distilled student weights"] == after.device["baseline weights"] == sw
+    assert after.device["teacher weights"] == alone.device["teacher weights"]
+    assert after.device_peak > alone.device_peak + sw
+    for off in ("eval.baseline=false", "eval.agreement=false"):
+        assert all(s.name != "evaluation after" for s in memory_plan(apply_overrides(cfg, [off]), "t4").stages)
+    cpu = memory_plan(get_preset("pocket"), "cpu")
+    host = next(s for s in cpu.stages if s.name == "evaluation after").host  # one memory: four models in RAM
+    assert {"teacher weights", "distilled student weights", "baseline weights",
+            "student (untrained, on host)"} <= set(host)
