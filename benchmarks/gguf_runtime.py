@@ -28,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, no install needed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -38,11 +39,14 @@ def _child(args) -> None:
     prompts = json.loads(Path(args.prompts_file).read_text())
     start = time.perf_counter()
     if args.child == "llama":
-        from llama_cpp import Llama
+        import importlib.util  # pocket_teacher/llamacpp.py alone: the package's __init__ would import torch
 
+        spec = importlib.util.spec_from_file_location("llamacpp", ROOT / "pocket_teacher" / "llamacpp.py")
+        llamacpp = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(llamacpp)
         n_ctx = max(map(len, prompts)) + args.new_tokens + 8
-        llm = Llama(model_path=args.model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=args.threads,
-                    n_threads_batch=args.threads, verbose=False)
+        llm = llamacpp.load(args.model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=args.threads,
+                            n_threads_batch=args.threads, verbose=False)
     else:
         import torch
 
@@ -204,7 +208,11 @@ def main() -> None:
     run = Path(args.run)
     exp = heldout(run, args.preset, args.set)
     split, tok = exp.splits.eval, exp.tokenizer
-    print(f"hardware: {hardware_line()}; llama-cpp-python {version}, {args.threads} threads", flush=True)
+    from pocket_teacher.llamacpp import extra_buffers_default
+
+    extra = extra_buffers_default()
+    print(f"hardware: {hardware_line()}; llama-cpp-python {version}, {args.threads} threads, llama.cpp's extra "
+          f"buffer types {'on' if extra else 'off (this CPU has AMX: pocket_teacher/llamacpp.py)'}", flush=True)
     files = []
     for quant in args.quant:
         path = run / "gguf-bench" / f"student-{quant}.gguf"
@@ -234,7 +242,7 @@ def main() -> None:
             rows[name] = {"runtime": _measure(kind, model, prompts_file, args.new_tokens, args.threads)}
             print(f"{name}: {json.dumps(rows[name])}", flush=True)
     if args.json:
-        write_json(Path(args.json), {"hardware": hardware_line(), "llama_cpp_python": version,
+        write_json(Path(args.json), {"hardware": hardware_line(), "llama_cpp_python": version, "extra_buffers": extra,
                                      "settings": {k: v for k, v in vars(args).items() if k not in (
                                          "child", "model", "prompts_file")},
                                      "run": str(run), "rows": rows})

@@ -501,15 +501,18 @@ def llama_cpp_version() -> Optional[str]:
 
 def llama_cpp_model(path: str | Path, n_ctx: int = 512, threads: Optional[int] = None, logits_all: bool = True):
     """A GGUF file loaded by llama.cpp (llama-cpp-python), one sequence of up to `n_ctx` tokens, evaluated in one
-    batch; `logits_all` keeps every position's logits (for `llama_cpp_logits`)."""
+    batch; `logits_all` keeps every position's logits (for `llama_cpp_logits`). llama.cpp's extra buffer types are
+    off on a CPU with AMX (`llamacpp`: its AMX kernels segfault on some)."""
     import os
 
+    from . import llamacpp
+
     try:
-        from llama_cpp import Llama
+        import llama_cpp  # noqa: F401
     except ImportError as exc:
         raise ImportError(f"llama.cpp's Python binding is not installed: {LLAMA_CPP_INSTALL}") from exc
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads or os.cpu_count(),
-                 n_threads_batch=threads or os.cpu_count(), logits_all=logits_all, verbose=False)
+    return llamacpp.load(path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads or os.cpu_count(),
+                         n_threads_batch=threads or os.cpu_count(), logits_all=logits_all, verbose=False)
 
 
 def llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:

@@ -720,7 +720,9 @@ def gguf_runtime(data: dict) -> str:
     s, rows_ = data["settings"], data["rows"]
     files = {name: row for name, row in rows_.items() if name.endswith(".gguf")}
     first = next(iter(files.values()))
-    lines = [f"{measured_with(data)}, llama-cpp-python {data['llama_cpp_python']}, {s['threads']} threads: the "
+    extra = ("" if data.get("extra_buffers", True) else ", llama.cpp's extra buffer types off (this CPU has AMX, "
+             "whose kernels segfault on some: llama.cpp#20824)")
+    lines = [f"{measured_with(data)}, llama-cpp-python {data['llama_cpp_python']}, {s['threads']} threads{extra}: the "
              f"`{Path(data['run']).name}` student's files, teacher-forced on {first['positions']:,} positions of "
              f"{s['rows']} held-out rows and greedy on {s['prompts']} held-out prompts ({s['new_tokens']} tokens), "
              f"llama.cpp against transformers reading the same file:", "",
