@@ -88,7 +88,8 @@ def check_memory(cfg: Config, force: bool = False, verbose: bool = True) -> Opti
 
 def plan_time(cfg: Config, lengths: Optional[Lengths] = None, verbose: bool = True) -> Optional[TimePlan]:
     """Print the time plan of `cfg` on this machine (per section; with `lengths`, the tokenized splits'), or why
-    there is none. The processes of `accelerate launch` / torchrun share the cache and the training steps."""
+    there is none. The processes of `accelerate launch` / torchrun share the cache build; training takes the same
+    steps (each process takes batch_size rows of a larger global batch)."""
     try:
         plan = time_plan(cfg, lengths=lengths, processes=int(os.environ.get("WORLD_SIZE", "1")))
     except (PlanError, TimePlanError) as exc:

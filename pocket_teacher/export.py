@@ -29,6 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from . import llamacpp
 from .checkpoints import newest_valid
 from .files import replacing, require_free_space
 from .models import ModelLoadError, embedded_gguf_path, gguf_dense
@@ -504,8 +505,6 @@ def llama_cpp_model(path: str | Path, n_ctx: int = 512, threads: Optional[int] =
     batch; `logits_all` keeps every position's logits (for `llama_cpp_logits`). llama.cpp's extra buffer types are
     off on a CPU with AMX (`llamacpp`: its AMX kernels segfault on some)."""
     import os
-
-    from . import llamacpp
 
     try:
         import llama_cpp  # noqa: F401

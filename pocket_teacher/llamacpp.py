@@ -47,9 +47,13 @@ def model_params(extra_buffers: bool):
     import llama_cpp.llama_cpp as lib
 
     default = lib.llama_model_default_params
-    if extra_buffers or not any(name == "use_extra_bufts" for name, *_ in lib.llama_model_params._fields_):
+    if extra_buffers:
         yield
         return
+    if not any(name == "use_extra_bufts" for name, *_ in lib.llama_model_params._fields_):
+        raise RuntimeError(f"This llama-cpp-python cannot turn llama.cpp's extra buffer types off (its model "
+                           f"parameters have no use_extra_bufts), and on this CPU (AMX) llama.cpp's AMX kernels can "
+                           f"crash: install the pinned binding (make llama-cpp), or set {ENV}=1 to try anyway.")
 
     def without_extra_buffers():
         params = default()

@@ -18,6 +18,7 @@ against measured peaks (``benchmarks/memory_plan.py``: peak RSS on CPU, the allo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -381,12 +382,10 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
         "forward activations": forward_activation_bytes(teacher, t_bytes, tc.batch_size * train_len, train_len, flash),
         "logit chunks": 3 * 4 * min(chunk, int(share * tc.batch_size * train_len)) * teacher.vocab}, resting)
               ] if tc.use else []  # without the cache the teacher runs inside training (counted there)
-    eval_activations = forward_activation_bytes(teacher if teacher.params > student.params else student,
-                                                max(t_bytes, 4 if not device.cuda else 2), eval_tokens, eval_len, flash)
-    stages.append(stage("evaluation", {
-        "teacher weights": tw, "student weights": sw,
-        "forward activations": eval_activations,
-        "logit chunks (both models)": 2 * 3 * 4 * min(chunk, eval_answers) * student.vocab}, {}))
+    evaluation = functools.partial(_evaluation_device, tw, sw, forward_activation_bytes(
+        teacher if teacher.params > student.params else student, max(t_bytes, 4 if not device.cuda else 2),
+        eval_tokens, eval_len, flash), 3 * 4 * min(chunk, eval_answers) * student.vocab)
+    stages.append(stage("evaluation", evaluation(1), {}))
     gen_len = (max(prompt_lengths) if prompt_lengths else eval_len) + ev.max_new_tokens
     gen_model = teacher if teacher.params >= student.params else student
     stages.append(stage("generation", {
@@ -419,10 +418,7 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
         stages.append(stage("baseline", {k: v for k, v in train_device.items() if k != "teacher weights"},
                             {**train_host, "distilled student (on host)": sw}))
         if ev.agreement:  # one teacher pass scores both trained students: they visit the device together
-            stages.append(stage("evaluation after", {
-                "teacher weights": tw, "distilled student weights": sw, "baseline weights": sw,
-                "forward activations": eval_activations,
-                "logit chunks (three models)": 3 * 3 * 4 * min(chunk, eval_answers) * student.vocab}, resting))
+            stages.append(stage("evaluation after", evaluation(2), resting))
     if not device.cuda:
         _one_memory(stages, tw, sw)
     step_seconds = _step_seconds(tr, teacher, student, device, tr.batch_size * tr.grad_accum * mean_len, live)
@@ -434,6 +430,16 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
     emulated = device.cuda and r["mixed_precision"] == "bf16" and (device.capability or (0, 0)) < (8, 0)
     notes = ["bf16 is emulated on this GPU (no bf16 tensor cores): use fp16 or auto"] if emulated else []
     return MemoryPlan(device, teacher, student, stages, settings, step_seconds, notes=notes)
+
+
+def _evaluation_device(teacher_bytes: int, student_bytes: int, activations: int, logit_chunk: int,
+                       students: int) -> dict[str, int]:
+    """An evaluation's device: the teacher, one student (or the distilled student and the baseline, scored in one
+    teacher pass), the larger model's forward activations, and each model's logit chunks."""
+    names = ["student weights"] if students == 1 else ["distilled student weights", "baseline weights"]
+    return {"teacher weights": teacher_bytes, **dict.fromkeys(names, student_bytes),
+            "forward activations": activations,
+            f"logit chunks ({'both' if students == 1 else 'three'} models)": (students + 1) * logit_chunk}
 
 
 def _one_memory(stages: list[Stage], teacher_bytes: int, student_bytes: int) -> None:

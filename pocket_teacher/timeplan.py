@@ -230,6 +230,9 @@ def cache_file() -> Path:
     return Path(os.environ.get("POCKET_TEACHER_CACHE", Path.home() / ".cache" / "pocket_teacher")) / "throughput.json"
 
 
+_COLD: dict[str, Throughput] = {}  # probes that found cold memory: never written to the cache, reused in-process
+
+
 def measured(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
              refresh: bool = False) -> Throughput:
     """This device's `probe`, cached per machine (device name, threads, torch version, dtype) in `cache_file()`."""
@@ -244,9 +247,12 @@ def measured(device: torch.device | str = "cpu", dtype: torch.dtype = torch.floa
         got = known[key]
         return Throughput(**{**got, "stream_rows": tuple(tuple(p) for p in got.get("stream_rows", ())),
                              "source": f"cached probe ({got['source']}, {path})"})
+    if key in _COLD and not refresh:
+        return _COLD[key]  # this process probed cold memory already: its second plan uses the same figures
     result = probe(device, dtype)
     if result.cold:
-        return result  # a fresh VM's first minutes: the next run probes the warm machine instead
+        _COLD[key] = result  # a fresh VM's first minutes: kept for this process, the next run probes again
+        return result
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**known, key: asdict(result)}, indent=1))

@@ -59,3 +59,16 @@ def test_the_binding_loads_with_extra_buffers_off_only_when_asked(monkeypatch):
     monkeypatch.delenv(llamacpp.ENV, raising=False)
     llamacpp.load("c.gguf")
     assert seen[-1][2] is False
+
+
+def test_a_binding_that_cannot_turn_them_off_is_refused_with_the_fix(monkeypatch):
+    lib = types.ModuleType("llama_cpp.llama_cpp")
+    lib.llama_model_params = type("OldParams", (), {"_fields_": (("n_gpu_layers", int),)})
+    lib.llama_model_default_params = lib.llama_model_params
+    package = types.ModuleType("llama_cpp")
+    package.Llama, package.llama_cpp = lambda **kwargs: kwargs, lib
+    monkeypatch.setitem(sys.modules, "llama_cpp", package)
+    monkeypatch.setitem(sys.modules, "llama_cpp.llama_cpp", lib)
+    with pytest.raises(RuntimeError, match=r"no use_extra_bufts.*make llama-cpp.*POCKET_TEACHER_LLAMA_EXTRA_BUFFERS=1"):
+        llamacpp.load("a.gguf", extra_buffers=False)
+    assert llamacpp.load("a.gguf", extra_buffers=True) == {"model_path": "a.gguf"}

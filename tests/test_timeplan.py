@@ -137,12 +137,15 @@ def test_a_probe_on_cold_memory_says_so_takes_a_warm_fault_and_is_not_cached(tmp
     monkeypatch.setenv("POCKET_TEACHER_CACHE", str(tmp_path))
     cold = block.numel() / (reused_s + pages * 6e-6)
     monkeypatch.setattr(timeplan, "_timed_rate", lambda *a, **k: 1e9)  # the probe's other rates: not the point
-    monkeypatch.setattr(timeplan, "fresh_memory_rate", lambda *a, **k: (cold, 3e9, 6e-6))
+    monkeypatch.setattr(timeplan, "_COLD", {})
+    probes = []
+    monkeypatch.setattr(timeplan, "fresh_memory_rate", lambda *a, **k: probes.append(1) or (cold, 3e9, 6e-6))
     got = timeplan.measured("cpu")
+    assert timeplan.measured("cpu") is got and len(probes) == 1  # the run's second plan: the same figures
     warm = 1 / (1 / 3e9 + timeplan.WARM_FAULT_SECONDS * 4 / 4096)
     assert got.cold and got.softmax == pytest.approx(warm) and got.softmax > 4 * cold
     assert "memory still cold (6.0 us per page fault)" in got.source and "not cached" in got.source
     assert not (tmp_path / "throughput.json").exists()
     monkeypatch.setattr(timeplan, "fresh_memory_rate", lambda *a, **k: (9e8, 3e9, 0.8e-6))
-    warm_probe = timeplan.measured("cpu")
+    warm_probe = timeplan.measured("cpu", refresh=True)
     assert not warm_probe.cold and warm_probe.softmax == 9e8 and (tmp_path / "throughput.json").exists()
