@@ -182,10 +182,13 @@ def demo_timing(data: dict) -> str:
     planned = data.get("planned_s") or {}
     plan = ""
     if planned:
-        total_planned = sum(planned.get(title, 0.0) for title in timings)
+        titles = [title for title in timings if title in planned]
+        total_planned = sum(planned[title] for title in titles)
+        clock = sum(timings[title] for title in titles)
         plan = (f" The time plan, made on this machine before the run from its probe "
                 f"({throughput_line(data['plan']['throughput'])}) and the tokenized lengths, said "
-                f"**{seconds(total_planned)} ({total_planned / 60:.1f} min)** for the same sections.")
+                f"**{seconds(total_planned)} ({total_planned / 60:.1f} min)** for the sections it plans, which took "
+                f"{seconds(clock)} (the rest: configuration, data, plots and saving).")
     return (f"Measured with `{source['command']}` on {source['hardware']}, Python {source['environment']['python']}, "
             f"fp32, commit {commit}: the run took **{seconds(total)} ({total / 60:.1f} min)**"
             + (f"; per section: {', '.join(parts)}." if parts else ".") + plan
@@ -198,9 +201,10 @@ def throughput_line(tput) -> str:
         return str(tput)
     streams = [r for _, r in tput.get("stream_rows") or []]
     stream = ("/".join(f"{r / 1e9:,.1f}" for r in [tput.get("weight_stream") or tput["bandwidth"], *streams]))
+    sampling = f"sampling {tput['sampling'] / 1e6:,.0f} M entries/s, " if tput.get("sampling") else ""
     return (f"{tput['device']}: matmul {tput['flops'] / 1e9:,.0f} GFLOP/s, weights through "
             f"{'/'.join(['1'] + [str(r) for r, _ in tput.get('stream_rows') or []])}-row matmuls "
-            f"{stream} GB/s, log-softmax {(tput.get('elementwise') or 0) / 1e6:,.0f} M elements/s, "
+            f"{stream} GB/s, log-softmax {(tput.get('elementwise') or 0) / 1e6:,.0f} M elements/s, {sampling}"
             f"{tput['op_seconds'] * 1e6:.0f} us per small op")
 
 
@@ -797,6 +801,8 @@ def machine_ratio(data: dict) -> str:
     """The two machine kinds on the same run: the slower one's clock over the faster one's, per section and in all,
     and what that makes of the demo's clock on the faster machine (an estimate, said to be one)."""
     slow, fast, demo = data["slow"], data["fast"], data["demo"]
+    if (ROOT / demo["source"]).is_file():  # the demo's clock from its own results file, not a copy of it
+        demo = {**demo, "total_s": sum(json.loads((ROOT / demo["source"]).read_text())["timings_s"].values())}
     shared = [t for t in slow["sections_s"] if t in fast["sections_s"] and fast["sections_s"][t] >= 5]
     total_slow = sum(slow["sections_s"][t] for t in shared)
     total_fast = sum(fast["sections_s"][t] for t in shared)
@@ -819,11 +825,13 @@ def _other_host(demo: dict) -> str:
     first = json.loads((ROOT / demo["source"]).read_text())["timings_s"]
     second = json.loads((ROOT / demo["also"]).read_text())["timings_s"]
     shared = [t for t in first if t in second and min(first[t], second[t]) >= 5]
+    if not shared:
+        return f" The demo of this README ({demo['also']}) ran on a second host; no section compares the two."
     a, b = sum(first[t] for t in shared), sum(second[t] for t in shared)
-    return (f" The demo of this README ({demo['also']}) ran on a second host of the same kind, also a 2-core Intel "
-            f"Xeon VM but faster: its sections of at least 5 s took {seconds(b)} there against {seconds(a)} on the "
-            f"host of the ratio ({demo['source']}), {a / b:.2f}x; the estimate above stands on the ratio's own "
-            f"host, not on that one.")
+    return (f" The demo of this README ({demo['also']}) ran on a second host of the same machine kind, "
+            f"{'faster' if b < a else 'slower'}: its sections of at least 5 s took {seconds(b)} there against "
+            f"{seconds(a)} on the host of the ratio ({demo['source']}), {max(a, b) / min(a, b):.2f}x; the estimate "
+            f"above stands on the ratio's own host, not on that one.")
 
 
 RENDERERS: dict[str, Callable[[dict], str]] = {"machine-ratio": machine_ratio, "time-plan": time_plan,
