@@ -801,8 +801,8 @@ def machine_ratio(data: dict) -> str:
     """The two machine kinds on the same run: the slower one's clock over the faster one's, per section and in all,
     and what that makes of the demo's clock on the faster machine (an estimate, said to be one)."""
     slow, fast, demo = data["slow"], data["fast"], data["demo"]
-    if (ROOT / demo["source"]).is_file():  # the demo's clock from its own results file, not a copy of it
-        demo = {**demo, "total_s": sum(json.loads((ROOT / demo["source"]).read_text())["timings_s"].values())}
+    demo_timings = json.loads((ROOT / demo["source"]).read_text())["timings_s"]  # the demo's clock, from its file
+    demo = {**demo, "total_s": sum(demo_timings.values())}
     shared = [t for t in slow["sections_s"] if t in fast["sections_s"] and fast["sections_s"][t] >= 5]
     total_slow = sum(slow["sections_s"][t] for t in shared)
     total_fast = sum(fast["sections_s"][t] for t in shared)
@@ -814,15 +814,14 @@ def machine_ratio(data: dict) -> str:
             f"**{ratio:.2f}x**, {min(ratios):.2f}x to {max(ratios):.2f}x section by section. The demo's clock on the "
             f"{fast['machine']}, {seconds(demo['total_s'])} ({demo['source']}), times {ratio:.2f} is "
             f"**{seconds(estimate)} ({estimate / 60:.1f} min)** on the {slow['machine']}: an estimate from two clocks, "
-            f"not a run there." + _other_host(demo))
+            f"not a run there." + _other_host(demo, demo_timings))
 
 
-def _other_host(demo: dict) -> str:
+def _other_host(demo: dict, first: dict[str, float]) -> str:
     """The demo's clock on a second host of the same machine kind (`demo["also"]`, a results file of the same
-    preset), against the host the ratio was measured on: the sections both timed for at least 5 s."""
+    preset), against `first`, its sections on the host the ratio was measured on: those both timed for 5 s or more."""
     if not demo.get("also"):
         return ""
-    first = json.loads((ROOT / demo["source"]).read_text())["timings_s"]
     second = json.loads((ROOT / demo["also"]).read_text())["timings_s"]
     shared = [t for t in first if t in second and min(first[t], second[t]) >= 5]
     if not shared:
