@@ -151,13 +151,67 @@ def answer_logit_chunks(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     if layer is None:  # the full forward's logits, sliced
         rows = answer_logits(model, input_ids, attention_mask, select)
         vocab = vocab_size or rows.shape[-1]
-    else:  # the hidden states, through the output layer a chunk at a time
+    else:  # the hidden states, through the output layer a chunk at a time (as `hidden_logit_chunks`)
         rows, (weight, bias) = answer_hidden(model, input_ids, attention_mask, select), layer
         vocab = vocab_size or weight.shape[0]
         w, b = weight[:vocab], None if bias is None else bias[:vocab]
     chunk = chunk_size or auto_chunk_size(vocab, rows.device.type)
     for i in range(0, rows.shape[0], chunk):
         yield i, (rows[i:i + chunk, :vocab] if layer is None else F.linear(rows[i:i + chunk].to(w.dtype), w, b)).float()
+
+
+def hidden_logit_chunks(hidden: torch.Tensor, layer: tuple[torch.Tensor, Optional[torch.Tensor]],
+                        vocab_size: Optional[int] = None, chunk_size: Optional[int] = None):
+    """`answer_logit_chunks` from final hidden states already computed (``(N, H)``, e.g. `AnswerHidden.rows`) and a
+    model's exact output layer ``(weight, bias)`` (`models.output_layer`): the same logits, on the weight's device."""
+    weight, bias = layer
+    vocab = vocab_size or weight.shape[0]
+    w, b = weight[:vocab], None if bias is None else bias[:vocab]
+    hidden = hidden.to(w.device)
+    chunk = chunk_size or auto_chunk_size(vocab, w.device.type)
+    for i in range(0, hidden.shape[0], chunk):
+        yield i, F.linear(hidden[i:i + chunk].to(w.dtype), w, b).float()
+
+
+def _answer_counts(split: TokenizedSplit) -> list[int]:
+    """Answer positions per row (`answer_positions`: positions whose next label is scored)."""
+    return [sum(1 for t in f["labels"][1:] if t != IGNORE_INDEX) for f in split.features]
+
+
+class AnswerHidden:
+    """A frozen model's final hidden states at every answer position of a split, in split-row order, kept on the host.
+
+    One pass of the teacher over the held-out split (section 5's agreement pass) keeps them; later stages that need
+    the teacher's distributions on the same split (the held-out split's top-k cache, the trained students'
+    agreement) rebuild its logits from them with its output layer alone (`hidden_logit_chunks`), instead of running
+    the whole teacher again: ``N x H`` values (SmolLM2: 576 per token, 2.3 KB in fp32), where the logits would be
+    ``N x V``. `serves` says whether they belong to this model and split (the same objects, the same answer tokens)."""
+
+    def __init__(self, model: torch.nn.Module, split: TokenizedSplit, per_row: dict[int, torch.Tensor]):
+        counts = _answer_counts(split)
+        missing = [r for r, n in enumerate(counts) if n and r not in per_row]
+        wrong = [r for r, h in per_row.items() if h.shape[0] != counts[r]]
+        if missing or wrong:
+            raise ValueError(f"AnswerHidden: rows {(missing or wrong)[:5]} of the split have no hidden states or the "
+                             f"wrong number; keep them from one whole pass over the split.")
+        self.model_id, self.split, self.counts = id(model), split, counts
+        kept = [per_row[r] for r in range(len(counts)) if counts[r]]
+        self.hidden = torch.cat(kept) if kept else torch.zeros(0, 0)
+        self.offsets = [0]
+        for n in counts:
+            self.offsets.append(self.offsets[-1] + n)
+
+    @property
+    def nbytes(self) -> int:
+        return self.hidden.numel() * self.hidden.element_size()
+
+    def serves(self, model: torch.nn.Module, split: TokenizedSplit) -> bool:
+        """Whether these are `model`'s states on `split` (the objects they were kept from, unchanged in size)."""
+        return id(model) == self.model_id and split is self.split and _answer_counts(split) == self.counts
+
+    def rows(self, rows: Sequence[int]) -> torch.Tensor:
+        """The ``(N, H)`` states of these split rows, concatenated in the given order (a batch's `select` order)."""
+        return torch.cat([self.hidden[self.offsets[r]:self.offsets[r + 1]] for r in rows])
 
 
 class GlobalBatches:

@@ -24,14 +24,15 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .batches import answer_batches, answer_logit_chunks, answer_logits, auto_chunk_size, length_batches
+from .batches import (AnswerHidden, answer_batches, answer_hidden, answer_logit_chunks, answer_logits,
+                      auto_chunk_size, hidden_logit_chunks, length_batches)
 from .config import GenerateConfig, LossConfig
 from .data import (IGNORE_INDEX, MMLU_LETTERS, Example, LoadReport, PaddingCollator, TokenizedSplit, answers_match,
                    extract_gsm8k_answer, format_prompt)
 from .files import proc_value
 from .generate import GREEDY, generate, overridden_generation_settings, sample_rollouts
 from .losses import Divergence, TeacherLogits, kl, token_distillation_loss
-from .models import count_parameters, memory_footprint
+from .models import count_parameters, memory_footprint, output_layer
 from .plan import PlanError, inference_bytes_per_token
 from .progress import tqdm
 
@@ -417,61 +418,86 @@ def agreement(teacher: torch.nn.Module, student: torch.nn.Module, split: Tokeniz
 
 @dataclass
 class Agreements:
-    """`agreements`' result: each student's {"top1_agreement", "kl", "tokens"} by label, and the teacher's own
-    {"perplexity", "nll", "tokens"} on the same answer tokens (what `perplexity` gives, from the same pass)."""
+    """`agreements`' result: each student's {"top1_agreement", "kl", "perplexity", "nll", "tokens"} by label, the
+    teacher's own {"perplexity", "nll", "tokens"} on the same answer tokens (what `perplexity` gives, from the same
+    pass), and, when asked to keep them, the teacher's answer-position hidden states (`AnswerHidden`)."""
 
     students: dict
     teacher: dict
+    teacher_hidden: Optional[AnswerHidden] = None
 
 
 @torch.no_grad()
 def agreements(teacher: torch.nn.Module, students: dict[str, torch.nn.Module], split: TokenizedSplit, *,
                pad_token_id: int, vocab_size: Optional[int] = None, batch_size: int = 16,
-               progress: bool = True) -> Agreements:
+               progress: bool = True, teacher_hidden: Optional[AnswerHidden] = None,
+               keep_teacher: bool = False) -> Agreements:
     """`agreement` of several students (label -> model) with one pass of the teacher: each batch's teacher logits
-    meet every student's in turn, and score the teacher's own perplexity on the way (`Agreements`)."""
+    meet every student's in turn, and score the teacher's own perplexity and each student's on the way
+    (`Agreements`). `teacher_hidden` (kept by an earlier pass over this split, `AnswerHidden.serves`): the teacher's
+    logits are rebuilt from them with its output layer alone, its decoder does not run. `keep_teacher`: keep the
+    teacher's hidden states of this pass in the result (when its output layer is exact, `models.output_layer`)."""
     t_dev = _device(teacher)
     teacher.eval()
+    layer = output_layer(teacher)
+    if teacher_hidden is not None and (layer is None or not teacher_hidden.serves(teacher, split)):
+        raise ValueError("agreements: teacher_hidden were kept from another teacher or split; pass the ones this "
+                         "teacher's pass over this split kept, or none.")
     teacher_nll = torch.zeros((), dtype=torch.float64, device=t_dev)
     sums = {}
     for label, student in students.items():
         student.eval()
         dev = _device(student)
         sums[label] = [torch.zeros((), dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.float64, device=dev),
-                       0]
+                       0, torch.zeros((), dtype=torch.float64, device=dev)]
     rows = vocab_size or teacher.get_output_embeddings().weight.shape[0]
     chunk = auto_chunk_size(rows, t_dev.type)
-    budgets = [batch_token_budget(m) for m in (teacher, *students.values())]
+    budgets = [batch_token_budget(m) for m in ((teacher,) if teacher_hidden is None else ()) + (*students.values(),)]
     budget = min((b for b in budgets if b), default=None)
     batches = answer_batches(split, pad_token_id, batch_size=batch_size, by_length=True, max_tokens=budget)
+    kept = {} if keep_teacher and layer is not None else None
     for batch in tqdm(batches, desc="agreement", disable=not progress, leave=False):
         on_t = batch.to(t_dev)
-        t_chunks = answer_logit_chunks(teacher, on_t.input_ids, on_t.attention_mask, on_t.select, vocab_size, chunk)
+        if layer is None:
+            t_chunks = answer_logit_chunks(teacher, on_t.input_ids, on_t.attention_mask, on_t.select, vocab_size,
+                                           chunk)
+        else:
+            hidden = (teacher_hidden.rows(batch.rows) if teacher_hidden is not None else
+                      answer_hidden(teacher, on_t.input_ids, on_t.attention_mask, on_t.select))
+            if kept is not None:
+                for r, part in zip(batch.rows, hidden.split(batch.answer_counts)):
+                    kept[r] = part.cpu()
+            t_chunks = hidden_logit_chunks(hidden, layer, vocab_size, chunk)
         s_chunks = {}
         for label, student in students.items():  # the same chunks of positions, whatever each model's device
             on_s = batch.to(_device(student))
-            s_chunks[label] = answer_logit_chunks(student, on_s.input_ids, on_s.attention_mask, on_s.select,
-                                                  vocab_size, chunk)
+            s_chunks[label] = (on_s.targets, answer_logit_chunks(student, on_s.input_ids, on_s.attention_mask,
+                                                                  on_s.select, vocab_size, chunk))
         for start, t in t_chunks:
             log_p = torch.log_softmax(t, -1)
             teacher_nll -= log_p.gather(-1, on_t.targets[start:start + t.shape[0]].unsqueeze(-1)).sum().double()
             top, here = t.argmax(-1), {}  # the teacher's log-probs, once per device a student is on
             del t
-            for label, chunks in s_chunks.items():
+            for label, (targets, chunks) in s_chunks.items():
                 _, s = next(chunks)
                 if s.device not in here:
                     here[s.device] = (log_p.to(s.device), top.to(s.device))
                 log_p_here, top_here = here[s.device]
                 counts = sums[label]
+                log_q = torch.log_softmax(s, -1)
                 counts[0] += (top_here == s.argmax(-1)).sum()
-                counts[1] += kl(log_p_here.reshape(1, -1), torch.log_softmax(s, -1).reshape(1, -1))[0].double()
+                counts[1] += kl(log_p_here.reshape(1, -1), log_q.reshape(1, -1))[0].double()
                 counts[2] += s.shape[0]
+                counts[3] -= log_q.gather(-1, targets[start:start + s.shape[0]].unsqueeze(-1)).sum().double()
+                del log_q
             del log_p, here
     tokens = split.answer_tokens
     nll = float(teacher_nll) / max(1, tokens)
-    return Agreements({label: {"top1_agreement": int(a) / max(1, n), "kl": float(k) / max(1, n), "tokens": n}
-                       for label, (a, k, n) in sums.items()},
-                      {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens})
+    return Agreements({label: {"top1_agreement": int(a) / max(1, n), "kl": float(k) / max(1, n), "tokens": n,
+                               "nll": float(s) / max(1, n), "perplexity": math.exp(float(s) / max(1, n))}
+                       for label, (a, k, n, s) in sums.items()},
+                      {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens},
+                      None if kept is None else AnswerHidden(teacher, split, kept))
 
 
 # -- efficiency -----------------------------------------------------------------------------------------------------
@@ -518,13 +544,16 @@ def size_on_disk(model: torch.nn.Module) -> int:
         return sum(f.stat().st_size for f in Path(tmp).iterdir() if f.suffix == ".safetensors")
 
 
+WARMUP_TOKENS = 8  # the untimed warm-up generation of `efficiency`
+
+
 @torch.no_grad()
 def efficiency(model: torch.nn.Module, tokenizer, prompt: str = "Question: What is 12 times 7?\nAnswer:", *,
                new_tokens: int = 32, batch_sizes: Sequence[int] = (1, 16), repeats: int = 2) -> dict:
     """Size, memory and generation speed of one model on its current device.
 
     Greedy generation of exactly `new_tokens` tokens (EOS ignored) after `prompt`, at each batch size;
-    the best of `repeats` timed runs after one warm-up. Reports parameters (total and without the
+    the best of `repeats` timed runs after a short warm-up (`WARMUP_TOKENS`). Reports parameters (total and without the
     input embeddings), size on disk, weights in memory, the peak memory of the batch-16 generation
     above the weights, latency per generated token at batch 1 and tokens/s at each batch size."""
     device = _device(model)
@@ -538,7 +567,9 @@ def efficiency(model: torch.nn.Module, tokenizer, prompt: str = "Question: What 
         enc = tokenizer([prompt] * bs, return_tensors="pt", add_special_tokens=False).to(device)
         kwargs = dict(GREEDY, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
         kwargs.pop("min_length")  # min_new_tokens decides; both set only draws a warning per call
-        model.generate(**enc, **kwargs)  # warm-up
+        # warm-up: first calls' one-time costs (allocations, kernel selection); a few tokens do it, the timed runs
+        # then decode every length for the first time the same way
+        model.generate(**enc, **{**kwargs, "max_new_tokens": WARMUP_TOKENS, "min_new_tokens": WARMUP_TOKENS})
         best, sync = math.inf, torch.cuda.synchronize if device.type == "cuda" else lambda device: None
         with PeakMemory(device) as peak:
             for _ in range(repeats):

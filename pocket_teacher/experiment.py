@@ -21,6 +21,7 @@ from .checkpoints import list_checkpoints
 from .config import Config, ConfigError, GenerateConfig, apply_overrides, get_preset
 from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, handle_duplicates,
                    hold_out_prompts, load_examples, load_mmlu, remove_overlap, tokenize_examples)
+from .batches import AnswerHidden
 from .evaluate import Agreements, Known, agreements, evaluate_model, perplexity, teacher_on_student_samples
 from .export import (ExportError, ExportReport, attach_fake_quant, detach_fake_quant, export_gguf, fake_quantize,
                      teacher_gguf)
@@ -255,19 +256,22 @@ def teacher_cache(cfg: Config, teacher: torch.nn.Module, splits: Splits, tokeniz
 @contextlib.contextmanager
 def training(cfg: Config, student_init: torch.nn.Module, teacher: Optional[torch.nn.Module], splits: Splits,
              tokenizer, progress: bool = True, cache: Optional[TopKCache] = None,
-             park: Optional[torch.nn.Module] = None, divergence: Optional[Divergence] = None):
+             park: Optional[torch.nn.Module] = None, divergence: Optional[Divergence] = None,
+             teacher_hidden: Optional[AnswerHidden] = None):
     """A `Trainer` of a fresh copy of `student_init` distilled from `teacher` (or its top-k `cache`), writing to
     runs/<name>/: history.jsonl (main process), checkpoints/ (train.checkpoint_every, a non-finite loss, a stop
     signal); train.resume continues from the newest valid one. With train.eval_every the held-out split is scored
-    during training (its teacher signal from a cache of the held-out split, or the live teacher).
+    during training (its teacher signal from a cache of the held-out split, or the live teacher; the cache is
+    built from `teacher_hidden`, the teacher's held-out hidden states kept by section 5, when they serve).
 
     For the block, a teacher this training does not run (`teacher` when the cache serves it, or `park`) waits on
     the host when the run is on a GPU; on-policy steps need it live, so then it stays."""
     eval_cache = None
     if cfg.train.eval_every and cache is not None and teacher is not None and is_main_process():
-        eval_cache = build_topk_cache(teacher, splits.eval, cache_dir(cfg), k=cfg.teacher_cache.k,
-                                      vocab_size=len(tokenizer), batch_size=cfg.teacher_cache.batch_size,
-                                      progress=False)
+        kept = teacher_hidden is not None and teacher_hidden.serves(teacher, splits.eval)
+        eval_cache = build_topk_cache(teacher, teacher_hidden if kept else splits.eval, cache_dir(cfg),
+                                      k=cfg.teacher_cache.k, vocab_size=len(tokenizer),
+                                      batch_size=cfg.teacher_cache.batch_size, progress=False)
     idle = park if cache is None or cfg.train.on_policy > 0 else teacher
     parked = idle if resolve_device(cfg.train.device).type == "cuda" else None
     with visiting(parked, "cpu") if parked is not None else contextlib.nullcontext():
@@ -287,10 +291,11 @@ def trained_student(trainer: Trainer, result: TrainResult, student_init: torch.n
 
 def train_student(cfg: Config, student_init: torch.nn.Module, teacher: Optional[torch.nn.Module], splits: Splits,
                   tokenizer, progress: bool = True, cache: Optional[TopKCache] = None,
-                  park: Optional[torch.nn.Module] = None, divergence: Optional[Divergence] = None
-                  ) -> tuple[torch.nn.Module, TrainResult]:
+                  park: Optional[torch.nn.Module] = None, divergence: Optional[Divergence] = None,
+                  teacher_hidden: Optional[AnswerHidden] = None) -> tuple[torch.nn.Module, TrainResult]:
     """`training(...)` fitted in one call: the trained student (on the host) and what the loop reported."""
-    with training(cfg, student_init, teacher, splits, tokenizer, progress, cache, park, divergence) as trainer:
+    with training(cfg, student_init, teacher, splits, tokenizer, progress, cache, park, divergence,
+                  teacher_hidden) as trainer:
         result = trainer.fit()
     return trained_student(trainer, result, student_init), result
 
@@ -453,6 +458,9 @@ class Experiment:
         self.student_stage: Optional[StudentStage] = None  # 4. Student and tokenization
         self.cache: Optional[TopKCache] = None  # 4b. Teacher cache (None also when teacher_cache.use is off)
         self.results: dict[str, dict] = {}
+        # 5. the teacher's hidden states at the held-out answers, kept by its agreement pass: the held-out cache and
+        # the trained students' agreement rebuild its logits from them instead of running it again
+        self.teacher_hidden: Optional[AnswerHidden] = None
         self.trained: Optional[Trained] = None
         self.baseline: Optional[Trained] = None
         self.figures: dict[str, Any] = {}
@@ -559,11 +567,14 @@ class Experiment:
                 own = (self.tokenizer, splits) if self.shared else (
                     self.teacher_tokenizer, tokenize(self.cfg, self.train_raw, self.teacher_tokenizer))
                 shared = self._agreements(self.cfg, {"student before": self.student_init}, teacher_too=True)
-                teacher = Known(self.speed, {**shared.teacher, "from": "the pass that measured the untrained "
-                                                                      "student's agreement"} if shared else None)
+                self.teacher_hidden = shared.teacher_hidden if shared else None
+                source = "the pass that measured the untrained student's agreement"
+                teacher = Known(self.speed, {**shared.teacher, "from": source} if shared else None)
                 self.results["teacher"] = evaluate(self.cfg, "teacher", self.teacher, *own, self.progress,
                                                    known=teacher)
-                student = Known(self.speed, agreement=shared.students["student before"] if shared else None)
+                mine = shared.students["student before"] if shared else None
+                scored = None if mine is None else {**mine, "from": "the pass that measured its agreement"}
+                student = Known(self.speed, scored, mine)
                 self.results["student before"] = evaluate(self.cfg, "student before", self.student_init,
                                                           self.tokenizer, splits, self.progress, self.agree_with,
                                                           student)
@@ -635,7 +646,8 @@ class Experiment:
                 raise TypeError(f"divergence={divergence!r}: give a function (log_p, log_q) -> per-token values, or "
                                 f"set loss.divergence to one of the named divergences.")
             with training(cfg, self.student_init, self.teacher if self.shared else None, splits, self.tokenizer,
-                          self.progress, self.cache, divergence=divergence) as trainer:
+                          self.progress, self.cache, divergence=divergence,
+                          teacher_hidden=self.teacher_hidden) as trainer:
                 result = trainer.fit()  # the training step, opened in section 4c
             student = trained_student(trainer, result, self.student_init)
             self.say(f"{result.steps} steps in {result.seconds:.0f} s; last step: " + ", ".join(
@@ -675,7 +687,7 @@ class Experiment:
             teacher = self.teacher if kind == "random" and self.shared else None
             student, result = train_student(variant, init, teacher, splits, self.tokenizer, self.progress, cache,
                                             park=None if teacher is not None else self.teacher,
-                                            divergence=trained.divergence)
+                                            divergence=trained.divergence, teacher_hidden=self.teacher_hidden)
             extra = ["student.init=random"] if kind == "random" else ["loss.alpha=1"]
             self.baseline = None if student is None else Trained(cfg, trained.overrides + extra, student, result)
             return self.baseline
@@ -686,17 +698,21 @@ class Experiment:
 
     def _agreements(self, cfg: Config, students: dict[str, torch.nn.Module],
                     teacher_too: bool = False) -> Optional[Agreements]:
-        """The students' agreement with the teacher from one pass of the teacher (evaluate.agreements), which also
-        scores the teacher's own perplexity; None when evaluation measures no agreement, or when one pass would
-        save nothing (a single student, and the teacher's perplexity not wanted). The students visit the device
-        together."""
-        if not (cfg.eval.agreement and self.agree_with is not None and (len(students) > 1 or teacher_too)):
+        """The students' agreement with the teacher (and their perplexity) from one pass of the teacher
+        (evaluate.agreements), which also scores the teacher's own perplexity; None when evaluation measures no
+        agreement. The pass with `teacher_too` (section 5) keeps the teacher's held-out hidden states
+        (`self.teacher_hidden`); a later pass rebuilds the teacher's logits from them. The students visit the
+        device together."""
+        if not (cfg.eval.agreement and self.agree_with is not None):
             return None
+        kept = self.teacher_hidden
+        kept = kept if kept is not None and kept.serves(self.agree_with, self.splits.eval) else None
         with contextlib.ExitStack() as stack:
             for student in students.values():
                 stack.enter_context(visiting(student, resolve_device(cfg.train.device)))
             return agreements(self.agree_with, students, self.splits.eval, pad_token_id=self.tokenizer.pad_token_id,
-                              vocab_size=len(self.tokenizer), batch_size=cfg.eval.batch_size, progress=self.progress)
+                              vocab_size=len(self.tokenizer), batch_size=cfg.eval.batch_size, progress=self.progress,
+                              teacher_hidden=kept, keep_teacher=teacher_too)
 
     def _final_held_out(self, label: str, trained: Trained) -> Optional[dict]:
         """The held-out perplexity a training scored on its final weights (train.eval_every reaching the last

@@ -350,6 +350,17 @@ def _shapes(cfg) -> tuple[ModelShape, ModelShape]:
     return teacher, student
 
 
+def _kept_states(cfg, teacher: ModelShape, t_bytes: int, eval_lengths, prompt_lengths) -> dict[str, int]:
+    """The teacher's final hidden states at every held-out answer position, kept on the host by the evaluation's
+    agreement pass (`batches.AnswerHidden`) when it measures agreement: without real lengths, every held-out row at
+    eval.max_length taken as answer."""
+    if not cfg.eval.agreement:
+        return {}
+    answers = (sum(eval_lengths) - sum(prompt_lengths) if eval_lengths and prompt_lengths
+               else cfg.data.eval_size * cfg.eval.max_length)
+    return {"teacher's held-out hidden states": answers * teacher.hidden * t_bytes}
+
+
 def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryPlan:
     (teacher, student), r = _shapes(cfg), _resolved(cfg, device)
     tr, ev, tc, compute = cfg.train, cfg.eval, cfg.teacher_cache, r["compute"]
@@ -386,6 +397,7 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
         teacher if teacher.params > student.params else student, max(t_bytes, 4 if not device.cuda else 2),
         eval_tokens, eval_len, flash), 3 * 4 * min(chunk, eval_answers) * student.vocab)
     stages.append(stage("evaluation", evaluation(1), {}))
+    resting.update(_kept_states(cfg, teacher, t_bytes, eval_lengths, prompt_lengths))  # on the host from here on
     gen_len = (max(prompt_lengths) if prompt_lengths else eval_len) + ev.max_new_tokens
     gen_model = teacher if teacher.params >= student.params else student
     stages.append(stage("generation", {

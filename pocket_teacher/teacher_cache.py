@@ -31,9 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .batches import AnswerBatch, AnswerBatches, answer_logit_chunks
+from .batches import (AnswerBatch, AnswerBatches, AnswerHidden, answer_hidden, answer_logit_chunks,
+                      hidden_logit_chunks)
 from .data import IGNORE_INDEX, TokenizedSplit
 from .files import digest, file_hash, fingerprint, model_digest, require_free_space, write_json
+from .models import output_layer
 from .losses import TAIL_FLOOR, TeacherTopK, kl
 from .progress import tqdm
 
@@ -231,9 +233,9 @@ def shares(groups: Sequence[tuple[int, int]], cost: Sequence[int], size: int) ->
     return out
 
 
-def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str | Path, *, k: int = 64,
-                     vocab_size: Optional[int] = None, batch_size: int = 8, teacher_key: Optional[dict] = None,
-                     fidelity: Optional[Fidelity] = None, progress: bool = True,
+def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit | AnswerHidden, root: str | Path, *,
+                     k: int = 64, vocab_size: Optional[int] = None, batch_size: int = 8,
+                     teacher_key: Optional[dict] = None, fidelity: Optional[Fidelity] = None, progress: bool = True,
                      share: Optional[Share] = None) -> TopKCache:
     """Reuse the matching cache under `root`, or run the teacher once over `split` and write it.
 
@@ -247,7 +249,10 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
         teacher: the frozen teacher (any precision), on its device.
         split: the tokenized training split; row i of the cache is ``split[i]``. Rows are padded on the right,
             and causal attention never lets a padding token reach an answer position, so the pad id cannot change
-            the cache (id 0 is used).
+            the cache (id 0 is used). Or the teacher's answer-position hidden states on a split, kept by an earlier
+            pass over it (`batches.AnswerHidden`, e.g. the held-out agreement pass): the cache is then that split's,
+            its logits rebuilt from them with the teacher's output layer alone, the decoder does not run (the same
+            values up to float rounding: batch shapes).
         root: folder holding caches, one sub-folder per fingerprint.
         k: log-probs kept per answer token (ids int32, log-probs fp16: 6k + 4 bytes per token).
         vocab_size: the tokenizer's size; logits beyond it (padding rows) are dropped first.
@@ -257,7 +262,11 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
         fidelity: where the report's fidelity is measured (`Fidelity`: the first 32 rows, the training temperature
             1 unless given).
         share: the processes building together (default: this one alone)."""
+    hidden, split = (split, split.split) if isinstance(split, AnswerHidden) else (None, split)
     vocab = vocab_size or teacher.get_output_embeddings().weight.shape[0]
+    if hidden is not None and (output_layer(teacher) is None or not hidden.serves(teacher, split)):
+        raise ValueError("build_topk_cache: the hidden states were kept from another teacher (or a teacher whose "
+                         "output layer is not exact); pass the split itself.")
     if not 1 <= k <= vocab:
         raise ValueError(f"teacher_cache.k={k}: use a value in [1, {vocab}] (the vocabulary size).")
     share, fidelity = share or Share(), fidelity or Fidelity()
@@ -280,7 +289,7 @@ def build_topk_cache(teacher: torch.nn.Module, split: TokenizedSplit, root: str 
         mine = shares(todo, [(hi - lo) * max(lengths[lo:hi]) for lo, hi in todo], share.size)[share.rank]
         start = time.perf_counter()
         _compute(teacher, split, build, offsets, mine, share, progress=progress and share.rank == 0,
-                 done_rows=sum(hi - lo for lo, hi in done))
+                 done_rows=sum(hi - lo for lo, hi in done), hidden=hidden)
         share.barrier()
         if share.rank == 0:  # process 0 joins the shares and publishes the cache
             state = _join(build, offsets)
@@ -433,7 +442,7 @@ def _join(build: _Build, offsets: np.ndarray, rows: Optional[int] = None) -> dic
 
 
 def _compute(teacher, split, build: _Build, offsets: np.ndarray, groups: list[tuple[int, int]], share: Share,
-             progress: bool, done_rows: int) -> None:
+             progress: bool, done_rows: int, hidden: Optional[AnswerHidden] = None) -> None:
     """This process's batches: the teacher's top-k written into the shared files, each batch recorded with its
     checksum (and, within the fidelity rows, its fidelity sums) in progress.<rank>.json."""
     partial, k = build.partial, build.k
@@ -454,7 +463,7 @@ def _compute(teacher, split, build: _Build, offsets: np.ndarray, groups: list[tu
             record.update(kl_sum=0.0, kl_tokens=0, temperatures=temperatures, at_temperature={})
         if b > a:
             for mm, values in zip(mms, _teacher_topk(teacher, batch, build.vocab, k, record if "kl_sum" in record
-                                                     else None)):
+                                                     else None, hidden)):
                 mm[a:b] = values.cpu().numpy().astype(mm.dtype)
                 mm.flush()
         record.pop("temperatures", None)
@@ -467,12 +476,19 @@ def _compute(teacher, split, build: _Build, offsets: np.ndarray, groups: list[tu
     del mms
 
 
-def _teacher_topk(teacher, batch: AnswerBatch, vocab: int, k: int, kl_state: Optional[dict]):
+def _teacher_topk(teacher, batch: AnswerBatch, vocab: int, k: int, kl_state: Optional[dict],
+                  hidden: Optional[AnswerHidden] = None):
     """The teacher's top-k ids and log-probs and the leftover mass at a batch's answer positions, a chunk of
-    tokens at a time (never the (N, V) logits of the whole batch); with `kl_state`, KL(full || top-k) is added."""
+    tokens at a time (never the (N, V) logits of the whole batch); with `kl_state`, KL(full || top-k) is added;
+    with `hidden`, the logits come from the kept hidden states through the output layer alone."""
     pieces = []
     with torch.no_grad():
-        for _, logits in answer_logit_chunks(teacher, batch.input_ids, batch.attention_mask, batch.select, vocab):
+        layer = output_layer(teacher)
+        chunks = (answer_logit_chunks(teacher, batch.input_ids, batch.attention_mask, batch.select, vocab)
+                  if layer is None else hidden_logit_chunks(answer_hidden(
+                      teacher, batch.input_ids, batch.attention_mask, batch.select) if hidden is None
+                      else hidden.rows(batch.rows), layer, vocab))
+        for _, logits in chunks:
             log_p = F.log_softmax(logits, dim=-1)
             del logits
             top_lp, top_ids = log_p.topk(k, dim=-1)

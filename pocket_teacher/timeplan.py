@@ -31,6 +31,7 @@ import torch
 from .batches import GlobalBatches
 from .config import ModelShape
 from .data import IGNORE_INDEX
+from .evaluate import WARMUP_TOKENS
 from .models import cache_root, embedded_gguf_path
 from .plan import GPUS, _shapes, dtype_bytes, get_device
 
@@ -529,10 +530,15 @@ class _Run:
         if agreement:
             seconds += 0.0 if shared_teacher else cost.forward(self.teacher, held, sum(lengths.eval_answers))
             seconds += cost.forward(shape, held, sum(lengths.eval_answers))
-        if ev.efficiency and speed:  # a warm-up and two timed runs of 32 tokens, at batch 1 and 16
-            seconds += 3 * (cost.decode(shape, [(1, 12)], 32, weight_bytes)
-                            + cost.decode(shape, [(16, 12)], 32, weight_bytes))
+        if ev.efficiency and speed:  # a short warm-up and two timed runs of 32 tokens, at batch 1 and 16
+            seconds += sum(cost.decode(shape, [(rows, 12)], tokens, weight_bytes)
+                           for rows in (1, 16) for tokens in (WARMUP_TOKENS, 32, 32))
         return seconds
+
+    def kept_teacher(self) -> float:
+        """The teacher's logits on the held-out answers rebuilt from its hidden states kept by section 5's pass
+        (`batches.AnswerHidden`): its output layer alone."""
+        return self.cost.output(self.teacher, sum(self.lengths.eval_answers))
 
     def training(self, steps: int, live_teacher: bool, held_out_scores: int, checkpoints: int,
                  processes: int = 1) -> float:
@@ -596,8 +602,10 @@ def _stages(run: _Run, processes: int) -> list[StagePlan]:
                              f"the teacher over {len(lengths.train)} rows, {sum(lengths.train_answers):,} answer tokens"
                              + (f", shared by {processes} processes" if processes > 1 else "")))
     before = run.evaluation(teacher, run.teacher_bytes, False)
-    # the teacher's perplexity pass also serves the untrained student's agreement (evaluate.agreements)
-    before += run.evaluation(student, run.student_bytes, ev.agreement, shared_teacher=True)
+    # one pass of the teacher and the untrained student scores both perplexities and the agreement
+    # (evaluate.agreements), and keeps the teacher's held-out hidden states for the later stages (`kept`)
+    kept = ev.agreement
+    before += run.evaluation(student, run.student_bytes, ev.agreement, scored=kept, shared_teacher=True)
     out.append(StagePlan("5. Before training", before, "teacher and untrained student: perplexity, generation, "
                                                        "agreement, speed"))
     rows, steps = min(8, len(lengths.eval)), min(64, ev.max_new_tokens)  # as Experiment.preflight samples
@@ -610,8 +618,9 @@ def _stages(run: _Run, processes: int) -> list[StagePlan]:
     evals = (tr.max_steps // tr.eval_every + (tr.max_steps % tr.eval_every > 0)) if tr.eval_every else 0
     checkpoints = (tr.max_steps // tr.checkpoint_every if tr.checkpoint_every else 0) + tr.save_final
     distil = run.training(tr.max_steps, live, evals, checkpoints, processes)
-    if evals and tc.use:  # the held-out split's own cache, built once
-        distil += cost.forward(teacher, batched(lengths.eval, tc.batch_size), sum(lengths.eval_answers))
+    if evals and tc.use:  # the held-out split's own cache, built once (from the kept hidden states)
+        distil += run.kept_teacher() if kept else cost.forward(teacher, batched(lengths.eval, tc.batch_size),
+                                                                sum(lengths.eval_answers))
     per_process = f" per process ({processes} in all)" if processes > 1 else ""
     held_out = f", held-out scores x{evals}" if evals else ""
     out.append(StagePlan("6. Distillation", distil,
@@ -624,9 +633,9 @@ def _stages(run: _Run, processes: int) -> list[StagePlan]:
                              f"{ev.on_policy_preview} on-policy steps"))
     trained = 2 if ev.baseline else 1
     scored = bool(tr.eval_every)  # the training scores the held-out split at its last step: reused
-    after = trained * run.evaluation(student, run.student_bytes, ev.agreement, False, scored, trained > 1)
-    if ev.agreement and trained > 1:  # one teacher pass for both students' agreement
-        after += cost.forward(teacher, batched(lengths.eval, ev.batch_size, by_length=True), sum(lengths.eval_answers))
+    after = trained * run.evaluation(student, run.student_bytes, ev.agreement, False, scored, True)
+    if ev.agreement:  # one pass for both students' agreement: the teacher's logits from its kept hidden states
+        after += run.kept_teacher()
     out.append(StagePlan("7. Evaluation after", after, "the distilled student" + (" and the baseline"
                                                                                  if ev.baseline else "")))
     return out

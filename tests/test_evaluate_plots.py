@@ -335,6 +335,45 @@ def test_one_teacher_pass_gives_each_students_agreement(tiny_teacher, tiny_token
     assert got.teacher["tokens"] == alone["tokens"]
 
 
+def test_kept_teacher_states_replace_its_pass_and_the_students_perplexity_comes_with_it(tiny_teacher,
+                                                                                         tiny_tokenizer):
+    """evaluate.agreements(keep_teacher=True) keeps the teacher's held-out answer-position hidden states; a later
+    pass given them runs no teacher decoder and gives the same figures; each student's perplexity from the pass
+    equals `perplexity`; states of another split or teacher are refused."""
+    from pocket_teacher.evaluate import agreements
+    from pocket_teacher.models import derive_student
+
+    split = tokenize_examples(load_gsm_symbolic(6, seed=5)[0], tiny_tokenizer, max_length=384)
+    other = tokenize_examples(load_gsm_symbolic(5, seed=9)[0], tiny_tokenizer, max_length=384)
+    students = {"two": derive_student(tiny_teacher, num_layers=2).eval(),
+                "one": derive_student(tiny_teacher, num_layers=1).eval()}
+    pad, vocab = tiny_tokenizer.pad_token_id, len(tiny_tokenizer) - 7
+    first = agreements(tiny_teacher, students, split, pad_token_id=pad, vocab_size=vocab, batch_size=4,
+                       progress=False, keep_teacher=True)
+    kept = first.teacher_hidden
+    assert kept is not None and kept.hidden.shape == (split.answer_tokens, tiny_teacher.config.hidden_size)
+    assert kept.serves(tiny_teacher, split) and not kept.serves(tiny_teacher, other)
+    assert not kept.serves(students["two"], split)
+    calls = []
+    hook = tiny_teacher.get_decoder().register_forward_hook(lambda *_: calls.append(1))
+    try:
+        again = agreements(tiny_teacher, students, split, pad_token_id=pad, vocab_size=vocab, batch_size=3,
+                           progress=False, teacher_hidden=kept)
+    finally:
+        hook.remove()
+    assert not calls  # the teacher's decoder did not run
+    for label, student in students.items():
+        assert again.students[label]["top1_agreement"] == first.students[label]["top1_agreement"]
+        assert again.students[label]["kl"] == pytest.approx(first.students[label]["kl"], rel=1e-5)
+        alone = perplexity(student, split, pad_token_id=pad, vocab_size=vocab, progress=False)
+        assert first.students[label]["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-6)
+        assert first.students[label]["tokens"] == alone["tokens"]
+    assert again.teacher["perplexity"] == pytest.approx(first.teacher["perplexity"], rel=1e-6)
+    with pytest.raises(ValueError, match="another teacher or split"):
+        agreements(tiny_teacher, students, other, pad_token_id=pad, vocab_size=vocab, progress=False,
+                   teacher_hidden=kept)
+
+
 def test_an_evaluation_reuses_what_the_run_measured(monkeypatch, tiny_teacher, tiny_tokenizer, tiny_cfg):
     """evaluate.Known: a model of an architecture already timed takes those speed figures (and names whose), a
     perplexity already taken is not taken again, and a known agreement is used as given."""

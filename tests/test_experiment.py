@@ -276,3 +276,30 @@ def test_evaluation_after_training_reuses_the_last_held_out_score_and_one_teache
     exp.distil()  # eval_every=0: no held-out score to reuse
     exp.train_baseline()
     assert "perplexity_of" not in exp.evaluate_after()["student after"]
+
+
+def test_after_section_5_the_teacher_never_runs_again_on_the_held_out_split(experiment):
+    """Section 5's one pass of the teacher over the held-out split keeps its hidden states there: the held-out
+    cache of the trainings and the trained students' agreement rebuild its logits from them (its decoder does not
+    run again; the cache is on, so training does not run it either), and the untrained student's perplexity comes
+    from the same pass, equal to a fresh one."""
+    from pocket_teacher.evaluate import perplexity
+
+    exp = experiment
+    assert exp.cfg.teacher_cache.use
+    rows = exp.evaluate_before()
+    assert exp.teacher_hidden is not None and exp.teacher_hidden.serves(exp.teacher, exp.splits.eval)
+    pad, vocab = exp.tokenizer.pad_token_id, len(exp.tokenizer)
+    fresh = perplexity(exp.student_init, exp.splits.eval, pad_token_id=pad, vocab_size=vocab, progress=False)
+    assert rows["student before"]["perplexity"] == pytest.approx(fresh["perplexity"], rel=1e-6)
+    assert rows["student before"]["perplexity_of"] == "the pass that measured its agreement"
+    calls = []
+    hook = exp.teacher.get_decoder().register_forward_hook(lambda *_: calls.append(1))
+    try:
+        exp.distil(["train.eval_every=1"])
+        exp.train_baseline()
+        after = exp.evaluate_after()
+    finally:
+        hook.remove()
+    assert not calls
+    assert after["student after"]["top1_agreement"] is not None and after["student after"]["kl_to_teacher"] > 0

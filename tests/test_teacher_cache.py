@@ -55,6 +55,31 @@ def test_second_call_reuses_the_cache_without_a_teacher_forward(tiny_teacher, sp
     assert rows.ids.shape[1] == 16 and rows.tail.shape[0] == rows.ids.shape[0]
 
 
+def test_a_cache_from_kept_hidden_states_runs_no_teacher_decoder_and_matches_a_live_build(tiny_teacher, split,
+                                                                                          tmp_path, tiny_tokenizer):
+    """build_topk_cache(AnswerHidden): the teacher's logits rebuilt from hidden states an earlier pass over the same
+    split kept (evaluate.agreements) with its output layer alone: the same top-k as a build that runs the teacher."""
+    import numpy as np
+
+    from pocket_teacher.evaluate import agreements
+
+    vocab = len(tiny_tokenizer)
+    kept = agreements(tiny_teacher, {}, split, pad_token_id=tiny_tokenizer.pad_token_id, vocab_size=vocab,
+                      batch_size=3, progress=False, keep_teacher=True).teacher_hidden
+    counter = ForwardCounter(tiny_teacher)
+    from_kept = _build(tiny_teacher, kept, tmp_path / "kept", vocab_size=vocab)
+    assert counter.calls == 0 and from_kept.report.status == "built"
+    live = _build(tiny_teacher, split, tmp_path / "live", vocab_size=vocab)
+    assert counter.calls == 3 and live.path.name == from_kept.path.name  # the same fingerprint
+    a, b = from_kept.rows(range(len(split))), live.rows(range(len(split)))
+    assert torch.equal(a.ids, b.ids)
+    assert np.allclose(a.logprobs.numpy(), b.logprobs.numpy(), atol=2e-3)  # fp16 storage, float rounding
+    assert np.allclose(a.tail.numpy(), b.tail.numpy(), atol=1e-5)
+    other = derive_student(tiny_teacher, num_layers=1)
+    with pytest.raises(ValueError, match="another teacher"):
+        _build(other, kept, tmp_path / "other", vocab_size=vocab)
+
+
 def test_any_change_gives_a_new_fingerprint(tiny_teacher, split, examples, tiny_tokenizer):
     base = fingerprint(fingerprint_parts(tiny_teacher, split, 16, len(tiny_tokenizer)))
     other_teacher = derive_student(tiny_teacher, num_layers=1)
