@@ -670,20 +670,22 @@ def _split_override(text: str) -> tuple[str, Any]:
 
 def _pocket() -> Config:
     """Embedded SmolLM2-135M-Instruct teacher -> 10-layer derived student on offline GSM-style data (CPU)."""
-    # Sized to run the notebook inside 15 minutes on the slower 2-core CPU (AMD EPYC; `plan` prints the time plan):
-    # as many training rows as the 64 steps read (one epoch of 2-row batches, after the over-long rows are skipped;
-    # at equal rows, 2-row steps train further than half as many 4-row ones: measured, held-out perplexity),
-    # so the teacher cache holds few rows training never reads; one checkpoint per training (a training takes
-    # minutes: a stop signal saves one too, and --resume continues from it); the on-policy preview is one flag away
-    # (eval.on_policy_preview=8); generation batches of 32 (decoding on CPU is bound by reading the weights, so a
-    # wider batch costs little more per step; forward passes are faster at 16).
+    # Sized to run the notebook inside 15 minutes on the slowest 2-core CPU measured (an AMD EPYC host about 3x slower
+    # than the faster Xeon; `plan` prints the time plan): as many training rows as the 48 steps read (one epoch of
+    # 2-row batches, after the over-long rows are skipped; at equal rows, 2-row steps train further than half as many
+    # 4-row ones: measured, held-out perplexity), so the teacher cache holds few rows training never reads; the
+    # held-out split scored once, at the last step (the trained students' perplexity); 24 questions generated per
+    # model; one checkpoint per training (a training takes minutes: a stop signal saves one too, and --resume
+    # continues from it); the on-policy preview is one flag away (eval.on_policy_preview=8); generation batches of
+    # 32 (decoding on CPU is bound by reading the weights, so a wider batch costs less per row; forward passes are
+    # faster at 16).
     return Config(
         preset="pocket",
         teacher=TeacherConfig(source="embedded"),
         student=StudentConfig(source="derive", num_layers=10),
-        data=DataConfig(source="gsm_symbolic", train_size=170, eval_size=64, max_length=256),
-        train=TrainConfig(max_steps=64, batch_size=2, lr=1e-3, warmup_steps=6, checkpoint_every=64, eval_every=32),
-        eval=EvalConfig(batch_size=16, generate_batch_size=32, generate_samples=32, max_new_tokens=192,
+        data=DataConfig(source="gsm_symbolic", train_size=128, eval_size=64, max_length=256),
+        train=TrainConfig(max_steps=48, batch_size=2, lr=1e-3, warmup_steps=5, checkpoint_every=48, eval_every=48),
+        eval=EvalConfig(batch_size=16, generate_batch_size=32, generate_samples=24, max_new_tokens=192,
                         side_by_side=3, baseline=True, on_policy_preview=0),
         run=RunConfig(name="pocket"),
     )
