@@ -30,6 +30,11 @@ WORK_SECTIONS = ("3b. Teacher answers", "4b. Teacher cache", "5. Before training
 
 def replan(preset: str, overrides: list[str], run: Path, refresh: bool):
     """The plan of a finished run, made again: its data tokenized again (its teacher answers reused)."""
+    return reloaded(preset, overrides, run, refresh).time_plan
+
+
+def reloaded(preset: str, overrides: list[str], run: Path, refresh: bool = False):
+    """A finished run's experiment up to its tokenized data (section 4), its plan made again on the way."""
     from pocket_teacher.experiment import Experiment, configure
     from pocket_teacher.timeplan import local_throughput
 
@@ -45,7 +50,7 @@ def replan(preset: str, overrides: list[str], run: Path, refresh: bool):
         exp = Experiment(cfg, progress=False)
         for method in ("configure", "load_data", "load_teacher", "teacher_answers", "load_student"):
             getattr(exp, method)()
-        return exp.time_plan
+        return exp
 
 
 def main() -> None:

@@ -34,3 +34,26 @@ def test_train_speed_runs_on_the_tiny_preset():
 def test_memory_plan_measures_the_training_stage_of_tiny():
     out = run_benchmark("memory_plan.py", "--preset", "tiny", "--stage", "training")
     assert "tiny    training       plan" in out and "largest difference" in out
+
+
+@pytest.mark.slow
+def test_a_run_planned_with_its_own_recorded_probe_gives_its_own_plan(tmp_path):
+    """tools/plan_on_probe.py (the README's plan of the demo on the other host): planned with the probe the run
+    itself recorded, a finished tiny run's work sections come out as the run planned them."""
+    import json
+
+    from pocket_teacher.cli import main as cli
+
+    run = tmp_path / "tiny"
+    assert cli(["run", "--preset", "tiny", "--out", str(run), "--no-progress"]) == 0
+    out_json = tmp_path / "plan.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "plan_on_probe.py"), "--preset", "tiny", "--run",
+                           str(run), "--probe-of", str(run / "timings.json"), "--json", str(out_json)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    planned = json.loads(out_json.read_text())["planned_s"]
+    own = json.loads((run / "timings.json").read_text())["planned_s"]
+    for section in ("4b. Teacher cache", "5. Before training", "6. Distillation", "7. Evaluation after"):
+        assert planned[section] == pytest.approx(own[section], rel=1e-6), section
+    assert "total" in done.stdout

@@ -307,7 +307,13 @@ def demo_findings(data: dict) -> str:
                      f"{100 * (1 - after['kl_to_teacher'] / base['kl_to_teacher']):.0f}% less KL "
                      f"({after['kl_to_teacher']:.2f} vs {base['kl_to_teacher']:.2f} nats/token).")
         else:
-            line += "It does not make the student closer to the teacher on both top-1 agreement and KL."
+            agree = after["top1_agreement"] > base["top1_agreement"]
+            less_kl = after["kl_to_teacher"] < base["kl_to_teacher"]
+            both = (f"top-1 agreement {pct(after['top1_agreement'])} vs {pct(base['top1_agreement'])}, KL "
+                    f"{after['kl_to_teacher']:.2f} vs {base['kl_to_teacher']:.2f} nats/token")
+            line += ("It does not make the student closer to the teacher on either measure" if not (agree or less_kl)
+                     else f"It makes the student closer to the teacher in {'agreement' if agree else 'KL'} only")
+            line += f" ({both})."
         if teacher.get("ci95_high") is not None and teacher["ci95_high"] < 0.2:
             line += (f" With a teacher that solves {teacher['correct']} of {teacher['questions']} of these problems, "
                      f"the reference answers are a strong signal and the KD term mostly transfers the teacher's style.")
@@ -797,40 +803,44 @@ def time_plan(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _sections(side: dict) -> dict[str, float]:
+    """A side of a comparison: its sections' seconds, given or read from its results file (`source`)."""
+    if "sections_s" in side:
+        return side["sections_s"]
+    return json.loads((ROOT / side["source"]).read_text())["timings_s"]
+
+
+def _ratio(slow: dict[str, float], fast: dict[str, float]) -> tuple[float, float, float, float, float]:
+    """The slower clock over the faster on the sections both timed for 5 s or more: the totals, their ratio and
+    the smallest and largest section ratios."""
+    shared = [t for t in slow if t in fast and min(slow[t], fast[t]) >= 5]
+    a, b = sum(slow[t] for t in shared), sum(fast[t] for t in shared)
+    ratios = [slow[t] / fast[t] for t in shared]
+    return a, b, a / b, min(ratios), max(ratios)
+
+
 def machine_ratio(data: dict) -> str:
-    """The two machine kinds on the same run: the slower one's clock over the faster one's, per section and in all,
-    and what that makes of the demo's clock on the faster machine (an estimate, said to be one)."""
+    """The two machine kinds on the same run: the demo's host (the slower) against the faster host, per section
+    and in all; what that makes of the demo's clock on the faster host (an estimate, said to be one) beside the
+    time plan made with that host's probe; and how far hosts of one kind differ (`earlier` comparisons)."""
     slow, fast, demo = data["slow"], data["fast"], data["demo"]
-    demo_timings = json.loads((ROOT / demo["source"]).read_text())["timings_s"]  # the demo's clock, from its file
-    demo = {**demo, "total_s": sum(demo_timings.values())}
-    shared = [t for t in slow["sections_s"] if t in fast["sections_s"] and fast["sections_s"][t] >= 5]
-    total_slow = sum(slow["sections_s"][t] for t in shared)
-    total_fast = sum(fast["sections_s"][t] for t in shared)
-    ratios = [slow["sections_s"][t] / fast["sections_s"][t] for t in shared]
-    ratio = total_slow / total_fast
-    estimate = demo["total_s"] * ratio
-    return (f"The same run ({data['run']}) took {seconds(total_slow)} on the {slow['machine']} ({slow['source']}) and "
-            f"{seconds(total_fast)} on the {fast['machine']} ({fast['source']}), sections of at least 5 s: "
-            f"**{ratio:.2f}x**, {min(ratios):.2f}x to {max(ratios):.2f}x section by section. The demo's clock on the "
-            f"{fast['machine']}, {seconds(demo['total_s'])} ({demo['source']}), times {ratio:.2f} is "
-            f"**{seconds(estimate)} ({estimate / 60:.1f} min)** on the {slow['machine']}: an estimate from two clocks, "
-            f"not a run there." + _other_host(demo, demo_timings))
-
-
-def _other_host(demo: dict, first: dict[str, float]) -> str:
-    """The demo's clock on a second host of the same machine kind (`demo["also"]`, a results file of the same
-    preset), against `first`, its sections on the host the ratio was measured on: those both timed for 5 s or more."""
-    if not demo.get("also"):
-        return ""
-    second = json.loads((ROOT / demo["also"]).read_text())["timings_s"]
-    shared = [t for t in first if t in second and min(first[t], second[t]) >= 5]
-    if not shared:
-        return f" The demo of this README ({demo['also']}) ran on a second host; no section compares the two."
-    a, b = sum(first[t] for t in shared), sum(second[t] for t in shared)
-    return (f" The demo of this README ({demo['also']}) ran on a second host of the same machine kind, "
-            f"{'faster' if b < a else 'slower'}: its sections of at least 5 s took {seconds(b)} there against "
-            f"{seconds(a)} on the host of the ratio ({demo['source']}), {max(a, b) / min(a, b):.2f}x; the estimate "
-            f"above stands on the ratio's own host, not on that one.")
+    a, b, ratio, low, high = _ratio(_sections(slow), _sections(fast))
+    clock = sum(json.loads((ROOT / demo["source"]).read_text())["timings_s"].values())
+    estimate = clock / ratio
+    text = (f"The same run ({data['run']}) took {seconds(a)} on the {slow['machine']} ({slow['host']}, "
+            f"{slow['source']}) and {seconds(b)} on the {fast['machine']} ({fast['host']}, {fast['source']}), "
+            f"sections of at least 5 s: **{ratio:.2f}x**, {low:.2f}x to {high:.2f}x section by section. The demo's "
+            f"clock on the {slow['machine']}, {seconds(clock)} ({demo['source']}), over {ratio:.2f} is "
+            f"**{seconds(estimate)} ({estimate / 60:.1f} min)** on the {fast['machine']}: an estimate from two "
+            f"clocks, not a run there. The time plan of the demo's preset and tokenized lengths, made with that "
+            f"host's probe ({demo['plan_fast_source']}), says **{seconds(demo['plan_fast_s'])} "
+            f"({demo['plan_fast_s'] / 60:.1f} min)** for the sections it plans.")
+    others = []
+    for other in data.get("earlier", []):
+        a, b, r, _, _ = _ratio(_sections(other["slow"]), _sections(other["fast"]))
+        others.append(f"{other['run']} took {seconds(a)} on the {other['slow']['machine']} ({other['slow']['host']}) "
+                      f"and {seconds(b)} on the {other['fast']['machine']} ({other['fast']['host']}), {r:.2f}x")
+    return text + (f" Hosts of one kind differ: {'; '.join(others)}." if others else "")
 
 
 RENDERERS: dict[str, Callable[[dict], str]] = {"machine-ratio": machine_ratio, "time-plan": time_plan,
