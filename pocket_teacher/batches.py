@@ -12,6 +12,7 @@ batch with `answer_logits`, `answer_hidden` or `answer_logit_chunks`, never the 
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -178,6 +179,12 @@ def _answer_counts(split: TokenizedSplit) -> list[int]:
     return [sum(1 for t in f["labels"][1:] if t != IGNORE_INDEX) for f in split.features]
 
 
+def scored_tokens(split: TokenizedSplit) -> int:
+    """The tokens a pass over the split scores: its answer positions (`split.answer_tokens` also counts a free
+    text's first token, which no position predicts)."""
+    return sum(_answer_counts(split))
+
+
 class AnswerHidden:
     """A frozen model's final hidden states at every answer position of a split, in split-row order, kept on the host.
 
@@ -194,7 +201,7 @@ class AnswerHidden:
         if missing or wrong:
             raise ValueError(f"AnswerHidden: rows {(missing or wrong)[:5]} of the split have no hidden states or the "
                              f"wrong number; keep them from one whole pass over the split.")
-        self.model_id, self.split, self.counts = id(model), split, counts
+        self.model, self.split, self.counts = weakref.ref(model), split, counts
         kept = [per_row[r] for r in range(len(counts)) if counts[r]]
         self.hidden = torch.cat(kept) if kept else torch.zeros(0, 0)
         self.offsets = [0]
@@ -207,7 +214,7 @@ class AnswerHidden:
 
     def serves(self, model: torch.nn.Module, split: TokenizedSplit) -> bool:
         """Whether these are `model`'s states on `split` (the objects they were kept from, unchanged in size)."""
-        return id(model) == self.model_id and split is self.split and _answer_counts(split) == self.counts
+        return self.model() is model and split is self.split and _answer_counts(split) == self.counts
 
     def rows(self, rows: Sequence[int]) -> torch.Tensor:
         """The ``(N, H)`` states of these split rows, concatenated in the given order (a batch's `select` order)."""

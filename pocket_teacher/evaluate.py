@@ -441,9 +441,10 @@ def agreements(teacher: torch.nn.Module, students: dict[str, torch.nn.Module], s
     teacher.eval()
     layer = output_layer(teacher)
     if teacher_hidden is not None and (layer is None or not teacher_hidden.serves(teacher, split)):
-        raise ValueError("agreements: teacher_hidden were kept from another teacher or split; pass the ones this "
-                         "teacher's pass over this split kept, or none.")
-    teacher_nll = torch.zeros((), dtype=torch.float64, device=t_dev)
+        raise ValueError("agreements: teacher_hidden were kept from another teacher or split (or the teacher's output "
+                         "layer is not exact, models.output_layer); pass the ones this teacher's pass over this split "
+                         "kept, or none.")
+    teacher_nll, tokens = torch.zeros((), dtype=torch.float64, device=t_dev), 0
     sums = {}
     for label, student in students.items():
         student.eval()
@@ -458,6 +459,7 @@ def agreements(teacher: torch.nn.Module, students: dict[str, torch.nn.Module], s
     kept = {} if keep_teacher and layer is not None else None
     for batch in tqdm(batches, desc="agreement", disable=not progress, leave=False):
         on_t = batch.to(t_dev)
+        tokens += batch.targets.numel()  # the positions scored (a free text's first token has no prediction)
         if layer is None:
             t_chunks = answer_logit_chunks(teacher, on_t.input_ids, on_t.attention_mask, on_t.select, vocab_size,
                                            chunk)
@@ -491,7 +493,6 @@ def agreements(teacher: torch.nn.Module, students: dict[str, torch.nn.Module], s
                 counts[3] -= log_q.gather(-1, targets[start:start + s.shape[0]].unsqueeze(-1)).sum().double()
                 del log_q
             del log_p, here
-    tokens = split.answer_tokens
     nll = float(teacher_nll) / max(1, tokens)
     return Agreements({label: {"top1_agreement": int(a) / max(1, n), "kl": float(k) / max(1, n), "tokens": n,
                                "nll": float(s) / max(1, n), "perplexity": math.exp(float(s) / max(1, n))}

@@ -21,7 +21,7 @@ from .checkpoints import list_checkpoints
 from .config import Config, ConfigError, GenerateConfig, apply_overrides, get_preset
 from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt, handle_duplicates,
                    hold_out_prompts, load_examples, load_mmlu, remove_overlap, tokenize_examples)
-from .batches import AnswerHidden
+from .batches import AnswerHidden, scored_tokens
 from .evaluate import Agreements, Known, agreements, evaluate_model, perplexity, teacher_on_student_samples
 from .export import (ExportError, ExportReport, attach_fake_quant, detach_fake_quant, export_gguf, fake_quantize,
                      teacher_gguf)
@@ -271,7 +271,8 @@ def training(cfg: Config, student_init: torch.nn.Module, teacher: Optional[torch
         kept = teacher_hidden is not None and teacher_hidden.serves(teacher, splits.eval)
         eval_cache = build_topk_cache(teacher, teacher_hidden if kept else splits.eval, cache_dir(cfg),
                                       k=cfg.teacher_cache.k, vocab_size=len(tokenizer),
-                                      batch_size=cfg.teacher_cache.batch_size, progress=False)
+                                      batch_size=cfg.teacher_cache.batch_size, progress=False,
+                                      fidelity=Fidelity(rows=0))  # its fidelity report is never shown
     idle = park if cache is None or cfg.train.on_policy > 0 else teacher
     parked = idle if resolve_device(cfg.train.device).type == "cuda" else None
     with visiting(parked, "cpu") if parked is not None else contextlib.nullcontext():
@@ -706,7 +707,8 @@ class Experiment:
         if not (cfg.eval.agreement and self.agree_with is not None):
             return None
         kept = self.teacher_hidden
-        kept = kept if kept is not None and kept.serves(self.agree_with, self.splits.eval) else None
+        if kept is not None and not kept.serves(self.agree_with, self.splits.eval):
+            kept = self.teacher_hidden = None  # another teacher or split since: dropped, not held
         with contextlib.ExitStack() as stack:
             for student in students.values():
                 stack.enter_context(visiting(student, resolve_device(cfg.train.device)))
@@ -721,7 +723,7 @@ class Experiment:
         last = result.history[-1] if result is not None and result.history else {}
         if last.get("step") != trained.cfg.train.max_steps or last.get("eval_ppl") is None:
             return None
-        return {"perplexity": last["eval_ppl"], "tokens": self.splits.eval.answer_tokens,
+        return {"perplexity": last["eval_ppl"], "tokens": scored_tokens(self.splits.eval),
                 "from": f"training's held-out score at step {last['step']}"}
 
     def _trained_students(self, trained: Trained) -> dict[str, torch.nn.Module]:
@@ -766,8 +768,10 @@ class Experiment:
                 students = self._trained_students(trained)
                 agreed = self._agreements(trained.cfg, students)
                 for label, student in students.items():
-                    known = Known(self.speed, self._final_held_out(label, trained),
-                                  agreed.students[label] if agreed else None)
+                    mine = agreed.students[label] if agreed else None
+                    scored = self._final_held_out(label, trained) or (
+                        None if mine is None else {**mine, "from": "the pass that measured its agreement"})
+                    known = Known(self.speed, scored, mine)
                     self.results[label] = evaluate(trained.cfg, label, student, self.tokenizer, self.splits,
                                                    self.progress, self.agree_with, known)
             return self.results

@@ -397,12 +397,12 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
         teacher if teacher.params > student.params else student, max(t_bytes, 4 if not device.cuda else 2),
         eval_tokens, eval_len, flash), 3 * 4 * min(chunk, eval_answers) * student.vocab)
     stages.append(stage("evaluation", evaluation(1), {}))
-    resting.update(_kept_states(cfg, teacher, t_bytes, eval_lengths, prompt_lengths))  # on the host from here on
+    kept = _kept_states(cfg, teacher, t_bytes, eval_lengths, prompt_lengths)  # on the host from here on
     gen_len = (max(prompt_lengths) if prompt_lengths else eval_len) + ev.max_new_tokens
     gen_model = teacher if teacher.params >= student.params else student
     stages.append(stage("generation", {
         "teacher weights": tw, "KV cache": kv_cache_bytes(gen_model, gen_rows, gen_len, max(compute, t_bytes)),
-        "step logits": 3 * 4 * gen_rows * gen_model.vocab_rows}, resting))
+        "step logits": 3 * 4 * gen_rows * gen_model.vocab_rows}, {**resting, **kept}))
     if cfg.data.targets != "reference":
         gb = cfg.generate.batch_size
         stages.append(stage("teacher answers", {
@@ -418,7 +418,7 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
     if tr.on_policy > 0:  # the student samples its rollouts with a KV cache, without gradient
         train_device["rollout KV cache"] = kv_cache_bytes(student, tr.batch_size, train_len + tr.rollout_max_new_tokens,
                                                           compute)
-    train_host = dict(resting)
+    train_host = {**resting, **kept}
     if live:
         train_device["teacher weights"] = tw
     elif device.cuda:
@@ -430,7 +430,7 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
         stages.append(stage("baseline", {k: v for k, v in train_device.items() if k != "teacher weights"},
                             {**train_host, "distilled student (on host)": sw}))
         if ev.agreement:  # one teacher pass scores both trained students: they visit the device together
-            stages.append(stage("evaluation after", evaluation(2), resting))
+            stages.append(stage("evaluation after", evaluation(2), {**resting, **kept}))
     if not device.cuda:
         _one_memory(stages, tw, sw)
     step_seconds = _step_seconds(tr, teacher, student, device, tr.batch_size * tr.grad_accum * mean_len, live)

@@ -604,8 +604,8 @@ def _stages(run: _Run, processes: int) -> list[StagePlan]:
     before = run.evaluation(teacher, run.teacher_bytes, False)
     # one pass of the teacher and the untrained student scores both perplexities and the agreement
     # (evaluate.agreements), and keeps the teacher's held-out hidden states for the later stages (`kept`)
-    kept = ev.agreement
-    before += run.evaluation(student, run.student_bytes, ev.agreement, scored=kept, shared_teacher=True)
+    agree = kept = ev.agreement and teacher.vocab == student.vocab  # agreement needs a shared vocabulary
+    before += run.evaluation(student, run.student_bytes, agree, scored=kept, shared_teacher=True)
     out.append(StagePlan("5. Before training", before, "teacher and untrained student: perplexity, generation, "
                                                        "agreement, speed"))
     rows, steps = min(8, len(lengths.eval)), min(64, ev.max_new_tokens)  # as Experiment.preflight samples
@@ -632,9 +632,9 @@ def _stages(run: _Run, processes: int) -> list[StagePlan]:
         out.append(StagePlan("6c. On-policy preview", _preview(run, ev.on_policy_preview),
                              f"{ev.on_policy_preview} on-policy steps"))
     trained = 2 if ev.baseline else 1
-    scored = bool(tr.eval_every)  # the training scores the held-out split at its last step: reused
-    after = trained * run.evaluation(student, run.student_bytes, ev.agreement, False, scored, True)
-    if ev.agreement:  # one pass for both students' agreement: the teacher's logits from its kept hidden states
+    scored = bool(tr.eval_every) or agree  # the training's last held-out score, else the agreement pass's: reused
+    after = trained * run.evaluation(student, run.student_bytes, agree, False, scored, True)
+    if agree:  # one pass for both students' agreement: the teacher's logits from its kept hidden states
         after += run.kept_teacher()
     out.append(StagePlan("7. Evaluation after", after, "the distilled student" + (" and the baseline"
                                                                                  if ev.baseline else "")))

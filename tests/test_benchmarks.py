@@ -39,7 +39,8 @@ def test_memory_plan_measures_the_training_stage_of_tiny():
 @pytest.mark.slow
 def test_a_run_planned_with_its_own_recorded_probe_gives_its_own_plan(tmp_path):
     """tools/plan_on_probe.py (the README's plan of the demo on the other host): planned with the probe the run
-    itself recorded, a finished tiny run's work sections come out as the run planned them."""
+    itself recorded, a finished tiny run's work sections come out as the run planned them; with a probe twice as fast
+    in every rate, they come out shorter."""
     import json
 
     from pocket_teacher.cli import main as cli
@@ -53,7 +54,21 @@ def test_a_run_planned_with_its_own_recorded_probe_gives_its_own_plan(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     planned = json.loads(out_json.read_text())["planned_s"]
-    own = json.loads((run / "timings.json").read_text())["planned_s"]
-    for section in ("4b. Teacher cache", "5. Before training", "6. Distillation", "7. Evaluation after"):
-        assert planned[section] == pytest.approx(own[section], rel=1e-6), section
+    timings = json.loads((run / "timings.json").read_text())
+    work = ("4b. Teacher cache", "5. Before training", "6. Distillation", "7. Evaluation after")
+    for section in work:
+        assert planned[section] == pytest.approx(timings["planned_s"][section], rel=1e-6), section
     assert "total" in done.stdout
+    probe = dict(timings["plan"]["throughput"])
+    for rate in ("flops", "bandwidth", "weight_stream", "elementwise", "sampling"):
+        probe[rate] *= 2
+    probe["op_seconds"] /= 2
+    probe["stream_rows"] = [[rows, 2 * r] for rows, r in probe["stream_rows"]]
+    (tmp_path / "fast.json").write_text(json.dumps({"throughput": probe}))
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "plan_on_probe.py"), "--preset", "tiny", "--run",
+                           str(run), "--probe-of", str(tmp_path / "fast.json"), "--json", str(out_json)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    faster = json.loads(out_json.read_text())["planned_s"]
+    for section in work:
+        assert faster[section] < planned[section], section

@@ -273,9 +273,12 @@ def test_evaluation_after_training_reuses_the_last_held_out_score_and_one_teache
     alone = perplexity(exp.teacher, exp.splits.eval, pad_token_id=pad, vocab_size=vocab, progress=False)
     assert teacher["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-5) and "agreement" in teacher[
         "perplexity_of"]  # scored on the pass that measured the untrained student's agreement
-    exp.distil()  # eval_every=0: no held-out score to reuse
+    exp.distil()  # eval_every=0: no held-out score to reuse; the agreement pass's is
     exp.train_baseline()
-    assert "perplexity_of" not in exp.evaluate_after()["student after"]
+    row = exp.evaluate_after()["student after"]
+    assert row["perplexity_of"] == "the pass that measured its agreement"
+    fresh = perplexity(exp.trained.student, exp.splits.eval, pad_token_id=pad, vocab_size=vocab, progress=False)
+    assert row["perplexity"] == pytest.approx(fresh["perplexity"], rel=1e-5)
 
 
 def test_after_section_5_the_teacher_never_runs_again_on_the_held_out_split(experiment):

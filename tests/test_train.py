@@ -146,3 +146,14 @@ def test_an_fsdp_gathered_state_loads_into_a_whole_student(tiny_teacher):
     assert copy_.get_output_embeddings().weight.data_ptr() == copy_.get_input_embeddings().weight.data_ptr()
     with pytest.raises(RuntimeError, match="does not match its architecture"):
         unsharded_copy(student, {k: v for k, v in wrapped.items() if "layers.1." not in k})
+
+
+def test_adamw_is_fused_where_the_training_runs_on_the_cpu():
+    """make_optimizer: the fused AdamW kernel on the CPU (one pass per tensor instead of a dozen elementwise ops);
+    the default elsewhere (a GPU run's student is still on the host when its optimizer is made)."""
+    from pocket_teacher.config import get_preset
+    from pocket_teacher.train import make_optimizer
+
+    model, tcfg = torch.nn.Linear(4, 4), get_preset("tiny").train
+    assert make_optimizer(model, tcfg, "cpu").defaults["fused"] is True
+    assert not make_optimizer(model, tcfg, "cuda").defaults.get("fused")

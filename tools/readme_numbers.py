@@ -827,20 +827,22 @@ def machine_ratio(data: dict) -> str:
     a, b, ratio, low, high = _ratio(_sections(slow), _sections(fast))
     clock = sum(json.loads((ROOT / demo["source"]).read_text())["timings_s"].values())
     estimate = clock / ratio
-    text = (f"The same run ({data['run']}) took {seconds(a)} on the {slow['machine']} ({slow['host']}, "
-            f"{slow['source']}) and {seconds(b)} on the {fast['machine']} ({fast['host']}, {fast['source']}), "
-            f"sections of at least 5 s: **{ratio:.2f}x**, {low:.2f}x to {high:.2f}x section by section. The demo's "
+    text = (f"The same run ({data['run']}): the sections both hosts timed for at least 5 s took {seconds(a)} on the "
+            f"{slow['machine']} ({slow['host']}, {slow['source']}) and {seconds(b)} on the {fast['machine']} "
+            f"({fast['host']}, {fast['source']}): **{ratio:.2f}x**, {low:.2f}x to {high:.2f}x section by section "
+            f"(the runs' whole clocks are in their files). The demo's "
             f"clock on the {slow['machine']}, {seconds(clock)} ({demo['source']}), over {ratio:.2f} is "
             f"**{seconds(estimate)} ({estimate / 60:.1f} min)** on the {fast['machine']}: an estimate from two "
             f"clocks, not a run there. The time plan of the demo's preset and tokenized lengths, made with that "
             f"host's probe ({demo['plan_fast_source']}), says **{seconds(demo['plan_fast_s'])} "
-            f"({demo['plan_fast_s'] / 60:.1f} min)** for the sections it plans.")
+            f"({demo['plan_fast_s'] / 60:.1f} min)** for the sections it plans; the two disagree by "
+            f"{abs(demo['plan_fast_s'] / estimate - 1):.0%}, and neither is a run on that host.")
     others = []
     for other in data.get("earlier", []):
         a, b, r, _, _ = _ratio(_sections(other["slow"]), _sections(other["fast"]))
-        others.append(f"{other['run']} took {seconds(a)} on the {other['slow']['machine']} ({other['slow']['host']}) "
-                      f"and {seconds(b)} on the {other['fast']['machine']} ({other['fast']['host']}), {r:.2f}x")
-    return text + (f" Hosts of one kind differ: {'; '.join(others)}." if others else "")
+        others.append(f"{other['run']}: {seconds(a)} on the {other['slow']['machine']} ({other['slow']['host']}) "
+                      f"against {seconds(b)} on the {other['fast']['machine']} ({other['fast']['host']}), {r:.2f}x")
+    return text + (f" Hosts of one kind differ (the same shared sections): {'; '.join(others)}." if others else "")
 
 
 RENDERERS: dict[str, Callable[[dict], str]] = {"machine-ratio": machine_ratio, "time-plan": time_plan,
