@@ -149,16 +149,13 @@ def answer_logit_chunks(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     (rows an output layer pads on are dropped). Models whose logits are more than ``hidden @ W.T + b``
     (soft-capping, scaling) fall back to `answer_logits`, sliced the same way."""
     layer = output_layer(model)
-    if layer is None:  # the full forward's logits, sliced
-        rows = answer_logits(model, input_ids, attention_mask, select)
-        vocab = vocab_size or rows.shape[-1]
-    else:  # the hidden states, through the output layer a chunk at a time (as `hidden_logit_chunks`)
-        rows, (weight, bias) = answer_hidden(model, input_ids, attention_mask, select), layer
-        vocab = vocab_size or weight.shape[0]
-        w, b = weight[:vocab], None if bias is None else bias[:vocab]
+    if layer is not None:  # the hidden states, through the output layer a chunk at a time
+        return hidden_logit_chunks(answer_hidden(model, input_ids, attention_mask, select), layer, vocab_size,
+                                   chunk_size)
+    rows = answer_logits(model, input_ids, attention_mask, select)  # the full forward's logits, sliced
+    vocab = vocab_size or rows.shape[-1]
     chunk = chunk_size or auto_chunk_size(vocab, rows.device.type)
-    for i in range(0, rows.shape[0], chunk):
-        yield i, (rows[i:i + chunk, :vocab] if layer is None else F.linear(rows[i:i + chunk].to(w.dtype), w, b)).float()
+    return ((i, rows[i:i + chunk, :vocab].float()) for i in range(0, rows.shape[0], chunk))
 
 
 def hidden_logit_chunks(hidden: torch.Tensor, layer: tuple[torch.Tensor, Optional[torch.Tensor]],
@@ -174,15 +171,16 @@ def hidden_logit_chunks(hidden: torch.Tensor, layer: tuple[torch.Tensor, Optiona
         yield i, F.linear(hidden[i:i + chunk].to(w.dtype), w, b).float()
 
 
-def _answer_counts(split: TokenizedSplit) -> list[int]:
-    """Answer positions per row (`answer_positions`: positions whose next label is scored)."""
+def split_answer_counts(split: TokenizedSplit) -> list[int]:
+    """Answer positions per row of a split (`answer_positions`: positions whose next label is scored); the
+    teacher cache lays its rows out by them."""
     return [sum(1 for t in f["labels"][1:] if t != IGNORE_INDEX) for f in split.features]
 
 
 def scored_tokens(split: TokenizedSplit) -> int:
     """The tokens a pass over the split scores: its answer positions (`split.answer_tokens` also counts a free
     text's first token, which no position predicts)."""
-    return sum(_answer_counts(split))
+    return sum(split_answer_counts(split))
 
 
 class AnswerHidden:
@@ -195,7 +193,7 @@ class AnswerHidden:
     ``N x V``. `serves` says whether they belong to this model and split (the same objects, the same answer tokens)."""
 
     def __init__(self, model: torch.nn.Module, split: TokenizedSplit, per_row: dict[int, torch.Tensor]):
-        counts = _answer_counts(split)
+        counts = split_answer_counts(split)
         missing = [r for r, n in enumerate(counts) if n and r not in per_row]
         wrong = [r for r, h in per_row.items() if h.shape[0] != counts[r]]
         if missing or wrong:
@@ -208,13 +206,9 @@ class AnswerHidden:
         for n in counts:
             self.offsets.append(self.offsets[-1] + n)
 
-    @property
-    def nbytes(self) -> int:
-        return self.hidden.numel() * self.hidden.element_size()
-
     def serves(self, model: torch.nn.Module, split: TokenizedSplit) -> bool:
         """Whether these are `model`'s states on `split` (the objects they were kept from, unchanged in size)."""
-        return self.model() is model and split is self.split and _answer_counts(split) == self.counts
+        return self.model() is model and split is self.split and split_answer_counts(split) == self.counts
 
     def rows(self, rows: Sequence[int]) -> torch.Tensor:
         """The ``(N, H)`` states of these split rows, concatenated in the given order (a batch's `select` order)."""

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .batches import (AnswerBatch, AnswerBatches, AnswerHidden, answer_hidden, answer_logit_chunks,
-                      hidden_logit_chunks)
-from .data import IGNORE_INDEX, TokenizedSplit
+from .batches import (AnswerBatch, AnswerBatches, AnswerHidden, answer_logit_chunks, hidden_logit_chunks,
+                      split_answer_counts)
+from .data import TokenizedSplit
 from .files import digest, file_hash, fingerprint, model_digest, require_free_space, write_json
 from .models import output_layer
 from .losses import TAIL_FLOOR, TeacherTopK, kl
@@ -365,7 +365,7 @@ class _Build:
 def _layout(split: TokenizedSplit, batch_size: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Answer tokens' offsets per row (positions t whose next label is scored: labels from position 1 on that are
     not ignored), and the batches as (first row, end row): consecutive rows, the same in every process."""
-    counts = np.array([sum(1 for t in f["labels"][1:] if t != IGNORE_INDEX) for f in split.features], np.int64)
+    counts = np.array(split_answer_counts(split), np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return offsets, [(lo, min(lo + batch_size, len(split))) for lo in range(0, len(split), batch_size)]
 
@@ -483,11 +483,8 @@ def _teacher_topk(teacher, batch: AnswerBatch, vocab: int, k: int, kl_state: Opt
     with `hidden`, the logits come from the kept hidden states through the output layer alone."""
     pieces = []
     with torch.no_grad():
-        layer = output_layer(teacher)
         chunks = (answer_logit_chunks(teacher, batch.input_ids, batch.attention_mask, batch.select, vocab)
-                  if layer is None else hidden_logit_chunks(answer_hidden(
-                      teacher, batch.input_ids, batch.attention_mask, batch.select) if hidden is None
-                      else hidden.rows(batch.rows), layer, vocab))
+                  if hidden is None else hidden_logit_chunks(hidden.rows(batch.rows), output_layer(teacher), vocab))
         for _, logits in chunks:
             log_p = F.log_softmax(logits, dim=-1)
             del logits
