@@ -37,8 +37,9 @@ readme: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu and not pocket"
 
+# tests/test_colab.py's slow tests check Colab's versions: make test-colab runs them there, not twice
 test-slow: $(STAMP)
-	$(PY) -m pytest -m "slow and not gpu and not pocket" --durations=15
+	$(PY) -m pytest -m "slow and not gpu and not pocket" --ignore=tests/test_colab.py --durations=15
 
 test-pocket: $(STAMP)
 	$(PY) -m pytest -m pocket
