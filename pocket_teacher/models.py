@@ -211,18 +211,31 @@ def gguf_dense() -> dict:
 def materialize_gguf(gguf_path: str | Path) -> Path:
     """Dequantize a GGUF once into a cached ``save_pretrained`` folder (model + tokenizer); return it.
 
-    The folder is keyed by the file's SHA-256 and written atomically (temp folder, then rename),
-    so an interrupted conversion is never mistaken for a finished one."""
+    The folder is keyed by the file's SHA-256 and written atomically (temp folder, then rename), so an interrupted
+    conversion is never mistaken for a finished one; processes that need it at once (the ranks of a multi-GPU launch,
+    two notebooks, parallel tests) take turns on a file lock beside it: one converts, the others then read its folder
+    (before the lock, a second conversion could delete the folder the first had just published while it was read)."""
     require("transformers", "reading a GGUF file (the embedded teacher)")
     require("gguf", "reading a GGUF file (the embedded teacher)")
-    import gguf
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from filelock import FileLock
 
     gguf_path = Path(gguf_path)
     target = cache_root() / f"{gguf_path.stem}-{file_hash(gguf_path)[:16]}"
-    if (target / "config.json").is_file() and (target / ".complete").is_file():
+    done = lambda: (target / "config.json").is_file() and (target / ".complete").is_file()  # noqa: E731
+    if done():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f"{target.name}.lock")):
+        if not done():  # another process may have converted it while this one waited
+            _convert_gguf(gguf_path, target)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """`materialize_gguf`'s conversion, under its lock: the GGUF dequantized into `target`, atomically."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     log.info("Dequantizing %s once into %s", gguf_path.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # The special tokens as the GGUF names them: transformers 5.15 (Colab's) reads its end of text as <|im_start|>
@@ -251,7 +264,6 @@ def materialize_gguf(gguf_path: str | Path) -> Path:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 # -- the tiny offline models ---------------------------------------------------------------------

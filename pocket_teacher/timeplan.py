@@ -32,6 +32,7 @@ from .batches import GlobalBatches
 from .config import ModelShape
 from .data import IGNORE_INDEX
 from .evaluate import WARMUP_TOKENS
+from .files import write_text
 from .models import cache_root, embedded_gguf_path
 from .plan import GPUS, _shapes, dtype_bytes, get_device
 
@@ -254,9 +255,9 @@ def measured(device: torch.device | str = "cpu", dtype: torch.dtype = torch.floa
     if result.cold:
         _COLD[key] = result  # a fresh VM's first minutes: kept for this process, the next run probes again
         return result
-    try:
+    try:  # written whole, then renamed: a process reading the cache at the same moment never sees half a file
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**known, key: asdict(result)}, indent=1))
+        write_text(path, json.dumps({**known, key: asdict(result)}, indent=1))
     except OSError:
         pass  # a read-only home: the probe runs again next time
     return result
