@@ -724,6 +724,25 @@ def gguf_export(data: dict) -> str:
                      f"{pct(row['top1_agreement'])} / {row['kl_to_teacher']:.3f} | {kept} |")
     return "\n".join(lines)
 
+def gguf_grid(data: dict) -> str:
+    """benchmarks/gguf_grid.py: each GGUF type's rounding of a run's student held against its training update."""
+    rows_ = data["rows"]
+    groups = list(next(r for k, r in rows_.items() if k != "fp32")["perplexity_one_group"])
+    lines = [f"{measured_with(data)}: a `{data['settings']['preset']}` run's student on its {data['eval_rows']} held-out "
+             f"rows, fp32 perplexity {ppl(rows_['fp32']['perplexity'])}; each type's rounding over the decoder "
+             "layers' matrices, and the perplexity with every tensor rounded, then one group at a time:", "",
+             "| type | share of the training update kept | read back as the untrained value | RMS error | "
+             "perplexity | " + " | ".join(f"{g} only" for g in groups) + " |",
+             "|" + " --- |" * (5 + len(groups))]
+    for quant, row in rows_.items():
+        if quant == "fp32":
+            continue
+        lines.append(f"| {quant} | {row['update_kept']:.2f} | {pct(row['same_as_untrained'])} | "
+                     f"{row['rms_error']:.1e} | {ppl(row['perplexity'])} | "
+                     + " | ".join(ppl(row["perplexity_one_group"][g]) for g in groups) + " |")
+    return "\n".join(lines)
+
+
 def gguf_runtime(data: dict) -> str:
     """benchmarks/gguf_runtime.py: each exported file in llama.cpp against transformers on the same file, and the
     runtimes' speed and memory at batch 1, each model in a fresh process."""
@@ -859,7 +878,8 @@ RENDERERS: dict[str, Callable[[dict], str]] = {"machine-ratio": machine_ratio, "
                                                 "plans": plans, "quality": quality,
                                                 "memory-plan-heldout": memory_plan_heldout,
                                                 "lm-eval-parity": lm_eval_parity, "gguf-export": gguf_export,
-                                                "gguf-runtime": gguf_runtime, "gguf-heal": gguf_heal}
+                                                "gguf-runtime": gguf_runtime, "gguf-heal": gguf_heal,
+                                                "gguf-grid": gguf_grid}
 
 
 # ------------------------------------------------------------------------------------------------- write and check

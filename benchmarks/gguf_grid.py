@@ -1,0 +1,110 @@
+"""Why one 4-bit type can undo a short training: each GGUF type's rounding of a run's student, held against the
+training update itself.
+
+    python benchmarks/gguf_grid.py --run runs/pocket --preset pocket --json runs/bench/gguf_grid_pocket.json
+
+A student derived from the embedded teacher starts on that teacher's own 4-bit grid (its GGUF is Q4_1, dequantized).
+A short training moves each weight by less than half a step of that grid; quantized again to the same block type,
+a block's minimum and maximum barely move, so the weights round back to the levels they started from and the
+update is lost, although the error of each tensor is smaller than another type's. For each type this prints, over
+the decoder layers' matrices: the share of the training update the quantized weights keep (the projection of
+quantized - initial on trained - initial), the share read back exactly as the untrained student's value, the
+RMS error against the trained weights; and the held-out perplexity with every tensor quantized, then with one
+group at a time (embedding, attention, MLP). Weights are quantized with the torch twin of the GGUF block arithmetic
+(`export.quantize_dequantize`, equal to `gguf.quants` bit for bit: tests/test_export.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+GROUPS = {"embedding": "embed_tokens", "attention": "self_attn", "MLP": "mlp"}
+
+
+def update_kept(trained, init, quant: str) -> dict:
+    """Over the decoder layers' matrices: the share of the training update that `quant` keeps, the share of weights
+    read back exactly as the untrained value (to float tolerance), and the RMS rounding error."""
+    import torch
+
+    from pocket_teacher.export import quantize_dequantize
+
+    start = dict(init.named_parameters())
+    kept = norm = same = count = squares = 0.0
+    with torch.no_grad():
+        for name, weight in trained.named_parameters():
+            if weight.ndim != 2 or GROUPS["embedding"] in name:
+                continue
+            first, back = start[name].to(weight.dtype), quantize_dequantize(weight, quant)
+            delta = weight - first
+            kept += float(((back - first) * delta).sum())
+            norm += float(delta.pow(2).sum())
+            same += int(((back - first).abs() <= 1e-6 * first.abs().clamp_min(1e-3)).sum())
+            squares += float((back - weight).pow(2).sum())
+            count += weight.numel()
+    return {"update_kept": kept / norm if norm else None, "same_as_untrained": same / count,
+            "rms_error": (squares / count) ** 0.5}
+
+
+def quantized(model, quant: str, part: str | None):
+    """A copy of `model` with the matrices of `part` (a GROUPS value; None: all) as a `quant` file holds them."""
+    import torch
+
+    from pocket_teacher.export import quantize_dequantize
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, weight in twin.named_parameters():
+            if part is None or part in name:
+                weight.copy_(quantize_dequantize(weight, quant))
+    return twin
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a finished run folder whose student was derived or pruned")
+    parser.add_argument("--preset", required=True, help="the preset the run used")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="the run's overrides")
+    parser.add_argument("--quant", nargs="+", default=["q8_0", "q4_0", "q4_1"])
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gguf_export import heldout
+    from pocket_teacher.evaluate import perplexity
+    from pocket_teacher.files import write_json
+    from pocket_teacher.runfolder import hardware_line
+
+    run = Path(args.run)
+    exp = heldout(run, args.preset, args.set)  # builds the untrained student as the run built it
+    split, tok, init = exp.splits.eval, exp.tokenizer, exp.student_stage.init
+    trained = AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32).eval()
+
+    def ppl(model) -> float:
+        return perplexity(model, split, pad_token_id=tok.pad_token_id, vocab_size=len(tok),
+                          progress=False)["perplexity"]
+
+    rows = {"fp32": {"perplexity": ppl(trained)}}
+    print(f"fp32: held-out perplexity {rows['fp32']['perplexity']:.2f}", flush=True)
+    for quant in args.quant:
+        row = {**update_kept(trained, init, quant), "perplexity": ppl(quantized(trained, quant, None)),
+               "perplexity_one_group": {g: ppl(quantized(trained, quant, part)) for g, part in GROUPS.items()}}
+        rows[quant] = row
+        print(f"{quant}: keeps {row['update_kept']:.2f} of the training update, "
+              f"{row['same_as_untrained']:.1%} read back as the untrained value, RMS error {row['rms_error']:.2e}; "
+              f"perplexity {row['perplexity']:.2f} (one group: "
+              + ", ".join(f"{g} {v:.2f}" for g, v in row["perplexity_one_group"].items()) + ")", flush=True)
+    if args.json:
+        write_json(Path(args.json), {"hardware": hardware_line(), "settings": vars(args), "run": str(run),
+                                     "eval_rows": len(split), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
