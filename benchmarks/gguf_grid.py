@@ -9,7 +9,8 @@ a block's minimum and maximum barely move, so the weights round back to the leve
 update is lost, although the error of each tensor is smaller than another type's. For each type this prints, over
 the decoder layers' matrices: the share of the training update the quantized weights keep (the projection of
 quantized - initial on trained - initial), the share read back exactly as the untrained student's value, the
-RMS error against the trained weights; and the held-out perplexity with every tensor quantized, then with one
+RMS error against the trained weights; how far training moved the weights and their blocks' ends against the
+untrained student's q4_1 blocks; and the held-out perplexity with every tensor quantized, then with one
 group at a time (embedding, attention, MLP). Weights are quantized with the torch twin of the GGUF block arithmetic
 (`export.quantize_dequantize`, equal to `gguf.quants` bit for bit: tests/test_export.py).
 """
@@ -49,6 +50,29 @@ def update_kept(trained, init, quant: str) -> dict:
             count += weight.numel()
     return {"update_kept": kept / norm if norm else None, "same_as_untrained": same / count,
             "rms_error": (squares / count) ** 0.5}
+
+
+def grid_motion(trained, init) -> dict:
+    """Over the decoder layers' matrices, measured against the untrained student's q4_1 blocks of 32 (for a derived
+    student, the teacher's own grid): the share of weights whose training update is under half a step of their
+    block, and how far the blocks' minimum and maximum moved, in steps (the mean over blocks)."""
+    import torch
+
+    start = dict(init.named_parameters())
+    below = count = moved = blocks = 0.0
+    with torch.no_grad():
+        for name, weight in trained.named_parameters():
+            if weight.ndim != 2 or GROUPS["embedding"] in name or weight.shape[-1] % 32:
+                continue
+            first = start[name].to(weight.dtype).reshape(-1, 32)
+            now = weight.reshape(-1, 32)
+            step = ((first.amax(-1) - first.amin(-1)) / 15).clamp_min(1e-12)
+            below += int(((now - first).abs() < step[:, None] / 2).sum())
+            count += now.numel()
+            shift = ((now.amin(-1) - first.amin(-1)).abs() + (now.amax(-1) - first.amax(-1)).abs()) / 2
+            moved += float((shift / step).sum())
+            blocks += len(step)
+    return {"update_under_half_step": below / count, "block_ends_moved_steps": moved / blocks}
 
 
 def quantized(model, quant: str, part: str | None):
@@ -91,8 +115,10 @@ def main() -> None:
         return perplexity(model, split, pad_token_id=tok.pad_token_id, vocab_size=len(tok),
                           progress=False)["perplexity"]
 
-    rows = {"fp32": {"perplexity": ppl(trained)}}
-    print(f"fp32: held-out perplexity {rows['fp32']['perplexity']:.2f}", flush=True)
+    rows = {"fp32": {"perplexity": ppl(trained), **grid_motion(trained, init)}}
+    print(f"fp32: held-out perplexity {rows['fp32']['perplexity']:.2f}; against the untrained student's q4_1 blocks, "
+          f"{rows['fp32']['update_under_half_step']:.1%} of the updates are under half a step and the blocks' ends "
+          f"moved {rows['fp32']['block_ends_moved_steps']:.2f} steps on average", flush=True)
     for quant in args.quant:
         row = {**update_kept(trained, init, quant), "perplexity": ppl(quantized(trained, quant, None)),
                "perplexity_one_group": {g: ppl(quantized(trained, quant, part)) for g, part in GROUPS.items()}}

@@ -729,8 +729,11 @@ def gguf_grid(data: dict) -> str:
     rows_ = data["rows"]
     groups = list(next(r for k, r in rows_.items() if k != "fp32")["perplexity_one_group"])
     lines = [f"{measured_with(data)}: a `{data['settings']['preset']}` run's student on its {data['eval_rows']} held-out "
-             f"rows, fp32 perplexity {ppl(rows_['fp32']['perplexity'])}; each type's rounding over the decoder "
-             "layers' matrices, and the perplexity with every tensor rounded, then one group at a time:", "",
+             f"rows, fp32 perplexity {ppl(rows_['fp32']['perplexity'])}. Against the untrained student's q4_1 blocks, "
+             f"{pct(rows_['fp32']['update_under_half_step'])} of the training's updates to the decoder layers' "
+             f"matrices are under half a step, and the blocks' minimum and maximum moved "
+             f"{rows_['fp32']['block_ends_moved_steps']:.2f} steps on average. Each type's rounding over those "
+             "matrices, and the perplexity with every tensor rounded, then one group at a time:", "",
              "| type | share of the training update kept | read back as the untrained value | RMS error | "
              "perplexity | " + " | ".join(f"{g} only" for g in groups) + " |",
              "|" + " --- |" * (5 + len(groups))]
