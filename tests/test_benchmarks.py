@@ -70,6 +70,7 @@ def test_a_run_planned_with_its_own_recorded_probe_gives_its_own_plan(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     faster = json.loads(out_json.read_text())["planned_s"]
-    for section in work:  # every rate twice as fast: each section at most half as long, to the plan's 0.01 s
-        assert faster[section] <= planned[section] / 2 + 0.01, section
+    for section in work:  # every rate twice as fast: each section about half as long (the checkpoints' disk time,
+        # which the probe does not rate, and the plan's rounding to 0.01 s stay out of the halving)
+        assert faster[section] <= planned[section] / 2 + 0.02, section
     assert sum(faster[s] for s in work) < sum(planned[s] for s in work)
