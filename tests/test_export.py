@@ -347,3 +347,31 @@ def test_llama_cpp_runs_the_file_as_transformers_reads_it(tiny_tokenizer, tmp_pa
     exact = quant in ("f32", "f16")  # against quantized weights llama.cpp rounds its activations to 8 bits too
     got = export.compare_next_token(ours, export.llama_cpp_logits(llm, ids), margin=0.0 if exact else 0.25)
     assert got["top1_decided"] >= top1 and got["decided"] >= got["positions"] // 2 and got["kl"] <= kl, got
+
+
+def test_a_student_that_starts_on_a_q4_1_grid_loses_a_short_training_to_q4_1_not_to_q4_0_or_q8_0():
+    """benchmarks/gguf_grid.py's measures on a tiny model whose weights start on a q4_1 grid (as a student derived
+    from the Q4_1 teacher does), then move by a tenth of a step (a short training): q4_1 rounds the move back, q4_0
+    and q8_0 keep it; the grid measures see the small move and the blocks' ends that hardly moved."""
+    import copy
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gguf_grid import grid_motion, update_kept
+
+    init = _llama(64, mlp=128)
+    with torch.no_grad():
+        for p in init.parameters():
+            p.copy_(export.quantize_dequantize(p, "q4_1"))
+    trained = copy.deepcopy(init)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.ndim == 2:
+                blocks = p.reshape(-1, 32)
+                step = (blocks.amax(-1, keepdim=True) - blocks.amin(-1, keepdim=True)) / 15
+                blocks.add_(0.1 * step * torch.randn_like(blocks).clamp(-2, 2))
+    motion = grid_motion(trained, init)
+    assert motion["update_under_half_step"] > 0.99 and motion["block_ends_moved_steps"] < 0.3
+    q41, q40, q80 = (update_kept(trained, init, q)["update_kept"] for q in ("q4_1", "q4_0", "q8_0"))
+    assert q41 < 0.3 and q40 > 0.7 and q80 > 0.95
