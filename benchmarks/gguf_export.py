@@ -45,14 +45,20 @@ def heldout(run: Path, preset: str, sets: list):
     return exp
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a finished run folder")
+def run_arguments(doc: str, quants: list[str], run_help: str = "a finished run folder") -> argparse.Namespace:
+    """The command line of a benchmark that scores a finished run's student by GGUF type: the run, the preset and
+    overrides `heldout` rebuilds its held-out split from, the types, and the JSON file to write."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help=run_help)
     parser.add_argument("--preset", required=True, help="the preset the run used")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="the run's overrides")
-    parser.add_argument("--quant", nargs="+", default=["f16", "q8_0", "q4_0", "q4_1"])
+    parser.add_argument("--quant", nargs="+", default=quants)
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = run_arguments(__doc__, ["f16", "q8_0", "q4_0", "q4_1"])
 
     import torch
     from transformers import AutoModelForCausalLM

@@ -17,7 +17,6 @@ group at a time (embedding, attention, MLP). Weights are quantized with the torc
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -28,6 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 GROUPS = {"embedding": "embed_tokens", "attention": "self_attn", "MLP": "mlp"}
 
 
+def matrices(trained, init):
+    """(trained, untrained) pairs of the decoder layers' matrices (the embedding left out), as tensors without
+    gradients: what the measures below are taken over."""
+    start = dict(init.named_parameters())
+    for name, weight in trained.named_parameters():
+        if weight.ndim == 2 and GROUPS["embedding"] not in name:
+            yield weight.detach(), start[name].detach().to(weight.dtype)
+
+
 def update_kept(trained, init, quant: str) -> dict:
     """Over the decoder layers' matrices: the share of the training update that `quant` keeps, the share of weights
     read back exactly as the untrained value (to float tolerance), and the RMS rounding error."""
@@ -35,13 +43,10 @@ def update_kept(trained, init, quant: str) -> dict:
 
     from pocket_teacher.export import quantize_dequantize
 
-    start = dict(init.named_parameters())
     kept = norm = same = count = squares = 0.0
     with torch.no_grad():
-        for name, weight in trained.named_parameters():
-            if weight.ndim != 2 or GROUPS["embedding"] in name:
-                continue
-            first, back = start[name].to(weight.dtype), quantize_dequantize(weight, quant)
+        for weight, first in matrices(trained, init):
+            back = quantize_dequantize(weight, quant)
             delta = weight - first
             kept += float(((back - first) * delta).sum())
             norm += float(delta.pow(2).sum())
@@ -58,14 +63,12 @@ def grid_motion(trained, init) -> dict:
     block, and how far the blocks' minimum and maximum moved, in steps (the mean over blocks)."""
     import torch
 
-    start = dict(init.named_parameters())
     below = count = moved = blocks = 0.0
     with torch.no_grad():
-        for name, weight in trained.named_parameters():
-            if weight.ndim != 2 or GROUPS["embedding"] in name or weight.shape[-1] % 32:
+        for weight, first in matrices(trained, init):
+            if weight.shape[-1] % 32:  # kept in f16 by every 4-bit type: no blocks
                 continue
-            first = start[name].to(weight.dtype).reshape(-1, 32)
-            now = weight.reshape(-1, 32)
+            first, now = first.reshape(-1, 32), weight.reshape(-1, 32)
             step = ((first.amax(-1) - first.amin(-1)) / 15).clamp_min(1e-12)
             below += int(((now - first).abs() < step[:, None] / 2).sum())
             count += now.numel()
@@ -90,18 +93,13 @@ def quantized(model, quant: str, part: str | None):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a finished run folder whose student was derived or pruned")
-    parser.add_argument("--preset", required=True, help="the preset the run used")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="the run's overrides")
-    parser.add_argument("--quant", nargs="+", default=["q8_0", "q4_0", "q4_1"])
-    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args()
+    from gguf_export import heldout, run_arguments
+
+    args = run_arguments(__doc__, ["q8_0", "q4_0", "q4_1"], "a finished run folder whose student was derived or pruned")
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gguf_export import heldout
     from pocket_teacher.evaluate import perplexity
     from pocket_teacher.files import write_json
     from pocket_teacher.runfolder import hardware_line
