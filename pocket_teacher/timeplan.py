@@ -83,6 +83,7 @@ class Throughput:
     stream_rows: tuple = ()  # ((rows, weight bytes per second), ...) through matmuls of that many rows
     sampling: float = 0.0  # vocabulary entries per second through a sampled decode step's softmax and draw
     cold: bool = False  # the probe found memory the host had not backed yet (`fresh_memory_rate`): not cached
+    busy: bool = False  # another program held part of the cores during the probe (`cpu_share`): not cached
 
     def stream_at(self, rows: int) -> float:
         """Weight bytes per second a decode step of `rows` rows reads: interpolated between the probed row counts;
@@ -159,7 +160,9 @@ def probe(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     device = torch.device(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     a, b = torch.randn(512, 1024, device=device, dtype=dtype), torch.randn(1024, 1536, device=device, dtype=dtype)
+    started = time.process_time(), time.perf_counter()
     flops = _timed_rate(lambda: a @ b, 2 * 512 * 1024 * 1536, seconds * 0.35, sync)
+    share = cpu_share(*started) if device.type == "cpu" else 1.0
     big = torch.ones(64 << 20, device=device, dtype=torch.float32)
     bandwidth = _timed_rate(big.sum, big.numel() * 4, seconds * 0.15, sync)
     del big
@@ -189,8 +192,33 @@ def probe(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
                    f"{softmax / 1e6:,.0f} M/s taken as {warm / 1e6:,.0f} M/s, a warm machine's "
                    f"{WARM_FAULT_SECONDS * 1e6:.1f} us per fault; not cached, probed again next run")
         softmax = warm
+    busy = share < BUSY_SHARE
+    if busy:
+        source += (f"; the machine was busy (this process had {share:.0%} of the {_threads()} cores its threads "
+                   f"ask for while it multiplied: another program is running), so the plan is for a machine that "
+                   f"stays as busy; not cached, probed again next run")
     return Throughput(machine_name(device), flops, bandwidth, per_op, source, stream, softmax, tuple(streams[1:]),
-                      sampling, cold)
+                      sampling, cold, busy)
+
+
+# A probe that shares its cores with another program (a build, a second run) measures a fraction of the machine;
+# cached, it would make every later plan as slow (seen here: a probe taken while llama.cpp compiled on the other
+# core planned a pocket run at 1,817 s that took 580 s). While torch multiplies on its threads, an idle machine gives
+# the process about one CPU-second per thread per second: on the 2-core Xeon 0.997 idle, 0.61-0.69 beside one busy
+# loop, 0.44-0.47 beside two (three probes each).
+BUSY_SHARE = 0.75
+
+
+def _threads() -> int:
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+
+
+def cpu_share(cpu_start: float, wall_start: float) -> float:
+    """The share of its threads' cores this process had since `time.process_time()` was `cpu_start` and
+    `time.perf_counter()` was `wall_start`: CPU time over wall time times the torch threads (at most the cores);
+    1.0 for a span under 50 ms, too short for the CPU clock to tell."""
+    wall = time.perf_counter() - wall_start
+    return (time.process_time() - cpu_start) / (wall * _threads()) if wall >= 0.05 else 1.0
 
 
 # A page fault slower than COLD_FAULT_SECONDS is the host backing a page for the first time, not the guest mapping a
@@ -232,7 +260,7 @@ def cache_file() -> Path:
     return Path(os.environ.get("POCKET_TEACHER_CACHE", Path.home() / ".cache" / "pocket_teacher")) / "throughput.json"
 
 
-_COLD: dict[str, Throughput] = {}  # probes that found cold memory: never written to the cache, reused in-process
+_COLD: dict[str, Throughput] = {}  # probes that found cold memory or a busy machine: never cached, reused in-process
 
 
 def measured(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -252,8 +280,8 @@ def measured(device: torch.device | str = "cpu", dtype: torch.dtype = torch.floa
     if key in _COLD and not refresh:
         return _COLD[key]  # this process probed cold memory already: its second plan uses the same figures
     result = probe(device, dtype)
-    if result.cold:
-        _COLD[key] = result  # a fresh VM's first minutes: kept for this process, the next run probes again
+    if result.cold or result.busy:
+        _COLD[key] = result  # a fresh VM's first minutes, or a busy machine: kept for this process, probed next run
         return result
     try:  # written whole, then renamed: a process reading the cache at the same moment never sees half a file
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -151,6 +151,37 @@ def test_a_probe_on_cold_memory_says_so_takes_a_warm_fault_and_is_not_cached(tmp
     assert not warm_probe.cold and warm_probe.softmax == 9e8 and (tmp_path / "throughput.json").exists()
 
 
+def test_a_probe_on_a_busy_machine_says_so_and_is_not_cached(tmp_path, monkeypatch):
+    """Another program on the cores while the probe multiplies (a build, a second run): the probe's figures are
+    a fraction of the machine's, so they are used for this run and said, never cached for the next."""
+    monkeypatch.setenv("POCKET_TEACHER_CACHE", str(tmp_path))
+    monkeypatch.setattr(timeplan, "_timed_rate", lambda *a, **k: 1e9)
+    monkeypatch.setattr(timeplan, "fresh_memory_rate", lambda *a, **k: (9e8, 3e9, 0.8e-6))
+    monkeypatch.setattr(timeplan, "_COLD", {})
+    monkeypatch.setattr(timeplan, "cpu_share", lambda *a: 0.48)
+    got = timeplan.measured("cpu")
+    assert got.busy and "the machine was busy (this process had 48% of the" in got.source
+    assert "not cached" in got.source and not (tmp_path / "throughput.json").exists()
+    assert timeplan.measured("cpu") is got  # the run's second plan: the same figures, not a second probe
+    monkeypatch.setattr(timeplan, "cpu_share", lambda *a: 0.97)
+    quiet = timeplan.measured("cpu", refresh=True)
+    assert not quiet.busy and "busy" not in quiet.source and (tmp_path / "throughput.json").exists()
+    assert not timeplan.measured("cpu").busy  # read back from the cache
+
+
+def test_cpu_share_is_cpu_time_over_wall_time_and_threads(monkeypatch):
+    clock = {"cpu": 10.0, "wall": 100.0}
+    monkeypatch.setattr(timeplan.time, "process_time", lambda: clock["cpu"])
+    monkeypatch.setattr(timeplan.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(timeplan, "_threads", lambda: 2)
+    clock.update(cpu=12.0, wall=102.0)  # 2 CPU-seconds in 2 s on 2 threads: half the cores
+    assert timeplan.cpu_share(10.0, 100.0) == pytest.approx(0.5)
+    clock.update(cpu=14.0)
+    assert timeplan.cpu_share(10.0, 100.0) == pytest.approx(1.0)
+    clock.update(cpu=10.0, wall=100.01)  # 10 ms: too short to tell, not called busy
+    assert timeplan.cpu_share(10.0, 100.0) == 1.0
+
+
 def test_the_teachers_held_out_pass_is_planned_once_when_its_states_are_kept():
     """With agreement measured, section 5's pass keeps the teacher's held-out states: the held-out cache (section 6)
     and the trained students' agreement (section 7) cost its output layer alone. Without agreement the cache runs
