@@ -6,6 +6,9 @@ held-out split:
 - teacher-forced: llama.cpp's next-token logits against transformers' on the same file (the same dequantized
   weights): top-1 agreement and mean KL(transformers || llama.cpp) over every position, and each one's perplexity
   on the answer tokens; llama.cpp's own tokenizer against the student's on the same texts;
+- the same two measures between transformers and itself with llama.cpp's rounding of the activations before each
+  quantized matmul (`export.llama_cpp_arithmetic`: 8-bit blocks against q8_0 / q4_0 / q4_1 weights): what that
+  rounding alone costs, with no llama.cpp code involved;
 - greedy decoding of held-out prompts in both (how many tokens agree before the first difference);
 - speed and memory, each model in a fresh process: load time, prompt time, decode tokens/s at batch 1 and the
   process's peak resident memory, for every file in llama.cpp, the fp32 student in PyTorch, and the teacher in both
@@ -109,21 +112,26 @@ def _compare(path: Path, split, tok, rows: int, prompts: list, new_tokens: int, 
     import numpy as np
     import torch
 
-    from pocket_teacher.export import compare_next_token, llama_cpp_logits, llama_cpp_model, load_gguf
+    from pocket_teacher.export import (compare_next_token, llama_cpp_arithmetic, llama_cpp_logits, llama_cpp_model,
+                                       load_gguf)
 
     model, _ = load_gguf(path)
     width = max(len(split[i]["input_ids"]) for i in range(rows)) + 8
     llm = llama_cpp_model(path, n_ctx=max(width, max(map(len, prompts)) + new_tokens + 8), threads=threads)
     agree, kl, positions, nll = 0.0, 0.0, 0, {"llama.cpp": 0.0, "transformers": 0.0}
-    answer_tokens, same_tokenization = 0, 0
+    answer_tokens, same_tokenization, rounding = 0, 0, {"top1": 0.0, "kl": 0.0}
     for i in range(rows):
         row = split[i]
         ids, labels = [int(t) for t in row["input_ids"]], [int(x) for x in row["labels"]]
         theirs = llama_cpp_logits(llm, ids)
         with torch.no_grad():
             ours = model(torch.tensor([ids])).logits[0].float().numpy()
+            with llama_cpp_arithmetic(model, path):  # llama.cpp's rounding of activations, in transformers
+                rounded = model(torch.tensor([ids])).logits[0].float().numpy()
         c = compare_next_token(ours, theirs)
         agree, kl, positions = agree + c["top1"] * len(ids), kl + c["kl"] * len(ids), positions + len(ids)
+        alone = compare_next_token(ours, rounded)
+        rounding = {key: rounding[key] + alone[key] * len(ids) for key in rounding}
         target = np.array(labels[1:])
         keep = target != -100
         for name, logits in (("transformers", ours), ("llama.cpp", theirs)):
@@ -138,6 +146,7 @@ def _compare(path: Path, split, tok, rows: int, prompts: list, new_tokens: int, 
         theirs, ours = _greedy_llama(llm, ids, new_tokens), _greedy_torch(model, ids, new_tokens)
         greedy_same.append(next((k for k, (a, b) in enumerate(zip(theirs, ours)) if a != b), new_tokens))
     return {"positions": positions, "top1_agreement": agree / positions, "mean_kl": kl / positions,
+            "rounding_alone_top1": rounding["top1"] / positions, "rounding_alone_kl": rounding["kl"] / positions,
             "perplexity_llama_cpp": float(np.exp(nll["llama.cpp"] / answer_tokens)),
             "perplexity_transformers": float(np.exp(nll["transformers"] / answer_tokens)),
             "answer_tokens": answer_tokens, "same_tokenization": f"{same_tokenization}/{rows}",

@@ -19,6 +19,7 @@ package's own writer in pure Python (no llama.cpp build), and read back through 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -123,6 +124,17 @@ def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
         weights.shape)
 
 
+def gguf_name(name: str) -> Optional[str]:
+    """The GGUF tensor name (llama.cpp's) of a Llama / Qwen2 parameter, e.g. model.layers.3.mlp.up_proj.weight ->
+    blk.3.ffn_up.weight; None for a parameter the format does not know."""
+    if name in _TOP:
+        return _TOP[name]
+    parts = name.split(".")
+    if parts[:2] != ["model", "layers"] or ".".join(parts[3:]) not in _LAYER:
+        return None
+    return f"blk.{parts[2]}.{_LAYER['.'.join(parts[3:])]}"
+
+
 def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, np.ndarray]]:
     """(GGUF name, fp32 array) for every tensor of a Llama / Qwen2 causal LM, the output layer left out when tied
     to the embeddings. A parameter this mapping does not know is an error, never dropped."""
@@ -133,19 +145,15 @@ def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, np.ndarray]]:
     out, unknown = [], []
     for name, tensor in model.state_dict().items():
         array = tensor.detach().to(torch.float32).cpu().numpy()
-        if name in _TOP:
-            if name == "lm_head.weight" and tied:
-                continue
-            out.append((_TOP[name], array))
+        if name == "lm_head.weight" and tied:
             continue
-        parts = name.split(".")
-        if parts[:2] != ["model", "layers"] or ".".join(parts[3:]) not in _LAYER:
+        target = gguf_name(name)
+        if target is None:
             unknown.append(name)
             continue
-        target = _LAYER[".".join(parts[3:])]
-        if config.model_type == "llama" and target in ("attn_q.weight", "attn_k.weight"):
-            array = _permute(array, heads if target == "attn_q.weight" else kv)
-        out.append((f"blk.{parts[2]}.{target}", array))
+        if config.model_type == "llama" and target.endswith(("attn_q.weight", "attn_k.weight")):
+            array = _permute(array, heads if target.endswith("attn_q.weight") else kv)
+        out.append((target, array))
     if unknown:
         raise ExportError(f"GGUF export does not know these parameters: {', '.join(unknown[:5])}"
                           + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
@@ -538,3 +546,71 @@ def compare_next_token(reference: np.ndarray, other: np.ndarray, margin: float =
     return {"top1": float(same.double().mean()), "kl": float(kl.mean()), "max_kl": float(kl.max()),
             "top1_decided": float(same[decided].double().mean()) if bool(decided.any()) else None,
             "decided": int(decided.sum()), "positions": int(a.shape[0])}
+
+
+# ------------------------------------------------------------------------- llama.cpp's arithmetic, in transformers
+# What llama.cpp's CPU backend rounds the activations to before it multiplies them by a weight of each GGUF type
+# (ggml-cpu's `vec_dot_type`): f16 for f16 weights; Q8_0 blocks for Q8_0 and Q4_0; Q8_1 blocks (Q8_0's values and a
+# stored block sum) for Q4_1. The types this module writes, and the embedded teacher's.
+LLAMA_CPP_ACTIVATIONS = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q4_0": "q8_0", "Q4_1": "q8_1"}
+
+
+def llama_cpp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     weight_type: str) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` as llama.cpp's CPU backend computes it when `weight` (already dequantized) is
+    stored as `weight_type` (a GGUF type name): against F16 the activations are rounded to fp16 first; against Q8_0
+    and Q4_0 to Q8_0 blocks along the input (32 values, scale amax / 127 stored in fp16, values x * 127 / amax
+    rounded half to even, as its AVX code does); against Q4_1 to Q8_1 blocks, whose block sum, stored in fp16,
+    multiplies each weight block's minimum in place of the exact sum. The rest is float summation order."""
+    kind = LLAMA_CPP_ACTIVATIONS.get(weight_type)
+    if kind is None:
+        raise ExportError(f"llama.cpp's arithmetic against a {weight_type} weight is not modelled here (only "
+                          f"{', '.join(LLAMA_CPP_ACTIVATIONS)}); compare such a file without it.")
+    x, weight = x.to(torch.float32), weight.to(torch.float32)
+    if kind == "f32":
+        return torch.nn.functional.linear(x, weight, bias)
+    if kind == "f16":
+        return torch.nn.functional.linear(x.half().float(), weight, bias)
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)  # a quantized weight's rows are whole blocks
+    amax = blocks.abs().amax(-1, keepdim=True)
+    q = torch.round(blocks * torch.where(amax == 0, torch.zeros_like(amax), 127 / amax.clamp_min(1e-38)))
+    d = amax / 127
+    scale = d.half().float()
+    out = torch.nn.functional.linear((q * scale).reshape(x.shape), weight, bias)
+    if kind == "q8_1":  # Q4_1's block minimum (each block's smallest dequantized value) times the stored sum
+        total = q.sum(-1, keepdim=True)
+        stored = (d * total).half().float()
+        minimums = weight.reshape(weight.shape[0], -1, 32).amin(-1)
+        out = out + (stored - scale * total).squeeze(-1) @ minimums.T
+    return out
+
+
+def gguf_tensor_types(path: str | Path) -> dict[str, str]:
+    """A GGUF file's tensors: name -> type name (F32, Q4_0 ...)."""
+    return {t.name: t.tensor_type.name for t in _gguf().GGUFReader(str(path)).tensors}
+
+
+@contextlib.contextmanager
+def llama_cpp_arithmetic(model: torch.nn.Module, path: str | Path):
+    """Inside this block `model`, the file at `path` read back by `load_gguf`, computes every linear layer as
+    llama.cpp's CPU backend does for that tensor's type (`llama_cpp_linear`; a tied output layer multiplies by the
+    embedding's type), so that what is left between the two runtimes is summation order and attention (llama.cpp
+    keeps its attention cache in fp16). Yields the number of layers changed; on leaving, the model is as before."""
+    types = gguf_tensor_types(path)
+    hooks = []
+    try:
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            target = gguf_name(f"{name}.weight")
+            if target == "output.weight" and target not in types:
+                target = "token_embd.weight"  # tied: llama.cpp multiplies by the embedding matrix
+            if target not in types:
+                raise ExportError(f"{name} has no tensor in {path} (looked for {target}): pass the model "
+                                  f"load_gguf read from this file.")
+            hooks.append(module.register_forward_hook(
+                lambda layer, args, _, kind=types[target]: llama_cpp_linear(args[0], layer.weight, layer.bias, kind)))
+        yield len(hooks)
+    finally:
+        for hook in hooks:
+            hook.remove()

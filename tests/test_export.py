@@ -314,6 +314,89 @@ def test_healing_a_run_writes_the_healed_file_and_its_gap(tmp_path, capsys):
     assert (out / "student-q4_1-healed.gguf").is_file()
 
 
+def _ggml_dot(x: np.ndarray, data: np.ndarray, weight_type: str) -> np.ndarray:
+    """ggml's reference dot products (ggml-cpu's generic vec_dot functions) of activation rows `x` with a weight's
+    GGUF blocks `data`, written from the C: the activations quantized by quantize_row_q8_0 / q8_1 (d = amax / 127
+    stored in fp16, x * (127 / amax) rounded half to even), integer sums per block, scaled in fp32."""
+    f32, f16 = np.float32, np.float16
+    if weight_type == "F16":
+        return x.astype(f16).astype(f32) @ data.astype(f32).T
+    blocks = x.astype(f32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        qx = np.rint(blocks * np.where(amax == 0, f32(0), f32(127) / amax)).astype(np.int32)
+    dx = (amax / f32(127)).astype(f32)
+    sx = (dx[..., 0] * qx.sum(-1).astype(f32)).astype(f16).astype(f32)  # q8_1's stored block sum
+    dx = dx[..., 0].astype(f16).astype(f32)
+    per_row = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[weight_type]
+    w = data.reshape(data.shape[0], -1, per_row)
+    dw = w[..., :2].copy().view(f16)[..., 0].astype(f32)
+    if weight_type == "Q8_0":
+        qw = w[..., 2:].view(np.int8).astype(np.int32)
+    else:
+        nibbles = w[..., 4:] if weight_type == "Q4_1" else w[..., 2:]
+        qw = np.concatenate([nibbles & 0xF, nibbles >> 4], -1).astype(np.int32) - (8 if weight_type == "Q4_0" else 0)
+    sums = np.einsum("tbk,obk->tob", qx, qw).astype(f32)  # (tokens, outputs, blocks): exact integers
+    out = (sums * (dw[None] * dx[:, None])).sum(-1)
+    if weight_type == "Q4_1":
+        mw = w[..., 2:4].copy().view(f16)[..., 0].astype(f32)
+        out = out + (mw[None] * sx[:, None]).sum(-1)
+    return out
+
+
+@pytest.mark.parametrize("weight_type", ["F16", "Q8_0", "Q4_0", "Q4_1"])
+def test_llama_cpp_arithmetic_is_ggmls_block_dot_product(weight_type):
+    """`export.llama_cpp_linear` (what `benchmarks/gguf_runtime.py` uses to tell llama.cpp's rounding from the
+    file) equals ggml's own block arithmetic, written here from its C code in integers: activations quantized to
+    8-bit blocks with an fp16 scale (Q8_1 with its fp16 block sum against Q4_1), integer products per block."""
+    import gguf
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 128) * 0.1
+    x = torch.randn(5, 128) * torch.linspace(0.1, 3.0, 128)  # blocks of different scales
+    x[0, :32] = 0.0  # an all-zero block: scale 0, as ggml writes it
+    if weight_type == "F16":
+        data = weight.numpy().astype(np.float16)
+        dequantized = torch.from_numpy(data.astype(np.float32))
+    else:
+        qtype = getattr(gguf.GGMLQuantizationType, weight_type)
+        data = gguf.quants.quantize(weight.numpy(), qtype)
+        dequantized = torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(weight.shape).copy())
+    got = export.llama_cpp_linear(x, dequantized, None, weight_type).numpy()
+    want = _ggml_dot(x.numpy(), data, weight_type)
+    plain = (x @ dequantized.T).numpy()
+    assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+    if weight_type != "F16":  # the rounding is what the test sees: far larger than float summation order
+        assert np.abs(plain - want).max() > 100 * np.abs(got - want).max()
+    with pytest.raises(ExportError, match="Q6_K weight is not modelled here"):
+        export.llama_cpp_linear(x, dequantized, None, "Q6_K")
+
+
+def test_llama_cpp_arithmetic_hooks_every_quantized_matmul_and_leaves_the_model_as_it_was(tiny_tokenizer, tmp_path):
+    """Inside `llama_cpp_arithmetic` each linear layer of a file read back computes as llama.cpp does for its type
+    (the tied output layer by the embedding's), with nothing to change in an f32 file; outside, as before; a model
+    that is not the file's is refused by name."""
+    vocab = len(tiny_tokenizer)
+    ids = torch.tensor([tiny_tokenizer(TEXT, add_special_tokens=False)["input_ids"]])
+    for quant in ("f32", "q4_1"):
+        path = export_gguf(_llama(vocab, layers=2), tiny_tokenizer, tmp_path / f"{quant}.gguf", quant).path
+        back, _ = load_gguf(path)
+        with torch.no_grad():
+            before = back(ids).logits
+            with export.llama_cpp_arithmetic(back, path) as layers:
+                inside = back(ids).logits
+            after = back(ids).logits
+        assert layers == 2 * 7 + 1 and torch.equal(before, after)
+        if quant == "f32":
+            assert torch.equal(inside, before)
+        else:
+            assert not torch.allclose(inside, before, atol=1e-3) and torch.allclose(inside, before, atol=0.5)
+    other, _ = load_gguf(export_gguf(_llama(vocab, layers=3), tiny_tokenizer, tmp_path / "three.gguf", "q8_0").path)
+    with pytest.raises(ExportError, match="model.layers.2.self_attn.q_proj has no tensor in .*q4_1.gguf"):
+        with export.llama_cpp_arithmetic(other, path):
+            pass
+
+
 def _llama_cpp_or_skip():
     if export.llama_cpp_version() is None:
         pytest.skip(f"llama-cpp-python is not installed (kept out of the core install): {export.LLAMA_CPP_INSTALL}")

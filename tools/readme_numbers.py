@@ -758,12 +758,16 @@ def gguf_runtime(data: dict) -> str:
              f"`{Path(data['run']).name}` student's files, teacher-forced on {first['positions']:,} positions of "
              f"{s['rows']} held-out rows and greedy on {s['prompts']} held-out prompts ({s['new_tokens']} tokens), "
              f"llama.cpp against transformers reading the same file:", "",
-             "| file | MB | top-1 same | mean KL | perplexity llama.cpp / transformers | same tokens (text) | greedy "
-             "identical | llama.cpp decode tok/s | peak RSS |", "|" + " --- |" * 9]
+             "| file | MB | top-1 same | mean KL | 8-bit rounding alone: top-1 same / KL | perplexity llama.cpp / "
+             "transformers | same tokens (text) | greedy identical | llama.cpp decode tok/s | peak RSS |",
+             "|" + " --- |" * 10]
     for name, row in files.items():
         run = row.get("llama_cpp")
         speed = (f"{run['decode_tokens_per_s']:.1f} | {mib(run['peak_rss_mib'] * 2**20)}" if run else "- | -")
+        alone = (f"{pct(row['rounding_alone_top1'])} / {row['rounding_alone_kl']:.5f}"
+                 if "rounding_alone_top1" in row else "-")
         lines.append(f"| {name} | {row['bytes'] / 1e6:.1f} | {pct(row['top1_agreement'])} | {row['mean_kl']:.5f} | "
+                     f"{alone} | "
                      f"{ppl(row['perplexity_llama_cpp'])} / {ppl(row['perplexity_transformers'])} | "
                      f"{row['same_tokenization']} | {row['greedy_prompts_identical']}/{s['prompts']} | {speed} |")
     if s.get("no_speed"):
