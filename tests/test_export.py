@@ -432,6 +432,48 @@ def test_llama_cpp_runs_the_file_as_transformers_reads_it(tiny_tokenizer, tmp_pa
     assert got["top1_decided"] >= top1 and got["decided"] >= got["positions"] // 2 and got["kl"] <= kl, got
 
 
+def _llama_program(name: str) -> str:
+    """llama.cpp's own program `name`, from POCKET_TEACHER_LLAMA_BIN (a folder) or the PATH; the test is skipped
+    without it (the programs are built from llama.cpp's source, not installed by this project)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    folder = os.environ.get("POCKET_TEACHER_LLAMA_BIN")
+    found = str(Path(folder) / name) if folder and (Path(folder) / name).is_file() else shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} is not on the PATH (build llama.cpp's tools, or set POCKET_TEACHER_LLAMA_BIN to their "
+                    f"folder)")
+    return found
+
+
+@pytest.mark.parametrize("program", ["llama-cli", "llama-completion"])
+def test_the_readmes_llama_cpp_commands_run_an_exported_file(tmp_path, program):
+    """The README's commands for running a file, as written there: llama.cpp's own programs (not its Python
+    binding) load an exported file and answer once, then exit, with `-nr` where the CPU has AMX as the README says
+    (without it they crashed on every quantized file on such a CPU, the teacher's own published file too). The file
+    holds the teacher's vocabulary and chat template, copied from its GGUF, as the students' files do."""
+    import subprocess
+
+    from transformers import AutoTokenizer
+
+    from pocket_teacher import llamacpp
+    from pocket_teacher.models import embedded_gguf_path, materialize_gguf
+
+    binary = _llama_program(program)
+    source = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(materialize_gguf(source))
+    path = export_gguf(_llama(len(tokenizer), layers=1), tokenizer, tmp_path / "student-q8_0.gguf", "q8_0",
+                       tokenizer_gguf=source).path
+    amx = ["-nr"] if llamacpp.cpu_has_amx() else []
+    prompt = "Tom has 12 apples and eats 5."
+    command = ([binary, "-m", str(path), *amx, "-p", prompt, "-st", "-n", "8"] if program == "llama-cli" else
+               [binary, "-m", str(path), *amx, "-no-cnv", "-p", prompt, "-n", "8"])
+    done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert prompt in done.stdout and (program != "llama-cli" or "Exiting" in done.stdout), done.stdout[-2000:]
+
+
 def test_a_student_that_starts_on_a_q4_1_grid_loses_a_short_training_to_q4_1_not_to_q4_0_or_q8_0():
     """benchmarks/gguf_grid.py's measures on a tiny model whose weights start on a q4_1 grid (as a student derived
     from the Q4_1 teacher does), then move by a tenth of a step (a short training): q4_1 rounds the move back, q4_0
