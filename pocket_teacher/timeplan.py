@@ -59,7 +59,8 @@ MATMUL_EFFICIENCY = 0.8  # a model's matmuls against the probe's (smaller and od
 CPU_ATTENTION_SQUARE = True  # on CPU with a padding mask SDPA takes the math path: the full (L, L) scores
 
 
-PROBE = 7  # the probe's version: a cached probe of another version is measured again
+PROBE = 8  # the probe's version: a cached probe of another version is measured again (8: busy probes, which
+# version 7 could have cached, are caught)
 
 
 class TimePlanError(ValueError):
@@ -194,7 +195,7 @@ def probe(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
         softmax = warm
     busy = share < BUSY_SHARE
     if busy:
-        source += (f"; the machine was busy (this process had {share:.0%} of the {_threads()} cores its threads "
+        source += (f"; the machine was busy (this process had {share:.0%} of the {_threads():g} cores its threads "
                    f"ask for while it multiplied: another program is running), so the plan is for a machine that "
                    f"stays as busy; not cached, probed again next run")
     return Throughput(machine_name(device), flops, bandwidth, per_op, source, stream, softmax, tuple(streams[1:]),
@@ -209,13 +210,34 @@ def probe(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 BUSY_SHARE = 0.75
 
 
-def _threads() -> int:
-    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+def usable_cores(cgroup: str | Path = "/sys/fs/cgroup") -> float:
+    """The cores this process may run on: its CPU affinity, capped by a container's CPU quota (cgroup v2 cpu.max or
+    v1 cfs_quota_us / cfs_period_us) where one is set; os.cpu_count() counts the host's and ignores both."""
+    try:
+        cores = float(len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        cores = float(os.cpu_count() or 1)
+    root = Path(cgroup)
+    for quota_file, period_file in ((root / "cpu.max", None),
+                                    (root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us")):
+        try:
+            fields = quota_file.read_text().split()
+            quota, period = fields[0], (fields[1] if period_file is None else period_file.read_text().strip())
+            if quota not in ("max", "-1") and float(period) > 0:
+                cores = min(cores, float(quota) / float(period))
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(cores, 1e-3)
+
+
+def _threads() -> float:
+    return max(1e-3, min(float(torch.get_num_threads()), usable_cores()))
 
 
 def cpu_share(cpu_start: float, wall_start: float) -> float:
     """The share of its threads' cores this process had since `time.process_time()` was `cpu_start` and
-    `time.perf_counter()` was `wall_start`: CPU time over wall time times the torch threads (at most the cores);
+    `time.perf_counter()` was `wall_start`: CPU time over wall time times the torch threads (at most the cores it
+    may use, `usable_cores`: a container's quota is not another program);
     1.0 for a span under 50 ms, too short for the CPU clock to tell."""
     wall = time.perf_counter() - wall_start
     return (time.process_time() - cpu_start) / (wall * _threads()) if wall >= 0.05 else 1.0

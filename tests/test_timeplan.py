@@ -169,6 +169,24 @@ def test_a_probe_on_a_busy_machine_says_so_and_is_not_cached(tmp_path, monkeypat
     assert not timeplan.measured("cpu").busy  # read back from the cache
 
 
+def test_usable_cores_follow_the_affinity_and_a_containers_quota(tmp_path, monkeypatch):
+    """A container limited to half a core on a 2-core host: the probe expects half a core's CPU time, so it does
+    not call the quota another program."""
+    monkeypatch.setattr(timeplan.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert timeplan.usable_cores(tmp_path) == 2.0  # no quota files: the affinity
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert timeplan.usable_cores(tmp_path) == 2.0
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert timeplan.usable_cores(tmp_path) == 0.5
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")  # cgroup v1
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert timeplan.usable_cores(tmp_path) == 1.5
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert timeplan.usable_cores(tmp_path) == 2.0
+
+
 def test_cpu_share_is_cpu_time_over_wall_time_and_threads(monkeypatch):
     clock = {"cpu": 10.0, "wall": 100.0}
     monkeypatch.setattr(timeplan.time, "process_time", lambda: clock["cpu"])
