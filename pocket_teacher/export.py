@@ -560,8 +560,11 @@ def llama_cpp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """`F.linear(x, weight, bias)` as llama.cpp's CPU backend computes it when `weight` (already dequantized) is
     stored as `weight_type` (a GGUF type name): against F16 the activations are rounded to fp16 first; against Q8_0
     and Q4_0 to Q8_0 blocks along the input (32 values, scale amax / 127 stored in fp16, values x * 127 / amax
-    rounded half to even, as its AVX code does); against Q4_1 to Q8_1 blocks, whose block sum, stored in fp16,
-    multiplies each weight block's minimum in place of the exact sum. The rest is float summation order."""
+    rounded half to even, as its x86 AVX code does); against Q4_1 to Q8_1 blocks, whose block sum, stored in fp16,
+    multiplies each weight block's minimum in place of the exact sum. That minimum is taken as the block's smallest
+    dequantized value: exact for blocks that hold a 0 quant, as gguf-py's and llama.cpp's reference quantizers
+    write them (this module's files); a file quantized with an importance matrix may not, and is then approximated.
+    What is left is float summation order."""
     kind = LLAMA_CPP_ACTIVATIONS.get(weight_type)
     if kind is None:
         raise ExportError(f"llama.cpp's arithmetic against a {weight_type} weight is not modelled here (only "

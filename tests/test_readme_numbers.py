@@ -209,3 +209,22 @@ def test_the_kd_words_follow_the_seed_level_interval():
     assert "over 5 seeds not distinguishable" in said and "this run shows no difference; the item interval only" in said
     del kd[f"{key}, seeds"]
     assert "one seed, so no interval over seeds" in numbers.kd_findings(data).splitlines()[-1]
+
+
+def test_the_llama_cpp_targets_are_said_from_the_figures():
+    """Issue 23's agreement targets, said file by file where they are missed (f32 / f16: top-1 at least 99% and
+    mean KL at most 0.001; quantized: 97% and 0.02), with what the 8-bit rounding alone does when it was measured."""
+    files = {"student-f32.gguf": {"top1_agreement": 0.995, "mean_kl": 1e-7},
+             "student-q8_0.gguf": {"top1_agreement": 0.9699, "mean_kl": 0.002, "rounding_alone_top1": 0.9712},
+             "student-q4_0.gguf": {"top1_agreement": 0.98, "mean_kl": 0.03}}
+    said = numbers._agreement_target(files)
+    assert said.startswith("The f32 / f16 files meet issue 23's target for them")
+    assert "Below issue 23's target of 97% top-1 for quantized files: student-q8_0.gguf 96.99% (the rounding alone: " \
+           "97.12%); mean KL at most 0.03000 on every quantized file, not all under the target's 0.02." in said
+    files["student-f32.gguf"]["mean_kl"] = 2e-3
+    files["student-q8_0.gguf"]["top1_agreement"] = 0.97
+    files["student-q4_0.gguf"]["mean_kl"] = 0.01
+    said = numbers._agreement_target(files)
+    assert said.startswith("Short of issue 23's target for f32 / f16 files (top-1 at least 99%, mean KL at most "
+                           "0.001): student-f32.gguf.")
+    assert "Every quantized file meets issue 23's target" in said and "under the target's 0.02" in said
