@@ -273,14 +273,19 @@ def detach_fake_quant(model: torch.nn.Module) -> torch.nn.Module:
 
 # ------------------------------------------------------------------------------------------------ the tokenizer
 @functools.lru_cache(maxsize=2)
-def _fields(path: str, stamp: tuple) -> dict:
-    """A GGUF file's key/value fields (parsing a 49k-token vocabulary takes seconds: read once per file version)."""
-    return _gguf().GGUFReader(path).fields
+def _reader(path: str, stamp: tuple):
+    """A GGUF file parsed (a 49k-token vocabulary takes seconds: read once per file version, `stamp`)."""
+    return _gguf().GGUFReader(path)
+
+
+def _read(path: str | Path):
+    stat = Path(path).stat()
+    return _reader(str(Path(path).resolve()), (stat.st_mtime_ns, stat.st_size))
 
 
 def gguf_fields(path: str | Path) -> dict:
-    stat = Path(path).stat()
-    return _fields(str(Path(path).resolve()), (stat.st_mtime_ns, stat.st_size))
+    """A GGUF file's key/value fields."""
+    return _read(path).fields
 
 
 def vocabulary_mismatch(source: Path, tokenizer) -> Optional[str]:
@@ -590,7 +595,7 @@ def llama_cpp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 def gguf_tensor_types(path: str | Path) -> dict[str, str]:
     """A GGUF file's tensors: name -> type name (F32, Q4_0 ...)."""
-    return {t.name: t.tensor_type.name for t in _gguf().GGUFReader(str(path)).tensors}
+    return {t.name: t.tensor_type.name for t in _read(path).tensors}
 
 
 @contextlib.contextmanager
@@ -600,7 +605,7 @@ def llama_cpp_arithmetic(model: torch.nn.Module, path: str | Path):
     embedding's type), so that what is left between the two runtimes is summation order and attention (llama.cpp
     keeps its attention cache in fp16). Yields the number of layers changed; on leaving, the model is as before."""
     types = gguf_tensor_types(path)
-    hooks = []
+    changed = []
     try:
         for name, module in model.named_modules():
             if not isinstance(module, torch.nn.Linear):
@@ -611,9 +616,17 @@ def llama_cpp_arithmetic(model: torch.nn.Module, path: str | Path):
             if target not in types:
                 raise ExportError(f"{name} has no tensor in {path} (looked for {target}): pass the model "
                                   f"load_gguf read from this file.")
-            hooks.append(module.register_forward_hook(
-                lambda layer, args, _, kind=types[target]: llama_cpp_linear(args[0], layer.weight, layer.bias, kind)))
-        yield len(hooks)
+            # the layer's forward replaced for the block (a hook would run the plain matmul too, then discard it);
+            # an instance forward already there (accelerate's hooks set one) is put back on leaving
+            changed.append((module, module.__dict__.get("forward")))
+            module.forward = _llama_cpp_forward(module, types[target])
+        yield len(changed)
     finally:
-        for hook in hooks:
-            hook.remove()
+        for module, previous in changed:
+            del module.forward
+            if previous is not None:
+                module.forward = previous
+
+
+def _llama_cpp_forward(layer: torch.nn.Linear, weight_type: str):
+    return lambda x: llama_cpp_linear(x, layer.weight, layer.bias, weight_type)
