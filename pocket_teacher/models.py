@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from torch.nn.utils import parametrize
 
 from .data import load_gsm_symbolic
 from .files import file_hash
@@ -524,9 +525,13 @@ def output_layer(model: torch.nn.Module) -> Optional[tuple[torch.Tensor, Optiona
         if value not in (None, 0, 1, 1.0, False):
             return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or not head.weight.is_floating_point():
+    # torch.nn.Linear itself, or the class torch.nn.utils.parametrize makes of it (ParametrizedLinear: its weight
+    # is computed when read, as healing's fake quantization does); not a Linear subclass such as bitsandbytes'
+    # Linear8bitLt, whose weight is not the matrix it multiplies by
+    cls = type(head).__bases__[0] if parametrize.is_parametrized(head) else type(head)
+    if cls is not torch.nn.Linear or not head.weight.is_floating_point():
         return None
-    return head.weight, head.bias
+    return head.weight, head.bias  # a parametrized weight is computed here, once
 
 
 def offload(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
