@@ -23,7 +23,7 @@ from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt
                    hold_out_prompts, load_examples, load_mmlu, remove_overlap, tokenize_examples)
 from .batches import AnswerHidden, scored_tokens
 from .evaluate import Agreements, Known, agreements, evaluate_model, perplexity, teacher_on_student_samples
-from .export import (ExportError, ExportReport, attach_fake_quant, detach_fake_quant, export_gguf, fake_quantize,
+from .export import (ExportError, ExportReport, attach_fake_quant, detach_fake_quant, export_gguf, fake_quantized,
                      teacher_gguf)
 from .files import write_json
 from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
@@ -892,9 +892,10 @@ class Experiment:
                                loss=dataclasses.replace(cfg.loss, alpha=alpha))
             if (trained.student, quant) not in self._unhealed:  # healing again (another alpha) reuses them
                 self._unhealed[trained.student, quant] = (self._perplexity(trained.student),
-                                                          self._perplexity(fake_quantize(trained.student, quant)))
+                                                          self._perplexity(trained.student, quant))
             fp32, before = self._unhealed[trained.student, quant]
-            init = attach_fake_quant(copy.deepcopy(trained.student), quant)
+            with visiting(trained.student, self.device):  # the copy made where it trains: no second one on the host
+                init = attach_fake_quant(copy.deepcopy(trained.student), quant)
             self.say(f"healing the {quant} gap ({before - fp32:+.3f} perplexity): {steps} steps, alpha {alpha}, "
                      f"lr {variant.train.lr:g}, quantization-aware forward")
             try:
@@ -905,7 +906,7 @@ class Experiment:
                                           f"gap; no healed file was written. Healing starts over from the trained "
                                           f"student: run the same heal again.") from None
             healed = detach_fake_quant(healed)
-            after = self._perplexity(fake_quantize(healed, quant))
+            after = self._perplexity(healed, quant)
             report = {"quant": quant, "steps": int(steps), "alpha": alpha, "lr": variant.train.lr,
                       "seconds": result.seconds, "fp32_perplexity": fp32, "quantized_before": before,
                       "quantized_after": after, "healed_fp32_perplexity": self._perplexity(healed),
@@ -922,8 +923,10 @@ class Experiment:
             self.healed[name], self.healed_student = report, healed
             return report
 
-    def _perplexity(self, model: torch.nn.Module) -> float:
-        with visiting(model, self.device):
+    def _perplexity(self, model: torch.nn.Module, quant: Optional[str] = None) -> float:
+        """Held-out perplexity of `model`, or (`quant`) of its weights as a `quant` file holds them, rounded as
+        each layer reads them (`export.fake_quantized`: no copy of the model)."""
+        with visiting(model, self.device), fake_quantized(model, quant) if quant else contextlib.nullcontext():
             return perplexity(model, self.splits.eval, pad_token_id=self.tokenizer.pad_token_id,
                               vocab_size=len(self.tokenizer), progress=False)["perplexity"]
 

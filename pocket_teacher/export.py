@@ -195,19 +195,34 @@ def fake_quantize(model: torch.nn.Module, quant: str) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------------------- quantization-aware
+QD_CHUNK_BLOCKS = 1 << 16  # blocks of 32 per pass of `quantize_dequantize`: 8 MiB per fp32 temporary
+
+
 def quantize_dequantize(weight: torch.Tensor, quant: str) -> torch.Tensor:
-    """`weight` as a `quant` GGUF file holds it once read back, computed in torch (differentiable inputs, on any
-    device): the block arithmetic of `gguf.quants` step for step (scales from fp32, stored as fp16; q8_0 rounds
-    half away from zero, q4_0 / q4_1 truncate after +8.5 / +0.5), the same f16 fallback for rows that are not a
-    multiple of the block, vectors (norms, biases) kept in f32. Equal to `fake_quantize`'s numpy reference bit for
-    bit (tests/test_export.py)."""
+    """`weight` as a `quant` GGUF file holds it once read back, computed in torch (on any device): the block
+    arithmetic of `gguf.quants` step for step (scales from fp32, stored as fp16; q8_0 rounds half away from zero,
+    q4_0 / q4_1 truncate after +8.5 / +0.5), the same f16 fallback for rows that are not a multiple of the block,
+    vectors (norms, biases) kept in f32. Equal to `fake_quantize`'s numpy reference bit for bit
+    (tests/test_export.py). The blocks are rounded `QD_CHUNK_BLOCKS` at a time into one fp32 result, so the
+    temporaries stay a few MiB whatever the matrix (a Qwen2.5 output layer is 0.5 GB in fp32, and each of the
+    half-dozen temporaries of a whole-matrix pass would be as large). No gradient: see `StraightThrough`."""
     _qtype(quant)
-    w = weight.to(torch.float32)
+    w = weight.detach().to(torch.float32)
     if w.ndim < 2 or quant == "f32":
         return w
     if quant == "f16" or w.shape[-1] % 32:  # q8_0, q4_0 and q4_1 all have blocks of 32
         return w.to(torch.float16).to(torch.float32)
     blocks = w.reshape(-1, 32)
+    out = torch.empty_like(blocks)
+    with torch.no_grad():
+        for start in range(0, blocks.shape[0], QD_CHUNK_BLOCKS):
+            part = slice(start, start + QD_CHUNK_BLOCKS)
+            out[part] = _round_blocks(blocks[part], quant)
+    return out.reshape(w.shape)
+
+
+def _round_blocks(blocks: torch.Tensor, quant: str) -> torch.Tensor:
+    """(n, 32) fp32 blocks as a `quant` file holds them once read back."""
 
     def inverse(d: torch.Tensor) -> torch.Tensor:
         return torch.where(d == 0, torch.zeros_like(d), 1 / torch.where(d == 0, torch.ones_like(d), d))
@@ -218,19 +233,28 @@ def quantize_dequantize(weight: torch.Tensor, quant: str) -> torch.Tensor:
     if quant == "q8_0":
         d = blocks.abs().amax(dim=-1, keepdim=True) / 127
         x = blocks * inverse(d)
-        q = torch.sign(x) * torch.floor(x.abs() + 0.5)
-        out = q * half(d)
-    elif quant == "q4_0":
+        return torch.sign(x) * torch.floor(x.abs() + 0.5) * half(d)
+    if quant == "q4_0":
         largest = torch.gather(blocks, -1, blocks.abs().argmax(dim=-1, keepdim=True))
         d = largest / -8
-        q = torch.trunc(blocks * inverse(d) + 8.5).clamp(0, 15) - 8
-        out = q * half(d)
-    else:  # q4_1
-        low, high = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)
-        d = (high - low) / 15
-        q = torch.trunc((blocks - low) * inverse(d) + 0.5).clamp(0, 15)
-        out = half(d) * q + half(low)
-    return out.reshape(w.shape)
+        return (torch.trunc(blocks * inverse(d) + 8.5).clamp(0, 15) - 8) * half(d)
+    low, high = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)  # q4_1
+    d = (high - low) / 15
+    return half(d) * torch.trunc((blocks - low) * inverse(d) + 0.5).clamp(0, 15) + half(low)
+
+
+class _RoundThrough(torch.autograd.Function):
+    """Forward: the weight exactly as the file holds it; backward: the gradient passed to the full-precision
+    weight unchanged (the straight-through estimator). Exact where `w + (q - w).detach()` is not (fp32 rounding),
+    and without that form's two full-size temporaries."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, quant: str) -> torch.Tensor:
+        return quantize_dequantize(weight, quant).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
 class StraightThrough(torch.nn.Module):
@@ -243,7 +267,7 @@ class StraightThrough(torch.nn.Module):
         self.quant = quant
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (quantize_dequantize(weight.detach(), self.quant).to(weight.dtype) - weight).detach()
+        return _RoundThrough.apply(weight, self.quant)
 
 
 def attach_fake_quant(model: torch.nn.Module, quant: str) -> torch.nn.Module:
@@ -269,6 +293,24 @@ def detach_fake_quant(model: torch.nn.Module) -> torch.nn.Module:
         if parametrize.is_parametrized(module, "weight"):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
     return model
+
+
+@contextlib.contextmanager
+def fake_quantized(model: torch.nn.Module, quant: str):
+    """Inside this block `model` computes with its weights as a `quant` file holds them (each matrix rounded when a
+    layer reads it, `quantize_dequantize`), on whatever device it is; on leaving, the full-precision weights are as
+    before. What `fake_quantize` gives, without its copy of the model: scoring a file's weights then costs one
+    matrix at a time, not a second model in host RAM. Refuses a model already fake-quantized (`attach_fake_quant`)."""
+    from torch.nn.utils import parametrize
+
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        raise ExportError("fake_quantized: this model already has parametrized weights (attach_fake_quant?); "
+                          "detach_fake_quant first.")
+    attach_fake_quant(model, quant)
+    try:
+        yield model
+    finally:
+        detach_fake_quant(model)
 
 
 # ------------------------------------------------------------------------------------------------ the tokenizer

@@ -501,3 +501,55 @@ def test_a_student_that_starts_on_a_q4_1_grid_loses_a_short_training_to_q4_1_not
     assert motion["update_under_half_step"] > 0.99 and motion["block_ends_moved_steps"] < 0.3
     q41, q40, q80 = (update_kept(trained, init, q)["update_kept"] for q in ("q4_1", "q4_0", "q8_0"))
     assert q41 < 0.3 and q40 > 0.7 and q80 > 0.95
+
+
+def test_the_rounding_goes_a_chunk_at_a_time_and_gives_the_same_bits(monkeypatch):
+    """quantize_dequantize bounds its temporaries by rounding QD_CHUNK_BLOCKS blocks at a time; chunks that do not
+    divide the matrix give the same bits as one pass."""
+    torch.manual_seed(2)
+    weight = torch.randn(40, 96) * 0.3
+    whole = {q: quantize_dequantize(weight, q) for q in ("q8_0", "q4_0", "q4_1")}
+    monkeypatch.setattr(export, "QD_CHUNK_BLOCKS", 7)  # 120 blocks: 17 chunks, the last one short
+    for quant, want in whole.items():
+        torch.testing.assert_close(quantize_dequantize(weight, quant), want, rtol=0, atol=0)
+
+
+def test_the_straight_through_forward_is_the_files_weight_exactly_and_keeps_the_chunked_loss():
+    from pocket_teacher.models import output_layer
+    from pocket_teacher.train import resolve_loss_implementation
+
+    model = _llama(96)
+    attach_fake_quant(model, "q4_1")
+    q = model.model.layers[0].mlp.down_proj
+    torch.testing.assert_close(q.weight, quantize_dequantize(q.parametrizations.weight.original, "q4_1"),
+                               rtol=0, atol=0)
+    # the output layer is still a plain Linear (its weight rounded when read): the loss stays chunked, never
+    # (N, V) logits at once; a Linear subclass (bitsandbytes' 8-bit layers) is still refused
+    assert resolve_loss_implementation(model) == "chunked"
+    assert output_layer(model)[0].shape == (96, 64)
+
+    class Int8(torch.nn.Linear):
+        pass
+
+    other = _llama(96, tied=False)
+    other.lm_head = Int8(64, 96, bias=False)
+    assert output_layer(other) is None
+
+
+def test_fake_quantized_scores_the_files_weights_without_a_copy_and_restores_them():
+    model = _llama(96)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        want = fake_quantize(model, "q4_0")(ids).logits
+        with export.fake_quantized(model, "q4_0") as inside:
+            assert inside is model
+            got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    attach_fake_quant(model, "q4_0")
+    with pytest.raises(ExportError, match="detach_fake_quant first"):
+        with export.fake_quantized(model, "q8_0"):
+            pass
