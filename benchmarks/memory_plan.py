@@ -1,6 +1,6 @@
 """The memory plan beside the measurement: is `pocket_teacher.plan` within 15% of the real peaks?
 
-Each stage (teacher cache, evaluation, generation, training) runs in a fresh process on a preset, after the data
+Each stage (teacher cache, evaluation, generation, training, healing) runs in a fresh process on a preset, after the data
 and models are loaded; its peak is the process's peak resident set size during the stage on CPU (VmHWM, reset at
 the stage's start) and the caching allocator's peak plus the CUDA context on a GPU. The plan is computed for the
 same rows (their real lengths): the longest training rows, so every batch is as long as the plan's worst case, and
@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-STAGES = ("teacher cache", "evaluation", "generation", "training")
+STAGES = ("teacher cache", "evaluation", "generation", "training", "healing")
 
 
 def _rss(field: str) -> int:
@@ -78,6 +78,7 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
 
     from pocket_teacher import experiment
     from pocket_teacher.data import TokenizedSplit, format_prompt
+    from pocket_teacher.export import attach_fake_quant
     from pocket_teacher.evaluate import GREEDY, agreement, perplexity
     from pocket_teacher.models import load_teacher, offload, resolve_device
     from pocket_teacher.students import load_student
@@ -113,10 +114,13 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
     planned = next(s for s in plan.stages if s.name == stage)
     with tempfile.TemporaryDirectory() as root:
         cache = None
-        if stage == "training":
+        waiting = []  # healing: what the plan has wait on the host (the distilled student, the baseline)
+        if stage in ("training", "healing"):
             cache = build_topk_cache(teacher, train, root, k=cfg.teacher_cache.k, vocab_size=len(tok), progress=False)
             if device.type == "cuda":
                 offload(teacher, "cpu")
+            if stage == "healing":
+                waiting = [copy.deepcopy(student_init) for k in planned.host if k.endswith("student (on host)")]
         _reset_peak(device)
         if stage == "teacher cache":
             build_topk_cache(teacher, train, root, k=cfg.teacher_cache.k, vocab_size=len(tok),
@@ -136,7 +140,12 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
                 teacher.generate(**enc, **GREEDY, max_new_tokens=new, min_new_tokens=new, pad_token_id=tok.pad_token_id)
         elif stage == "training":
             distill(copy.deepcopy(student_init), None, train, cfg, Vocab.of(tok), teacher_cache=cache, progress=False)
+        elif stage == "healing":  # as Experiment.heal: the copy made where it trains, every matrix rounded
+            with experiment.visiting(student_init, device):
+                healing = attach_fake_quant(copy.deepcopy(student_init), "q4_0")
+            distill(healing, None, train, cfg, Vocab.of(tok), teacher_cache=cache, progress=False)
         measured = _peak(device)
+        del waiting
     measure = "allocator peak + CUDA context" if device.type == "cuda" else "peak RSS"
     planned_bytes = planned.device_peak if device.type == "cuda" else planned.host_peak
     return {"preset": preset, "stage": stage, "planned": planned_bytes, "measured": measured, "measure": measure,

@@ -29,6 +29,7 @@ import torch
 
 from .batches import auto_chunk_size
 from .config import KNOWN_MODELS, ModelShape, apply_overrides
+from .export import QD_CHUNK_BLOCKS
 from .files import proc_value
 from .models import native_bf16
 
@@ -225,6 +226,7 @@ class Stage:
     name: str
     device: dict[str, int] = field(default_factory=dict)
     host: dict[str, int] = field(default_factory=dict)
+    optional: Optional[str] = None  # a stage the run does not reach by itself: what starts it (its overflow is a note)
 
     @property
     def device_peak(self) -> int:
@@ -252,9 +254,13 @@ class MemoryPlan:
     def device_limit(self) -> Optional[int]:
         return None if self.device.memory is None else int(self.device.memory * (1 - ALLOCATOR_SLACK))
 
-    def problems(self) -> list[str]:
+    def problems(self, optional: bool = False) -> list[str]:
+        """What overflows, stage by stage: the stages a run goes through, or (`optional`) those it reaches only
+        when asked (healing)."""
         out = []
         for s in self.stages:
+            if bool(s.optional) != optional:
+                continue
             if self.device_limit is not None and s.device_peak > self.device_limit:
                 out.append(f"{s.name}: {gib(s.device_peak)} on the GPU > {gib(self.device_limit)} usable")
             if self.device.host is not None and s.host_peak > self.device.host:
@@ -268,7 +274,8 @@ class MemoryPlan:
     @property
     def verdict(self) -> str:
         if self.fits:
-            worst = max(self.stages, key=lambda s: s.device_peak if self.device.cuda else s.host_peak)
+            worst = max((s for s in self.stages if not s.optional),
+                        key=lambda s: s.device_peak if self.device.cuda else s.host_peak)
             peak = worst.device_peak if self.device.cuda else worst.host_peak
             limit = self.device_limit if self.device.cuda else self.device.host
             room = f" ({100 * peak / limit:.0f}% of {gib(limit)}, at {worst.name})" if limit else ""
@@ -291,11 +298,17 @@ class MemoryPlan:
             for label, items in ([("GPU", stage.device)] if self.device.cuda else []) + [("host", stage.host)]:
                 total = sum(items.values())
                 parts = ", ".join(f"{k} {gib(v)}" for k, v in items.items() if v)
-                lines.append(f"  {stage.name:<16} {label:<4} {gib(total):>10} = {parts}")
+                lines.append(f"  {stage.name + ('*' if stage.optional else ''):<16} {label:<4} {gib(total):>10} = "
+                             f"{parts}")
         host_note = "" if self.device.host is None else f" (host RAM: {self.device.host_note})"
         lines.append(f"  step time ~{self.step_seconds:.2f} s (estimate); checkpoint every {self.checkpoint_every()} "
                      f"steps keeps a disconnect under 10 minutes{host_note}")
         lines += [f"  note: {n}" for n in self.notes]
+        for stage in (s for s in self.stages if s.optional):
+            over = self.problems(optional=True)
+            lines.append(f"  * {stage.name}: only when asked ({stage.optional}); " + (
+                "does not fit: " + "; ".join(p for p in over if p.startswith(stage.name)) if any(
+                    p.startswith(stage.name) for p in over) else "fits"))
         lines.append(self.verdict)
         knobs = " ".join(f"--set {f}" for f in self.fixes if "=" in f)
         rest = [f for f in self.fixes if "=" not in f]
@@ -431,8 +444,8 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
                             {**train_host, "distilled student (on host)": sw}))
         if ev.agreement:  # one teacher pass scores both trained students: they visit the device together
             stages.append(stage("evaluation after", evaluation(2), {**resting, **kept}))
-    if not device.cuda:
-        _one_memory(stages, tw, sw)
+    stages.append(_healing(stage, student, train_device, train_host, sw, compute, tr.gradient_checkpointing, ev))
+    _one_memory(stages, tw, sw, device)
     step_seconds = _step_seconds(tr, teacher, student, device, tr.batch_size * tr.grad_accum * mean_len, live)
     settings = {"teacher_precision": r["teacher_precision"], "mixed_precision": r["mixed_precision"],
                 "chunk": chunk, "train_tokens": train_tokens, "eval_tokens": eval_tokens,
@@ -442,6 +455,35 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
     emulated = device.cuda and r["mixed_precision"] == "bf16" and (device.capability or (0, 0)) < (8, 0)
     notes = ["bf16 is emulated on this GPU (no bf16 tensor cores): use fp16 or auto"] if emulated else []
     return MemoryPlan(device, teacher, student, stages, settings, step_seconds, notes=notes)
+
+
+def healing_bytes(student: ModelShape, compute: float, checkpointing: bool) -> dict[str, int]:
+    """What healing (`Experiment.heal`: training with every matrix rounded as the file will hold it) holds beyond
+    a training step. The output layer, rounded once per step in fp32, is kept by the chunked loss for its backward
+    pass; each decoder matrix, rounded in fp32 when its layer runs, is kept for backward as it is multiplied (fp32
+    on CPU; in the compute dtype under autocast, after a transient fp32 copy of one layer), for every layer or,
+    with gradient checkpointing, for the one being recomputed; `export.quantize_dequantize` rounds
+    `QD_CHUNK_BLOCKS` blocks at a time (about six fp32 temporaries of that size)."""
+    layer = student.layer_linear_params
+    kept = (1 if checkpointing else student.layers) * layer * (4 if compute == 4 else compute)
+    return {"rounded output layer (fp32)": 4 * student.vocab_rows * student.hidden,
+            "rounded layer matrices": int(kept + (0 if compute == 4 else 4 * layer)),
+            "rounding temporaries": 6 * 4 * 32 * QD_CHUNK_BLOCKS}
+
+
+def _healing(stage, student: ModelShape, train_device: dict, train_host: dict, student_bytes: int, compute: float,
+             checkpointing: bool, ev) -> Stage:
+    """Healing after the run, in the same process (the notebook's `exp.heal`): a copy of the distilled student,
+    made where it trains, trained as in the training stage plus `healing_bytes`, while the distilled student (and
+    the baseline) wait on the host. `python -m pocket_teacher export --heal-steps` holds less: no baseline."""
+    device = {("healing copy of the student (fp32)" if k.startswith("student weights") else k): v
+              for k, v in train_device.items() if k != "rollout KV cache"}  # healing takes no on-policy steps
+    host = {**train_host, "distilled student (on host)": student_bytes}
+    if ev.baseline:
+        host["baseline student (on host)"] = student_bytes
+    healing = stage("healing", {**device, **healing_bytes(student, compute, checkpointing)}, host)
+    healing.optional = "exp.heal / export --heal-steps"
+    return healing
 
 
 def _evaluation_device(teacher_bytes: int, student_bytes: int, activations: int, logit_chunk: int,
@@ -454,10 +496,10 @@ def _evaluation_device(teacher_bytes: int, student_bytes: int, activations: int,
             f"logit chunks ({'both' if students == 1 else 'three'} models)": (students + 1) * logit_chunk}
 
 
-def _one_memory(stages: list[Stage], teacher_bytes: int, student_bytes: int) -> None:
+def _one_memory(stages: list[Stage], teacher_bytes: int, student_bytes: int, device: Device) -> None:
     """On CPU the teacher stays in RAM in every stage, and the evaluated student is the one resting there:
-    count each once per stage."""
-    for s in stages:
+    count each once per stage (on a GPU, nothing to do)."""
+    for s in stages if not device.cuda else []:
         s.host.setdefault("teacher weights", teacher_bytes)
         if s.name == "evaluation":
             s.host.pop("student weights", None)
@@ -514,7 +556,8 @@ def _search_fixes(cfg, device: Device, lengths: tuple) -> list[str]:
 def _overflow(plan: MemoryPlan) -> int:
     """Bytes by which the stages overflow the accelerator and the host RAM, summed."""
     limits = [(plan.device_limit, "device_peak"), (plan.device.host, "host_peak")]
-    return sum(max(0, getattr(s, peak) - limit) for s in plan.stages for limit, peak in limits if limit is not None)
+    return sum(max(0, getattr(s, peak) - limit) for s in plan.stages if not s.optional
+               for limit, peak in limits if limit is not None)
 
 
 def inference_bytes_per_token(model) -> int:

@@ -172,3 +172,31 @@ def test_evaluation_after_training_counts_both_trained_students_beside_the_teach
     host = next(s for s in cpu.stages if s.name == "evaluation after").host  # one memory: four models in RAM
     assert {"teacher weights", "distilled student weights", "baseline weights",
             "student (untrained, on host)"} <= set(host)
+
+
+def test_healing_is_counted_but_only_asked_for_and_its_overflow_is_a_note():
+    """Healing (exp.heal) is a stage of its own: a training step plus the rounded weights it keeps, while the
+    distilled student and the baseline wait on the host. A run never reaches it by itself, so a healing that does
+    not fit is said in a line and does not stop the run, nor steer the knobs the plan suggests."""
+    cfg = apply_overrides(get_preset("t4"), ["eval.baseline=true"])
+    plan = memory_plan(cfg, "t4")
+    heal = next(s for s in plan.stages if s.name == "healing")
+    train = next(s for s in plan.stages if s.name == "training")
+    assert heal.optional and not train.optional
+    assert heal.device["rounded output layer (fp32)"] == 4 * plan.student.vocab_rows * plan.student.hidden
+    assert heal.device_peak > train.device_peak  # every training item, and the rounding on top
+    assert heal.device["loss buffers"] == train.device["loss buffers"]  # the chunked loss still (no (N, V) logits)
+    assert heal.host["distilled student (on host)"] == heal.host["baseline student (on host)"] > 0
+    assert "healing copy of the student (fp32)" in heal.device  # made on the GPU, not a second copy on the host
+    assert "* healing: only when asked (exp.heal / export --heal-steps); fits" in str(plan)
+    room = heal.host_peak / 2**30 - 0.01  # a host where healing alone overflows
+    tight = memory_plan(cfg, "t4", host_gb=room * 2**30 / 1e9)
+    assert tight.fits and tight.problems(optional=True) and not tight.fixes
+    assert "* healing: only when asked" in str(tight) and "does not fit: healing:" in str(tight)
+    cpu = memory_plan(get_preset("pocket"), "cpu")  # one memory: fp32 rounded copies of every matrix, kept
+    heal = next(s for s in cpu.stages if s.name == "healing")
+    layers = cpu.student.layers * cpu.student.layer_linear_params * 4
+    assert heal.host["rounded layer matrices"] == layers
+    checkpointed = memory_plan(apply_overrides(get_preset("pocket"), ["train.gradient_checkpointing=true"]), "cpu")
+    assert next(s for s in checkpointed.stages if s.name == "healing").host["rounded layer matrices"] == layers // (
+        cpu.student.layers)
