@@ -25,7 +25,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -135,30 +135,32 @@ def gguf_name(name: str) -> Optional[str]:
     return f"blk.{parts[2]}.{_LAYER['.'.join(parts[3:])]}"
 
 
-def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, np.ndarray]]:
+def gguf_tensors(model: torch.nn.Module) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, fp32 array) for every tensor of a Llama / Qwen2 causal LM, the output layer left out when tied
-    to the embeddings. A parameter this mapping does not know is an error, never dropped."""
+    to the embeddings, one at a time: a model on a GPU comes to the host a tensor at a time, so an export holds the
+    encoded file and one fp32 tensor, not a second fp32 model. A parameter this mapping does not know is an error
+    raised here, before any tensor is read, never dropped."""
     config = model.config
     check_exportable(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    out, unknown = [], []
-    for name, tensor in model.state_dict().items():
-        array = tensor.detach().to(torch.float32).cpu().numpy()
-        if name == "lm_head.weight" and tied:
-            continue
-        target = gguf_name(name)
-        if target is None:
-            unknown.append(name)
-            continue
-        if config.model_type == "llama" and target.endswith(("attn_q.weight", "attn_k.weight")):
-            array = _permute(array, heads if target.endswith("attn_q.weight") else kv)
-        out.append((target, array))
+    state = model.state_dict()
+    unknown = [name for name in state if gguf_name(name) is None and not (name == "lm_head.weight" and tied)]
     if unknown:
         raise ExportError(f"GGUF export does not know these parameters: {', '.join(unknown[:5])}"
                           + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
                           + ". Only Llama / Qwen2 causal LMs are written.")
-    return out
+    return _arrays(state, config, tied)
+
+
+def _arrays(state: dict, config, tied: bool) -> Iterator[tuple[str, np.ndarray]]:
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and tied:
+            continue
+        target, array = gguf_name(name), tensor.detach().to(torch.float32).cpu().numpy()
+        if config.model_type == "llama" and target.endswith(("attn_q.weight", "attn_k.weight")):
+            array = _permute(array, heads if target.endswith("attn_q.weight") else kv)
+        yield target, array
 
 
 def _encode(name: str, array: np.ndarray, quant: str) -> tuple[np.ndarray, object, Optional[tuple]]:

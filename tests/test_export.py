@@ -553,3 +553,19 @@ def test_fake_quantized_scores_the_files_weights_without_a_copy_and_restores_the
     with pytest.raises(ExportError, match="detach_fake_quant first"):
         with export.fake_quantized(model, "q8_0"):
             pass
+
+
+def test_the_tensors_come_one_at_a_time_and_an_unknown_parameter_is_refused_before_any():
+    """An export holds the encoded file and one fp32 tensor at a time (a model on a GPU is not copied whole to the
+    host); a parameter the format does not know is an error at once, naming it, never dropped."""
+    import types
+
+    model = _llama(96)
+    tensors = export.gguf_tensors(model)
+    assert isinstance(tensors, types.GeneratorType)
+    name, array = next(tensors)
+    assert name == "token_embd.weight" and array.dtype == np.float32 and array.shape == (96, 64)
+    assert [n for n, _ in tensors][-1] == "output_norm.weight"  # tied: no output.weight
+    model.model.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
+    with pytest.raises(ExportError, match="does not know these parameters: model.extra"):
+        export.gguf_tensors(model)
