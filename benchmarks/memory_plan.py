@@ -140,9 +140,8 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
                 teacher.generate(**enc, **GREEDY, max_new_tokens=new, min_new_tokens=new, pad_token_id=tok.pad_token_id)
         elif stage == "training":
             distill(copy.deepcopy(student_init), None, train, cfg, Vocab.of(tok), teacher_cache=cache, progress=False)
-        elif stage == "healing":  # as Experiment.heal: the copy made where it trains, every matrix rounded
-            with experiment.visiting(student_init, device):
-                healing = attach_fake_quant(copy.deepcopy(student_init), "q4_0")
+        elif stage == "healing":  # as Experiment.heal: one copy, made on the host, every matrix rounded
+            healing = attach_fake_quant(copy.deepcopy(student_init), "q4_0")
             distill(healing, None, train, cfg, Vocab.of(tok), teacher_cache=cache, progress=False)
         measured = _peak(device)
         del waiting

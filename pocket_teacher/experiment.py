@@ -23,7 +23,7 @@ from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt
                    hold_out_prompts, load_examples, load_mmlu, remove_overlap, tokenize_examples)
 from .batches import AnswerHidden, scored_tokens
 from .evaluate import Agreements, Known, agreements, evaluate_model, perplexity, teacher_on_student_samples
-from .export import (ExportError, ExportReport, attach_fake_quant, detach_fake_quant, export_gguf, fake_quantized,
+from .export import (ExportError, ExportReport, detach_fake_quant, export_gguf, fake_quantized,
                      teacher_gguf)
 from .files import write_json
 from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
@@ -894,13 +894,12 @@ class Experiment:
                 self._unhealed[trained.student, quant] = (self._perplexity(trained.student),
                                                           self._perplexity(trained.student, quant))
             fp32, before = self._unhealed[trained.student, quant]
-            with visiting(trained.student, self.device):  # the copy made where it trains: no second one on the host
-                init = attach_fake_quant(copy.deepcopy(trained.student), quant)
             self.say(f"healing the {quant} gap ({before - fp32:+.3f} perplexity): {steps} steps, alpha {alpha}, "
                      f"lr {variant.train.lr:g}, quantization-aware forward")
-            try:
-                healed, result = train_student(variant, init, self.teacher if self.shared else None, self.splits,
-                                               self.tokenizer, self.progress, self.cache)
+            try:  # training's own copy of the student takes the rounding along: one copy, not two
+                with fake_quantized(trained.student, quant):
+                    healed, result = train_student(variant, trained.student, self.teacher if self.shared else None,
+                                                   self.splits, self.tokenizer, self.progress, self.cache)
             except TrainingInterrupted as exc:  # healing is short and never resumed: its advice is to start over
                 raise TrainingInterrupted(exc.signum, f"{signal.Signals(exc.signum).name} while healing the {quant} "
                                           f"gap; no healed file was written. Healing starts over from the trained "

@@ -306,9 +306,9 @@ class MemoryPlan:
         lines += [f"  note: {n}" for n in self.notes]
         for stage in (s for s in self.stages if s.optional):
             over = self.problems(optional=True)
+            mine = [p for p in over if p.startswith(stage.name)]
             lines.append(f"  * {stage.name}: only when asked ({stage.optional}); " + (
-                "does not fit: " + "; ".join(p for p in over if p.startswith(stage.name)) if any(
-                    p.startswith(stage.name) for p in over) else "fits"))
+                f"does not fit: {'; '.join(mine)}; {HEAL_ALONE}" if mine else "fits"))
         lines.append(self.verdict)
         knobs = " ".join(f"--set {f}" for f in self.fixes if "=" in f)
         rest = [f for f in self.fixes if "=" not in f]
@@ -444,7 +444,7 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
                             {**train_host, "distilled student (on host)": sw}))
         if ev.agreement:  # one teacher pass scores both trained students: they visit the device together
             stages.append(stage("evaluation after", evaluation(2), {**resting, **kept}))
-    stages.append(_healing(stage, student, train_device, train_host, sw, compute, tr.gradient_checkpointing, ev))
+    stages.append(_healing(stage, student, train_device, train_host, sw, compute, cfg, device.cuda))
     _one_memory(stages, tw, sw, device)
     step_seconds = _step_seconds(tr, teacher, student, device, tr.batch_size * tr.grad_accum * mean_len, live)
     settings = {"teacher_precision": r["teacher_precision"], "mixed_precision": r["mixed_precision"],
@@ -455,6 +455,10 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
     emulated = device.cuda and r["mixed_precision"] == "bf16" and (device.capability or (0, 0)) < (8, 0)
     notes = ["bf16 is emulated on this GPU (no bf16 tensor cores): use fp16 or auto"] if emulated else []
     return MemoryPlan(device, teacher, student, stages, settings, step_seconds, notes=notes)
+
+
+HEAL_ALONE = ("heal in a process of its own, which holds neither the baseline nor the held-out states: python -m "
+              "pocket_teacher export --run runs/NAME --quant TYPE --heal-steps N")
 
 
 def healing_bytes(student: ModelShape, compute: float, checkpointing: bool) -> dict[str, int]:
@@ -472,16 +476,19 @@ def healing_bytes(student: ModelShape, compute: float, checkpointing: bool) -> d
 
 
 def _healing(stage, student: ModelShape, train_device: dict, train_host: dict, student_bytes: int, compute: float,
-             checkpointing: bool, ev) -> Stage:
-    """Healing after the run, in the same process (the notebook's `exp.heal`): a copy of the distilled student,
-    made where it trains, trained as in the training stage plus `healing_bytes`, while the distilled student (and
-    the baseline) wait on the host. `python -m pocket_teacher export --heal-steps` holds less: no baseline."""
+             cfg, cuda: bool) -> Stage:
+    """Healing after the run, in the same process (the notebook's `exp.heal`): training's one copy of the distilled
+    student, trained as in the training stage plus `healing_bytes`, while the distilled student (and the baseline)
+    wait on the host; on a GPU the copy is made on the host, and the healed student comes back there.
+    `python -m pocket_teacher export --heal-steps` holds less: no baseline."""
     device = {("healing copy of the student (fp32)" if k.startswith("student weights") else k): v
               for k, v in train_device.items() if k != "rollout KV cache"}  # healing takes no on-policy steps
     host = {**train_host, "distilled student (on host)": student_bytes}
-    if ev.baseline:
+    if cfg.eval.baseline:
         host["baseline student (on host)"] = student_bytes
-    healing = stage("healing", {**device, **healing_bytes(student, compute, checkpointing)}, host)
+    if cuda:
+        host["healing copy, then the healed student (on host)"] = student_bytes
+    healing = stage("healing", {**device, **healing_bytes(student, compute, cfg.train.gradient_checkpointing)}, host)
     healing.optional = "exp.heal / export --heal-steps"
     return healing
 

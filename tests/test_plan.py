@@ -5,7 +5,7 @@ import torch
 
 from pocket_teacher.cli import main
 from pocket_teacher.config import apply_overrides, get_preset
-from pocket_teacher.plan import (KNOWN_MODELS, PlanError, memory_plan, model_shape, optimizer_bytes,
+from pocket_teacher.plan import (HEAL_ALONE, KNOWN_MODELS, PlanError, memory_plan, model_shape, optimizer_bytes,
                                  shape_from_config, train_activation_bytes, weight_bytes)
 
 
@@ -188,11 +188,14 @@ def test_healing_is_counted_but_only_asked_for_and_its_overflow_is_a_note():
     assert heal.device["loss buffers"] == train.device["loss buffers"]  # the chunked loss still (no (N, V) logits)
     assert heal.host["distilled student (on host)"] == heal.host["baseline student (on host)"] > 0
     assert "healing copy of the student (fp32)" in heal.device  # made on the GPU, not a second copy on the host
-    assert "* healing: only when asked (exp.heal / export --heal-steps); fits" in str(plan)
-    room = heal.host_peak / 2**30 - 0.01  # a host where healing alone overflows
-    tight = memory_plan(cfg, "t4", host_gb=room * 2**30 / 1e9)
-    assert tight.fits and tight.problems(optional=True) and not tight.fixes
-    assert "* healing: only when asked" in str(tight) and "does not fit: healing:" in str(tight)
+    assert heal.host["healing copy, then the healed student (on host)"] > 0  # copied on the host, back there
+    # with the baseline waiting too, a Colab host is too small for it in the notebook's process: a line that says
+    # so and where to heal instead; the run itself still fits, and no knob is suggested for it
+    assert heal.host_peak > plan.device.host and plan.fits and plan.problems(optional=True) and not plan.fixes
+    assert "* healing: only when asked (exp.heal / export --heal-steps); does not fit: healing: " in str(plan)
+    assert HEAL_ALONE in str(plan) and "--heal-steps N" in HEAL_ALONE
+    alone = memory_plan(get_preset("t4"), "t4")  # the preset as it is: no baseline
+    assert "* healing: only when asked (exp.heal / export --heal-steps); fits" in str(alone)
     cpu = memory_plan(get_preset("pocket"), "cpu")  # one memory: fp32 rounded copies of every matrix, kept
     heal = next(s for s in cpu.stages if s.name == "healing")
     layers = cpu.student.layers * cpu.student.layer_linear_params * 4
