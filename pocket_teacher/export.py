@@ -288,12 +288,24 @@ def attach_fake_quant(model: torch.nn.Module, quant: str) -> torch.nn.Module:
 
 def detach_fake_quant(model: torch.nn.Module) -> torch.nn.Module:
     """Remove `attach_fake_quant`'s parametrizations, keeping the full-precision (latent) weights that training
-    updated: exporting them writes exactly the weights the quantization-aware forward pass used."""
+    updated: exporting them writes exactly the weights the quantization-aware forward pass used.
+
+    Done by hand rather than with `parametrize.remove_parametrizations`, which deletes the `weight` property from
+    the module's class: a deep copy of a parametrized model shares that class (torch copies the instance, not the
+    class), so removing the original's broke the copy's (healing trains such a copy). Here the module only goes
+    back to its own class, and a tied output layer gets the same latent Parameter as its embedding."""
     from torch.nn.utils import parametrize
 
-    for module in model.modules():
-        if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    for module in [m for m in model.modules() if parametrize.is_parametrized(m, "weight")]:
+        if set(module.parametrizations) != {"weight"} or not isinstance(module.parametrizations["weight"][0],
+                                                                         StraightThrough):
+            raise ExportError(f"{type(module).__name__} has parametrizations other than attach_fake_quant's "
+                              f"({', '.join(module.parametrizations)}); remove them first.")
+        original = module.parametrizations["weight"].original
+        del module.parametrizations
+        module.__class__ = type(module).__bases__[0]
+        rest = {k: v for k, v in module._parameters.items() if k != "weight"}
+        module._parameters = {"weight": original, **rest}  # weight first, as the module registered it
     return model
 
 

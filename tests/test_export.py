@@ -569,3 +569,27 @@ def test_the_tensors_come_one_at_a_time_and_an_unknown_parameter_is_refused_befo
     model.model.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
     with pytest.raises(ExportError, match="does not know these parameters: model.extra"):
         export.gguf_tensors(model)
+
+
+def test_a_copy_of_a_fake_quantized_model_survives_detaching_the_original_and_the_reverse():
+    """torch's deepcopy of a parametrized model shares the module classes torch made for it; healing attaches the
+    rounding to the distilled student while training copies it, then detaches both: neither may break the other."""
+    import copy
+
+    ids = torch.randint(0, 96, (2, 12))
+    for first in ("original", "copy"):
+        model = _llama(96)
+        plain = {k: v.clone() for k, v in model.state_dict().items()}
+        attach_fake_quant(model, "q4_0")
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            twin.model.embed_tokens.parametrizations.weight.original.add_(0.5)  # the copy trains, the original not
+        order = (model, twin) if first == "original" else (twin, model)
+        for m in order:
+            detach_fake_quant(m)
+        for m in (model, twin):
+            assert type(m.lm_head) is torch.nn.Linear and m.lm_head.weight is m.model.embed_tokens.weight
+            assert list(m.state_dict()) == list(plain)
+            m(ids)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.items())
+        assert not torch.equal(twin.model.embed_tokens.weight, plain["model.embed_tokens.weight"])
