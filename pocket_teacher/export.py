@@ -246,9 +246,10 @@ def _round_blocks(blocks: torch.Tensor, quant: str) -> torch.Tensor:
 
 
 class _RoundThrough(torch.autograd.Function):
-    """Forward: the weight exactly as the file holds it; backward: the gradient passed to the full-precision
-    weight unchanged (the straight-through estimator). Exact where `w + (q - w).detach()` is not (fp32 rounding),
-    and without that form's two full-size temporaries."""
+    """Forward: the weight exactly as the file holds it (for an fp32 weight; a 16-bit one gets those values in its
+    own dtype); backward: the gradient passed to the full-precision weight unchanged (the straight-through
+    estimator). Exact where `w + (q - w).detach()` is not (fp32 rounding), and without that form's two full-size
+    temporaries."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, quant: str) -> torch.Tensor:

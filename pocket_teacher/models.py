@@ -529,9 +529,10 @@ def output_layer(model: torch.nn.Module) -> Optional[tuple[torch.Tensor, Optiona
     # is computed when read, as healing's fake quantization does); not a Linear subclass such as bitsandbytes'
     # Linear8bitLt, whose weight is not the matrix it multiplies by
     cls = type(head).__bases__[0] if parametrize.is_parametrized(head) else type(head)
-    if cls is not torch.nn.Linear or not head.weight.is_floating_point():
+    if cls is not torch.nn.Linear:
         return None
-    return head.weight, head.bias  # a parametrized weight is computed here, once
+    weight = head.weight  # read once: a parametrized weight is computed at each read
+    return (weight, head.bias) if weight.is_floating_point() else None
 
 
 def offload(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:

@@ -307,8 +307,9 @@ class MemoryPlan:
         for stage in (s for s in self.stages if s.optional):
             over = self.problems(optional=True)
             mine = [p for p in over if p.startswith(stage.name)]
+            advice = f"; {HEAL_ALONE}" if any("host RAM" in p for p in mine) else ""  # a GPU overflow stays one
             lines.append(f"  * {stage.name}: only when asked ({stage.optional}); " + (
-                f"does not fit: {'; '.join(mine)}; {HEAL_ALONE}" if mine else "fits"))
+                f"does not fit: {'; '.join(mine)}{advice}" if mine else "fits"))
         lines.append(self.verdict)
         knobs = " ".join(f"--set {f}" for f in self.fixes if "=" in f)
         rest = [f for f in self.fixes if "=" not in f]
@@ -422,12 +423,12 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
             "teacher weights": tw, "KV cache": kv_cache_bytes(teacher, gb, train_len + cfg.generate.max_new_tokens,
                                                               t_bytes),
             "step logits": 3 * 4 * gb * teacher.vocab_rows}, resting))
+    loss_buffers = functools.partial(loss_buffer_bytes, student, chunk, train_answers, compute, implementation)
     train_device = {
         "student weights (fp32)": sw, "gradients": sw, f"optimizer ({tr.optimizer})": optimizer_bytes(student,
                                                                                                       tr.optimizer),
         "activations": train_activation_bytes(student, compute, train_tokens, train_len, tr.gradient_checkpointing),
-        "loss buffers": loss_buffer_bytes(student, chunk, train_answers, compute, implementation,
-                                          teacher if live else None)}
+        "loss buffers": loss_buffers(teacher if live else None)}
     if tr.on_policy > 0:  # the student samples its rollouts with a KV cache, without gradient
         train_device["rollout KV cache"] = kv_cache_bytes(student, tr.batch_size, train_len + tr.rollout_max_new_tokens,
                                                           compute)
@@ -444,7 +445,7 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
                             {**train_host, "distilled student (on host)": sw}))
         if ev.agreement:  # one teacher pass scores both trained students: they visit the device together
             stages.append(stage("evaluation after", evaluation(2), {**resting, **kept}))
-    stages.append(_healing(stage, student, train_device, train_host, sw, compute, cfg, device.cuda))
+    stages.append(_healing(stage, student, train_device, train_host, sw, compute, cfg, device.cuda, loss_buffers(None)))
     _one_memory(stages, tw, sw, device)
     step_seconds = _step_seconds(tr, teacher, student, device, tr.batch_size * tr.grad_accum * mean_len, live)
     settings = {"teacher_precision": r["teacher_precision"], "mixed_precision": r["mixed_precision"],
@@ -457,16 +458,16 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
     return MemoryPlan(device, teacher, student, stages, settings, step_seconds, notes=notes)
 
 
-HEAL_ALONE = ("heal in a process of its own, which holds neither the baseline nor the held-out states: python -m "
-              "pocket_teacher export --run runs/NAME --quant TYPE --heal-steps N")
+HEAL_ALONE = ("heal in a process of its own, whose host holds neither the baseline nor the held-out states: python "
+              "-m pocket_teacher export --run runs/NAME --quant TYPE --heal-steps N")
 
 
 def healing_bytes(student: ModelShape, compute: float, checkpointing: bool) -> dict[str, int]:
     """What healing (`Experiment.heal`: training with every matrix rounded as the file will hold it) holds beyond
-    a training step. The output layer, rounded once per step in fp32, is kept by the chunked loss for its backward
-    pass; each decoder matrix, rounded in fp32 when its layer runs, is kept for backward as it is multiplied (fp32
-    on CPU; in the compute dtype under autocast, after a transient fp32 copy of one layer), for every layer or,
-    with gradient checkpointing, for the one being recomputed; `export.quantize_dequantize` rounds
+    a training step. The output layer, rounded in fp32 for each micro-batch, is held while the chunked loss runs
+    (the loss's peak); each decoder matrix, rounded in fp32 when its layer runs, is kept for backward as it is
+    multiplied (fp32 on CPU; in the compute dtype under autocast, after a transient fp32 copy of one layer), for
+    every layer or, with gradient checkpointing, for the one being recomputed; `export.quantize_dequantize` rounds
     `QD_CHUNK_BLOCKS` blocks at a time (about six fp32 temporaries of that size)."""
     layer = student.layer_linear_params
     kept = (1 if checkpointing else student.layers) * layer * (4 if compute == 4 else compute)
@@ -476,14 +477,19 @@ def healing_bytes(student: ModelShape, compute: float, checkpointing: bool) -> d
 
 
 def _healing(stage, student: ModelShape, train_device: dict, train_host: dict, student_bytes: int, compute: float,
-             cfg, cuda: bool) -> Stage:
+             cfg, cuda: bool, cached_loss: int) -> Stage:
     """Healing after the run, in the same process (the notebook's `exp.heal`): training's one copy of the distilled
     student, trained as in the training stage plus `healing_bytes`, while the distilled student (and the baseline)
-    wait on the host; on a GPU the copy is made on the host, and the healed student comes back there.
+    wait on the host; on a GPU the copy is made on the host, and the healed student comes back there. Healing
+    takes no on-policy steps: with the teacher cache (`cached_loss`: the loss's buffers without a live teacher) the
+    teacher waits on the host even where the run's on-policy steps had it on the device.
     `python -m pocket_teacher export --heal-steps` holds less: no baseline."""
     device = {("healing copy of the student (fp32)" if k.startswith("student weights") else k): v
-              for k, v in train_device.items() if k != "rollout KV cache"}  # healing takes no on-policy steps
+              for k, v in train_device.items() if k != "rollout KV cache"}
     host = {**train_host, "distilled student (on host)": student_bytes}
+    if cfg.teacher_cache.use and "teacher weights" in device:
+        host["teacher (offloaded to host)" if cuda else "teacher weights"] = device.pop("teacher weights")
+        device["loss buffers"] = cached_loss
     if cfg.eval.baseline:
         host["baseline student (on host)"] = student_bytes
     if cuda:

@@ -312,6 +312,37 @@ def test_healing_a_run_writes_the_healed_file_and_its_gap(tmp_path, capsys):
     command[-1] = "3"  # the same heal (shorter, for the test's time) starts over and finishes
     assert subprocess.run(command, capture_output=True, text=True, timeout=600).returncode == 0
     assert (out / "student-q4_1-healed.gguf").is_file()
+    # in one process, healed twice and once stopped by an error: the distilled student is left as it was each time
+    from torch.nn.utils import parametrize
+
+    from pocket_teacher import experiment
+
+    exp = experiment.from_run(out, progress=False)
+    student = exp.trained.student
+    weights = {k: v.clone() for k, v in student.state_dict().items()}
+
+    def unchanged():
+        assert not any(parametrize.is_parametrized(m) for m in student.modules())
+        assert all(torch.equal(student.state_dict()[k], v) for k, v in weights.items())
+        assert student.lm_head.weight is student.model.embed_tokens.weight
+
+    for alpha in (None, 1.0):
+        report = exp.heal("q8_0", 2, alpha=alpha, export=False)
+        unchanged()
+        assert not any(parametrize.is_parametrized(m) for m in exp.healed_student.modules())
+        assert report["quantized_before"] == exp.heal("q8_0", 2, export=False)["quantized_before"]
+    original = experiment.train_student
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("stopped inside the healing")
+
+    experiment.train_student = failing
+    try:
+        with pytest.raises(RuntimeError, match="stopped inside"):
+            exp.heal("q4_0", 2, export=False)
+    finally:
+        experiment.train_student = original
+    unchanged()
 
 
 def _ggml_dot(x: np.ndarray, data: np.ndarray, weight_type: str) -> np.ndarray:
@@ -534,6 +565,8 @@ def test_the_straight_through_forward_is_the_files_weight_exactly_and_keeps_the_
     other = _llama(96, tied=False)
     other.lm_head = Int8(64, 96, bias=False)
     assert output_layer(other) is None
+    attach_fake_quant(other, "q8_0")  # a parametrized subclass is still the subclass
+    assert type(other.lm_head).__bases__[0] is Int8 and output_layer(other) is None
 
 
 def test_fake_quantized_scores_the_files_weights_without_a_copy_and_restores_them():
@@ -549,6 +582,11 @@ def test_fake_quantized_scores_the_files_weights_without_a_copy_and_restores_the
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    with pytest.raises(RuntimeError, match="inside"):  # an error in the block: the weights are restored too
+        with export.fake_quantized(model, "q4_0"):
+            raise RuntimeError("inside")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
     attach_fake_quant(model, "q4_0")
     with pytest.raises(ExportError, match="detach_fake_quant first"):
         with export.fake_quantized(model, "q8_0"):

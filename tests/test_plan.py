@@ -187,7 +187,7 @@ def test_healing_is_counted_but_only_asked_for_and_its_overflow_is_a_note():
     assert heal.device_peak > train.device_peak  # every training item, and the rounding on top
     assert heal.device["loss buffers"] == train.device["loss buffers"]  # the chunked loss still (no (N, V) logits)
     assert heal.host["distilled student (on host)"] == heal.host["baseline student (on host)"] > 0
-    assert "healing copy of the student (fp32)" in heal.device  # made on the GPU, not a second copy on the host
+    assert "healing copy of the student (fp32)" in heal.device  # trains on the GPU
     assert heal.host["healing copy, then the healed student (on host)"] > 0  # copied on the host, back there
     # with the baseline waiting too, a Colab host is too small for it in the notebook's process: a line that says
     # so and where to heal instead; the run itself still fits, and no knob is suggested for it
@@ -203,3 +203,24 @@ def test_healing_is_counted_but_only_asked_for_and_its_overflow_is_a_note():
     checkpointed = memory_plan(apply_overrides(get_preset("pocket"), ["train.gradient_checkpointing=true"]), "cpu")
     assert next(s for s in checkpointed.stages if s.name == "healing").host["rounded layer matrices"] == layers // (
         cpu.student.layers)
+
+
+def test_healing_takes_no_on_policy_steps_and_a_gpu_overflow_gets_no_process_advice():
+    """A run with on-policy steps has the teacher on the GPU while it trains; healing takes none, so with the cache
+    the teacher waits on the host and the loss has no live teacher's buffers. Healing in a process of its own
+    helps the host only: a GPU overflow does not get that advice."""
+    cfg = apply_overrides(get_preset("t4"), ["train.on_policy=0.5"])
+    plan = memory_plan(cfg, "t4")
+    train = next(s for s in plan.stages if s.name == "training")
+    heal = next(s for s in plan.stages if s.name == "healing")
+    assert "teacher weights" in train.device and "teacher weights" not in heal.device
+    assert heal.host["teacher (offloaded to host)"] == train.device["teacher weights"]
+    assert heal.device["loss buffers"] < train.device["loss buffers"] and "rollout KV cache" not in heal.device
+    assert heal.device["loss buffers"] == next(s for s in memory_plan(get_preset("t4"), "t4").stages
+                                               if s.name == "healing").device["loss buffers"]
+    big = memory_plan(get_preset("a100"), "t4")  # healing overflows the GPU and the host
+    line = next(x for x in str(big).splitlines() if x.startswith("  * healing"))
+    assert "on the GPU" in line and "host RAM" in line and HEAL_ALONE in line
+    gpu_only = memory_plan(get_preset("a100"), "t4", host_gb=1000)
+    line = next(x for x in str(gpu_only).splitlines() if x.startswith("  * healing"))
+    assert "on the GPU" in line and HEAL_ALONE not in line
