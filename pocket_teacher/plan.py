@@ -254,18 +254,19 @@ class MemoryPlan:
     def device_limit(self) -> Optional[int]:
         return None if self.device.memory is None else int(self.device.memory * (1 - ALLOCATOR_SLACK))
 
+    def overflows(self, s: Stage) -> list[str]:
+        """What of stage `s` overflows: the GPU, the host RAM, or neither."""
+        out = []
+        if self.device_limit is not None and s.device_peak > self.device_limit:
+            out.append(f"{s.name}: {gib(s.device_peak)} on the GPU > {gib(self.device_limit)} usable")
+        if self.device.host is not None and s.host_peak > self.device.host:
+            out.append(f"{s.name}: {gib(s.host_peak)} of host RAM > {gib(self.device.host)}")
+        return out
+
     def problems(self, optional: bool = False) -> list[str]:
         """What overflows, stage by stage: the stages a run goes through, or (`optional`) those it reaches only
         when asked (healing)."""
-        out = []
-        for s in self.stages:
-            if bool(s.optional) != optional:
-                continue
-            if self.device_limit is not None and s.device_peak > self.device_limit:
-                out.append(f"{s.name}: {gib(s.device_peak)} on the GPU > {gib(self.device_limit)} usable")
-            if self.device.host is not None and s.host_peak > self.device.host:
-                out.append(f"{s.name}: {gib(s.host_peak)} of host RAM > {gib(self.device.host)}")
-        return out
+        return [p for s in self.stages if bool(s.optional) == optional for p in self.overflows(s)]
 
     @property
     def fits(self) -> bool:
@@ -305,11 +306,11 @@ class MemoryPlan:
                      f"steps keeps a disconnect under 10 minutes{host_note}")
         lines += [f"  note: {n}" for n in self.notes]
         for stage in (s for s in self.stages if s.optional):
-            over = self.problems(optional=True)
-            mine = [p for p in over if p.startswith(stage.name)]
-            advice = f"; {HEAL_ALONE}" if any("host RAM" in p for p in mine) else ""  # a GPU overflow stays one
+            over = self.overflows(stage)
+            host_over = self.device.host is not None and stage.host_peak > self.device.host
+            advice = f"; {HEAL_ALONE}" if host_over else ""  # a process of its own helps the host, not the GPU
             lines.append(f"  * {stage.name}: only when asked ({stage.optional}); " + (
-                f"does not fit: {'; '.join(mine)}{advice}" if mine else "fits"))
+                f"does not fit: {'; '.join(over)}{advice}" if over else "fits"))
         lines.append(self.verdict)
         knobs = " ".join(f"--set {f}" for f in self.fixes if "=" in f)
         rest = [f for f in self.fixes if "=" not in f]
