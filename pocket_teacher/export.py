@@ -29,6 +29,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from torch.nn.utils import parametrize
 
 from . import llamacpp
 from .checkpoints import newest_valid
@@ -216,10 +217,9 @@ def quantize_dequantize(weight: torch.Tensor, quant: str) -> torch.Tensor:
         return w.to(torch.float16).to(torch.float32)
     blocks = w.reshape(-1, 32)
     out = torch.empty_like(blocks)
-    with torch.no_grad():
-        for start in range(0, blocks.shape[0], QD_CHUNK_BLOCKS):
-            part = slice(start, start + QD_CHUNK_BLOCKS)
-            out[part] = _round_blocks(blocks[part], quant)
+    for start in range(0, blocks.shape[0], QD_CHUNK_BLOCKS):  # `w` is detached: no graph is built
+        part = slice(start, start + QD_CHUNK_BLOCKS)
+        out[part] = _round_blocks(blocks[part], quant)
     return out.reshape(w.shape)
 
 
@@ -277,8 +277,6 @@ def attach_fake_quant(model: torch.nn.Module, quant: str) -> torch.nn.Module:
     """Make every matrix of `model` (the ones a GGUF file quantizes: projections, embeddings, output layer) pass
     through `StraightThrough(quant)` in the forward pass; a tied output layer shares its embedding's latent weight.
     Undo with `detach_fake_quant`. Returns `model`."""
-    from torch.nn.utils import parametrize
-
     _qtype(quant)
     for module in model.modules():
         weight = module._parameters.get("weight") if not parametrize.is_parametrized(module) else None
@@ -295,8 +293,6 @@ def detach_fake_quant(model: torch.nn.Module) -> torch.nn.Module:
     the module's class: a deep copy of a parametrized model shares that class (torch copies the instance, not the
     class), so removing the original's broke the copy's (healing trains such a copy). Here the module only goes
     back to its own class, and a tied output layer gets the same latent Parameter as its embedding."""
-    from torch.nn.utils import parametrize
-
     for module in [m for m in model.modules() if parametrize.is_parametrized(m, "weight")]:
         if set(module.parametrizations) != {"weight"} or not isinstance(module.parametrizations["weight"][0],
                                                                          StraightThrough):
@@ -316,8 +312,6 @@ def fake_quantized(model: torch.nn.Module, quant: str):
     layer reads it, `quantize_dequantize`), on whatever device it is; on leaving, the full-precision weights are as
     before. What `fake_quantize` gives, without its copy of the model: scoring a file's weights then costs one
     matrix at a time, not a second model in host RAM. Refuses a model already fake-quantized (`attach_fake_quant`)."""
-    from torch.nn.utils import parametrize
-
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise ExportError("fake_quantized: this model already has parametrized weights (attach_fake_quant?); "
                           "detach_fake_quant first.")
