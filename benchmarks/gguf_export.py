@@ -53,6 +53,9 @@ def run_arguments(doc: str, quants: list[str], run_help: str = "a finished run f
     parser.add_argument("--preset", required=True, help="the preset the run used")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="the run's overrides")
     parser.add_argument("--quant", nargs="+", default=quants)
+    parser.add_argument("--no-equalize", action="store_true",
+                        help="write the weights as trained (default: quantized files have their activations "
+                             "equalized, as `python -m pocket_teacher export` writes them)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return parser.parse_args()
 
@@ -89,11 +92,13 @@ def main() -> None:
     print(f"the run's own figure for this student: perplexity {recorded['student after']['perplexity']:.4f}")
     for quant in args.quant:
         start = time.perf_counter()
-        report = export_run(run, "student", quant, run / "gguf-bench" / f"student-{quant}.gguf")
+        report = export_run(run, "student", quant, run / "gguf-bench" / f"student-{quant}.gguf",
+                            calibration=None if args.no_equalize else exp.calibration_rows())
         export_s = time.perf_counter() - start
         model, _ = load_gguf(report.path)
         row = {"format": f"GGUF {quant}", "bytes": report.bytes, "export_s": export_s,
-               "fallbacks": [list(f) for f in report.fallbacks], "tokenizer": report.tokenizer, **score(model)}
+               "fallbacks": [list(f) for f in report.fallbacks], "tokenizer": report.tokenizer,
+               "equalized": report.equalized, **score(model)}
         row["perplexity_change"] = row["perplexity"] / rows[0]["perplexity"] - 1
         row["size_vs_fp32"] = report.bytes / size
         rows.append(row)

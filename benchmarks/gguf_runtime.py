@@ -1,7 +1,7 @@
 """The exported files in a runtime no one here wrote: llama.cpp, through llama-cpp-python.
 
-For each GGUF file of a finished run's student (exported here when missing, to <run>/gguf-bench/), on the run's
-held-out split:
+For each GGUF file of a finished run's student (exported afresh to <run>/gguf-bench/, activations equalized as the
+export command writes them unless --no-equalize), on the run's held-out split:
 
 - teacher-forced: llama.cpp's next-token logits against transformers' on the same file (the same dequantized
   weights): top-1 agreement and mean KL(transformers || llama.cpp) over every position, and each one's perplexity
@@ -193,6 +193,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--no-speed", action="store_true", help="only the agreement (no speed or memory children: "
                                                                  "for a machine whose cores are shared)")
+    parser.add_argument("--no-equalize", action="store_true",
+                        help="export the student's files with the weights as trained (default: activations "
+                             "equalized, as `python -m pocket_teacher export` writes them)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", choices=["llama", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -224,9 +227,9 @@ def main() -> None:
           f"buffer types {'on' if extra else 'off (this CPU has AMX: pocket_teacher/llamacpp.py)'}", flush=True)
     files = []
     for quant in args.quant:
-        path = run / "gguf-bench" / f"student-{quant}.gguf"
-        if not path.is_file():
-            print(export_run(run, "student", quant, path), flush=True)
+        path = run / "gguf-bench" / f"student-{quant}.gguf"  # written afresh: never an earlier run's file
+        print(export_run(run, "student", quant, path, calibration=None if args.no_equalize else
+                         exp.calibration_rows()), flush=True)
         files.append(path)
     files += [Path(f) for f in args.files]
     prompts = [_prompt(split[i]) for i in range(min(args.prompts, len(split)))]

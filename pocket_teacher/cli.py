@@ -24,7 +24,7 @@ from . import experiment
 from .checkpoints import CheckpointError, list_checkpoints
 from .config import PRESETS, ConfigError
 from .data import DataError
-from .export import QUANTS, ExportError, export_run
+from .export import QUANTS, ExportError
 from .hub import HubUnavailableError
 from .models import ModelLoadError, VocabMismatchError
 from .plan import GPUS, PlanError, memory_plan
@@ -97,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--model", choices=["student", "baseline"], default="student")
     export.add_argument("--quant", choices=QUANTS, default="q8_0")
     export.add_argument("--out", help="the .gguf file (default <run>/<model>-<quant>.gguf)")
+    export.add_argument("--no-equalize", dest="equalize", action="store_false",
+                        help="write q8_0 / q4_0 / q4_1 weights as trained; by default the activations are equalized "
+                             "(the same function, rounded more gently by llama.cpp), with scales measured on the "
+                             "run's first training rows, which loads the run's data and teacher")
     export.add_argument("--heal-steps", type=int, default=0, metavar="N",
                         help="first heal the quantization gap: N more distillation steps with the weights "
                              "quantized in the forward pass, from the run's teacher cache; writes "
@@ -204,7 +208,7 @@ def _main(args: argparse.Namespace) -> int:
             print(f"healed: {report['gguf']}; perplexity gap {report['gap_before']:+.3f} -> "
                   f"{report['gap_after']:+.3f}")
             return 0
-        print(export_run(args.run, args.model, args.quant, args.out))
+        print(experiment.export_from_run(args.run, args.model, args.quant, args.out, equalize=args.equalize))
         return 0
     cfg = experiment.configure(args.preset, _overrides(args))
     if args.command == "config":

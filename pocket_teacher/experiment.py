@@ -23,8 +23,8 @@ from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt
                    hold_out_prompts, load_examples, load_mmlu, remove_overlap, tokenize_examples)
 from .batches import AnswerHidden, scored_tokens
 from .evaluate import Agreements, Known, agreements, evaluate_model, perplexity, teacher_on_student_samples
-from .export import (ExportError, ExportReport, detach_fake_quant, export_gguf, fake_quantized,
-                     teacher_gguf)
+from .export import (EQUALIZE_QUANTS, EQUALIZE_ROWS, ExportError, ExportReport, check_run, detach_fake_quant,
+                     equalization, export_gguf, export_run, fake_quantized, teacher_gguf)
 from .files import write_json
 from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
 from .losses import Divergence, divergence_name
@@ -852,20 +852,33 @@ class Experiment:
                                trained.result, overrides=trained.overrides, extra=extra, files=files)
             return out
 
-    def export(self, quant: str = "q8_0", model: str = "student", out: Optional[str | Path] = None) -> ExportReport:
+    def export(self, quant: str = "q8_0", model: str = "student", out: Optional[str | Path] = None,
+               equalize: bool = True) -> ExportReport:
         """The trained student (or, model="baseline", the baseline) as one GGUF file that llama.cpp and Ollama load
         (default runs/<name>/<model>-<quant>.gguf): `python -m pocket_teacher export` does the same from a run
-        folder. The tokenizer is copied from the teacher's GGUF when it holds the same vocabulary."""
+        folder. The tokenizer is copied from the teacher's GGUF when it holds the same vocabulary. A q8_0, q4_0 or
+        q4_1 file has its activations equalized (`export.Equalization`: the same function, rounded more gently by
+        llama.cpp; scales from the first `EQUALIZE_ROWS` training rows) unless `equalize=False`."""
         if model not in ("student", "baseline"):
             raise ValueError(f"export(model={model!r}): use 'student' (the distilled one) or 'baseline'.")
         trained = _need(self.trained, "distil") if model == "student" else _need(self.baseline, "train_baseline")
         return self._write_gguf(trained.student, Path(out) if out else self.out / f"{model}-{quant}.gguf", quant,
-                                f"{self.cfg.run.name} {model}")
+                                f"{self.cfg.run.name} {model}", equalize)
 
-    def _write_gguf(self, student: torch.nn.Module, path: Path, quant: str, name: str) -> ExportReport:
+    def calibration_rows(self) -> list[list[int]]:
+        """The token ids of the first `EQUALIZE_ROWS` training rows: what an export's equalization measures."""
+        train = _need(self.student_stage, "load_student").splits.train
+        return [list(train[i]["input_ids"]) for i in range(min(EQUALIZE_ROWS, len(train)))]
+
+    def _write_gguf(self, student: torch.nn.Module, path: Path, quant: str, name: str,
+                    equalize: bool) -> ExportReport:
         """`student` as a GGUF file; its tokenizer copied from the teacher's GGUF when it is the same vocabulary."""
         rows = student.config.vocab_size
-        return export_gguf(student, self.tokenizer, path, quant, name=name,
+        equalized = None
+        if equalize and quant in EQUALIZE_QUANTS:
+            with visiting(student, self.device):
+                equalized = equalization(student, self.calibration_rows())
+        return export_gguf(student, self.tokenizer, path, quant, name=name, equalized=equalized,
                            tokenizer_gguf=teacher_gguf(self.cfg.teacher.source, self.tokenizer, rows))
 
     def heal(self, quant: str = "q4_0", steps: int = 50, alpha: Optional[float] = None, lr: Optional[float] = None,
@@ -913,7 +926,7 @@ class Experiment:
                       "gap_closed": 1 - (after - fp32) / (before - fp32) if before != fp32 else None}
             if export and self.main:
                 report["gguf"] = str(self._write_gguf(healed, self.out / f"student-{quant}-healed{suffix}.gguf",
-                                                      quant, f"{cfg.run.name} healed").path)
+                                                      quant, f"{cfg.run.name} healed", equalize=False).path)
             self.say(f"{quant} file: perplexity {before:,.3f} -> {after:,.3f} (fp32 {fp32:,.3f}); gap "
                      f"{report['gap_before']:+.3f} -> {report['gap_after']:+.3f}" + (
                          f", {report['gap_closed']:.0%} of it closed" if report["gap_closed"] is not None else ""))
@@ -975,10 +988,10 @@ class Experiment:
                 "history": self.trained.result.history if self.trained else []}
 
 
-def from_run(run: str | Path, progress: bool = True) -> Experiment:
+def from_run(run: str | Path, progress: bool = True, cache: bool = True) -> Experiment:
     """The experiment of a finished run folder, rebuilt from its config.yaml up to the teacher cache (the caches on
-    disk are reused; nothing in the folder is written), with its saved student as the trained one: what
-    `heal` and `export` need."""
+    disk are reused; nothing in the folder is written; `cache=False` stops before it), with its saved student as
+    the trained one: what `heal` and `export` need."""
     from transformers import AutoModelForCausalLM
 
     run = Path(run)
@@ -988,11 +1001,24 @@ def from_run(run: str | Path, progress: bool = True) -> Experiment:
     cfg = apply_overrides(Config.from_yaml(run / "config.yaml"),
                           {"run.out_dir": str(run.parent), "run.name": run.name, "train.resume": False})
     exp = Experiment(cfg, progress=progress)
-    for method in ("load_data", "load_teacher", "teacher_answers", "load_student", "build_cache"):
+    for method in ("load_data", "load_teacher", "teacher_answers", "load_student", *(["build_cache"] * cache)):
         getattr(exp, method)()
     student = AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32)
     exp.trained = Trained(cfg, [], student, TrainResult())
     return exp
+
+
+def export_from_run(run: str | Path, model: str = "student", quant: str = "q8_0", out: Optional[str | Path] = None,
+                    equalize: bool = True, progress: bool = True) -> ExportReport:
+    """`export.export_run`, a q8_0 / q4_0 / q4_1 file with its activations equalized (`Experiment.export`): the
+    scales are measured on the run's first training rows, which the run's config.yaml rebuilds (`from_run`,
+    without the teacher cache; the teacher is loaded, as the run's data and student need it). `equalize=False`
+    writes the weights as trained and reads nothing but the run folder."""
+    check_run(run, model, quant)  # before the run's data and teacher are loaded
+    if not equalize or quant not in EQUALIZE_QUANTS:
+        return export_run(run, model, quant, out)
+    rows = from_run(run, progress, cache=False).calibration_rows()
+    return export_run(run, model, quant, out, calibration=rows)
 
 
 def heal_run(run: str | Path, quant: str = "q4_0", steps: int = 50, alpha: Optional[float] = None,

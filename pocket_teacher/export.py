@@ -75,12 +75,15 @@ class ExportReport:
     parameters: int
     tokenizer: str
     fallbacks: list = field(default_factory=list)  # [(tensor, type used, why)]
+    equalized: str = ""  # how the activations were evened out (`Equalization`), or "" when they were not
 
     def __str__(self) -> str:
         line = (f"GGUF {self.quant}: {self.path} ({self.bytes / 2**20:,.1f} MiB, {self.tensors} tensors, "
                 f"{self.parameters / 1e6:.1f}M parameters); tokenizer {self.tokenizer}")
         if self.fallbacks:
             line += "; kept in another type: " + ", ".join(f"{n} as {t} ({why})" for n, t, why in self.fallbacks)
+        if self.equalized:
+            line += f"; {self.equalized}"
         return line
 
 
@@ -136,11 +139,13 @@ def gguf_name(name: str) -> Optional[str]:
     return f"blk.{parts[2]}.{_LAYER['.'.join(parts[3:])]}"
 
 
-def gguf_tensors(model: torch.nn.Module) -> Iterator[tuple[str, np.ndarray]]:
+def gguf_tensors(model: torch.nn.Module, equalized: Optional["Equalization"] = None
+                 ) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, fp32 array) for every tensor of a Llama / Qwen2 causal LM, the output layer left out when tied
     to the embeddings, one at a time: a model on a GPU comes to the host a tensor at a time, so an export holds the
     encoded file and one fp32 tensor, not a second fp32 model. A parameter this mapping does not know is an error
-    raised here, before any tensor is read, never dropped."""
+    raised here, before any tensor is read, never dropped. With `equalized`, its scales are folded into each
+    tensor as it is read (`Equalization.apply`)."""
     config = model.config
     check_exportable(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -150,14 +155,19 @@ def gguf_tensors(model: torch.nn.Module) -> Iterator[tuple[str, np.ndarray]]:
         raise ExportError(f"GGUF export does not know these parameters: {', '.join(unknown[:5])}"
                           + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
                           + ". Only Llama / Qwen2 causal LMs are written.")
-    return _arrays(state, config, tied)
+    if equalized is not None and len(equalized.layers) != config.num_hidden_layers:
+        raise ExportError(f"the equalization holds scales for {len(equalized.layers)} layers, the model has "
+                          f"{config.num_hidden_layers}: measure it on this model (`equalization(model, rows)`).")
+    return _arrays(state, config, tied, equalized)
 
 
-def _arrays(state: dict, config, tied: bool) -> Iterator[tuple[str, np.ndarray]]:
+def _arrays(state: dict, config, tied: bool, equalized) -> Iterator[tuple[str, np.ndarray]]:
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     for name, tensor in state.items():
         if name == "lm_head.weight" and tied:
             continue
+        if equalized is not None:
+            tensor = equalized.apply(name, tensor, config)
         target, array = gguf_name(name), tensor.detach().to(torch.float32).cpu().numpy()
         if config.model_type == "llama" and target.endswith(("attn_q.weight", "attn_k.weight")):
             array = _permute(array, heads if target.endswith("attn_q.weight") else kv)
@@ -195,6 +205,126 @@ def fake_quantize(model: torch.nn.Module, quant: str) -> torch.nn.Module:
                 back = data.astype(np.float32)
             param.copy_(torch.from_numpy(np.ascontiguousarray(back).reshape(array.shape)).to(param.dtype))
     return twin
+
+
+# --------------------------------------------------------------------------------------- activation equalization
+EQUALIZE_ALPHA = 0.5  # SmoothQuant's migration strength: the difficulty shared evenly by activations and weights
+EQUALIZE_ROWS = 32  # training rows whose activations set the scales
+EQUALIZE_QUANTS = ("q8_0", "q4_0", "q4_1")  # the types llama.cpp multiplies by 8-bit activation blocks
+_SCALE_RANGE = (1 / 64, 64.0)  # keeps the fp16 value cache and the norms' f32 far from their limits
+
+
+@dataclass
+class Equalization:
+    """Per-channel scales folded into a Llama / Qwen2 model's weights so that each matrix meets activations of
+    even size (SmoothQuant, Xiao et al. 2023, at the four places where a scale can move without changing the
+    function): a norm's weight divided by `s` and the columns of the matrices that read it multiplied by `s`
+    ("attn": the input norm -> q, k, v; "mlp": the post-attention norm -> gate, up); the value projection's rows
+    divided by `s` and the output projection's columns multiplied by it ("v", one scale per key/value channel, shared
+    by the query heads that read it); the up projection's rows divided and the down projection's columns
+    multiplied ("down"). In exact arithmetic the model computes the same function; what changes is what rounding
+    meets. llama.cpp rounds the activations to blocks of 32 of 8 bits before every quantized matmul: a block with
+    one large channel rounds the others coarsely. With s = max|x|^alpha / max|w|^(1 - alpha) per channel, the large
+    activation channels shrink and the matching weight columns grow. `layers[i]` maps those four names to fp32
+    scales; `describe` says how they were measured."""
+    alpha: float
+    rows: int
+    tokens: int
+    layers: list
+
+    def __str__(self) -> str:
+        return (f"activations equalized (alpha {self.alpha:g}, scales from {self.rows} training rows, "
+                f"{self.tokens:,} tokens)")
+
+    def apply(self, name: str, tensor: torch.Tensor, config) -> torch.Tensor:
+        """A parameter of the model (its transformers name) with the scales folded in; others unchanged."""
+        parts = name.split(".")
+        if parts[:2] != ["model", "layers"] or len(parts) < 5:
+            return tensor
+        scales, key = self.layers[int(parts[2])], ".".join(parts[3:])
+        fold = _FOLDS.get(key)
+        if fold is None:
+            return tensor
+        t = tensor.detach().to(torch.float32)
+        for which, axis, power in fold:
+            s = scales[which].to(t.device)
+            if which == "v" and axis == 1:  # the output projection reads every query head; kv head j serves g heads
+                heads, kv = config.num_attention_heads, s.numel() // _head_dim(config)
+                s = s.reshape(kv, 1, -1).expand(kv, heads // kv, -1).reshape(-1)
+            t = t * (s.pow(power).reshape(-1, 1) if axis == 0 and t.ndim == 2 else s.pow(power))
+        return t
+
+
+# parameter -> [(scale, axis it runs along (0 rows / 1 columns or a vector), power)]
+_FOLDS = {
+    "input_layernorm.weight": [("attn", 1, -1)],
+    "self_attn.q_proj.weight": [("attn", 1, 1)],
+    "self_attn.k_proj.weight": [("attn", 1, 1)],
+    "self_attn.v_proj.weight": [("attn", 1, 1), ("v", 0, -1)],
+    "self_attn.v_proj.bias": [("v", 0, -1)],
+    "self_attn.o_proj.weight": [("v", 1, 1)],
+    "post_attention_layernorm.weight": [("mlp", 1, -1)],
+    "mlp.gate_proj.weight": [("mlp", 1, 1)],
+    "mlp.up_proj.weight": [("mlp", 1, 1), ("down", 0, -1)],
+    "mlp.down_proj.weight": [("down", 1, 1)],
+}
+# the matrices whose inputs each scale evens out (the first one's input is measured; they all read the same)
+_READERS = {"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "mlp": ("mlp.gate_proj", "mlp.up_proj"), "v": ("self_attn.o_proj",), "down": ("mlp.down_proj",)}
+
+
+@torch.no_grad()
+def equalization(model: torch.nn.Module, rows: list, alpha: float = EQUALIZE_ALPHA) -> Equalization:
+    """The scales of `Equalization` for `model` (a Llama / Qwen2 causal LM, on any device), from the largest
+    magnitude each linear layer's input channel reaches over `rows` (lists of token ids, run one at a time, so
+    no padding enters the maxima)."""
+    check_exportable(model.config)
+    if not 0 <= alpha <= 1:
+        raise ExportError(f"equalization alpha {alpha}: use a value from 0 (scales from the weights alone) to 1 "
+                          f"(from the activations alone); {EQUALIZE_ALPHA} is the default.")
+    rows = [list(map(int, r)) for r in rows if len(r)]
+    if not rows:
+        raise ExportError("equalization needs calibration rows (token ids); none were given. Export without it "
+                          "(--no-equalize) or give the run's training rows.")
+    layers = model.model.layers
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(_module, args):
+            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
+            seen[name] = torch.maximum(seen[name], x) if name in seen else x
+        return hook
+
+    watched = {f"{i}.{which}": layer.get_submodule(readers[0])
+               for i, layer in enumerate(layers) for which, readers in _READERS.items()}
+    handles = [module.register_forward_pre_hook(record(key)) for key, module in watched.items()]
+    device, was_training = next(model.parameters()).device, model.training
+    model.eval()
+    try:
+        for ids in rows:
+            model(torch.tensor([ids], device=device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    scales, head = [], _head_dim(model.config)
+    for i, layer in enumerate(layers):
+        found = {}
+        for which, readers in _READERS.items():
+            weights = [layer.get_submodule(r).weight.detach().abs().float() for r in readers]
+            w = torch.stack([m.amax(0) for m in weights]).amax(0)
+            a = seen[f"{i}.{which}"]
+            if which == "v":  # one scale per key/value channel: the largest over the query heads that read it
+                kv = layer.self_attn.v_proj.weight.shape[0] // head
+                a, w = (t.reshape(kv, -1, head).amax(1).reshape(-1) for t in (a, w))
+            found[which] = _scale(a, w, alpha)
+        scales.append(found)
+    return Equalization(alpha, len(rows), sum(map(len, rows)), scales)
+
+
+def _scale(a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+    s = a.clamp_min(1e-5).pow(alpha) / w.clamp_min(1e-5).pow(1 - alpha)
+    return torch.nan_to_num(s, nan=1.0).clamp(*_SCALE_RANGE).cpu()
 
 
 # ------------------------------------------------------------------------------------------- quantization-aware
@@ -458,15 +588,17 @@ def _metadata(writer, config, name: str, quant: str) -> None:
 
 
 def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, quant: str = "q8_0", *,
-                tokenizer_gguf: Optional[str | Path] = None, name: str = "pocket-teacher student") -> ExportReport:
-    """Write `model` and its tokenizer to one GGUF file at `path` (see the module's docstring)."""
+                tokenizer_gguf: Optional[str | Path] = None, name: str = "pocket-teacher student",
+                equalized: Optional[Equalization] = None) -> ExportReport:
+    """Write `model` and its tokenizer to one GGUF file at `path` (see the module's docstring); with `equalized`
+    (`equalization(model, rows)`), its scales folded into the weights as they are written."""
     _qtype(quant)
     gguf = _gguf()
     path = Path(path)
     if path.suffix != ".gguf":
         raise ExportError(f"{path}: a GGUF file's name ends in .gguf (e.g. {path.with_suffix('.gguf')}).")
     arch = ARCHITECTURES.get(getattr(model.config, "model_type", None), "?")
-    tensors = [(n, *_encode(n, a, quant)) for n, a in gguf_tensors(model)]
+    tensors = [(n, *_encode(n, a, quant)) for n, a in gguf_tensors(model, equalized)]
     rows = int(model.config.vocab_size)
     fields, source = (_copied_tokenizer(Path(tokenizer_gguf), tokenizer, rows) if tokenizer_gguf else
                       _built_tokenizer(tokenizer, rows, arch))  # checked before anything is written
@@ -485,7 +617,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, quant: str 
         writer.close()
     return ExportReport(path=path, quant=quant, bytes=path.stat().st_size, tensors=len(tensors),
                         parameters=sum(p.numel() for p in model.parameters()), tokenizer=source,
-                        fallbacks=[fb for _, _, _, fb in tensors if fb])
+                        fallbacks=[fb for _, _, _, fb in tensors if fb], equalized=str(equalized or ""))
 
 
 def load_gguf(path: str | Path) -> tuple[torch.nn.Module, object]:
@@ -518,13 +650,9 @@ def teacher_gguf(teacher_source: str, tokenizer, rows: Optional[int] = None) -> 
     return path
 
 
-def export_run(run: str | Path, model: str = "student", quant: str = "q8_0",
-               out: Optional[str | Path] = None) -> ExportReport:
-    """Export a finished run's student (or its baseline: the newest valid checkpoint of `baseline/`) to
-    `out` (default <run>/<model>-<quant>.gguf)."""
-    import yaml
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def check_run(run: str | Path, model: str = "student", quant: str = "q8_0") -> Optional[Path]:
+    """Refuse, with the fix, what `export_run` cannot export; the baseline's checkpoint folder for
+    model="baseline", else None."""
     _qtype(quant)
     run = Path(run)
     folder = run / "student"
@@ -535,18 +663,34 @@ def export_run(run: str | Path, model: str = "student", quant: str = "q8_0",
                           f"first (the command that started it, with --resume), then export.")
     if model not in ("student", "baseline"):
         raise ExportError(f"--model {model!r}: use student (the distilled one) or baseline.")
-    student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if model == "baseline":
-        checkpoint = newest_valid(run / "baseline" / "checkpoints", log=lambda *_: None)
-        if checkpoint is None:
-            raise ExportError(f"{run} has no finished baseline ({run / 'baseline' / 'checkpoints'} holds no valid "
-                              f"checkpoint): run it with eval.baseline=true and train.save_final=true.")
+    if model == "student":
+        return None
+    checkpoint = newest_valid(run / "baseline" / "checkpoints", log=lambda *_: None)
+    if checkpoint is None:
+        raise ExportError(f"{run} has no finished baseline ({run / 'baseline' / 'checkpoints'} holds no valid "
+                          f"checkpoint): run it with eval.baseline=true and train.save_final=true.")
+    return checkpoint
+
+
+def export_run(run: str | Path, model: str = "student", quant: str = "q8_0", out: Optional[str | Path] = None,
+               calibration: Optional[list] = None, alpha: float = EQUALIZE_ALPHA) -> ExportReport:
+    """Export a finished run's student (or its baseline: the newest valid checkpoint of `baseline/`) to
+    `out` (default <run>/<model>-<quant>.gguf). With `calibration` (token-id rows, the run's training rows:
+    `experiment.export_from_run` finds them) a q8_0 / q4_0 / q4_1 file has its activations equalized
+    (`equalization`); without it, the weights are written as trained."""
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint, run = check_run(run, model, quant), Path(run)
+    student = AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(run / "student")
+    if checkpoint is not None:
         student.load_state_dict(torch.load(checkpoint / "model.pt", map_location="cpu"))
     config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
     source = teacher_gguf(str((config.get("teacher") or {}).get("source", "")), tokenizer, student.config.vocab_size)
+    equalized = equalization(student, calibration, alpha) if calibration and quant in EQUALIZE_QUANTS else None
     return export_gguf(student, tokenizer, Path(out) if out else run / f"{model}-{quant}.gguf", quant,
-                       tokenizer_gguf=source, name=f"{run.name} {model}")
+                       tokenizer_gguf=source, name=f"{run.name} {model}", equalized=equalized)
 
 
 # ------------------------------------------------------------------------------------------- llama.cpp, optional

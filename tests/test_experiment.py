@@ -153,12 +153,17 @@ def test_the_trained_student_and_the_baseline_ship_as_gguf_files(experiment):
     with pytest.raises(RuntimeError, match="distil"):
         exp.export()
     trained = exp.distil()
-    report = exp.export("q8_0")
-    assert report.path == exp.out / "student-q8_0.gguf" and report.path.is_file()
+    report = exp.export("q8_0", equalize=False)
+    assert report.path == exp.out / "student-q8_0.gguf" and report.path.is_file() and not report.equalized
     back, _ = load_gguf(report.path)
     ids = torch.tensor([exp.splits.eval[0]["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, fake_quantize(trained.student, "q8_0")(ids).logits)
+    rows = exp.calibration_rows()  # by default the activations are equalized, scales from the training rows
+    assert rows == [list(exp.splits.train[i]["input_ids"]) for i in range(min(32, len(exp.splits.train)))]
+    report = exp.export("q8_0", out=exp.out / "equalized.gguf")
+    assert report.equalized.startswith(f"activations equalized (alpha 0.5, scales from {len(rows)} training rows")
+    assert not exp.export("f32", out=exp.out / "f32.gguf").equalized  # nothing rounds an f32 file's activations
     exp.train_baseline()
     assert exp.export("f16", model="baseline").path == exp.out / "baseline-f16.gguf"
 

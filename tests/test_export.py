@@ -235,17 +235,27 @@ def test_fake_quant_training_sees_the_file_and_updates_the_full_precision_weight
 
 @pytest.mark.slow
 def test_the_cli_exports_a_run_and_names_what_is_missing(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
     out = tmp_path / "run"
     assert cli.main(["run", "--preset", "tiny", "--out", str(out), "--no-progress", "--set", "train.max_steps=4",
                      "--set", "eval.on_policy_preview=0", "--set", "eval.generate_samples=0"]) == 0
     capsys.readouterr()
     assert cli.main(["export", "--run", str(out), "--quant", "q4_1"]) == 0
-    assert f"GGUF q4_1: {out / 'student-q4_1.gguf'}" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"GGUF q4_1: {out / 'student-q4_1.gguf'}" in said and "activations equalized (alpha 0.5" in said
     back, _ = load_gguf(out / "student-q4_1.gguf")
     assert back.config.num_hidden_layers == 2
+    assert cli.main(["export", "--run", str(out), "--quant", "q4_1", "--no-equalize", "--out",
+                     str(tmp_path / "plain.gguf")]) == 0
+    assert "equalized" not in capsys.readouterr().out
+    plain, _ = load_gguf(tmp_path / "plain.gguf")
+    norm = "model.layers.0.input_layernorm.weight"  # norms are written in f32: the scales show there
+    assert not torch.equal(plain.state_dict()[norm], back.state_dict()[norm])
+    torch.testing.assert_close(plain.state_dict()[norm], AutoModelForCausalLM.from_pretrained(
+        out / "student").state_dict()[norm], rtol=0, atol=0)
     assert cli.main(["export", "--run", str(out), "--model", "baseline", "--quant", "f32",
                      "--out", str(tmp_path / "b.gguf")]) == 0
-    from transformers import AutoModelForCausalLM
 
     from pocket_teacher.checkpoints import newest_valid
 
@@ -631,3 +641,74 @@ def test_a_copy_of_a_fake_quantized_model_survives_detaching_the_original_and_th
             m(ids)
         assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.items())
         assert not torch.equal(twin.model.embed_tokens.weight, plain["model.embed_tokens.weight"])
+
+
+TEXTS = [TEXT, "The old lighthouse keeper counted 48 ships in March and 17 fewer in April.", "2 + 2 = 4, 3 * 7 = 21"]
+
+
+def _with_outliers(model):
+    """A few residual and MLP channels far larger than the rest, as trained transformers have (the case the
+    equalization exists for): the same model up to those channels' sizes."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[3] *= 30
+            layer.post_attention_layernorm.weight[5] *= 30
+            layer.mlp.up_proj.weight[7] *= 30
+            layer.self_attn.v_proj.weight[2] *= 30
+    return model
+
+
+@pytest.mark.parametrize("shape", ["llama", "pruned", "qwen2"])
+def test_an_equalized_file_computes_the_students_function(tiny_tokenizer, tmp_path, shape):
+    """The scales folded into the norms, q/k/v, gate/up, v/o and up/down cancel: an f32 file written with them
+    gives the student's logits (grouped heads, a head size that is not hidden / heads, Qwen2's value bias), while
+    its tensors are not the student's."""
+    vocab = len(tiny_tokenizer)
+    model = _with_outliers({"llama": lambda: _llama(vocab),
+                            "pruned": lambda: _llama(vocab, hidden=48, heads=2, kv=1, head_dim=32, mlp=64),
+                            "qwen2": lambda: _qwen2(vocab)}[shape]())
+    rows = [tiny_tokenizer(t)["input_ids"] for t in TEXTS]
+    equalized = export.equalization(model, rows)
+    spread = torch.cat([s for layer in equalized.layers for s in layer.values()])
+    assert spread.max() / spread.min() > 4 and equalized.rows == 3 and equalized.tokens == sum(map(len, rows))
+    report = export_gguf(model, tiny_tokenizer, tmp_path / "e.gguf", "f32", equalized=equalized)
+    assert "activations equalized (alpha 0.5, scales from 3 training rows" in str(report)
+    back, _ = load_gguf(tmp_path / "e.gguf")
+    ids = torch.tensor([tiny_tokenizer(TEXT)["input_ids"]])
+    with torch.no_grad():
+        want, got = model(ids).logits, back(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for name in ("model.layers.0.input_layernorm.weight", "model.layers.1.mlp.down_proj.weight",
+                 "model.layers.0.self_attn.o_proj.weight"):
+        assert not torch.allclose(back.state_dict()[name], model.state_dict()[name], atol=1e-3), name
+
+
+def test_equalization_shrinks_what_llama_cpps_activation_rounding_changes(tiny_tokenizer, tmp_path):
+    """With outlier channels, llama.cpp's 8-bit activation blocks (emulated: `llama_cpp_arithmetic`) move the
+    logits of a q8_0 file less when its activations were equalized than when its weights were written as trained."""
+    model = _with_outliers(_llama(len(tiny_tokenizer)))
+    rows = [tiny_tokenizer(t)["input_ids"] for t in TEXTS]
+    ids = torch.tensor([tiny_tokenizer(TEXTS[1])["input_ids"]])
+    moved = {}
+    for tag, equalized in (("plain", None), ("equalized", export.equalization(model, rows))):
+        path = export_gguf(model, tiny_tokenizer, tmp_path / f"{tag}.gguf", "q8_0", equalized=equalized).path
+        back, _ = load_gguf(path)
+        with torch.no_grad():
+            exact = back(ids).logits
+            with export.llama_cpp_arithmetic(back, path):
+                rounded = back(ids).logits
+        moved[tag] = float((rounded - exact).abs().mean())
+    assert moved["equalized"] < 0.7 * moved["plain"], moved  # about half here
+
+
+def test_equalization_refuses_bad_input_with_the_fix(tiny_tokenizer, tmp_path):
+    model = _llama(len(tiny_tokenizer))
+    rows = [tiny_tokenizer(TEXT)["input_ids"]]
+    with pytest.raises(ExportError, match="alpha 1.5: use a value from 0"):
+        export.equalization(model, rows, alpha=1.5)
+    with pytest.raises(ExportError, match="needs calibration rows.*--no-equalize"):
+        export.equalization(model, [])
+    other = export.equalization(_llama(len(tiny_tokenizer), layers=3), rows)
+    with pytest.raises(ExportError, match="scales for 3 layers, the model has 2"):
+        export_gguf(model, tiny_tokenizer, tmp_path / "x.gguf", "q8_0", equalized=other)
+    assert not (tmp_path / "x.gguf").exists()
