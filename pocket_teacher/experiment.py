@@ -891,7 +891,8 @@ class Experiment:
         batches come in a new order (train.seed + 1); no checkpoint is kept: a stopped healing starts over.
         Returns the held-out perplexities of the fp32 student and of its `quant` file before and after, the gap
         (file minus fp32) each time and the share of it closed; kept in runs/<name>/heal.json under
-        heal-<quant>[-alpha<alpha>]."""
+        heal-<quant>[-alpha<alpha>]. Healing rounds the weights as trained, and the healed file is written so, not
+        equalized (`export`): scales folded in after healing would round the weights onto another grid."""
         with self._timed("heal"):
             trained = _need(self.trained, "distil")
             cfg = trained.cfg

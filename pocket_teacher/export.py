@@ -13,6 +13,9 @@ package's own writer in pure Python (no llama.cpp build), and read back through 
   the report names it. `fake_quantize` gives the student the exact weights a file holds, for checks and healing.
 - The tokenizer: copied field by field from a GGUF that holds the same vocabulary (the embedded teacher's), or
   built from a Hugging Face BPE tokenizer (vocabulary, merges, token types, special tokens, chat template).
+- Activation equalization (`equalization`, `Equalization`): per-channel scales folded into the norms and the
+  matrices that read them, measured on a few training rows; the same function, whose activations llama.cpp's 8-bit
+  rounding then changes less. `export_run` / the CLI / `Experiment.export` apply it to q8_0, q4_0 and q4_1 files.
 - The file is written beside its place and renamed in when whole, after a free-space check: a failure leaves no
   partial file.
 """
@@ -226,7 +229,7 @@ class Equalization:
     meets. llama.cpp rounds the activations to blocks of 32 of 8 bits before every quantized matmul: a block with
     one large channel rounds the others coarsely. With s = max|x|^alpha / max|w|^(1 - alpha) per channel, the large
     activation channels shrink and the matching weight columns grow. `layers[i]` maps those four names to fp32
-    scales; `describe` says how they were measured."""
+    scales (kept within `_SCALE_RANGE`); `str()` says how they were measured."""
     alpha: float
     rows: int
     tokens: int

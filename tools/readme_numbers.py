@@ -712,7 +712,7 @@ def gguf_export(data: dict) -> str:
     rows_ = data["rows"]
     fp32 = rows_[0]
     lines = [f"{measured_with(data)}: the `{Path(data['run']).name}` student ({params(data['parameters'])} "
-             f"parameters) on the run's {data['eval_rows']} held-out rows (the run itself recorded "
+             f"parameters; {_activations(data['settings'])}) on the run's {data['eval_rows']} held-out rows (the run itself recorded "
              f"{ppl(data['run_perplexity'])} for it; here {ppl(fp32['perplexity'])} from the saved fp32 weights).", "",
              "| format | MB on disk | x fp32 size | held-out perplexity | change vs fp32 | top-1 agreement / KL to "
              "teacher | kept in f16 |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -776,6 +776,15 @@ def _agreement_target(files: dict) -> str:
     return head + f"Below issue 23's target of 97% top-1 for quantized files: {said}; {kl}."
 
 
+def _activations(settings: dict) -> str:
+    """How a GGUF benchmark's quantized files were written: results from before equalization existed, or run with
+    --no-equalize, hold the weights as trained."""
+    if "no_equalize" in settings and not settings["no_equalize"]:
+        return "quantized files with their activations equalized, the export's default"
+    return "quantized files with the weights as trained, not equalized" + (
+        ": --no-equalize" if settings.get("no_equalize") else ": measured before the export equalized them")
+
+
 def gguf_runtime(data: dict) -> str:
     """benchmarks/gguf_runtime.py: each exported file in llama.cpp against transformers on the same file, and the
     runtimes' speed and memory at batch 1, each model in a fresh process."""
@@ -785,7 +794,8 @@ def gguf_runtime(data: dict) -> str:
     extra = ("" if data.get("extra_buffers", True) else ", llama.cpp's extra buffer types off (this CPU has AMX, "
              "whose kernels segfault on some: llama.cpp#20824)")
     lines = [f"{measured_with(data)}, llama-cpp-python {data['llama_cpp_python']}, {s['threads']} threads{extra}: the "
-             f"`{Path(data['run']).name}` student's files, teacher-forced on {first['positions']:,} positions of "
+             f"`{Path(data['run']).name}` student's files ({_activations(s)}), teacher-forced on "
+             f"{first['positions']:,} positions of "
              f"{s['rows']} held-out rows and greedy on {s['prompts']} held-out prompts ({s['new_tokens']} tokens), "
              f"llama.cpp against transformers reading the same file:", "",
              "| file | MB | top-1 same | mean KL | 8-bit rounding alone: top-1 same / KL | perplexity llama.cpp / "
