@@ -446,7 +446,7 @@ def _llama_cpp_or_skip():
 
 @pytest.mark.parametrize("quant,top1,kl", [("f32", 0.99, 1e-3), ("f16", 0.99, 1e-3), ("q8_0", 0.97, 0.02),
                                            ("q4_0", 0.97, 0.02), ("q4_1", 0.97, 0.02)])
-@pytest.mark.parametrize("shape", ["llama", "pruned", "qwen2"])
+@pytest.mark.parametrize("shape", ["llama", "pruned", "qwen2", "qwen2-equalized"])
 def test_llama_cpp_runs_the_file_as_transformers_reads_it(tiny_tokenizer, tmp_path, shape, quant, top1, kl):
     """A runtime no one here wrote: llama.cpp's next-token distributions on the exported file against transformers'
     on the same file (the same dequantized weights), teacher-forced over a text, and its tokenizer's ids. For the
@@ -457,11 +457,14 @@ def test_llama_cpp_runs_the_file_as_transformers_reads_it(tiny_tokenizer, tmp_pa
     vocab = len(tiny_tokenizer)
     model = {"llama": lambda: _llama(vocab, hidden=128, mlp=256),
              "pruned": lambda: _llama(vocab, hidden=128, heads=4, kv=2, head_dim=48, mlp=160),  # heads * 48 != 128
-             "qwen2": lambda: _qwen2(vocab)}[shape]()
+             "qwen2": lambda: _qwen2(vocab), "qwen2-equalized": lambda: _qwen2(vocab)}[shape]()
     with torch.no_grad():  # a trained model's scales: norms near 1, a next-token top probability about 0.7 here
         for name, p in model.named_parameters():  # (all at N(0, 0.2): chaotic layers; near-flat logits at init)
             p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0, 0.5 if "embed" in name or "lm_head" in name else 0.1)
-    path = export_gguf(model, tiny_tokenizer, tmp_path / f"{shape}-{quant}.gguf", quant).path
+    equalized = None
+    if shape.endswith("equalized"):  # scales folded in (value bias and grouped heads included): llama.cpp reads them
+        equalized = export.equalization(model, [tiny_tokenizer(t)["input_ids"] for t in TEXTS])
+    path = export_gguf(model, tiny_tokenizer, tmp_path / f"{shape}-{quant}.gguf", quant, equalized=equalized).path
     back, _ = load_gguf(path)
     text = " ".join([TEXT] * 3)
     ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
