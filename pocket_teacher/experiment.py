@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import os
 import signal
@@ -1018,7 +1019,10 @@ def export_from_run(run: str | Path, model: str = "student", quant: str = "q8_0"
     check_run(run, model, quant)  # before the run's data and teacher are loaded
     if not equalize or quant not in EQUALIZE_QUANTS:
         return export_run(run, model, quant, out)
-    rows = from_run(run, progress, cache=False).calibration_rows()
+    exp = from_run(run, progress, cache=False)
+    rows = exp.calibration_rows()
+    del exp  # the teacher and the untrained student go before the trained one is loaded
+    gc.collect()
     return export_run(run, model, quant, out, calibration=rows)
 
 
