@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--no-equalize", dest="equalize", action="store_false",
                         help="write q8_0 / q4_0 / q4_1 weights as trained; by default the activations are equalized "
                              "(the same function, rounded more gently by llama.cpp), with scales measured on the "
-                             "run's first training rows, which loads the run's data and teacher")
+                             "run's first training rows, which loads the run's data and teacher (a healed file, "
+                             "--heal-steps, is always written as trained)")
     export.add_argument("--heal-steps", type=int, default=0, metavar="N",
                         help="first heal the quantization gap: N more distillation steps with the weights "
                              "quantized in the forward pass, from the run's teacher cache; writes "

@@ -29,8 +29,10 @@ from .export import (EQUALIZE_QUANTS, EQUALIZE_ROWS, ExportError, ExportReport, 
 from .files import write_json
 from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
 from .losses import Divergence, divergence_name
-from .models import (ModelInfo, VocabMismatchError, VocabReport, check_vocab_compatible, device_capability,
-                     load_teacher, offload, resolve_device, resolve_mixed_precision, resolve_precision)
+from .hub import HubUnavailableError
+from .models import (ModelInfo, ModelLoadError, VocabMismatchError, VocabReport, check_vocab_compatible,
+                     device_capability, load_teacher, offload, resolve_device, resolve_mixed_precision,
+                     resolve_precision)
 from .plan import MemoryPlan, PlanError, memory_plan
 from .timeplan import Lengths, TimePlan, TimePlanError, compared, time_plan
 from .plots import plot_mmlu_subjects, plot_quality, plot_size_quality, plot_training, save_figure
@@ -1015,11 +1017,17 @@ def export_from_run(run: str | Path, model: str = "student", quant: str = "q8_0"
     """`export.export_run`, a q8_0 / q4_0 / q4_1 file with its activations equalized (`Experiment.export`): the
     scales are measured on the run's first training rows, which the run's config.yaml rebuilds (`from_run`,
     without the teacher cache; the teacher is loaded, as the run's data and student need it). `equalize=False`
-    writes the weights as trained and reads nothing but the run folder."""
+    writes the weights as trained without loading the run's data or teacher model. When the rows cannot be
+    rebuilt (data or teacher out of reach), the error says so and names --no-equalize."""
     check_run(run, model, quant)  # before the run's data and teacher are loaded
     if not equalize or quant not in EQUALIZE_QUANTS:
         return export_run(run, model, quant, out)
-    exp = from_run(run, progress, cache=False)
+    try:
+        exp = from_run(run, progress, cache=False)
+    except (DataError, ModelLoadError, HubUnavailableError, OSError) as exc:
+        raise ExportError(f"The equalization's scales are measured on {run}'s training rows, and rebuilding them "
+                          f"failed ({exc}). Make the run's data and teacher reachable, or export with "
+                          f"--no-equalize (the weights as trained).") from exc
     rows = exp.calibration_rows()
     del exp  # the teacher and the untrained student go before the trained one is loaded
     gc.collect()

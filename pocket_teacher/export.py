@@ -15,7 +15,8 @@ package's own writer in pure Python (no llama.cpp build), and read back through 
   built from a Hugging Face BPE tokenizer (vocabulary, merges, token types, special tokens, chat template).
 - Activation equalization (`equalization`, `Equalization`): per-channel scales folded into the norms and the
   matrices that read them, measured on a few training rows; the same function, whose activations llama.cpp's 8-bit
-  rounding then changes less. `export_run` / the CLI / `Experiment.export` apply it to q8_0, q4_0 and q4_1 files.
+  rounding then changes less. `Experiment.export`, the CLI (`experiment.export_from_run`) and `export_run` given
+  calibration rows apply it to q8_0, q4_0 and q4_1 files.
 - The file is written beside its place and renamed in when whole, after a free-space check: a failure leaves no
   partial file.
 """
@@ -258,7 +259,9 @@ class Equalization:
         return t
 
 
-# parameter -> [(scale, axis it runs along (0 rows / 1 columns or a vector), power)]
+# parameter -> [(scale, axis it runs along (0 rows / 1 columns or a vector), power)]. No MLP or output-projection
+# bias is listed: `check_exportable` refuses a Llama with them, and Qwen2 has none (its q, k, v biases are here or
+# untouched: only v's output is scaled).
 _FOLDS = {
     "input_layernorm.weight": [("attn", 1, -1)],
     "self_attn.q_proj.weight": [("attn", 1, 1)],

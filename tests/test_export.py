@@ -341,6 +341,11 @@ def test_healing_a_run_writes_the_healed_file_and_its_gap(tmp_path, capsys):
         unchanged()
         assert not any(parametrize.is_parametrized(m) for m in exp.healed_student.modules())
         assert report["quantized_before"] == exp.heal("q8_0", 2, export=False)["quantized_before"]
+    report = exp.heal("q4_0", 2)  # the healed file holds the healed weights as healed: not equalized afterwards
+    back, _ = load_gguf(report["gguf"])
+    norm = "model.layers.0.input_layernorm.weight"  # norms are written in f32: scales would show there
+    assert torch.equal(back.state_dict()[norm], exp.healed_student.state_dict()[norm])
+    unchanged()
     original = experiment.train_student
 
     def failing(*args, **kwargs):
@@ -463,7 +468,9 @@ def test_llama_cpp_runs_the_file_as_transformers_reads_it(tiny_tokenizer, tmp_pa
             p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0, 0.5 if "embed" in name or "lm_head" in name else 0.1)
     equalized = None
     if shape.endswith("equalized"):  # scales folded in (value bias and grouped heads included): llama.cpp reads them
-        equalized = export.equalization(model, [tiny_tokenizer(t)["input_ids"] for t in TEXTS])
+        equalized = export.equalization(_with_outliers(model), [tiny_tokenizer(t)["input_ids"] for t in TEXTS])
+        spread = torch.cat([s for layer in equalized.layers for s in layer.values()])
+        assert spread.max() / spread.min() > 4  # scales far from uniform: the check below means something
     path = export_gguf(model, tiny_tokenizer, tmp_path / f"{shape}-{quant}.gguf", quant, equalized=equalized).path
     back, _ = load_gguf(path)
     text = " ".join([TEXT] * 3)
@@ -715,3 +722,25 @@ def test_equalization_refuses_bad_input_with_the_fix(tiny_tokenizer, tmp_path):
     with pytest.raises(ExportError, match="scales for 3 layers, the model has 2"):
         export_gguf(model, tiny_tokenizer, tmp_path / "x.gguf", "q8_0", equalized=other)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_when_the_runs_rows_cannot_be_rebuilt_the_export_names_no_equalize(tmp_path, monkeypatch):
+    """The default export measures its scales on the run's training rows; when the data or teacher is out of reach
+    the one error says so and names --no-equalize (which reads neither); f32 never needs them."""
+    from pocket_teacher import experiment
+    from pocket_teacher.data import DataError
+
+    (tmp_path / "run" / "student").mkdir(parents=True)
+    (tmp_path / "run" / "student" / "config.json").write_text("{}")
+    (tmp_path / "run" / "student" / "model.safetensors").write_bytes(b"")
+
+    def unreachable(*_args, **_kwargs):
+        raise DataError("gsm8k: the Hub is not reachable and no local copy was given")
+    monkeypatch.setattr(experiment, "from_run", unreachable)
+    with pytest.raises(ExportError, match=r"rebuilding them failed \(gsm8k: the Hub is not reachable.*--no-equalize"):
+        experiment.export_from_run(tmp_path / "run", quant="q4_0")
+    called = []
+    monkeypatch.setattr(experiment, "export_run", lambda *args, **kwargs: called.append((args, kwargs)))
+    experiment.export_from_run(tmp_path / "run", quant="q4_0", equalize=False)
+    experiment.export_from_run(tmp_path / "run", quant="f32")
+    assert called == [((tmp_path / "run", "student", "q4_0", None), {}), ((tmp_path / "run", "student", "f32", None), {})]
