@@ -1028,10 +1028,12 @@ def export_from_run(run: str | Path, model: str = "student", quant: str = "q8_0"
         raise ExportError(f"The equalization's scales are measured on {run}'s training rows, and rebuilding them "
                           f"failed ({exc}). Make the run's data and teacher reachable, or export with "
                           f"--no-equalize (the weights as trained).") from exc
-    rows = exp.calibration_rows()
+    rows, device = exp.calibration_rows(), exp.device
     del exp  # the teacher and the untrained student go before the trained one is loaded
     gc.collect()
-    return export_run(run, model, quant, out, calibration=rows)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return export_run(run, model, quant, out, calibration=rows, device=device)
 
 
 def heal_run(run: str | Path, quant: str = "q4_0", steps: int = 50, alpha: Optional[float] = None,

@@ -679,11 +679,13 @@ def check_run(run: str | Path, model: str = "student", quant: str = "q8_0") -> O
 
 
 def export_run(run: str | Path, model: str = "student", quant: str = "q8_0", out: Optional[str | Path] = None,
-               calibration: Optional[list] = None, alpha: float = EQUALIZE_ALPHA) -> ExportReport:
+               calibration: Optional[list] = None, alpha: float = EQUALIZE_ALPHA,
+               device: Optional[torch.device | str] = None) -> ExportReport:
     """Export a finished run's student (or its baseline: the newest valid checkpoint of `baseline/`) to
     `out` (default <run>/<model>-<quant>.gguf). With `calibration` (token-id rows, the run's training rows:
     `experiment.export_from_run` finds them) a q8_0 / q4_0 / q4_1 file has its activations equalized
-    (`equalization`); without it, the weights are written as trained."""
+    (`equalization`, its forward passes on `device`, default the host; the file is written from there a tensor
+    at a time); without it, the weights are written as trained."""
     import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -694,7 +696,9 @@ def export_run(run: str | Path, model: str = "student", quant: str = "q8_0", out
         student.load_state_dict(torch.load(checkpoint / "model.pt", map_location="cpu"))
     config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
     source = teacher_gguf(str((config.get("teacher") or {}).get("source", "")), tokenizer, student.config.vocab_size)
-    equalized = equalization(student, calibration, alpha) if calibration and quant in EQUALIZE_QUANTS else None
+    equalized = None
+    if calibration and quant in EQUALIZE_QUANTS:
+        equalized = equalization(student.to(device or "cpu"), calibration, alpha)
     return export_gguf(student, tokenizer, Path(out) if out else run / f"{model}-{quant}.gguf", quant,
                        tokenizer_gguf=source, name=f"{run.name} {model}", equalized=equalized)
 
