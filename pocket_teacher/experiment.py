@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -24,8 +25,8 @@ from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt
                    hold_out_prompts, load_examples, load_mmlu, remove_overlap, tokenize_examples)
 from .batches import AnswerHidden, scored_tokens
 from .evaluate import Agreements, Known, agreements, evaluate_model, perplexity, teacher_on_student_samples
-from .export import (EQUALIZE_QUANTS, EQUALIZE_ROWS, ExportError, ExportReport, check_run, detach_fake_quant,
-                     equalization, export_gguf, export_run, fake_quantized, teacher_gguf)
+from .export import (EQUALIZE_QUANTS, EQUALIZE_ROWS, ExportError, ExportReport, detach_fake_quant, equalization,
+                     export_gguf, export_run, fake_quantized, teacher_gguf)
 from .files import write_json
 from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
 from .losses import Divergence, divergence_name
@@ -992,10 +993,11 @@ class Experiment:
                 "history": self.trained.result.history if self.trained else []}
 
 
-def from_run(run: str | Path, progress: bool = True, cache: bool = True) -> Experiment:
+def from_run(run: str | Path, progress: bool = True, calibration_only: bool = False) -> Experiment:
     """The experiment of a finished run folder, rebuilt from its config.yaml up to the teacher cache (the caches on
-    disk are reused; nothing in the folder is written; `cache=False` stops before it), with its saved student as
-    the trained one: what `heal` and `export` need."""
+    disk are reused; nothing in the folder is written), with its saved student as the trained one: what `heal`
+    needs. `calibration_only` stops at the tokenized splits, without the cache or the trained student: what an
+    export's equalization reads (`calibration_rows`)."""
     from transformers import AutoModelForCausalLM
 
     run = Path(run)
@@ -1005,8 +1007,11 @@ def from_run(run: str | Path, progress: bool = True, cache: bool = True) -> Expe
     cfg = apply_overrides(Config.from_yaml(run / "config.yaml"),
                           {"run.out_dir": str(run.parent), "run.name": run.name, "train.resume": False})
     exp = Experiment(cfg, progress=progress)
-    for method in ("load_data", "load_teacher", "teacher_answers", "load_student", *(["build_cache"] * cache)):
+    for method in ("load_data", "load_teacher", "teacher_answers", "load_student"):
         getattr(exp, method)()
+    if calibration_only:
+        return exp
+    exp.build_cache()
     student = AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32)
     exp.trained = Trained(cfg, [], student, TrainResult())
     return exp
@@ -1016,24 +1021,30 @@ def export_from_run(run: str | Path, model: str = "student", quant: str = "q8_0"
                     equalize: bool = True, progress: bool = True) -> ExportReport:
     """`export.export_run`, a q8_0 / q4_0 / q4_1 file with its activations equalized (`Experiment.export`): the
     scales are measured on the run's first training rows, which the run's config.yaml rebuilds (`from_run`,
-    without the teacher cache; the teacher is loaded, as the run's data and student need it). `equalize=False`
-    writes the weights as trained without loading the run's data or teacher model. When the rows cannot be
-    rebuilt (data or teacher out of reach), the error says so and names --no-equalize."""
-    check_run(run, model, quant)  # before the run's data and teacher are loaded
+    without the teacher cache or the trained student; the teacher is loaded, as the run's data and student need
+    it), once the run folder has been checked. `equalize=False` writes the weights as trained without loading the run's data or teacher
+    model. When the rows cannot be rebuilt (data or teacher out of reach), the error says so and names
+    --no-equalize."""
     if not equalize or quant not in EQUALIZE_QUANTS:
         return export_run(run, model, quant, out)
+    return export_run(run, model, quant, out, calibration=functools.partial(_training_rows, run, progress))
+
+
+def _training_rows(run: str | Path, progress: bool) -> tuple[list[list[int]], torch.device]:
+    """The run's calibration rows and device (`Experiment.calibration_rows`), its teacher and untrained student
+    freed before the trained one is loaded."""
     try:
-        exp = from_run(run, progress, cache=False)
+        exp = from_run(run, progress, calibration_only=True)
     except (DataError, ModelLoadError, HubUnavailableError, OSError) as exc:
         raise ExportError(f"The equalization's scales are measured on {run}'s training rows, and rebuilding them "
                           f"failed ({exc}). Make the run's data and teacher reachable, or export with "
                           f"--no-equalize (the weights as trained).") from exc
     rows, device = exp.calibration_rows(), exp.device
-    del exp  # the teacher and the untrained student go before the trained one is loaded
+    del exp
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return export_run(run, model, quant, out, calibration=rows, device=device)
+    return rows, device
 
 
 def heal_run(run: str | Path, quant: str = "q4_0", steps: int = 50, alpha: Optional[float] = None,

@@ -29,7 +29,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -679,17 +679,20 @@ def check_run(run: str | Path, model: str = "student", quant: str = "q8_0") -> O
 
 
 def export_run(run: str | Path, model: str = "student", quant: str = "q8_0", out: Optional[str | Path] = None,
-               calibration: Optional[list] = None, alpha: float = EQUALIZE_ALPHA,
-               device: Optional[torch.device | str] = None) -> ExportReport:
+               calibration: Optional[list | Callable[[], tuple[list, torch.device]]] = None,
+               alpha: float = EQUALIZE_ALPHA, device: Optional[torch.device | str] = None) -> ExportReport:
     """Export a finished run's student (or its baseline: the newest valid checkpoint of `baseline/`) to
-    `out` (default <run>/<model>-<quant>.gguf). With `calibration` (token-id rows, the run's training rows:
-    `experiment.export_from_run` finds them) a q8_0 / q4_0 / q4_1 file has its activations equalized
-    (`equalization`, its forward passes on `device`, default the host; the file is written from there a tensor
-    at a time); without it, the weights are written as trained."""
+    `out` (default <run>/<model>-<quant>.gguf). With `calibration` a q8_0 / q4_0 / q4_1 file has its activations
+    equalized (`equalization`, its forward passes on `device`, default the host; the file is written from there a
+    tensor at a time); without it, the weights are written as trained. `calibration` is token-id rows (the run's
+    training rows), or a function returning (rows, device), called once the run folder has passed `check_run` and
+    before the model is loaded: `experiment.export_from_run` passes one that rebuilds the run's rows."""
     import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     checkpoint, run = check_run(run, model, quant), Path(run)
+    if callable(calibration):
+        calibration, device = calibration() if quant in EQUALIZE_QUANTS else (None, device)
     student = AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(run / "student")
     if checkpoint is not None:
