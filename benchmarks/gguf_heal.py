@@ -1,6 +1,7 @@
 """Healing the quantization gap, measured: a finished run's student healed for the same extra steps twice, by
 distillation (the run's alpha, the same teacher cache) and by plain fine-tuning (alpha = 1), both with the weights
-quantized in the forward pass as the file holds them; the held-out perplexity of the fp32 student and of its
+quantized in the forward pass as the file holds them (activations equalized as the export writes the file, unless
+--no-equalize); the held-out perplexity of the fp32 student and of its
 quantized file before and after each, and the share of the gap closed.
 
     python benchmarks/gguf_heal.py --run runs/pocket --quant q4_0 --steps 50 --json runs/bench/gguf_heal.json
@@ -23,6 +24,8 @@ def main() -> None:
     parser.add_argument("--quant", nargs="+", default=["q4_0"])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--lr", type=float, default=None, help="default: a tenth of the run's train.lr")
+    parser.add_argument("--no-equalize", dest="equalize", action="store_false",
+                        help="heal and write the weights as trained (files ...-unequalized.gguf)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -35,7 +38,7 @@ def main() -> None:
     rows = []
     for quant in args.quant:
         for alpha in (None, 1.0):  # distillation (the run's alpha), then plain fine-tuning at equal steps
-            report = exp.heal(quant, args.steps, alpha=alpha, lr=args.lr)
+            report = exp.heal(quant, args.steps, alpha=alpha, lr=args.lr, equalize=args.equalize)
             rows.append({**report, "method": "fine-tuning (alpha=1)" if alpha == 1.0 else "distillation"})
             print(rows[-1], flush=True)
     if args.json:

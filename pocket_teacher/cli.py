@@ -100,8 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--no-equalize", dest="equalize", action="store_false",
                         help="write q8_0 / q4_0 / q4_1 weights as trained; by default the activations are equalized "
                              "(the same function, rounded more gently by llama.cpp), with scales measured on the "
-                             "run's first training rows, which loads the run's data and teacher (a healed file, "
-                             "--heal-steps, is always written as trained)")
+                             "run's first training rows, which loads the run's data and teacher; with --heal-steps "
+                             "the healing fits the equalized file's weights, and --no-equalize heals the weights as "
+                             "trained (<run>/student-<quant>-healed-unequalized.gguf)")
     export.add_argument("--heal-steps", type=int, default=0, metavar="N",
                         help="first heal the quantization gap: N more distillation steps with the weights "
                              "quantized in the forward pass, from the run's teacher cache; writes "
@@ -205,7 +206,8 @@ def _main(args: argparse.Namespace) -> int:
             if args.model != "student" or args.out:
                 raise ExportError("--heal-steps heals the distilled student and writes <run>/student-<quant>-"
                                   "healed.gguf: drop --model baseline and --out.")
-            report = experiment.heal_run(args.run, args.quant, args.heal_steps, alpha=args.heal_alpha)
+            report = experiment.heal_run(args.run, args.quant, args.heal_steps, alpha=args.heal_alpha,
+                                         equalize=args.equalize)
             print(f"healed: {report['gguf']}; perplexity gap {report['gap_before']:+.3f} -> "
                   f"{report['gap_after']:+.3f}")
             return 0

@@ -25,8 +25,8 @@ from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt
                    hold_out_prompts, load_examples, load_mmlu, remove_overlap, tokenize_examples)
 from .batches import AnswerHidden, scored_tokens
 from .evaluate import Agreements, Known, agreements, evaluate_model, perplexity, teacher_on_student_samples
-from .export import (EQUALIZE_QUANTS, EQUALIZE_ROWS, ExportError, ExportReport, detach_fake_quant, equalization,
-                     export_gguf, export_run, fake_quantized, teacher_gguf)
+from .export import (EQUALIZE_QUANTS, EQUALIZE_ROWS, Equalization, ExportError, ExportReport, detach_fake_quant,
+                     equalization, export_gguf, export_run, fake_quantized, teacher_gguf)
 from .files import write_json
 from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
 from .losses import Divergence, divergence_name
@@ -867,26 +867,30 @@ class Experiment:
             raise ValueError(f"export(model={model!r}): use 'student' (the distilled one) or 'baseline'.")
         trained = _need(self.trained, "distil") if model == "student" else _need(self.baseline, "train_baseline")
         return self._write_gguf(trained.student, Path(out) if out else self.out / f"{model}-{quant}.gguf", quant,
-                                f"{self.cfg.run.name} {model}", equalize)
+                                f"{self.cfg.run.name} {model}", self._equalization(trained.student, quant, equalize))
 
     def calibration_rows(self) -> list[list[int]]:
         """The token ids of the first `EQUALIZE_ROWS` training rows: what an export's equalization measures."""
         train = _need(self.student_stage, "load_student").splits.train
         return [list(train[i]["input_ids"]) for i in range(min(EQUALIZE_ROWS, len(train)))]
 
+    def _equalization(self, student: torch.nn.Module, quant: str, equalize: bool) -> Optional[Equalization]:
+        """The scales a `quant` file of `student` is written with: measured on the calibration rows, on the run's
+        device; None when `equalize` is off or the type is not one llama.cpp multiplies by 8-bit activations."""
+        if not equalize or quant not in EQUALIZE_QUANTS:
+            return None
+        with visiting(student, self.device):
+            return equalization(student, self.calibration_rows())
+
     def _write_gguf(self, student: torch.nn.Module, path: Path, quant: str, name: str,
-                    equalize: bool) -> ExportReport:
+                    equalized: Optional[Equalization]) -> ExportReport:
         """`student` as a GGUF file; its tokenizer copied from the teacher's GGUF when it is the same vocabulary."""
         rows = student.config.vocab_size
-        equalized = None
-        if equalize and quant in EQUALIZE_QUANTS:
-            with visiting(student, self.device):
-                equalized = equalization(student, self.calibration_rows())
         return export_gguf(student, self.tokenizer, path, quant, name=name, equalized=equalized,
                            tokenizer_gguf=teacher_gguf(self.cfg.teacher.source, self.tokenizer, rows))
 
     def heal(self, quant: str = "q4_0", steps: int = 50, alpha: Optional[float] = None, lr: Optional[float] = None,
-             export: bool = True) -> dict:
+             export: bool = True, equalize: bool = True) -> dict:
         """Heal the quantization gap: distil the trained student `steps` more steps with its weights as a `quant`
         file holds them in the forward pass (the exact GGUF block arithmetic; straight-through gradients to the
         full-precision weights), from the same teacher cache, then (with `export`) write
@@ -895,27 +899,35 @@ class Experiment:
         batches come in a new order (train.seed + 1); no checkpoint is kept: a stopped healing starts over.
         Returns the held-out perplexities of the fp32 student and of its `quant` file before and after, the gap
         (file minus fp32) each time and the share of it closed; kept in runs/<name>/heal.json under
-        heal-<quant>[-alpha<alpha>]. Healing rounds the weights as trained, and the healed file is written so, not
-        equalized (`export`): scales folded in after healing would round the weights onto another grid."""
+        heal-<quant>[-alpha<alpha>][-unequalized]. A q8_0 / q4_0 / q4_1 file is equalized as `export` writes it,
+        with scales measured on the trained student before healing: the healing forward pass computes that
+        equalized file (`attach_fake_quant(equalized=)`) and the healed file is written with the same scales, so it
+        holds exactly the weights healing fitted; `equalize=False` heals and writes the weights as trained (files
+        ...-unequalized)."""
         with self._timed("heal"):
             trained = _need(self.trained, "distil")
             cfg = trained.cfg
             alpha = cfg.loss.alpha if alpha is None else float(alpha)
-            suffix = "" if alpha == cfg.loss.alpha else f"-alpha{alpha:g}"
+            equalized = equalize and quant in EQUALIZE_QUANTS
+            suffix = ("" if alpha == cfg.loss.alpha else f"-alpha{alpha:g}") + ("" if equalized or quant not in
+                                                                                 EQUALIZE_QUANTS else "-unequalized")
             name = f"heal-{quant}{suffix}"
             variant = _variant(cfg, name, {"max_steps": int(steps), "lr": cfg.train.lr / 10 if lr is None else lr,
                                            "warmup_steps": min(cfg.train.warmup_steps, int(steps) // 4),
                                            "on_policy": 0.0, "eval_every": 0, "checkpoint_every": 0,
                                            "save_final": False, "seed": cfg.train.seed + 1},
                                loss=dataclasses.replace(cfg.loss, alpha=alpha))
-            if (trained.student, quant) not in self._unhealed:  # healing again (another alpha) reuses them
-                self._unhealed[trained.student, quant] = (self._perplexity(trained.student),
-                                                          self._perplexity(trained.student, quant))
-            fp32, before = self._unhealed[trained.student, quant]
+            key = (trained.student, quant, equalized)
+            if key not in self._unhealed:  # healing again (another alpha) reuses them
+                scales = self._equalization(trained.student, quant, equalized)
+                self._unhealed[key] = (self._perplexity(trained.student),
+                                       self._perplexity(trained.student, quant, scales), scales)
+            fp32, before, scales = self._unhealed[key]
             self.say(f"healing the {quant} gap ({before - fp32:+.3f} perplexity): {steps} steps, alpha {alpha}, "
-                     f"lr {variant.train.lr:g}, quantization-aware forward")
+                     f"lr {variant.train.lr:g}, quantization-aware forward"
+                     + (f", {scales}" if scales is not None else ", weights as trained"))
             try:  # training's own copy of the student takes the rounding along: one copy, not two
-                with fake_quantized(trained.student, quant):
+                with fake_quantized(trained.student, quant, scales):
                     healed, result = train_student(variant, trained.student, self.teacher if self.shared else None,
                                                    self.splits, self.tokenizer, self.progress, self.cache)
             except TrainingInterrupted as exc:  # healing is short and never resumed: its advice is to start over
@@ -923,15 +935,16 @@ class Experiment:
                                           f"gap; no healed file was written. Healing starts over from the trained "
                                           f"student: run the same heal again.") from None
             healed = detach_fake_quant(healed)
-            after = self._perplexity(healed, quant)
+            after = self._perplexity(healed, quant, scales)
             report = {"quant": quant, "steps": int(steps), "alpha": alpha, "lr": variant.train.lr,
                       "seconds": result.seconds, "fp32_perplexity": fp32, "quantized_before": before,
                       "quantized_after": after, "healed_fp32_perplexity": self._perplexity(healed),
                       "gap_before": before - fp32, "gap_after": after - fp32,
-                      "gap_closed": 1 - (after - fp32) / (before - fp32) if before != fp32 else None}
+                      "gap_closed": 1 - (after - fp32) / (before - fp32) if before != fp32 else None,
+                      "equalized": str(scales) if scales is not None else None}
             if export and self.main:
                 report["gguf"] = str(self._write_gguf(healed, self.out / f"student-{quant}-healed{suffix}.gguf",
-                                                      quant, f"{cfg.run.name} healed", equalize=False).path)
+                                                      quant, f"{cfg.run.name} healed", scales).path)
             self.say(f"{quant} file: perplexity {before:,.3f} -> {after:,.3f} (fp32 {fp32:,.3f}); gap "
                      f"{report['gap_before']:+.3f} -> {report['gap_after']:+.3f}" + (
                          f", {report['gap_closed']:.0%} of it closed" if report["gap_closed"] is not None else ""))
@@ -940,10 +953,13 @@ class Experiment:
             self.healed[name], self.healed_student = report, healed
             return report
 
-    def _perplexity(self, model: torch.nn.Module, quant: Optional[str] = None) -> float:
-        """Held-out perplexity of `model`, or (`quant`) of its weights as a `quant` file holds them, rounded as
-        each layer reads them (`export.fake_quantized`: no copy of the model)."""
-        with visiting(model, self.device), fake_quantized(model, quant) if quant else contextlib.nullcontext():
+    def _perplexity(self, model: torch.nn.Module, quant: Optional[str] = None,
+                    equalized: Optional[Equalization] = None) -> float:
+        """Held-out perplexity of `model`, or (`quant`) of its weights as a `quant` file holds them (with
+        `equalized`, as the equalized file does), rounded as each layer reads them (`export.fake_quantized`: no
+        copy of the model)."""
+        with visiting(model, self.device), (fake_quantized(model, quant, equalized) if quant
+                                            else contextlib.nullcontext()):
             return perplexity(model, self.splits.eval, pad_token_id=self.tokenizer.pad_token_id,
                               vocab_size=len(self.tokenizer), progress=False)["perplexity"]
 
@@ -1048,10 +1064,10 @@ def _training_rows(run: str | Path, progress: bool) -> tuple[list[list[int]], to
 
 
 def heal_run(run: str | Path, quant: str = "q4_0", steps: int = 50, alpha: Optional[float] = None,
-             lr: Optional[float] = None, progress: bool = True) -> dict:
-    """`Experiment.heal` on a finished run folder (`from_run`): writes <run>/student-<quant>-healed.gguf and
-    <run>/heal.json; nothing else in the folder changes."""
-    return from_run(run, progress).heal(quant, steps, alpha=alpha, lr=lr)
+             lr: Optional[float] = None, progress: bool = True, equalize: bool = True) -> dict:
+    """`Experiment.heal` on a finished run folder (`from_run`): writes <run>/student-<quant>-healed.gguf (equalized
+    as an export is, unless `equalize=False`) and <run>/heal.json; nothing else in the folder changes."""
+    return from_run(run, progress).heal(quant, steps, alpha=alpha, lr=lr, equalize=equalize)
 
 
 def run(cfg: Config, progress: bool = True, resume: Optional[bool] = None, force: bool = False) -> dict[str, Any]:

@@ -242,21 +242,42 @@ class Equalization:
 
     def apply(self, name: str, tensor: torch.Tensor, config) -> torch.Tensor:
         """A parameter of the model (its transformers name) with the scales folded in; others unchanged."""
+        factors = self.factors(name, config)
+        if factors is None:
+            return tensor
+        rows, columns = factors
+        t = tensor.detach().to(torch.float32)
+        return t * _outer(rows.to(t.device) if rows is not None else None,
+                          columns.to(t.device) if columns is not None else None)
+
+    def factors(self, name: str, config) -> Optional[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+        """What folding multiplies the parameter `name` by: (one factor per row or None, one per column, or per
+        entry of a vector, or None), fp32 on the host; None for a parameter the scales leave alone."""
         parts = name.split(".")
         if parts[:2] != ["model", "layers"] or len(parts) < 5:
-            return tensor
-        scales, key = self.layers[int(parts[2])], ".".join(parts[3:])
-        fold = _FOLDS.get(key)
+            return None
+        scales, fold = self.layers[int(parts[2])], _FOLDS.get(".".join(parts[3:]))
         if fold is None:
-            return tensor
-        t = tensor.detach().to(torch.float32)
+            return None
+        rows = columns = None
         for which, axis, power in fold:
-            s = scales[which].to(t.device)
+            s = scales[which].to(torch.float32)
             if which == "v" and axis == 1:  # the output projection reads every query head; kv head j serves g heads
                 heads, kv = config.num_attention_heads, s.numel() // _head_dim(config)
                 s = s.reshape(kv, 1, -1).expand(kv, heads // kv, -1).reshape(-1)
-            t = t * (s.pow(power).reshape(-1, 1) if axis == 0 and t.ndim == 2 else s.pow(power))
-        return t
+            s = s.pow(power)
+            if axis == 0 and name.endswith(".weight"):
+                rows = s if rows is None else rows * s
+            else:
+                columns = s if columns is None else columns * s
+        return rows, columns
+
+
+def _outer(rows: Optional[torch.Tensor], columns: Optional[torch.Tensor]) -> torch.Tensor | float:
+    """The multiplier of a matrix (or vector) whose rows and columns are scaled by these factors."""
+    if rows is None:
+        return columns if columns is not None else 1.0
+    return rows.reshape(-1, 1) if columns is None else rows.reshape(-1, 1) * columns
 
 
 # parameter -> [(scale, axis it runs along (0 rows / 1 columns or a vector), power)]. No MLP or output-projection
@@ -398,60 +419,91 @@ class _RoundThrough(torch.autograd.Function):
 
 class StraightThrough(torch.nn.Module):
     """A parametrization: the forward pass sees the weight as the `quant` file will hold it, the gradient flows to
-    the full-precision weight as if nothing had been rounded (the straight-through estimator)."""
+    the full-precision weight as if nothing had been rounded (the straight-through estimator). With `rows` /
+    `columns` (an `Equalization`'s factors, kept as buffers so they follow the model's device and copies), the
+    weight is scaled by them first, as the export folds them, and then rounded: the latent weight stays as
+    trained, the forward pass computes the equalized file. A vector (a norm, a bias) is only scaled."""
 
-    def __init__(self, quant: str):
+    def __init__(self, quant: str, rows: Optional[torch.Tensor] = None, columns: Optional[torch.Tensor] = None):
         super().__init__()
         _qtype(quant)
         self.quant = quant
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("columns", columns, persistent=False)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return _RoundThrough.apply(weight, self.quant)
+        if self.rows is None and self.columns is None:
+            return _RoundThrough.apply(weight, self.quant) if weight.ndim == 2 else weight
+        scaled = weight.to(torch.float32)  # in fp32, as the export folds them; by vectors, so that autograd keeps
+        if self.rows is not None:  # the vectors for the backward pass and no full-size factor per matrix
+            scaled = scaled * self.rows.reshape(-1, 1)
+        if self.columns is not None:
+            scaled = scaled * self.columns
+        return (_RoundThrough.apply(scaled, self.quant) if weight.ndim == 2 else scaled).to(weight.dtype)
 
 
-def attach_fake_quant(model: torch.nn.Module, quant: str) -> torch.nn.Module:
+def attach_fake_quant(model: torch.nn.Module, quant: str, equalized: Optional[Equalization] = None
+                      ) -> torch.nn.Module:
     """Make every matrix of `model` (the ones a GGUF file quantizes: projections, embeddings, output layer) pass
     through `StraightThrough(quant)` in the forward pass; a tied output layer shares its embedding's latent weight.
+    With `equalized` (measured on this model), its scales are folded in first, into the norms and the value bias
+    as well: the forward pass is the equalized `quant` file's (healing then fits the weights that file rounds).
     Undo with `detach_fake_quant`. Returns `model`."""
     _qtype(quant)
-    for module in model.modules():
-        weight = module._parameters.get("weight") if not parametrize.is_parametrized(module) else None
-        if isinstance(weight, torch.nn.Parameter) and weight.ndim == 2:
-            parametrize.register_parametrization(module, "weight", StraightThrough(quant), unsafe=True)
+    if equalized is not None and len(equalized.layers) != model.config.num_hidden_layers:
+        raise ExportError(f"the equalization holds scales for {len(equalized.layers)} layers, the model has "
+                          f"{model.config.num_hidden_layers}: measure it on this model (`equalization(model, rows)`).")
+    for prefix, module in list(model.named_modules()):
+        for kind in ("weight", "bias"):
+            tensor = module._parameters.get(kind) if not parametrize.is_parametrized(module, kind) else None
+            if not isinstance(tensor, torch.nn.Parameter):
+                continue
+            factors = equalized.factors(f"{prefix}.{kind}", model.config) if equalized is not None else None
+            if factors is not None or (kind == "weight" and tensor.ndim == 2):
+                rows, columns = factors or (None, None)
+                device = tensor.device
+                parametrize.register_parametrization(module, kind, StraightThrough(
+                    quant, rows.to(device) if rows is not None else None,
+                    columns.to(device) if columns is not None else None), unsafe=True)
     return model
 
 
 def detach_fake_quant(model: torch.nn.Module) -> torch.nn.Module:
     """Remove `attach_fake_quant`'s parametrizations, keeping the full-precision (latent) weights that training
-    updated: exporting them writes exactly the weights the quantization-aware forward pass used.
+    updated: exporting them (with the same equalization, where one was attached) writes exactly the weights the
+    quantization-aware forward pass used.
 
     Done by hand rather than with `parametrize.remove_parametrizations`, which deletes the `weight` property from
     the module's class: a deep copy of a parametrized model shares that class (torch copies the instance, not the
     class), so removing the original's broke the copy's (healing trains such a copy). Here the module only goes
     back to its own class, and a tied output layer gets the same latent Parameter as its embedding."""
-    for module in [m for m in model.modules() if parametrize.is_parametrized(m, "weight")]:
-        if set(module.parametrizations) != {"weight"} or not isinstance(module.parametrizations["weight"][0],
-                                                                         StraightThrough):
+    for module in [m for m in model.modules() if parametrize.is_parametrized(m)]:
+        kinds = set(module.parametrizations)
+        if not kinds <= {"weight", "bias"} or not all(
+                len(module.parametrizations[k]) == 1 and isinstance(module.parametrizations[k][0], StraightThrough)
+                for k in kinds):
             raise ExportError(f"{type(module).__name__} has parametrizations other than attach_fake_quant's "
                               f"({', '.join(module.parametrizations)}); remove them first.")
-        original = module.parametrizations["weight"].original
+        originals = {k: module.parametrizations[k].original for k in kinds}
+        order = ["weight", "bias", *module._parameters]
         del module.parametrizations
         module.__class__ = type(module).__bases__[0]
-        rest = {k: v for k, v in module._parameters.items() if k != "weight"}
-        module._parameters = {"weight": original, **rest}  # weight first, as the module registered it
+        kept = {**module._parameters, **originals}
+        module._parameters = {k: kept[k] for k in dict.fromkeys(order) if k in kept}  # as the module registered
     return model
 
 
 @contextlib.contextmanager
-def fake_quantized(model: torch.nn.Module, quant: str):
+def fake_quantized(model: torch.nn.Module, quant: str, equalized: Optional[Equalization] = None):
     """Inside this block `model` computes with its weights as a `quant` file holds them (each matrix rounded when a
-    layer reads it, `quantize_dequantize`), on whatever device it is; on leaving, the full-precision weights are as
-    before. What `fake_quantize` gives, without its copy of the model: scoring a file's weights then costs one
-    matrix at a time, not a second model in host RAM. Refuses a model already fake-quantized (`attach_fake_quant`)."""
+    layer reads it, `quantize_dequantize`; with `equalized`, as the equalized file holds them), on whatever device
+    it is; on leaving, the full-precision weights are as before. What `fake_quantize` gives, without its copy of the
+    model: scoring a file's weights then costs one matrix at a time, not a second model in host RAM. Refuses a
+    model already fake-quantized (`attach_fake_quant`)."""
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise ExportError("fake_quantized: this model already has parametrized weights (attach_fake_quant?); "
                           "detach_fake_quant first.")
-    attach_fake_quant(model, quant)
+    attach_fake_quant(model, quant, equalized)
     try:
         yield model
     finally:

@@ -8,6 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 from pocket_teacher import cli, export
 from pocket_teacher.export import (ExportError, attach_fake_quant, detach_fake_quant, export_gguf, export_run,
@@ -294,6 +295,10 @@ def test_healing_a_run_writes_the_healed_file_and_its_gap(tmp_path, capsys):
     assert first["steps"] == 3 and kept["heal-q4_0-alpha1"]["alpha"] == 1.0
     assert first["gap_before"] == pytest.approx(first["quantized_before"] - first["fp32_perplexity"])
     assert first["gap_closed"] == pytest.approx(1 - first["gap_after"] / first["gap_before"])
+    assert first["equalized"].startswith("activations equalized")  # healed as the export writes the file
+    assert cli.main(["export", "--run", str(out), "--quant", "q4_0", "--heal-steps", "2", "--no-equalize"]) == 0
+    assert f"healed: {out / 'student-q4_0-healed-unequalized.gguf'}; perplexity gap" in capsys.readouterr().out
+    assert json.loads((out / "heal.json").read_text())["heal-q4_0-unequalized"]["equalized"] is None
     healed, _ = load_gguf(out / "student-q4_0-healed.gguf")
     plain, _ = load_gguf(export_run(out, "student", "q4_0").path)
     assert not torch.equal(healed.lm_head.weight, plain.lm_head.weight)  # the healed weights, not the run's
@@ -341,10 +346,22 @@ def test_healing_a_run_writes_the_healed_file_and_its_gap(tmp_path, capsys):
         unchanged()
         assert not any(parametrize.is_parametrized(m) for m in exp.healed_student.modules())
         assert report["quantized_before"] == exp.heal("q8_0", 2, export=False)["quantized_before"]
-    report = exp.heal("q4_0", 2)  # the healed file holds the healed weights as healed: not equalized afterwards
+    report = exp.heal("q4_0", 2)  # healed as the equalized file: that file holds exactly what healing computed
+    assert report["equalized"].startswith("activations equalized (alpha 0.5")
     back, _ = load_gguf(report["gguf"])
-    norm = "model.layers.0.input_layernorm.weight"  # norms are written in f32: scales would show there
+    scales = export.equalization(student, exp.calibration_rows())  # measured on the trained student, as heal did
+    ids = torch.tensor([exp.calibration_rows()[0]])
+    with torch.no_grad(), export.fake_quantized(exp.healed_student, "q4_0", scales) as healing:
+        torch.testing.assert_close(back(ids).logits, healing(ids).logits, rtol=1e-4, atol=1e-4)
+    norm = "model.layers.0.input_layernorm.weight"  # norms are written in f32: the scales show there
+    assert not torch.allclose(back.state_dict()[norm], exp.healed_student.state_dict()[norm])
+    unchanged()
+    plain = exp.heal("q4_0", 2, equalize=False)  # as trained: its own record and file, norms as healed
+    assert plain["equalized"] is None and plain["gguf"].endswith("student-q4_0-healed-unequalized.gguf")
+    assert plain["quantized_before"] != report["quantized_before"]
+    back, _ = load_gguf(plain["gguf"])
     assert torch.equal(back.state_dict()[norm], exp.healed_student.state_dict()[norm])
+    assert {"heal-q4_0", "heal-q4_0-unequalized"} <= set(json.loads((out / "heal.json").read_text()))
     unchanged()
     original = experiment.train_student
 
@@ -691,6 +708,47 @@ def test_an_equalized_file_computes_the_students_function(tiny_tokenizer, tmp_pa
     for name in ("model.layers.0.input_layernorm.weight", "model.layers.1.mlp.down_proj.weight",
                  "model.layers.0.self_attn.o_proj.weight"):
         assert not torch.allclose(back.state_dict()[name], model.state_dict()[name], atol=1e-3), name
+
+
+@pytest.mark.parametrize("shape,quant", [("llama", "q4_0"), ("qwen2", "q4_1")])
+def test_healing_with_equalization_trains_what_the_equalized_file_holds(tiny_tokenizer, tmp_path, shape, quant):
+    """`attach_fake_quant(equalized=)`: the forward pass is the equalized `quant` file's (scales folded into norms,
+    q/k/v, v/o with Qwen2's value bias, up/down, then rounded), gradients reach the latent weights as trained, and
+    after a step the latent weights written with the same scales give a file equal to that forward pass."""
+    vocab = len(tiny_tokenizer)
+    model = _with_outliers(_llama(vocab) if shape == "llama" else _qwen2(vocab))
+    rows = [tiny_tokenizer(t)["input_ids"] for t in TEXTS]
+    equalized = export.equalization(model, rows)
+    ids = torch.tensor([tiny_tokenizer(TEXT)["input_ids"]])
+    path = export_gguf(model, tiny_tokenizer, tmp_path / "before.gguf", quant, equalized=equalized).path
+    before, _ = load_gguf(path)
+    attach_fake_quant(model, quant, equalized)
+    norm = model.model.layers[0].input_layernorm
+    assert parametrize.is_parametrized(norm, "weight")  # the norms carry the scales too
+    if shape == "qwen2":
+        assert parametrize.is_parametrized(model.model.layers[0].self_attn.v_proj, "bias")
+    logits = model(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(logits, before(ids).logits, rtol=1e-4, atol=1e-4)
+    logits.square().mean().backward()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    latent = norm.parametrizations.weight.original
+    assert latent.grad is not None and latent.grad.abs().sum() > 0
+    optimizer.step()
+    with torch.no_grad():
+        trained = model(ids).logits
+    detach_fake_quant(model)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert model.model.layers[0].input_layernorm.weight is latent  # the latent weights, as trained (no scales)
+    if shape == "qwen2":
+        assert [k for k, _ in model.model.layers[0].self_attn.v_proj.named_parameters()] == ["weight", "bias"]
+    path = export_gguf(model, tiny_tokenizer, tmp_path / "after.gguf", quant, equalized=equalized).path
+    after, _ = load_gguf(path)
+    with torch.no_grad():
+        torch.testing.assert_close(after(ids).logits, trained, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(after(ids).logits, before(ids).logits, atol=1e-3)  # the step moved the file
+    with pytest.raises(ExportError, match="measure it on this model"):
+        attach_fake_quant(_llama(vocab, layers=3), quant, equalized)
 
 
 def test_equalization_shrinks_what_llama_cpps_activation_rounding_changes(tiny_tokenizer, tmp_path):

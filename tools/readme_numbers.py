@@ -833,8 +833,12 @@ def gguf_heal(data: dict) -> str:
     """benchmarks/gguf_heal.py: the quantization gap before and after healing, by distillation and by plain
     fine-tuning at equal steps."""
     rows_ = data["rows"]
+    equalized = rows_[0].get("equalized")  # absent: healed before healing took the export's equalization
+    start = (f"the equalized file ({equalized})" if equalized else "the weights as trained, not equalized" + (
+        ": --no-equalize" if "equalized" in rows_[0] else ": measured before healing took the equalization"))
     lines = [f"{measured_with(data)}: {rows_[0]['steps']} extra steps each, lr {rows_[0]['lr']:g}, the weights "
-             f"quantized in the forward pass (the run's alpha {data['run_alpha']:g} for distillation):", "",
+             f"quantized in the forward pass as {start} (the run's alpha {data['run_alpha']:g} for distillation):",
+             "",
              "| type | healed by | fp32 perplexity | file before | file after | gap before -> after | gap closed | "
              "healed fp32 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows_:
