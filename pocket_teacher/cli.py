@@ -102,11 +102,12 @@ def _parser() -> argparse.ArgumentParser:
                              "(the same function, rounded more gently by llama.cpp), with scales measured on the "
                              "run's first training rows, which loads the run's data and teacher; with --heal-steps "
                              "the healing fits the equalized file's weights, and --no-equalize heals the weights as "
-                             "trained (<run>/student-<quant>-healed-unequalized.gguf)")
+                             "trained (<run>/student-<quant>-healed[-alpha<a>]-unequalized.gguf)")
     export.add_argument("--heal-steps", type=int, default=0, metavar="N",
                         help="first heal the quantization gap: N more distillation steps with the weights "
                              "quantized in the forward pass, from the run's teacher cache; writes "
-                             "<run>/student-<quant>-healed.gguf and <run>/heal.json")
+                             "<run>/student-<quant>-healed[-alpha<a>].gguf (equalized as the export writes it) and "
+                             "<run>/heal.json")
     export.add_argument("--heal-alpha", type=float, help="alpha of the healing steps (default the run's; 1 is "
                                                          "plain fine-tuning)")
 

@@ -474,7 +474,7 @@ class Experiment:
         self.comparison = None  # 9. Side by side (a DataFrame)
         self.healed: dict[str, dict] = {}  # heal(): each healing's figures
         self.healed_student: Optional[torch.nn.Module] = None  # the last healing's student (one kept, not each)
-        self._unhealed: dict[tuple, tuple[float, float]] = {}  # (student, quant) -> fp32 and file perplexity
+        self._unhealed: dict[tuple, tuple] = {}  # (student, quant, equalized) -> fp32 and file perplexity, scales
         self.out = run_dir(cfg)
 
     @contextlib.contextmanager

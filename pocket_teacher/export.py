@@ -243,12 +243,7 @@ class Equalization:
     def apply(self, name: str, tensor: torch.Tensor, config) -> torch.Tensor:
         """A parameter of the model (its transformers name) with the scales folded in; others unchanged."""
         factors = self.factors(name, config)
-        if factors is None:
-            return tensor
-        rows, columns = factors
-        t = tensor.detach().to(torch.float32)
-        return t * _outer(rows.to(t.device) if rows is not None else None,
-                          columns.to(t.device) if columns is not None else None)
+        return tensor if factors is None else _folded(tensor.detach().to(torch.float32), *factors)
 
     def factors(self, name: str, config) -> Optional[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
         """What folding multiplies the parameter `name` by: (one factor per row or None, one per column, or per
@@ -266,18 +261,22 @@ class Equalization:
                 heads, kv = config.num_attention_heads, s.numel() // _head_dim(config)
                 s = s.reshape(kv, 1, -1).expand(kv, heads // kv, -1).reshape(-1)
             s = s.pow(power)
-            if axis == 0 and name.endswith(".weight"):
+            if axis == 0 and name.endswith(".weight"):  # a matrix's rows (every axis-0 fold is on a matrix or bias)
                 rows = s if rows is None else rows * s
             else:
                 columns = s if columns is None else columns * s
         return rows, columns
 
 
-def _outer(rows: Optional[torch.Tensor], columns: Optional[torch.Tensor]) -> torch.Tensor | float:
-    """The multiplier of a matrix (or vector) whose rows and columns are scaled by these factors."""
-    if rows is None:
-        return columns if columns is not None else 1.0
-    return rows.reshape(-1, 1) if columns is None else rows.reshape(-1, 1) * columns
+def _folded(weight: torch.Tensor, rows: Optional[torch.Tensor], columns: Optional[torch.Tensor]) -> torch.Tensor:
+    """An fp32 `weight` multiplied by its factors: columns (or a vector's entries) first, then rows, always in this
+    order, so that the export and the healing forward pass (`StraightThrough`) give the same bits; by vectors, so
+    no full-size factor is made (nor kept by autograd for the backward pass)."""
+    if columns is not None:
+        weight = weight * columns.to(weight.device)
+    if rows is not None:
+        weight = weight * rows.to(weight.device).reshape(-1, 1)
+    return weight
 
 
 # parameter -> [(scale, axis it runs along (0 rows / 1 columns or a vector), power)]. No MLP or output-projection
@@ -434,11 +433,7 @@ class StraightThrough(torch.nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.rows is None and self.columns is None:
             return _RoundThrough.apply(weight, self.quant) if weight.ndim == 2 else weight
-        scaled = weight.to(torch.float32)  # in fp32, as the export folds them; by vectors, so that autograd keeps
-        if self.rows is not None:  # the vectors for the backward pass and no full-size factor per matrix
-            scaled = scaled * self.rows.reshape(-1, 1)
-        if self.columns is not None:
-            scaled = scaled * self.columns
+        scaled = _folded(weight.to(torch.float32), self.rows, self.columns)  # in fp32, as the export folds them
         return (_RoundThrough.apply(scaled, self.quant) if weight.ndim == 2 else scaled).to(weight.dtype)
 
 

@@ -346,7 +346,22 @@ def test_healing_a_run_writes_the_healed_file_and_its_gap(tmp_path, capsys):
         unchanged()
         assert not any(parametrize.is_parametrized(m) for m in exp.healed_student.modules())
         assert report["quantized_before"] == exp.heal("q8_0", 2, export=False)["quantized_before"]
-    report = exp.heal("q4_0", 2)  # healed as the equalized file: that file holds exactly what healing computed
+    original = experiment.train_student
+    attached = []
+
+    def spy(cfg, student_init, *args, **kwargs):  # what the healing trains: the equalized file's forward pass
+        norm = student_init.model.layers[0].input_layernorm
+        attached.append(parametrize.is_parametrized(norm, "weight")
+                        and norm.parametrizations.weight[0].columns is not None)
+        return original(cfg, student_init, *args, **kwargs)
+
+    experiment.train_student = spy
+    try:
+        report = exp.heal("q4_0", 2)  # healed as the equalized file: that file holds what healing computed
+    finally:
+        experiment.train_student = original
+    assert attached == [True]
+    assert exp.healed_student.lm_head.weight is exp.healed_student.model.embed_tokens.weight  # still tied
     assert report["equalized"].startswith("activations equalized (alpha 0.5")
     back, _ = load_gguf(report["gguf"])
     scales = export.equalization(student, exp.calibration_rows())  # measured on the trained student, as heal did
@@ -710,7 +725,7 @@ def test_an_equalized_file_computes_the_students_function(tiny_tokenizer, tmp_pa
         assert not torch.allclose(back.state_dict()[name], model.state_dict()[name], atol=1e-3), name
 
 
-@pytest.mark.parametrize("shape,quant", [("llama", "q4_0"), ("qwen2", "q4_1")])
+@pytest.mark.parametrize("shape,quant", [("llama", "q4_0"), ("llama", "q8_0"), ("qwen2", "q4_1")])
 def test_healing_with_equalization_trains_what_the_equalized_file_holds(tiny_tokenizer, tmp_path, shape, quant):
     """`attach_fake_quant(equalized=)`: the forward pass is the equalized `quant` file's (scales folded into norms,
     q/k/v, v/o with Qwen2's value bias, up/down, then rounded), gradients reach the latent weights as trained, and
@@ -737,6 +752,9 @@ def test_healing_with_equalization_trains_what_the_equalized_file_holds(tiny_tok
     optimizer.step()
     with torch.no_grad():
         trained = model(ids).logits
+        layer = model.model.layers[1]  # what the forward pass multiplies by, matrices with row and column scales
+        seen = {"up": layer.mlp.up_proj.weight.clone(), "v": layer.self_attn.v_proj.weight.clone(),
+                "norm": layer.post_attention_layernorm.weight.clone()}
     detach_fake_quant(model)
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
     assert model.model.layers[0].input_layernorm.weight is latent  # the latent weights, as trained (no scales)
@@ -744,6 +762,10 @@ def test_healing_with_equalization_trains_what_the_equalized_file_holds(tiny_tok
         assert [k for k, _ in model.model.layers[0].self_attn.v_proj.named_parameters()] == ["weight", "bias"]
     path = export_gguf(model, tiny_tokenizer, tmp_path / "after.gguf", quant, equalized=equalized).path
     after, _ = load_gguf(path)
+    written = after.model.layers[1]  # the file holds those weights bit for bit (the same order of multiplications)
+    assert torch.equal(written.mlp.up_proj.weight, seen["up"])
+    assert torch.equal(written.self_attn.v_proj.weight, seen["v"])
+    assert torch.equal(written.post_attention_layernorm.weight, seen["norm"])
     with torch.no_grad():
         torch.testing.assert_close(after(ids).logits, trained, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(after(ids).logits, before(ids).logits, atol=1e-3)  # the step moved the file
