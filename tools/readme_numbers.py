@@ -834,11 +834,10 @@ def gguf_heal(data: dict) -> str:
     fine-tuning at equal steps."""
     rows_ = data["rows"]
     equalized = rows_[0].get("equalized")  # absent: healed before healing took the export's equalization
-    start = (f"the equalized file ({equalized})" if equalized else "the weights as trained, not equalized" + (
-        ": --no-equalize" if "equalized" in rows_[0] else ": measured before healing took the equalization"))
-    lines = [f"{measured_with(data)}: {rows_[0]['steps']} extra steps each, lr {rows_[0]['lr']:g}, the weights "
-             f"quantized in the forward pass as {start} (the run's alpha {data['run_alpha']:g} for distillation):",
-             "",
+    start = (f"as the equalized file holds them, {equalized}" if equalized else "as trained, not equalized" + (
+        " (--no-equalize)" if "equalized" in rows_[0] else " (measured before healing took the equalization)"))
+    lines = [f"{measured_with(data)}: {rows_[0]['steps']} extra steps each, lr {rows_[0]['lr']:g}, the run's alpha "
+             f"{data['run_alpha']:g} for distillation; the weights quantized in the forward pass {start}:", "",
              "| type | healed by | fp32 perplexity | file before | file after | gap before -> after | gap closed | "
              "healed fp32 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows_:
