@@ -78,7 +78,7 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
 
     from pocket_teacher import experiment
     from pocket_teacher.data import TokenizedSplit, format_prompt
-    from pocket_teacher.export import attach_fake_quant
+    from pocket_teacher.export import EQUALIZE_ROWS, attach_fake_quant, equalization
     from pocket_teacher.evaluate import GREEDY, agreement, perplexity
     from pocket_teacher.models import load_teacher, offload, resolve_device
     from pocket_teacher.students import load_student
@@ -140,8 +140,10 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
                 teacher.generate(**enc, **GREEDY, max_new_tokens=new, min_new_tokens=new, pad_token_id=tok.pad_token_id)
         elif stage == "training":
             distill(copy.deepcopy(student_init), None, train, cfg, Vocab.of(tok), teacher_cache=cache, progress=False)
-        elif stage == "healing":  # as Experiment.heal: one copy, made on the host, every matrix rounded
-            healing = attach_fake_quant(copy.deepcopy(student_init), "q4_0")
+        elif stage == "healing":  # as Experiment.heal: one copy, made on the host, every matrix equalized and rounded
+            scales = equalization(student_init, [list(train[i]["input_ids"]) for i in range(min(EQUALIZE_ROWS,
+                                                                                                  len(train)))])
+            healing = attach_fake_quant(copy.deepcopy(student_init), "q4_0", scales)
             distill(healing, None, train, cfg, Vocab.of(tok), teacher_cache=cache, progress=False)
         measured = _peak(device)
         del waiting

@@ -469,12 +469,15 @@ def healing_bytes(student: ModelShape, compute: float, checkpointing: bool) -> d
     (the loss's peak); each decoder matrix, rounded in fp32 when its layer runs, is kept for backward as it is
     multiplied (fp32 on CPU; in the compute dtype under autocast, after a transient fp32 copy of one layer), for
     every layer or, with gradient checkpointing, for the one being recomputed; `export.quantize_dequantize` rounds
-    `QD_CHUNK_BLOCKS` blocks at a time (about six fp32 temporaries of that size)."""
+    `QD_CHUNK_BLOCKS` blocks at a time (about six fp32 temporaries of that size). Healing an equalized file (the
+    default for q8_0 / q4_0 / q4_1) first multiplies each matrix by its scales in fp32, by columns then by rows:
+    two fp32 copies of the largest matrix (the MLP's) for a moment; autograd keeps only the scale vectors."""
     layer = student.layer_linear_params
     kept = (1 if checkpointing else student.layers) * layer * (4 if compute == 4 else compute)
     return {"rounded output layer (fp32)": 4 * student.vocab_rows * student.hidden,
             "rounded layer matrices": int(kept + (0 if compute == 4 else 4 * layer)),
-            "rounding temporaries": 6 * 4 * 32 * QD_CHUNK_BLOCKS}
+            "rounding temporaries": 6 * 4 * 32 * QD_CHUNK_BLOCKS,
+            "equalization temporaries": 2 * 4 * student.hidden * student.intermediate}
 
 
 def _healing(stage, student: ModelShape, train_device: dict, train_host: dict, student_bytes: int, compute: float,
