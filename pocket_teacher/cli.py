@@ -110,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
                              "<run>/heal.json")
     export.add_argument("--heal-alpha", type=float, help="alpha of the healing steps (default the run's; 1 is "
                                                          "plain fine-tuning)")
+    export.add_argument("--heal-lr", type=float, help="learning rate of the healing steps (default a tenth of the "
+                                                      "run's train.lr)")
 
     sub.add_parser("presets", help="list the presets")
     sub.add_parser("config", parents=[common], help="print a preset's resolved configuration as YAML")
@@ -206,9 +208,9 @@ def _main(args: argparse.Namespace) -> int:
         if args.heal_steps:
             if args.model != "student" or args.out:
                 raise ExportError("--heal-steps heals the distilled student and writes <run>/student-<quant>-"
-                                  "healed.gguf: drop --model baseline and --out.")
+                                  "healed*.gguf: drop --model baseline and --out.")
             report = experiment.heal_run(args.run, args.quant, args.heal_steps, alpha=args.heal_alpha,
-                                         equalize=args.equalize)
+                                         lr=args.heal_lr, equalize=args.equalize)
             print(f"healed: {report['gguf']}; perplexity gap {report['gap_before']:+.3f} -> "
                   f"{report['gap_after']:+.3f}")
             return 0
