@@ -894,8 +894,9 @@ class Experiment:
         """Heal the quantization gap: distil the trained student `steps` more steps with its weights as a `quant`
         file holds them in the forward pass (the exact GGUF block arithmetic; straight-through gradients to the
         full-precision weights), from the same teacher cache, then (with `export`) write
-        runs/<name>/student-<quant>-healed[-alpha<alpha>][-unequalized].gguf. `alpha` (default the training's; 1 is plain fine-tuning, the
-        comparison) and `lr` (default a tenth of train.lr, with the training's schedule) set the extra steps; the
+        runs/<name>/student-<quant>-healed[-alpha<alpha>][-unequalized].gguf. `alpha` (default the training's; 1 is
+        plain fine-tuning, the comparison) and `lr` (default a tenth of train.lr, with the training's schedule) set
+        the extra steps; the
         batches come in a new order (train.seed + 1); no checkpoint is kept: a stopped healing starts over.
         Returns the held-out perplexities of the fp32 student and of its `quant` file before and after, the gap
         (file minus fp32) each time and the share of it closed; kept in runs/<name>/heal.json under
