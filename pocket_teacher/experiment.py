@@ -896,8 +896,8 @@ class Experiment:
         full-precision weights), from the same teacher cache, then (with `export`) write
         runs/<name>/student-<quant>-healed[-alpha<alpha>][-unequalized].gguf. `alpha` (default the training's; 1 is
         plain fine-tuning, the comparison) and `lr` (default a tenth of train.lr, with the training's schedule) set
-        the extra steps; the
-        batches come in a new order (train.seed + 1); no checkpoint is kept: a stopped healing starts over.
+        the extra steps; the batches come in a new order (train.seed + 1); no checkpoint is kept: a stopped healing
+        starts over.
         Returns the held-out perplexities of the fp32 student and of its `quant` file before and after, the gap
         (file minus fp32) each time and the share of it closed; kept in runs/<name>/heal.json under
         heal-<quant>[-alpha<alpha>][-unequalized]. A q8_0 / q4_0 / q4_1 file is equalized as `export` writes it,
@@ -910,8 +910,8 @@ class Experiment:
             cfg = trained.cfg
             alpha = cfg.loss.alpha if alpha is None else float(alpha)
             equalized = equalize and quant in EQUALIZE_QUANTS
-            suffix = ("" if alpha == cfg.loss.alpha else f"-alpha{alpha:g}") + ("" if equalized or quant not in
-                                                                                 EQUALIZE_QUANTS else "-unequalized")
+            suffix = (("" if alpha == cfg.loss.alpha else f"-alpha{alpha:g}")
+                      + ("-unequalized" if not equalize and quant in EQUALIZE_QUANTS else ""))
             name = f"heal-{quant}{suffix}"
             variant = _variant(cfg, name, {"max_steps": int(steps), "lr": cfg.train.lr / 10 if lr is None else lr,
                                            "warmup_steps": min(cfg.train.warmup_steps, int(steps) // 4),
@@ -1039,9 +1039,9 @@ def export_from_run(run: str | Path, model: str = "student", quant: str = "q8_0"
     """`export.export_run`, a q8_0 / q4_0 / q4_1 file with its activations equalized (`Experiment.export`): the
     scales are measured on the run's first training rows, which the run's config.yaml rebuilds (`from_run`,
     without the teacher cache or the trained student; the teacher is loaded, as the run's data and student need
-    it), once the run folder has been checked. `equalize=False` writes the weights as trained without loading the run's data or teacher
-    model. When the rows cannot be rebuilt (data or teacher out of reach), the error says so and names
-    --no-equalize."""
+    it), once the run folder has been checked. `equalize=False` writes the weights as trained without loading the
+    run's data or teacher model. When the rows cannot be rebuilt (data or teacher out of reach), the error says so
+    and names --no-equalize."""
     if not equalize or quant not in EQUALIZE_QUANTS:
         return export_run(run, model, quant, out)
     return export_run(run, model, quant, out, calibration=functools.partial(_training_rows, run, progress))

@@ -159,9 +159,8 @@ def gguf_tensors(model: torch.nn.Module, equalized: Optional["Equalization"] = N
         raise ExportError(f"GGUF export does not know these parameters: {', '.join(unknown[:5])}"
                           + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
                           + ". Only Llama / Qwen2 causal LMs are written.")
-    if equalized is not None and len(equalized.layers) != config.num_hidden_layers:
-        raise ExportError(f"the equalization holds scales for {len(equalized.layers)} layers, the model has "
-                          f"{config.num_hidden_layers}: measure it on this model (`equalization(model, rows)`).")
+    if equalized is not None:
+        equalized.check(config)
     return _arrays(state, config, tied, equalized)
 
 
@@ -239,6 +238,12 @@ class Equalization:
     def __str__(self) -> str:
         return (f"activations equalized (alpha {self.alpha:g}, scales from {self.rows} training rows, "
                 f"{self.tokens:,} tokens)")
+
+    def check(self, config) -> None:
+        """Refuse a model of another depth than the one these scales were measured on."""
+        if len(self.layers) != config.num_hidden_layers:
+            raise ExportError(f"the equalization holds scales for {len(self.layers)} layers, the model has "
+                              f"{config.num_hidden_layers}: measure it on this model (`equalization(model, rows)`).")
 
     def apply(self, name: str, tensor: torch.Tensor, config) -> torch.Tensor:
         """A parameter of the model (its transformers name) with the scales folded in; others unchanged."""
@@ -445,9 +450,8 @@ def attach_fake_quant(model: torch.nn.Module, quant: str, equalized: Optional[Eq
     as well: the forward pass is the equalized `quant` file's (healing then fits the weights that file rounds).
     Undo with `detach_fake_quant`. Returns `model`."""
     _qtype(quant)
-    if equalized is not None and len(equalized.layers) != model.config.num_hidden_layers:
-        raise ExportError(f"the equalization holds scales for {len(equalized.layers)} layers, the model has "
-                          f"{model.config.num_hidden_layers}: measure it on this model (`equalization(model, rows)`).")
+    if equalized is not None:
+        equalized.check(model.config)
     for prefix, module in list(model.named_modules()):
         for kind in ("weight", "bias"):
             tensor = module._parameters.get(kind) if not parametrize.is_parametrized(module, kind) else None
