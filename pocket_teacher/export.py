@@ -146,10 +146,23 @@ def gguf_name(name: str) -> Optional[str]:
 def gguf_tensors(model: torch.nn.Module, equalized: Optional["Equalization"] = None
                  ) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, fp32 array) for every tensor of a Llama / Qwen2 causal LM, the output layer left out when tied
-    to the embeddings, one at a time: a model on a GPU comes to the host a tensor at a time, so an export holds the
-    encoded file and one fp32 tensor, not a second fp32 model. A parameter this mapping does not know is an error
-    raised here, before any tensor is read, never dropped. With `equalized`, its scales are folded into each
-    tensor as it is read (`Equalization.apply`)."""
+    to the embeddings, one at a time: a model on a GPU comes to the host a tensor at a time, and `export_gguf`
+    encodes and writes each before it reads the next, so an export holds one fp32 tensor and its encoding, not a
+    second model or the whole file. A parameter this mapping does not know is an error raised here, before any
+    tensor is read, never dropped. With `equalized`, its scales are folded into each tensor as it is read
+    (`Equalization.apply`)."""
+    state, tied = _checked_state(model, equalized)
+    return _arrays(state, model.config, tied, equalized)
+
+
+def gguf_shapes(model: torch.nn.Module) -> list[tuple[str, tuple]]:
+    """(GGUF name, shape) of each tensor `gguf_tensors` yields, in its order, with no value read or copied."""
+    state, tied = _checked_state(model, None)
+    return [(gguf_name(name), tuple(tensor.shape)) for name, tensor in state.items()
+            if not (name == "lm_head.weight" and tied)]
+
+
+def _checked_state(model: torch.nn.Module, equalized: Optional["Equalization"]) -> tuple[dict, bool]:
     config = model.config
     check_exportable(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -161,7 +174,7 @@ def gguf_tensors(model: torch.nn.Module, equalized: Optional["Equalization"] = N
                           + ". Only Llama / Qwen2 causal LMs are written.")
     if equalized is not None:
         equalized.check(config)
-    return _arrays(state, config, tied, equalized)
+    return state, tied
 
 
 def _arrays(state: dict, config, tied: bool, equalized) -> Iterator[tuple[str, np.ndarray]]:
@@ -177,19 +190,28 @@ def _arrays(state: dict, config, tied: bool, equalized) -> Iterator[tuple[str, n
         yield target, array
 
 
+def _layout(name: str, shape: tuple, quant: str) -> tuple[object, np.dtype, int, Optional[tuple]]:
+    """How one tensor of `shape` is written under the asked type, before any value is read: (raw GGML type or
+    None, numpy dtype of the values written, bytes written, fallback or None)."""
+    gguf = _gguf()
+    count = int(np.prod(shape))
+    if len(shape) < 2 or quant == "f32":
+        return None, np.dtype(np.float32), 4 * count, None
+    if quant == "f16":
+        return None, np.dtype(np.float16), 2 * count, None
+    qtype = _qtype(quant)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    if shape[-1] % block:
+        why = f"rows of {shape[-1]} values are not a multiple of {quant}'s block of {block}"
+        return None, np.dtype(np.float16), 2 * count, (name, "f16", why)
+    return qtype, np.dtype(np.float32), count // block * size, None
+
+
 def _encode(name: str, array: np.ndarray, quant: str) -> tuple[np.ndarray, object, Optional[tuple]]:
     """(data to write, raw GGML type or None, fallback or None) for one tensor under the asked type."""
-    gguf = _gguf()
-    if array.ndim < 2 or quant == "f32":
-        return np.ascontiguousarray(array, dtype=np.float32), None, None
-    if quant == "f16":
-        return np.ascontiguousarray(array, dtype=np.float16), None, None
-    qtype = _qtype(quant)
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if array.shape[-1] % block:
-        why = f"rows of {array.shape[-1]} values are not a multiple of {quant}'s block of {block}"
-        return np.ascontiguousarray(array, dtype=np.float16), None, (name, "f16", why)
-    return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype), qtype, None
+    raw, dtype, _, fallback = _layout(name, array.shape, quant)
+    data = np.ascontiguousarray(array, dtype=dtype)
+    return (data if raw is None else _gguf().quants.quantize(data, raw)), raw, fallback
 
 
 def fake_quantize(model: torch.nn.Module, quant: str) -> torch.nn.Module:
@@ -655,26 +677,32 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, quant: str 
     if path.suffix != ".gguf":
         raise ExportError(f"{path}: a GGUF file's name ends in .gguf (e.g. {path.with_suffix('.gguf')}).")
     arch = ARCHITECTURES.get(getattr(model.config, "model_type", None), "?")
-    tensors = [(n, *_encode(n, a, quant)) for n, a in gguf_tensors(model, equalized)]
+    layout = [(n, shape, *_layout(n, shape, quant)) for n, shape in gguf_shapes(model)]
     rows = int(model.config.vocab_size)
     fields, source = (_copied_tokenizer(Path(tokenizer_gguf), tokenizer, rows) if tokenizer_gguf else
                       _built_tokenizer(tokenizer, rows, arch))  # checked before anything is written
-    need = sum(data.nbytes for _, data, _, _ in tensors) + 64 * 2**20  # the tokenizer's fields and alignment
+    need = sum(nbytes for *_, nbytes, _ in layout) + 64 * 2**20  # the tokenizer's fields and alignment
     require_free_space(path.parent, need, f"the {quant} GGUF file", "Free space or choose another --out.")
     with replacing(path, need, f"No partial {path.name} was left; free space and export again.") as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         _metadata(writer, model.config, name, quant)
         for key, value, kind, sub in fields:
             writer.add_key_value(key, value, kind, sub_type=sub)
-        for tensor_name, data, raw, _ in tensors:
-            writer.add_tensor(tensor_name, data, raw_dtype=raw)
+        for tensor_name, shape, raw, dtype, nbytes, _ in layout:
+            writer.add_tensor_info(tensor_name, shape, dtype, nbytes, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for (tensor_name, array), planned in zip(gguf_tensors(model, equalized), layout, strict=True):
+            if (tensor_name, array.shape) != planned[:2]:
+                raise ExportError(f"{tensor_name} {array.shape} came where {planned[0]} {planned[1]} was planned: "
+                                  f"the model changed during the export; export it again.")
+            data, _, _ = _encode(tensor_name, array, quant)  # one tensor encoded at a time, written, then freed
+            writer.write_tensor_data(data)
         writer.close()
-    return ExportReport(path=path, quant=quant, bytes=path.stat().st_size, tensors=len(tensors),
+    return ExportReport(path=path, quant=quant, bytes=path.stat().st_size, tensors=len(layout),
                         parameters=sum(p.numel() for p in model.parameters()), tokenizer=source,
-                        fallbacks=[fb for _, _, _, fb in tensors if fb], equalized=str(equalized or ""))
+                        fallbacks=[fb for *_, fb in layout if fb], equalized=str(equalized or ""))
 
 
 def load_gguf(path: str | Path) -> tuple[torch.nn.Module, object]:

@@ -185,7 +185,7 @@ def test_a_full_disk_leaves_no_partial_file(tiny_tokenizer, tmp_path, monkeypatc
     def full(self, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(GGUFWriter, "write_tensors_to_file", full)
+    monkeypatch.setattr(GGUFWriter, "write_tensor_data", full)
     with pytest.raises(OSError, match=r"Could not write .*m\.gguf: No space left on device \(.* MiB needed"):
         export_gguf(_llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "m.gguf", "q8_0")
     assert list(tmp_path.iterdir()) == []
@@ -648,8 +648,8 @@ def test_fake_quantized_scores_the_files_weights_without_a_copy_and_restores_the
 
 
 def test_the_tensors_come_one_at_a_time_and_an_unknown_parameter_is_refused_before_any():
-    """An export holds the encoded file and one fp32 tensor at a time (a model on a GPU is not copied whole to the
-    host); a parameter the format does not know is an error at once, naming it, never dropped."""
+    """An export reads one fp32 tensor at a time (a model on a GPU is not copied whole to the host); a parameter the
+    format does not know is an error at once, naming it, never dropped."""
     import types
 
     model = _llama(96)
@@ -661,6 +661,37 @@ def test_the_tensors_come_one_at_a_time_and_an_unknown_parameter_is_refused_befo
     model.model.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
     with pytest.raises(ExportError, match="does not know these parameters: model.extra"):
         export.gguf_tensors(model)
+
+
+@pytest.mark.parametrize("quant", ["f32", "q4_0"])
+def test_the_file_is_written_a_tensor_at_a_time_and_is_the_writers_whole_file_byte_for_byte(tiny_tokenizer, tmp_path,
+                                                                                            monkeypatch, quant):
+    """The export encodes a tensor, writes it and only then reads the next (host memory: one tensor, not the file),
+    and the file is byte for byte the one gguf's writer makes when it is handed every tensor at once (a q4_0 file
+    with rows off the block, which fall back to f16, among them)."""
+    from gguf import GGUFWriter
+
+    model = _llama(len(tiny_tokenizer), mlp=80)  # the MLP's down matrix has rows of 80: f16 in a q4_0 file
+    events, encode, write = [], export._encode, GGUFWriter.write_tensor_data
+    monkeypatch.setattr(export, "_encode", lambda *a: (events.append("encode"), encode(*a))[1])
+    monkeypatch.setattr(GGUFWriter, "write_tensor_data", lambda self, data: (events.append("write"),
+                                                                              write(self, data))[1])
+    report = export_gguf(model, tiny_tokenizer, tmp_path / "streamed.gguf", quant)
+    assert events == ["encode", "write"] * report.tensors and report.tensors == 2 + 9 * 2
+    assert bool(report.fallbacks) == (quant == "q4_0")
+    monkeypatch.undo()
+    writer = GGUFWriter(str(tmp_path / "whole.gguf"), "llama")
+    export._metadata(writer, model.config, "pocket-teacher student", quant)
+    for key, value, kind, sub in export._built_tokenizer(tiny_tokenizer, len(tiny_tokenizer), "llama")[0]:
+        writer.add_key_value(key, value, kind, sub_type=sub)
+    for name, array in export.gguf_tensors(model):
+        data, raw, _ = export._encode(name, array, quant)
+        writer.add_tensor(name, data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
 
 
 def test_a_copy_of_a_fake_quantized_model_survives_detaching_the_original_and_the_reverse():
