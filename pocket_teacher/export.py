@@ -532,26 +532,38 @@ def fake_quantized(model: torch.nn.Module, quant: str, equalized: Optional[Equal
 
 
 # ------------------------------------------------------------------------------------------------ the tokenizer
+@dataclass(frozen=True)
+class _Summary:
+    """What this module reads of a GGUF file: each field's contents and value types, each tensor's type name."""
+    fields: dict  # name -> (contents, [GGUFValueType, ...])
+    tensors: dict  # name -> type name (F32, Q4_0 ...)
+
+
 @functools.lru_cache(maxsize=2)
-def _reader(path: str, stamp: tuple):
-    """A GGUF file parsed (a 49k-token vocabulary takes seconds: read once per file version, `stamp`)."""
-    return _gguf().GGUFReader(path)
+def _summary(path: str, stamp: tuple) -> _Summary:
+    """A GGUF file parsed once per file version (`stamp`): a 49k-token vocabulary takes seconds. Only the contents
+    are kept: gguf's reader makes a numpy array for each part of each string (about 160 MB for the teacher's
+    vocabulary and merges, seen here), freed once the contents are read out (about a tenth of that)."""
+    gguf = _gguf()
+    reader = gguf.GGUFReader(path)
+    fields = {name: (f.contents(), [gguf.GGUFValueType(t) for t in f.types]) for name, f in reader.fields.items()}
+    return _Summary(fields, {t.name: t.tensor_type.name for t in reader.tensors})
 
 
-def _read(path: str | Path):
+def _read(path: str | Path) -> _Summary:
     stat = Path(path).stat()
-    return _reader(str(Path(path).resolve()), (stat.st_mtime_ns, stat.st_size))
+    return _summary(str(Path(path).resolve()), (stat.st_mtime_ns, stat.st_size))
 
 
 def gguf_fields(path: str | Path) -> dict:
-    """A GGUF file's key/value fields."""
-    return _read(path).fields
+    """A GGUF file's key/value fields: name -> contents (a number, a string, a list)."""
+    return {name: contents for name, (contents, _) in _read(path).fields.items()}
 
 
 def vocabulary_mismatch(source: Path, tokenizer) -> Optional[str]:
     """None when the GGUF file `source` holds exactly `tokenizer`'s vocabulary (same token at every id), else how
     they differ."""
-    tokens = gguf_fields(source)["tokenizer.ggml.tokens"].contents()
+    tokens = gguf_fields(source)["tokenizer.ggml.tokens"]
     vocab = tokenizer.get_vocab()
     differ = sum(vocab.get(t) != i for i, t in enumerate(tokens))
     if len(tokens) != len(vocab) or differ:
@@ -561,21 +573,17 @@ def vocabulary_mismatch(source: Path, tokenizer) -> Optional[str]:
 
 def _copied_tokenizer(source: Path, tokenizer, rows: int) -> tuple[list, str]:
     """Every tokenizer.* field of `source`, after checking it holds this tokenizer's vocabulary, one token per row."""
-    gguf = _gguf()
     problem = vocabulary_mismatch(source, tokenizer)
     if problem:
         raise ExportError(f"{source} holds another vocabulary than the student's tokenizer ({problem}): export "
                           f"without tokenizer_gguf to build the tokenizer from the student's own.")
-    fields = gguf_fields(source)
-    tokens = len(fields["tokenizer.ggml.tokens"].contents())
+    fields = _read(source).fields
+    tokens = len(fields["tokenizer.ggml.tokens"][0])
     if tokens != rows:
         raise ExportError(f"{source} lists {tokens} tokens but the model has {rows} output rows: llama.cpp needs one "
                           f"per row. Export without tokenizer_gguf (the built tokenizer pads the extra rows).")
-    out = []
-    for name, f in fields.items():
-        if name.startswith("tokenizer."):
-            kinds = [gguf.GGUFValueType(t) for t in f.types]
-            out.append((name, f.contents(), kinds[0], kinds[1] if len(kinds) > 1 else None))
+    out = [(name, contents, kinds[0], kinds[1] if len(kinds) > 1 else None)
+           for name, (contents, kinds) in fields.items() if name.startswith("tokenizer.")]
     return out, f"copied from {Path(source).name}"
 
 
@@ -730,7 +738,7 @@ def teacher_gguf(teacher_source: str, tokenizer, rows: Optional[int] = None) -> 
         return None
     if vocabulary_mismatch(path, tokenizer):
         return None
-    if rows is not None and len(gguf_fields(path)["tokenizer.ggml.tokens"].contents()) != rows:
+    if rows is not None and len(gguf_fields(path)["tokenizer.ggml.tokens"]) != rows:
         return None
     return path
 
@@ -882,7 +890,7 @@ def llama_cpp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 def gguf_tensor_types(path: str | Path) -> dict[str, str]:
     """A GGUF file's tensors: name -> type name (F32, Q4_0 ...)."""
-    return {t.name: t.tensor_type.name for t in _read(path).tensors}
+    return dict(_read(path).tensors)
 
 
 @contextlib.contextmanager

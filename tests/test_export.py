@@ -135,7 +135,7 @@ def test_the_tokenizer_is_copied_from_the_teachers_gguf_when_it_is_the_same(tmp_
     assert report.tokenizer == f"copied from {source.name}"
     theirs, ours = export.gguf_fields(source), GGUFReader(tmp_path / "s.gguf").fields
     copied = [n for n in theirs if n.startswith("tokenizer.")]
-    assert len(copied) >= 10 and all(ours[n].contents() == theirs[n].contents() for n in copied)
+    assert len(copied) >= 10 and all(ours[n].contents() == theirs[n] for n in copied)
 
 
 def test_the_pre_tokenizer_is_named_as_llama_cpp_knows_it_or_refused():
