@@ -1,6 +1,6 @@
 """The memory plan beside the measurement: is `pocket_teacher.plan` within 15% of the real peaks?
 
-Each stage (teacher cache, evaluation, generation, training, healing) runs in a fresh process on a preset, after the data
+Each stage (teacher cache, evaluation, generation, training, export, healing) runs in a fresh process on a preset, after the data
 and models are loaded; its peak is the process's peak resident set size during the stage on CPU (VmHWM, reset at
 the stage's start) and the caching allocator's peak plus the CUDA context on a GPU. The plan is computed for the
 same rows (their real lengths): the longest training rows, so every batch is as long as the plan's worst case, and
@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-STAGES = ("teacher cache", "evaluation", "generation", "training", "healing")
+STAGES = ("teacher cache", "evaluation", "generation", "training", "export", "healing")
 
 
 def _rss(field: str) -> int:
@@ -78,7 +78,7 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
 
     from pocket_teacher import experiment
     from pocket_teacher.data import TokenizedSplit, format_prompt
-    from pocket_teacher.export import EQUALIZE_ROWS, attach_fake_quant, equalization
+    from pocket_teacher.export import EQUALIZE_ROWS, attach_fake_quant, equalization, export_gguf, teacher_gguf
     from pocket_teacher.evaluate import GREEDY, agreement, perplexity
     from pocket_teacher.models import load_teacher, offload, resolve_device
     from pocket_teacher.students import load_student
@@ -114,13 +114,12 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
     planned = next(s for s in plan.stages if s.name == stage)
     with tempfile.TemporaryDirectory() as root:
         cache = None
-        waiting = []  # healing: what the plan has wait on the host (the distilled student, the baseline)
+        # export and healing: what the plan has wait on the host (the distilled student, the baseline)
+        waiting = [copy.deepcopy(student_init) for k in planned.host if k.endswith("student (on host)")]
         if stage in ("training", "healing"):
             cache = build_topk_cache(teacher, train, root, k=cfg.teacher_cache.k, vocab_size=len(tok), progress=False)
             if device.type == "cuda":
                 offload(teacher, "cpu")
-            if stage == "healing":
-                waiting = [copy.deepcopy(student_init) for k in planned.host if k.endswith("student (on host)")]
         _reset_peak(device)
         if stage == "teacher cache":
             build_topk_cache(teacher, train, root, k=cfg.teacher_cache.k, vocab_size=len(tok),
@@ -140,6 +139,12 @@ def one_stage(preset: str, stage: str, overrides: list[str], heldout: int | None
                 teacher.generate(**enc, **GREEDY, max_new_tokens=new, min_new_tokens=new, pad_token_id=tok.pad_token_id)
         elif stage == "training":
             distill(copy.deepcopy(student_init), None, train, cfg, Vocab.of(tok), teacher_cache=cache, progress=False)
+        elif stage == "export":  # as Experiment.export: the distilled student (waiting[0]) calibrated, then written
+            calibration = [list(train[i]["input_ids"]) for i in range(min(EQUALIZE_ROWS, len(train)))]
+            with experiment.visiting(waiting[0], device):
+                scales = equalization(waiting[0], calibration)
+            export_gguf(waiting[0], tok, Path(root) / "student-q8_0.gguf", "q8_0", equalized=scales,
+                        tokenizer_gguf=teacher_gguf(cfg.teacher.source, tok, waiting[0].config.vocab_size))
         elif stage == "healing":  # as Experiment.heal: one copy, made on the host, every matrix equalized and rounded
             scales = equalization(student_init, [list(train[i]["input_ids"]) for i in range(min(EQUALIZE_ROWS,
                                                                                                   len(train)))])

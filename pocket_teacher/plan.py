@@ -153,6 +153,12 @@ ALLOCATOR_SLACK = 0.05  # fragmentation headroom kept free on the accelerator
 HOST_RUNTIME_CPU = int(0.39 * GiB)  # Python + torch + transformers + datasets + reasoning-gym imported (measured, CPU build)
 HOST_RUNTIME_CUDA = int(2.5 * GiB)  # the same with the CUDA libraries loaded (estimate; Colab shows 2-3 GB)
 MFU = 0.35  # model FLOP utilisation assumed for the step-time estimate on a GPU
+# gguf's quantize of an fp32 array: its output and temporaries, at most this share of the array's bytes (measured on a
+# 432 MiB array: q8_0 0.54, f16 0.50, q4_1 0.33, q4_0 0.29)
+ENCODE_SHARE = 0.55
+# gguf's reader of a GGUF file parsed for its tokenizer: a numpy array per part of each string, per string of the
+# vocabulary and the merges (160 MB for SmolLM2's 49,152 tokens and 48,900 merges, tracemalloc); transient
+GGUF_STRING_BYTES = 1700
 
 
 def dtype_bytes(precision: str) -> float:
@@ -394,12 +400,11 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
     implementation = "full" if cfg.loss.implementation == "full" else "chunked"
     live = not tc.use or tr.on_policy > 0  # without the cache (or scoring rollouts) the teacher runs in training
     tw, sw = weight_bytes(teacher, r["teacher_precision"]), weight_bytes(student, "fp32")
-    runtime = HOST_RUNTIME_CUDA if device.cuda else HOST_RUNTIME_CPU
 
     def stage(name: str, on_device: dict[str, int], on_host: dict[str, int]) -> Stage:
         if device.cuda:
-            return Stage(name, {"CUDA context": CUDA_CONTEXT, **on_device}, {"runtime": runtime, **on_host})
-        return Stage(name, {}, {"runtime": runtime, **on_host, **on_device})  # one memory: the host's
+            return Stage(name, {"CUDA context": CUDA_CONTEXT, **on_device}, {"runtime": HOST_RUNTIME_CUDA, **on_host})
+        return Stage(name, {}, {"runtime": HOST_RUNTIME_CPU, **on_host, **on_device})  # one memory: the host's
 
     # The untrained student lives on the host while it is not evaluated; on CPU everything is in one place.
     resting = {"student (untrained, on host)": sw}
@@ -446,6 +451,7 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
                             {**train_host, "distilled student (on host)": sw}))
         if ev.agreement:  # one teacher pass scores both trained students: they visit the device together
             stages.append(stage("evaluation after", evaluation(2), {**resting, **kept}))
+    stages.append(_export(stage, student, teacher, train_host, sw, cfg, device.cuda, (train_len, flash)))
     stages.append(_healing(stage, student, train_device, train_host, sw, compute, cfg, device.cuda, loss_buffers(None)))
     _one_memory(stages, tw, sw, device)
     step_seconds = _step_seconds(tr, teacher, student, device, tr.batch_size * tr.grad_accum * mean_len, live)
@@ -501,6 +507,42 @@ def _healing(stage, student: ModelShape, train_device: dict, train_host: dict, s
     healing = stage("healing", {**device, **healing_bytes(student, compute, cfg.train.gradient_checkpointing)}, host)
     healing.optional = "exp.heal / export --heal-steps"
     return healing
+
+
+def export_bytes(student: ModelShape, teacher: ModelShape, row: tuple[int, bool], gguf_teacher: bool
+                 ) -> tuple[dict[str, int], dict[str, int]]:
+    """What `Experiment.export` (a q8_0 / q4_0 / q4_1 file, equalized: the most of the types) holds beyond the models
+    at rest, (on the device, on the host). On the device, the equalization's calibration: training rows (`row`: the
+    longest's tokens, and whether attention is fused) run one at a time without gradients, the student's fp32 output
+    for the row, and the magnitudes of the two MLP input matrices whose column maxima set the scales. On the host,
+    one after the other: the teacher's GGUF file parsed for its tokenizer, when the teacher is one (gguf's reader,
+    `GGUF_STRING_BYTES` per string of the vocabulary and about as many merges), then the tensor being written
+    (`export.export_gguf` writes a tensor at a time): the largest of the embedding (read in place) with its
+    encoding, and an MLP matrix, folded with its scales in two fp32 steps."""
+    tokens, flash = row
+    mlp = 4 * student.hidden * student.intermediate
+    device = {"calibration row (forward, fp32 output)": forward_activation_bytes(student, 4, tokens, tokens, flash)
+              + 4 * tokens * student.vocab_rows, "weight magnitudes (two MLP matrices)": 2 * mlp}
+    writing = max(int(ENCODE_SHARE * 4 * student.vocab_rows * student.hidden), 2 * mlp)
+    parse = GGUF_STRING_BYTES * 2 * teacher.vocab if gguf_teacher else 0
+    label = "the teacher's GGUF parsed, then the tensor being written" if parse else "the tensor being written"
+    return device, {label: max(writing, parse)}
+
+
+def _export(stage, student: ModelShape, teacher: ModelShape, train_host: dict, student_bytes: int, cfg, cuda: bool,
+            row: tuple[int, bool]) -> Stage:
+    """The run's student written as a GGUF file in the run's process (the notebook's "Ship it", `exp.export`): it
+    visits the device for the equalization and is written from the host, while the baseline and the rest wait
+    there as after the run. `python -m pocket_teacher export` holds less: the student alone."""
+    source = str(cfg.teacher.source)
+    device, host = export_bytes(student, teacher, row, source == "embedded" or source.endswith(".gguf"))
+    waiting = {**train_host, "distilled student (on host)": student_bytes}
+    if cfg.eval.baseline:
+        waiting["baseline student (on host)"] = student_bytes
+    if not cuda:  # one memory: the calibration is over before the parse and the writing begin
+        return stage("export", {}, {**waiting, "calibration, GGUF parse or one tensor (the largest)": max(
+            sum(device.values()), *host.values())})
+    return stage("export", {"student weights (fp32)": student_bytes, **device}, {**waiting, **host})
 
 
 def _evaluation_device(teacher_bytes: int, student_bytes: int, activations: int, logit_chunk: int,

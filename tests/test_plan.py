@@ -5,8 +5,9 @@ import torch
 
 from pocket_teacher.cli import main
 from pocket_teacher.config import apply_overrides, get_preset
-from pocket_teacher.plan import (HEAL_ALONE, KNOWN_MODELS, PlanError, memory_plan, model_shape, optimizer_bytes,
-                                 shape_from_config, train_activation_bytes, weight_bytes)
+from pocket_teacher.plan import (ENCODE_SHARE, GGUF_STRING_BYTES, HEAL_ALONE, KNOWN_MODELS, PlanError, memory_plan,
+                                 model_shape, optimizer_bytes, shape_from_config, train_activation_bytes,
+                                 weight_bytes)
 
 
 def _qwen2_tiny():
@@ -203,6 +204,36 @@ def test_healing_is_counted_but_only_asked_for_and_its_overflow_is_a_note():
     checkpointed = memory_plan(apply_overrides(get_preset("pocket"), ["train.gradient_checkpointing=true"]), "cpu")
     assert next(s for s in checkpointed.stages if s.name == "healing").host["rounded layer matrices"] == layers // (
         cpu.student.layers)
+
+
+def test_the_export_is_a_stage_of_the_run_counted_a_tensor_at_a_time():
+    """The notebook's "Ship it" (exp.export) runs after the evaluation: the distilled student visits the GPU for the
+    equalization's calibration rows and is written from the host a tensor at a time, while the baseline and the
+    rest wait there. Its host peak counts the largest tensor being encoded, or the teacher's GGUF parsed for its
+    tokenizer (an embedded or .gguf teacher only), never the whole file; on a CPU, the student once."""
+    cfg = apply_overrides(get_preset("t4"), ["eval.baseline=true"])
+    plan = memory_plan(cfg, "t4")
+    names = [s.name for s in plan.stages]
+    assert names.index("export") == names.index("evaluation after") + 1 and names[-1] == "healing"
+    ship = next(s for s in plan.stages if s.name == "export")
+    student, sw = plan.student, weight_bytes(plan.student, "fp32")
+    assert not ship.optional and ship.device["student weights (fp32)"] == sw
+    assert ship.device["weight magnitudes (two MLP matrices)"] == 2 * 4 * student.hidden * student.intermediate
+    assert ship.device["calibration row (forward, fp32 output)"] > 4 * student.vocab_rows  # at least a row's output
+    assert ship.host["distilled student (on host)"] == ship.host["baseline student (on host)"] == sw
+    embedding = 4 * student.vocab_rows * student.hidden  # Qwen2.5-0.5B: the embedding is the largest tensor
+    assert ship.host["the tensor being written"] == int(ENCODE_SHARE * embedding) < sw // 3  # not the whole file
+    assert ship.host_peak < plan.device.host and plan.fits
+    cpu = memory_plan(get_preset("pocket"), "cpu")  # the embedded teacher is a GGUF file: its tokenizer is parsed
+    ship = next(s for s in cpu.stages if s.name == "export")
+    assert not ship.device and "student weights (fp32)" not in ship.host
+    assert list(ship.host).count("distilled student (on host)") == 1
+    parse = GGUF_STRING_BYTES * 2 * cpu.teacher.vocab
+    assert ship.host["calibration, GGUF parse or one tensor (the largest)"] == parse
+    hub = memory_plan(apply_overrides(get_preset("pocket"), ["teacher.source=HuggingFaceTB/SmolLM2-135M-Instruct"]),
+                      "cpu")
+    assert next(s for s in hub.stages if s.name == "export").host[
+        "calibration, GGUF parse or one tensor (the largest)"] < parse
 
 
 def test_healing_takes_no_on_policy_steps_and_a_gpu_overflow_gets_no_process_advice():
