@@ -10,6 +10,8 @@ export command writes them unless --no-equalize), on the run's held-out split:
   quantized matmul (`export.llama_cpp_arithmetic`: 8-bit blocks against q8_0 / q4_0 / q4_1 weights): what that
   rounding alone costs, with no llama.cpp code involved;
 - greedy decoding of held-out prompts in both (how many tokens agree before the first difference);
+- the same comparison on the teacher's own GGUF file when the teacher is one (the embedded SmolLM2 Q4_1, written
+  by llama.cpp's own converter and quantizer): what a file no one here wrote reaches on the same rows;
 - speed and memory, each model in a fresh process: load time, prompt time, decode tokens/s at batch 1 and the
   process's peak resident memory, for every file in llama.cpp, the fp32 student in PyTorch, and the teacher in both
   (its own embedded GGUF in llama.cpp, dequantized to fp32 in PyTorch), with the same number of threads.
@@ -253,6 +255,11 @@ def main() -> None:
         for name, (kind, model) in ({} if args.no_speed else reference).items():
             rows[name] = {"runtime": _measure(kind, model, prompts_file, args.new_tokens, args.threads)}
             print(f"{name}: {json.dumps(rows[name])}", flush=True)
+        if teacher is not None:  # a file written by llama.cpp's own tools, scored on the same rows: the yardstick
+            rows.setdefault("teacher GGUF (llama.cpp)", {}).update(
+                file=teacher.name, bytes=teacher.stat().st_size,
+                **_compare(teacher, split, tok, min(args.rows, len(split)), prompts, args.new_tokens, args.threads))
+            print(f"teacher GGUF (llama.cpp): {json.dumps(rows['teacher GGUF (llama.cpp)'])}", flush=True)
     if args.json:
         write_json(Path(args.json), {"hardware": hardware_line(), "llama_cpp_python": version, "extra_buffers": extra,
                                      "settings": {k: v for k, v in vars(args).items() if k not in (

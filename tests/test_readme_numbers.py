@@ -228,3 +228,25 @@ def test_the_llama_cpp_targets_are_said_from_the_figures():
     assert said.startswith("Short of issue 23's target for f32 / f16 files (top-1 at least 99%, mean KL at most "
                            "0.001): student-f32.gguf.")
     assert "Every quantized file meets issue 23's target" in said and "under the target's 0.02" in said
+
+
+def test_the_teachers_own_file_is_a_row_of_the_llama_cpp_table_but_not_judged_by_the_target():
+    """When the benchmark scored the teacher's published GGUF file on the same rows, the table shows it as a last
+    row, with a sentence of its figures; issue 23's target is said of the exported files only."""
+    row = {"bytes": 10**8, "positions": 100, "top1_agreement": 0.98, "mean_kl": 0.0016, "rounding_alone_top1": 0.97,
+           "rounding_alone_kl": 0.0015, "perplexity_llama_cpp": 40.0, "perplexity_transformers": 40.1,
+           "same_tokenization": "2/2", "greedy_prompts_identical": 1}
+    data = {"source": {"command": "python benchmarks/gguf_runtime.py", "commit": "abc1234", "hardware": "CPU X",
+                       "collected": "2026-12-03"}, "hardware": "CPU X", "llama_cpp_python": "0.3.36",
+            "extra_buffers": True, "run": "runs/pocket",
+            "settings": {"threads": 2, "rows": 2, "prompts": 1, "new_tokens": 8, "no_speed": True},
+            "rows": {"student-q4_0.gguf": row}}
+    plain = numbers.gguf_runtime(data)
+    assert "teacher's own" not in plain and "Every quantized file meets" in plain
+    data["rows"]["teacher GGUF (llama.cpp)"] = {**row, "file": "T.Q4_1.gguf", "top1_agreement": 0.95,
+                                               "mean_kl": 0.003}
+    said = numbers.gguf_runtime(data)
+    table = [line for line in said.splitlines() if line.startswith("| teacher's own T.Q4_1.gguf | 100.0 | 95.0% |")]
+    assert len(table) == 1 and "| 0.00300 |" in table[0]
+    assert "Every quantized file meets" in said  # the teacher's 95% is not one of the exported files
+    assert "teacher's own published file" in said and "top-1 the same on 95.0% of them, mean KL 0.00300" in said

@@ -810,13 +810,26 @@ def gguf_runtime(data: dict) -> str:
                      f"{alone} | "
                      f"{ppl(row['perplexity_llama_cpp'])} / {ppl(row['perplexity_transformers'])} | "
                      f"{row['same_tokenization']} | {row['greedy_prompts_identical']}/{s['prompts']} | {speed} |")
+    yardstick = rows_.get("teacher GGUF (llama.cpp)", {})
+    if "top1_agreement" in yardstick:  # the teacher's own file, written by llama.cpp's tools, on the same rows
+        lines.append(f"| teacher's own {yardstick['file']} | {yardstick['bytes'] / 1e6:.1f} | "
+                     f"{pct(yardstick['top1_agreement'])} | {yardstick['mean_kl']:.5f} | "
+                     f"{pct(yardstick['rounding_alone_top1'])} / {yardstick['rounding_alone_kl']:.5f} | "
+                     f"{ppl(yardstick['perplexity_llama_cpp'])} / {ppl(yardstick['perplexity_transformers'])} | "
+                     f"{yardstick['same_tokenization']} | {yardstick['greedy_prompts_identical']}/{s['prompts']} | "
+                     f"- | - |")
     lines += ["", _agreement_target(files)]
+    if "top1_agreement" in yardstick:
+        lines += ["", f"The last row is the teacher's own published file, converted and quantized by llama.cpp's "
+                      f"tools, in the same comparison on the same positions (its perplexity is on the student's "
+                      f"held-out answers): top-1 the same on {pct(yardstick['top1_agreement'])} of them, mean KL "
+                      f"{yardstick['mean_kl']:.5f}."]
     if s.get("no_speed"):
         return "\n".join(lines + ["", "Speed and memory were not measured in this run (`--no-speed`: the cores were "
                                        "shared)."])
     lines += ["", "| model and runtime | load | prompt | decode tok/s | peak RSS |", "| --- | --- | --- | --- | --- |"]
     for name, row in [*((n, {"runtime": r["llama_cpp"]}) for n, r in files.items()),
-                      *((n, r) for n, r in rows_.items() if n not in files)]:
+                      *((n, r) for n, r in rows_.items() if n not in files and "runtime" in r)]:
         run = row["runtime"]
         label = f"{name} (llama.cpp)" if name in files else name
         lines.append(f"| {label} | {run['load_s']:.1f} s | {1000 * run['prefill_s']:.0f} ms | "
