@@ -18,7 +18,8 @@ package's own writer in pure Python (no llama.cpp build), and read back through 
   rounding then changes less. `Experiment.export`, the CLI (`experiment.export_from_run`) and `export_run` given
   calibration rows apply it to q8_0, q4_0 and q4_1 files.
 - The file is written beside its place and renamed in when whole, after a free-space check: a failure leaves no
-  partial file.
+  partial file. The header and tensor table come from the shapes; then each tensor is read, encoded and written
+  before the next, so an export holds one tensor, not the encoded file.
 """
 
 from __future__ import annotations
