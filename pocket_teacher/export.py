@@ -156,9 +156,10 @@ def gguf_tensors(model: torch.nn.Module, equalized: Optional["Equalization"] = N
     return _arrays(state, model.config, tied, equalized)
 
 
-def gguf_shapes(model: torch.nn.Module) -> list[tuple[str, tuple]]:
-    """(GGUF name, shape) of each tensor `gguf_tensors` yields, in its order, with no value read or copied."""
-    state, tied = _checked_state(model, None)
+def gguf_shapes(model: torch.nn.Module, equalized: Optional["Equalization"] = None) -> list[tuple[str, tuple]]:
+    """(GGUF name, shape) of each tensor `gguf_tensors` yields, in its order, with no value read or copied; the
+    same checks first (an unknown parameter, scales measured on a model of another depth)."""
+    state, tied = _checked_state(model, equalized)
     return [(gguf_name(name), tuple(tensor.shape)) for name, tensor in state.items()
             if not (name == "lm_head.weight" and tied)]
 
@@ -558,7 +559,8 @@ def _read(path: str | Path) -> _Summary:
 
 def gguf_fields(path: str | Path) -> dict:
     """A GGUF file's key/value fields: name -> contents (a number, a string, a list)."""
-    return {name: contents for name, (contents, _) in _read(path).fields.items()}
+    return {name: list(contents) if isinstance(contents, list) else contents  # copies: the cache stays as read
+            for name, (contents, _) in _read(path).fields.items()}
 
 
 def vocabulary_mismatch(source: Path, tokenizer) -> Optional[str]:
@@ -686,7 +688,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, quant: str 
     if path.suffix != ".gguf":
         raise ExportError(f"{path}: a GGUF file's name ends in .gguf (e.g. {path.with_suffix('.gguf')}).")
     arch = ARCHITECTURES.get(getattr(model.config, "model_type", None), "?")
-    layout = [(n, shape, *_layout(n, shape, quant)) for n, shape in gguf_shapes(model)]
+    layout = [(n, shape, *_layout(n, shape, quant)) for n, shape in gguf_shapes(model, equalized)]
     rows = int(model.config.vocab_size)
     fields, source = (_copied_tokenizer(Path(tokenizer_gguf), tokenizer, rows) if tokenizer_gguf else
                       _built_tokenizer(tokenizer, rows, arch))  # checked before anything is written
@@ -694,24 +696,33 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, quant: str 
     require_free_space(path.parent, need, f"the {quant} GGUF file", "Free space or choose another --out.")
     with replacing(path, need, f"No partial {path.name} was left; free space and export again.") as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
-        _metadata(writer, model.config, name, quant)
-        for key, value, kind, sub in fields:
-            writer.add_key_value(key, value, kind, sub_type=sub)
-        for tensor_name, shape, raw, dtype, nbytes, _ in layout:
-            writer.add_tensor_info(tensor_name, shape, dtype, nbytes, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for (tensor_name, array), planned in zip(gguf_tensors(model, equalized), layout, strict=True):
-            if (tensor_name, array.shape) != planned[:2]:
-                raise ExportError(f"{tensor_name} {array.shape} came where {planned[0]} {planned[1]} was planned: "
-                                  f"the model changed during the export; export it again.")
-            data, _, _ = _encode(tensor_name, array, quant)  # one tensor encoded at a time, written, then freed
-            writer.write_tensor_data(data)
-        writer.close()
+        try:  # closed on any error too: a deleted file held open keeps its space taken
+            _write(writer, model, name, quant, fields, layout, equalized)
+        finally:
+            writer.close()
     return ExportReport(path=path, quant=quant, bytes=path.stat().st_size, tensors=len(layout),
                         parameters=sum(p.numel() for p in model.parameters()), tokenizer=source,
                         fallbacks=[fb for *_, fb in layout if fb], equalized=str(equalized or ""))
+
+
+def _write(writer, model: torch.nn.Module, name: str, quant: str, fields: list, layout: list,
+           equalized: Optional[Equalization]) -> None:
+    """Metadata, tokenizer fields and the tensor table from `layout`, then each tensor read, encoded and written
+    before the next is read."""
+    _metadata(writer, model.config, name, quant)
+    for key, value, kind, sub in fields:
+        writer.add_key_value(key, value, kind, sub_type=sub)
+    for tensor_name, shape, raw, dtype, nbytes, _ in layout:
+        writer.add_tensor_info(tensor_name, shape, dtype, nbytes, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for (tensor_name, array), planned in zip(gguf_tensors(model, equalized), layout, strict=True):
+        if (tensor_name, array.shape) != planned[:2]:
+            raise ExportError(f"{tensor_name} {array.shape} came where {planned[0]} {planned[1]} was planned: "
+                              f"the model changed during the export; export it again.")
+        data, _, _ = _encode(tensor_name, array, quant)
+        writer.write_tensor_data(data)
 
 
 def load_gguf(path: str | Path) -> tuple[torch.nn.Module, object]:

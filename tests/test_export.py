@@ -4,6 +4,8 @@ hidden / heads, rows that must fall back to f16, Qwen2 with biases, untied outpu
 encodes the same, and bad input is one error naming the fix, with no partial file left behind."""
 
 import importlib.util
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,10 +187,16 @@ def test_a_full_disk_leaves_no_partial_file(tiny_tokenizer, tmp_path, monkeypatc
     def full(self, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
+    def held_open() -> list[str]:  # a deleted file still open keeps its space taken
+        fds = Path("/proc/self/fd")
+        return [t for t in (os.readlink(f) for f in fds.iterdir() if f.is_symlink()) if ".gguf" in t] \
+            if fds.is_dir() else []
+
     monkeypatch.setattr(GGUFWriter, "write_tensor_data", full)
-    with pytest.raises(OSError, match=r"Could not write .*m\.gguf: No space left on device \(.* MiB needed"):
+    with pytest.raises(OSError, match=r"Could not write .*m\.gguf: No space left on device \(.* MiB needed") as err:
         export_gguf(_llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "m.gguf", "q8_0")
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [] and held_open() == [], held_open()
+    del err
     monkeypatch.setattr(export, "require_free_space", lambda *a, **k: (_ for _ in ()).throw(
         OSError("Not enough free space for the q8_0 GGUF file")))
     with pytest.raises(OSError, match="Not enough free space"):
@@ -672,12 +680,19 @@ def test_the_file_is_written_a_tensor_at_a_time_and_is_the_writers_whole_file_by
     from gguf import GGUFWriter
 
     model = _llama(len(tiny_tokenizer), mlp=80)  # the MLP's down matrix has rows of 80: f16 in a q4_0 file
-    events, encode, write = [], export._encode, GGUFWriter.write_tensor_data
+    events, arrays, encode, write = [], export._arrays, export._encode, GGUFWriter.write_tensor_data
+
+    def reading(*args):
+        for item in arrays(*args):
+            events.append("read")
+            yield item
+
+    monkeypatch.setattr(export, "_arrays", reading)
     monkeypatch.setattr(export, "_encode", lambda *a: (events.append("encode"), encode(*a))[1])
     monkeypatch.setattr(GGUFWriter, "write_tensor_data", lambda self, data: (events.append("write"),
                                                                               write(self, data))[1])
     report = export_gguf(model, tiny_tokenizer, tmp_path / "streamed.gguf", quant)
-    assert events == ["encode", "write"] * report.tensors and report.tensors == 2 + 9 * 2
+    assert events == ["read", "encode", "write"] * report.tensors and report.tensors == 2 + 9 * 2
     assert bool(report.fallbacks) == (quant == "q4_0")
     monkeypatch.undo()
     writer = GGUFWriter(str(tmp_path / "whole.gguf"), "llama")
