@@ -154,8 +154,8 @@ HOST_RUNTIME_CPU = int(0.39 * GiB)  # Python + torch + transformers + datasets +
 HOST_RUNTIME_CUDA = int(2.5 * GiB)  # the same with the CUDA libraries loaded (estimate; Colab shows 2-3 GB)
 MFU = 0.35  # model FLOP utilisation assumed for the step-time estimate on a GPU
 # gguf's quantize of an fp32 array: its output and temporaries, at most this share of the array's bytes (measured on a
-# 432 MiB array: q8_0 0.54, f16 0.50, q4_1 0.33, q4_0 0.29)
-ENCODE_SHARE = 0.55
+# 432 MiB array: q8_0 0.54, f16 0.50, q4_1 0.33, q4_0 0.29; q8_0 0.55 on a 128 MiB one)
+ENCODE_SHARE = 0.56
 # gguf's reader of a GGUF file parsed for its tokenizer: a numpy array per part of each string, per string of the
 # vocabulary and the merges (160 MB for SmolLM2's 49,152 tokens and 48,900 merges, tracemalloc); transient
 GGUF_STRING_BYTES = 1700
@@ -314,7 +314,8 @@ class MemoryPlan:
         for stage in (s for s in self.stages if s.optional):
             over = self.overflows(stage)
             host_over = self.device.host is not None and stage.host_peak > self.device.host
-            advice = f"; {HEAL_ALONE}" if host_over else ""  # a process of its own helps the host, not the GPU
+            alone = ALONE.get(stage.name)  # a process of its own helps the host, not the GPU
+            advice = f"; {alone}" if host_over and alone else ""
             lines.append(f"  * {stage.name}: only when asked ({stage.optional}); " + (
                 f"does not fit: {'; '.join(over)}{advice}" if over else "fits"))
         lines.append(self.verdict)
@@ -451,7 +452,7 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
                             {**train_host, "distilled student (on host)": sw}))
         if ev.agreement:  # one teacher pass scores both trained students: they visit the device together
             stages.append(stage("evaluation after", evaluation(2), {**resting, **kept}))
-    stages.append(_export(stage, student, teacher, train_host, sw, cfg, device.cuda, (train_len, flash)))
+    stages.append(_export(stage, student, teacher, (train_host, tw, sw), cfg, device.cuda, (train_len, flash)))
     stages.append(_healing(stage, student, train_device, train_host, sw, compute, cfg, device.cuda, loss_buffers(None)))
     _one_memory(stages, tw, sw, device)
     step_seconds = _step_seconds(tr, teacher, student, device, tr.batch_size * tr.grad_accum * mean_len, live)
@@ -467,6 +468,9 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
 
 HEAL_ALONE = ("heal in a process of its own, whose host holds neither the baseline nor the held-out states: python "
               "-m pocket_teacher export --run runs/NAME --quant TYPE --heal-steps N")
+EXPORT_ALONE = ("export in a process of its own, whose host holds the student alone: python -m pocket_teacher export "
+                "--run runs/NAME --quant TYPE")
+ALONE = {"healing": HEAL_ALONE, "export": EXPORT_ALONE}
 
 
 def healing_bytes(student: ModelShape, compute: float, checkpointing: bool) -> dict[str, int]:
@@ -529,20 +533,28 @@ def export_bytes(student: ModelShape, teacher: ModelShape, row: tuple[int, bool]
     return device, {label: max(writing, parse)}
 
 
-def _export(stage, student: ModelShape, teacher: ModelShape, train_host: dict, student_bytes: int, cfg, cuda: bool,
+def _export(stage, student: ModelShape, teacher: ModelShape, resting: tuple[dict, int, int], cfg, cuda: bool,
             row: tuple[int, bool]) -> Stage:
-    """The run's student written as a GGUF file in the run's process (the notebook's "Ship it", `exp.export`): it
-    visits the device for the equalization and is written from the host, while the baseline and the rest wait
-    there as after the run. `python -m pocket_teacher export` holds less: the student alone."""
+    """The run's student written as a GGUF file in the run's process after the run (`exp.export`, the notebook's
+    "Ship it" cell; `run` does not export): it visits the device for the equalization and is written from the
+    host, while the baseline and the rest wait there as after the run. Outside training the teacher is on the
+    device (training parks it on the host only while it trains). `resting` is (training's host items, the
+    teacher's bytes, the student's). `python -m pocket_teacher export` holds less: the student alone."""
+    train_host, teacher_bytes, student_bytes = resting
     source = str(cfg.teacher.source)
     device, host = export_bytes(student, teacher, row, source == "embedded" or source.endswith(".gguf"))
-    waiting = {**train_host, "distilled student (on host)": student_bytes}
+    waiting = {**{k: v for k, v in train_host.items() if k != "teacher (offloaded to host)"},
+               "distilled student (on host)": student_bytes}
     if cfg.eval.baseline:
         waiting["baseline student (on host)"] = student_bytes
-    if not cuda:  # one memory: the calibration is over before the parse and the writing begin
-        return stage("export", {}, {**waiting, "calibration, GGUF parse or one tensor (the largest)": max(
+    if not cuda:  # one memory, the teacher's weights in it: the calibration is over before the writing begins
+        export = stage("export", {}, {**waiting, "calibration, GGUF parse or one tensor (the largest)": max(
             sum(device.values()), *host.values())})
-    return stage("export", {"student weights (fp32)": student_bytes, **device}, {**waiting, **host})
+    else:
+        export = stage("export", {"teacher weights": teacher_bytes, "student weights (fp32)": student_bytes,
+                                  **device}, {**waiting, **host})
+    export.optional = "exp.export, the notebook's Ship it cell"
+    return export
 
 
 def _evaluation_device(teacher_bytes: int, student_bytes: int, activations: int, logit_chunk: int,
