@@ -147,7 +147,7 @@ def _compare(path: Path, split, tok, rows: int, prompts: list, new_tokens: int, 
     for ids in prompts:
         theirs, ours = _greedy_llama(llm, ids, new_tokens), _greedy_torch(model, ids, new_tokens)
         greedy_same.append(next((k for k, (a, b) in enumerate(zip(theirs, ours)) if a != b), new_tokens))
-    return {"positions": positions, "top1_agreement": agree / positions, "mean_kl": kl / positions,
+    return {"rows": rows, "positions": positions, "top1_agreement": agree / positions, "mean_kl": kl / positions,
             "rounding_alone_top1": rounding["top1"] / positions, "rounding_alone_kl": rounding["kl"] / positions,
             "perplexity_llama_cpp": float(np.exp(nll["llama.cpp"] / answer_tokens)),
             "perplexity_transformers": float(np.exp(nll["transformers"] / answer_tokens)),

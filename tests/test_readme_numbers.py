@@ -243,6 +243,8 @@ def test_the_teachers_own_file_is_a_row_of_the_llama_cpp_table_but_not_judged_by
             "rows": {"student-q4_0.gguf": row}}
     plain = numbers.gguf_runtime(data)
     assert "teacher's own" not in plain and "Every quantized file meets" in plain
+    data["settings"]["rows"] = 64  # asked for more rows than the split holds: the rows scored are said
+    assert "100 positions of 2 held-out rows" in numbers.gguf_runtime(data)
     data["rows"]["teacher GGUF (llama.cpp)"] = {**row, "file": "T.Q4_1.gguf", "top1_agreement": 0.95,
                                                "mean_kl": 0.003}
     said = numbers.gguf_runtime(data)
@@ -250,3 +252,12 @@ def test_the_teachers_own_file_is_a_row_of_the_llama_cpp_table_but_not_judged_by
     assert len(table) == 1 and "| 0.00300 |" in table[0]
     assert "Every quantized file meets" in said  # the teacher's 95% is not one of the exported files
     assert "teacher's own published file" in said and "top-1 the same on 95.0% of them, mean KL 0.00300" in said
+    speed = {"load_s": 0.2, "prefill_s": 0.05, "decode_tokens_per_s": 100.0, "prompt_tokens": 9, "peak_rss_mib": 99.0}
+    data["settings"]["no_speed"] = False  # with speeds: the teacher's row in the speed table once, from its runtime
+    data["rows"]["student-q4_0.gguf"]["llama_cpp"] = speed
+    data["rows"]["teacher GGUF (llama.cpp)"]["runtime"] = {**speed, "decode_tokens_per_s": 50.0}
+    data["rows"]["student fp32 (PyTorch)"] = {"runtime": {**speed, "decode_tokens_per_s": 20.0}}
+    timed = numbers.gguf_runtime(data)
+    assert [line.split(" |")[0] for line in timed.splitlines() if "| 0.2 s |" in line] == [
+        "| student-q4_0.gguf (llama.cpp)", "| teacher GGUF (llama.cpp)", "| student fp32 (PyTorch)"]
+    assert "decodes 5.0x as fast in llama.cpp as the fp32 student" in timed

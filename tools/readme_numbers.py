@@ -785,6 +785,12 @@ def _activations(settings: dict) -> str:
         ": --no-equalize" if settings.get("no_equalize") else ": measured before the export equalized them")
 
 
+def _rows_scored(row: dict) -> int:
+    """The held-out rows a file was scored on: `--rows` or, when the split is shorter, the whole split (the
+    denominator of "same tokens", one text per row scored)."""
+    return int(row.get("rows") or str(row["same_tokenization"]).split("/")[1])
+
+
 def gguf_runtime(data: dict) -> str:
     """benchmarks/gguf_runtime.py: each exported file in llama.cpp against transformers on the same file, and the
     runtimes' speed and memory at batch 1, each model in a fresh process."""
@@ -796,7 +802,7 @@ def gguf_runtime(data: dict) -> str:
     lines = [f"{measured_with(data)}, llama-cpp-python {data['llama_cpp_python']}, {s['threads']} threads{extra}: the "
              f"`{Path(data['run']).name}` student's files ({_activations(s)}), teacher-forced on "
              f"{first['positions']:,} positions of "
-             f"{s['rows']} held-out rows and greedy on {s['prompts']} held-out prompts ({s['new_tokens']} tokens), "
+             f"{_rows_scored(first)} held-out rows and greedy on {s['prompts']} held-out prompts ({s['new_tokens']} tokens), "
              f"llama.cpp against transformers reading the same file:", "",
              "| file | MB | top-1 same | mean KL | 8-bit rounding alone: top-1 same / KL | perplexity llama.cpp / "
              "transformers | same tokens (text) | greedy identical | llama.cpp decode tok/s | peak RSS |",
