@@ -468,8 +468,8 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
 
 HEAL_ALONE = ("heal in a process of its own, whose host holds neither the baseline nor the held-out states: python "
               "-m pocket_teacher export --run runs/NAME --quant TYPE --heal-steps N")
-EXPORT_ALONE = ("export in a process of its own, whose host holds the student alone: python -m pocket_teacher export "
-                "--run runs/NAME --quant TYPE")
+EXPORT_ALONE = ("export in a process of its own, whose host holds the teacher only while the run's rows are rebuilt, "
+                "then the student alone: python -m pocket_teacher export --run runs/NAME --quant TYPE")
 ALONE = {"healing": HEAL_ALONE, "export": EXPORT_ALONE}
 
 
@@ -539,7 +539,8 @@ def _export(stage, student: ModelShape, teacher: ModelShape, resting: tuple[dict
     "Ship it" cell; `run` does not export): it visits the device for the equalization and is written from the
     host, while the baseline and the rest wait there as after the run. Outside training the teacher is on the
     device (training parks it on the host only while it trains). `resting` is (training's host items, the
-    teacher's bytes, the student's). `python -m pocket_teacher export` holds less: the student alone."""
+    teacher's bytes, the student's). `python -m pocket_teacher export` holds less: the teacher and the untrained
+    student while it rebuilds the run's calibration rows, freed before the trained student is loaded."""
     train_host, teacher_bytes, student_bytes = resting
     source = str(cfg.teacher.source)
     device, host = export_bytes(student, teacher, row, source == "embedded" or source.endswith(".gguf"))
