@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                              "run's first training rows, which loads the run's data and teacher; with --heal-steps "
                              "the healing fits the equalized file's weights, and --no-equalize heals the weights as "
                              "trained (<run>/student-<quant>-healed[-alpha<a>]-unequalized.gguf)")
+    export.add_argument("--embedding-type", choices=QUANTS, metavar="TYPE", help="the embedding and output layer's "
+                        "type (q8_0 in a 4-bit file, as llama.cpp's quantizer keeps them); default the file's")
     export.add_argument("--heal-steps", type=int, default=0, metavar="N",
                         help="first heal the quantization gap: N more distillation steps with the weights "
                              "quantized in the forward pass, from the run's teacher cache; writes "
@@ -209,12 +211,16 @@ def _main(args: argparse.Namespace) -> int:
             if args.model != "student" or args.out:
                 raise ExportError("--heal-steps heals the distilled student and writes <run>/student-<quant>-"
                                   "healed*.gguf: drop --model baseline and --out.")
+            if args.embedding_type:
+                raise ExportError("--embedding-type is not used by healing yet (it rounds every matrix to --quant): "
+                                  "drop --embedding-type to heal, or drop --heal-steps to export with it.")
             report = experiment.heal_run(args.run, args.quant, args.heal_steps, alpha=args.heal_alpha,
                                          lr=args.heal_lr, equalize=args.equalize)
             print(f"healed: {report['gguf']}; perplexity gap {report['gap_before']:+.3f} -> "
                   f"{report['gap_after']:+.3f}")
             return 0
-        print(experiment.export_from_run(args.run, args.model, args.quant, args.out, equalize=args.equalize))
+        print(experiment.export_from_run(args.run, args.model, args.quant, args.out, equalize=args.equalize,
+                                         embedding=args.embedding_type))
         return 0
     cfg = experiment.configure(args.preset, _overrides(args))
     if args.command == "config":

@@ -26,7 +26,7 @@ from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt
 from .batches import AnswerHidden, scored_tokens
 from .evaluate import Agreements, Known, agreements, evaluate_model, perplexity, teacher_on_student_samples
 from .export import (EQUALIZE_QUANTS, EQUALIZE_ROWS, Equalization, ExportError, ExportReport, detach_fake_quant,
-                     equalization, export_gguf, export_run, fake_quantized, teacher_gguf)
+                     equalization, export_gguf, export_run, fake_quantized, teacher_gguf, tensor_quant)
 from .files import write_json
 from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
 from .losses import Divergence, divergence_name
@@ -857,17 +857,20 @@ class Experiment:
             return out
 
     def export(self, quant: str = "q8_0", model: str = "student", out: Optional[str | Path] = None,
-               equalize: bool = True) -> ExportReport:
+               equalize: bool = True, embedding: Optional[str] = None) -> ExportReport:
         """The trained student (or, model="baseline", the baseline) as one GGUF file that llama.cpp and Ollama load
         (default runs/<name>/<model>-<quant>.gguf): `python -m pocket_teacher export` does the same from a run
         folder. The tokenizer is copied from the teacher's GGUF when it holds the same vocabulary. A q8_0, q4_0 or
         q4_1 file has its activations equalized (`export.Equalization`: the same function, rounded more gently by
-        llama.cpp; scales from the first `EQUALIZE_ROWS` training rows) unless `equalize=False`."""
+        llama.cpp; scales from the first `EQUALIZE_ROWS` training rows) unless `equalize=False`. `embedding="q8_0"`
+        keeps the embedding and output layer at 8 bits in a 4-bit file, as llama.cpp's quantizer does."""
         if model not in ("student", "baseline"):
             raise ValueError(f"export(model={model!r}): use 'student' (the distilled one) or 'baseline'.")
         trained = _need(self.trained, "distil") if model == "student" else _need(self.baseline, "train_baseline")
+        tensor_quant("token_embd.weight", quant, embedding)  # an unknown type refused before the calibration
         return self._write_gguf(trained.student, Path(out) if out else self.out / f"{model}-{quant}.gguf", quant,
-                                f"{self.cfg.run.name} {model}", self._equalization(trained.student, quant, equalize))
+                                f"{self.cfg.run.name} {model}", self._equalization(trained.student, quant, equalize),
+                                embedding)
 
     def calibration_rows(self) -> list[list[int]]:
         """The token ids of the first `EQUALIZE_ROWS` training rows: what an export's equalization measures."""
@@ -883,10 +886,10 @@ class Experiment:
             return equalization(student, self.calibration_rows())
 
     def _write_gguf(self, student: torch.nn.Module, path: Path, quant: str, name: str,
-                    equalized: Optional[Equalization]) -> ExportReport:
+                    equalized: Optional[Equalization], embedding: Optional[str] = None) -> ExportReport:
         """`student` as a GGUF file; its tokenizer copied from the teacher's GGUF when it is the same vocabulary."""
         rows = student.config.vocab_size
-        return export_gguf(student, self.tokenizer, path, quant, name=name, equalized=equalized,
+        return export_gguf(student, self.tokenizer, path, quant, name=name, equalized=equalized, embedding=embedding,
                            tokenizer_gguf=teacher_gguf(self.cfg.teacher.source, self.tokenizer, rows))
 
     def heal(self, quant: str = "q4_0", steps: int = 50, alpha: Optional[float] = None, lr: Optional[float] = None,
@@ -1035,16 +1038,17 @@ def from_run(run: str | Path, progress: bool = True, calibration_only: bool = Fa
 
 
 def export_from_run(run: str | Path, model: str = "student", quant: str = "q8_0", out: Optional[str | Path] = None,
-                    equalize: bool = True, progress: bool = True) -> ExportReport:
+                    equalize: bool = True, progress: bool = True, embedding: Optional[str] = None) -> ExportReport:
     """`export.export_run`, a q8_0 / q4_0 / q4_1 file with its activations equalized (`Experiment.export`): the
     scales are measured on the run's first training rows, which the run's config.yaml rebuilds (`from_run`,
     without the teacher cache or the trained student; the teacher is loaded, as the run's data and student need
     it), once the run folder has been checked. `equalize=False` writes the weights as trained without loading the
     run's data or teacher model. When the rows cannot be rebuilt (data or teacher out of reach), the error says so
-    and names --no-equalize."""
+    and names --no-equalize. `embedding`: the embedding and output layer's own type (`export.tensor_quant`)."""
     if not equalize or quant not in EQUALIZE_QUANTS:
-        return export_run(run, model, quant, out)
-    return export_run(run, model, quant, out, calibration=functools.partial(_training_rows, run, progress))
+        return export_run(run, model, quant, out, embedding=embedding)
+    return export_run(run, model, quant, out, calibration=functools.partial(_training_rows, run, progress),
+                      embedding=embedding)
 
 
 def _training_rows(run: str | Path, progress: bool) -> tuple[list[list[int]], torch.device]:

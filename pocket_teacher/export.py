@@ -81,15 +81,32 @@ class ExportReport:
     tokenizer: str
     fallbacks: list = field(default_factory=list)  # [(tensor, type used, why)]
     equalized: str = ""  # how the activations were evened out (`Equalization`), or "" when they were not
+    embedding: str = ""  # the embedding's (and output layer's) own type, or "" when it is the file's
 
     def __str__(self) -> str:
         line = (f"GGUF {self.quant}: {self.path} ({self.bytes / 2**20:,.1f} MiB, {self.tensors} tensors, "
                 f"{self.parameters / 1e6:.1f}M parameters); tokenizer {self.tokenizer}")
         if self.fallbacks:
             line += "; kept in another type: " + ", ".join(f"{n} as {t} ({why})" for n, t, why in self.fallbacks)
+        if self.embedding:
+            line += f"; embedding and output layer in {self.embedding}"
         if self.equalized:
             line += f"; {self.equalized}"
         return line
+
+
+# the embedding and the output layer (one tensor when tied), under GGUF's and transformers' names
+EMBEDDING_TENSORS = ("token_embd.weight", "output.weight", "model.embed_tokens.weight", "lm_head.weight")
+
+
+def tensor_quant(name: str, quant: str, embedding: Optional[str] = None) -> str:
+    """The type tensor `name` (a GGUF or transformers name) is written in: `embedding` for the embedding and the
+    output layer when given (llama.cpp's quantizer keeps that tensor at 8 bits or more in its 4-bit files:
+    `--token-embedding-type` / `--output-tensor-type`), else the file's `quant`."""
+    if embedding is None:
+        return quant
+    _qtype(embedding)
+    return embedding if name in EMBEDDING_TENSORS else quant
 
 
 # -------------------------------------------------------------------------------------------------- the shapes
@@ -216,16 +233,17 @@ def _encode(name: str, array: np.ndarray, quant: str) -> tuple[np.ndarray, objec
     return (data if raw is None else _gguf().quants.quantize(data, raw)), raw, fallback
 
 
-def fake_quantize(model: torch.nn.Module, quant: str) -> torch.nn.Module:
+def fake_quantize(model: torch.nn.Module, quant: str, embedding: Optional[str] = None) -> torch.nn.Module:
     """A copy of `model` whose weights are exactly what a `quant` file holds once read back (quantized, then
-    dequantized with the GGUF block rules; the same f16 fallback): the reference for the round trip."""
+    dequantized with the GGUF block rules; the same f16 fallback; the embedding in `embedding` when given): the
+    reference for the round trip."""
     _qtype(quant)
     gguf = _gguf()
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for name, param in twin.named_parameters():
             array = param.detach().to(torch.float32).cpu().numpy()
-            data, raw, fallback = _encode(name, array, quant)
+            data, raw, fallback = _encode(name, array, tensor_quant(name, quant, embedding))
             if raw is not None:
                 back = gguf.quants.dequantize(data, raw)
             else:
@@ -679,16 +697,19 @@ def _metadata(writer, config, name: str, quant: str) -> None:
 
 def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, quant: str = "q8_0", *,
                 tokenizer_gguf: Optional[str | Path] = None, name: str = "pocket-teacher student",
-                equalized: Optional[Equalization] = None) -> ExportReport:
+                equalized: Optional[Equalization] = None, embedding: Optional[str] = None) -> ExportReport:
     """Write `model` and its tokenizer to one GGUF file at `path` (see the module's docstring); with `equalized`
-    (`equalization(model, rows)`), its scales folded into the weights as they are written."""
+    (`equalization(model, rows)`), its scales folded into the weights as they are written; with `embedding`, the
+    embedding and output layer in that type (`tensor_quant`), every other matrix in `quant`."""
     _qtype(quant)
+    tensor_quant("token_embd.weight", quant, embedding)  # an unknown type refused before anything is read
     gguf = _gguf()
     path = Path(path)
     if path.suffix != ".gguf":
         raise ExportError(f"{path}: a GGUF file's name ends in .gguf (e.g. {path.with_suffix('.gguf')}).")
     arch = ARCHITECTURES.get(getattr(model.config, "model_type", None), "?")
-    layout = [(n, shape, *_layout(n, shape, quant)) for n, shape in gguf_shapes(model, equalized)]
+    layout = [(n, shape, *_layout(n, shape, tensor_quant(n, quant, embedding)))
+              for n, shape in gguf_shapes(model, equalized)]
     rows = int(model.config.vocab_size)
     fields, source = (_copied_tokenizer(Path(tokenizer_gguf), tokenizer, rows) if tokenizer_gguf else
                       _built_tokenizer(tokenizer, rows, arch))  # checked before anything is written
@@ -697,18 +718,20 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, quant: str 
     with replacing(path, need, f"No partial {path.name} was left; free space and export again.") as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         try:  # closed on any error too: a deleted file held open keeps its space taken
-            _write(writer, model, name, quant, fields, layout, equalized)
+            _write(writer, model, (name, quant, embedding), fields, layout, equalized)
         finally:
             writer.close()
     return ExportReport(path=path, quant=quant, bytes=path.stat().st_size, tensors=len(layout),
                         parameters=sum(p.numel() for p in model.parameters()), tokenizer=source,
-                        fallbacks=[fb for *_, fb in layout if fb], equalized=str(equalized or ""))
+                        fallbacks=[fb for *_, fb in layout if fb], equalized=str(equalized or ""),
+                        embedding=embedding if embedding and embedding != quant else "")
 
 
-def _write(writer, model: torch.nn.Module, name: str, quant: str, fields: list, layout: list,
+def _write(writer, model: torch.nn.Module, kind: tuple[str, str, Optional[str]], fields: list, layout: list,
            equalized: Optional[Equalization]) -> None:
     """Metadata, tokenizer fields and the tensor table from `layout`, then each tensor read, encoded and written
-    before the next is read."""
+    before the next is read. `kind` is (the file's name, its type, the embedding's type or None)."""
+    name, quant, embedding = kind
     _metadata(writer, model.config, name, quant)
     for key, value, kind, sub in fields:
         writer.add_key_value(key, value, kind, sub_type=sub)
@@ -721,7 +744,7 @@ def _write(writer, model: torch.nn.Module, name: str, quant: str, fields: list, 
         if (tensor_name, array.shape) != planned[:2]:
             raise ExportError(f"{tensor_name} {array.shape} came where {planned[0]} {planned[1]} was planned: "
                               f"the model changed during the export; export it again.")
-        data, _, _ = _encode(tensor_name, array, quant)
+        data, _, _ = _encode(tensor_name, array, tensor_quant(tensor_name, quant, embedding))
         writer.write_tensor_data(data)
 
 
@@ -779,7 +802,8 @@ def check_run(run: str | Path, model: str = "student", quant: str = "q8_0") -> O
 
 def export_run(run: str | Path, model: str = "student", quant: str = "q8_0", out: Optional[str | Path] = None,
                calibration: Optional[list | Callable[[], tuple[list, torch.device]]] = None,
-               alpha: float = EQUALIZE_ALPHA, device: Optional[torch.device | str] = None) -> ExportReport:
+               alpha: float = EQUALIZE_ALPHA, device: Optional[torch.device | str] = None,
+               embedding: Optional[str] = None) -> ExportReport:
     """Export a finished run's student (or its baseline: the newest valid checkpoint of `baseline/`) to
     `out` (default <run>/<model>-<quant>.gguf). With `calibration` a q8_0 / q4_0 / q4_1 file has its activations
     equalized (`equalization`, its forward passes on `device`, default the host; the file is written from there a
@@ -790,6 +814,7 @@ def export_run(run: str | Path, model: str = "student", quant: str = "q8_0", out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     checkpoint, run = check_run(run, model, quant), Path(run)
+    tensor_quant("token_embd.weight", quant, embedding)  # `embedding`: the embedding's type (export_gguf), checked
     if callable(calibration):
         calibration, device = calibration() if quant in EQUALIZE_QUANTS else (None, device)
     student = AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32)
@@ -802,7 +827,7 @@ def export_run(run: str | Path, model: str = "student", quant: str = "q8_0", out
     if calibration and quant in EQUALIZE_QUANTS:
         equalized = equalization(student.to(device or "cpu"), calibration, alpha)
     return export_gguf(student, tokenizer, Path(out) if out else run / f"{model}-{quant}.gguf", quant,
-                       tokenizer_gguf=source, name=f"{run.name} {model}", equalized=equalized)
+                       tokenizer_gguf=source, name=f"{run.name} {model}", equalized=equalized, embedding=embedding)
 
 
 # ------------------------------------------------------------------------------------------- llama.cpp, optional
