@@ -56,8 +56,17 @@ def run_arguments(doc: str, quants: list[str], run_help: str = "a finished run f
     parser.add_argument("--no-equalize", action="store_true",
                         help="write the weights as trained (default: quantized files have their activations "
                              "equalized, as `python -m pocket_teacher export` writes them)")
+    parser.add_argument("--embedding-type", default=None, metavar="TYPE",
+                        help="the embedding and output layer's own type (export --embedding-type); its files are "
+                             "named student-<quant>-embedding-<TYPE>.gguf")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return parser.parse_args()
+
+
+def bench_file(run: Path, quant: str, embedding: str | None) -> Path:
+    """Where a benchmark writes the student's `quant` file: <run>/gguf-bench/, named by its types."""
+    name = f"student-{quant}-embedding-{embedding}.gguf" if embedding else f"student-{quant}.gguf"
+    return run / "gguf-bench" / name
 
 
 def main() -> None:
@@ -92,13 +101,14 @@ def main() -> None:
     print(f"the run's own figure for this student: perplexity {recorded['student after']['perplexity']:.4f}")
     for quant in args.quant:
         start = time.perf_counter()
-        report = export_run(run, "student", quant, run / "gguf-bench" / f"student-{quant}.gguf",
-                            calibration=None if args.no_equalize else exp.calibration_rows())
+        report = export_run(run, "student", quant, bench_file(run, quant, args.embedding_type),
+                            calibration=None if args.no_equalize else exp.calibration_rows(),
+                            embedding=args.embedding_type)
         export_s = time.perf_counter() - start
         model, _ = load_gguf(report.path)
         row = {"format": f"GGUF {quant}", "bytes": report.bytes, "export_s": export_s,
                "fallbacks": [list(f) for f in report.fallbacks], "tokenizer": report.tokenizer,
-               "equalized": report.equalized, **score(model)}
+               "equalized": report.equalized, "embedding": report.embedding, **score(model)}
         row["perplexity_change"] = row["perplexity"] / rows[0]["perplexity"] - 1
         row["size_vs_fp32"] = report.bytes / size
         rows.append(row)

@@ -198,6 +198,9 @@ def main() -> None:
     parser.add_argument("--no-equalize", action="store_true",
                         help="export the student's files with the weights as trained (default: activations "
                              "equalized, as `python -m pocket_teacher export` writes them)")
+    parser.add_argument("--embedding-type", default=None, metavar="TYPE",
+                        help="the embedding and output layer's own type in the student's files (export "
+                             "--embedding-type)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", choices=["llama", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -213,7 +216,7 @@ def main() -> None:
     if version is None:
         print(f"llama-cpp-python is not installed, nothing measured. Install it with: {LLAMA_CPP_INSTALL}")
         return
-    from gguf_export import heldout
+    from gguf_export import bench_file, heldout
 
     from pocket_teacher.files import write_json
     from pocket_teacher.models import embedded_gguf_path
@@ -229,9 +232,9 @@ def main() -> None:
           f"buffer types {'on' if extra else 'off (this CPU has AMX: pocket_teacher/llamacpp.py)'}", flush=True)
     files = []
     for quant in args.quant:
-        path = run / "gguf-bench" / f"student-{quant}.gguf"  # written afresh: never an earlier run's file
+        path = bench_file(run, quant, args.embedding_type)  # written afresh: never an earlier run's file
         print(export_run(run, "student", quant, path, calibration=None if args.no_equalize else
-                         exp.calibration_rows()), flush=True)
+                         exp.calibration_rows(), embedding=args.embedding_type), flush=True)
         files.append(path)
     files += [Path(f) for f in args.files]
     prompts = [_prompt(split[i]) for i in range(min(args.prompts, len(split)))]

@@ -779,10 +779,12 @@ def _agreement_target(files: dict) -> str:
 def _activations(settings: dict) -> str:
     """How a GGUF benchmark's quantized files were written: results from before equalization existed, or run with
     --no-equalize, hold the weights as trained."""
+    kept = (f"; the embedding and output layer in {settings['embedding_type']} (--embedding-type)"
+            if settings.get("embedding_type") else "")
     if "no_equalize" in settings and not settings["no_equalize"]:
-        return "quantized files with their activations equalized, the export's default"
+        return "quantized files with their activations equalized, the export's default" + kept
     return "quantized files with the weights as trained, not equalized" + (
-        ": --no-equalize" if settings.get("no_equalize") else ": measured before the export equalized them")
+        ": --no-equalize" if settings.get("no_equalize") else ": measured before the export equalized them") + kept
 
 
 def _rows_scored(row: dict) -> int:
