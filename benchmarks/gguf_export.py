@@ -57,6 +57,7 @@ def run_arguments(doc: str, quants: list[str], run_help: str = "a finished run f
                         help="write the weights as trained (default: quantized files have their activations "
                              "equalized, as `python -m pocket_teacher export` writes them)")
     parser.add_argument("--embedding-type", default=None, metavar="TYPE",
+                        choices=["f32", "f16", "q8_0", "q4_0", "q4_1"],
                         help="the embedding and output layer's own type (export --embedding-type); its files are "
                              "named student-<quant>-embedding-<TYPE>.gguf")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -65,8 +66,9 @@ def run_arguments(doc: str, quants: list[str], run_help: str = "a finished run f
 
 def bench_file(run: Path, quant: str, embedding: str | None) -> Path:
     """Where a benchmark writes the student's `quant` file: <run>/gguf-bench/, named by its types."""
-    name = f"student-{quant}-embedding-{embedding}.gguf" if embedding else f"student-{quant}.gguf"
-    return run / "gguf-bench" / name
+    from pocket_teacher.export import gguf_file_name
+
+    return run / "gguf-bench" / gguf_file_name("student", quant, embedding)
 
 
 def main() -> None:

@@ -199,6 +199,7 @@ def main() -> None:
                         help="export the student's files with the weights as trained (default: activations "
                              "equalized, as `python -m pocket_teacher export` writes them)")
     parser.add_argument("--embedding-type", default=None, metavar="TYPE",
+                        choices=["f32", "f16", "q8_0", "q4_0", "q4_1"],
                         help="the embedding and output layer's own type in the student's files (export "
                              "--embedding-type)")
     parser.add_argument("--json", default=None)

@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
                              "the healing fits the equalized file's weights, and --no-equalize heals the weights as "
                              "trained (<run>/student-<quant>-healed[-alpha<a>]-unequalized.gguf)")
     export.add_argument("--embedding-type", choices=QUANTS, metavar="TYPE", help="the embedding and output layer's "
-                        "type (q8_0 in a 4-bit file, as llama.cpp's quantizer keeps them); default the file's")
+                        "type (q8_0 in a 4-bit file, as llama.cpp keeps a tied one; default the file's)")
     export.add_argument("--heal-steps", type=int, default=0, metavar="N",
                         help="first heal the quantization gap: N more distillation steps with the weights "
                              "quantized in the forward pass, from the run's teacher cache; writes "

@@ -26,7 +26,8 @@ from .data import (DataError, Example, LoadReport, TokenizedSplit, format_prompt
 from .batches import AnswerHidden, scored_tokens
 from .evaluate import Agreements, Known, agreements, evaluate_model, perplexity, teacher_on_student_samples
 from .export import (EQUALIZE_QUANTS, EQUALIZE_ROWS, Equalization, ExportError, ExportReport, detach_fake_quant,
-                     equalization, export_gguf, export_run, fake_quantized, teacher_gguf, tensor_quant)
+                     equalization, export_gguf, export_run, fake_quantized, gguf_file_name, teacher_gguf,
+                     tensor_quant)
 from .files import write_json
 from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
 from .losses import Divergence, divergence_name
@@ -863,12 +864,14 @@ class Experiment:
         folder. The tokenizer is copied from the teacher's GGUF when it holds the same vocabulary. A q8_0, q4_0 or
         q4_1 file has its activations equalized (`export.Equalization`: the same function, rounded more gently by
         llama.cpp; scales from the first `EQUALIZE_ROWS` training rows) unless `equalize=False`. `embedding="q8_0"`
-        keeps the embedding and output layer at 8 bits in a 4-bit file, as llama.cpp's quantizer does."""
+        keeps the embedding and output layer at 8 bits in a 4-bit file, as llama.cpp's quantizer keeps a tied one
+        (default name <model>-<quant>-embedding-q8_0.gguf)."""
         if model not in ("student", "baseline"):
             raise ValueError(f"export(model={model!r}): use 'student' (the distilled one) or 'baseline'.")
         trained = _need(self.trained, "distil") if model == "student" else _need(self.baseline, "train_baseline")
         tensor_quant("token_embd.weight", quant, embedding)  # an unknown type refused before the calibration
-        return self._write_gguf(trained.student, Path(out) if out else self.out / f"{model}-{quant}.gguf", quant,
+        path = Path(out) if out else self.out / gguf_file_name(model, quant, embedding)
+        return self._write_gguf(trained.student, path, quant,
                                 f"{self.cfg.run.name} {model}", self._equalization(trained.student, quant, equalize),
                                 embedding)
 

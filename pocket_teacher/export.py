@@ -95,14 +95,22 @@ class ExportReport:
         return line
 
 
+def gguf_file_name(model: str, quant: str, embedding: Optional[str] = None) -> str:
+    """An export's default file name: <model>-<quant>.gguf, or <model>-<quant>-embedding-<type>.gguf when the
+    embedding takes another type (never the name of the file written without it)."""
+    kept = f"-embedding-{embedding}" if embedding and embedding != quant else ""
+    return f"{model}-{quant}{kept}.gguf"
+
+
 # the embedding and the output layer (one tensor when tied), under GGUF's and transformers' names
 EMBEDDING_TENSORS = ("token_embd.weight", "output.weight", "model.embed_tokens.weight", "lm_head.weight")
 
 
 def tensor_quant(name: str, quant: str, embedding: Optional[str] = None) -> str:
     """The type tensor `name` (a GGUF or transformers name) is written in: `embedding` for the embedding and the
-    output layer when given (llama.cpp's quantizer keeps that tensor at 8 bits or more in its 4-bit files:
-    `--token-embedding-type` / `--output-tensor-type`), else the file's `quant`."""
+    output layer when given, else the file's `quant`. For a tied embedding (the output layer) this is what
+    llama.cpp's quantizer does by default in its 4-bit files (Q6_K, or Q8_0); of an untied model it raises only the
+    output layer, where this raises the input embedding too."""
     if embedding is None:
         return quant
     _qtype(embedding)
@@ -826,7 +834,7 @@ def export_run(run: str | Path, model: str = "student", quant: str = "q8_0", out
     equalized = None
     if calibration and quant in EQUALIZE_QUANTS:
         equalized = equalization(student.to(device or "cpu"), calibration, alpha)
-    return export_gguf(student, tokenizer, Path(out) if out else run / f"{model}-{quant}.gguf", quant,
+    return export_gguf(student, tokenizer, Path(out) if out else run / gguf_file_name(model, quant, embedding), quant,
                        tokenizer_gguf=source, name=f"{run.name} {model}", equalized=equalized, embedding=embedding)
 
 

@@ -295,6 +295,9 @@ def test_the_cli_exports_a_run_and_names_what_is_missing(tmp_path, capsys):
                      str(tmp_path / "mixed.gguf")]) == 0
     assert "embedding and output layer in q8_0" in capsys.readouterr().out
     assert export.gguf_tensor_types(tmp_path / "mixed.gguf")["token_embd.weight"] == "Q8_0"
+    assert cli.main(["export", "--run", str(out), "--quant", "q4_0", "--embedding-type", "q8_0"]) == 0
+    assert export.gguf_tensor_types(out / "student-q4_0-embedding-q8_0.gguf")["token_embd.weight"] == "Q8_0"
+    assert not (out / "student-q4_0.gguf").exists()  # its own name: never the file written without the option
     assert cli.main(["export", "--run", str(out), "--quant", "q4_0", "--embedding-type", "q8_0",
                      "--heal-steps", "2"]) == 2
     assert "--embedding-type is not used by healing yet" in capsys.readouterr().err

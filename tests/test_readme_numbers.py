@@ -261,3 +261,14 @@ def test_the_teachers_own_file_is_a_row_of_the_llama_cpp_table_but_not_judged_by
     assert [line.split(" |")[0] for line in timed.splitlines() if "| 0.2 s |" in line] == [
         "| student-q4_0.gguf (llama.cpp)", "| teacher GGUF (llama.cpp)", "| student fp32 (PyTorch)"]
     assert "decodes 5.0x as fast in llama.cpp as the fp32 student" in timed
+
+
+def test_a_files_type_is_read_from_the_start_of_its_name():
+    """student-<type>[-...].gguf: an f16 file with an 8-bit embedding is judged as an f16 file, a healed or
+    8-bit-embedding q4_0 file as a quantized one; the teacher's own file is none of the student's."""
+    assert numbers._file_type("student-f16-embedding-q8_0.gguf") == "f16"
+    assert numbers._file_type("student-q4_0-embedding-q8_0.gguf") == "q4_0"
+    assert numbers._file_type("student-q4_0-healed.gguf") == "q4_0" and numbers._file_type("student-f32.gguf") == "f32"
+    assert numbers._file_type("SmolLM2-135M-Instruct.Q4_1.gguf") is None
+    files = {"student-f16-embedding-q8_0.gguf": {"top1_agreement": 0.98, "mean_kl": 1e-4}}
+    assert numbers._agreement_target(files).startswith("Short of issue 23's target for f32 / f16 files")

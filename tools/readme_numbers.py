@@ -746,10 +746,16 @@ def gguf_grid(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _file_type(name: str) -> str | None:
+    """The type a benchmark's file was written in, from its name (student-<type>[-...].gguf), or None."""
+    found = re.match(r"[^-]+-(f32|f16|q\d_\d)(?:-|\.gguf$)", name)
+    return found.group(1) if found else None
+
+
 def _agreement_target(files: dict) -> str:
     """Issue 23's target for the quantized files (top-1 at least 97%, mean KL at most 0.02), said file by file
     where it is missed, beside what llama.cpp's 8-bit rounding of activations does alone when the file has it."""
-    full = [(n, r) for n, r in files.items() if re.search(r"-f(32|16)\.gguf$", n)]
+    full = [(n, r) for n, r in files.items() if _file_type(n) in ("f32", "f16")]
     missed = [n for n, r in full if r["top1_agreement"] < 0.99 or r["mean_kl"] > 1e-3]
     target = "top-1 at least 99%, mean KL at most 0.001"
     if not full:
@@ -758,7 +764,7 @@ def _agreement_target(files: dict) -> str:
         head = f"Short of issue 23's target for f32 / f16 files ({target}): {', '.join(missed)}. "
     else:
         head = f"The f32 / f16 files meet issue 23's target for them ({target}). "
-    quantized = {n: r for n, r in files.items() if re.search(r"q\d_\d", n)}
+    quantized = {n: r for n, r in files.items() if (_file_type(n) or "").startswith("q")}
     if not quantized:
         return head + "No quantized file in this run."
     worst_kl = max(r["mean_kl"] for r in quantized.values())
@@ -843,9 +849,11 @@ def gguf_runtime(data: dict) -> str:
         lines.append(f"| {label} | {run['load_s']:.1f} s | {1000 * run['prefill_s']:.0f} ms | "
                      f"{run['decode_tokens_per_s']:.1f} | {mib(run['peak_rss_mib'] * 2**20)} |")
     torch_fp32 = rows_.get("student fp32 (PyTorch)", {}).get("runtime")
-    q4 = next((r["llama_cpp"] for n, r in files.items() if "q4_0" in n and "healed" not in n), None)
+    q4_name = next((n for n in files if _file_type(n) == "q4_0" and "healed" not in n), None)
+    q4 = files[q4_name]["llama_cpp"] if q4_name else None
     if torch_fp32 and q4:
-        lines += ["", f"The q4_0 file decodes {q4['decode_tokens_per_s'] / torch_fp32['decode_tokens_per_s']:.1f}x as "
+        lines += ["", f"The q4_0 file {q4_name} decodes "
+                      f"{q4['decode_tokens_per_s'] / torch_fp32['decode_tokens_per_s']:.1f}x as "
                       f"fast in llama.cpp as the fp32 student in PyTorch, batch 1, same machine and run."]
     return "\n".join(lines)
 
