@@ -177,38 +177,29 @@ def gguf_tensors(model: torch.nn.Module, equalized: Optional["Equalization"] = N
     second model or the whole file. A parameter this mapping does not know is an error raised here, before any
     tensor is read, never dropped. With `equalized`, its scales are folded into each tensor as it is read
     (`Equalization.apply`)."""
-    state, tied = _checked_state(model, equalized)
-    return _arrays(state, model.config, tied, equalized)
+    return _arrays(_written(model, equalized), model.config, equalized)
 
 
-def gguf_shapes(model: torch.nn.Module, equalized: Optional["Equalization"] = None) -> list[tuple[str, tuple]]:
-    """(GGUF name, shape) of each tensor `gguf_tensors` yields, in its order, with no value read or copied; the
-    same checks first (an unknown parameter, scales measured on a model of another depth)."""
-    state, tied = _checked_state(model, equalized)
-    return [(gguf_name(name), tuple(tensor.shape)) for name, tensor in state.items()
-            if not (name == "lm_head.weight" and tied)]
-
-
-def _checked_state(model: torch.nn.Module, equalized: Optional["Equalization"]) -> tuple[dict, bool]:
+def _written(model: torch.nn.Module, equalized: Optional["Equalization"]) -> dict[str, torch.Tensor]:
+    """The parameters a file holds, in order (transformers name -> tensor, no value read): the model's, less a
+    tied output layer; refused first when one has no GGUF name or `equalized` was measured on another depth."""
     config = model.config
     check_exportable(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    state = model.state_dict()
-    unknown = [name for name in state if gguf_name(name) is None and not (name == "lm_head.weight" and tied)]
+    state = {name: t for name, t in model.state_dict().items() if not (name == "lm_head.weight" and tied)}
+    unknown = [name for name in state if gguf_name(name) is None]
     if unknown:
         raise ExportError(f"GGUF export does not know these parameters: {', '.join(unknown[:5])}"
                           + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
                           + ". Only Llama / Qwen2 causal LMs are written.")
     if equalized is not None:
         equalized.check(config)
-    return state, tied
+    return state
 
 
-def _arrays(state: dict, config, tied: bool, equalized) -> Iterator[tuple[str, np.ndarray]]:
+def _arrays(state: dict, config, equalized) -> Iterator[tuple[str, np.ndarray]]:
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     for name, tensor in state.items():
-        if name == "lm_head.weight" and tied:
-            continue
         if equalized is not None:
             tensor = equalized.apply(name, tensor, config)
         target, array = gguf_name(name), tensor.detach().to(torch.float32).cpu().numpy()
@@ -716,8 +707,9 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, quant: str 
     if path.suffix != ".gguf":
         raise ExportError(f"{path}: a GGUF file's name ends in .gguf (e.g. {path.with_suffix('.gguf')}).")
     arch = ARCHITECTURES.get(getattr(model.config, "model_type", None), "?")
+    written = _written(model, equalized)  # checked once; the tensors are read only as they are written
     layout = [(n, shape, *_layout(n, shape, tensor_quant(n, quant, embedding)))
-              for n, shape in gguf_shapes(model, equalized)]
+              for n, shape in ((gguf_name(name), tuple(t.shape)) for name, t in written.items())]
     rows = int(model.config.vocab_size)
     fields, source = (_copied_tokenizer(Path(tokenizer_gguf), tokenizer, rows) if tokenizer_gguf else
                       _built_tokenizer(tokenizer, rows, arch))  # checked before anything is written
@@ -726,7 +718,8 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, quant: str 
     with replacing(path, need, f"No partial {path.name} was left; free space and export again.") as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         try:  # closed on any error too: a deleted file held open keeps its space taken
-            _write(writer, model, (name, quant, embedding), fields, layout, equalized)
+            _write(writer, model.config, (name, quant, embedding), fields, layout,
+                   _arrays(written, model.config, equalized))
         finally:
             writer.close()
     return ExportReport(path=path, quant=quant, bytes=path.stat().st_size, tensors=len(layout),
@@ -735,12 +728,13 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | Path, quant: str 
                         embedding=embedding if embedding and embedding != quant else "")
 
 
-def _write(writer, model: torch.nn.Module, kind: tuple[str, str, Optional[str]], fields: list, layout: list,
-           equalized: Optional[Equalization]) -> None:
-    """Metadata, tokenizer fields and the tensor table from `layout`, then each tensor read, encoded and written
-    before the next is read. `kind` is (the file's name, its type, the embedding's type or None)."""
+def _write(writer, config, kind: tuple[str, str, Optional[str]], fields: list, layout: list,
+           arrays: Iterator[tuple[str, np.ndarray]]) -> None:
+    """Metadata, tokenizer fields and the tensor table from `layout`, then each tensor of `arrays` (`_arrays`) read,
+    encoded and written before the next is read. `kind` is (the file's name, its type, the embedding's type or
+    None)."""
     name, quant, embedding = kind
-    _metadata(writer, model.config, name, quant)
+    _metadata(writer, config, name, quant)
     for key, value, kind, sub in fields:
         writer.add_key_value(key, value, kind, sub_type=sub)
     for tensor_name, shape, raw, dtype, nbytes, _ in layout:
@@ -748,7 +742,7 @@ def _write(writer, model: torch.nn.Module, kind: tuple[str, str, Optional[str]],
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for (tensor_name, array), planned in zip(gguf_tensors(model, equalized), layout, strict=True):
+    for (tensor_name, array), planned in zip(arrays, layout, strict=True):
         if (tensor_name, array.shape) != planned[:2]:
             raise ExportError(f"{tensor_name} {array.shape} came where {planned[0]} {planned[1]} was planned: "
                               f"the model changed during the export; export it again.")
