@@ -56,8 +56,9 @@ def run_arguments(doc: str, quants: list[str], run_help: str = "a finished run f
     parser.add_argument("--no-equalize", action="store_true",
                         help="write the weights as trained (default: quantized files have their activations "
                              "equalized, as `python -m pocket_teacher export` writes them)")
-    parser.add_argument("--embedding-type", default=None, metavar="TYPE",
-                        choices=["f32", "f16", "q8_0", "q4_0", "q4_1"],
+    from pocket_teacher.export import QUANTS
+
+    parser.add_argument("--embedding-type", default=None, metavar="TYPE", choices=QUANTS,
                         help="the embedding and output layer's own type (export --embedding-type); its files are "
                              "named student-<quant>-embedding-<TYPE>.gguf")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")

@@ -199,9 +199,8 @@ def main() -> None:
                         help="export the student's files with the weights as trained (default: activations "
                              "equalized, as `python -m pocket_teacher export` writes them)")
     parser.add_argument("--embedding-type", default=None, metavar="TYPE",
-                        choices=["f32", "f16", "q8_0", "q4_0", "q4_1"],
                         help="the embedding and output layer's own type in the student's files (export "
-                             "--embedding-type)")
+                             "--embedding-type; one of export.QUANTS)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", choices=["llama", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -211,7 +210,10 @@ def main() -> None:
         return _child(args)
     if not (args.run and args.preset):
         parser.error("--run and --preset are required")
-    from pocket_teacher.export import LLAMA_CPP_INSTALL, export_run, llama_cpp_version
+    from pocket_teacher.export import LLAMA_CPP_INSTALL, QUANTS, export_run, llama_cpp_version
+
+    if args.embedding_type not in (None, *QUANTS):  # checked here, not by argparse: the children import no torch
+        parser.error(f"--embedding-type {args.embedding_type}: use one of {', '.join(QUANTS)}")
 
     version = llama_cpp_version()
     if version is None:
