@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Type
 
@@ -26,17 +27,43 @@ def digest(*chunks: bytes) -> str:
     return h.hexdigest()
 
 
+_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its tensors' state, digest)
+
+
 def model_digest(model, sample: int = 4096) -> str:
     """A fingerprint of a model's weights: every tensor's name, shape and dtype, two integer sums of its bit patterns
     (plain and position-weighted: any changed weight moves them) and the exact bytes of a strided sample. Integer
     sums are exact, so the digest is the same on any device and thread count (float sums are not: their last digits
-    depend on how the work is split)."""
+    depend on how the work is split).
+
+    Kept per model while none of its tensors has changed (the same storage, and a version counter that every
+    in-place write, an optimizer step or a load, moves): a run asks for its frozen teacher's digest once per cache,
+    and reading 135M weights takes a second or two on a CPU."""
+    state = model.state_dict()
+    try:
+        seen = tuple((name, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype), str(t.device))
+                     for name, t in state.items())
+        known = _DIGESTS.get(model)
+    except (RuntimeError, TypeError):  # inference-mode tensors have no version counter; a model weakref can't hold
+        seen, known = None, None
+    if known is not None and known[0] == seen:
+        return known[1]
+    value = _digest_of(model, state, sample)
+    if seen is not None:
+        try:
+            _DIGESTS[model] = (seen, value)
+        except TypeError:
+            pass
+    return value
+
+
+def _digest_of(model, state: dict, sample: int) -> str:
     import torch
 
     h = hashlib.blake2b(digest_size=16)
     h.update(type(model).__name__.encode())
     as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         flat = tensor.detach().reshape(-1)
         if flat.dtype == torch.bool:
             flat = flat.to(torch.uint8)

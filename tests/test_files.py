@@ -31,6 +31,7 @@ def test_a_model_digest_is_exact_whatever_the_thread_count():
     split over threads (float sums' last digits do), and one weight changed by one ulp must change it."""
     import torch
 
+    from pocket_teacher import files
     from pocket_teacher.files import model_digest
 
     layer = torch.nn.Linear(3000, 700)
@@ -39,6 +40,7 @@ def test_a_model_digest_is_exact_whatever_the_thread_count():
         digests = set()
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
+            files._DIGESTS.clear()  # computed again, not the digest kept from the last call
             digests.add(model_digest(layer))
     finally:
         torch.set_num_threads(before)
@@ -49,3 +51,27 @@ def test_a_model_digest_is_exact_whatever_the_thread_count():
     import copy
 
     assert model_digest(copy.deepcopy(layer).to(torch.bfloat16)) != model_digest(layer)
+
+
+def test_a_model_digest_is_kept_until_a_weight_changes(monkeypatch):
+    """Asked again for an unchanged model, the digest is not computed again; an in-place write (an optimizer step),
+    a load or a parameter replaced computes it afresh."""
+    import torch
+
+    from pocket_teacher import files
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    calls = []
+    real = files._digest_of
+    monkeypatch.setattr(files, "_digest_of", lambda *a: calls.append(1) or real(*a))
+    first = files.model_digest(model)
+    assert files.model_digest(model) == first and len(calls) == 1
+    model(torch.randn(2, 64)).sum().backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()  # in place, as training writes the weights
+    stepped = files.model_digest(model)
+    assert stepped != first and len(calls) == 2
+    other = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    model.load_state_dict(other.state_dict())
+    assert files.model_digest(model) == files.model_digest(other) != stepped
+    model[1].weight = torch.nn.Parameter(torch.zeros(8, 32))
+    assert files.model_digest(model) not in (first, stepped)
