@@ -12,6 +12,7 @@ batch with `answer_logits`, `answer_hidden` or `answer_logit_chunks`, never the 
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -213,6 +214,13 @@ class AnswerHidden:
     def rows(self, rows: Sequence[int]) -> torch.Tensor:
         """The ``(N, H)`` states of these split rows, concatenated in the given order (a batch's `select` order)."""
         return torch.cat([self.hidden[self.offsets[r]:self.offsets[r + 1]] for r in rows])
+
+
+def on_policy_step(step: int, fraction: float) -> bool:
+    """Whether optimizer step `step` trains on the student's rollouts when train.on_policy=`fraction` of the steps
+    do: evenly interleaved (0.5: every other step), a function of the step alone so a resumed run makes the same
+    choices (the trainer and the time plan both ask this)."""
+    return math.floor(round((step + 1) * fraction, 9)) > math.floor(round(step * fraction, 9))
 
 
 class GlobalBatches:

@@ -37,6 +37,20 @@ from .versions import VersionError
 NOTEBOOK = Path(__file__).resolve().parent.parent / "Pocket_Teacher.ipynb"
 
 
+def _positive(kind):
+    """An argparse type: a number of `kind` above 0, else a usage error naming the value."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a number above 0")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pocket_teacher",
                                      description="Distil a teacher LLM into a small student (notebook-first).")
@@ -82,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                                       "offline.")
     plan.add_argument("--gpu", choices=[*GPUS, "cpu"],
                       help="plan for this GPU (default: the GPU PyTorch sees here, else this CPU)")
-    plan.add_argument("--host-gb", type=float, help="host RAM in GB (default: the GPU's usual host)")
-    plan.add_argument("--processes", type=int, default=1,
+    plan.add_argument("--host-gb", type=_positive(float), help="host RAM in GB (default: the GPU's usual host)")
+    plan.add_argument("--processes", type=_positive(int), default=1,
                       help="data-parallel processes (accelerate launch / torchrun) the time plan shares work among")
     plan.add_argument("--probe", action="store_true",
                       help="measure this machine's throughput again (e.g. the cached probe ran on a busy machine)")
@@ -227,9 +241,13 @@ def _main(args: argparse.Namespace) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     if args.command == "plan":
+        if args.probe and args.gpu not in (None, "cpu"):
+            print(f"error: --probe measures this machine; --gpu {args.gpu} plans from that GPU's public figures. "
+                  f"Drop --probe, or drop --gpu to plan for this machine.", file=sys.stderr)
+            return 2
         plan = memory_plan(cfg, args.gpu, host_gb=args.host_gb)
         print(plan)
-        throughput = local_throughput(args.gpu, refresh=True) if args.probe and args.gpu in (None, "cpu") else None
+        throughput = local_throughput(args.gpu, refresh=True) if args.probe else None
         print(time_plan(cfg, args.gpu, throughput=throughput, processes=args.processes))
         return 0 if plan.fits else 3
     if args.command == "run":

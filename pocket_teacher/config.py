@@ -740,7 +740,7 @@ def _tiny_text() -> Config:
 
 
 # Colab disconnects lose what was not checkpointed: the GPU presets' checkpoint_every keeps that under about ten
-# minutes at the memory plan's step-time estimate (`python -m pocket_teacher plan --preset t4 --gpu t4` prints it),
+# minutes at the time plan's step-time estimate (`python -m pocket_teacher plan --preset t4 --gpu t4` prints it),
 # rounded down.
 def _t4() -> Config:
     """Colab T4 (16 GB): Qwen2.5-1.5B-Instruct teacher in 8-bit -> Qwen2.5-0.5B-Instruct student (Hub)."""

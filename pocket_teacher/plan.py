@@ -152,7 +152,6 @@ CUDA_CONTEXT = int(0.5 * GiB)  # CUDA context + cuBLAS workspaces outside the ca
 ALLOCATOR_SLACK = 0.05  # fragmentation headroom kept free on the accelerator
 HOST_RUNTIME_CPU = int(0.39 * GiB)  # Python + torch + transformers + datasets + reasoning-gym imported (measured, CPU build)
 HOST_RUNTIME_CUDA = int(2.5 * GiB)  # the same with the CUDA libraries loaded (estimate; Colab shows 2-3 GB)
-MFU = 0.35  # model FLOP utilisation assumed for the step-time estimate on a GPU
 # gguf's quantize of an fp32 array: its output and temporaries, at most this share of the array's bytes (measured on a
 # 432 MiB array: q8_0 0.54, f16 0.50, q4_1 0.33, q4_0 0.29; q8_0 0.55 on a 128 MiB one)
 ENCODE_SHARE = 0.56
@@ -252,7 +251,6 @@ class MemoryPlan:
     student: ModelShape
     stages: list[Stage]
     settings: dict  # the resolved choices the plan assumed (precisions, chunk, tokens per batch ...)
-    step_seconds: float  # estimated seconds per optimizer step
     fixes: list[str] = field(default_factory=list)  # overrides that would make it fit (when it does not)
     notes: list[str] = field(default_factory=list)
 
@@ -289,10 +287,6 @@ class MemoryPlan:
             return f"FITS on {self.device.name}: peak {gib(peak)}{room}"
         return f"DOES NOT FIT on {self.device.name}: " + "; ".join(self.problems())
 
-    def checkpoint_every(self, minutes: float = 10.0) -> int:
-        """Steps between checkpoints so that a disconnect loses at most `minutes` of training."""
-        return max(1, int(minutes * 60 / max(self.step_seconds, 1e-6)))
-
     def __str__(self) -> str:
         s = self.settings
         lines = [f"memory plan: teacher {self.teacher.name} ({self.teacher.params / 1e6:,.0f}M, {s['teacher_precision']}"
@@ -307,9 +301,8 @@ class MemoryPlan:
                 parts = ", ".join(f"{k} {gib(v)}" for k, v in items.items() if v)
                 lines.append(f"  {stage.name + ('*' if stage.optional else ''):<16} {label:<4} {gib(total):>10} = "
                              f"{parts}")
-        host_note = "" if self.device.host is None else f" (host RAM: {self.device.host_note})"
-        lines.append(f"  step time ~{self.step_seconds:.2f} s (estimate); checkpoint every {self.checkpoint_every()} "
-                     f"steps keeps a disconnect under 10 minutes{host_note}")
+        host = "" if self.device.host is None else f"{gib(self.device.host)}, "
+        lines.append(f"  host RAM: {host}{self.device.host_note or 'not known'}")
         lines += [f"  note: {n}" for n in self.notes]
         for stage in (s for s in self.stages if s.optional):
             over = self.overflows(stage)
@@ -390,7 +383,6 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
     flash = device.cuda  # inference: SDPA's fused kernels on CUDA; on CPU with a padding mask, the math path
     train_len = max(lengths) if lengths else cfg.data.max_length
     eval_len = max(eval_lengths) if eval_lengths else ev.max_length
-    mean_len = (sum(lengths) / len(lengths)) if lengths else 0.6 * cfg.data.max_length
     train_tokens = tr.batch_size * train_len
     eval_tokens = ev.batch_size * eval_len
     gen_rows = ev.generate_batch_size or ev.batch_size  # questions per generation batch
@@ -455,7 +447,6 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
     stages.append(_export(stage, student, teacher, (train_host, tw, sw), cfg, device.cuda, (train_len, flash)))
     stages.append(_healing(stage, student, train_device, train_host, sw, compute, cfg, device.cuda, loss_buffers(None)))
     _one_memory(stages, tw, sw, device)
-    step_seconds = _step_seconds(tr, teacher, student, device, tr.batch_size * tr.grad_accum * mean_len, live)
     settings = {"teacher_precision": r["teacher_precision"], "mixed_precision": r["mixed_precision"],
                 "chunk": chunk, "train_tokens": train_tokens, "eval_tokens": eval_tokens,
                 "checkpointing": tr.gradient_checkpointing, "optimizer": tr.optimizer,
@@ -463,7 +454,7 @@ def _plan(cfg, device: Device, lengths, eval_lengths, prompt_lengths) -> MemoryP
                             else f"worst case: every row at data.max_length={cfg.data.max_length}")}
     emulated = device.cuda and r["mixed_precision"] == "bf16" and (device.capability or (0, 0)) < (8, 0)
     notes = ["bf16 is emulated on this GPU (no bf16 tensor cores): use fp16 or auto"] if emulated else []
-    return MemoryPlan(device, teacher, student, stages, settings, step_seconds, notes=notes)
+    return MemoryPlan(device, teacher, student, stages, settings, notes=notes)
 
 
 HEAL_ALONE = ("heal in a process of its own, whose host holds neither the baseline nor the held-out states: python "
@@ -576,14 +567,6 @@ def _one_memory(stages: list[Stage], teacher_bytes: int, student_bytes: int, dev
         if s.name == "evaluation":
             s.host.pop("student weights", None)
             s.host["student (untrained, on host)"] = student_bytes
-
-
-def _step_seconds(tr, teacher: ModelShape, student: ModelShape, device: Device, tokens: float, live: bool) -> float:
-    """6 FLOPs per student parameter per token (8 with checkpointing's recomputation), plus a live teacher's
-    forward (2 per parameter), at MFU of the device's 16-bit peak on a GPU."""
-    flops = tokens * student.params * (8 if tr.gradient_checkpointing else 6)
-    flops += tokens * teacher.params * 2 if live else 0
-    return flops / (device.tflops * 1e12 * (MFU if device.cuda else 1.0))
 
 
 def _search_fixes(cfg, device: Device, lengths: tuple) -> list[str]:

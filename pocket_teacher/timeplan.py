@@ -22,18 +22,18 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from .batches import GlobalBatches
+from .batches import GlobalBatches, on_policy_step
 from .config import ModelShape
 from .data import IGNORE_INDEX
-from .evaluate import WARMUP_TOKENS
+from .evaluate import WARMUP_TOKENS, mmlu_formats
 from .files import write_text
-from .models import cache_root, embedded_gguf_path
+from .models import cache_root, embedded_gguf_path, half_dtype, resolve_device
 from .plan import GPUS, _shapes, dtype_bytes, get_device
 
 # Typical token lengths per row under the SmolLM2 chat template, before the data are tokenized (measured on the
@@ -88,13 +88,19 @@ class Throughput:
 
     def stream_at(self, rows: int) -> float:
         """Weight bytes per second a decode step of `rows` rows reads: interpolated between the probed row counts;
-        beyond the last, the step is compute-bound (its time grows with the rows)."""
+        beyond the last, on a CPU, the step is compute-bound (its time grows with the rows). A GPU reads its weights
+        once per step whatever the rows (its matmul time, counted apart, grows with them): beyond the probed rows,
+        and with no probed rows at all (a GPU's public figures), the rate stays that of the last point."""
         points = [(1, self.stream)] + [tuple(p) for p in self.stream_rows]
         for (r0, s0), (r1, s1) in zip(points, points[1:]):
             if rows <= r1:
                 return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
         last_rows, last = points[-1]
-        return last * last_rows / rows
+        return last * last_rows / rows if self.cpu else last
+
+    @property
+    def cpu(self) -> bool:
+        return self.device.startswith("CPU")
 
     def __str__(self) -> str:
         return (f"{self.device}: matmul {self.flops / 1e9:,.0f} GFLOP/s, memory {self.bandwidth / 1e9:,.1f} GB/s, "
@@ -314,9 +320,12 @@ def measured(device: torch.device | str = "cpu", dtype: torch.dtype = torch.floa
 
 
 def local_throughput(gpu: Optional[str] = None, refresh: bool = False) -> Throughput:
-    """This machine's `measured` throughput: its GPU in bf16 (gpu=None and one is there), else its CPU in fp32."""
-    here = "cuda" if gpu is None and torch.cuda.is_available() else "cpu"
-    return measured(here, torch.bfloat16 if here == "cuda" else torch.float32, refresh=refresh)
+    """This machine's `measured` throughput: its GPU (gpu=None and one is there) in the 16-bit type a run computes
+    in there (bf16 on sm80+, fp16 on a T4: `models.half_dtype`), else its CPU in fp32."""
+    if gpu is None and torch.cuda.is_available():
+        device = resolve_device("auto")
+        return measured(device, half_dtype(device), refresh=refresh)
+    return measured("cpu", torch.float32, refresh=refresh)
 
 
 def gpu_throughput(name: str) -> Throughput:
@@ -341,14 +350,16 @@ class Lengths:
     eval: tuple[int, ...]
     eval_answers: tuple[int, ...]
     typical: bool = False
+    mmlu: Optional[int] = None  # MMLU questions loaded (eval.mmlu_source); None: counted from the config
 
     @classmethod
-    def of(cls, train, held_out) -> "Lengths":
-        """From tokenized splits (`data.TokenizedSplit`)."""
+    def of(cls, train, held_out, mmlu: Optional[Sequence] = None) -> "Lengths":
+        """From tokenized splits (`data.TokenizedSplit`), and the MMLU questions loaded (if any)."""
         def answers(split):
             return tuple(sum(1 for t in f["labels"][1:] if t != IGNORE_INDEX) for f in split.features)
         return cls(tuple(len(f["input_ids"]) for f in train.features), answers(train),
-                   tuple(len(f["input_ids"]) for f in held_out.features), answers(held_out))
+                   tuple(len(f["input_ids"]) for f in held_out.features), answers(held_out),
+                   mmlu=None if mmlu is None else len(mmlu))
 
     @classmethod
     def guess(cls, cfg) -> "Lengths":
@@ -359,6 +370,38 @@ class Lengths:
         train, held = min(row, cfg.data.max_length), min(row, cfg.eval.max_length)
         return cls((train,) * n_train, (min(answer, train),) * n_train, (held,) * n_eval,
                    (min(answer, held),) * n_eval, typical=True)
+
+
+# MMLU rows in tokens under the SmolLM2 tokenizer, the deciles of 2,000 questions of the MMLU test split (a long tail:
+# padding and attention follow the spread, not the mean): the zero-shot letter prompt (mean 125), and a cloze
+# (context, choice) pair (mean 87, the choice 8 of them); each shot adds about 107 and 69 (measured on 600).
+MMLU_LETTER = (52, 60, 67, 76, 87, 100, 118, 134, 201, 327)
+MMLU_CLOZE = (32, 36, 40, 44, 50, 58, 73, 98, 144, 265)
+MMLU_LETTER_SHOT, MMLU_CLOZE_SHOT, MMLU_CHOICE = 107, 69, 8
+MMLU_OVERHEAD = 1.3  # tokenizing the prompts and the per-batch work around the passes: fitted on the pocket teacher
+# (114 questions, both formats, the 2-core Xeon: 66 s measured against 51 s planned without it)
+MMLU_TEST_QUESTIONS, MMLU_SUBJECTS = 14042, 57  # cais/mmlu's test split
+
+
+def mmlu_questions(ev) -> int:
+    """The MMLU questions eval.* asks to score, before they are loaded: eval.mmlu_samples when set, else the
+    source's questions (a local file's lines, read for their subjects when eval.mmlu_subjects is set; the Hub's
+    test split, its share of subjects)."""
+    if not ev.mmlu_source:
+        return 0
+    if ev.mmlu_source == "hub":
+        total = MMLU_TEST_QUESTIONS * (len(ev.mmlu_subjects) / MMLU_SUBJECTS if ev.mmlu_subjects else 1)
+    else:
+        try:
+            lines = [line for line in Path(ev.mmlu_source).expanduser().read_text(encoding="utf-8").split("\n")
+                     if line.strip()]
+        except (OSError, UnicodeDecodeError):
+            lines = []  # the loader will name what is wrong
+        if ev.mmlu_subjects:
+            wanted = set(ev.mmlu_subjects)
+            lines = [line for line in lines if any(f'"{s}"' in line for s in wanted)]
+        total = len(lines)
+    return min(int(total), ev.mmlu_samples) if ev.mmlu_samples else int(total)
 
 
 DEQUANTIZE_PARAMS_PER_S = 5e6  # the embedded GGUF read and dequantized into fp32 the first time (Xeon, 2 cores)
@@ -438,19 +481,23 @@ class Coster:
             seconds += steps * step
         return seconds
 
-    def train_step(self, shape: ModelShape, batches: Sequence[tuple[int, int]], answers: int) -> float:
+    def train_step(self, shape: ModelShape, batches: Sequence[tuple[int, int]], answers: int,
+                   recompute: bool = False) -> float:
         """One optimizer step over micro-`batches` of (rows, padded length) with `answers` scored tokens in all:
         forward and backward (three times the forward's matmul FLOPs: the linear layers at the probe's rate,
         attention at `TRAIN_ATTENTION_EFFICIENCY` of it; the activations' `ACTIVATION_PASSES`), the loss's
         `LOSS_PASSES` over the (answers, V) logits and the output layer's matmuls, and the AdamW update
-        (`OPTIMIZER_BYTES` per parameter), all times `TRAIN_OVERHEAD`; a few ops per tensor."""
-        d, seconds = shape.heads * shape.head_dim, 0.0
+        (`OPTIMIZER_BYTES` per parameter), all times `TRAIN_OVERHEAD`; a few ops per tensor. `recompute`
+        (train.gradient_checkpointing): the decoder layers' forward runs again in backward, four passes for three."""
+        d, seconds, passes = shape.heads * shape.head_dim, 0.0, 4 if recompute else 3
         for rows, length in batches:
             tokens = rows * length
-            seconds += 3 * 2 * tokens * shape.layers * shape.layer_linear_params / self.t.flops
-            seconds += 3 * 4 * rows * length * length * d * shape.layers / (self.t.flops * TRAIN_ATTENTION_EFFICIENCY)
-            seconds += ACTIVATION_PASSES * tokens * shape.layers * (shape.hidden + shape.intermediate) / self.t.softmax
-            seconds += self.ops(3 * (OPS_PER_FORWARD + OPS_PER_LAYER * shape.layers))
+            seconds += passes * 2 * tokens * shape.layers * shape.layer_linear_params / self.t.flops
+            seconds += (passes * 4 * rows * length * length * d * shape.layers
+                        / (self.t.flops * TRAIN_ATTENTION_EFFICIENCY))
+            seconds += (ACTIVATION_PASSES * passes / 3 * tokens * shape.layers * (shape.hidden + shape.intermediate)
+                        / self.t.softmax)
+            seconds += self.ops(passes * (OPS_PER_FORWARD + OPS_PER_LAYER * shape.layers))
         seconds += 3 * 2 * answers * shape.vocab * shape.hidden / self.t.flops
         seconds += LOSS_PASSES * answers * shape.vocab / self.t.softmax
         seconds += self.streamed(OPTIMIZER_BYTES * shape.params) + self.ops(12 * (9 * shape.layers + 3))
@@ -484,6 +531,7 @@ class TimePlan:
     typical_lengths: bool
     processes: int = 1
     notes: list[str] = field(default_factory=list)
+    step_seconds: float = 0.0  # one distillation step (train.checkpoint_every: `checkpoint_every`)
 
     @property
     def total(self) -> float:
@@ -494,6 +542,19 @@ class TimePlan:
         before a section ran is the one to hold against its clock, e.g. a first dequantization it counted)."""
         before = {s.title: s for s in earlier.stages}
         self.stages = [before[s.title] if s.title in done and s.title in before else s for s in self.stages]
+
+    def reuse(self, title: str, share: float, where: str | Path) -> Optional[str]:
+        """Section `title` finds `share` of its work done before (a cache or generated answers on disk, found before
+        the section runs): its estimate keeps only the rest. Returns the line that says so (None: no such section,
+        or nothing found)."""
+        for i, stage in enumerate(self.stages):
+            if stage.title == title and share > 0:
+                found = "found built" if share >= 1 else f"{share:.0%} found built"
+                self.stages[i] = StagePlan(title, stage.seconds * (1 - min(1.0, share)),
+                                           f"{stage.detail}; {found} in {where}")
+                return (f"time plan: {title} {found} in {where}: {_clock(self.stages[i].seconds)} planned instead "
+                        f"of {_clock(stage.seconds)}")
+        return None
 
     def seconds(self) -> dict[str, float]:
         """Planned seconds per section, to 0.01 s (a `tiny` section takes a tenth of a second on a fast CPU)."""
@@ -579,6 +640,7 @@ class _Run:
             steps = ev.max_new_tokens
             rows = ev.generate_batch_size or ev.batch_size
             seconds += cost.decode(shape, batched(sorted(self.prompts[:questions]), rows), steps, weight_bytes)
+        seconds += self.mmlu(shape)
         if agreement:
             seconds += 0.0 if shared_teacher else cost.forward(self.teacher, held, sum(lengths.eval_answers))
             seconds += cost.forward(shape, held, sum(lengths.eval_answers))
@@ -587,19 +649,57 @@ class _Run:
                            for rows in (1, 16) for tokens in (WARMUP_TOKENS, 32, 32))
         return seconds
 
+    @property
+    def train_prompts(self) -> list[int]:
+        return [max(1, n - a) for n, a in zip(self.lengths.train, self.lengths.train_answers)]
+
+    def rollout_step(self, micro: Sequence[tuple[int, int]]) -> float:
+        """An on-policy step over micro-batches of (rows, padded prompt length): the student samples each rollout
+        (up to train.rollout_max_new_tokens), the live teacher scores it, the student trains on it."""
+        tr, cost, new = self.cfg.train, self.cost, self.cfg.train.rollout_max_new_tokens
+        seconds = 0.0
+        for rows, prompt in micro:
+            seconds += cost.decode(self.student, [(rows, prompt)], new, self.student_bytes, sampled=True)
+            seconds += cost.forward(self.teacher, [(rows, prompt + new)], rows * new)
+        return seconds + cost.train_step(self.student, [(r, p + new) for r, p in micro],
+                                         sum(r for r, _ in micro) * new, tr.gradient_checkpointing)
+
+    def mmlu(self, shape: ModelShape) -> float:
+        """A results row's MMLU (`evaluate.mmlu_scores`): the letter format, one forward per question, the output
+        layer at its last position; the cloze format, a forward per (question, choice), the output layer on the
+        choice's tokens; auto is both under 1B parameters."""
+        ev = self.cfg.eval
+        n = self.lengths.mmlu if self.lengths.mmlu is not None else mmlu_questions(ev)
+        if not n:
+            return 0.0
+        formats, seconds = mmlu_formats(ev, shape.params), 0.0
+        if "letter" in formats:  # batched by length, as evaluate does
+            rows = [MMLU_LETTER[i % 10] + ev.mmlu_shots * MMLU_LETTER_SHOT for i in range(n)]
+            seconds += self.cost.forward(shape, batched(rows, ev.batch_size, by_length=True), n)
+        if "cloze" in formats:
+            rows = [MMLU_CLOZE[i % 10] + ev.mmlu_shots * MMLU_CLOZE_SHOT for i in range(4 * n)]
+            seconds += self.cost.forward(shape, batched(rows, ev.batch_size, by_length=True), 4 * n * MMLU_CHOICE)
+        return MMLU_OVERHEAD * seconds
+
     def kept_teacher(self) -> float:
         """The teacher's logits on the held-out answers rebuilt from its hidden states kept by section 5's pass
         (`batches.AnswerHidden`): its output layer alone."""
         return self.cost.output(self.teacher, sum(self.lengths.eval_answers))
 
     def training(self, steps: int, live_teacher: bool, held_out_scores: int, checkpoints: int,
-                 processes: int = 1) -> float:
+                 processes: int = 1, on_policy: float = 0.0) -> float:
         """One process's training: each process takes train.batch_size rows of every global batch (the global
-        batch grows with the processes; the steps do not shrink)."""
+        batch grows with the processes; the steps do not shrink). `on_policy`: that share of the steps trains on
+        the student's rollouts (`batches.on_policy_step`, `rollout_step`)."""
         tr, cost, lengths = self.cfg.train, self.cost, self.lengths
         seconds = 0.0
-        for micro, answers in training_steps(lengths.train, lengths.train_answers, tr, steps, processes):
-            seconds += cost.train_step(self.student, micro, answers)
+        draws = training_steps(lengths.train, lengths.train_answers, tr, steps, processes)
+        prompts = training_steps(self.train_prompts, self.train_prompts, tr, steps, processes) if on_policy else []
+        for step, (micro, answers) in enumerate(draws):
+            if on_policy and on_policy_step(step, on_policy):
+                seconds += self.rollout_step(prompts[step][0])
+                continue
+            seconds += cost.train_step(self.student, micro, answers, tr.gradient_checkpointing)
             if live_teacher:
                 seconds += cost.forward(self.teacher, micro, answers)
         held = batched(lengths.eval, self.cfg.eval.batch_size, by_length=True)
@@ -620,17 +720,40 @@ def time_plan(cfg, gpu: Optional[str] = None, *, lengths: Optional[Lengths] = No
     cpu = not device.cuda
     if throughput is None:
         throughput = gpu_throughput(gpu) if gpu not in (None, "cpu") else local_throughput(gpu)
+    processes = max(1, processes)
+    notes = []
+    if cpu and processes > 1:
+        throughput, note = shared_cores(throughput, processes)
+        notes += [note] if note else []
     teacher, student = _shapes(cfg)
     precision = cfg.teacher.precision if cfg.teacher.precision != "auto" else ("fp32" if cpu else "8bit")
     run = _Run(cfg, teacher, student, lengths or Lengths.guess(cfg), Coster(throughput, cpu),
                teacher.params * dtype_bytes(precision), student.params * (4 if cpu else 2))
-    stages = _stages(run, max(1, processes))
-    notes = [] if not run.lengths.typical else [
+    stages, step = _stages(run, processes)
+    notes += [] if not run.lengths.typical else [
         "the data are not tokenized yet: typical lengths of the source; the plan is made again with the real ones"]
-    return TimePlan(throughput, stages, run.lengths.typical, max(1, processes), notes)
+    return TimePlan(throughput, stages, run.lengths.typical, processes, notes, step)
 
 
-def _stages(run: _Run, processes: int) -> list[StagePlan]:
+def shared_cores(throughput: Throughput, processes: int) -> tuple[Throughput, str]:
+    """A CPU's throughput per process when `processes` processes, each with this process's torch threads, share its
+    cores (`usable_cores`): every rate times cores / (processes x threads) when that is under 1 (two processes of
+    two threads on two cores each get half; torchrun's one thread per process on two cores, the whole), and a note
+    saying so ("" when the cores suffice)."""
+    threads, cores = torch.get_num_threads(), usable_cores()
+    share = min(1.0, cores / (processes * threads))
+    if share >= 1.0:
+        return throughput, ""
+    scaled = replace(throughput, flops=throughput.flops * share, bandwidth=throughput.bandwidth * share,
+                     weight_stream=throughput.stream * share, elementwise=throughput.softmax * share,
+                     stream_rows=tuple((r, v * share) for r, v in throughput.stream_rows),
+                     sampling=throughput.sample_rate * share)
+    return scaled, (f"{processes} processes of {threads} torch threads share {cores:g} cores: each at {share:.0%} of "
+                    f"the probed rates")
+
+
+def _stages(run: _Run, processes: int) -> tuple[list[StagePlan], float]:
+    """The sections' plans, and the seconds of one distillation step."""
     cfg, cost, lengths, teacher, student = run.cfg, run.cost, run.lengths, run.teacher, run.student
     tr, ev, tc = cfg.train, cfg.eval, cfg.teacher_cache
     load = 1 + run.teacher_bytes / LOAD_BYTES_PER_S
@@ -649,8 +772,9 @@ def _stages(run: _Run, processes: int) -> list[StagePlan]:
     if tc.use:
         seconds = cost.forward(teacher, batched(lengths.train, tc.batch_size), sum(lengths.train_answers))
         fidelity = sum(lengths.train_answers[:FIDELITY_ROWS])  # KL and the objectives at several temperatures
-        seconds += FIDELITY_PASSES * fidelity * teacher.vocab / cost.t.softmax
-        out.append(StagePlan("4b. Teacher cache", seconds / processes,
+        # each process runs the teacher over its share; the fidelity rows, the first ones, are process 0's alone
+        seconds = seconds / processes + FIDELITY_PASSES * fidelity * teacher.vocab / cost.t.softmax
+        out.append(StagePlan("4b. Teacher cache", seconds,
                              f"the teacher over {len(lengths.train)} rows, {sum(lengths.train_answers):,} answer tokens"
                              + (f", shared by {processes} processes" if processes > 1 else "")))
     before = run.evaluation(teacher, run.teacher_bytes, False)
@@ -669,14 +793,18 @@ def _stages(run: _Run, processes: int) -> list[StagePlan]:
     live = not tc.use
     evals = (tr.max_steps // tr.eval_every + (tr.max_steps % tr.eval_every > 0)) if tr.eval_every else 0
     checkpoints = (tr.max_steps // tr.checkpoint_every if tr.checkpoint_every else 0) + tr.save_final
-    distil = run.training(tr.max_steps, live, evals, checkpoints, processes)
+    distil = run.training(tr.max_steps, live, evals, checkpoints, processes, tr.on_policy)
+    step = run.training(tr.max_steps, live, 0, 0, processes, tr.on_policy) / max(1, tr.max_steps)
     if evals and tc.use:  # the held-out split's own cache, built once (from the kept hidden states)
         distil += run.kept_teacher() if kept else cost.forward(teacher, batched(lengths.eval, tc.batch_size),
                                                                 sum(lengths.eval_answers))
     per_process = f" per process ({processes} in all)" if processes > 1 else ""
     held_out = f", held-out scores x{evals}" if evals else ""
+    on_policy = f" ({tr.on_policy:.0%} on-policy)" if tr.on_policy else ""
     out.append(StagePlan("6. Distillation", distil,
-                         f"{tr.max_steps} steps of {tr.batch_size * tr.grad_accum} rows{per_process}{held_out}"))
+                         f"{tr.max_steps} steps{on_policy} of {tr.batch_size * tr.grad_accum} rows{per_process}"
+                         f"{held_out}; ~{step:.2f} s a step: a checkpoint every {checkpoint_every(step)} steps loses "
+                         f"at most 10 minutes"))
     if ev.baseline:
         out.append(StagePlan("6b. Baseline", run.training(tr.max_steps, False, evals, checkpoints, processes),
                              f"plain fine-tuning, {tr.max_steps} steps"))
@@ -690,7 +818,13 @@ def _stages(run: _Run, processes: int) -> list[StagePlan]:
         after += run.kept_teacher()
     out.append(StagePlan("7. Evaluation after", after, "the distilled student" + (" and the baseline"
                                                                                  if ev.baseline else "")))
-    return out
+    return out, step
+
+
+def checkpoint_every(step_seconds: float, minutes: float = 10.0) -> int:
+    """Steps between checkpoints (train.checkpoint_every) so that a disconnect loses at most `minutes` of
+    training, at `step_seconds` a step."""
+    return max(1, int(minutes * 60 / max(step_seconds, 1e-6)))
 
 
 def _student_stage(run: _Run) -> StagePlan:
@@ -721,14 +855,8 @@ def _dequantized_already() -> bool:
 
 
 def _preview(run: _Run, steps: int) -> float:
-    """On-policy steps: the student samples rollouts, the live teacher scores them, the student trains on them."""
-    tr, cost = run.cfg.train, run.cost
-    prompts = [max(1, n - a) for n, a in zip(run.lengths.train, run.lengths.train_answers)]
-    new, seconds = tr.rollout_max_new_tokens, 0.0
-    for micro, _ in training_steps(prompts, prompts, tr, steps):
-        for batch_rows, prompt in micro:
-            seconds += cost.decode(run.student, [(batch_rows, prompt)], new, run.student_bytes, sampled=True)
-            seconds += cost.forward(run.teacher, [(batch_rows, prompt + new)], batch_rows * new)
-        seconds += cost.train_step(run.student, [(r, p + new) for r, p in micro], sum(r for r, _ in micro) * new)
+    """On-policy steps (`_Run.rollout_step`) and a held-out score."""
+    prompts = run.train_prompts
+    seconds = sum(run.rollout_step(micro) for micro, _ in training_steps(prompts, prompts, run.cfg.train, steps))
     held = batched(run.lengths.eval, run.cfg.eval.batch_size, by_length=True)
-    return seconds + cost.forward(run.student, held, sum(run.lengths.eval_answers))
+    return seconds + run.cost.forward(run.student, held, sum(run.lengths.eval_answers))

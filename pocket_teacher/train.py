@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from . import checkpoints as ckpt
-from .batches import AnswerBatch, GlobalBatches, answer_batch, answer_hidden, answer_logits
+from .batches import AnswerBatch, GlobalBatches, answer_batch, answer_hidden, answer_logits, on_policy_step
 from .data import TokenizedSplit
 from .evaluate import HeldOutTeacher, perplexity
 from .files import model_digest, write_failure
@@ -546,10 +546,8 @@ class Trainer:
         return micro
 
     def on_policy(self, step: int) -> bool:
-        """Whether optimizer step `step` trains on rollouts: train.on_policy of the steps, evenly interleaved
-        (0.5: every other step), a function of the step alone so a resumed run makes the same choices."""
-        f = self.tcfg.on_policy
-        return math.floor(round((step + 1) * f, 9)) > math.floor(round(step * f, 9))
+        """Whether optimizer step `step` trains on rollouts (`batches.on_policy_step`)."""
+        return on_policy_step(step, self.tcfg.on_policy)
 
     def rollouts(self, micro: list[AnswerBatch], step: int) -> list[AnswerBatch]:
         """Each micro-batch's prompts answered by the student's own samples (seeded by run seed, step,

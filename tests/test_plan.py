@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pocket_teacher.cli import main
+from pocket_teacher.timeplan import checkpoint_every, time_plan
 from pocket_teacher.config import apply_overrides, get_preset
 from pocket_teacher.plan import (EXPORT_ALONE, GGUF_STRING_BYTES, HEAL_ALONE, KNOWN_MODELS, PlanError,
                                  memory_plan, model_shape, optimizer_bytes, shape_from_config, train_activation_bytes,
@@ -104,8 +105,8 @@ def test_real_lengths_shrink_the_worst_case():
 def test_checkpoint_cadence_of_the_colab_presets_loses_under_ten_minutes():
     for preset, gpu in (("t4", "t4"), ("a100", "a100-40")):
         cfg = get_preset(preset)
-        plan = memory_plan(cfg, gpu)
-        assert 0 < cfg.train.checkpoint_every <= plan.checkpoint_every(10.0), preset
+        plan = time_plan(cfg, gpu)
+        assert 0 < cfg.train.checkpoint_every <= checkpoint_every(plan.step_seconds, 10.0), preset
 
 
 def test_run_refuses_a_plan_that_does_not_fit_before_loading(monkeypatch, tmp_path, capsys):
@@ -266,3 +267,16 @@ def test_healing_takes_no_on_policy_steps_and_a_gpu_overflow_gets_no_process_adv
     gpu_only = memory_plan(get_preset("a100"), "t4", host_gb=1000)
     line = next(x for x in str(gpu_only).splitlines() if x.startswith("  * healing"))
     assert "on the GPU" in line and HEAL_ALONE not in line
+
+
+def test_a_gpu_without_a_known_host_says_to_give_host_gb_and_that_advice_checks_the_host(capsys):
+    assert main(["plan", "--preset", "a100", "--gpu", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "host RAM: not checked: give --host-gb" in out  # the GPU's host is not known: said, not silently skipped
+    need = memory_plan(get_preset("a100"), "h100").stages
+    peak = max(s.host_peak for s in need if not s.optional)
+    assert main(["plan", "--preset", "a100", "--gpu", "h100", "--host-gb", f"{peak / 1e9 * 0.9:.2f}"]) == 3
+    out = capsys.readouterr().out
+    assert "GB given" in out and "of host RAM >" in out and "DOES NOT FIT" in out
+    assert main(["plan", "--preset", "a100", "--gpu", "h100", "--host-gb", "1000"]) == 0
+    assert "host RAM: 931.32 GiB, 1000 GB given" in capsys.readouterr().out

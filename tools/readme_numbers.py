@@ -118,15 +118,18 @@ PLAN_COMMANDS = (("t4", "t4"), ("a100", "a100-40"), ("a100", "t4"))  # (preset, 
 
 
 def compute_plans() -> list[dict]:
-    """The memory plan's output for PLAN_COMMANDS, as `python -m pocket_teacher plan` prints it."""
+    """The memory and time plans for PLAN_COMMANDS, as `python -m pocket_teacher plan` prints them (a named GPU's
+    time plan is its public figures', the same on every machine)."""
     from pocket_teacher.experiment import configure
     from pocket_teacher.plan import memory_plan
+    from pocket_teacher.timeplan import time_plan
 
     found = []
     for preset, gpu in PLAN_COMMANDS:
-        plan = memory_plan(configure(preset), gpu)
+        cfg = configure(preset)
+        plan = memory_plan(cfg, gpu)
         found.append({"command": f"plan --preset {preset} --gpu {gpu}", "exit": 0 if plan.fits else 3,
-                      "output": str(plan)})
+                      "output": f"{plan}\n{time_plan(cfg, gpu)}"})
     return found
 
 
