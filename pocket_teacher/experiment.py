@@ -29,7 +29,8 @@ from .export import (EQUALIZE_QUANTS, EQUALIZE_ROWS, Equalization, ExportError, 
                      equalization, export_gguf, export_run, fake_quantized, gguf_file_name, teacher_gguf,
                      tensor_quant)
 from .files import write_json
-from .generate import default_stop, generate, generate_answers, generate_texts, read_prompts
+from .generate import (answers_path, default_stop, generate, generate_answers, generate_texts, read_prompts,
+                       texts_path)
 from .losses import Divergence, divergence_name
 from .hub import HubUnavailableError
 from .models import (ModelInfo, ModelLoadError, VocabMismatchError, VocabReport, check_vocab_compatible,
@@ -42,7 +43,7 @@ from .report import (BASELINE_LABEL, RANDOM_INIT_LABEL, preflight_warnings, resu
                      summarize)
 from .runfolder import is_main_process, join_process_group, main_process_first, run_dir, save_outputs, start_run
 from .students import load_student
-from .teacher_cache import Fidelity, Share, TopKCache, build_topk_cache
+from .teacher_cache import Fidelity, Share, TopKCache, build_topk_cache, built_share
 from .train import HeldOut, OpenedStep, Trainer, TrainingInterrupted, TrainResult, Vocab, open_step
 
 OPENING_WORDS = 8  # side by side, a free text without a prompt is continued from this many of its first words
@@ -218,6 +219,21 @@ def teacher_answers(cfg: Config, raw: RawData, teacher: torch.nn.Module, teacher
         raise DataError(f"data.targets={cfg.data.targets}: none of the teacher's {report.rows} answers was kept "
                         f"({report.rejected}). Use data.targets=teacher (keep all) or a stronger teacher.")
     return RawData(train, raw.eval, raw.reports, raw.mmlu)
+
+
+def answers_on_disk(cfg: Config, raw: RawData, teacher: torch.nn.Module, teacher_tokenizer,
+                    info: Optional[ModelInfo] = None) -> Optional[Path]:
+    """Where `teacher_answers` will find the teacher's texts or answers already written (for the time plan), or
+    None: none there, or no generation in this run."""
+    if cfg.data.source == "teacher_text":
+        path = texts_path(teacher, teacher_tokenizer, read_prompts(cfg.generate.prompts), cache_dir(cfg),
+                          cfg.generate, teacher_key(cfg, info))
+    elif cfg.data.targets != "reference":
+        path = answers_path(teacher, teacher_tokenizer, raw.train, cache_dir(cfg), cfg.generate,
+                            cfg.data.system_prompt, teacher_key(cfg, info))
+    else:
+        return None
+    return path if path.is_file() else None
 
 
 def vocabulary(cfg: Config, teacher_tokenizer, tokenizer, teacher: torch.nn.Module,
@@ -521,6 +537,9 @@ class Experiment:
         """With data.targets=teacher*, the teacher's answers become the training targets (cached on disk)."""
         with self._timed("teacher_answers"):
             raw = _need(self.raw, "load_data")
+            if self.time_plan is not None and "3b. Teacher answers" not in self.timings:
+                found = answers_on_disk(self.cfg, raw, self.teacher, self.teacher_tokenizer, self.teacher_info)
+                self._reused("3b. Teacher answers", 1.0 if found else 0.0, found)
             with main_process_first():
                 self.train_raw = teacher_answers(self.cfg, raw, self.teacher, self.teacher_tokenizer,
                                                  self.teacher_info, self.progress)
@@ -546,10 +565,21 @@ class Experiment:
             self.student_stage = StudentStage(init, tokenizer, info, shared,
                                               tokenize(self.cfg, raw, tokenizer, verbose=self.main))
             earlier = self.time_plan
-            self.time_plan = plan_time(self.cfg, Lengths.of(self.splits.train, self.splits.eval), self.main)
+            self.time_plan = plan_time(self.cfg, Lengths.of(self.splits.train, self.splits.eval, self.splits.mmlu),
+                                       self.main)
             if earlier is not None and self.time_plan is not None:  # sections already run keep what was planned
                 self.time_plan.keep(earlier, self.timings)
+            if self.time_plan is not None and self.cfg.teacher_cache.use and shared:
+                tc = self.cfg.teacher_cache
+                self._reused("4b. Teacher cache", *built_share(teacher, self.splits.train, cache_dir(self.cfg), tc.k,
+                                                               len(tokenizer), teacher_key(self.cfg, self.teacher_info)))
             return self.splits
+
+    def _reused(self, title: str, share: float, where) -> None:
+        """The time plan told that section `title` finds `share` of its work on disk (before it runs)."""
+        line = self.time_plan.reuse(title, share, where) if self.time_plan is not None else None
+        if line:
+            self.say(line)
 
     def build_cache(self) -> Optional[TopKCache]:
         with self._timed("build_cache"):
@@ -987,16 +1017,20 @@ class Experiment:
         return record
 
     def timing_table(self) -> str:
-        """Seconds spent in each section so far and their total, beside the time plan's where it has one."""
+        """Seconds spent in each section so far and their total, beside the time plan's where it has one; the
+        total of the sections the plan counts, measured and planned, on a line of its own (the plan does not count
+        configuration, data, plots and saving)."""
         planned = self.time_plan.seconds() if self.time_plan is not None else {}
-        width = max((len(t) for t in self.timings), default=10)
+        both = [t for t in self.timings if t in planned]
+        width = max([len(t) for t in self.timings] + [len("planned sections")])
         lines = [f"{'section':<{width}}  {'measured':>10}  {'planned':>10}"]
         for title, seconds in self.timings.items():
             plan = f"{planned[title]:8.1f} s" if title in planned else f"{'-':>10}"
             lines.append(f"{title:<{width}}  {seconds:8.1f} s  {plan}")
-        total = sum(planned.get(t, 0.0) for t in self.timings)
-        return "\n".join(lines + [f"{'total':<{width}}  {sum(self.timings.values()):8.1f} s  "
-                                  + (f"{total:8.1f} s" if planned else f"{'-':>10}")])
+        if both:
+            lines.append(f"{'planned sections':<{width}}  {sum(self.timings[t] for t in both):8.1f} s  "
+                         f"{sum(planned[t] for t in both):8.1f} s")
+        return "\n".join(lines + [f"{'total':<{width}}  {sum(self.timings.values()):8.1f} s  {'-':>10}"])
 
     def summary(self) -> str:
         """What this run showed, in sentences generated from its results (the notebook's closing cell)."""

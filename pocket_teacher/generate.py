@@ -213,6 +213,25 @@ def default_stop(tokenizer, stop: Optional[Sequence[str]] = None) -> list[str]:
     return [] if getattr(tokenizer, "chat_template", None) else ["\nQuestion:"]
 
 
+def answers_path(teacher: torch.nn.Module, tokenizer, examples: Sequence[Example], root: str | Path,
+                 settings: GenerateConfig, system_prompt: Optional[str] = None,
+                 teacher_key: Optional[dict] = None) -> Path:
+    """Where `generate_answers` keeps the teacher's answers to `examples`: named by a fingerprint of the teacher,
+    the questions, the template and the generation settings."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    parts = {"format": FORMAT, "teacher": {"weights": model_digest(teacher), **(teacher_key or {})},
+             "data": digest(*(json.dumps([e.question, e.answer]).encode() for e in examples)),
+             "template": digest(template.encode()), "system_prompt": system_prompt,
+             "max_new_tokens": settings.max_new_tokens}
+    stops = default_stop(tokenizer, settings.stop)
+    if settings.temperature > 0:  # keys only when set, so greedy answers cached before keep their fingerprint
+        parts["sampling"] = {"temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed,
+                             "batch_size": settings.batch_size}
+    if stops:
+        parts["stop"] = stops
+    return Path(root) / f"answers-{fingerprint(parts)}.jsonl"
+
+
 def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Example], root: str | Path,
                      settings: GenerateConfig, *, keep: str = "all", system_prompt: Optional[str] = None,
                      teacher_key: Optional[dict] = None,
@@ -226,18 +245,8 @@ def generate_answers(teacher: torch.nn.Module, tokenizer, examples: Sequence[Exa
     (one JSON object per question, the file renamed into place when whole) and reused on a match."""
     if keep not in ("all", "correct"):
         raise ValueError(f"keep={keep!r}: use 'all' or 'correct' (rejection sampling on the final answer).")
-    template = getattr(tokenizer, "chat_template", None) or ""
-    parts = {"format": FORMAT, "teacher": {"weights": model_digest(teacher), **(teacher_key or {})},
-             "data": digest(*(json.dumps([e.question, e.answer]).encode() for e in examples)),
-             "template": digest(template.encode()), "system_prompt": system_prompt,
-             "max_new_tokens": settings.max_new_tokens}
     stops = default_stop(tokenizer, settings.stop)
-    if settings.temperature > 0:  # keys only when set, so greedy answers cached before keep their fingerprint
-        parts["sampling"] = {"temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed,
-                             "batch_size": settings.batch_size}
-    if stops:
-        parts["stop"] = stops
-    path = Path(root) / f"answers-{fingerprint(parts)}.jsonl"
+    path = answers_path(teacher, tokenizer, examples, root, settings, system_prompt, teacher_key)
     start, status = time.perf_counter(), "reused"
     rows = _read_rows(path, ("question", "teacher_answer", "extracted"), "teacher answers")
     if rows is not None and (len(rows) != len(examples)
@@ -297,6 +306,20 @@ def read_prompts(path: Optional[str]) -> list[str]:
     return prompts
 
 
+def texts_path(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str], root: str | Path, settings: GenerateConfig,
+               teacher_key: Optional[dict] = None) -> Path:
+    """Where `generate_texts` keeps the teacher's texts: named by a fingerprint of the teacher, the prompts and the
+    settings."""
+    g, stops = settings, default_stop(tokenizer, settings.stop)
+    parts = {"format": FORMAT, "teacher": {"weights": model_digest(teacher), **(teacher_key or {})},
+             "prompts": digest(*(p.encode() for p in prompts)), "num_samples": g.num_samples,
+             "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p, "stop": stops,
+             "seed": g.seed}
+    if g.temperature > 0:  # each batch samples from its own seeded generator: the batching shapes the texts
+        parts["batch_size"] = g.batch_size
+    return Path(root) / f"texts-{fingerprint(parts)}.jsonl"
+
+
 def generate_texts(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str], root: str | Path,
                    settings: GenerateConfig, *, teacher_key: Optional[dict] = None,
                    progress: bool = True) -> tuple[list[Example], GenerationReport]:
@@ -306,13 +329,7 @@ def generate_texts(teacher: torch.nn.Module, tokenizer, prompts: Sequence[str], 
     settings, and reused on a match. Empty texts are dropped and counted in the report. Each Example's question is
     its prompt and its target the continuation (trained on as one text)."""
     g, stops = settings, default_stop(tokenizer, settings.stop)
-    parts = {"format": FORMAT, "teacher": {"weights": model_digest(teacher), **(teacher_key or {})},
-             "prompts": digest(*(p.encode() for p in prompts)), "num_samples": g.num_samples,
-             "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p, "stop": stops,
-             "seed": g.seed}
-    if g.temperature > 0:  # each batch samples from its own seeded generator: the batching shapes the texts
-        parts["batch_size"] = g.batch_size
-    path = Path(root) / f"texts-{fingerprint(parts)}.jsonl"
+    path = texts_path(teacher, tokenizer, prompts, root, settings, teacher_key)
     start, status = time.perf_counter(), "reused"
     rows = _read_rows(path, ("prompt", "text"), "teacher texts")
     if rows is not None and len(rows) != g.num_samples:

@@ -173,6 +173,32 @@ def _open(folder: Path, name: str, tokens: int, k: int, mode: str) -> np.memmap:
     return np.memmap(folder / f"{name}.bin", dtype=FILES[name], mode=mode, shape=shape)
 
 
+def built_share(teacher: torch.nn.Module, split: TokenizedSplit, root: str | Path, k: int, vocab_size: int,
+                teacher_key: Optional[dict] = None) -> tuple[float, Path]:
+    """For the time plan, before a build: the share of `split`'s rows a cache of these settings already holds under
+    `root` (1.0: a finished cache marked complete, its checksums read only when it is reused; a partial build: the
+    rows of the batches its progress files record), and where. A guess from the files' records: the build itself
+    checks every byte, and recomputes what fails."""
+    fp = fingerprint(fingerprint_parts(teacher, split, k, vocab_size, teacher_key))
+    final, partial = Path(root) / fp, Path(root) / f"{fp}.partial"
+    try:
+        meta = json.loads((final / "meta.json").read_text())
+        if meta.get("complete") and meta.get("fingerprint") == fp:
+            return 1.0, final
+    except (OSError, ValueError):
+        pass
+    try:  # the joined records, and each process's own since the last join
+        state = json.loads((partial / "progress.json").read_text())
+        if state["fingerprint"] != fp:
+            return 0.0, final
+        done = {tuple(r["rows"]) for r in state["batches"]}
+        for f in partial.glob("progress.*.json"):
+            done |= {tuple(r["rows"]) for r in json.loads(f.read_text())["batches"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0, final
+    return min(1.0, sum(hi - lo for lo, hi in done) / max(1, len(split))), partial
+
+
 def validate_cache(path: Path, expected_fingerprint: Optional[str] = None) -> Optional[str]:
     """None if `path` is a complete, intact cache (with that fingerprint), else what is wrong with it."""
     meta_path = path / "meta.json"

@@ -198,6 +198,14 @@ def test_rerunning_cells_is_idempotent(experiment):
     assert set(exp.timings) >= {"1. Configuration", "6. Distillation", "5. Before training"}
     table = exp.timing_table().splitlines()
     assert table[-1].startswith("total") and "planned" in table[0]  # measured beside the time plan
+    # the plan's total is held against the sections it plans only, not the whole clock
+    planned = exp.time_plan.seconds()
+    both = [t for t in exp.timings if t in planned]
+    measured_there, planned_there = table[-2].split()[2], table[-2].split()[4]
+    assert table[-2].startswith("planned sections")
+    assert float(measured_there) == pytest.approx(sum(exp.timings[t] for t in both), abs=0.06)
+    assert float(planned_there) == pytest.approx(sum(planned[t] for t in both), abs=0.06)
+    assert table[-1].split()[1] == f"{sum(exp.timings.values()):.1f}" and table[-1].split()[-1] == "-"
     assert exp.time_plan is not None and not exp.time_plan.typical_lengths  # made again once tokenized
 
 

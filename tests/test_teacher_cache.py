@@ -15,7 +15,7 @@ from pocket_teacher.config import ConfigError, GenerateConfig, apply_overrides, 
 from pocket_teacher.data import Example, load_gsm_symbolic, tokenize_examples
 from pocket_teacher.models import ModelLoadError, derive_student, load_teacher, resolve_precision
 from pocket_teacher.generate import generate_answers
-from pocket_teacher.teacher_cache import (build_topk_cache, fingerprint, fingerprint_parts,
+from pocket_teacher.teacher_cache import (build_topk_cache, built_share, fingerprint, fingerprint_parts,
                                           validate_cache)
 from pocket_teacher.train import HeldOut, Vocab, distill
 
@@ -122,8 +122,13 @@ def test_a_build_killed_midway_resumes_and_equals_a_clean_build(tiny_teacher, sp
     partial = [p for p in (tmp_path / "a").iterdir() if p.suffix != ".lock"]  # the build lock may stay
     assert len(partial) == 1 and partial[0].name.endswith(".partial")  # nothing readable was published
     assert validate_cache(partial[0]) is not None
+    # the time plan, before the build resumes, sees the rows already built (4 of 10) and where
+    vocab = tiny_teacher.get_output_embeddings().weight.shape[0]
+    assert built_share(tiny_teacher, split, tmp_path / "a", 16, vocab) == (0.4, partial[0])
+    assert built_share(tiny_teacher, split, tmp_path / "b", 16, vocab) == (0.0, tmp_path / "b" / partial[0].stem)
     counter = ForwardCounter(tiny_teacher)
     resumed = _build(tiny_teacher, split, tmp_path / "a")
+    assert built_share(tiny_teacher, split, tmp_path / "a", 16, vocab) == (1.0, resumed.path)
     assert resumed.report.status == "resumed after 4 of 10 rows" and counter.calls == 2
     clean = _build(tiny_teacher, split, tmp_path / "b")
     for name in ("ids", "logprobs", "tail"):

@@ -32,7 +32,15 @@ def test_every_planned_section_is_a_notebook_section_and_the_total_adds_up():
     assert "3b. Teacher answers" in text and "6c. On-policy preview" not in text  # what the preset runs
 
 
-def test_more_work_takes_longer_and_processes_share_the_cache_not_the_steps():
+def _fidelity_seconds(preset="pocket"):
+    """The cache's fidelity passes under FIXED: process 0's alone (the first rows), never shared."""
+    cfg, answers = get_preset(preset), Lengths.guess(get_preset(preset)).train_answers
+    vocab = timeplan._shapes(cfg)[0].vocab
+    return timeplan.FIDELITY_PASSES * sum(answers[:timeplan.FIDELITY_ROWS]) * vocab / FIXED.softmax
+
+
+def test_more_work_takes_longer_and_processes_share_the_cache_not_the_steps(monkeypatch):
+    monkeypatch.setattr(timeplan, "usable_cores", lambda: 64.0)  # cores enough for every process's threads
     base = _plan().seconds()
     train = get_preset("pocket").train
     longer = _plan(overrides=[f"train.max_steps={2 * train.max_steps}", f"train.eval_every={2 * train.eval_every}",
@@ -41,7 +49,8 @@ def test_more_work_takes_longer_and_processes_share_the_cache_not_the_steps():
     assert 1.5 * base["6. Distillation"] < longer["6. Distillation"] < 2 * base["6. Distillation"]
     assert longer["4b. Teacher cache"] == base["4b. Teacher cache"]
     two = _plan(processes=2).seconds()
-    assert two["4b. Teacher cache"] == pytest.approx(base["4b. Teacher cache"] / 2, abs=0.1)
+    fidelity = _fidelity_seconds()
+    assert two["4b. Teacher cache"] == pytest.approx((base["4b. Teacher cache"] - fidelity) / 2 + fidelity, abs=0.02)
     # each process takes train.batch_size rows of a global batch that grows with the processes (batches.GlobalBatches):
     # the same number of steps, each as long (typical lengths: every row alike)
     assert two["6. Distillation"] == pytest.approx(base["6. Distillation"], rel=0.01)
@@ -51,6 +60,60 @@ def test_more_work_takes_longer_and_processes_share_the_cache_not_the_steps():
     slower = time_plan(get_preset("pocket"), "cpu", throughput=dataclasses.replace(FIXED, flops=50e9))
     assert slower.seconds()["4b. Teacher cache"] > 1.5 * base["4b. Teacher cache"]  # the matmuls dominate
     assert "6b. Baseline" not in _plan(overrides=["eval.baseline=false"]).seconds()
+
+
+def test_processes_on_a_cpu_with_too_few_cores_share_them_and_the_plan_says_so(monkeypatch):
+    monkeypatch.setattr(timeplan, "usable_cores", lambda: 2.0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    base, two = _plan(), _plan(processes=2)
+    assert "2 processes of 2 torch threads share 2 cores: each at 50% of the probed rates" in str(two)
+    assert not any("share" in n for n in base.notes)
+    fidelity = _fidelity_seconds()  # at half the rate too; each process's share of the rows at half the rate
+    cache = base.seconds()["4b. Teacher cache"]
+    assert two.seconds()["4b. Teacher cache"] == pytest.approx((cache - fidelity) + 2 * fidelity, rel=0.01)
+    assert two.seconds()["6. Distillation"] > 1.9 * base.seconds()["6. Distillation"]  # each step at half the rate
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # torchrun's one thread a process: the cores suffice
+    assert "share" not in "".join(_plan(processes=2).notes)
+
+
+def test_on_policy_steps_and_recomputation_are_planned():
+    base = _plan().stages
+    distil = {s.title: s for s in base}["6. Distillation"]
+    assert "s a step: a checkpoint every" in distil.detail and "on-policy" not in distil.detail
+    half = {s.title: s for s in _plan(overrides=["train.on_policy=0.5"]).stages}["6. Distillation"]
+    full = {s.title: s for s in _plan(overrides=["train.on_policy=1"]).stages}["6. Distillation"]
+    assert "(50% on-policy)" in half.detail and "(100% on-policy)" in full.detail
+    # a rollout step samples, runs the live teacher and trains on longer rows: dearer than a cached step
+    assert distil.seconds < half.seconds < full.seconds
+    assert half.seconds - distil.seconds == pytest.approx((full.seconds - distil.seconds) / 2, rel=0.05)
+    steps = get_preset("pocket").train.max_steps
+    preview = {s.title: s for s in _plan(overrides=[f"eval.on_policy_preview={steps}"]).stages}
+    assert preview["6c. On-policy preview"].seconds == pytest.approx(full.seconds, rel=0.1)  # the same steps
+    recompute = _plan(overrides=["train.gradient_checkpointing=true"])
+    assert distil.seconds < {s.title: s for s in recompute.stages}["6. Distillation"].seconds < 1.34 * distil.seconds
+    assert recompute.step_seconds > _plan().step_seconds > 0
+
+
+def test_a_gpu_reads_its_weights_once_a_step_whatever_the_rows():
+    t4 = timeplan.gpu_throughput("t4")
+    assert t4.stream_at(1) == t4.stream_at(64) == t4.stream_at(256) == t4.bandwidth
+    probed_gpu = dataclasses.replace(FIXED, device="NVIDIA H200", stream_rows=((16, 9e9), (32, 8e9), (64, 6e9)))
+    assert probed_gpu.stream_at(128) == 6e9  # beyond the probed rows: the last point's rate
+    cpu = dataclasses.replace(probed_gpu, device="CPU Xeon, 2 cores, 2 torch threads")
+    assert cpu.stream_at(128) == 3e9  # a CPU's step beyond them is compute-bound: its time grows with the rows
+    # generation on a T4 no longer costs ten times a CPU's per row: the batch's step reads the weights once
+    before = {s.title: s.seconds for s in time_plan(get_preset("t4"), "t4").stages}["5. Before training"]
+    assert before < 10 * 60
+
+
+def test_the_plan_command_refuses_a_probe_with_a_named_gpu_and_processes_below_one(capsys):
+    assert main(["plan", "--preset", "tiny", "--gpu", "t4", "--probe"]) == 2
+    assert "--probe measures this machine" in capsys.readouterr().err
+    assert main(["plan", "--preset", "tiny", "--gpu", "t4"]) == 0  # the advice followed: --probe dropped
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit):
+            main(["plan", "--preset", "tiny", "--processes", bad])
+        assert "--processes" in capsys.readouterr().err
 
 
 def test_real_lengths_replace_the_typical_ones(tiny_tokenizer):
@@ -215,3 +278,33 @@ def test_the_teachers_held_out_pass_is_planned_once_when_its_states_are_kept():
     # with agreement the pass scores the trained students' perplexity too; without it, each is scored alone
     assert unscored_on["7. Evaluation after"] - on["7. Evaluation after"] < 1e-9
     assert unscored_off["7. Evaluation after"] > off["7. Evaluation after"]
+
+
+def test_a_second_run_plans_the_answers_and_the_cache_it_finds_on_disk_as_reused(tmp_path, capsys):
+    """The time plan of a run whose teacher texts and top-k cache another run wrote (the same teacher_cache.dir)
+    plans those sections at no cost, and says where it found them; the first run planned them in full."""
+    from pocket_teacher.experiment import Experiment, configure
+
+    shared = [f"teacher_cache.dir={tmp_path / 'cache'}"]
+    plans = []
+    for name in ("first", "second"):
+        exp = Experiment(configure("tiny-text", [*shared, f"run.out_dir={tmp_path / name}"]), progress=False)
+        for method in ("configure", "load_data", "load_teacher", "teacher_answers", "load_student", "build_cache"):
+            getattr(exp, method)()
+        plans.append({s.title: s for s in exp.time_plan.stages})
+    out = capsys.readouterr().out
+    first, second = plans
+    for title in ("3b. Teacher answers", "4b. Teacher cache"):
+        assert first[title].seconds > 0 and "found built" not in first[title].detail
+        assert second[title].seconds == 0 and "found built in " + str(tmp_path / "cache") in second[title].detail
+        assert f"time plan: {title} found built in {tmp_path / 'cache'}" in out
+    assert exp.cache.report.status == "reused"  # what the plan foresaw
+
+
+def test_a_section_found_partly_done_keeps_the_rest_of_its_estimate():
+    plan = _plan()
+    cache = plan.seconds()["4b. Teacher cache"]
+    line = plan.reuse("4b. Teacher cache", 0.25, "runs/x/cache.partial")
+    assert "25% found built in runs/x/cache.partial" in line
+    assert plan.seconds()["4b. Teacher cache"] == pytest.approx(0.75 * cache, abs=0.01)
+    assert plan.reuse("4b. Teacher cache", 0.0, "nowhere") is None and plan.reuse("no such", 1.0, "x") is None
