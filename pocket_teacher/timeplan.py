@@ -775,7 +775,7 @@ def _stages(run: _Run, processes: int) -> tuple[list[StagePlan], float]:
         # each process runs the teacher over its share; the fidelity rows, the first ones, are process 0's alone
         seconds = seconds / processes + FIDELITY_PASSES * fidelity * teacher.vocab / cost.t.softmax
         out.append(StagePlan("4b. Teacher cache", seconds,
-                             f"the teacher over {len(lengths.train)} rows, {sum(lengths.train_answers):,} answer tokens"
+                             f"the teacher over {len(lengths.train):,} rows, {sum(lengths.train_answers):,} answer tokens"
                              + (f", shared by {processes} processes" if processes > 1 else "")))
     before = run.evaluation(teacher, run.teacher_bytes, False)
     # one pass of the teacher and the untrained student scores both perplexities and the agreement
