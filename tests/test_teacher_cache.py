@@ -380,3 +380,22 @@ def test_a_share_left_by_a_stopped_group_is_joined_by_one_process(tiny_teacher, 
         assert (resumed.path / name).read_bytes() == (clean.path / name).read_bytes(), name
     assert resumed.report.kl_sample == clean.report.kl_sample
     assert resumed.report.at_temperature == clean.report.at_temperature
+
+
+def test_batches_missing_after_a_build_are_named_and_running_again_computes_them(tiny_teacher, split, tmp_path,
+                                                                                  monkeypatch):
+    """A build whose processes left batches uncomputed (a share lost) publishes nothing and says to run again;
+    run again, it computes only those and equals a clean build."""
+    from pocket_teacher import teacher_cache as tc
+
+    real = tc.shares
+    monkeypatch.setattr(tc, "shares", lambda groups, cost, size: [real(groups, cost, size)[0][:-1]])  # one lost
+    with pytest.raises(tc.CacheError, match="batches of .* are missing after the build .* run again to compute them"):
+        _build(tiny_teacher, split, tmp_path / "a")
+    monkeypatch.setattr(tc, "shares", real)
+    counter = ForwardCounter(tiny_teacher)
+    again = _build(tiny_teacher, split, tmp_path / "a")  # the advice, followed
+    assert again.report.status.startswith("resumed after") and counter.calls == 1
+    clean = _build(tiny_teacher, split, tmp_path / "b")
+    for name in ("ids", "logprobs", "tail"):
+        torch.testing.assert_close(getattr(again.rows(range(10)), name), getattr(clean.rows(range(10)), name))
