@@ -798,7 +798,8 @@ def check_run(run: str | Path, model: str = "student", quant: str = "q8_0") -> O
     checkpoint = newest_valid(run / "baseline" / "checkpoints", log=lambda *_: None)
     if checkpoint is None:
         raise ExportError(f"{run} has no finished baseline ({run / 'baseline' / 'checkpoints'} holds no valid "
-                          f"checkpoint): run it with eval.baseline=true and train.save_final=true.")
+                          f"checkpoint): train it (the command that started the run, with --resume --set "
+                          f"eval.baseline=true --set train.save_final=true), then export.")
     return checkpoint
 
 

@@ -159,6 +159,8 @@ def test_a_new_run_moves_an_earlier_runs_checkpoints_aside_and_keeps_its_own(tmp
 def test_resume_without_a_checkpoint_refuses_and_keeps_the_history(tmp_path):
     with pytest.raises(CheckpointError, match="no valid checkpoint.*Run without --resume"):
         train(BASE, tmp_path / "checkpoints", resume=True)
+    result = train(BASE, tmp_path / "checkpoints", resume=False)  # the advice, followed: it starts from step 0
+    assert [h["step"] for h in result.history] == list(range(1, 7))
 
 
 @pytest.mark.slow

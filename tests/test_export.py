@@ -5,6 +5,7 @@ encodes the same, and bad input is one error naming the fix, with no partial fil
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +317,15 @@ def test_the_cli_exports_a_run_and_names_what_is_missing(tmp_path, capsys):
         torch.testing.assert_close(baseline.state_dict()[name], final[name], rtol=0, atol=0)
     assert not np.allclose(saved.lm_head.weight.detach().numpy(), final["lm_head.weight"].numpy())
     capsys.readouterr()
+    # the run's teacher out of reach: the equalized export cannot rebuild its rows and names --no-equalize
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace("  source: tiny", f"  source: {tmp_path / 'moved-teacher'}", 1))
+    assert cli.main(["export", "--run", str(out), "--quant", "q4_0", "--out", str(tmp_path / "e.gguf")]) == 2
+    assert "--no-equalize" in capsys.readouterr().err and not (tmp_path / "e.gguf").exists()
+    assert cli.main(["export", "--run", str(out), "--quant", "q4_0", "--no-equalize", "--out",
+                     str(tmp_path / "e.gguf")]) == 0  # the advice, followed: neither data nor teacher is read
+    assert export.gguf_tensor_types(tmp_path / "e.gguf")["blk.0.ffn_down.weight"] == "Q4_0"
+    capsys.readouterr()
     assert cli.main(["export", "--run", str(tmp_path / "nowhere")]) == 2
     assert "is not a run folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
@@ -334,6 +344,23 @@ def test_healing_a_run_writes_the_healed_file_and_its_gap(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["export", "--run", str(out), "--quant", "q4_0", "--heal-steps", "3"]) == 0
     assert f"healed: {out / 'student-q4_0-healed.gguf'}; perplexity gap" in capsys.readouterr().out
+    started = ["run", "--preset", "tiny", "--out", str(out), "--no-progress", "--set", "train.max_steps=4",
+               "--set", "eval.on_policy_preview=0", "--set", "eval.generate_samples=0", "--set", "eval.baseline=false"]
+    assert cli.main(["export", "--run", str(out), "--model", "baseline", "--quant", "f32"]) == 2
+    advice = "the command that started the run, with --resume --set eval.baseline=true --set train.save_final=true"
+    assert advice in capsys.readouterr().err
+    assert cli.main([*started, "--resume", "--set", "eval.baseline=true", "--set", "train.save_final=true"]) == 0
+    assert cli.main(["export", "--run", str(out), "--model", "baseline", "--quant", "f32"]) == 0  # followed: it works
+    assert (out / "baseline-f32.gguf").is_file()
+    capsys.readouterr()
+    shutil.rmtree(out / "student")  # a run stopped before it saved its student
+    for heal in ([], ["--heal-steps", "2"]):
+        assert cli.main(["export", "--run", str(out), "--quant", "q4_0", *heal]) == 2
+        assert "finish the run first (the command that started it, with --resume), then " in capsys.readouterr().err
+    assert cli.main([*started, "--resume", "--set", "eval.baseline=true", "--set", "train.save_final=true"]) == 0
+    for heal in ([], ["--heal-steps", "3"]):  # the advice, followed (healed as before, so heal.json's record stays)
+        assert cli.main(["export", "--run", str(out), "--quant", "q4_0", *heal]) == 0
+    capsys.readouterr()
     assert cli.main(["export", "--run", str(out), "--quant", "q4_0", "--heal-steps", "3", "--heal-alpha", "1"]) == 0
     kept = json.loads((out / "heal.json").read_text())
     assert set(kept) == {"heal-q4_0", "heal-q4_0-alpha1"}

@@ -216,3 +216,22 @@ def test_no_padded_vocabulary_id_is_ever_generated_or_sampled(tiny_cfg, tiny_tok
         generate(model, tiny_tokenizer, ["Tom has 3 apples."], settings, progress=False)
         del model.generate
         assert seen and max(seen) < size
+
+
+def test_the_preview_off_says_how_to_run_it_and_that_setting_runs_it(tmp_path, capsys):
+    """With the preview off, the run says which setting turns it on; that setting, given, runs its steps."""
+    from pocket_teacher.experiment import Experiment, configure
+
+    common = [f"run.out_dir={tmp_path}", "train.max_steps=8", "eval.generate_samples=0", "eval.efficiency=false",
+              "eval.baseline=false", "train.rollout_max_new_tokens=8"]
+    for preview in (0, 8):
+        exp = Experiment(configure("tiny", [*common, f"eval.on_policy_preview={preview}", f"run.name=p{preview}"]),
+                         progress=False)
+        for method in ("configure", "load_data", "load_teacher", "teacher_answers", "load_student", "build_cache",
+                       "distil", "on_policy_preview"):
+            getattr(exp, method)()
+        said = capsys.readouterr().out
+        if preview == 0:
+            assert exp.preview is None and "run it with eval.on_policy_preview=8" in said
+        else:  # the advice, followed
+            assert exp.preview["steps"] == 8 and "on-policy preview: 8 steps in" in said

@@ -119,9 +119,12 @@ def test_run_refuses_a_plan_that_does_not_fit_before_loading(monkeypatch, tmp_pa
     tiny = get_preset("tiny").teacher.tiny
     huge = ["teacher.tiny.hidden_size=8192", "teacher.tiny.intermediate_size=32768", "teacher.tiny.num_layers=64",
             "teacher.tiny.num_heads=64", "teacher.tiny.num_kv_heads=8", f"teacher.tiny.vocab_size={tiny.vocab_size}"]
-    code = main(["run", "--preset", "tiny", "--out", str(tmp_path / "r"), *[x for h in huge for x in ("--set", h)]])
-    assert code == 3
-    assert "DOES NOT FIT" in capsys.readouterr().err
+    command = ["run", "--preset", "tiny", "--out", str(tmp_path / "r"), *[x for h in huge for x in ("--set", h)]]
+    assert main(command) == 3
+    err = capsys.readouterr().err
+    assert "DOES NOT FIT" in err and "Or force the run (CLI --force" in err
+    with pytest.raises(AssertionError, match="nothing may load"):  # the advice, followed: --force goes on to load
+        main([*command, "--force"])
 
 
 def test_the_teacher_waits_on_the_host_while_training_does_not_run_it(monkeypatch, tiny_teacher, tmp_path):

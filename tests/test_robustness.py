@@ -189,8 +189,16 @@ print("locked", flush=True)
 time.sleep(60)
 """], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(RunFolderBusy, match=rf"in use by pid {holder.pid} on .*--out"):
+    with pytest.raises(RunFolderBusy, match=rf"in use by pid {holder.pid} on .*--out runs/NAME or --set "
+                                             rf"run.name=NAME"):
         lock_run_folder(out)
+    # the advice, followed while the holder still runs: another folder (--out), or another name (--set run.name)
+    from pocket_teacher.experiment import configure
+    from pocket_teacher.runfolder import run_dir
+
+    lock_run_folder(tmp_path / "elsewhere")
+    lock_run_folder(run_dir(configure("tiny", [f"run.out_dir={tmp_path}", "run.name=another"])))
+    assert holder.poll() is None
     holder.send_signal(signal.SIGKILL)  # a killed holder leaves a stale lock, which is taken over
     holder.wait()
     lock_run_folder(out)
@@ -344,6 +352,8 @@ def test_a_warm_up_longer_than_the_run_is_said(capsys):
     train(["train.max_steps=2", "train.warmup_steps=5", "train.batch_size=2"], None)
     assert "train.warmup_steps=5 is longer than train.max_steps=2: the learning rate ends at 40% of train.lr; " \
            "use train.warmup_steps <= 2." in capsys.readouterr().out
+    train(["train.max_steps=2", "train.warmup_steps=2", "train.batch_size=2"], None)  # the advice, followed
+    assert "WARNING" not in capsys.readouterr().out
 
 
 
