@@ -74,3 +74,12 @@ def test_a_run_planned_with_its_own_recorded_probe_gives_its_own_plan(tmp_path):
         # which the probe does not rate, and the plan's rounding to 0.01 s stay out of the halving)
         assert faster[section] <= planned[section] / 2 + 0.02, section
     assert sum(faster[s] for s in work) < sum(planned[s] for s in work)
+
+
+@pytest.mark.parametrize("script", ["gguf_runtime.py", "gguf_export.py"])
+def test_the_gguf_benchmarks_refuse_an_unknown_embedding_type_before_loading_anything(script, tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--run", str(tmp_path / "nowhere"),
+                           "--preset", "pocket", "--embedding-type", "q3_k"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "q3_k" in done.stderr and "q8_0" in done.stderr and "nowhere" not in done.stdout  # named, nothing read
