@@ -939,6 +939,12 @@ def machine_ratio(data: dict) -> str:
             f"host's probe ({demo['plan_fast_source']}), says **{seconds(demo['plan_fast_s'])} "
             f"({demo['plan_fast_s'] / 60:.1f} min)** for the sections it plans; the two disagree by "
             f"{abs(demo['plan_fast_s'] / estimate - 1):.0%}, and neither is a run on that host.")
+    if demo.get("run_fast"):  # a run of the demo's preset on a Xeon host: its planned sections against its own plan
+        rows = {r["section"]: r for r in json.loads((ROOT / demo["run_fast"]["source"]).read_text())["rows"]}
+        total = rows["total"]
+        text += (f" A run of the demo's preset on {demo['run_fast']['host']} ({demo['run_fast']['source']}) took "
+                 f"**{seconds(total['measured_s'])} ({total['measured_s'] / 60:.1f} min)** for the sections the plan "
+                 f"counts, against {seconds(total['planned_s'])} in the plan made there from that host's probe.")
     others = []
     for other in data.get("earlier", []):
         a, b, r, _, _ = _ratio(_sections(other["slow"]), _sections(other["fast"]))
