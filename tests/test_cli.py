@@ -73,10 +73,11 @@ def test_the_cli_maps_a_stop_signal_to_its_exit_code(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "stopped: SIGTERM after step 3 of 8; checkpoint saved in x"
 
 
-@pytest.mark.parametrize("override,match", [("train.mixed_precision=fp16", "fp16 needs a CUDA GPU"),
-                                            ("teacher.precision=8bit", "8bit needs a CUDA GPU"),
-                                            ("train.device=cuda", "no CUDA GPU is visible")])
-def test_gpu_only_settings_on_cpu_fail_before_anything_loads(monkeypatch, tmp_path, capsys, override, match):
+@pytest.mark.parametrize("override,match,fix", [
+    ("train.mixed_precision=fp16", "fp16 needs a CUDA GPU", "Use train.mixed_precision=auto"),
+    ("teacher.precision=8bit", "8bit needs a CUDA GPU", "Use teacher.precision=fp32"),
+    ("train.device=cuda", "no CUDA GPU is visible", "Use train.device=auto")])
+def test_gpu_only_settings_on_cpu_fail_before_anything_loads(monkeypatch, tmp_path, capsys, override, match, fix):
     import pocket_teacher.experiment as experiment
     from pocket_teacher.cli import main
 
@@ -88,7 +89,9 @@ def test_gpu_only_settings_on_cpu_fail_before_anything_loads(monkeypatch, tmp_pa
     monkeypatch.setattr(experiment, "load_data", boom)
     assert main(["run", "--preset", "tiny", "--out", str(tmp_path / "r"), "--set", override]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and match in err and "Traceback" not in err
+    assert err.startswith("error: ") and match in err and "Traceback" not in err and fix in err
+    with pytest.raises(AssertionError, match="nothing may load"):  # the advice, followed: the checks pass
+        main(["run", "--preset", "tiny", "--out", str(tmp_path / "r"), "--set", fix.removeprefix("Use ")])
 
 
 def test_the_busy_folder_advice_run_name_is_followed_by_the_cli():

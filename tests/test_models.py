@@ -182,10 +182,14 @@ def test_mixed_precision_follows_native_support(setting, device, capability, exp
 def test_precision_a_device_cannot_run_well_is_refused():
     from pocket_teacher.models import resolve_mixed_precision
 
-    with pytest.raises(ModelLoadError, match="no bf16 tensor cores.*fp16"):
+    with pytest.raises(ModelLoadError, match=r"no bf16 tensor cores.*Use train.mixed_precision=fp16 \(or auto"):
         resolve_mixed_precision("bf16", "cuda", (7, 5))  # a T4: is_bf16_supported() says yes, by emulation
-    with pytest.raises(ModelLoadError, match="fp16 needs a CUDA GPU"):
+    assert resolve_mixed_precision("fp16", "cuda", (7, 5)) == resolve_mixed_precision("auto", "cuda", (7, 5)) == "fp16"
+    with pytest.raises(ModelLoadError, match=r"fp16 needs a CUDA GPU.*Use train.mixed_precision=auto"):
         resolve_mixed_precision("fp16", "cpu")
+    assert resolve_mixed_precision("auto", "cpu") == "no"  # the advice, followed: fp32 on the CPU
+    with pytest.raises(ModelLoadError, match="use auto, bf16, fp16 or no"):
+        resolve_mixed_precision("fp8", "cpu")
 
 
 PLACE = """
@@ -229,3 +233,16 @@ def test_logit_chunks_equal_the_full_logits(tiny_teacher):
     parts = list(answer_logit_chunks(tiny_teacher, ids, mask, select, vocab_size=250, chunk_size=5))
     assert [i for i, _ in parts] == list(range(0, full.shape[0], 5))
     torch.testing.assert_close(torch.cat([c for _, c in parts]), full)
+
+
+def test_deriving_from_a_quantized_teacher_names_the_fix_and_a_dense_teacher_derives(tiny_teacher):
+    import copy
+
+    from pocket_teacher.models import derive_student
+
+    quantized = copy.deepcopy(tiny_teacher)
+    quantized.is_loaded_in_8bit = True  # as bitsandbytes marks a model it loaded in 8 bits
+    with pytest.raises(ModelLoadError, match="teacher is quantized.*precision=bf16 or fp32"):
+        derive_student(quantized, num_layers=2)
+    student = derive_student(tiny_teacher, num_layers=2)  # the advice, followed: the fp32 teacher's dense weights
+    assert student.config.num_hidden_layers == 2

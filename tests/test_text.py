@@ -210,3 +210,38 @@ def test_held_out_teacher_texts_continue_prompts_training_never_sees():
     assert len({frozenset(t.question for t in hold_out_prompts(texts, 12, seed=s)[1]) for s in range(6)}) > 1
     with pytest.raises(DataError, match="Give more prompts"):
         hold_out_prompts([t for t in texts if t.question == "Prompt 0."], eval_size=2, seed=0)
+
+
+def test_a_text_source_without_a_path_or_with_too_few_paragraphs_names_the_fix_which_works(tmp_path, tiny_cfg):
+    from pocket_teacher.config import apply_overrides
+
+    with pytest.raises(DataError, match="data.source=text needs data.train_path"):
+        load_examples(apply_overrides(tiny_cfg, ["data.source=text"]).data, "train")
+    path = tmp_path / "t.txt"
+    path.write_text("\n\n".join(f"Paragraph number {i}." for i in range(6)))
+    few = apply_overrides(tiny_cfg, ["data.source=text", f"data.train_path={path}", "data.eval_size=6"])
+    with pytest.raises(DataError, match="6 paragraphs, not more than data.eval_size=6; lower data.eval_size or give "
+                                        "data.eval_path"):
+        load_examples(few.data, "train")
+    lower = apply_overrides(few, ["data.eval_size=2"])  # the advice, followed: either way
+    assert len(load_examples(lower.data, "train")[0]) == 4 and len(load_examples(lower.data, "eval")[0]) == 2
+    held = tmp_path / "held.txt"
+    held.write_text("One held-out paragraph.\n\nAnother.")
+    given = apply_overrides(few, [f"data.eval_path={held}"])
+    assert len(load_examples(given.data, "train")[0]) == 6 and len(load_examples(given.data, "eval")[0]) == 2
+
+
+def test_when_no_teacher_answer_is_kept_the_advice_to_keep_all_works(tmp_path):
+    from pocket_teacher.experiment import Experiment, configure
+
+    def answers(targets):
+        exp = Experiment(configure("tiny", [f"run.out_dir={tmp_path}", f"data.targets={targets}", "data.train_size=8",
+                                            "generate.max_new_tokens=8"]), progress=False)
+        for method in ("configure", "load_data", "load_teacher"):
+            getattr(exp, method)()
+        return exp.teacher_answers()
+
+    with pytest.raises(DataError, match="none of the teacher's 8 answers was kept .* Use data.targets=teacher"):
+        answers("teacher_correct")  # a random tiny teacher gets no final number right
+    kept = answers("teacher")  # the advice, followed
+    assert len(kept.train) == 8 and all(e.where.endswith("(teacher answer)") for e in kept.train)
