@@ -95,3 +95,17 @@ def test_a_pruned_student_larger_than_its_teacher_anywhere_is_refused_by_name(ti
     with pytest.raises(ModelLoadError, match="init=prune: " + field):
         config_student(tiny_teacher, {**base, **shape}, "prune", batches)
     config_student(tiny_teacher, {**base, **shape}, "random")  # the same shape is fine from random init
+
+
+def test_pruning_a_quantized_teacher_names_the_fix_and_a_dense_teacher_prunes(tiny_teacher, batches):
+    import copy
+
+    from pocket_teacher.models import ModelLoadError
+
+    shape = {"num_layers": 2, "hidden_size": 48, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
+    quantized = copy.deepcopy(tiny_teacher)
+    quantized.is_loaded_in_4bit = True  # as bitsandbytes marks a model it loaded in 4 bits
+    with pytest.raises(ModelLoadError, match="needs the teacher's dense weights; load the teacher in bf16/fp32"):
+        config_student(quantized, shape, "prune", batches)
+    assert config_student(tiny_teacher, shape, "prune", batches).config.hidden_size == 48  # the advice, followed
+

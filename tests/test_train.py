@@ -97,6 +97,32 @@ def test_chunked_request_on_a_softcapped_student_is_refused(tiny_teacher, tiny_s
     student.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="loss.implementation=full"):
         distill(student, tiny_teacher, split, cfg, tok.pad_token_id, progress=False)
+    for fix in ("full", "auto"):  # the advice, followed
+        fixed = apply_overrides(cfg, {"loss.implementation": fix})
+        assert distill(student, tiny_teacher, split, fixed, tok.pad_token_id, progress=False).history
+
+
+def test_no_teacher_for_a_distillation_term_names_the_fix_and_plain_fine_tuning_runs(tiny_teacher, tiny_split):
+    split, tok = tiny_split
+    cfg = apply_overrides(get_preset("tiny"), {"train.max_steps": 2})
+    student = derive_student(tiny_teacher, num_layers=2)
+    with pytest.raises(ValueError, match=r"No teacher and no teacher cache, but loss.alpha=0.5.*set loss.alpha=1"):
+        distill(student, None, split, cfg, tok.pad_token_id, progress=False)
+    result = distill(student, None, split, apply_overrides(cfg, {"loss.alpha": 1.0}), tok.pad_token_id,
+                     progress=False)  # the advice, followed
+    assert len(result.history) == 2 and all(h["kd"] is None for h in result.history)
+
+
+def test_gradient_checkpointing_on_a_model_without_it_names_the_fix(tiny_teacher, tiny_split):
+    from pocket_teacher.train import enable_gradient_checkpointing
+
+    split, tok = tiny_split
+    student = derive_student(tiny_teacher, num_layers=2)
+    student.supports_gradient_checkpointing = False  # as some transformers architectures are
+    with pytest.raises(ValueError, match="does not support it in transformers; set it to false"):
+        enable_gradient_checkpointing(student)
+    cfg = apply_overrides(get_preset("tiny"), {"train.max_steps": 1, "train.gradient_checkpointing": False})
+    assert distill(student, tiny_teacher, split, cfg, tok.pad_token_id, progress=False).history  # followed
 
 
 def test_gradient_checkpointing_gives_the_same_training(tiny_teacher, tiny_split):
