@@ -27,7 +27,7 @@ def digest(*chunks: bytes) -> str:
     return h.hexdigest()
 
 
-_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its tensors' state, digest)
+_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # frozen model -> (its tensors' state, digest)
 
 
 def model_digest(model, sample: int = 4096) -> str:
@@ -36,20 +36,23 @@ def model_digest(model, sample: int = 4096) -> str:
     sums are exact, so the digest is the same on any device and thread count (float sums are not: their last digits
     depend on how the work is split).
 
-    Kept per model while none of its tensors has changed (the same storage, and a version counter that every
-    in-place write, an optimizer step or a load, moves): a run asks for its frozen teacher's digest once per cache,
-    and reading 135M weights takes a second or two on a CPU."""
+    A frozen model's digest (no parameter requires grad: a teacher) is kept while its tensors stay where they were,
+    with the same version counters and the same strided samples: a run asks for its teacher's digest once per cache,
+    and reading 135M weights takes a second or two on a CPU. The samples are compared because writes through
+    `.data` and fused optimizers leave the version counter alone; a trainable model is always read again."""
     state = model.state_dict()
+    picked = {name: _sample(t, sample) for name, t in state.items()}
+    frozen = not any(p.requires_grad for p in model.parameters())
     try:
-        seen = tuple((name, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype), str(t.device))
-                     for name, t in state.items())
-        known = _DIGESTS.get(model)
+        seen = (tuple((name, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype), str(t.device))
+                      for name, t in state.items()), digest(*(p.numpy().tobytes() for p in picked.values())))
+        known = _DIGESTS.get(model) if frozen else None
     except (RuntimeError, TypeError):  # inference-mode tensors have no version counter; a model weakref can't hold
         seen, known = None, None
     if known is not None and known[0] == seen:
         return known[1]
-    value = _digest_of(model, state, sample)
-    if seen is not None:
+    value = _digest_of(model, state, picked)
+    if seen is not None and frozen:
         try:
             _DIGESTS[model] = (seen, value)
         except TypeError:
@@ -57,7 +60,18 @@ def model_digest(model, sample: int = 4096) -> str:
     return value
 
 
-def _digest_of(model, state: dict, sample: int) -> str:
+def _sample(tensor, sample: int):
+    """`sample` elements of `tensor`, evenly strided, as bytes on the host (uint8)."""
+    import torch
+
+    flat = tensor.detach().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    step = max(1, flat.numel() // sample)
+    return flat[::step][:sample].contiguous().cpu().view(torch.uint8)
+
+
+def _digest_of(model, state: dict, picked: dict) -> str:
     import torch
 
     h = hashlib.blake2b(digest_size=16)
@@ -68,8 +82,6 @@ def _digest_of(model, state: dict, sample: int) -> str:
         if flat.dtype == torch.bool:
             flat = flat.to(torch.uint8)
         bits = flat.view(as_int[flat.element_size()]) if flat.is_floating_point() else flat
-        step = max(1, flat.numel() // sample)
-        picked = flat[::step][:sample].contiguous().cpu()
         # A block at a time in int64: an int64 copy of a large embedding at once would take 8 bytes per weight.
         acc = torch.zeros(2, dtype=torch.int64, device=flat.device)
         for start in range(0, bits.numel(), 1 << 20):
@@ -78,7 +90,7 @@ def _digest_of(model, state: dict, sample: int) -> str:
             acc += torch.stack([block.sum(), (block * where).sum()])
         sums = acc.tolist()
         h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{sums[0]}|{sums[1]}|".encode())
-        h.update(picked.view(torch.uint8).numpy().tobytes())
+        h.update(picked[name].numpy().tobytes())
     return h.hexdigest()
 
 

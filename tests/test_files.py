@@ -53,25 +53,48 @@ def test_a_model_digest_is_exact_whatever_the_thread_count():
     assert model_digest(copy.deepcopy(layer).to(torch.bfloat16)) != model_digest(layer)
 
 
-def test_a_model_digest_is_kept_until_a_weight_changes(monkeypatch):
-    """Asked again for an unchanged model, the digest is not computed again; an in-place write (an optimizer step),
-    a load or a parameter replaced computes it afresh."""
+def test_a_frozen_models_digest_is_kept_until_a_weight_changes(monkeypatch):
+    """Asked again for an unchanged frozen model (a teacher), the digest is not computed again; any write (in place,
+    through .data, which leaves the version counter alone, a load, a parameter replaced) computes it afresh; a
+    trainable model (fused AdamW also leaves the version counter alone) is always read again."""
     import torch
 
     from pocket_teacher import files
 
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8)).requires_grad_(False)
     calls = []
     real = files._digest_of
     monkeypatch.setattr(files, "_digest_of", lambda *a: calls.append(1) or real(*a))
     first = files.model_digest(model)
     assert files.model_digest(model) == first and len(calls) == 1
-    model(torch.randn(2, 64)).sum().backward()
-    torch.optim.SGD(model.parameters(), lr=0.1).step()  # in place, as training writes the weights
-    stepped = files.model_digest(model)
-    assert stepped != first and len(calls) == 2
-    other = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    with torch.no_grad():
+        model[0].weight.mul_(2)  # in place: the version counter moves
+    second = files.model_digest(model)
+    assert second != first and len(calls) == 2
+    model[0].weight.data.mul_(2)  # through .data: the same counter, other samples
+    third = files.model_digest(model)
+    assert third not in (first, second) and len(calls) == 3
+    other = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8)).requires_grad_(False)
     model.load_state_dict(other.state_dict())
-    assert files.model_digest(model) == files.model_digest(other) != stepped
-    model[1].weight = torch.nn.Parameter(torch.zeros(8, 32))
-    assert files.model_digest(model) not in (first, stepped)
+    assert files.model_digest(model) == files.model_digest(other) != third
+    model[1].weight = torch.nn.Parameter(torch.zeros(8, 32), requires_grad=False)
+    assert files.model_digest(model) != files.model_digest(other)
+    trainable = torch.nn.Linear(64, 32)
+    before = files.model_digest(trainable)
+    trainable(torch.randn(2, 64)).sum().backward()
+    torch.optim.AdamW(trainable.parameters(), fused=True).step()  # leaves the version counter as it was
+    assert files.model_digest(trainable) != before
+
+
+def test_the_digest_is_the_one_earlier_releases_named_caches_by():
+    """Caches on disk are named by the digest: its bytes must not change with the memo (this value was computed by
+    the code before it)."""
+    import torch
+
+    from pocket_teacher.files import model_digest
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)).requires_grad_(False)
+    with torch.no_grad():  # weights of known values, whatever torch's initialization
+        for i, p in enumerate(model.parameters()):
+            p.copy_((torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) - 50) / 8 * (i + 1))  # exact
+    assert model_digest(model) == "ed872217b2ed0440527eab6a2697ad6f"  # computed at d3dfb09
