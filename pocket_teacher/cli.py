@@ -43,7 +43,8 @@ def _positive(kind):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") \
+                from None
         if not value > 0:
             raise argparse.ArgumentTypeError(f"{text!r}: give a number above 0")
         return value

@@ -513,9 +513,10 @@ class Experiment:
         config.yaml (with each knob's help) and environment.json; nothing already in the folder is deleted."""
         with self._timed("configure"):
             check_memory(self.cfg, force=self.force, verbose=self.main)
-            tokenized = self.student_stage is not None  # a re-run of this cell keeps the real lengths
-            lengths = Lengths.of(self.splits.train, self.splits.eval) if tokenized else None
-            self.time_plan = plan_time(self.cfg, lengths, verbose=self.main)
+            if self.student_stage is not None:  # a re-run of this cell keeps the real lengths
+                self._replan()
+            else:
+                self.time_plan = plan_time(self.cfg, None, verbose=self.main)
             self.out = start_run(self.cfg) if self.main else run_dir(self.cfg)
             self.say(f"preset {self.cfg.preset}, run folder {self.out}")
             return self.out
@@ -564,16 +565,22 @@ class Experiment:
                                 verbose=self.main) is not None
             self.student_stage = StudentStage(init, tokenizer, info, shared,
                                               tokenize(self.cfg, raw, tokenizer, verbose=self.main))
-            earlier = self.time_plan
-            self.time_plan = plan_time(self.cfg, Lengths.of(self.splits.train, self.splits.eval, self.splits.mmlu),
-                                       self.main)
-            if earlier is not None and self.time_plan is not None:  # sections already run keep what was planned
-                self.time_plan.keep(earlier, self.timings)
-            if self.time_plan is not None and self.cfg.teacher_cache.use and shared:
-                tc = self.cfg.teacher_cache
-                self._reused("4b. Teacher cache", *built_share(teacher, self.splits.train, cache_dir(self.cfg), tc.k,
-                                                               len(tokenizer), teacher_key(self.cfg, self.teacher_info)))
+            self._replan()
             return self.splits
+
+    def _replan(self) -> None:
+        """The time plan made again with the tokenized splits' lengths (and the MMLU questions loaded): sections
+        already run keep what was planned for them; the teacher cache, when it has not run yet, is looked for on
+        disk (whole or partly built) and planned as such."""
+        earlier, splits = self.time_plan, self.splits
+        self.time_plan = plan_time(self.cfg, Lengths.of(splits.train, splits.eval, splits.mmlu), self.main)
+        if earlier is not None and self.time_plan is not None:
+            self.time_plan.keep(earlier, self.timings)
+        tc = self.cfg.teacher_cache
+        if self.time_plan is not None and tc.use and self.shared and "4b. Teacher cache" not in self.timings:
+            self._reused("4b. Teacher cache", *built_share(self.teacher, splits.train, cache_dir(self.cfg), tc.k,
+                                                           len(self.tokenizer), tc.batch_size,
+                                                           teacher_key(self.cfg, self.teacher_info)))
 
     def _reused(self, title: str, share: float, where) -> None:
         """The time plan told that section `title` finds `share` of its work on disk (before it runs)."""

@@ -43,9 +43,10 @@ def model_digest(model, sample: int = 4096) -> str:
     state = model.state_dict()
     picked = {name: _sample(t, sample) for name, t in state.items()}
     frozen = not any(p.requires_grad for p in model.parameters())
-    try:
+    try:  # the module's own tensors (a state_dict may build some afresh each call: bitsandbytes' 8-bit layers do)
+        held = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
         seen = (tuple((name, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype), str(t.device))
-                      for name, t in state.items()), digest(*(p.numpy().tobytes() for p in picked.values())))
+                      for name, t in held), digest(*(p.numpy().tobytes() for p in picked.values())))
         known = _DIGESTS.get(model) if frozen else None
     except (RuntimeError, TypeError):  # inference-mode tensors have no version counter; a model weakref can't hold
         seen, known = None, None

@@ -92,7 +92,7 @@ class Device:
     memory: Optional[int]  # accelerator bytes usable by PyTorch (None: CPU, the host RAM is the device)
     capability: Optional[tuple[int, int]]  # CUDA compute capability
     host: Optional[int]  # host RAM in bytes (None: unknown, not checked)
-    tflops: float  # dense 16-bit tensor-core peak (fp32 peak on CPU), for the step-time estimate
+    tflops: float  # dense 16-bit tensor-core peak (fp32 peak on CPU): the time plan's public figures (--gpu NAME)
     host_note: str = ""
 
     @property

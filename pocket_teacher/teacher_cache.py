@@ -174,11 +174,12 @@ def _open(folder: Path, name: str, tokens: int, k: int, mode: str) -> np.memmap:
 
 
 def built_share(teacher: torch.nn.Module, split: TokenizedSplit, root: str | Path, k: int, vocab_size: int,
-                teacher_key: Optional[dict] = None) -> tuple[float, Path]:
+                batch_size: int, teacher_key: Optional[dict] = None) -> tuple[float, Path]:
     """For the time plan, before a build: the share of `split`'s rows a cache of these settings already holds under
-    `root` (1.0: a finished cache marked complete, its checksums read only when it is reused; a partial build: the
-    rows of the batches its progress files record), and where. A guess from the files' records: the build itself
-    checks every byte, and recomputes what fails."""
+    `root`, and where. 1.0: a finished cache marked complete (its checksums are read only when it is reused). A
+    partial build: the rows of the batches its progress files record that a resume at `batch_size` keeps (the
+    same fingerprint, record format and token layout, a batch of the same rows; `_prepare` starts afresh
+    otherwise). A guess from the records: the build checks every byte and recomputes what fails."""
     fp = fingerprint(fingerprint_parts(teacher, split, k, vocab_size, teacher_key))
     final, partial = Path(root) / fp, Path(root) / f"{fp}.partial"
     try:
@@ -187,16 +188,19 @@ def built_share(teacher: torch.nn.Module, split: TokenizedSplit, root: str | Pat
             return 1.0, final
     except (OSError, ValueError):
         pass
+    offsets, groups = _layout(split, batch_size)
     try:  # the joined records, and each process's own since the last join
         state = json.loads((partial / "progress.json").read_text())
-        if state["fingerprint"] != fp:
+        if (state["fingerprint"] != fp or state.get("format") != _PROGRESS
+                or not np.array_equal(np.load(partial / "offsets.npy"), offsets)):
             return 0.0, final
         done = {tuple(r["rows"]) for r in state["batches"]}
         for f in partial.glob("progress.*.json"):
             done |= {tuple(r["rows"]) for r in json.loads(f.read_text())["batches"]}
     except (OSError, ValueError, KeyError, TypeError):
         return 0.0, final
-    return min(1.0, sum(hi - lo for lo, hi in done) / max(1, len(split))), partial
+    kept = sum(hi - lo for lo, hi in set(groups) & done)
+    return (min(1.0, kept / max(1, len(split))), partial) if kept else (0.0, final)
 
 
 def validate_cache(path: Path, expected_fingerprint: Optional[str] = None) -> Optional[str]:
@@ -455,7 +459,9 @@ def _join(build: _Build, offsets: np.ndarray, rows: Optional[int] = None) -> dic
     state["batches"] = good
     if rows is not None:  # at a resume: the stopped build's time counts; at the end, the caller's clock does
         state["seconds"] += ran
-        status = f"resumed after {sum(r['rows'][1] - r['rows'][0] for r in good)} of {rows} rows"
+        groups = {(lo, min(lo + build.batch_size, rows)) for lo in range(0, rows, build.batch_size)}
+        kept = sum(r["rows"][1] - r["rows"][0] for r in good if tuple(r["rows"]) in groups)  # what the resume skips
+        status = f"resumed after {kept} of {rows} rows"
         damaged = len(good) < len(records)
         state["status"] = status + (" (damaged rows recomputed)" if damaged else "")
         if damaged:

@@ -86,26 +86,22 @@ class Throughput:
     cold: bool = False  # the probe found memory the host had not backed yet (`fresh_memory_rate`): not cached
     busy: bool = False  # another program held part of the cores during the probe (`cpu_share`): not cached
 
-    def stream_at(self, rows: int) -> float:
+    def stream_at(self, rows: int, cpu: bool = True) -> float:
         """Weight bytes per second a decode step of `rows` rows reads: interpolated between the probed row counts;
-        beyond the last, on a CPU, the step is compute-bound (its time grows with the rows). A GPU reads its weights
-        once per step whatever the rows (its matmul time, counted apart, grows with them): beyond the probed rows,
-        and with no probed rows at all (a GPU's public figures), the rate stays that of the last point."""
+        beyond the last, on a `cpu`, the step is compute-bound (its time grows with the rows). A GPU reads its
+        weights once per step whatever the rows (its matmul time, counted apart, grows with them): beyond the probed
+        rows, and with no probed rows at all (a GPU's public figures), the rate stays that of the last point."""
         points = [(1, self.stream)] + [tuple(p) for p in self.stream_rows]
         for (r0, s0), (r1, s1) in zip(points, points[1:]):
             if rows <= r1:
                 return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
         last_rows, last = points[-1]
-        return last * last_rows / rows if self.cpu else last
-
-    @property
-    def cpu(self) -> bool:
-        return self.device.startswith("CPU")
+        return last * last_rows / rows if cpu else last
 
     def __str__(self) -> str:
         return (f"{self.device}: matmul {self.flops / 1e9:,.0f} GFLOP/s, memory {self.bandwidth / 1e9:,.1f} GB/s, "
                 f"weights through matmuls of 1/16/32/64 rows "
-                f"{'/'.join(f'{self.stream_at(r) / 1e9:,.1f}' for r in (1, 16, 32, 64))} GB/s, log-softmax "
+                f"{'/'.join(f'{self.stream_at(r, False) / 1e9:,.1f}' for r in (1, 16, 32, 64))} GB/s, log-softmax "
                 f"{self.softmax / 1e6:,.0f} M elements/s, sampling {self.sample_rate / 1e6:,.0f} M entries/s, "
                 f"{self.op_seconds * 1e6:.0f} us per small op ({self.source})")
 
@@ -473,7 +469,7 @@ class Coster:
             flops = 2 * rows * (shape.layers * shape.layer_linear_params + shape.vocab_rows * shape.hidden)
             flops += 4 * rows * (prompt + steps / 2) * shape.heads * shape.head_dim * shape.layers
             kv = 2 * shape.layers * shape.kv_dim * rows * (prompt + steps / 2) * 4
-            reads = weight_bytes / self.t.stream_at(rows)
+            reads = weight_bytes / self.t.stream_at(rows, self.cpu)
             step = (DECODE_OVERHEAD * max(reads, self.matmul(flops)) + 2 * self.streamed(kv)
                     + DECODE_PASSES * rows * shape.vocab / self.t.softmax + self.ops(per_step_ops))
             if sampled:
@@ -552,8 +548,8 @@ class TimePlan:
                 found = "found built" if share >= 1 else f"{share:.0%} found built"
                 self.stages[i] = StagePlan(title, stage.seconds * (1 - min(1.0, share)),
                                            f"{stage.detail}; {found} in {where}")
-                return (f"time plan: {title} {found} in {where}: {_clock(self.stages[i].seconds)} planned instead "
-                        f"of {_clock(stage.seconds)}")
+                return (f"time plan: {title} {found} in {where}: {_short(self.stages[i].seconds)} planned instead "
+                        f"of {_short(stage.seconds)}")
         return None
 
     def seconds(self) -> dict[str, float]:
@@ -571,6 +567,11 @@ class TimePlan:
                      f"clock)")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _short(seconds: float) -> str:
+    """`_clock`, with a tenth of a second under 10 s (a `tiny` section's)."""
+    return f"{seconds:.1f} s" if seconds < 10 else _clock(seconds)
 
 
 def _clock(seconds: float) -> str:
@@ -740,7 +741,7 @@ def shared_cores(throughput: Throughput, processes: int) -> tuple[Throughput, st
     cores (`usable_cores`): every rate times cores / (processes x threads) when that is under 1 (two processes of
     two threads on two cores each get half; torchrun's one thread per process on two cores, the whole), and a note
     saying so ("" when the cores suffice)."""
-    threads, cores = torch.get_num_threads(), usable_cores()
+    threads, cores = _threads(), usable_cores()  # torch's threads, at most the cores (a container's quota)
     share = min(1.0, cores / (processes * threads))
     if share >= 1.0:
         return throughput, ""
@@ -748,8 +749,8 @@ def shared_cores(throughput: Throughput, processes: int) -> tuple[Throughput, st
                      weight_stream=throughput.stream * share, elementwise=throughput.softmax * share,
                      stream_rows=tuple((r, v * share) for r, v in throughput.stream_rows),
                      sampling=throughput.sample_rate * share)
-    return scaled, (f"{processes} processes of {threads} torch threads share {cores:g} cores: each at {share:.0%} of "
-                    f"the probed rates")
+    return scaled, (f"{processes} processes of {threads:g} torch threads share {cores:g} cores: each at {share:.0%} "
+                    f"of the probed rates")
 
 
 def _stages(run: _Run, processes: int) -> tuple[list[StagePlan], float]:

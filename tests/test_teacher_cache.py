@@ -124,11 +124,13 @@ def test_a_build_killed_midway_resumes_and_equals_a_clean_build(tiny_teacher, sp
     assert validate_cache(partial[0]) is not None
     # the time plan, before the build resumes, sees the rows already built (4 of 10) and where
     vocab = tiny_teacher.get_output_embeddings().weight.shape[0]
-    assert built_share(tiny_teacher, split, tmp_path / "a", 16, vocab) == (0.4, partial[0])
-    assert built_share(tiny_teacher, split, tmp_path / "b", 16, vocab) == (0.0, tmp_path / "b" / partial[0].stem)
+    assert built_share(tiny_teacher, split, tmp_path / "a", 16, vocab, 4) == (0.4, partial[0])
+    assert built_share(tiny_teacher, split, tmp_path / "b", 16, vocab, 4) == (0.0, tmp_path / "b" / partial[0].stem)
+    # resumed in batches of another size, no recorded batch is reused: neither the plan nor the report counts it
+    assert built_share(tiny_teacher, split, tmp_path / "a", 16, vocab, 3) == (0.0, tmp_path / "a" / partial[0].stem)
     counter = ForwardCounter(tiny_teacher)
     resumed = _build(tiny_teacher, split, tmp_path / "a")
-    assert built_share(tiny_teacher, split, tmp_path / "a", 16, vocab) == (1.0, resumed.path)
+    assert built_share(tiny_teacher, split, tmp_path / "a", 16, vocab, 4) == (1.0, resumed.path)
     assert resumed.report.status == "resumed after 4 of 10 rows" and counter.calls == 2
     clean = _build(tiny_teacher, split, tmp_path / "b")
     for name in ("ids", "logprobs", "tail"):
@@ -399,3 +401,24 @@ def test_batches_missing_after_a_build_are_named_and_running_again_computes_them
     clean = _build(tiny_teacher, split, tmp_path / "b")
     for name in ("ids", "logprobs", "tail"):
         torch.testing.assert_close(getattr(again.rows(range(10)), name), getattr(clean.rows(range(10)), name))
+
+
+def test_a_build_resumed_in_batches_of_another_size_says_it_kept_nothing(tiny_teacher, split, tmp_path):
+    """A partial build's batches are reused only when the resume cuts the same batches (e.g. not after lowering
+    teacher_cache.batch_size): the report and the time plan count only what is kept."""
+    decoder, calls = tiny_teacher.get_decoder(), {"n": 0}
+
+    def die_on_second_batch(*_):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+
+    handle = decoder.register_forward_pre_hook(die_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _build(tiny_teacher, split, tmp_path)
+    handle.remove()
+    vocab = tiny_teacher.get_output_embeddings().weight.shape[0]
+    assert built_share(tiny_teacher, split, tmp_path, 16, vocab, 3)[0] == 0.0
+    counter = ForwardCounter(tiny_teacher)
+    resumed = build_topk_cache(tiny_teacher, split, tmp_path, k=16, batch_size=3, progress=False)
+    assert resumed.report.status == "resumed after 0 of 10 rows" and counter.calls == 4

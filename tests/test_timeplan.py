@@ -41,6 +41,7 @@ def _fidelity_seconds(preset="pocket"):
 
 def test_more_work_takes_longer_and_processes_share_the_cache_not_the_steps(monkeypatch):
     monkeypatch.setattr(timeplan, "usable_cores", lambda: 64.0)  # cores enough for every process's threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     base = _plan().seconds()
     train = get_preset("pocket").train
     longer = _plan(overrides=[f"train.max_steps={2 * train.max_steps}", f"train.eval_every={2 * train.eval_every}",
@@ -74,6 +75,8 @@ def test_processes_on_a_cpu_with_too_few_cores_share_them_and_the_plan_says_so(m
     assert two.seconds()["6. Distillation"] > 1.9 * base.seconds()["6. Distillation"]  # each step at half the rate
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # torchrun's one thread a process: the cores suffice
     assert "share" not in "".join(_plan(processes=2).notes)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)  # a container's quota under the host's core count:
+    assert "2 processes of 2 torch threads share 2 cores: each at 50%" in str(_plan(processes=2))  # threads capped
 
 
 def test_on_policy_steps_and_recomputation_are_planned():
@@ -96,11 +99,11 @@ def test_on_policy_steps_and_recomputation_are_planned():
 
 def test_a_gpu_reads_its_weights_once_a_step_whatever_the_rows():
     t4 = timeplan.gpu_throughput("t4")
-    assert t4.stream_at(1) == t4.stream_at(64) == t4.stream_at(256) == t4.bandwidth
-    probed_gpu = dataclasses.replace(FIXED, device="NVIDIA H200", stream_rows=((16, 9e9), (32, 8e9), (64, 6e9)))
-    assert probed_gpu.stream_at(128) == 6e9  # beyond the probed rows: the last point's rate
-    cpu = dataclasses.replace(probed_gpu, device="CPU Xeon, 2 cores, 2 torch threads")
-    assert cpu.stream_at(128) == 3e9  # a CPU's step beyond them is compute-bound: its time grows with the rows
+    assert t4.stream_at(1, cpu=False) == t4.stream_at(64, cpu=False) == t4.stream_at(256, cpu=False) == t4.bandwidth
+    probed = dataclasses.replace(FIXED, stream_rows=((16, 9e9), (32, 8e9), (64, 6e9)))
+    assert probed.stream_at(128, cpu=False) == 6e9  # a GPU beyond the probed rows: the last point's rate
+    assert probed.stream_at(128, cpu=True) == 3e9  # a CPU's step beyond them is compute-bound: time grows with rows
+    assert probed.stream_at(48, cpu=True) == probed.stream_at(48, cpu=False) == 7e9  # between points: interpolated
     # generation on a T4 no longer costs ten times a CPU's per row: the batch's step reads the weights once
     before = {s.title: s.seconds for s in time_plan(get_preset("t4"), "t4").stages}["5. Before training"]
     assert before < 10 * 60
@@ -292,6 +295,9 @@ def test_a_second_run_plans_the_answers_and_the_cache_it_finds_on_disk_as_reused
         for method in ("configure", "load_data", "load_teacher", "teacher_answers", "load_student", "build_cache"):
             getattr(exp, method)()
         plans.append({s.title: s for s in exp.time_plan.stages})
+        for again in ("configure", "load_student"):  # cells run again: what already ran keeps its plan
+            getattr(exp, again)()
+            assert {s.title: s for s in exp.time_plan.stages}["4b. Teacher cache"] == plans[-1]["4b. Teacher cache"]
     out = capsys.readouterr().out
     first, second = plans
     for title in ("3b. Teacher answers", "4b. Teacher cache"):
