@@ -400,7 +400,11 @@ def mmlu_questions(ev) -> int:
     return min(int(total), ev.mmlu_samples) if ev.mmlu_samples else int(total)
 
 
-DEQUANTIZE_PARAMS_PER_S = 5e6  # the embedded GGUF read and dequantized into fp32 the first time (Xeon, 2 cores)
+# The embedded GGUF read, dequantized into fp32 and saved the first time (gguf's numpy dequantization and
+# transformers' conversion: elementwise work on the host), per teacher parameter, in passes at the probe's
+# log-softmax rate: the first load of SmolLM2-135M took 20.0 s, 22.7 s and 48.3 s on two Xeon hosts and the EPYC
+# (probes at 919, 788 and 327 M elements/s): 110-126 passes once the load itself is taken off.
+DEQUANTIZE_PASSES = 120
 LOAD_BYTES_PER_S = 200e6  # reading and building a model's weights (safetensors, the dequantized GGUF cache)
 DISK_BYTES_PER_S = 300e6  # writing checkpoints
 ELEMENTWISE_PASSES = 4  # log-softmax-sized passes over an (N, V) block in evaluation (perplexity, top-k, agreement)
@@ -759,7 +763,7 @@ def _stages(run: _Run, processes: int) -> tuple[list[StagePlan], float]:
     tr, ev, tc = cfg.train, cfg.eval, cfg.teacher_cache
     load = 1 + run.teacher_bytes / LOAD_BYTES_PER_S
     first = cfg.teacher.source == "embedded" and not _dequantized_already()
-    out = [StagePlan("3. Teacher", load + (teacher.params / DEQUANTIZE_PARAMS_PER_S if first else 0.0),
+    out = [StagePlan("3. Teacher", load + (teacher.params * DEQUANTIZE_PASSES / cost.t.softmax if first else 0.0),
                      "dequantize the GGUF once, then load the weights" if first else "load the weights")]
     if cfg.data.source == "teacher_text" or cfg.data.targets != "reference":
         g = cfg.generate

@@ -314,3 +314,16 @@ def test_a_section_found_partly_done_keeps_the_rest_of_its_estimate():
     assert "25% found built in runs/x/cache.partial" in line
     assert plan.seconds()["4b. Teacher cache"] == pytest.approx(0.75 * cache, abs=0.01)
     assert plan.reuse("4b. Teacher cache", 0.0, "nowhere") is None and plan.reuse("no such", 1.0, "x") is None
+
+
+def test_the_first_dequantization_is_planned_at_the_probed_elementwise_rate(monkeypatch):
+    monkeypatch.setattr(timeplan, "_dequantized_already", lambda: False)
+    slow = dataclasses.replace(FIXED, elementwise=FIXED.softmax / 2)
+    fresh = {t: time_plan(get_preset("pocket"), "cpu", throughput=th).stages[0] for t, th in (("fast", FIXED),
+                                                                                               ("slow", slow))}
+    assert all(s.detail.startswith("dequantize the GGUF once") for s in fresh.values())
+    params = timeplan._shapes(get_preset("pocket"))[0].params
+    extra = params * timeplan.DEQUANTIZE_PASSES / FIXED.softmax
+    assert fresh["slow"].seconds - fresh["fast"].seconds == pytest.approx(extra)  # twice the time at half the rate
+    monkeypatch.setattr(timeplan, "_dequantized_already", lambda: True)
+    assert _plan().stages[0].seconds == pytest.approx(fresh["fast"].seconds - extra)  # loaded, not dequantized
