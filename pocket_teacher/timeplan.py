@@ -401,10 +401,16 @@ def mmlu_questions(ev) -> int:
 
 
 # The embedded GGUF read, dequantized into fp32 and saved the first time (gguf's numpy dequantization and
-# transformers' conversion: elementwise work on the host), per teacher parameter, in passes at the probe's
-# log-softmax rate: the first load of SmolLM2-135M took 20.0 s, 22.7 s and 48.3 s on two Xeon hosts and the EPYC
-# (probes at 919, 788 and 327 M elements/s): 110-126 passes once the load itself is taken off.
-DEQUANTIZE_PASSES = 120
+# transformers' conversion: elementwise work on the host CPU, one process converting while the others wait), per
+# teacher parameter, in passes at the host's probed log-softmax rate. The first loads of SmolLM2-135M recorded in
+# results/ (section 3 less the plan's own load term), each with its run's probe: 111 passes (19.99 s at 919 M/s,
+# pocket_aa934b6, Xeon), 108 (25.99 s at 652 M/s, pocket_8a0cf33, Xeon), 108 (48.31 s at 327 M/s, pocket, EPYC),
+# 82 (48.67 s at 247 M/s, pocket_epyc_64steps, the same EPYC host probed slower); the median is kept. (Seen once,
+# in no results file: 22.7 s at 788 M/s on a third Xeon, 108.)
+DEQUANTIZE_PASSES = 108
+# A GPU plan does not probe its host CPU: the conversion at a 2-core Xeon's rate (Colab's hosts have two vCPUs;
+# 134.5M parameters in 16-22 s on the Xeon loads above).
+DEQUANTIZE_HOST_PARAMS_PER_S = 7e6
 LOAD_BYTES_PER_S = 200e6  # reading and building a model's weights (safetensors, the dequantized GGUF cache)
 DISK_BYTES_PER_S = 300e6  # writing checkpoints
 ELEMENTWISE_PASSES = 4  # log-softmax-sized passes over an (N, V) block in evaluation (perplexity, top-k, agreement)
@@ -625,6 +631,7 @@ class _Run:
     cost: Coster
     teacher_bytes: float
     student_bytes: float
+    dequantize: float = 0.0  # seconds of the embedded teacher's first dequantization (0: done before, or none)
 
     @property
     def prompts(self) -> list[int]:
@@ -725,15 +732,16 @@ def time_plan(cfg, gpu: Optional[str] = None, *, lengths: Optional[Lengths] = No
     cpu = not device.cuda
     if throughput is None:
         throughput = gpu_throughput(gpu) if gpu not in (None, "cpu") else local_throughput(gpu)
+    teacher, student = _shapes(cfg)
+    dequantize = _first_dequantization(cfg, teacher, throughput if cpu else None, gpu not in (None, "cpu"))
     processes = max(1, processes)
     notes = []
     if cpu and processes > 1:
         throughput, note = shared_cores(throughput, processes)
         notes += [note] if note else []
-    teacher, student = _shapes(cfg)
     precision = cfg.teacher.precision if cfg.teacher.precision != "auto" else ("fp32" if cpu else "8bit")
     run = _Run(cfg, teacher, student, lengths or Lengths.guess(cfg), Coster(throughput, cpu),
-               teacher.params * dtype_bytes(precision), student.params * (4 if cpu else 2))
+               teacher.params * dtype_bytes(precision), student.params * (4 if cpu else 2), dequantize)
     stages, step = _stages(run, processes)
     notes += [] if not run.lengths.typical else [
         "the data are not tokenized yet: typical lengths of the source; the plan is made again with the real ones"]
@@ -762,9 +770,8 @@ def _stages(run: _Run, processes: int) -> tuple[list[StagePlan], float]:
     cfg, cost, lengths, teacher, student = run.cfg, run.cost, run.lengths, run.teacher, run.student
     tr, ev, tc = cfg.train, cfg.eval, cfg.teacher_cache
     load = 1 + run.teacher_bytes / LOAD_BYTES_PER_S
-    first = cfg.teacher.source == "embedded" and not _dequantized_already()
-    out = [StagePlan("3. Teacher", load + (teacher.params * DEQUANTIZE_PASSES / cost.t.softmax if first else 0.0),
-                     "dequantize the GGUF once, then load the weights" if first else "load the weights")]
+    out = [StagePlan("3. Teacher", load + run.dequantize,
+                     "dequantize the GGUF once, then load the weights" if run.dequantize else "load the weights")]
     if cfg.data.source == "teacher_text" or cfg.data.targets != "reference":
         g = cfg.generate
         n = g.num_samples if cfg.data.source == "teacher_text" else len(lengths.train)
@@ -848,6 +855,17 @@ def _student_stage(run: _Run) -> StagePlan:
     seconds += passes * run.cost.forward(run.teacher, batched(rows, 8), len(rows))
     return StagePlan("4. Student and tokenization", seconds,
                      f"the teacher over {len(rows)} calibration rows x{passes} (importance), build, tokenize")
+
+
+def _first_dequantization(cfg, teacher: ModelShape, host: Optional[Throughput], elsewhere: bool) -> float:
+    """Seconds of the embedded teacher's first dequantization: none for another teacher or when this machine did it
+    before (a plan for a named GPU, `elsewhere`, is for a machine that has not); at the `host` CPU's probed rate
+    (the whole CPU: one process converts), or a 2-core Xeon's on a GPU machine, whose CPU is not probed."""
+    if cfg.teacher.source != "embedded" or (not elsewhere and _dequantized_already()):
+        return 0.0
+    if host is None:
+        return teacher.params / DEQUANTIZE_HOST_PARAMS_PER_S
+    return teacher.params * DEQUANTIZE_PASSES / host.softmax
 
 
 def _dequantized_already() -> bool:

@@ -325,5 +325,12 @@ def test_the_first_dequantization_is_planned_at_the_probed_elementwise_rate(monk
     params = timeplan._shapes(get_preset("pocket"))[0].params
     extra = params * timeplan.DEQUANTIZE_PASSES / FIXED.softmax
     assert fresh["slow"].seconds - fresh["fast"].seconds == pytest.approx(extra)  # twice the time at half the rate
+    # one process converts while the others wait: processes sharing the cores do not slow it down
+    monkeypatch.setattr(timeplan, "usable_cores", lambda: 2.0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert _plan(processes=2).stages[0].seconds == pytest.approx(fresh["fast"].seconds)
     monkeypatch.setattr(timeplan, "_dequantized_already", lambda: True)
     assert _plan().stages[0].seconds == pytest.approx(fresh["fast"].seconds - extra)  # loaded, not dequantized
+    # a GPU's plan: the host CPU converts (not the GPU's rate), on a machine that has not done it yet
+    t4 = time_plan(get_preset("pocket"), "t4").stages[0]
+    assert t4.detail.startswith("dequantize") and t4.seconds > params / timeplan.DEQUANTIZE_HOST_PARAMS_PER_S
