@@ -291,7 +291,7 @@ class MemoryPlan:
         s = self.settings
         lines = [f"memory plan: teacher {self.teacher.name} ({self.teacher.params / 1e6:,.0f}M, {s['teacher_precision']}"
                  f"), student {self.student.name} ({self.student.params / 1e6:,.0f}M, fp32 weights, "
-                 f"{s['mixed_precision']} compute), on {self.device.name}",
+                 f"{'fp32' if s['mixed_precision'] == 'no' else s['mixed_precision']} compute), on {self.device.name}",
                  f"  batches: train {s['train_tokens']:,} tokens per micro-batch ({s['lengths']}), loss chunk "
                  f"{s['chunk']} tokens, gradient checkpointing {'on' if s['checkpointing'] else 'off'}, optimizer "
                  f"{s['optimizer']}; eval {s['eval_tokens']:,} tokens per batch"]
