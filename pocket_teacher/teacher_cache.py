@@ -189,17 +189,14 @@ def built_share(teacher: torch.nn.Module, split: TokenizedSplit, root: str | Pat
     except (OSError, ValueError):
         pass
     offsets, groups = _layout(split, batch_size)
-    try:  # the joined records, and each process's own since the last join
-        state = json.loads((partial / "progress.json").read_text())
+    try:
+        state, done, _, _ = _progress(partial)
         if (state["fingerprint"] != fp or state.get("format") != _PROGRESS
                 or not np.array_equal(np.load(partial / "offsets.npy"), offsets)):
             return 0.0, final
-        done = {tuple(r["rows"]) for r in state["batches"]}
-        for f in partial.glob("progress.*.json"):
-            done |= {tuple(r["rows"]) for r in json.loads(f.read_text())["batches"]}
     except (OSError, ValueError, KeyError, TypeError):
         return 0.0, final
-    kept = sum(hi - lo for lo, hi in set(groups) & done)
+    kept = sum(hi - lo for lo, hi in set(groups) & done.keys())
     return (min(1.0, kept / max(1, len(split))), partial) if kept else (0.0, final)
 
 
@@ -397,7 +394,12 @@ def _layout(split: TokenizedSplit, batch_size: int) -> tuple[np.ndarray, list[tu
     not ignored), and the batches as (first row, end row): consecutive rows, the same in every process."""
     counts = np.array(split_answer_counts(split), np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return offsets, [(lo, min(lo + batch_size, len(split))) for lo in range(0, len(split), batch_size)]
+    return offsets, _batches(len(split), batch_size)
+
+
+def _batches(rows: int, batch_size: int) -> list[tuple[int, int]]:
+    """The build's batches of `rows` rows as (first row, end row): consecutive rows, the same in every process."""
+    return [(lo, min(lo + batch_size, rows)) for lo in range(0, rows, batch_size)]
 
 
 def _prepare(build: _Build, offsets: np.ndarray, split) -> None:
@@ -434,11 +436,9 @@ def _prepare(build: _Build, offsets: np.ndarray, split) -> None:
 _PROGRESS = 2  # the partial build's progress records: one per batch, from any process
 
 
-def _join(build: _Build, offsets: np.ndarray, rows: Optional[int] = None) -> dict:
-    """Process 0: every process's progress records joined into progress.json, each batch checked against its
-    checksum (a damaged batch is dropped, to be computed again). With `rows` (at a resume) the status says how
-    far the build had come."""
-    partial, tokens = build.partial, int(offsets[-1])
+def _progress(partial: Path) -> tuple[dict, dict, float, list[Path]]:
+    """A partial build's joined progress.json, its batch records with every process's own since the last join
+    (keyed by rows), the longest of those processes' wall times, and their files."""
     state = json.loads((partial / "progress.json").read_text())
     records = {tuple(r["rows"]): r for r in state["batches"]}
     extra = sorted(partial.glob("progress.*.json"))
@@ -450,6 +450,15 @@ def _join(build: _Build, offsets: np.ndarray, rows: Optional[int] = None) -> dic
             continue  # a process killed while replacing its file: its batches are computed again
         records.update({tuple(r["rows"]): r for r in got["batches"]})
         ran = max(ran, got["seconds"])
+    return state, records, ran, extra
+
+
+def _join(build: _Build, offsets: np.ndarray, rows: Optional[int] = None) -> dict:
+    """Process 0: every process's progress records joined into progress.json, each batch checked against its
+    checksum (a damaged batch is dropped, to be computed again). With `rows` (at a resume) the status says how
+    far the build had come."""
+    partial, tokens = build.partial, int(offsets[-1])
+    state, records, ran, extra = _progress(partial)
     mms = [_open(partial, name, tokens, build.k, "r") for name in FILES]
     good = []
     for (lo, hi), r in sorted(records.items()):
@@ -459,7 +468,7 @@ def _join(build: _Build, offsets: np.ndarray, rows: Optional[int] = None) -> dic
     state["batches"] = good
     if rows is not None:  # at a resume: the stopped build's time counts; at the end, the caller's clock does
         state["seconds"] += ran
-        groups = {(lo, min(lo + build.batch_size, rows)) for lo in range(0, rows, build.batch_size)}
+        groups = set(_batches(rows, build.batch_size))
         kept = sum(r["rows"][1] - r["rows"][0] for r in good if tuple(r["rows"]) in groups)  # what the resume skips
         status = f"resumed after {kept} of {rows} rows"
         damaged = len(good) < len(records)

@@ -106,8 +106,8 @@ def test_any_change_gives_a_new_fingerprint(tiny_teacher, split, examples, tiny_
     assert fingerprint(fingerprint_parts(tiny_teacher, split, 16, len(tiny_tokenizer))) != base
 
 
-def test_a_build_killed_midway_resumes_and_equals_a_clean_build(tiny_teacher, split, tmp_path):
-    decoder = tiny_teacher.get_decoder()
+def _killed_at_the_second_batch(teacher, split, root):
+    """A build (batches of 4) killed as its second batch starts: the first batch is on disk, nothing published."""
     calls = {"n": 0}
 
     def die_on_second_batch(*_):
@@ -115,10 +115,16 @@ def test_a_build_killed_midway_resumes_and_equals_a_clean_build(tiny_teacher, sp
         if calls["n"] == 2:
             raise KeyboardInterrupt("killed")
 
-    handle = decoder.register_forward_pre_hook(die_on_second_batch)
-    with pytest.raises(KeyboardInterrupt):
-        _build(tiny_teacher, split, tmp_path / "a")
-    handle.remove()
+    handle = teacher.get_decoder().register_forward_pre_hook(die_on_second_batch)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _build(teacher, split, root)
+    finally:
+        handle.remove()
+
+
+def test_a_build_killed_midway_resumes_and_equals_a_clean_build(tiny_teacher, split, tmp_path):
+    _killed_at_the_second_batch(tiny_teacher, split, tmp_path / "a")
     partial = [p for p in (tmp_path / "a").iterdir() if p.suffix != ".lock"]  # the build lock may stay
     assert len(partial) == 1 and partial[0].name.endswith(".partial")  # nothing readable was published
     assert validate_cache(partial[0]) is not None
@@ -406,17 +412,7 @@ def test_batches_missing_after_a_build_are_named_and_running_again_computes_them
 def test_a_build_resumed_in_batches_of_another_size_says_it_kept_nothing(tiny_teacher, split, tmp_path):
     """A partial build's batches are reused only when the resume cuts the same batches (e.g. not after lowering
     teacher_cache.batch_size): the report and the time plan count only what is kept."""
-    decoder, calls = tiny_teacher.get_decoder(), {"n": 0}
-
-    def die_on_second_batch(*_):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("killed")
-
-    handle = decoder.register_forward_pre_hook(die_on_second_batch)
-    with pytest.raises(KeyboardInterrupt):
-        _build(tiny_teacher, split, tmp_path)
-    handle.remove()
+    _killed_at_the_second_batch(tiny_teacher, split, tmp_path)
     vocab = tiny_teacher.get_output_embeddings().weight.shape[0]
     assert built_share(tiny_teacher, split, tmp_path, 16, vocab, 3)[0] == 0.0
     counter = ForwardCounter(tiny_teacher)
