@@ -616,6 +616,11 @@ def training_steps(lengths: Sequence[int], answers: Sequence[int], tcfg, steps: 
     return out
 
 
+def _prompts(rows: Sequence[int], answers: Sequence[int]) -> list[int]:
+    """Each row's prompt tokens: the row less its answer (at least one)."""
+    return [max(1, n - a) for n, a in zip(rows, answers)]
+
+
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / max(1, len(values))
 
@@ -635,7 +640,7 @@ class _Run:
 
     @property
     def prompts(self) -> list[int]:
-        return [max(1, n - a) for n, a in zip(self.lengths.eval, self.lengths.eval_answers)]
+        return _prompts(self.lengths.eval, self.lengths.eval_answers)
 
     def evaluation(self, shape: ModelShape, weight_bytes: float, agreement: bool, speed: bool = True,
                    scored: bool = False, shared_teacher: bool = False) -> float:
@@ -663,7 +668,7 @@ class _Run:
 
     @property
     def train_prompts(self) -> list[int]:
-        return [max(1, n - a) for n, a in zip(self.lengths.train, self.lengths.train_answers)]
+        return _prompts(self.lengths.train, self.lengths.train_answers)
 
     def rollout_step(self, micro: Sequence[tuple[int, int]]) -> float:
         """An on-policy step over micro-batches of (rows, padded prompt length): the student samples each rollout
